@@ -1,0 +1,3 @@
+from dtprobe.cli import main
+
+raise SystemExit(main())

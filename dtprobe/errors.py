@@ -1,0 +1,28 @@
+"""Error types raised by dtprobe.
+
+Every error a user can cause (bad file, bad flag, degenerate input) is a
+:class:`DtprobeError`. The CLI prints its message on one line and exits with
+status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class DtprobeError(Exception):
+    """Base class for user-facing errors: the message says what is wrong and how to fix it."""
+
+
+class CheckpointError(DtprobeError):
+    """A checkpoint file is missing, unsafe, corrupted or does not fit the model."""
+
+
+class DatasetError(DtprobeError):
+    """A dataset is unknown, missing or malformed."""
+
+
+class ConfigError(DtprobeError):
+    """Inconsistent or missing command-line / API options."""
+
+
+class MetricInputError(DtprobeError, ValueError):
+    """Input to a metric is degenerate (one class, too few samples, NaN/Inf, wrong shape)."""

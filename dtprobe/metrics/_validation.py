@@ -1,0 +1,69 @@
+"""Shared input checks for the pure metric functions.
+
+Metrics accept numpy arrays or torch tensors (CPU or CUDA) and compute in
+float64 on the input's device, so the same code path serves notebooks and the
+GPU analysis engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from dtprobe.errors import MetricInputError
+
+ArrayLike = Any  # numpy.ndarray | torch.Tensor
+
+
+def as_tensor(x: ArrayLike, *, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """Return ``x`` as a torch tensor of ``dtype`` (on its own device unless ``device`` is given)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        t = torch.as_tensor(np.asarray(x))
+    return t.to(dtype=dtype, device=device if device is not None else t.device)
+
+
+def check_features(x: ArrayLike, name: str = "features", *, min_samples: int = 2,
+                   device=None) -> torch.Tensor:
+    """Validate a 2-D feature matrix and return it as float64.
+
+    Raises :class:`MetricInputError` for a wrong shape, too few rows or
+    non-finite values, naming the argument.
+    """
+    t = as_tensor(x, device=device)
+    if t.ndim == 1:
+        t = t[:, None]
+    if t.ndim != 2:
+        raise MetricInputError(f"{name} must be a 2-D (n_samples, n_features) array, got shape "
+                               f"{tuple(t.shape)}")
+    if t.shape[0] < min_samples:
+        raise MetricInputError(f"{name} has {t.shape[0]} samples; this metric needs at least "
+                               f"{min_samples}")
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).any(dim=1).sum())
+        raise MetricInputError(f"{name} contains NaN/Inf in {bad} of {t.shape[0]} rows "
+                               "(diverged checkpoint?); drop or fix those rows first")
+    return t
+
+
+def check_labels(y: ArrayLike, n: int, name: str = "labels", *, min_classes: int = 2,
+                 device=None) -> tuple[torch.Tensor, int]:
+    """Validate integer class labels of length ``n``.
+
+    Returns the labels re-indexed to ``0..C-1`` (as int64) and the number of
+    classes ``C``; raises :class:`MetricInputError` when fewer than
+    ``min_classes`` classes are present.
+    """
+    t = as_tensor(y, dtype=torch.float64, device=device).reshape(-1)
+    if t.shape[0] != n:
+        raise MetricInputError(f"{name} has {t.shape[0]} entries but features have {n} rows")
+    if not torch.isfinite(t).all() or not torch.equal(t, t.round()):
+        raise MetricInputError(f"{name} must be integer class labels")
+    classes, inverse = torch.unique(t.long(), return_inverse=True)
+    if classes.numel() < min_classes:
+        raise MetricInputError(f"{name} has {classes.numel()} distinct class(es); this metric needs "
+                               f"at least {min_classes}")
+    return inverse, int(classes.numel())
