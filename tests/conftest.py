@@ -1,0 +1,15 @@
+import os
+
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+os.environ.setdefault("TQDM_DISABLE", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_params():
+    """Smallest shapes dataset that still trains: keeps end-to-end tests at a few seconds."""
+    return {"n_train": 240, "n_test": 120, "image_size": 16}
