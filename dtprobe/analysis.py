@@ -4,7 +4,8 @@
 loads each checkpoint safely, extracts features once (cached), computes the registered
 per-epoch metrics and the across-epoch CKA, and writes ``RUN_DIR/analysis/``:
 
-- ``metrics.csv``: the tidy table ``run, epoch, step, metric, task, layer, value, estimator, params``;
+- ``metrics.csv``: the tidy table (``run, epoch, step, metric, task, layer, value, estimator,
+  params``);
 - ``cka_matrix.csv``: the epoch x epoch linear CKA matrix of the penultimate features;
 - ``failures.csv``: checkpoints that could not be analysed, with the reason (if any);
 - ``tradeoff.png``: source accuracy and downstream probe accuracy against epoch.
@@ -34,7 +35,6 @@ from tqdm.auto import tqdm
 import checkpoints_manifest as cm
 from dtprobe import checkpoints as ckpt_io
 from dtprobe.data import DatasetBundle, load_dataset
-from dtprobe.devices import resolve_device
 from dtprobe.errors import CheckpointError, ConfigError, DtprobeError
 from dtprobe.extract import FeatureCache, cache_key, dataset_key, extract_features
 from dtprobe.metrics import cka_matrix, linear_cka
@@ -252,7 +252,8 @@ def _checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
     return out
 
 
-def _head_params(plan: RunPlan, ckpt: PlannedCheckpoint) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _head_params(plan: RunPlan,
+                 ckpt: PlannedCheckpoint) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     state = ckpt_io.load_state_dict(ckpt.path)
     head = plan.head or get_arch(plan.arch).head
     weight = state.get(f"{head}.weight")
@@ -349,13 +350,51 @@ def _compare_rows(plan: RunPlan, test_feats: dict[int, dict[str, torch.Tensor]],
     return rows
 
 
+def _process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
+                        cache: FeatureCache, parts: PartStore, specs: Sequence[MetricSpec],
+                        device: torch.device, opts: AnalysisOptions):
+    """Features (cached) and per-epoch metric rows (stored atomically) of one checkpoint."""
+    feats = _checkpoint_features(plan, ckpt, data, cache, device, opts)
+    key = _part_key(ckpt, data, specs, opts)
+    part = parts.get(ckpt.epoch, key)
+    if part is None:
+        part = _epoch_metrics(plan, ckpt, feats, data, specs, opts)
+        parts.put(ckpt.epoch, key, part)
+    return feats, part
+
+
+def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec], dist) -> None:
+    """Under torchrun: this rank analyses checkpoints rank, rank + world, ... into the shared
+    feature cache and part store; rank 0 then merges them into the one table."""
+    analysis_dir = plan.run_dir / "analysis"
+    data = prepare_data(plan, dist.device)
+    cache = FeatureCache(analysis_dir / "features", opts.use_cache)
+    parts = PartStore(analysis_dir / "parts")
+    for ckpt in plan.checkpoints[dist.rank::dist.world_size]:
+        try:
+            _process_checkpoint(plan, ckpt, data, cache, parts, specs, dist.device, opts)
+        except DtprobeError as exc:  # rank 0 meets the same error again and records it
+            tqdm.write(f"[rank {dist.rank}] epoch {ckpt.epoch}: {exc}")
+
+
 def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
-    """Analyse a resolved run; returns a :class:`dtprobe.results.Results`."""
+    """Analyse a resolved run; returns a :class:`dtprobe.results.Results` (``None`` on ranks > 0
+    of a torchrun launch, where rank 0 writes the merged table)."""
     from dtprobe.results import Results
+    from dtprobe.training.distributed import init_from_env
 
     specs = resolve_metrics(opts.metrics)
-    device = resolve_device(opts.device)
+    dist = init_from_env(opts.device)
+    device = dist.device
     analysis_dir = plan.run_dir / "analysis"
+    if dist.enabled:
+        analysis_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        _run_shard(plan, opts, specs, dist)
+        dist.barrier()
+        if not dist.is_main:
+            dist.shutdown()
+            return None
     with run_lock(analysis_dir):
         data = prepare_data(plan, device)
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
@@ -369,12 +408,8 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         for ckpt in bar:
             bar.set_postfix(epoch=ckpt.epoch)
             try:
-                feats = _checkpoint_features(plan, ckpt, data, cache, device, opts)
-                key = _part_key(ckpt, data, specs, opts)
-                part = parts.get(ckpt.epoch, key)
-                if part is None:
-                    part = _epoch_metrics(plan, ckpt, feats, data, specs, opts)
-                    parts.put(ckpt.epoch, key, part)
+                feats, part = _process_checkpoint(plan, ckpt, data, cache, parts, specs, device,
+                                                  opts)
             except DtprobeError as exc:
                 failures.append({"run": plan.name, "epoch": ckpt.epoch, "path": str(ckpt.path),
                                  "reason": str(exc)})
@@ -387,11 +422,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         rows.extend(cka_rows)
         for other in opts.compare:
             rows.extend(_compare_rows(plan, test_feats, other, data, device, opts))
-        table = pd.DataFrame(rows, columns=COLUMNS).sort_values(
-            ["epoch", "metric", "task", "layer"], kind="stable").reset_index(drop=True)
-        table["task"] = table["task"].fillna("")
-        table["layer"] = table["layer"].fillna("")
-        table["step"] = table["step"].astype("Int64")
+        table = _finalise_table(rows)
         _atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
         if not matrix.empty:
             _atomic_write_text(analysis_dir / "cka_matrix.csv", matrix.to_csv())
@@ -403,18 +434,34 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         if opts.progress:
             tqdm.write(f"analysed {len(test_feats)}/{len(plan.checkpoints)} checkpoints of "
                        f"{plan.name} in {time.perf_counter() - t0:.1f}s")
+        if opts.plot and not table.empty:
+            _save_tradeoff_chart(table, analysis_dir / "tradeoff.png")
+    dist.shutdown()
     results = Results(table, manifests={plan.name: plan.manifest or {}},
                       cka={plan.name: matrix} if not matrix.empty else {})
     results.failures = pd.DataFrame(failures, columns=["run", "epoch", "path", "reason"])
-    if opts.plot and not table.empty:
-        from dtprobe.plotting import plot_tradeoff_over_epochs
-
-        fig = plot_tradeoff_over_epochs(table)
-        fig.savefig(analysis_dir / "tradeoff.png", dpi=130, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
     return results
+
+
+def _finalise_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table["task"] = table["task"].fillna("")
+    table["layer"] = table["layer"].fillna("")
+    table["step"] = table["step"].astype("Int64")
+    return table.sort_values(["epoch", "metric", "task", "layer"],
+                             kind="stable").reset_index(drop=True)
+
+
+def _save_tradeoff_chart(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from dtprobe.plotting import plot_tradeoff_over_epochs
+
+    fig = plot_tradeoff_over_epochs(table)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str = "auto",

@@ -92,7 +92,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_shapes_params):
 
 
 def test_analyze_external_ctc_format_run_without_manifest(tmp_path, tiny_shapes_params):
-    """A run directory written by other code: torchvision resnet18 saved as {'model': sd, 'epoch': e}."""
+    """A run written by other code: torchvision resnet18 saved as {'model': sd, 'epoch': e}."""
     run = tmp_path / "external"
     run.mkdir()
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ ArrayLike = Any  # numpy.ndarray | torch.Tensor
 
 
 def as_tensor(x: ArrayLike, *, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-    """Return ``x`` as a torch tensor of ``dtype`` (on its own device unless ``device`` is given)."""
+    """Return ``x`` as a ``dtype`` tensor (on its own device unless ``device`` is given)."""
     if isinstance(x, torch.Tensor):
         t = x.detach()
     else:
@@ -64,6 +64,6 @@ def check_labels(y: ArrayLike, n: int, name: str = "labels", *, min_classes: int
         raise MetricInputError(f"{name} must be integer class labels")
     classes, inverse = torch.unique(t.long(), return_inverse=True)
     if classes.numel() < min_classes:
-        raise MetricInputError(f"{name} has {classes.numel()} distinct class(es); this metric needs "
-                               f"at least {min_classes}")
+        raise MetricInputError(f"{name} has {classes.numel()} distinct class(es); this metric "
+                               f"needs at least {min_classes}")
     return inverse, int(classes.numel())

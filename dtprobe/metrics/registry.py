@@ -94,14 +94,15 @@ def register_metric(name: str, *, default: bool = False,
     def decorator(func: MetricFn) -> MetricFn:
         if name in _REGISTRY and _REGISTRY[name].func is not func:
             raise ValueError(f"metric {name!r} registered twice")
-        _REGISTRY[name] = MetricSpec(name, func, default, description or (func.__doc__ or "").strip())
+        doc = description or (func.__doc__ or "").strip()
+        _REGISTRY[name] = MetricSpec(name, func, default, doc)
         return func
 
     return decorator
 
 
 def available_metrics() -> dict[str, MetricSpec]:
-    """All registered metrics, by name (importing :mod:`dtprobe.metrics` registers the built-ins)."""
+    """All registered metrics by name (importing :mod:`dtprobe.metrics` registers built-ins)."""
     import dtprobe.metrics  # noqa: F401  (registers built-ins)
 
     return dict(sorted(_REGISTRY.items()))

@@ -1,4 +1,4 @@
-"""torchvision ResNets, optionally with the CIFAR stem (3x3 stride-1 conv, no max-pool) for 32 px input.
+"""torchvision ResNets, optionally with the CIFAR stem (3x3 stride-1 conv, no max-pool) for 32 px.
 
 State-dict keys stay those of torchvision, so checkpoints written by other code load unchanged.
 Reference: He et al., "Deep Residual Learning for Image Recognition", CVPR 2016.

@@ -76,8 +76,9 @@ def _augment(images: torch.Tensor, mode: str, generator: torch.Generator) -> tor
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     rows = (dy[:, None] + torch.arange(h)[None, :])  # (n, h)
     cols = (dx[:, None] + torch.arange(w)[None, :])  # (n, w)
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(images.shape[1])[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
+    batch_idx = torch.arange(n)[:, None, None, None]
+    chan_idx = torch.arange(images.shape[1])[None, :, None, None]
+    out = padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
     if "flip" in mode:
         flip = torch.rand(n, generator=generator) < 0.5
         out[flip] = out[flip].flip(-1)
@@ -299,8 +300,8 @@ class Trainer:
             start = self._try_resume()
         elif self.dist.is_main:
             if (self.out / "manifest.json").exists():
-                raise ConfigError(f"{self.out}/manifest.json exists; pass --resume to continue that "
-                                  "run or choose another --out")
+                raise ConfigError(f"{self.out}/manifest.json exists; pass --resume to continue "
+                                  "that run or choose another --out")
             self.out.mkdir(parents=True, exist_ok=True)
             self._new_manifest()
             test_acc = evaluate_accuracy(self.model, self.bundle.test.images,
