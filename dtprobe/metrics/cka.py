@@ -1,0 +1,625 @@
+"""Centred kernel alignment (CKA): similarity of two representations of the same inputs.
+
+CKA (Kornblith et al. 2019) compares representations ``X`` (n x d1) and ``Y``
+(n x d2) of the same ``n`` inputs through the Hilbert-Schmidt independence
+criterion, ``CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` for Gram matrices
+``K``, ``L``.  dtprobe uses it to show how fast features drift between
+checkpoints.
+
+* **Linear CKA** needs no ``n x n`` Gram: with column-centred features,
+  ``CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``.
+* **Debiased CKA** replaces HSIC by the unbiased estimator of Song et al.
+  (2012), ``HSIC_1(K, L) = [tr(K~ L~) + (1^T K~ 1)(1^T L~ 1)/((n-1)(n-2))
+  - (2/(n-2)) 1^T K~ L~ 1] / (n(n-3))`` with ``K~`` the Gram with its
+  diagonal set to zero.  ``HSIC_1`` is unchanged by centring the features,
+  and after centring ``K~ 1 = -diag(K)`` and ``1^T K~ 1 = -tr(K)``, so the
+  linear version needs only ``||Y^T X||_F^2`` and the row norms: ``O(n d^2)``.
+* **Minibatch CKA** (Nguyen, Raghu and Kornblith 2021) sums ``HSIC_1`` over
+  minibatches for every pair of representations and normalises at the end
+  (:class:`MinibatchCKA`).
+
+Numerics (the failure modes seen in public code are guarded against):
+
+* Inputs of any float dtype are converted to float64 chunk by chunk and
+  centred in float64 *before* any product, so float32 ReLU features with a
+  large offset give the float64 answer.
+* The cross-products ``||X_i^T X_j||_F^2`` are accumulated either in feature
+  space (``d_i x d_j`` blocks) or from ``n x n`` Gram blocks, whichever needs
+  fewer operations, in sample chunks bounded by ``_MEMORY_BUDGET`` bytes.
+* A representation whose self-HSIC is not positive (a constant layer, or a
+  debiased estimate ``<= 0`` from few samples) gets CKA ``NaN`` and a
+  :class:`RuntimeWarning`; no square root of a negative number is ever taken.
+  Debiased CKA of two valid representations may fall slightly outside
+  ``[-1, 1]`` because ``HSIC_1`` is an unbiased, not a positive, estimator.
+
+References
+----------
+Kornblith, S., Norouzi, M., Lee, H., Hinton, G. (2019). Similarity of neural
+network representations revisited. ICML 2019.
+
+Song, L., Smola, A., Gretton, A., Bedo, J., Borgwardt, K. (2012). Feature
+selection via dependence maximization. JMLR 13, 1393-1434.
+
+Nguyen, T., Raghu, M., Kornblith, S. (2021). Do wide and deep networks learn
+the same things? Uncovering how neural network representations vary with
+width and depth. ICLR 2021.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from dtprobe.errors import ConfigError, MetricInputError
+from dtprobe.metrics._validation import ArrayLike, check_features
+
+__all__ = ["linear_cka", "rbf_cka", "cka_matrix", "MinibatchCKA"]
+
+#: Bytes of float64 work space the chunked computations aim to stay under.
+_MEMORY_BUDGET = 256 * 2**20
+#: A layer whose centred energy is below this fraction of its raw energy is constant.
+_CONSTANT_RATIO = 1e-24
+_METHODS = ("auto", "features", "gram")
+
+
+# --------------------------------------------------------------------------- input handling
+
+
+def _raw_layer(x: ArrayLike, name: str, min_samples: int) -> torch.Tensor:
+    """Validate one representation without upcasting all of it (chunks are upcast later)."""
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    if t.is_complex():
+        raise MetricInputError(f"{name} is complex; pass real-valued features")
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    if t.ndim == 1:
+        t = t[:, None]
+    if t.ndim != 2:
+        raise MetricInputError(f"{name} must be a 2-D (n_samples, n_features) array, got shape "
+                               f"{tuple(t.shape)}")
+    if t.shape[0] < min_samples:
+        raise MetricInputError(f"{name} has {t.shape[0]} samples; this CKA estimator needs at "
+                               f"least {min_samples}")
+    if t.shape[1] == 0:
+        raise MetricInputError(f"{name} has no feature columns")
+    finite = torch.isfinite(t).all(dim=1)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise MetricInputError(f"{name} contains NaN/Inf in {bad} of {t.shape[0]} rows "
+                               "(diverged checkpoint?); drop or fix those rows first")
+    return t
+
+
+def _check_option(method: str, chunk: int | None) -> None:
+    if method not in _METHODS:
+        raise ConfigError(f"method={method!r} is not one of {', '.join(_METHODS)}")
+    if chunk is not None and (not isinstance(chunk, int | np.integer) or chunk < 1):
+        raise ConfigError(f"chunk={chunk!r} must be a positive number of samples or None")
+
+
+class _Centred:
+    """One representation, centred in float64; served whole (small) or in sample chunks."""
+
+    def __init__(self, raw: torch.Tensor, device: torch.device, cache: bool, chunk: int) -> None:
+        self.raw, self.device = raw, device
+        self.n, self.d = raw.shape
+        self.constant = False
+        self._full: torch.Tensor | None = None
+        if cache:
+            full = raw.to(device=device, dtype=torch.float64)
+            self.mean = full.mean(dim=0)
+            raw_energy = float((full**2).sum())
+            self._full = full - self.mean
+            self.rowsq = (self._full**2).sum(dim=1)
+        else:
+            total = torch.zeros(self.d, dtype=torch.float64, device=device)
+            raw_energy = 0.0
+            for c0 in range(0, self.n, chunk):
+                block = raw[c0:c0 + chunk].to(device=device, dtype=torch.float64)
+                total += block.sum(dim=0)
+                raw_energy += float((block**2).sum())
+            self.mean = total / self.n
+            self.rowsq = torch.cat([(self.block(c0, c0 + chunk) ** 2).sum(dim=1)
+                                    for c0 in range(0, self.n, chunk)])
+        if float(self.rowsq.sum()) <= _CONSTANT_RATIO * raw_energy:
+            # Zero variance: treat the centred features as exactly zero, not round-off noise.
+            self.constant = True
+            self.rowsq = torch.zeros_like(self.rowsq)
+            if self._full is not None:
+                self._full = torch.zeros_like(self._full)
+
+    def block(self, c0: int, c1: int) -> torch.Tensor:
+        if self.constant:
+            return torch.zeros(min(c1, self.n) - c0, self.d, dtype=torch.float64,
+                               device=self.device)
+        if self._full is not None:
+            return self._full[c0:c1]
+        return self.raw[c0:c1].to(device=self.device, dtype=torch.float64) - self.mean
+
+
+# --------------------------------------------------------------------------- linear engine
+
+
+def _cross_products(layers: list[torch.Tensor], method: str, chunk: int | None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """Centred cross-product statistics of E representations of the same n samples.
+
+    Returns ``T`` (E x E, ``T_ij = ||X_i^T X_j||_F^2 = tr(K_i K_j)`` of centred
+    features), ``a`` (E x n, squared row norms of the centred features, i.e.
+    ``diag(K_i)``) and a per-layer "constant" flag, all float64 on the device
+    of the first layer.
+    """
+    n = layers[0].shape[0]
+    device = layers[0].device
+    n_layers = len(layers)
+    dims = [t.shape[1] for t in layers]
+    sum_d = sum(dims)
+    cost_gram = n * (sum_d + n_layers * n_layers)
+    cost_feat = sum_d * sum_d + sum(d * d for d in dims)
+    use_gram = method == "gram" or (method == "auto" and cost_gram < cost_feat)
+
+    cache = 8 * n * sum_d <= _MEMORY_BUDGET
+    if chunk is None:
+        if use_gram:
+            chunk = min(math.isqrt(max(_MEMORY_BUDGET // (8 * n_layers), 1)),
+                        max(_MEMORY_BUDGET // (16 * sum_d), 1))
+        else:
+            chunk = max(_MEMORY_BUDGET // (8 * sum_d), 1)
+        chunk = max(min(chunk, n), 1)
+    cent = [_Centred(t, device, cache, chunk) for t in layers]
+    starts = list(range(0, n, chunk))
+    T = torch.zeros(n_layers, n_layers, dtype=torch.float64, device=device)
+
+    if use_gram:
+        # T_ij = sum over sample blocks (p, q) of <K_i[p, q], K_j[p, q]>; K symmetric, so q >= p
+        # with off-diagonal blocks counted twice.
+        for pi, p0 in enumerate(starts):
+            rows = [c.block(p0, p0 + chunk) for c in cent]
+            for q0 in starts[pi:]:
+                cols = q0 + chunk
+                v = torch.stack([(r @ c.block(q0, cols).T).reshape(-1) for r, c in zip(rows, cent,
+                                                                                       strict=True)])
+                T += (1.0 if q0 == p0 else 2.0) * (v @ v.T)
+    else:
+        # Feature space: accumulate X_i^T X_j over sample chunks, pairs packed to fit the budget.
+        pairs = [(i, j) for i in range(n_layers) for j in range(i, n_layers)]
+        groups: list[list[tuple[int, int]]] = []
+        used = _MEMORY_BUDGET + 1
+        for i, j in pairs:
+            size = 8 * dims[i] * dims[j]
+            if used + size > _MEMORY_BUDGET and (not groups or groups[-1]):
+                groups.append([])
+                used = 0
+            groups[-1].append((i, j))
+            used += size
+        for group in groups:
+            acc = [torch.zeros(dims[i], dims[j], dtype=torch.float64, device=device)
+                   for i, j in group]
+            needed = sorted({k for pair in group for k in pair})
+            for c0 in starts:
+                blocks = {k: cent[k].block(c0, c0 + chunk) for k in needed}
+                for a_ij, (i, j) in zip(acc, group, strict=True):
+                    a_ij += blocks[i].T @ blocks[j]
+            for a_ij, (i, j) in zip(acc, group, strict=True):
+                T[i, j] = T[j, i] = (a_ij**2).sum()
+    a = torch.stack([c.rowsq for c in cent])
+    return T, a, [c.constant for c in cent]
+
+
+def _hsic_from_stats(T: torch.Tensor, a: torch.Tensor, debiased: bool) -> torch.Tensor:
+    """HSIC matrix (up to a common positive factor when biased) from ``_cross_products``."""
+    if not debiased:
+        return T  # biased HSIC = T / (n-1)^2; the factor cancels in CKA
+    n = a.shape[1]
+    A = a @ a.T  # (K~1).(L~1) after centring, and sum_i K_ii L_ii
+    t = a.sum(dim=1)  # -(1^T K~ 1) after centring
+    return (T - A + torch.outer(t, t) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * A) / (n * (n - 3))
+
+
+def _normalise(hsic: torch.Tensor, names: Sequence[str], constant: Sequence[bool],
+               debiased: bool, stacklevel: int) -> np.ndarray:
+    """CKA_ij = HSIC_ij / sqrt(HSIC_ii HSIC_jj), NaN (with a warning) where a self-HSIC is <= 0."""
+    h = hsic.detach().to("cpu", torch.float64).numpy()
+    diag = np.diag(h).copy()
+    bad = [k for k in range(len(diag)) if constant[k] or not diag[k] > 0]
+    if bad:
+        why = ", ".join(f"{names[k]} ({'constant' if constant[k] else 'HSIC_1 <= 0'})"
+                        for k in bad)
+        kind = "debiased " if debiased else ""
+        warnings.warn(f"{kind}CKA is undefined for {why}; returning NaN for its pairs"
+                      + (" (too few samples for the unbiased estimator?)" if debiased and
+                         any(not constant[k] for k in bad) else ""),
+                      RuntimeWarning, stacklevel=stacklevel)
+    ok = np.ones(len(diag), dtype=bool)
+    ok[bad] = False
+    root = np.sqrt(np.where(ok, diag, 1.0))
+    out = h / np.outer(root, root)
+    out = (out + out.T) / 2.0
+    out[~ok, :] = np.nan
+    out[:, ~ok] = np.nan
+    idx = np.flatnonzero(ok)
+    out[idx, idx] = 1.0
+    return out
+
+
+def _linear_cka_matrix(layers: Sequence[ArrayLike], names: Sequence[str], debiased: bool,
+                       method: str, chunk: int | None, stacklevel: int) -> np.ndarray:
+    _check_option(method, chunk)
+    min_samples = 4 if debiased else 2
+    raw = [_raw_layer(x, nm, min_samples) for x, nm in zip(layers, names, strict=True)]
+    n = raw[0].shape[0]
+    for t, nm in zip(raw, names, strict=True):
+        if t.shape[0] != n:
+            raise MetricInputError(f"{nm} has {t.shape[0]} samples but {names[0]} has {n}; CKA "
+                                   "compares representations of the same inputs")
+    T, a, constant = _cross_products(raw, method, chunk)
+    return _normalise(_hsic_from_stats(T, a, debiased), names, constant, debiased,
+                      stacklevel + 1)
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False, *, method: str = "auto",
+               chunk: int | None = None) -> float:
+    """Linear CKA between two representations of the same inputs (Kornblith et al. 2019).
+
+    Parameters
+    ----------
+    x : array_like or torch.Tensor, shape (n_samples, d1)
+        First representation (numpy or torch, CPU or CUDA, any float dtype).
+    y : array_like or torch.Tensor, shape (n_samples, d2)
+        Second representation of the same samples, in the same order.
+    debiased : bool, default False
+        Use the unbiased HSIC estimator of Song et al. (2012) (needs ``n >= 4``).
+    method : {"auto", "features", "gram"}, default "auto"
+        ``"features"`` evaluates ``||Y^T X||_F^2`` from ``d1 x d2``
+        cross-products (no ``n x n`` matrix); ``"gram"`` from ``n x n`` Gram
+        blocks, cheaper when ``n`` is smaller than the feature dimensions;
+        ``"auto"`` picks the one with fewer operations.  Same value either way.
+    chunk : int, optional
+        Samples per chunk (bounds memory); chosen automatically when omitted.
+
+    Returns
+    -------
+    float
+        ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` of the column-centred
+        features (float64), or its debiased counterpart.  NaN with a
+        :class:`RuntimeWarning` when a representation is constant or (debiased)
+        its self-HSIC estimate is ``<= 0``.
+
+    Raises
+    ------
+    MetricInputError
+        Wrong shapes, NaN/Inf, different numbers of samples or too few samples.
+
+    References
+    ----------
+    Kornblith, S., Norouzi, M., Lee, H., Hinton, G. (2019). Similarity of
+    neural network representations revisited. ICML 2019, Eq. 5 and Sec. 4.
+
+    Song, L., Smola, A., Gretton, A., Bedo, J., Borgwardt, K. (2012). Feature
+    selection via dependence maximization. JMLR 13, Theorem 1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> np.random.seed(1337); X = np.random.randn(100, 10); Y = np.random.randn(100, 10) + X
+    >>> round(linear_cka(X, Y), 5), round(linear_cka(X, Y, debiased=True), 5)
+    (0.55761, 0.51346)
+    """
+    return float(_linear_cka_matrix([x, y], ["x", "y"], debiased, method, chunk, 3)[0, 1])
+
+
+def cka_matrix(features: Sequence[ArrayLike], debiased: bool = False,
+               chunk: int | None = None, *, method: str = "auto") -> np.ndarray:
+    """Linear CKA between every pair of a list of representations, in one pass.
+
+    Typical use: the penultimate features of every checkpoint on one fixed
+    evaluation set, giving the epoch x epoch similarity map.
+
+    Parameters
+    ----------
+    features : sequence of array_like or torch.Tensor, each (n_samples, d_e)
+        ``E`` representations of the same samples (dimensions may differ).
+        Computation runs on the device of the first one.
+    debiased : bool, default False
+        Use the unbiased HSIC estimator of Song et al. (2012).
+    chunk : int, optional
+        Samples per chunk; each representation is converted to float64 one
+        chunk at a time, so memory stays near ``_MEMORY_BUDGET`` (256 MiB)
+        besides the inputs.  Chosen automatically when omitted.
+    method : {"auto", "features", "gram"}, default "auto"
+        How ``||X_i^T X_j||_F^2`` is accumulated: ``d_i x d_j`` feature
+        cross-products (cost ``~ n (sum d)^2 / 2``) or ``n x n`` Gram blocks
+        shared by all pairs (cost ``~ n^2 (sum d + E^2) / 2``); ``"auto"``
+        takes the cheaper.
+
+    Returns
+    -------
+    numpy.ndarray, shape (E, E), float64
+        Symmetric matrix with ones on the diagonal; rows and columns of a
+        constant representation (or, debiased, one with self-HSIC ``<= 0``)
+        are NaN, with a :class:`RuntimeWarning`.
+
+    Raises
+    ------
+    MetricInputError
+        An empty list, wrong shapes, NaN/Inf or different numbers of samples.
+
+    References
+    ----------
+    Kornblith, S., Norouzi, M., Lee, H., Hinton, G. (2019). Similarity of
+    neural network representations revisited. ICML 2019.
+    """
+    layers = list(features)
+    if not layers:
+        raise MetricInputError("cka_matrix needs at least one representation, got an empty list")
+    names = [f"features[{k}]" for k in range(len(layers))]
+    return _linear_cka_matrix(layers, names, debiased, method, chunk, 3)
+
+
+def _rbf_gram(x: torch.Tensor, sigma_frac: float) -> torch.Tensor | None:
+    """Gaussian Gram with bandwidth ``sigma_frac * sqrt(median squared distance)``, or None."""
+    xc = x - x.mean(dim=0)
+    sq = (xc**2).sum(dim=1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (xc @ xc.T)).clamp_min_(0.0)
+    d2.fill_diagonal_(0.0)
+    flat = d2.reshape(-1)
+    m = flat.numel()
+    if m % 2:
+        median = flat.kthvalue((m + 1) // 2).values
+    else:
+        median = (flat.kthvalue(m // 2).values + flat.kthvalue(m // 2 + 1).values) / 2.0
+    if float(median) <= 0.0:
+        return None
+    return torch.exp(-d2 / (2.0 * sigma_frac**2 * median))
+
+
+def _gram_hsic(k: torch.Tensor, l_: torch.Tensor, debiased: bool) -> torch.Tensor:
+    """HSIC of two n x n Grams: <HKH, HLH> (biased, up to 1/(n-1)^2) or Song's HSIC_1."""
+    n = k.shape[0]
+    if not debiased:
+        kc = k - k.mean(dim=0, keepdim=True) - k.mean(dim=1, keepdim=True) + k.mean()
+        return (kc * l_).sum()
+    kt = k.clone().fill_diagonal_(0.0)
+    lt = l_.clone().fill_diagonal_(0.0)
+    rk, rl = kt.sum(dim=1), lt.sum(dim=1)
+    return ((kt * lt).sum() + rk.sum() * rl.sum() / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (rk @ rl)) / (n * (n - 3))
+
+
+def rbf_cka(x: ArrayLike, y: ArrayLike, sigma_frac: float = 0.5, debiased: bool = False) -> float:
+    """CKA with Gaussian (RBF) kernels (Kornblith et al. 2019).
+
+    Parameters
+    ----------
+    x : array_like or torch.Tensor, shape (n_samples, d1)
+        First representation (numpy or torch, CPU or CUDA).
+    y : array_like or torch.Tensor, shape (n_samples, d2)
+        Second representation of the same samples.
+    sigma_frac : float, default 0.5
+        Bandwidth as a fraction of the median pairwise distance, separately for
+        ``x`` and ``y``: ``k(a, b) = exp(-||a - b||^2 / (2 sigma^2))`` with
+        ``sigma^2 = sigma_frac^2 * median(D^2)``, where the median runs over
+        all ``n^2`` entries of the squared-distance matrix ``D^2``, zero
+        diagonal included, as in the authors' Colab notebook.
+    debiased : bool, default False
+        Use the unbiased HSIC estimator of Song et al. (2012) (needs ``n >= 4``).
+
+    Returns
+    -------
+    float
+        RBF CKA in float64.  Builds ``n x n`` Grams (memory ``O(n^2)``).  NaN
+        with a :class:`RuntimeWarning` when a median distance is zero (mostly
+        duplicate rows) or a self-HSIC is ``<= 0``.
+
+    Raises
+    ------
+    MetricInputError
+        Wrong shapes, NaN/Inf, different numbers of samples or too few samples.
+    ConfigError
+        ``sigma_frac`` not positive.
+
+    References
+    ----------
+    Kornblith, S., Norouzi, M., Lee, H., Hinton, G. (2019). Similarity of
+    neural network representations revisited. ICML 2019, Sec. 4 (RBF CKA).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> np.random.seed(1337); X = np.random.randn(100, 10); Y = np.random.randn(100, 10) + X
+    >>> round(rbf_cka(X, Y, 0.5), 5)
+    0.65483
+    """
+    if not sigma_frac > 0 or not math.isfinite(sigma_frac):
+        raise ConfigError(f"sigma_frac={sigma_frac!r} must be a positive number")
+    min_samples = 4 if debiased else 2
+    xt = check_features(x, "x", min_samples=min_samples)
+    yt = check_features(y, "y", min_samples=min_samples, device=xt.device)
+    if xt.shape[0] != yt.shape[0]:
+        raise MetricInputError(f"y has {yt.shape[0]} samples but x has {xt.shape[0]}; CKA "
+                               "compares representations of the same inputs")
+    grams = [_rbf_gram(xt, sigma_frac), _rbf_gram(yt, sigma_frac)]
+    if any(g is None for g in grams):
+        which = " and ".join(nm for nm, g in zip("xy", grams, strict=True) if g is None)
+        warnings.warn(f"rbf_cka: median pairwise distance of {which} is 0 (mostly duplicate "
+                      "rows); returning NaN", RuntimeWarning, stacklevel=2)
+        return float("nan")
+    k, l_ = grams
+    hsic = torch.stack([torch.stack([_gram_hsic(a, b, debiased) for b in (k, l_)])
+                        for a in (k, l_)])
+    return float(_normalise(hsic, ["x", "y"], [False, False], debiased, 3)[0, 1])
+
+
+# --------------------------------------------------------------------------- minibatch CKA
+
+
+class MinibatchCKA:
+    """Minibatch linear CKA accumulator (Nguyen, Raghu and Kornblith 2021).
+
+    Each :meth:`update` adds, in float64, the unbiased ``HSIC_1`` of Song et
+    al. (2012) of the batch for every pair of representations, including each
+    with itself; :meth:`result` divides the summed cross terms by the square
+    root of the summed self terms,
+    ``CKA_ij = S(X_i, Y_j) / sqrt(S(X_i, X_i) S(Y_j, Y_j))`` with
+    ``S(A, B) = sum_b HSIC_1(A^b, B^b)`` over the batches ``b``.
+    Every batch counts (not only the last), and batch sizes may differ
+    (each at least 4).
+
+    Two modes, fixed by the first update:
+
+    * ``update(x_batch, y_batch)``: ``x_batch`` and ``y_batch`` are arrays or
+      sequences of arrays (layers); the result is a float for two arrays or
+      a ``(len(xs), len(ys))`` matrix.
+    * ``update(x_batch)``: ``x_batch`` is a sequence of arrays; the result is
+      their symmetric ``(E, E)`` CKA matrix.
+
+    Attributes
+    ----------
+    n_batches_ : int
+        Number of batches accumulated so far.
+    n_samples_ : int
+        Number of samples accumulated so far.
+    hsic_ : numpy.ndarray or None
+        Summed ``HSIC_1`` over batches for all representations (x layers then
+        y layers), float64.
+
+    References
+    ----------
+    Nguyen, T., Raghu, M., Kornblith, S. (2021). Do wide and deep networks
+    learn the same things? ICLR 2021, Sec. 3.1 (minibatch CKA).
+
+    Song, L., Smola, A., Gretton, A., Bedo, J., Borgwardt, K. (2012). Feature
+    selection via dependence maximization. JMLR 13.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(512, 8)); y = x @ rng.normal(size=(8, 4))
+    >>> acc = MinibatchCKA()
+    >>> for b in range(0, 512, 128):
+    ...     _ = acc.update(x[b:b + 128], y[b:b + 128])
+    >>> 0.0 < acc.result() <= 1.0
+    True
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> MinibatchCKA:
+        """Forget all accumulated batches."""
+        self.n_batches_ = 0
+        self.n_samples_ = 0
+        self._sum: torch.Tensor | None = None
+        self._shape: tuple[int | None, int | None, tuple[int, ...]] | None = None
+        self._constant: list[bool] = []
+        return self
+
+    @staticmethod
+    def _as_list(batch: ArrayLike | Sequence[ArrayLike]) -> tuple[list[ArrayLike], bool]:
+        if isinstance(batch, torch.Tensor | np.ndarray):
+            return [batch], True
+        if isinstance(batch, Sequence) and batch and not isinstance(batch, str):
+            return list(batch), False
+        raise MetricInputError("MinibatchCKA.update expects an array/tensor or a non-empty list "
+                               "of them (one per layer)")
+
+    def update(self, x_batch: ArrayLike | Sequence[ArrayLike],
+               y_batch: ArrayLike | Sequence[ArrayLike] | None = None) -> MinibatchCKA:
+        """Add one minibatch (the same samples, in the same order, for every representation).
+
+        Parameters
+        ----------
+        x_batch : array, tensor or sequence of them, each (batch, d)
+            Representations ``X_i`` of this batch.
+        y_batch : array, tensor or sequence of them, optional
+            Representations ``Y_j`` of this batch; omit to compare the
+            ``x_batch`` representations with one another.
+
+        Returns
+        -------
+        MinibatchCKA
+            ``self``.
+
+        Raises
+        ------
+        MetricInputError
+            A batch with fewer than 4 samples, NaN/Inf, mismatched sample
+            counts, or a change of layer count, dimension or mode.
+        """
+        xs, x_single = self._as_list(x_batch)
+        if y_batch is None:
+            ys, y_single = [], False
+        else:
+            ys, y_single = self._as_list(y_batch)
+        names = ([f"x_batch[{k}]" for k in range(len(xs))] if not x_single else ["x_batch"])
+        names += ([f"y_batch[{k}]" for k in range(len(ys))] if not y_single else ["y_batch"])
+        raw = [_raw_layer(t, nm, 4) for t, nm in zip(xs + ys, names, strict=True)]
+        n = raw[0].shape[0]
+        for t, nm in zip(raw, names, strict=True):
+            if t.shape[0] != n:
+                raise MetricInputError(f"{nm} has {t.shape[0]} rows but {names[0]} has {n}; every "
+                                       "representation of a batch must hold the same samples")
+        shape = (len(xs), len(ys) if y_batch is not None else None,
+                 tuple(t.shape[1] for t in raw))
+        if self._shape is None:
+            self._shape = shape
+            self._single = x_single and y_single
+            self._constant = [True] * len(raw)
+        elif shape != self._shape:
+            raise MetricInputError(f"MinibatchCKA.update got layers/dimensions {shape} after "
+                                   f"{self._shape}; call reset() to start a new comparison")
+        T, a, constant = _cross_products(raw, "auto", None)
+        batch_hsic = _hsic_from_stats(T, a, debiased=True)
+        if self._sum is None:
+            self._sum = batch_hsic
+        else:
+            self._sum = self._sum + batch_hsic.to(self._sum.device)
+        self._constant = [c and k for c, k in zip(self._constant, constant, strict=True)]
+        self.n_batches_ += 1
+        self.n_samples_ += n
+        return self
+
+    @property
+    def hsic_(self) -> np.ndarray | None:
+        """Summed ``HSIC_1`` over batches, x layers then y layers (float64), or None."""
+        return None if self._sum is None else self._sum.detach().cpu().numpy().copy()
+
+    def result(self) -> float | np.ndarray:
+        """Minibatch CKA from the accumulated ``HSIC_1`` sums.
+
+        Returns
+        -------
+        float or numpy.ndarray
+            A float for ``update(x, y)`` with two arrays, else the
+            ``(len(xs), len(ys))`` cross matrix, or the symmetric ``(E, E)``
+            matrix when no ``y_batch`` was given.  Entries of a representation
+            that was constant in every batch, or whose summed self-HSIC is
+            ``<= 0``, are NaN with a :class:`RuntimeWarning`.
+
+        Raises
+        ------
+        MetricInputError
+            Called before any :meth:`update`.
+        """
+        if self._sum is None or self._shape is None:
+            raise MetricInputError("MinibatchCKA.result() called before any update(); add "
+                                   "batches first")
+        n_x, n_y, _ = self._shape
+        names = [f"x[{k}]" for k in range(n_x)] + [f"y[{k}]" for k in range(n_y or 0)]
+        full = _normalise(self._sum, names, self._constant, True, 3)
+        if n_y is None:
+            return full
+        cross = full[:n_x, n_x:]
+        return float(cross[0, 0]) if self._single else cross
+
+    def score(self) -> float | np.ndarray:
+        """Alias of :meth:`result` (scikit-learn naming)."""
+        return self.result()

@@ -1,0 +1,215 @@
+"""Neural-collapse statistics NC1-NC4 (Papyan, Han and Donoho 2020).
+
+Late in training, penultimate features of each class shrink to their class mean
+(NC1), the centred class means form a simplex equiangular tight frame (NC2),
+the classifier rows align with those means (NC3) and the classifier acts as a
+nearest-class-centre rule (NC4).  Kornblith et al. (2021) and Cui et al. (2022)
+link this collapse to worse transfer, so dtprobe tracks it per checkpoint.
+
+Conventions (all documented choices where the paper leaves room):
+
+* ``mu_c`` is the mean of class ``c``; the *global mean* ``mu_G`` is the mean of
+  the class means (classes weighted equally).  For balanced classes it equals
+  the sample mean, as in the paper; for unbalanced classes it keeps the
+  centred-mean matrix ``M = [mu_c - mu_G]`` (d x C) exactly orthogonal to the
+  all-ones vector, as the simplex ETF it is compared with is.
+* ``Sigma_W = (1/n) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T`` (average over all
+  samples) and ``Sigma_B = (1/C) M M^T``.
+* Standard deviations are population standard deviations (``ddof = 0``).
+
+References
+----------
+Papyan, V., Han, X. Y., Donoho, D. L. (2020). Prevalence of neural collapse
+during the terminal phase of deep learning training. PNAS 117(40), 24652-24663.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from dtprobe.errors import MetricInputError
+from dtprobe.metrics._validation import ArrayLike, as_tensor, check_features, check_labels
+from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
+
+__all__ = ["neural_collapse", "DEFAULT_RCOND"]
+
+#: Relative cut-off for the pseudo-inverse of Sigma_B: eigenvalues at or below
+#: ``DEFAULT_RCOND * lambda_max(Sigma_B)`` are treated as zero (numpy ``pinv``'s
+#: ``rtol`` semantics).  Sigma_B is formed from an SVD of M in float64, so its
+#: numerical null space sits near 1e-32 relative and genuine directions are kept.
+DEFAULT_RCOND = 1e-12
+
+# Class means whose spread is below this fraction of the feature scale are "all equal".
+_DEGENERATE_SPREAD = 1e-10
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(f"neural_collapse: {msg}", RuntimeWarning, stacklevel=3)
+
+
+def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | None = None,
+                    bias: ArrayLike | None = None, *,
+                    rcond: float = DEFAULT_RCOND) -> dict[str, float]:
+    """Neural-collapse statistics of Papyan, Han and Donoho (2020).
+
+    Parameters
+    ----------
+    features : array_like or torch.Tensor, shape (n_samples, n_features)
+        Penultimate features ``h_i`` (the paper uses the training set); numpy
+        or torch, CPU or CUDA, computed in float64 on the input's device.
+    labels : array_like or torch.Tensor, shape (n_samples,)
+        Integer class labels.  Without ``weight`` any integer values work (at
+        least two classes); with ``weight`` they must be row indices
+        ``0 .. C-1`` of ``weight`` and every class must occur.
+    weight : array_like or torch.Tensor, shape (n_classes, n_features), optional
+        Last-layer classifier weights stored as ``torch.nn.Linear.weight`` and
+        scikit-learn's ``coef_`` store them (one row per class).  Needed for
+        ``nc3`` and ``nc4``.
+    bias : array_like or torch.Tensor, shape (n_classes,), optional
+        Classifier bias (zero when omitted); only used by ``nc4``.
+    rcond : float, default ``DEFAULT_RCOND`` (1e-12)
+        Relative cut-off of the pseudo-inverse ``Sigma_B^+``: eigenvalues of
+        ``Sigma_B`` at most ``rcond * lambda_max`` are treated as zero.
+
+    Returns
+    -------
+    dict of str to float
+        ``nc1``
+            ``tr(Sigma_W Sigma_B^+) / C`` (within-class variability relative
+            to between-class spread; 0 at full collapse).
+        ``nc2_equinorm``
+            ``std_c ||mu_c - mu_G|| / mean_c ||mu_c - mu_G||``.
+        ``nc2_equiangularity``
+            standard deviation of ``cos(mu_c - mu_G, mu_c' - mu_G)`` over the
+            off-diagonal pairs ``c != c'`` (NaN with a warning when a class
+            mean coincides with the global mean).
+        ``nc2_etf_error``
+            ``|| G / ||G||_F - (I - 11^T/C) / ||I - 11^T/C||_F ||_F`` with
+            ``G = M^T M``.  The columns of ``M`` are *not* normalised one by
+            one (only ``G`` as a whole, as in the authors' code), so the
+            value measures distance to a simplex ETF in both norms and angles.
+        ``nc3`` (only with ``weight``)
+            ``|| W^T / ||W||_F - M / ||M||_F ||_F^2`` (self-duality).
+        ``nc4`` (only with ``weight``)
+            fraction of samples where ``argmax_c (W h + b)_c`` differs from the
+            nearest-class-mean rule ``argmin_c ||h - mu_c||`` (ties go to the
+            lowest class index in both rules).
+
+        If all class means coincide (to round-off), ``nc1``, both NC2
+        measures, ``nc2_etf_error`` and ``nc3`` are NaN and a
+        :class:`RuntimeWarning` is issued; ``nc4`` is still defined.
+
+    Raises
+    ------
+    MetricInputError
+        Wrong shapes, NaN/Inf, fewer than two classes, or labels that do not
+        index the rows of ``weight``.
+
+    References
+    ----------
+    Papyan, V., Han, X. Y., Donoho, D. L. (2020). Prevalence of neural collapse
+    during the terminal phase of deep learning training. PNAS 117(40),
+    24652-24663 (Figures 2-6 define NC1-NC4).
+    """
+    h = check_features(features, "features")
+    n, d = h.shape
+    y, n_classes = check_labels(labels, n, "labels", device=h.device)
+    w = b = None
+    if weight is not None:
+        w = check_features(weight, "weight", min_samples=1, device=h.device)
+        if w.shape[1] != d:
+            raise MetricInputError(
+                f"weight has shape {tuple(w.shape)} but features have {d} columns; pass it as "
+                "(n_classes, n_features) like nn.Linear.weight (transpose it if needed)")
+        raw = as_tensor(labels, device=h.device).reshape(-1)
+        if w.shape[0] != n_classes or float(raw.min()) < 0 or float(raw.max()) >= w.shape[0]:
+            raise MetricInputError(
+                f"labels cover {n_classes} classes with values {int(raw.min())}..{int(raw.max())} "
+                f"but weight has {w.shape[0]} rows; labels must be the row indices 0..C-1 of "
+                "weight and every class must occur")
+        if bias is not None:
+            b = as_tensor(bias, device=h.device).reshape(-1)
+            if b.shape[0] != w.shape[0] or not torch.isfinite(b).all():
+                raise MetricInputError(f"bias must be {w.shape[0]} finite values (one per row of "
+                                       f"weight), got shape {tuple(b.shape)}")
+    elif bias is not None:
+        raise MetricInputError("bias was given without weight; pass the classifier weight too")
+
+    counts = torch.bincount(y, minlength=n_classes).to(h.dtype)
+    means = torch.zeros(n_classes, d, dtype=h.dtype, device=h.device)
+    means.index_add_(0, y, h)
+    means /= counts[:, None]
+    global_mean = means.mean(dim=0)
+    m = (means - global_mean).T  # d x C, centred class means as columns
+
+    out: dict[str, float] = {}
+    nan = float("nan")
+    scale = float(torch.linalg.vector_norm(h, dim=1).max())
+    col_norms = torch.linalg.vector_norm(m, dim=0)
+    degenerate = float(col_norms.max()) <= _DEGENERATE_SPREAD * scale
+    if degenerate:
+        _warn("all class means coincide; NC1, NC2 and NC3 are undefined (NaN)")
+        out.update(nc1=nan, nc2_equinorm=nan, nc2_equiangularity=nan, nc2_etf_error=nan)
+    else:
+        # NC1 through the SVD of M: Sigma_B = (1/C) U S^2 U^T, so
+        # tr(Sigma_W Sigma_B^+)/C = sum_j (u_j^T Sigma_W u_j) / s_j^2, and
+        # u_j^T Sigma_W u_j = mean_i ((h_i - mu_{y_i}) . u_j)^2.  No d x d matrix is formed.
+        u, s, _ = torch.linalg.svd(m, full_matrices=False)
+        keep = s**2 > rcond * s[0] ** 2
+        u, s = u[:, keep], s[keep]
+        resid_proj = h @ u - (means @ u)[y]  # n x r
+        within = (resid_proj**2).mean(dim=0)
+        out["nc1"] = float((within / s**2).sum())
+
+        out["nc2_equinorm"] = float(col_norms.std(correction=0) / col_norms.mean())
+        if float(col_norms.min()) <= _DEGENERATE_SPREAD * float(col_norms.max()):
+            _warn("a class mean equals the global mean; nc2_equiangularity is NaN")
+            out["nc2_equiangularity"] = nan
+        else:
+            unit = m / col_norms
+            cos = unit.T @ unit
+            off = cos[~torch.eye(n_classes, dtype=torch.bool, device=cos.device)]
+            out["nc2_equiangularity"] = float(off.std(correction=0))
+
+        gram = m.T @ m
+        target = torch.eye(n_classes, dtype=h.dtype, device=h.device) - 1.0 / n_classes
+        target /= math.sqrt(n_classes - 1)  # ||I - 11^T/C||_F = sqrt(C - 1)
+        out["nc2_etf_error"] = float(torch.linalg.matrix_norm(
+            gram / torch.linalg.matrix_norm(gram) - target))
+
+    if w is not None:
+        w_norm = torch.linalg.matrix_norm(w)
+        if degenerate or float(w_norm) == 0:
+            if not degenerate:
+                _warn("classifier weight is all zeros; nc3 is NaN")
+            out["nc3"] = nan
+        else:
+            diff = w.T / w_norm - m / torch.linalg.matrix_norm(m)
+            out["nc3"] = float((diff**2).sum())
+        logits = h @ w.T
+        if b is not None:
+            logits = logits + b
+        classifier = logits.argmax(dim=1)
+        # argmin_c ||h - mu_c||^2 = argmin_c (||mu_c||^2 - 2 h . mu_c)
+        dist = (means**2).sum(dim=1) - 2.0 * (h @ means.T)
+        ncc = dist.argmin(dim=1)
+        out["nc4"] = float((classifier != ncc).to(h.dtype).mean())
+    return out
+
+
+@register_metric("neural_collapse", default=True,
+                 description="neural collapse NC1-NC4 (Papyan et al. 2020) on train features")
+def _neural_collapse_metric(view: EpochView) -> list[MetricValue]:
+    """NC1-NC4 on the training split, as Papyan et al. (2020) measure them."""
+    values = neural_collapse(view.train.features, view.train.labels,
+                             weight=view.head_weight,
+                             bias=view.head_bias if view.head_weight is not None else None)
+    params = {"split": "train", "rcond": DEFAULT_RCOND, "global_mean": "mean_of_class_means",
+              "std_ddof": 0, "etf_columns": "unnormalised",
+              "head_bias": view.head_bias is not None}
+    order = ["nc1", "nc2_equinorm", "nc2_equiangularity", "nc2_etf_error", "nc3", "nc4"]
+    return [MetricValue(name, values[name], estimator="papyan2020", params=dict(params))
+            for name in order if name in values]
