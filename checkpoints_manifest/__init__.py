@@ -1,0 +1,69 @@
+"""checkpoints_manifest: a small, dependency-free manifest for a training run's checkpoints.
+
+``RUN_DIR/manifest.json`` records which file holds which epoch/step, its
+sha256, training-time metrics, how to rebuild the model and what it was
+trained on, so that tools such as dtprobe can chart how representations change
+over training (the discriminability-transferability trade-off of Kornblith et
+al. 2021 and Cui et al. 2022). See ``checkpoints_manifest/README.md`` for the
+format and a training-loop example.
+
+Example
+-------
+>>> import checkpoints_manifest as cm
+>>> m = cm.create_manifest(run_name="demo", model=cm.ModelSpec("resnet18", 10, penultimate="fc"),
+...                        dataset=cm.DatasetSpec("cifar10"), training={"lr": 0.1}, seed=0)
+>>> m.checkpoints
+[]
+"""
+
+from checkpoints_manifest.schema import (
+    FORMAT,
+    MANIFEST_NAME,
+    VERSION,
+    CheckpointEntry,
+    DatasetSpec,
+    Manifest,
+    ManifestError,
+    ModelSpec,
+    create_manifest,
+    utc_now_iso,
+)
+from checkpoints_manifest.storage import (
+    LOCK_NAME,
+    append_checkpoint,
+    atomic_write_text,
+    entry_for_file,
+    manifest_lock,
+    manifest_path,
+    parse_manifest,
+    read_manifest,
+    record_checkpoint,
+    sha256_file,
+    write_manifest,
+)
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "FORMAT",
+    "LOCK_NAME",
+    "MANIFEST_NAME",
+    "VERSION",
+    "CheckpointEntry",
+    "DatasetSpec",
+    "Manifest",
+    "ManifestError",
+    "ModelSpec",
+    "append_checkpoint",
+    "atomic_write_text",
+    "create_manifest",
+    "entry_for_file",
+    "manifest_lock",
+    "manifest_path",
+    "parse_manifest",
+    "read_manifest",
+    "record_checkpoint",
+    "sha256_file",
+    "utc_now_iso",
+    "write_manifest",
+]

@@ -1,0 +1,395 @@
+"""Reading, atomic writing and locked appending of ``RUN_DIR/manifest.json``.
+
+Writes go to a temporary file in the run directory, are flushed and fsync'ed,
+then renamed over the manifest with :func:`os.replace`, so a reader sees either
+the old or the new manifest, never a partial one, even if the writer is killed.
+Read-modify-write updates (:func:`append_checkpoint`) hold an exclusive lock on
+``RUN_DIR/.manifest.json.lock`` (``fcntl.flock`` on POSIX; an ``O_CREAT |
+O_EXCL`` lock file elsewhere), so concurrent writers (threads or processes) do
+not lose each other's entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from checkpoints_manifest.schema import (
+    MANIFEST_NAME,
+    CheckpointEntry,
+    Manifest,
+    ManifestError,
+)
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".manifest.json.lock"
+LOCK_TIMEOUT_S = 120.0
+_CHUNK = 1 << 20
+_TMP_PREFIX = f".{MANIFEST_NAME}."
+_TMP_SUFFIX = ".tmp"
+_DEFAULT_MODE = 0o644
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 digest of a file, read in 1 MiB chunks.
+
+    Parameters
+    ----------
+    path : path-like
+        File to hash.
+
+    Returns
+    -------
+    str
+        64 lower-case hexadecimal characters.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_path(run_dir_or_file: str | os.PathLike[str]) -> Path:
+    """``RUN_DIR/manifest.json`` for a directory; a file path is returned unchanged."""
+    path = Path(run_dir_or_file)
+    return path / MANIFEST_NAME if path.is_dir() else path
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def parse_manifest(text: str | bytes, source: str = "<string>") -> Manifest:
+    """Parse and validate manifest JSON text; every problem raises :class:`ManifestError`."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(source, f"not UTF-8 text (byte {exc.start}); a manifest is a "
+                                        "UTF-8 JSON file") from None
+    elif text.startswith("\ufeff"):
+        text = text[1:]
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise ManifestError(source, f"duplicate key {str(exc)!r} in a JSON object") from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(source, f"not valid JSON ({exc.msg} at line {exc.lineno} column "
+                                    f"{exc.colno})") from None
+    except RecursionError:
+        raise ManifestError(source, "not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
+        raise ManifestError(source, f"not valid JSON ({exc})") from None
+    return Manifest.from_dict(data, source)
+
+
+def read_manifest(run_dir_or_file: str | os.PathLike[str]) -> Manifest:
+    """Read and validate a manifest.
+
+    Parameters
+    ----------
+    run_dir_or_file : path-like
+        A run directory (``manifest.json`` inside it is read) or the manifest file itself.
+
+    Returns
+    -------
+    Manifest
+        The validated manifest, checkpoints sorted by ``(epoch, step)``.
+
+    Raises
+    ------
+    ManifestError
+        If the file is missing or unreadable, is not JSON, has the wrong format
+        tag or version, or a field is missing, ill-typed, duplicated or unsafe.
+        The message names the file and the field.
+    """
+    path = manifest_path(run_dir_or_file)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(str(path), "no such manifest; write one with write_manifest() (see "
+                                       "checkpoints_manifest/README.md)") from None
+    except OSError as exc:
+        raise ManifestError(str(path), f"cannot read it ({exc.strerror or exc})") from None
+    return parse_manifest(raw, str(path))
+
+
+def _thread_lock(lock_path: Path) -> threading.Lock:
+    key = os.path.abspath(lock_path)
+    with _thread_locks_guard:
+        return _thread_locks.setdefault(key, threading.Lock())
+
+
+@contextlib.contextmanager
+def manifest_lock(run_dir: str | os.PathLike[str],
+                  timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Exclusive lock on the manifest of ``run_dir`` for a read-modify-write update.
+
+    Threads of one process serialise on an in-process lock; processes on
+    ``fcntl.flock`` of ``RUN_DIR/.manifest.json.lock`` (the lock file stays; it
+    is empty). Without ``fcntl`` an ``O_CREAT | O_EXCL`` lock file is created
+    and removed again.
+
+    Raises
+    ------
+    ManifestError
+        If the lock is not obtained within ``timeout`` seconds.
+    """
+    lock_path = Path(run_dir) / LOCK_NAME
+    deadline = time.monotonic() + timeout
+    tlock = _thread_lock(lock_path)
+    if not tlock.acquire(timeout=max(timeout, 0.0)):
+        raise ManifestError(str(lock_path), f"timed out after {timeout:.0f}s waiting for the "
+                                            "manifest lock held by another thread")
+    try:
+        if fcntl is not None:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, _DEFAULT_MODE)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise ManifestError(str(lock_path), f"timed out after {timeout:.0f}s "
+                                                "waiting for another process that is writing the "
+                                                "manifest") from None
+                        time.sleep(0.005)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+        else:  # pragma: no cover - exercised on Windows only
+            while True:
+                try:
+                    fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _DEFAULT_MODE)
+                    break
+                except FileExistsError:
+                    if time.monotonic() > deadline:
+                        raise ManifestError(str(lock_path), f"still locked after {timeout:.0f}s; "
+                                            "if no other process is writing the manifest, delete "
+                                            "this file") from None
+                    time.sleep(0.01)
+            try:
+                yield
+            finally:
+                os.close(fd)
+                os.unlink(lock_path)
+    finally:
+        tlock.release()
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":  # pragma: no cover
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - some filesystems refuse opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically: temp file in the same directory, fsync, replace.
+
+    The new file keeps the permission bits of the file it replaces (0644 for a new file).
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = _DEFAULT_MODE
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_unlocked(run_dir: Path, manifest: Manifest) -> Path:
+    path = run_dir / MANIFEST_NAME
+    text = manifest.to_json(str(path))
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise ManifestError(str(path), f"cannot write it ({exc.strerror or exc})") from None
+    return path
+
+
+def _as_run_dir(run_dir: str | os.PathLike[str]) -> Path:
+    run_dir = Path(run_dir)
+    if run_dir.name == MANIFEST_NAME and not run_dir.is_dir():
+        raise ManifestError(str(run_dir), "pass the run directory, not the manifest file")
+    return run_dir
+
+
+def write_manifest(run_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Validate ``manifest`` and write it atomically to ``RUN_DIR/manifest.json``.
+
+    Parameters
+    ----------
+    run_dir : path-like
+        Run directory (created if missing).
+    manifest : Manifest
+        The manifest to write (validated first; nothing is written if it is invalid).
+
+    Returns
+    -------
+    Path
+        The manifest file.
+
+    Raises
+    ------
+    ManifestError
+        If the manifest is invalid or cannot be written.
+    """
+    run_dir = _as_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with manifest_lock(run_dir):
+        return _write_unlocked(run_dir, manifest)
+
+
+def append_checkpoint(run_dir: str | os.PathLike[str], entry: CheckpointEntry | Mapping[str, Any],
+                      *, replace: bool = False) -> Manifest:
+    """Add one checkpoint entry to ``RUN_DIR/manifest.json`` (locked, atomic read-modify-write).
+
+    Parameters
+    ----------
+    run_dir : path-like
+        Run directory holding an existing manifest.
+    entry : CheckpointEntry or mapping
+        The new entry; its ``path`` is relative to ``run_dir``.
+    replace : bool, default False
+        Replace an existing entry of the same epoch instead of raising.
+
+    Returns
+    -------
+    Manifest
+        The manifest as written.
+
+    Raises
+    ------
+    ManifestError
+        If there is no valid manifest, the entry is invalid, its epoch is
+        already recorded (and ``replace`` is False) or its path is used by
+        another epoch.
+    """
+    run_dir = _as_run_dir(run_dir)
+    if not run_dir.is_dir():
+        raise ManifestError(str(run_dir / MANIFEST_NAME), "no such run directory; write the "
+                                                          "manifest first with write_manifest()")
+    with manifest_lock(run_dir):
+        manifest = read_manifest(run_dir / MANIFEST_NAME)
+        if isinstance(entry, Mapping):
+            entry = CheckpointEntry.from_dict(entry, str(run_dir / MANIFEST_NAME),
+                                              "new checkpoint")
+        manifest.add_checkpoint(entry, replace=replace, source=str(run_dir / MANIFEST_NAME))
+        _write_unlocked(run_dir, manifest)
+    return manifest
+
+
+def entry_for_file(run_dir: str | os.PathLike[str], file: str | os.PathLike[str], *, epoch: int,
+                   step: int, metrics: Mapping[str, float] | None = None,
+                   saved_at: float | str | None = None) -> CheckpointEntry:
+    """Describe a checkpoint file that lies inside ``run_dir``: relative path, sha256, time.
+
+    Parameters
+    ----------
+    run_dir : path-like
+        Run directory.
+    file : path-like
+        The checkpoint file, as you would open it (absolute, or relative to the
+        current directory); it must lie inside ``run_dir``.
+    epoch, step : int
+        Epoch and optimiser step of the weights.
+    metrics : mapping, optional
+        Training-time numbers to record.
+    saved_at : float or str, optional
+        Save time; defaults to ``time.time()``.
+
+    Returns
+    -------
+    CheckpointEntry
+        Validated entry ready for :func:`append_checkpoint`.
+
+    Raises
+    ------
+    ManifestError
+        If the file is outside ``run_dir``, missing, or a field is invalid.
+    """
+    rel = os.path.relpath(os.path.abspath(file), os.path.abspath(run_dir))
+    rel = rel.replace(os.sep, "/")
+    if rel == ".." or rel.startswith("../") or os.path.isabs(rel):
+        raise ManifestError(str(file), f"is not inside the run directory {run_dir}; save "
+                                       "checkpoints under the run directory")
+    try:
+        digest = sha256_file(file)
+    except OSError as exc:
+        raise ManifestError(str(file), f"cannot hash it ({exc.strerror or exc})") from None
+    entry = CheckpointEntry(epoch=epoch, step=step, path=rel, sha256=digest,
+                            metrics=_numbers(metrics or {}, str(file)),
+                            time=time.time() if saved_at is None else saved_at)
+    return CheckpointEntry.from_dict(entry.to_dict(), str(file), "checkpoint")
+
+
+def _numbers(metrics: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Metric values as Python floats (accepts 0-d tensors and NumPy scalars via ``float()``)."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, (bool, int, float)) or not hasattr(value, "__float__"):
+            out[key] = value  # validated (and rejected if not a number) by CheckpointEntry
+            continue
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise ManifestError(source, f"metric {key!r} is not a single number",
+                                f"metrics.{key}") from None
+    return out
+
+
+def record_checkpoint(run_dir: str | os.PathLike[str], file: str | os.PathLike[str], *,
+                      epoch: int, step: int, metrics: Mapping[str, float] | None = None,
+                      replace: bool = False) -> Manifest:
+    """Hash ``file`` and append its entry to the manifest: :func:`entry_for_file` +
+    :func:`append_checkpoint` in one call (for training scripts)."""
+    entry = entry_for_file(run_dir, file, epoch=epoch, step=step, metrics=metrics)
+    return append_checkpoint(run_dir, entry, replace=replace)

@@ -1,0 +1,773 @@
+"""Safe loading of checkpoint series: state-dict unwrapping, model loading, file-name inference.
+
+dtprobe follows a network through its training run (the discriminability-
+transferability trade-off of Kornblith et al. 2021 and Cui et al. 2022), so it
+loads many checkpoint files, often written by someone else's code. This module
+is the single place where that happens, and it never executes code from a file:
+
+* ``.safetensors`` files are read with :mod:`safetensors`;
+* everything else goes through ``torch.load(path, map_location="cpu",
+  weights_only=True)``, whose restricted unpickler builds only tensors and plain
+  containers. A few data-only classes common in research checkpoints are also
+  accepted (``argparse.Namespace`` for saved command-line options, NumPy scalars,
+  arrays and dtypes, ``pathlib`` paths): constructing them runs no user code.
+  Anything else is refused with :class:`~dtprobe.errors.CheckpointError`.
+
+Checkpoints saved as ``{"model": state_dict, "epoch": e, ...}`` (or under
+``state_dict``, ``net``, ``model_state_dict``, ``module``), with DDP
+``module.`` or Lightning ``model.`` key prefixes, load like plain state dicts.
+Runs without a manifest are described by their file names
+(:func:`infer_checkpoint_series`).
+
+References
+----------
+.. [1] S. Kornblith, T. Chen, H. Lee, M. Norouzi, "Why do better loss functions
+   lead to less transferable features?", NeurIPS 2021.
+.. [2] Q. Cui, B. Zhao, Z.-M. Chen, B. Zhang, Y. Gao, "Discriminability-
+   transferability trade-off: an information-theoretic perspective", ECCV 2022.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import checkpoints_manifest
+from dtprobe.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "KNOWN_NAMINGS",
+    "PREFIXES",
+    "WRAPPER_KEYS",
+    "CheckpointSeries",
+    "InferredCheckpoint",
+    "LoadedCheckpoint",
+    "check_finite",
+    "infer_checkpoint_series",
+    "load_checkpoint",
+    "load_into_model",
+    "load_state_dict",
+    "read_checkpoint_meta",
+    "resolve_inside",
+    "verify_sha256",
+]
+
+#: Keys under which training scripts nest the model's state dict, tried in this order.
+WRAPPER_KEYS: tuple[str, ...] = ("model", "state_dict", "net", "model_state_dict", "module")
+#: Key prefixes stripped when *every* key carries them (DDP, Lightning).
+PREFIXES: tuple[str, ...] = ("module.", "model.")
+
+#: File-name schemes recognised by :func:`infer_checkpoint_series` (``{epoch}``/``{step}`` are
+#: decimal numbers, ``*`` any characters except ``/``).
+KNOWN_NAMINGS: tuple[str, ...] = (
+    "ckpt_epoch_{epoch}.pth",                  # CTC / CRD / SupCon research code
+    "epoch={epoch}-step={step}.ckpt",          # PyTorch Lightning ModelCheckpoint
+    "epoch={epoch}-step={step}-v*.ckpt",       # Lightning's de-duplicated names
+    "checkpoint_{epoch}.pt",
+    "checkpoint-{epoch}.pth.tar",
+    "model_{epoch}.pth",
+    "epoch_{epoch}.pt",                        # dtprobe's own trainer
+    "ckpt_epoch_{epoch}.safetensors",
+    "epoch={epoch}-step={step}.safetensors",
+    "checkpoint_{epoch}.safetensors",
+    "checkpoint-{epoch}.safetensors",
+    "model_{epoch}.safetensors",
+    "epoch_{epoch}.safetensors",
+)
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".bin", ".safetensors", ".pkl", ".pickle")
+_SUBDIR = "checkpoints"
+_FIX = "re-save it with torch.save(model.state_dict(), path) (or as .safetensors)"
+_UNSAFE_MARKERS = ("Unsupported global", "Can only create new object", "unrecognized function",
+                   "Can only build", "Unsupported operand", "Can only append", "Can only extend",
+                   "Can only set items", "not an allowed global")
+
+
+# ----------------------------------------------------------------------------------- safety
+def resolve_inside(run_dir: str | os.PathLike[str], relpath: str | os.PathLike[str], *,
+                   allow_symlinks: bool = False) -> Path:
+    """``run_dir / relpath``, refusing paths that escape the run directory.
+
+    Parameters
+    ----------
+    run_dir : path-like
+        The run directory.
+    relpath : path-like
+        A path relative to it (e.g. from a manifest). Absolute paths and ``..``
+        components are refused.
+    allow_symlinks : bool, default False
+        If False, the path is also refused when symbolic links make it resolve
+        to a location outside ``run_dir``. If True, only the lexical checks apply
+        (for runs whose checkpoints are symlinked from scratch storage).
+
+    Returns
+    -------
+    Path
+        ``run_dir / relpath`` (not resolved; the file need not exist).
+
+    Raises
+    ------
+    CheckpointError
+        If the path is empty, absolute, contains ``..`` or resolves outside ``run_dir``.
+    """
+    text = os.fspath(relpath)
+    if not text or "\x00" in text:
+        raise CheckpointError(f"{run_dir}: checkpoint path {text!r} is empty or contains NUL; "
+                              "fix the manifest entry")
+    rel = Path(text)
+    if rel.is_absolute() or rel.anchor or PurePosixPath(text).is_absolute():
+        raise CheckpointError(f"{run_dir}: checkpoint path {text!r} is absolute; paths must be "
+                              "relative to the run directory (fix the manifest entry)")
+    if ".." in rel.parts or ".." in PurePosixPath(text).parts:
+        raise CheckpointError(f"{run_dir}: checkpoint path {text!r} contains '..'; paths must "
+                              "stay inside the run directory (fix the manifest entry)")
+    target = Path(run_dir) / rel
+    if not allow_symlinks:
+        try:
+            base = Path(run_dir).resolve()
+            real = target.resolve()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop (Python < 3.13)
+            raise CheckpointError(f"{target}: cannot resolve the path ({exc}); remove the "
+                                  "broken symbolic link") from None
+        if real != base and base not in real.parents:
+            raise CheckpointError(f"{target}: resolves to {real}, outside the run directory "
+                                  f"{base} (symbolic link?); copy the file into the run "
+                                  "directory or allow symlinks explicitly")
+    return target
+
+
+def verify_sha256(path: str | os.PathLike[str], expected: str) -> None:
+    """Check that ``path`` has the sha256 digest ``expected`` (hex, any case).
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing, unreadable or its digest differs.
+    """
+    try:
+        actual = checkpoints_manifest.sha256_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file is missing; restore it or remove its "
+                              "manifest entry") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if actual != expected.lower():
+        raise CheckpointError(f"{path}: sha256 {actual[:12]}... does not match the manifest "
+                              f"({expected.lower()[:12]}...); the file changed after it was "
+                              "recorded or is corrupt: restore it or re-record its entry")
+
+
+# ----------------------------------------------------------------------------------- loading
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint file read safely.
+
+    Attributes
+    ----------
+    state_dict : dict of str to Tensor
+        The model weights, unwrapped and with DDP/Lightning prefixes stripped.
+    meta : dict
+        Plain-data items stored beside the weights (``epoch``, ``step``,
+        ``best_acc``, saved options ...), converted to JSON-like Python values.
+    unwrapped : tuple of str
+        The wrapper keys descended through (e.g. ``("model",)``).
+    stripped : tuple of str
+        The key prefixes removed (e.g. ``("module.",)``).
+    """
+
+    state_dict: dict[str, Tensor]
+    meta: dict[str, Any]
+    unwrapped: tuple[str, ...] = ()
+    stripped: tuple[str, ...] = ()
+
+
+def _data_only_globals() -> list[Any]:
+    """Classes and functions that only rebuild data, accepted in addition to torch's defaults."""
+    allowed: list[Any] = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath,
+                          pathlib.PureWindowsPath]
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency of torch's users
+        return allowed
+    scalar = np.float64(0).__reduce__()[0]
+    reconstruct = np.arange(1).__reduce__()[0]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(scalar, f"{module}.scalar"), (reconstruct, f"{module}._reconstruct")]
+    allowed += [np.ndarray, np.dtype]
+    for code in np.typecodes["All"]:
+        if code not in "OV":
+            allowed.append(type(np.dtype(code)))
+    return allowed
+
+
+@contextlib.contextmanager
+def _allow_data_only_globals() -> Iterator[None]:
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch < 2.5: only torch's own allowlist
+        yield
+        return
+    with safe_globals(_data_only_globals()):
+        yield
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _refusal(path: Path, exc: BaseException) -> CheckpointError | None:
+    """A one-line refusal if ``exc`` is torch's weights-only unpickler rejecting content."""
+    text = str(exc)
+    if not any(marker in text for marker in _UNSAFE_MARKERS):
+        return None
+    detail = ""
+    match = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    if match:
+        detail = f" (it references {match.group(1)})"
+    elif (match := re.search(r"Unsupported operand (\d+)", text)) is not None:
+        detail = f" (pickle opcode {match.group(1)} is not allowed)"
+    elif (match := re.search(r"(?:unrecognized function|but got) (.+?)(?: which|$)", text,
+                             re.MULTILINE)) is not None:
+        detail = f" (it needs {match.group(1).strip()})"
+    return CheckpointError(f"{path}: refusing to unpickle it{detail}: not a plain weights file, "
+                           f"so loading it could run arbitrary code; {_FIX}")
+
+
+def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # skip torch's generic preamble
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    reason = _first_line(text) or "no details"
+    reason = reason.split(". ", 1)[0]  # torch appends paragraphs of advice after the cause
+    return CheckpointError(f"{path}: cannot read the checkpoint (truncated or corrupt file? "
+                           f"{type(exc).__name__}: {reason}); copy it again or {_FIX}")
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        with _allow_data_only_globals(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4 ..."
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # any failure to parse a user's file is a user-facing error
+        refusal = _refusal(path, exc)
+        raise (refusal or _corrupt(path, exc)) from None
+
+
+def _safetensors_load(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    try:
+        tensors: dict[str, Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            header = fh.metadata() or {}
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _corrupt(path, exc) from None
+    meta: dict[str, Any] = {}
+    for key, value in header.items():
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):
+            parsed = value
+        meta[key] = parsed if isinstance(parsed, (int, float, bool)) else value
+    return tensors, meta
+
+
+_SKIP = object()
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """JSON-like copy of a small metadata value, or ``_SKIP`` for weights, optimiser states etc."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", 1) == 0:
+        return value.item()  # NumPy scalar (np.float64 would otherwise pass as a float)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Tensor):
+        return value.item() if value.dim() == 0 else _SKIP
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
+    if depth >= 3:
+        return _SKIP
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            plain = _plain(item, depth + 1)
+            if not isinstance(key, str) or plain is _SKIP:
+                return _SKIP
+            out[key] = plain
+        return out
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item, depth + 1) for item in value]
+        return _SKIP if any(item is _SKIP for item in items) or len(items) > 64 else items
+    return _SKIP
+
+
+def _strip_prefixes(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+    stripped: list[str] = []
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in PREFIXES:
+            if all(key.startswith(prefix) and len(key) > len(prefix) for key in state):
+                state = {key[len(prefix):]: val for key, val in state.items()}
+                stripped.append(prefix)
+                changed = True
+    return state, tuple(stripped)
+
+
+def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any], tuple[str, ...]]:
+    if isinstance(obj, Tensor) or not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict; save "
+                              "model.state_dict() (optionally inside a dict under 'model')")
+    top = obj
+    chain: list[str] = []
+    current: Mapping[Any, Any] = obj
+    while True:
+        key = next((k for k in WRAPPER_KEYS if isinstance(current.get(k), Mapping)), None)
+        if key is None:
+            break
+        chain.append(key)
+        current = current[key]
+    state = {k: v for k, v in current.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    if not state:
+        keys = ", ".join(repr(k) for k in list(top)[:8]) or "none"
+        raise CheckpointError(f"{path}: no weight tensors found (top-level keys: {keys}); expected "
+                              "a state dict, or a dict holding one under "
+                              f"{'/'.join(WRAPPER_KEYS)}; {_FIX}")
+    meta: dict[str, Any] = {}
+    for key, value in top.items():
+        if not isinstance(key, str) or (chain and key == chain[0]):
+            continue
+        if not chain and isinstance(value, Tensor):
+            continue  # a flat state dict: its tensors are weights, not metadata
+        plain = _plain(value)
+        if plain is not _SKIP:
+            meta[key] = plain
+    return state, meta, tuple(chain)
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    # A NaN or Inf anywhere makes the sum non-finite, and a reduction is far cheaper than an
+    # elementwise isfinite; a non-finite sum can also be an overflow, so confirm elementwise.
+    with torch.no_grad():
+        return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def check_finite(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
+    """Refuse weights containing NaN or Inf (a diverged run).
+
+    Raises
+    ------
+    CheckpointError
+        Naming the file, the first bad tensor and how many are affected.
+    """
+    bad = [key for key, val in state_dict.items()
+           if (val.is_floating_point() or val.is_complex()) and val.numel()
+           and not _all_finite(val)]
+    if bad:
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise CheckpointError(f"{path}: weights {bad[0]!r}{more} contain NaN/Inf (diverged "
+                              "run?); drop this checkpoint from the series or retrain")
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True) -> LoadedCheckpoint:
+    """Read a checkpoint file safely: weights plus plain-data metadata.
+
+    Parameters
+    ----------
+    path : path-like
+        ``.safetensors`` (read with safetensors) or any ``torch.save`` file
+        (read with ``torch.load(..., weights_only=True)`` only).
+    finite : bool, default True
+        Refuse weights that contain NaN/Inf.
+
+    Returns
+    -------
+    LoadedCheckpoint
+        The unwrapped, prefix-stripped state dict (tensors only) and metadata.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing, unsafe to unpickle, truncated/corrupt, holds no
+        tensors, or (with ``finite``) contains NaN/Inf.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint file is missing")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: is not a file")
+    if path.suffix == ".safetensors":
+        state, meta = _safetensors_load(path)
+        if not state:
+            raise CheckpointError(f"{path}: holds no tensors; {_FIX}")
+        chain: tuple[str, ...] = ()
+    else:
+        state, meta, chain = _unwrap(_torch_load(path), path)
+    state, stripped = _strip_prefixes(state)
+    if finite:
+        check_finite(state, path)
+    return LoadedCheckpoint(state, meta, chain, stripped)
+
+
+def load_state_dict(path: str | os.PathLike[str], *, finite: bool = True) -> dict[str, Tensor]:
+    """The model weights of a checkpoint file, read safely (see :func:`load_checkpoint`).
+
+    Parameters
+    ----------
+    path : path-like
+        Checkpoint file (``.safetensors`` or a ``torch.save`` file).
+    finite : bool, default True
+        Refuse weights that contain NaN/Inf.
+
+    Returns
+    -------
+    dict of str to Tensor
+        CPU tensors, unwrapped from ``model``/``state_dict``/``net``/
+        ``model_state_dict``/``module`` and stripped of ``module.``/``model.``
+        prefixes shared by every key; non-tensor entries dropped.
+
+    Raises
+    ------
+    CheckpointError
+        Unsafe pickle, truncated or corrupt file, no tensors, NaN/Inf weights.
+    """
+    return load_checkpoint(path, finite=finite).state_dict
+
+
+def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Plain-data items saved beside the weights (e.g. ``epoch``, ``step``, ``best_acc``, ``opt``).
+
+    For ``torch.save`` files these are the top-level non-weight entries
+    (scalar tensors and NumPy scalars become Python numbers, ``argparse``
+    namespaces become dicts; optimiser states and other large values are
+    left out). For ``.safetensors`` files they are the header metadata, with
+    numeric strings converted to numbers.
+
+    Raises
+    ------
+    CheckpointError
+        As :func:`load_checkpoint` (NaN/Inf weights are not checked here).
+    """
+    return load_checkpoint(path, finite=False).meta
+
+
+def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
+    if not missing or not unexpected:
+        return ""
+    heads = {key.split(".", 1)[0] for key in unexpected if "." in key}
+    if len(heads) == 1:
+        prefix = heads.pop() + "."
+        if {key[len(prefix):] for key in unexpected} >= set(missing):
+            return f"; the checkpoint keys carry an extra prefix {prefix!r}"
+    return ""
+
+
+def _key_list(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_into_model(model: nn.Module, state_dict: Mapping[str, Tensor],
+                    path: str | os.PathLike[str]) -> None:
+    """Load ``state_dict`` into ``model`` strictly, with a one-line error when it does not fit.
+
+    Missing ``*.num_batches_tracked`` BatchNorm counters (absent from old
+    checkpoints) are tolerated; every other missing or unexpected key and every
+    shape mismatch is an error.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Freshly built model (architecture and number of classes from the manifest or flags).
+    state_dict : mapping of str to Tensor
+        Weights from :func:`load_state_dict`.
+    path : path-like
+        The checkpoint file, for the error message.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the file, the first few offending keys and the fix
+        ("pass the right --arch / --num-classes").
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model "
+                  f"{tuple(expected[k].shape)})"
+                  for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"shape mismatch: {_key_list(mismatched, 2)}")
+        if missing:
+            parts.append(f"missing keys: {_key_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_key_list(unexpected)}")
+        raise CheckpointError(f"{path}: weights do not fit the {type(model).__name__} that was "
+                              f"built ({'; '.join(parts)}{_prefix_hint(missing, unexpected)}); "
+                              "pass the right --arch / --num-classes (and architecture options)")
+    full = dict(state_dict)
+    for key, value in expected.items():
+        full.setdefault(key, value)  # only num_batches_tracked can be absent here
+    try:
+        model.load_state_dict(full, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model ({_first_line(str(exc))}); "
+                              "pass the right --arch / --num-classes") from None
+
+
+# --------------------------------------------------------------------------------- inference
+@dataclass(frozen=True)
+class InferredCheckpoint:
+    """One checkpoint found by file name.
+
+    Attributes
+    ----------
+    epoch : int
+        Epoch number taken from the file name (as written: Lightning counts from 0).
+    step : int or None
+        Step from the file name, where the naming has one.
+    path : Path
+        ``run_dir / relpath``.
+    relpath : str
+        Path relative to the run directory, with forward slashes.
+    naming : str
+        The naming scheme that matched, e.g. ``"ckpt_epoch_{epoch}.pth"``.
+    """
+
+    epoch: int
+    step: int | None
+    path: Path
+    relpath: str = ""
+    naming: str = ""
+
+
+class CheckpointSeries(list):
+    """The checkpoints of a run, sorted by epoch (a ``list`` of :class:`InferredCheckpoint`).
+
+    Attributes
+    ----------
+    run_dir : Path
+        The run directory searched.
+    ignored : list of str
+        Checkpoint-like files (``.pt``, ``.pth``, ``.ckpt`` ...) that match no
+        naming, such as ``last.ckpt`` or ``best.pth``.
+    message : str
+        When nothing matched: which files were found and how to fix it; else ``""``.
+    """
+
+    def __init__(self, items: list[InferredCheckpoint], run_dir: Path, ignored: list[str],
+                 message: str = ""):
+        super().__init__(items)
+        self.run_dir = run_dir
+        self.ignored = ignored
+        self.message = message
+
+    @property
+    def namings(self) -> list[str]:
+        """Naming schemes present, in order of first appearance."""
+        return list(dict.fromkeys(c.naming for c in self))
+
+
+def _template_regex(template: str, what: str) -> re.Pattern[str]:
+    """Compile a file-name template with ``{epoch}``/``{step}`` and glob wildcards to a regex."""
+    out: list[str] = []
+    seen: set[str] = set()
+    i = 0
+    while i < len(template):
+        ch = template[i]
+        if ch == "{":
+            end = template.find("}", i)
+            name = template[i + 1:end] if end > 0 else ""
+            if name not in ("epoch", "step") or name in seen:
+                raise ConfigError(f"{what} {template!r}: only one {{epoch}} and at most one "
+                                  "{step} placeholder are allowed (write braces nowhere else)")
+            seen.add(name)
+            out.append(f"(?P<{name}>[0-9]+)")
+            i = end + 1
+        elif ch == "}":
+            raise ConfigError(f"{what} {template!r}: unmatched '}}'")
+        elif ch == "*":
+            out.append("[^/]*")
+            i += 1
+        elif ch == "?":
+            out.append("[^/]")
+            i += 1
+        elif ch == "[" and (end := template.find("]", i + 2)) > 0:
+            body = template[i + 1:end]
+            negate = body.startswith("!")
+            body = body[1:] if negate else body
+            out.append("[" + ("^" if negate else "") + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(ch))
+            i += 1
+    if "epoch" not in seen:
+        raise ConfigError(f"{what} {template!r} has no {{epoch}} placeholder; e.g. "
+                          "--pattern 'weights_{epoch}.pt'")
+    try:
+        return re.compile("".join(out))
+    except re.error as exc:
+        raise ConfigError(f"{what} {template!r}: invalid wildcard ({exc})") from None
+
+
+_KNOWN = [(t, _template_regex(t, "naming")) for t in KNOWN_NAMINGS]
+
+
+def _list_files(root: Path, depth: int) -> list[str]:
+    """Relative POSIX paths of files under ``root`` at exactly ``depth`` directory levels."""
+    found: list[str] = []
+
+    def walk(directory: Path, prefix: str, level: int) -> None:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return
+        for entry in entries:
+            try:
+                if level == depth:
+                    if entry.is_file():
+                        found.append(prefix + entry.name)
+                elif entry.is_dir():
+                    walk(Path(entry.path), f"{prefix}{entry.name}/", level + 1)
+            except OSError:
+                continue
+
+    walk(root, "", 0)
+    return found
+
+
+def _candidates(run_dir: Path, pattern: str | None) -> tuple[list[str], list[tuple[str, Any]]]:
+    if pattern is None:
+        names = _list_files(run_dir, 0) + [f"{_SUBDIR}/{n}" for n in
+                                            _list_files(run_dir / _SUBDIR, 0)]
+        return names, _KNOWN
+    text = pattern.replace("\\", "/")
+    if text.startswith("/") or ".." in text.split("/") or re.match(r"[A-Za-z]:", text):
+        raise ConfigError(f"--pattern {pattern!r}: must be relative to the run directory "
+                          "without '..'")
+    regex = _template_regex(text, "--pattern")
+    depth = text.count("/")
+    names = _list_files(run_dir, depth)
+    if depth == 0:
+        names += [f"{_SUBDIR}/{n}" for n in _list_files(run_dir / _SUBDIR, 0)]
+    return names, [(text, regex)]
+
+
+def _match(relpath: str, namings: list[tuple[str, Any]], subdir_ok: bool
+           ) -> tuple[str, re.Match[str]] | None:
+    name = relpath.split("/", 1)[1] if subdir_ok and relpath.startswith(_SUBDIR + "/") else None
+    for template, regex in namings:
+        for candidate in (relpath, name):
+            if candidate is not None and (m := regex.fullmatch(candidate)) is not None:
+                return template, m
+    return None
+
+
+def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None = None, *,
+                            allow_empty: bool = False,
+                            allow_symlinks: bool = False) -> CheckpointSeries:
+    """Find a run's checkpoints from their file names (for runs without a manifest).
+
+    Looks in ``run_dir`` and ``run_dir/checkpoints`` for the names in
+    :data:`KNOWN_NAMINGS` (``ckpt_epoch_{epoch}.pth`` of the CTC reference code,
+    Lightning's ``epoch={epoch}-step={step}.ckpt``, ``checkpoint_{epoch}.pt``,
+    ``checkpoint-{epoch}.pth.tar``, ``model_{epoch}.pth``, ``epoch_{epoch}.pt``, and
+    the same with ``.safetensors``).
+
+    Parameters
+    ----------
+    run_dir : path-like
+        The run directory.
+    pattern : str, optional
+        Use only this naming: a glob (``*``, ``?``, ``[...]``) relative to
+        ``run_dir`` with an ``{epoch}`` and optionally a ``{step}`` placeholder,
+        e.g. ``"weights/ep{epoch}.pt"``. Without ``/`` it is also tried in
+        ``run_dir/checkpoints``.
+    allow_empty : bool, default False
+        Return an empty series (with the explanation in ``.message``) instead
+        of raising when nothing matches.
+    allow_symlinks : bool, default False
+        Accept files whose symbolic links point outside ``run_dir``.
+
+    Returns
+    -------
+    CheckpointSeries
+        Sorted by epoch; non-matching checkpoint-like files are listed in ``.ignored``.
+
+    Raises
+    ------
+    CheckpointError
+        If two files give the same epoch (two namings, or two files of one
+        naming), if a file resolves outside the run directory, or (unless
+        ``allow_empty``) if nothing matches; the message says how to fix it.
+    ConfigError
+        If ``pattern`` is malformed.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    names, namings = _candidates(run_dir, pattern)
+    by_epoch: dict[int, list[InferredCheckpoint]] = {}
+    ignored: list[str] = []
+    for rel in names:
+        hit = _match(rel, namings, subdir_ok=pattern is None or "/" not in pattern)
+        if hit is None:
+            if rel.lower().endswith(_CHECKPOINT_SUFFIXES):
+                ignored.append(rel)
+            continue
+        template, m = hit
+        step = m.groupdict().get("step")
+        item = InferredCheckpoint(epoch=int(m.group("epoch")),
+                                  step=None if step is None else int(step),
+                                  path=resolve_inside(run_dir, rel, allow_symlinks=allow_symlinks),
+                                  relpath=rel, naming=template)
+        by_epoch.setdefault(item.epoch, []).append(item)
+    for epoch, items in sorted(by_epoch.items()):
+        if len(items) > 1:
+            files = ", ".join(f"{c.relpath} [{c.naming}]" for c in items[:4])
+            raise CheckpointError(
+                f"{run_dir}: ambiguous checkpoint series: epoch {epoch} has {len(items)} files "
+                f"({files}); keep one file per epoch, pass --pattern {items[0].naming!r} to use "
+                "one naming, or write a manifest that lists the files "
+                "(see checkpoints_manifest/README.md)")
+    series = [items[0] for _, items in sorted(by_epoch.items())]
+    message = "" if series else _nothing_found(run_dir, names, ignored, pattern)
+    if message and not allow_empty:
+        raise CheckpointError(message)
+    return CheckpointSeries(series, run_dir, ignored, message)
+
+
+def _nothing_found(run_dir: Path, names: list[str], ignored: list[str],
+                   pattern: str | None) -> str:
+    wanted = repr(pattern) if pattern else "a known checkpoint naming (" + ", ".join(
+        KNOWN_NAMINGS[:6]) + ", ...)"
+    shown = ignored or names
+    if shown:
+        listing = ", ".join(shown[:6]) + (f" (+{len(shown) - 6} more)" if len(shown) > 6 else "")
+        return (f"{run_dir}: found files {listing} but none matches {wanted}; pass "
+                "--pattern 'NAME_{epoch}.pth' describing your file names, or write a manifest "
+                "(see checkpoints_manifest/README.md)")
+    where = f"{run_dir} or {run_dir / _SUBDIR}" if not pattern or "/" not in pattern else run_dir
+    return (f"{where}: no checkpoint files matching {wanted}; point to the run directory that "
+            "holds the checkpoints, or pass --pattern")
