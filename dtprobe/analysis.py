@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +36,16 @@ from tqdm.auto import tqdm
 import checkpoints_manifest as cm
 from dtprobe import checkpoints as ckpt_io
 from dtprobe.data import DatasetBundle, load_dataset
-from dtprobe.errors import CheckpointError, ConfigError, DtprobeError
+from dtprobe.errors import CheckpointError, ConfigError, DtprobeError, MetricInputError
 from dtprobe.extract import FeatureCache, cache_key, dataset_key, extract_features
 from dtprobe.metrics import cka_matrix, linear_cka
-from dtprobe.metrics.registry import EpochView, FeatureSplit, MetricSpec, resolve_metrics
+from dtprobe.metrics.registry import (
+    EpochView,
+    FeatureSplit,
+    MetricSpec,
+    MetricValue,
+    resolve_metrics,
+)
 from dtprobe.models import build_model, get_arch, head_module
 
 COLUMNS = ["run", "epoch", "step", "metric", "task", "layer", "value", "estimator", "params"]
@@ -205,11 +212,7 @@ def _load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int) -> tor
         raise CheckpointError(f"{ckpt.path}: checkpoint file is missing; restore it or remove its "
                               "entry from the manifest")
     if ckpt.sha256 is not None:
-        actual = cm.sha256_file(ckpt.path)
-        if actual != ckpt.sha256:
-            raise CheckpointError(f"{ckpt.path}: sha256 {actual[:12]}... does not match the "
-                                  f"manifest ({ckpt.sha256[:12]}...); the file changed or is "
-                                  "corrupted; restore it or re-register it")
+        ckpt_io.verify_sha256(ckpt.path, ckpt.sha256)
     kwargs = dict(plan.arch_kwargs)
     if plan.manifest is None:
         kwargs.setdefault("in_channels", in_channels)
@@ -280,7 +283,15 @@ def _epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData
         head_weight=weight, head_bias=bias, seed=opts.seed)
     rows = []
     for spec in specs:
-        rows.extend(_rows(plan, ckpt, spec.func(view)))
+        try:
+            values = spec.func(view)
+        except MetricInputError as exc:
+            # A metric that cannot apply to this checkpoint (e.g. a class missing from a split)
+            # leaves a NaN row that says why, instead of failing the whole checkpoint.
+            warnings.warn(f"epoch {ckpt.epoch}: {spec.name}: {exc}", stacklevel=2)
+            values = [MetricValue(spec.name, float("nan"), estimator="error",
+                                  params={"error": str(exc)})]
+        rows.extend(_rows(plan, ckpt, values))
     return rows
 
 
@@ -457,7 +468,7 @@ def _save_tradeoff_chart(table: pd.DataFrame, path: Path) -> None:
 
     from dtprobe.plotting import plot_tradeoff_over_epochs
 
-    fig = plot_tradeoff_over_epochs(table)
+    fig = plot_tradeoff_over_epochs(table).figure
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=130, bbox_inches="tight")
     plt.close(fig)

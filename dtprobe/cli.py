@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                   help="save and exit after this epoch (continue later with --resume)")
     t.add_argument("--no-progress", action="store_true")
     ctc = t.add_argument_group("CTC (contrastive temporal coding, Cui et al. 2022)")
     ctc.add_argument("--ctc", action="store_true", help="train with CTC instead of plain CE")
@@ -154,7 +156,8 @@ def _train_config(args: argparse.Namespace):
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, augment=args.augment,
         save_every=args.save_every, seed=args.seed, device=args.device,
         objective="ctc" if args.ctc else "ce", ctc=ctc if args.ctc else {},
-        resume=args.resume, progress=not args.no_progress)
+        resume=args.resume, stop_after=args.stop_after,
+        progress=not args.no_progress)
 
 
 def _print_summary(results) -> None:

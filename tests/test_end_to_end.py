@@ -83,7 +83,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_shapes_params):
     full = tmp_path / "full"
     train(_tiny_cfg(full, tiny_shapes_params, epochs=4, save_every=2))
     part = tmp_path / "part"
-    train(_tiny_cfg(part, tiny_shapes_params, epochs=2, save_every=2))
+    train(_tiny_cfg(part, tiny_shapes_params, epochs=4, save_every=2, stop_after=1))
     train(_tiny_cfg(part, tiny_shapes_params, epochs=4, save_every=2, resume=True))
     a = torch.load(full / "checkpoints" / "epoch_0004.pt", weights_only=True)["model"]
     b = torch.load(part / "checkpoints" / "epoch_0004.pt", weights_only=True)["model"]
@@ -112,3 +112,23 @@ def test_manifest_records_training_config(trained_run):
     doc = json.loads((trained_run / "manifest.json").read_text())
     assert doc["training"]["objective"] == "ce"
     assert doc["training"]["epochs"] == 3
+
+
+@pytest.mark.parametrize("stop_after", [2, 3])
+def test_ctc_resume_matches_uninterrupted_run(tmp_path, tiny_shapes_params, stop_after):
+    """Interrupt at the stage boundary and inside stage 2: banks, snapshot and sampler restore."""
+    ctc = {"preset": "transferability", "stage_two_epoch": 2, "nce_k": 32, "proj_dim": 16}
+    full = tmp_path / "full"
+    train(_tiny_cfg(full, tiny_shapes_params, epochs=4, objective="ctc", ctc=ctc))
+    part = tmp_path / "part"
+    train(_tiny_cfg(part, tiny_shapes_params, epochs=4, objective="ctc", ctc=ctc,
+                    stop_after=stop_after))
+    train(_tiny_cfg(part, tiny_shapes_params, epochs=4, objective="ctc", ctc=ctc, resume=True))
+    a = torch.load(full / "checkpoints" / "epoch_0004.pt", weights_only=True)["model"]
+    b = torch.load(part / "checkpoints" / "epoch_0004.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    log = pd.read_csv(full / "train_log.csv")
+    assert log["train_instance"].notna().iloc[0] and log["train_nce"].notna().iloc[-1]
+    manifest = cm.read_manifest(full)
+    assert manifest.training["objective_config"]["nce_k"] == 32

@@ -54,6 +54,7 @@ class TrainConfig:
     objective: str = "ce"
     ctc: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
+    stop_after: int | None = None
     progress: bool = True
     run_name: str | None = None
 
@@ -98,7 +99,11 @@ def build_objective(cfg: TrainConfig, bundle: DatasetBundle, model: nn.Module,
     if cfg.objective == "ctc":
         from dtprobe.training.ctc import CTCConfig, CTCObjective
 
-        ctc_cfg = CTCConfig.from_dict(cfg.ctc)
+        options = dict(cfg.ctc)
+        preset = options.pop("preset", "transferability")
+        options.setdefault("seed", cfg.seed)
+        options.setdefault("stage_two_epoch", max(1, round(cfg.epochs * 2 / 3)))
+        ctc_cfg = CTCConfig.from_preset(preset, **options)
         head = head_module(model, cfg.arch)
         with torch.no_grad():
             probe = bundle.train.images[:2]
@@ -110,8 +115,17 @@ def build_objective(cfg: TrainConfig, bundle: DatasetBundle, model: nn.Module,
         def feature_fn(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return penultimate_features(m, head_module(m, cfg.arch), x)
 
+        def refresh_batches():
+            # Un-augmented pass over the training set, used once when stage 2 starts to fill both
+            # banks with current embeddings (the reference code's --update_memory_bank).
+            n = len(bundle.train)
+            for start in range(0, n, 512):
+                idx = torch.arange(start, min(n, start + 512))
+                yield bundle.train.images[idx].to(device), idx.to(device)
+
         return CTCObjective(ctc_cfg, num_samples=len(bundle.train), feature_dim=feature_dim,
-                            train_labels=bundle.train.labels, feature_fn=feature_fn).to(device)
+                            train_labels=bundle.train.labels, feature_fn=feature_fn,
+                            refresh_batches=refresh_batches).to(device)
     raise ConfigError(f"unknown objective {cfg.objective!r}; use 'ce' or 'ctc'")
 
 
@@ -176,7 +190,7 @@ class Trainer:
 
     def _training_record(self) -> dict[str, Any]:
         record = asdict(self.cfg)
-        for transient in ("resume", "progress", "device", "out"):
+        for transient in ("resume", "stop_after", "progress", "device", "out"):
             record.pop(transient, None)
         record["augment"] = self.augment
         record["objective_config"] = self.objective.config()
@@ -273,6 +287,8 @@ class Trainer:
                                              "lower --lr")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.dist.enabled and hasattr(self.objective, "all_reduce_gradients"):
+                    self.objective.all_reduce_gradients()  # projectors live outside DDP
                 self.optimizer.step()
                 self.step += 1
                 k = len(idx)
@@ -323,9 +339,12 @@ class Trainer:
                            f"loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.3f} "
                            f"test_acc {metrics['test_acc']:.3f} {terms} "
                            f"({metrics['epoch_seconds']:.1f}s)")
-            if epoch % cfg.save_every == 0 or epoch == cfg.epochs:
+            stopping = cfg.stop_after is not None and epoch >= cfg.stop_after
+            if epoch % cfg.save_every == 0 or epoch == cfg.epochs or stopping:
                 self._save(epoch, metrics)
             self.dist.barrier()
+            if stopping:
+                break
         self.dist.shutdown()
         return self.out
 

@@ -1,0 +1,336 @@
+"""Memory banks, contrastive losses and the other-class negative sampler used by CTC.
+
+These are the building blocks of contrastive temporal coding (Cui et al. 2022): the non-parametric
+instance discrimination of stage 1 (Wu et al. 2018) and the CRD-style binary NCE of stage 2
+(Tian et al. 2020). Every function here is a pure tensor function except the sampler, whose only
+state is its lookup tables; randomness comes from a counter-seeded ``torch.Generator`` so a draw is
+reproducible from ``(seed, rank, draw)`` alone.
+
+References
+----------
+.. [1] Q. Cui, B. Zhao, Z.-M. Chen, B. Zhao, R. Song, J. Liang, B. Zhou, O. Yoshie,
+   "Discriminability-Transferability Trade-Off: An Information-Theoretic Perspective", ECCV 2022.
+.. [2] Z. Wu, Y. Xiong, S. X. Yu, D. Lin, "Unsupervised Feature Learning via Non-Parametric
+   Instance Discrimination", CVPR 2018.
+.. [3] Y. Tian, D. Krishnan, P. Isola, "Contrastive Representation Distillation", ICLR 2020.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dtprobe.errors import ConfigError
+
+__all__ = [
+    "OtherClassSampler",
+    "all_gather_rows",
+    "crd_nce_loss",
+    "distributed_rank",
+    "estimate_log_z",
+    "gather_scores",
+    "instance_discrimination_loss",
+    "is_distributed",
+    "momentum_update",
+    "random_unit_bank",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# distributed helpers
+# --------------------------------------------------------------------------------------------
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def distributed_rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (rows along dim 0) from every rank, in rank order.
+
+    Ranks may hold different numbers of rows (e.g. a short last batch): sizes are exchanged
+    first and the payload is padded to the largest. Without an initialised process group the
+    input is returned unchanged. The result carries no gradient.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        ``(n, ...)`` rows on this rank (on the device the backend expects, CUDA for NCCL).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(sum of n over ranks, ...)``.
+    """
+    tensor = tensor.detach()
+    if not is_distributed():
+        return tensor
+    world = dist.get_world_size()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    largest = max(counts)
+    padded = tensor.new_zeros((largest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)], dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# memory banks
+# --------------------------------------------------------------------------------------------
+
+def random_unit_bank(num_rows: int, dim: int, seed: int,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A ``(num_rows, dim)`` bank of random unit vectors (isotropic Gaussian, normalised).
+
+    Seeded by ``seed`` alone (CPU generator), so every rank of a distributed run and every
+    device starts from the same bank.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    bank = torch.randn(num_rows, dim, generator=gen, dtype=torch.float64)
+    return F.normalize(bank, dim=1).to(dtype)
+
+
+def _last_occurrence(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique ``indices`` and, for each, the position of its last occurrence (deterministic)."""
+    unique, inverse = torch.unique(indices, return_inverse=True)
+    positions = torch.arange(indices.numel(), device=indices.device)
+    last = torch.full((unique.numel(),), -1, dtype=torch.long, device=indices.device)
+    last = last.scatter_reduce(0, inverse, positions, reduce="amax", include_self=True)
+    return unique, last
+
+
+def momentum_update(bank: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                    momentum: float) -> torch.Tensor:
+    """Momentum update of memory-bank rows, renormalised (memory bank of Wu et al. 2018).
+
+    ``bank[i] <- (m * bank[i] + (1 - m) * v) / ||m * bank[i] + (1 - m) * v||`` for every
+    ``(i, v)`` pair; untouched rows are unchanged. When an index occurs more than once the last
+    occurrence wins (deterministic, so ranks that apply the same gathered batch stay identical).
+
+    The result is a new tensor: the old bank may still be saved by autograd for the backward
+    pass of the loss that read it, so it must not be modified in place.
+
+    Parameters
+    ----------
+    bank : torch.Tensor
+        ``(N, d)`` unit rows.
+    indices : torch.Tensor
+        ``(B,)`` long, rows to update.
+    values : torch.Tensor
+        ``(B, d)`` new embeddings (detached by this function).
+    momentum : float
+        ``m`` in ``[0, 1)``; ``0`` overwrites the rows with the normalised values.
+
+    Returns
+    -------
+    torch.Tensor
+        The updated ``(N, d)`` bank.
+    """
+    indices = indices.reshape(-1).to(device=bank.device, dtype=torch.long)
+    values = values.detach().to(device=bank.device, dtype=bank.dtype)
+    if indices.numel() == 0:
+        return bank
+    unique, last = _last_occurrence(indices)
+    old_rows = bank.index_select(0, unique)
+    mixed = momentum * old_rows + (1.0 - momentum) * values.index_select(0, last)
+    return bank.index_copy(0, unique, F.normalize(mixed, dim=1))
+
+
+# --------------------------------------------------------------------------------------------
+# losses
+# --------------------------------------------------------------------------------------------
+
+def instance_discrimination_loss(z: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor,
+                                 temperature: float) -> torch.Tensor:
+    """Non-parametric instance discrimination (Wu et al. 2018), exact softmax over the bank.
+
+    ``-mean_b log softmax_j(z_b . bank_j / tau)[indices_b]``: each sample must pick its own
+    memory-bank entry among all ``N``. The bank is treated as a constant (no gradient).
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        ``(B, d)`` unit embeddings.
+    bank : torch.Tensor
+        ``(N, d)`` unit memory-bank rows.
+    indices : torch.Tensor
+        ``(B,)`` dataset indices of the samples (the targets).
+    temperature : float
+        ``tau1``.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar mean loss.
+    """
+    logits = z @ bank.detach().t() / temperature
+    return F.cross_entropy(logits, indices.to(device=logits.device, dtype=torch.long))
+
+
+def gather_scores(v: torch.Tensor, bank: torch.Tensor, sample_idx: torch.Tensor) -> torch.Tensor:
+    """Dot products ``scores[b, k] = v_b . bank[sample_idx[b, k]]`` (bank detached).
+
+    Two equivalent evaluation orders: when the draws cover a sizable part of the bank
+    (``K + 1 >= N / 4``) one ``(B, N)`` matrix product plus a gather is cheaper than
+    materialising the ``(B, K + 1, d)`` gathered rows; otherwise rows are gathered.
+    """
+    bank = bank.detach()
+    if 4 * sample_idx.shape[1] >= bank.shape[0]:
+        return (v @ bank.t()).gather(1, sample_idx)
+    rows = bank.index_select(0, sample_idx.reshape(-1)).view(*sample_idx.shape, bank.shape[1])
+    return torch.bmm(rows, v.unsqueeze(2)).squeeze(2)
+
+
+def estimate_log_z(scores: torch.Tensor, temperature: float, num_samples: int) -> float:
+    """CRD's one-off estimate of the NCE normalising constant, returned as ``log Z``.
+
+    ``Z = N * mean(exp(scores / tau))`` over every entry of the first batch (positives
+    included), then held fixed for the rest of training (Tian et al. 2020 and their
+    released code; the same in the dt-tradeoff code). Computed with a log-sum-exp.
+    """
+    flat = scores.detach().double().reshape(-1) / temperature
+    return float(math.log(num_samples) + torch.logsumexp(flat, 0) - math.log(flat.numel()))
+
+
+def crd_nce_loss(scores: torch.Tensor, temperature: float, log_z: float,
+                 num_samples: int) -> torch.Tensor:
+    """CRD binary NCE loss (Tian et al. 2020): positive in column 0, K negatives after.
+
+    With ``P(u | v) = exp(v . u / tau) / Z`` and uniform noise ``1 / N`` over the ``N`` bank
+    entries, the posterior that a pair came from the data is
+    ``h = P / (P + K / N)``, and the loss is
+    ``-(1/B) sum_b [log h(v_b, u_b+) + sum_k log(1 - h(v_b, u_bk))]``.
+    Evaluated as ``logsigmoid(log P - log(K/N))`` and ``logsigmoid(log(K/N) - log P)``, which
+    equals the ratio form exactly but never divides by zero (the reference code adds
+    ``1e-7`` to the denominators instead).
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        ``(B, K + 1)`` dot products of unit vectors; column 0 is the positive.
+    temperature : float
+        ``tau2``.
+    log_z : float
+        Log of the normalising constant ``Z`` (see :func:`estimate_log_z`).
+    num_samples : int
+        ``N``, the number of bank entries (defines the noise probability ``1/N``).
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss (summed over the pair terms, averaged over the batch).
+    """
+    num_negatives = scores.shape[1] - 1
+    if num_negatives < 1:
+        raise ValueError("crd_nce_loss needs at least one negative column")
+    log_p = scores / temperature - log_z
+    log_noise = math.log(num_negatives / num_samples)
+    positive = F.logsigmoid(log_p[:, 0] - log_noise)
+    negative = F.logsigmoid(log_noise - log_p[:, 1:])
+    return -(positive.sum() + negative.sum()) / scores.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# negative sampling
+# --------------------------------------------------------------------------------------------
+
+class OtherClassSampler(nn.Module):
+    """Draws, for each anchor, ``K`` negatives uniformly (with replacement) from other classes.
+
+    CTC's stage 2 contrasts a sample's current and snapshot embeddings against samples of other
+    classes only (Cui et al. 2022, following CRD's class-aware sampling). Vectorised: the
+    dataset indices are sorted by class once; the other-class pool of class ``c`` is that order
+    with the contiguous block of class ``c`` cut out, so a uniform integer
+    ``r in [0, N - n_c)`` maps to a pool member by skipping that block.
+
+    ``K`` is clipped to the smallest other-class pool, ``N - max_c n_c`` (so every row has the
+    same width); :attr:`num_negatives` is the effective value. Draws are i.i.d., as NCE's
+    derivation assumes (the dt-tradeoff code draws without replacement when ``K`` fits the pool;
+    with ``K`` much smaller than the pool the two coincide almost surely).
+
+    The lookup tables are non-persistent buffers (they move with ``.to(device)`` and are
+    rebuilt from the labels, never saved). A draw is a function of ``(seed, rank, draw)`` only:
+    the generator is re-seeded from those three numbers, so resuming needs just the draw counter
+    and each rank of a distributed run samples its own stream.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        ``(N,)`` integer class label of every training sample (index order).
+    num_negatives : int
+        Requested ``K``.
+    seed : int
+        Base seed.
+    """
+
+    def __init__(self, labels: torch.Tensor, num_negatives: int, seed: int):
+        super().__init__()
+        labels = torch.as_tensor(labels).reshape(-1).long().cpu()
+        classes, class_ids, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        if classes.numel() < 2:
+            raise ConfigError("CTC stage 2 samples negatives from other classes, but the training "
+                              "labels hold a single class; use a dataset with at least two classes")
+        if num_negatives < 1:
+            raise ConfigError(f"nce_k={num_negatives} must be >= 1")
+        num_samples = labels.numel()
+        self.requested_negatives = int(num_negatives)
+        self.num_negatives = int(min(num_negatives, num_samples - int(counts.max())))
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        starts = torch.cumsum(counts, 0) - counts
+        self.register_buffer("order", torch.argsort(class_ids, stable=True), persistent=False)
+        self.register_buffer("sample_class", class_ids, persistent=False)
+        self.register_buffer("class_start", starts, persistent=False)
+        self.register_buffer("class_count", counts, persistent=False)
+
+    @property
+    def clipped(self) -> bool:
+        """Whether the requested ``K`` exceeded the smallest other-class pool."""
+        return self.num_negatives < self.requested_negatives
+
+    def generator(self, draw: int, rank: int = 0) -> torch.Generator:
+        """The generator for draw number ``draw`` on ``rank``, on this sampler's device."""
+        state = np.random.SeedSequence([self.seed, int(rank), int(draw)]).generate_state(
+            1, dtype=np.uint64)[0]
+        gen = torch.Generator(device=self.order.device)
+        gen.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+        return gen
+
+    def forward(self, indices: torch.Tensor, draw: int, rank: int = 0) -> torch.Tensor:
+        """Sample ``(B, K + 1)`` dataset indices: column 0 is ``indices``, then ``K`` negatives.
+
+        Parameters
+        ----------
+        indices : torch.Tensor
+            ``(B,)`` dataset indices of the anchors.
+        draw : int
+            Draw counter (the caller increments it once per batch).
+        rank : int
+            Process rank (separate streams per rank).
+        """
+        device = self.order.device
+        indices = indices.reshape(-1).to(device=device, dtype=torch.long)
+        cls = self.sample_class.index_select(0, indices)
+        count = self.class_count.index_select(0, cls).unsqueeze(1)
+        start = self.class_start.index_select(0, cls).unsqueeze(1)
+        pool = self.num_samples - count
+        u = torch.rand(indices.numel(), self.num_negatives, generator=self.generator(draw, rank),
+                       device=device, dtype=torch.float64)
+        r = torch.minimum((u * pool).long(), pool - 1)
+        position = r + (r >= start).long() * count
+        negatives = self.order[position]
+        return torch.cat([indices.unsqueeze(1), negatives], dim=1)
