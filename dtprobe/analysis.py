@@ -23,7 +23,8 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,8 @@ def _checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
     todo = []
     for split in ("train", "test"):
         layers = opts.layers if split == "test" else []
-        key = cache_key(ckpt.sha256 or str(ckpt.path), data.key, split, layers)
+        key = (_test_key(ckpt, data, opts) if split == "test"
+               else cache_key(ckpt.sha256 or str(ckpt.path), data.key, split, layers))
         hit = cache.get(key)
         if hit is None:
             todo.append((split, key, layers))
@@ -253,6 +255,10 @@ def _checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
             out[split] = feats
         del model
     return out
+
+
+def _test_key(ckpt: PlannedCheckpoint, data: EvalData, opts: AnalysisOptions) -> str:
+    return cache_key(ckpt.sha256 or str(ckpt.path), data.key, "test", opts.layers)
 
 
 def _head_params(plan: RunPlan,
@@ -302,14 +308,101 @@ def _part_key(ckpt: PlannedCheckpoint, data: EvalData, specs: Sequence[MetricSpe
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+class EpochFeatures(Mapping):
+    """epoch -> test-split features (penultimate + layers), read back from the feature cache.
+
+    Holds at most ``keep`` epochs in memory (plus the final one, pinned), so the memory of an
+    analysis does not grow with the number of checkpoints.
+    """
+
+    def __init__(self, cache: FeatureCache, keep: int = 3):
+        self.cache = cache
+        self.keep = keep
+        self._keys: dict[int, str] = {}
+        self._recent: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self.pinned: dict[int, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def _select(feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in feats.items() if k == "features" or k.startswith("layer:")}
+
+    def add(self, epoch: int, key: str, feats: dict[str, torch.Tensor]) -> None:
+        self._keys[epoch] = key
+        self._remember(epoch, self._select(feats))
+
+    def pin(self, epoch: int) -> None:
+        self.pinned[epoch] = self[epoch]
+
+    def _remember(self, epoch: int, feats: dict[str, torch.Tensor]) -> None:
+        self._recent[epoch] = feats
+        self._recent.move_to_end(epoch)
+        while len(self._recent) > self.keep:
+            self._recent.popitem(last=False)
+
+    def __getitem__(self, epoch: int) -> dict[str, torch.Tensor]:
+        if epoch in self.pinned:
+            return self.pinned[epoch]
+        if epoch in self._recent:
+            self._recent.move_to_end(epoch)
+            return self._recent[epoch]
+        feats = self.cache.get(self._keys[epoch])
+        if feats is None:
+            raise DtprobeError(f"cached features of epoch {epoch} vanished from "
+                               f"{self.cache.root}; re-run the analysis")
+        feats = self._select(feats)
+        self._remember(epoch, feats)
+        return feats
+
+    def __contains__(self, epoch: object) -> bool:
+        return epoch in self._keys
+
+    def __iter__(self):
+        return iter(sorted(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def streamed_cka_matrix(store: Mapping[int, dict[str, torch.Tensor]], epochs: list[int],
+                        budget_bytes: int = 1 << 30) -> np.ndarray:
+    """Linear CKA between every pair of ``epochs``, loading at most two blocks of epochs at once.
+
+    When all features fit in ``budget_bytes`` this is one :func:`cka_matrix` call; otherwise the
+    matrix is filled block pair by block pair from the cache (memory bounded, same values).
+    """
+    if not epochs:
+        return np.zeros((0, 0))
+    first = store[epochs[0]]["features"]
+    per_epoch = first.numel() * 8  # float64 once centred
+    block = max(1, int(budget_bytes // (2 * per_epoch)))
+    if block >= len(epochs):
+        return np.asarray(cka_matrix([store[e]["features"] for e in epochs]))
+    out = np.eye(len(epochs))
+    starts = list(range(0, len(epochs), block))
+    for bi in starts:
+        for bj in starts:
+            if bj < bi:
+                continue
+            idx = list(range(bi, min(bi + block, len(epochs))))
+            if bj != bi:
+                idx += list(range(bj, min(bj + block, len(epochs))))
+            sub = np.asarray(cka_matrix([store[epochs[i]]["features"] for i in idx]))
+            for a, ia in enumerate(idx):
+                for b, ib in enumerate(idx):
+                    out[ia, ib] = sub[a, b]
+    return out
+
+
 def _cka_rows(plan: RunPlan, epochs: list[PlannedCheckpoint],
-              test_feats: dict[int, dict[str, torch.Tensor]]) -> tuple[list[dict], pd.DataFrame]:
+              test_feats: Mapping[int, dict[str, torch.Tensor]]) -> tuple[list[dict], pd.DataFrame]:
     """CKA of each epoch to the final and to the previous one; the full epoch x epoch matrix."""
     rows: list[dict[str, Any]] = []
     ok = [c for c in epochs if c.epoch in test_feats]
     if not ok:
         return rows, pd.DataFrame()
     final = ok[-1]
+    if isinstance(test_feats, EpochFeatures):
+        test_feats.pin(final.epoch)
     params = {"kernel": "linear", "split": "test", "debiased": False}
     layer_keys = sorted(k for k in test_feats[final.epoch] if k.startswith("layer:"))
     for i, c in enumerate(ok):
@@ -328,11 +421,11 @@ def _cka_rows(plan: RunPlan, epochs: list[PlannedCheckpoint],
                              "value": float(value), "estimator": "linear_cka",
                              "params": json.dumps({**params, "reference_epoch": prev.epoch})})
     names = [c.epoch for c in ok]
-    matrix = cka_matrix([test_feats[e]["features"] for e in names])
-    return rows, pd.DataFrame(np.asarray(matrix), index=names, columns=names)
+    matrix = streamed_cka_matrix(test_feats, names)
+    return rows, pd.DataFrame(matrix, index=names, columns=names)
 
 
-def _compare_rows(plan: RunPlan, test_feats: dict[int, dict[str, torch.Tensor]],
+def _compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]],
                   other_dir: str, data: EvalData, device: torch.device,
                   opts: AnalysisOptions) -> list[dict[str, Any]]:
     """Linear CKA between this run and ``other_dir`` at matching epochs on the same test images."""
@@ -412,10 +505,11 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         parts = PartStore(analysis_dir / "parts")
         rows: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
-        test_feats: dict[int, dict[str, torch.Tensor]] = {}
+        test_feats = EpochFeatures(cache)
         t0 = time.perf_counter()
-        bar = tqdm(plan.checkpoints, desc=f"analyze {plan.name}", unit="ckpt",
-                   disable=not opts.progress)
+        # The final checkpoint goes first so that it can stay pinned for CKA-to-final.
+        order = plan.checkpoints[-1:] + plan.checkpoints[:-1]
+        bar = tqdm(order, desc=f"analyze {plan.name}", unit="ckpt", disable=not opts.progress)
         for ckpt in bar:
             bar.set_postfix(epoch=ckpt.epoch)
             try:
@@ -427,8 +521,8 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
                 tqdm.write(f"FAILED epoch {ckpt.epoch}: {exc}")
                 continue
             rows.extend(part)
-            test_feats[ckpt.epoch] = {k: v for k, v in feats["test"].items()
-                                      if k == "features" or k.startswith("layer:")}
+            test_feats.add(ckpt.epoch, _test_key(ckpt, data, opts), feats["test"])
+            del feats
         cka_rows, matrix = _cka_rows(plan, plan.checkpoints, test_feats)
         rows.extend(cka_rows)
         for other in opts.compare:

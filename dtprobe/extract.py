@@ -88,18 +88,23 @@ def dataset_key(name: str, params: dict) -> str:
 
 
 class FeatureCache:
-    """Safetensors files under ``root`` keyed by :func:`cache_key` (no pickle involved)."""
+    """Safetensors files under ``root`` keyed by :func:`cache_key` (no pickle involved).
 
-    def __init__(self, root: Path | str, enabled: bool = True):
+    ``reuse=False`` ignores existing entries (they are recomputed and overwritten); features are
+    always written, because the across-epoch metrics stream them back from disk.
+    """
+
+    def __init__(self, root: Path | str, reuse: bool = True):
         self.root = Path(root)
-        self.enabled = enabled
+        self.reuse = reuse
+        self._fresh: set[str] = set()
 
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         path = self._path(key)
-        if not self.enabled or not path.exists():
+        if (not self.reuse and key not in self._fresh) or not path.exists():
             return None
         try:
             return load_file(path)
@@ -107,8 +112,7 @@ class FeatureCache:
             return None
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        if not self.enabled:
-            return
+        self._fresh.add(key)
         self.root.mkdir(parents=True, exist_ok=True)
         path = self._path(key)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
