@@ -21,7 +21,16 @@ Importing this package registers every analysis adapter (see :mod:`dtprobe.metri
 from dtprobe.metrics.accuracy import top1_accuracy
 from dtprobe.metrics.cka import MinibatchCKA, cka_matrix, linear_cka, rbf_cka
 from dtprobe.metrics.collapse import neural_collapse
-from dtprobe.metrics.information import MIResult, mutual_information
+from dtprobe.metrics.information import (
+    MIResult,
+    binning_mi,
+    infonce_mi,
+    kde_mi,
+    ksg_mi,
+    mine_mi,
+    mutual_information,
+    renyi_mi,
+)
 from dtprobe.metrics.probes import LinearProbe, ProbeResult, knn_probe, linear_probe
 from dtprobe.metrics.separation import class_separation
 from dtprobe.metrics.spectrum import rankme
@@ -30,6 +39,7 @@ from dtprobe.metrics.transferability import gbc, h_score, leep, logme, nce_score
 __all__ = [
     "LinearProbe", "MIResult", "MinibatchCKA", "ProbeResult", "class_separation", "cka_matrix",
     "gbc", "h_score", "knn_probe", "leep", "linear_cka", "linear_probe", "logme",
-    "mutual_information", "nce_score", "neural_collapse", "rankme", "rbf_cka", "top1_accuracy",
+    "mutual_information", "nce_score", "renyi_mi", "kde_mi", "binning_mi", "ksg_mi", "mine_mi",
+    "infonce_mi", "neural_collapse", "rankme", "rbf_cka", "top1_accuracy",
     "transrate",
 ]

@@ -31,7 +31,8 @@ class MIResult:
     value : float
         The estimate, in ``unit``.
     estimator : str
-        Estimator name (``"renyi"``, ``"kde"``, ``"binning"``, ``"ksg"``, ``"mine"``, ``"infonce"``).
+        Estimator name: ``"renyi"``, ``"kde"``, ``"binning"``, ``"ksg"``, ``"mine"`` or
+        ``"infonce"``.
     unit : str
         ``"nats"`` (natural log, the default everywhere) or ``"bits"``.
     params : dict
@@ -154,7 +155,7 @@ def prepare_pair(a: ArrayLike, b: ArrayLike, *, min_samples: int = 2) -> tuple[V
 
 
 def subsample_index(n: int, max_samples: int | None, seed: int) -> torch.Tensor | None:
-    """Seeded subset of ``max_samples`` row indices (sorted), or None when no subsampling is needed."""
+    """Seeded sorted subset of ``max_samples`` row indices, or None when all rows are used."""
     if max_samples is None or n <= max_samples:
         return None
     if max_samples < 2:
@@ -175,7 +176,7 @@ def degenerate_result(va: Variable, vb: Variable, estimator: str,
 
 
 def plugin_entropy(codes: torch.Tensor) -> float:
-    """Plug-in (maximum-likelihood) Shannon entropy in nats of integer codes ``(n,)`` or rows ``(n, k)``."""
+    """Plug-in Shannon entropy (nats) of integer codes ``(n,)`` or of code rows ``(n, k)``."""
     dim = 0 if codes.ndim > 1 else None
     _, counts = torch.unique(codes, dim=dim, return_counts=True)
     p = counts.to(torch.float64) / codes.shape[0]
@@ -184,6 +185,8 @@ def plugin_entropy(codes: torch.Tensor) -> float:
 
 def standardize(x: torch.Tensor) -> torch.Tensor:
     """Z-score each column; constant columns are centred and left with unit scale."""
+    peak = x.abs().max(dim=0).values
+    x = x / torch.where(peak > 0, peak, torch.ones_like(peak))
     std = x.std(dim=0, unbiased=False)
     std = torch.where(std > 0, std, torch.ones_like(std))
     return (x - x.mean(dim=0)) / std

@@ -1,0 +1,258 @@
+"""Variational lower bounds on mutual information estimated with trained networks.
+
+* MINE (Belghazi et al. 2018): Donsker-Varadhan bound
+  ``I(A;B) >= E_P[T(a, b)] - log E_{P_A x P_B}[exp T(a, b)]`` maximised over a statistics
+  network ``T``, with the bias-corrected gradient that replaces the minibatch denominator of
+  ``grad log E[e^T]`` by an exponential moving average of ``E[e^T]`` -- the estimator the CTC
+  paper (Cui et al. 2022) used for its information-plane plots.
+* InfoNCE (van den Oord et al. 2018; Poole et al. 2019):
+  ``I(A;B) >= E[ log( e^{f(a_i, b_i)} / ((1/K) sum_j e^{f(a_i, b_j)}) ) ]`` over batches of
+  ``K`` pairs, with a separable critic ``f(a, b) = g(a) . h(b)``; it can never exceed
+  ``log K``.
+
+Inputs are standardised per column (continuous) or one-hot encoded (labels) before entering the
+networks; MI is invariant to these invertible maps. Training runs on the inputs' device in
+float32 with its own seeded generators (the global RNG state is restored afterwards). Values
+are in nats.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dtprobe.errors import MetricInputError
+from dtprobe.metrics._validation import ArrayLike
+from dtprobe.metrics.information._common import (
+    MIResult,
+    Variable,
+    degenerate_result,
+    prepare_pair,
+    standardize,
+    subsample_index,
+)
+
+
+def _network_input(v: Variable) -> torch.Tensor:
+    return (v.one_hot() if v.discrete else standardize(v.data)).to(torch.float32)
+
+
+def _mlp(in_dim: int, hidden: int, n_layers: int, out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = in_dim
+    for _ in range(n_layers):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, out_dim))
+    return nn.Sequential(*layers)
+
+
+def _check_training(steps: int, batch_size: int, lr: float, hidden: int, n_layers: int,
+                    n_eval_perms: int) -> None:
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("hidden", hidden),
+                        ("n_eval_perms", n_eval_perms)):
+        if not isinstance(value, int) or value < 1:
+            raise MetricInputError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(n_layers, int) or n_layers < 0:
+        raise MetricInputError(f"n_layers must be a non-negative integer, got {n_layers!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise MetricInputError(f"lr must be a positive float, got {lr!r}")
+
+
+def _fork_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+class _Statistics(nn.Module):
+    """MINE statistics network ``T(a, b)``: an MLP on the concatenated inputs."""
+
+    def __init__(self, dim_a: int, dim_b: int, hidden: int, n_layers: int):
+        super().__init__()
+        self.net = _mlp(dim_a + dim_b, hidden, n_layers, 1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([a, b], dim=1)).squeeze(1)
+
+
+def _dv_bound(net: _Statistics, a: torch.Tensor, b: torch.Tensor, perms: list[torch.Tensor],
+              chunk: int) -> float:
+    """DV bound with the joint term over all pairs and the marginal term over shuffled pairs."""
+    with torch.no_grad():
+        joint = torch.cat([net(a[i:i + chunk], b[i:i + chunk]) for i in range(0, len(a), chunk)])
+        marg = torch.cat([net(a[i:i + chunk], b[p[i:i + chunk]])
+                          for p in perms for i in range(0, len(a), chunk)])
+        log_mean_exp = torch.logsumexp(marg.double(), 0) - math.log(marg.numel())
+        return float(joint.double().mean() - log_mean_exp)
+
+
+def mine_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int = 3,
+            steps: int = 1000, batch_size: int = 256, lr: float = 1e-3, ema_rate: float = 0.01,
+            n_eval_perms: int = 10, max_samples: int | None = None, seed: int = 0) -> MIResult:
+    """MINE: Donsker-Varadhan lower bound on ``I(A;B)`` with a trained statistics network, nats.
+
+    Parameters
+    ----------
+    a, b : (n, d) arrays/tensors, or (n,) integer labels (one-hot encoded)
+    hidden : int
+        Width of each hidden ReLU layer. The CTC paper used 1024; the default 256 is a speed
+        compromise for CPUs (pass ``hidden=1024`` to match the paper).
+    n_layers : int
+        Number of hidden layers (paper: 3).
+    steps : int
+        Adam steps; each draws ``batch_size`` joint pairs and, for the marginal term, the same
+        ``a`` rows paired with ``b`` rows of an independent random draw.
+    batch_size : int
+        Minibatch size (capped at ``n``).
+    lr : float
+        Adam learning rate.
+    ema_rate : float
+        Rate of the moving average of ``E[e^T]`` in the bias-corrected gradient (paper: 0.01).
+    n_eval_perms : int
+        The final estimate is the DV bound evaluated on all ``n`` samples (the samples the
+        network was trained on, as in the CTC code; optimistic when ``n`` is small relative to
+        the network), with the product-of-marginals term averaged over this many random
+        re-pairings of ``b``.
+    max_samples, seed : optional seeded subsample; ``seed`` also seeds initialisation and
+        batches.
+
+    Returns
+    -------
+    MIResult
+        Nats; ``params["final_train_bound"]`` is the last minibatch bound for diagnostics.
+
+    References
+    ----------
+    Belghazi et al. (2018), "Mutual information neural estimation", ICML.
+    Cui et al. (2022), "Discriminability-transferability trade-off: an information-theoretic
+    perspective", ECCV.
+    """
+    _check_training(steps, batch_size, lr, hidden, n_layers, n_eval_perms)
+    if not 0 < ema_rate <= 1:
+        raise MetricInputError(f"ema_rate must be in (0, 1], got {ema_rate!r}")
+    va, vb = prepare_pair(a, b)
+    idx = subsample_index(va.n, max_samples, seed)
+    va, vb = va.take(idx), vb.take(idx)
+    batch = min(batch_size, va.n)
+    params = {"hidden": hidden, "n_layers": n_layers, "steps": steps, "batch_size": batch,
+              "lr": lr, "ema_rate": ema_rate, "n_eval_perms": n_eval_perms, "n": va.n,
+              "seed": seed, "max_samples": max_samples, "evaluation": "DV bound on all samples"}
+    if (zero := degenerate_result(va, vb, "mine", params)) is not None:
+        return zero
+    xa, xb = _network_input(va), _network_input(vb)
+    device = xa.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.random.fork_rng(devices=_fork_devices(device)):
+        torch.manual_seed(seed)
+        net = _Statistics(xa.shape[1], xb.shape[1], hidden, n_layers).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    log_ma: torch.Tensor | None = None
+    log_rate, log_keep = math.log(ema_rate), math.log1p(-ema_rate) if ema_rate < 1 else -math.inf
+    bound = float("nan")
+    for _ in range(steps):
+        i = torch.randint(va.n, (batch,), generator=gen, device=device)
+        j = torch.randint(va.n, (batch,), generator=gen, device=device)
+        t_joint, t_marg = net(xa[i], xb[i]), net(xa[i], xb[j])
+        log_mean_exp = torch.logsumexp(t_marg, 0) - math.log(batch)
+        with torch.no_grad():
+            current = log_mean_exp.detach()
+            log_ma = current if log_ma is None else torch.logaddexp(log_keep + log_ma,
+                                                                    log_rate + current)
+        # d/dtheta of exp(lme - log_ma) = E[e^T grad T] / moving-average(E[e^T]): the
+        # bias-corrected gradient of log E[e^T] (Belghazi et al. 2018, section 3.2).
+        loss = -(t_joint.mean() - torch.exp(log_mean_exp - log_ma))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bound = float(t_joint.detach().mean() - log_mean_exp.detach())
+    perms = [torch.randperm(va.n, generator=gen, device=device) for _ in range(n_eval_perms)]
+    value = _dv_bound(net, xa, xb, perms, chunk=4096)
+    params["final_train_bound"] = bound
+    return MIResult(value, "mine", "nats", params)
+
+
+class _SeparableCritic(nn.Module):
+    """``f(a, b) = g(a) . h(b)``: all ``K x K`` scores of a batch from ``2 K`` network passes."""
+
+    def __init__(self, dim_a: int, dim_b: int, hidden: int, n_layers: int, embed_dim: int):
+        super().__init__()
+        self.g = _mlp(dim_a, hidden, n_layers, embed_dim)
+        self.h = _mlp(dim_b, hidden, n_layers, embed_dim)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.g(a) @ self.h(b).T
+
+
+def _infonce(scores: torch.Tensor) -> torch.Tensor:
+    """InfoNCE bound of one ``K x K`` score matrix whose diagonal holds the positive pairs."""
+    k = scores.shape[0]
+    return (scores.diagonal() - torch.logsumexp(scores, dim=1)).mean() + math.log(k)
+
+
+def infonce_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int = 2,
+               embed_dim: int = 64, steps: int = 1000, batch_size: int = 256, lr: float = 1e-3,
+               n_eval_perms: int = 10, max_samples: int | None = None,
+               seed: int = 0) -> MIResult:
+    """InfoNCE lower bound on ``I(A;B)`` with a trained separable critic, in nats.
+
+    Parameters
+    ----------
+    a, b : (n, d) arrays/tensors, or (n,) integer labels (one-hot encoded)
+    hidden, n_layers : width and number of hidden ReLU layers of each of the two MLPs.
+    embed_dim : int
+        Dimension of the embeddings whose dot product is the critic.
+    steps, batch_size, lr : Adam steps, batch size ``K`` (capped at ``n``), learning rate.
+    n_eval_perms : int
+        The final estimate averages the bound over this many random partitions of all ``n``
+        samples into batches of ``K`` (a trailing partial batch is dropped).
+    max_samples, seed : optional seeded subsample; ``seed`` also seeds initialisation and
+        batches.
+
+    Returns
+    -------
+    MIResult
+        Nats; never above ``log K``, reported as ``params["cap"]`` -- when the estimate is
+        close to the cap, the true MI may be much larger.
+
+    References
+    ----------
+    van den Oord, Li & Vinyals (2018), "Representation learning with contrastive predictive
+    coding", arXiv:1807.03748.
+    Poole, Ozair, van den Oord, Alemi & Tucker (2019), "On variational bounds of mutual
+    information", ICML.
+    """
+    _check_training(steps, batch_size, lr, hidden, n_layers, n_eval_perms)
+    if not isinstance(embed_dim, int) or embed_dim < 1:
+        raise MetricInputError(f"embed_dim must be a positive integer, got {embed_dim!r}")
+    va, vb = prepare_pair(a, b)
+    idx = subsample_index(va.n, max_samples, seed)
+    va, vb = va.take(idx), vb.take(idx)
+    batch = min(batch_size, va.n)
+    params = {"hidden": hidden, "n_layers": n_layers, "embed_dim": embed_dim, "steps": steps,
+              "batch_size": batch, "lr": lr, "n_eval_perms": n_eval_perms, "n": va.n,
+              "seed": seed, "max_samples": max_samples, "cap": math.log(batch)}
+    if (zero := degenerate_result(va, vb, "infonce", params)) is not None:
+        return zero
+    xa, xb = _network_input(va), _network_input(vb)
+    device = xa.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.random.fork_rng(devices=_fork_devices(device)):
+        torch.manual_seed(seed)
+        critic = _SeparableCritic(xa.shape[1], xb.shape[1], hidden, n_layers, embed_dim)
+        critic = critic.to(device)
+    opt = torch.optim.Adam(critic.parameters(), lr=lr)
+    for _ in range(steps):
+        i = torch.randperm(va.n, generator=gen, device=device)[:batch]
+        loss = -_infonce(critic(xa[i], xb[i]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    values = []
+    with torch.no_grad():
+        for _ in range(n_eval_perms):
+            perm = torch.randperm(va.n, generator=gen, device=device)
+            for s in range(0, va.n - batch + 1, batch):
+                i = perm[s:s + batch]
+                values.append(float(_infonce(critic(xa[i], xb[i]).double())))
+    return MIResult(sum(values) / len(values), "infonce", "nats", params)
