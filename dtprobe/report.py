@@ -1,0 +1,378 @@
+"""A single self-contained HTML report of one or more analysed runs.
+
+The report puts the run configurations side by side, embeds every chart that the
+available metrics allow (PNG, base64 in the page), and tabulates where each downstream
+probe peaked and the first/best/last value of every metric. It needs no network and no
+other file: CSS is inline and there is no JavaScript, so it can be mailed or archived as is.
+
+The layout follows the question of Kornblith et al. (2021) and Cui et al. (2022): while
+source accuracy (discriminability) rises, when does transferability (downstream linear-probe
+accuracy) peak, and how much is lost by the end of training?
+
+References
+----------
+.. [1] S. Kornblith, T. Chen, H. Lee, M. Norouzi, "Why do better loss functions lead to less
+   transferable features?", NeurIPS 2021.
+.. [2] Q. Cui et al., "Discriminability-transferability trade-off: an information-theoretic
+   perspective", ECCV 2022.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dtprobe import __version__
+from dtprobe.errors import ConfigError
+from dtprobe.results import Results, metric_info, parse_params
+
+_CSS = """
+:root { --fg: #1d2327; --muted: #5b6670; --line: #d9dee3; --head: #f3f5f7; --accent: #0173b2;
+        --diff: #fff4d6; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--fg); background: #fff;
+       font: 15px/1.5 -apple-system, "Segoe UI", "DejaVu Sans", "Liberation Sans", Arial,
+       sans-serif; }
+main { max-width: 1180px; margin: 0 auto; padding: 28px 32px 64px; }
+h1 { font-size: 26px; margin: 0 0 4px; }
+h2 { font-size: 20px; margin: 40px 0 12px; padding-bottom: 6px; border-bottom: 2px solid
+     var(--line); }
+h3 { font-size: 16px; margin: 24px 0 8px; }
+p.meta, p.note, figcaption { color: var(--muted); }
+p.meta { margin: 0 0 16px; font-size: 14px; }
+nav { display: flex; flex-wrap: wrap; gap: 6px 18px; font-size: 14px; margin-bottom: 8px; }
+nav a, a { color: var(--accent); text-decoration: none; }
+ul.findings { padding-left: 20px; }
+ul.findings li { margin: 4px 0; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 13.5px; margin: 8px 0 16px; }
+th, td { border: 1px solid var(--line); padding: 4px 10px; text-align: left; vertical-align: top; }
+th { background: var(--head); font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.key { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px; }
+tr.diff td { background: var(--diff); }
+tbody tr:nth-child(even):not(.diff) td { background: #fafbfc; }
+figure { margin: 18px 0 30px; }
+figure img { display: block; max-width: 100%; height: auto; border: 1px solid var(--line);
+             border-radius: 4px; }
+figcaption { font-size: 14px; margin-top: 6px; }
+.ep { color: var(--muted); font-size: 12px; }
+.neg { color: #b54708; }
+.pos { color: #1a7f37; }
+details { margin: 8px 0 16px; }
+summary { cursor: pointer; color: var(--accent); font-size: 14px; margin-bottom: 6px; }
+code { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px; }
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(x: Any) -> str:
+    """Format a number for a table: 3 decimals below 10, 1 below 10^4, else scientific."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return _esc(x)
+    if not math.isfinite(v):
+        return "&ndash;"
+    a = abs(v)
+    if a == 0:
+        text = "0"
+    elif a >= 1e4 or a < 1e-3:
+        text = f"{a:.2e}"
+    elif a >= 10:
+        text = f"{a:.1f}"
+    else:
+        text = f"{a:.3f}"
+    return ("\u2212" if v < 0 else "") + text
+
+
+def _signed(x: float, higher_is_better: bool = True) -> str:
+    """Signed number, green when the change is an improvement and orange when it is a loss."""
+    if not math.isfinite(x):
+        return "&ndash;"
+    good = (x > 0) == higher_is_better
+    cls = "" if x == 0 else "pos" if good else "neg"
+    text = ("+" if x > 0 else "") + _fmt(x)
+    return f'<span class="{cls}">{text}</span>' if cls else text
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, Mapping):
+        if not value and prefix:
+            out[prefix] = "{}"
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif prefix.split(".")[-1] == "checkpoints" and isinstance(value, list):
+        epochs = [c.get("epoch") for c in value if isinstance(c, Mapping)
+                  and isinstance(c.get("epoch"), (int, float))]
+        span = f", epochs {min(epochs)}\u2013{max(epochs)}" if epochs else ""
+        out[prefix] = f"{len(value)} checkpoint{'s' if len(value) != 1 else ''}{span}"
+    elif isinstance(value, (list, tuple)):
+        text = json.dumps(value, default=str)
+        out[prefix] = text if len(text) <= 160 else text[:157] + "..."
+    elif value is None:
+        out[prefix] = ""
+    else:
+        out[prefix] = str(value)
+
+
+def _config_table(results: Results) -> str:
+    runs = [r for r in results.runs if results.manifests.get(r)]
+    if not runs:
+        return ('<p class="note">No run manifests were found (<code>RUN_DIR/manifest.json</code>),'
+                ' so run configurations cannot be shown.</p>')
+    flat: dict[str, dict[str, str]] = {}
+    for run in runs:
+        values: dict[str, str] = {}
+        _flatten("", results.manifests[run], values)
+        flat[run] = values
+    keys: list[str] = []
+    for run in runs:
+        for k in flat[run]:
+            if k in keys:
+                continue
+            # keep a later run's extra setting next to its siblings (same top-level section)
+            top = k.split(".")[0]
+            same = [i for i, old in enumerate(keys) if old.split(".")[0] == top]
+            keys.insert(same[-1] + 1 if same else len(keys), k)
+    head = "".join(f"<th>{_esc(r)}</th>" for r in runs)
+    rows, diff_rows = [], []
+    ignore = {"created", "run_name"}  # differ between any two runs by construction
+    for key in keys:
+        vals = [flat[r].get(key, "") for r in runs]
+        diff = len(runs) > 1 and len(set(vals)) > 1
+        cells = "".join(f"<td>{_esc(v) if v else '&ndash;'}</td>" for v in vals)
+        row = (f'<tr{" class=diff" if diff else ""}><td class="key">{_esc(key)}</td>'
+               f"{cells}</tr>")
+        rows.append(row)
+        if diff and key.split(".")[-1] not in ignore:
+            diff_rows.append(row)
+
+    def table(body: list[str]) -> str:
+        return (f'<div class="scroll"><table><thead><tr><th>setting</th>{head}</tr></thead>'
+                f'<tbody>{"".join(body)}</tbody></table></div>')
+
+    full = (f"<details{'' if len(runs) > 1 else ' open'}><summary>All {len(keys)} settings"
+            f"{' (differences highlighted)' if len(runs) > 1 else ''}</summary>"
+            f"{table(rows)}</details>")
+    if len(runs) == 1:
+        return full
+    if not diff_rows:
+        return ('<p class="note">The runs share every recorded setting (apart from name and '
+                f"creation time).</p>{full}")
+    return (f'<h3 id="runs-diff">Settings that differ between runs</h3>{table(diff_rows)}'
+            f"{full}")
+
+
+def _findings(results: Results) -> str:
+    peaks = results.probe_peaks()
+    items = []
+    for run in results.runs:
+        p = peaks[peaks["run"] == run]
+        if p.empty:
+            continue
+        src = p["source_last"].iloc[0]
+        early = p[p["peak_epoch"] < p["last_epoch"]]
+        txt = (f"<b>{_esc(run)}</b>: {len(early)} of {len(p)} downstream probe"
+               f"{'s' if len(p) != 1 else ''} peaked before the last epoch "
+               f"({p['last_epoch'].max()})")
+        if len(early):
+            worst = early.sort_values("drop", ascending=False).iloc[0]
+            txt += (f"; the largest loss is <b>{_esc(worst['task'])}</b>, from "
+                    f"{_fmt(worst['peak'])} at epoch {int(worst['peak_epoch'])} to "
+                    f"{_fmt(worst['last'])} ({_signed(-float(worst['drop']))})")
+        if math.isfinite(src):
+            txt += f", while source accuracy ended at {_fmt(src)}"
+        items.append(f"<li>{txt}.</li>")
+    if not items:
+        return ('<p class="note">No downstream probe accuracy in the table; run '
+                '<code>dtprobe analyze</code> with the <code>probe_accuracy</code> metric to see '
+                'where transferability peaks.</p>')
+    head = ("<tr><th>run</th><th>task</th><th>peak epoch</th><th>peak</th><th>last epoch</th>"
+            "<th>last</th><th>change after peak</th><th>source acc. at peak</th>"
+            "<th>source acc. at last</th></tr>")
+    rows = "".join(
+        f"<tr><td>{_esc(r.run)}</td><td>{_esc(r.task)}</td><td class=num>{int(r.peak_epoch)}</td>"
+        f"<td class=num>{_fmt(r.peak)}</td><td class=num>{int(r.last_epoch)}</td>"
+        f"<td class=num>{_fmt(r.last)}</td><td class=num>{_signed(-float(r.drop))}</td>"
+        f"<td class=num>{_fmt(r.source_at_peak)}</td><td class=num>{_fmt(r.source_last)}</td>"
+        f"</tr>" for r in peaks.sort_values(["task", "run"], kind="stable").itertuples())
+    return (f'<ul class="findings">{"".join(items)}</ul>'
+            f'<h3 id="probe-peaks">Where each downstream probe peaked</h3>'
+            f'<div class="scroll"><table><thead>{head}</thead><tbody>{rows}</tbody></table></div>')
+
+
+def _summary_table(results: Results) -> str:
+    s = results.summary()
+    if s.empty:
+        return '<p class="note">The results table holds no finite values.</p>'
+    order = {r: i for i, r in enumerate(results.runs)}
+    s = s.assign(_r=s["run"].map(order))
+    s = s.sort_values(["task", "layer", "estimator", "_r"], kind="stable")
+    s = s.sort_values("metric", key=lambda m: m.map(
+        {name: i for i, name in enumerate(dict.fromkeys(results.metrics))}), kind="stable")
+    head = ("<tr><th>metric</th><th>task</th><th>layer</th><th>run</th><th>best is</th>"
+            "<th>first</th><th>best</th><th>last</th><th>last &minus; first</th></tr>")
+    rows = []
+    for r in s.itertuples():
+        label = metric_info(r.metric).label
+        est = f' <span class="ep">({_esc(r.estimator)})</span>' if r.estimator else ""
+        rows.append(
+            f'<tr><td title="{_esc(r.metric)}">{_esc(label)}{est}</td><td>{_esc(r.task)}</td>'
+            f"<td>{_esc(r.layer)}</td><td>{_esc(r.run)}</td><td>{r.best_is}</td>"
+            f'<td class=num>{_fmt(r.first)} <span class="ep">@{r.first_epoch}</span></td>'
+            f'<td class=num>{_fmt(r.best)} <span class="ep">@{r.best_epoch}</span></td>'
+            f'<td class=num>{_fmt(r.last)} <span class="ep">@{r.last_epoch}</span></td>'
+            f"<td class=num>{_signed(float(r.change), r.best_is == 'max')}</td></tr>")
+    return ('<p class="note">@N is the epoch. "best is" says whether the best value is the '
+            'maximum or the minimum (neural-collapse distances shrink as features collapse); '
+            'ties go to the earliest epoch. The change is green when the metric moved towards its '
+            'best direction and orange when it moved away.</p>'
+            f'<div class="scroll"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody>'
+            "</table></div>")
+
+
+def _estimator_table(results: Results) -> str:
+    e = results.estimators()
+    if e.empty:
+        return '<p class="note">No estimator parameters were recorded.</p>'
+    rows = []
+    for r in e.itertuples():
+        settings = parse_params(r.settings)
+        text = ", ".join(f"{_esc(k)}={_esc(json.dumps(v, default=str).strip(chr(34)))}"
+                         for k, v in settings.items())
+        rows.append(f"<tr><td>{_esc(r.metric)}</td><td>{_esc(r.estimator) or '&ndash;'}</td>"
+                    f"<td><code>{text or '&ndash;'}</code></td>"
+                    f"<td><code>{_esc(r.varying) or '&ndash;'}</code></td></tr>")
+    return ('<p class="note">Settings are the same for every checkpoint; per-checkpoint values '
+            '(a probe\'s selected regularisation, a data-driven kernel width ...) are in the '
+            '<code>params</code> column of <code>metrics.csv</code>.</p>'
+            '<div class="scroll"><table><thead><tr><th>metric</th><th>estimator</th>'
+            "<th>settings</th><th>varies per checkpoint</th></tr></thead>"
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+def _failures(results: Results) -> str:
+    f = results.failures
+    if f is None or len(f) == 0:
+        return ""
+    cols = list(f.columns)
+    head = "".join(f"<th>{_esc(c)}</th>" for c in cols)
+    rows = "".join("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in row) + "</tr>"
+                   for row in f.astype(str).itertuples(index=False))
+    return (f'<p class="note"><b>{len(f)} checkpoint{"s" if len(f) != 1 else ""} could not be '
+            f"analysed</b> and are missing from every chart and table:</p>"
+            f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody>'
+            f"</table></div>")
+
+
+def _charts(results: Results, dpi: int) -> tuple[str, list[tuple[str, str]]]:
+    import matplotlib.pyplot as plt
+
+    from dtprobe.plotting import iter_figures, style
+
+    blocks = []
+    toc = []
+    for name, caption, fig in iter_figures(results):
+        try:
+            buf = io.BytesIO()
+            with style():
+                fig.savefig(buf, format="png", dpi=dpi)
+        finally:
+            plt.close(fig)
+        data = base64.b64encode(buf.getvalue()).decode("ascii")
+        anchor = f"chart-{name}"
+        title = name.replace("_", " ")
+        toc.append((anchor, title))
+        blocks.append(f'<figure id="{_esc(anchor)}"><img alt="{_esc(title)}" '
+                      f'src="data:image/png;base64,{data}"><figcaption><b>{_esc(title)}.</b> '
+                      f"{_esc(caption)}</figcaption></figure>")
+    if not blocks:
+        return '<p class="note">No chart can be drawn from the available metrics.</p>', toc
+    return "".join(blocks), toc
+
+
+def render_report(results: Results, title: str | None = None, dpi: int = 110) -> str:
+    """Return the report as one HTML string (see :func:`write_report`)."""
+    if isinstance(results, pd.DataFrame):
+        results = Results(results)
+    if not isinstance(results, Results):
+        raise ConfigError(f"write_report needs a Results object, got {type(results).__name__}; "
+                          f"use dtprobe.results.load_results(run_dir)")
+    runs = results.runs
+    title = title or ("dtprobe report: " + (" vs ".join(runs) if runs else "no runs"))
+    epochs = results.epochs()
+    span = f"epochs {epochs[0]}\u2013{epochs[-1]}" if epochs else "no epochs"
+    when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    sources = "; ".join(f"{_esc(r)}: <code>{_esc(p)}</code>" for r, p in results.sources.items())
+    charts, chart_toc = _charts(results, dpi)
+    sections = [
+        ("findings", "Key findings", _findings(results) + _failures(results)),
+        ("runs", "Run configurations", _config_table(results)),
+        ("charts", "Charts", charts),
+        ("summary", "Summary: first, best and last value of every metric", _summary_table(results)),
+        ("estimators", "Estimators and parameters", _estimator_table(results)),
+    ]
+    nav = "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t, _ in sections)
+    chart_nav = " &middot; ".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in chart_toc)
+    body = "".join(
+        f'<section id="{a}"><h2>{_esc(t)}</h2>'
+        + (f'<p class="note">{chart_nav}</p>' if a == "charts" and chart_toc else "")
+        + f"{content}</section>" for a, t, content in sections)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body><main>"
+        f"<header><h1>{_esc(title)}</h1><p class=\"meta\">{len(runs)} run"
+        f"{'s' if len(runs) != 1 else ''} ({_esc(', '.join(runs))}), {span}, "
+        f"{len(results.metrics)} metrics &middot; generated {_esc(when)} by dtprobe "
+        f"{_esc(__version__)}" + (f"<br>{sources}" if sources else "") + "</p></header>"
+        f"<nav>{nav}</nav>{body}</main></body></html>\n")
+
+
+def write_report(results: Results, out_html: str | Path, title: str | None = None,
+                 dpi: int = 110) -> Path:
+    """Write one self-contained HTML report of ``results`` to ``out_html``.
+
+    Parameters
+    ----------
+    results : :class:`~dtprobe.results.Results` (e.g. from :func:`~dtprobe.results.compare`).
+    out_html : path of the HTML file; parent directories are created. Written atomically.
+    title : page title (default ``"dtprobe report: <run> vs <run>"``).
+    dpi : resolution of the embedded PNG charts.
+
+    Returns
+    -------
+    Path
+        ``out_html``. The page holds the run configurations side by side (differences
+        highlighted), every chart the metrics allow (base64-embedded PNG), where each
+        downstream probe peaked, the first/best/last table and the estimator parameters;
+        it loads nothing from the network.
+    """
+    page = render_report(results, title=title, dpi=dpi)
+    out = Path(out_html)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(page)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
