@@ -1,0 +1,562 @@
+"""Transferability scores: cheap estimates of how well fixed features suit a target task.
+
+Every score here is computed from target-task features (or the source head's outputs on the
+target images) and target labels, without training a probe:
+
+========================  ==============================================  =================
+score                     what it measures                                paper
+========================  ==============================================  =================
+:func:`logme`             Bayesian evidence of a linear model             You et al. 2021
+:func:`h_score`           between-class / total feature covariance         Bao et al. 2019
+:func:`transrate`         coding rate R(Z) - R(Z|Y)                        Huang et al. 2022
+:func:`gbc`               Bhattacharyya overlap of class Gaussians          Pandy et al. 2022
+:func:`leep`              expected log-likelihood of a re-labelled head    Nguyen et al. 2020
+:func:`nce_score`         negative conditional entropy H(Y|Z)             Tran et al. 2019
+========================  ==============================================  =================
+
+Higher is better for all of them.  All are computed in float64 on the input's device.
+
+References
+----------
+.. [1] K. You, Y. Liu, J. Wang, M. Long, "LogME: Practical Assessment of Pre-trained Models
+   for Transfer Learning", ICML 2021.
+.. [2] Y. Bao, Y. Li, S.-L. Huang, L. Zhang, L. Zheng, A. Zamir, L. Guibas, "An
+   Information-Theoretic Approach to Transferability in Task Transfer Learning", ICIP 2019.
+.. [3] S. Ibrahim, N. Ponomareva, R. Mazumder, "Newer is not always better: Rethinking
+   transferability metrics, their peculiarities, stability and performance", ECML-PKDD 2022.
+.. [4] L.-K. Huang, J. Huang, Y. Rong, Q. Yang, Y. Wei, "Frustratingly Easy Transferability
+   Estimation", ICML 2022.
+.. [5] M. Pándy, A. Agostinelli, J. Uijlings, V. Ferrari, T. Mensink, "Transferability
+   Estimation using Bhattacharyya Class Separability", CVPR 2022.
+.. [6] C. V. Nguyen, T. Hassner, M. Seeger, C. Archambeau, "LEEP: A New Measure to Evaluate
+   Transferability of Learned Representations", ICML 2020.
+.. [7] A. T. Tran, C. V. Nguyen, T. Hassner, "Transferability and Hardness of Supervised
+   Classification Tasks", ICCV 2019.
+.. [8] O. Ledoit, M. Wolf, "A well-conditioned estimator for large-dimensional covariance
+   matrices", J. Multivariate Analysis 88(2), 2004.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dtprobe.errors import ConfigError, MetricInputError
+from dtprobe.metrics._validation import ArrayLike, as_tensor, check_features, check_labels
+from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
+
+__all__ = [
+    "LogMEFit",
+    "gbc",
+    "h_score",
+    "ledoit_wolf_shrinkage",
+    "leep",
+    "logme",
+    "logme_fit",
+    "nce_score",
+    "transrate",
+]
+
+_TINY = 1e-300  # guards divisions by exactly zero in float64
+
+
+# ------------------------------------------------------------------------------------------
+# LogME
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LogMEFit:
+    """Fixed point of LogME's evidence maximisation, one entry per target column.
+
+    Attributes
+    ----------
+    evidence : (K,) maximum log evidence divided by the number of samples.
+    alpha : (K,) prior precision of the weights at the fixed point.
+    beta : (K,) noise precision at the fixed point.
+    n_iter : fixed-point iterations used (the maximum over columns).
+    converged : whether every column met the tolerance.
+    """
+
+    evidence: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    n_iter: int
+    converged: bool
+
+
+def logme_fit(features: ArrayLike, targets: ArrayLike, *, tol: float = 1e-8,
+              max_iter: int = 200) -> LogMEFit:
+    """Maximise the evidence of Bayesian linear regression from ``features`` to each target.
+
+    Model (You et al. 2021): ``y = F w + noise``, ``w ~ N(0, alpha^-1 I)``,
+    ``noise ~ N(0, beta^-1 I)``.  With ``A = alpha I + beta F^T F`` and
+    ``m = beta A^-1 F^T y`` the log evidence is
+
+    ``L = n/2 log beta + D/2 log alpha - n/2 log 2 pi - beta/2 ||F m - y||^2 - alpha/2 m^T m
+    - 1/2 log|A|``
+
+    and it is maximised by MacKay's fixed-point iteration ``gamma = sum_i beta s_i /
+    (alpha + beta s_i)`` (``s_i`` the eigenvalues of ``F^T F``), ``alpha = gamma / m^T m``,
+    ``beta = (n - gamma) / ||F m - y||^2``, started at ``alpha = beta = 1`` and run until the
+    relative change of both is below ``tol``.  One SVD of ``F`` serves every target column.
+
+    Parameters
+    ----------
+    features : (n, D) features ``F`` (used as given, no centring).
+    targets : (n,) or (n, K) real targets.
+    tol, max_iter : stopping rule of the fixed-point iteration (the authors' code stops at a
+        relative change of 1e-2 in ``alpha / beta`` or after 11 iterations; the tighter default
+        here makes the fixed point exact to float64 round-off).
+
+    Returns
+    -------
+    LogMEFit
+
+    References
+    ----------
+    .. [1] K. You et al., "LogME: Practical Assessment of Pre-trained Models for Transfer
+       Learning", ICML 2021, algorithm 1.
+    """
+    f = check_features(features, "features")
+    n, dim = f.shape
+    y = as_tensor(targets, device=f.device)
+    if y.ndim == 1:
+        y = y[:, None]
+    if y.ndim != 2 or y.shape[0] != n:
+        raise MetricInputError(f"targets must have {n} rows (one per feature row), got shape "
+                               f"{tuple(y.shape)}")
+    u, s, _ = torch.linalg.svd(f, full_matrices=False)
+    if float(s.max()) == 0.0:
+        raise MetricInputError("features are all zero; LogME is undefined (dead layer?)")
+    s2 = (s * s)[:, None]                              # (r, 1) eigenvalues of F^T F
+    r = s.shape[0]
+    z = u.T @ y                                        # (r, K) targets in the left basis
+    outside = ((y * y).sum(0) - (z * z).sum(0)).clamp(min=0)  # ||y||^2 outside span(F)
+    k = y.shape[1]
+    alpha = torch.ones(k, dtype=f.dtype, device=f.device)
+    beta = torch.ones(k, dtype=f.dtype, device=f.device)
+
+    def stats(alpha: torch.Tensor, beta: torch.Tensor):
+        denom = alpha + beta * s2                      # (r, K)
+        gamma = (beta * s2 / denom).sum(0)
+        m = beta * s[:, None] * z / denom              # weights in the right basis
+        m2 = (m * m).sum(0)
+        res2 = ((s[:, None] * m - z) ** 2).sum(0) + outside
+        return gamma, m2, res2, denom
+
+    converged = False
+    n_iter = 0
+    while n_iter < int(max_iter):
+        n_iter += 1
+        gamma, m2, res2, _ = stats(alpha, beta)
+        new_alpha = gamma / m2.clamp(min=_TINY)
+        new_beta = (n - gamma) / res2.clamp(min=_TINY)
+        change = torch.maximum((new_alpha - alpha).abs() / alpha,
+                               (new_beta - beta).abs() / beta)
+        alpha, beta = new_alpha.clamp(min=_TINY), new_beta.clamp(min=_TINY)
+        if bool((change < tol).all()):
+            converged = True
+            break
+    _, m2, res2, denom = stats(alpha, beta)
+    logdet_a = torch.log(denom).sum(0) + (dim - r) * torch.log(alpha)
+    evidence = (n / 2 * torch.log(beta) + dim / 2 * torch.log(alpha)
+                - n / 2 * math.log(2 * math.pi) - beta / 2 * res2 - alpha / 2 * m2
+                - logdet_a / 2)
+    return LogMEFit(evidence=evidence / n, alpha=alpha, beta=beta, n_iter=n_iter,
+                    converged=converged)
+
+
+def logme(features: ArrayLike, labels: ArrayLike, *, tol: float = 1e-8,
+          max_iter: int = 200) -> float:
+    """LogME score of features for a classification task (You et al. 2021).
+
+    Each class's one-hot indicator is a regression target; the score is the mean over classes
+    of the maximum log evidence per sample (see :func:`logme_fit`).
+
+    Parameters
+    ----------
+    features : (n, D) target-task features.
+    labels : (n,) integer target labels (at least two classes).
+    tol, max_iter : fixed-point stopping rule.
+
+    Returns
+    -------
+    float
+        Mean per-sample log evidence (higher = more transferable).
+
+    References
+    ----------
+    .. [1] K. You, Y. Liu, J. Wang, M. Long, "LogME: Practical Assessment of Pre-trained
+       Models for Transfer Learning", ICML 2021.
+    """
+    f = check_features(features, "features")
+    y, k = check_labels(labels, f.shape[0], "labels")
+    onehot = torch.zeros(f.shape[0], k, dtype=f.dtype, device=f.device)
+    onehot[torch.arange(f.shape[0], device=f.device), y] = 1.0
+    return float(logme_fit(f, onehot, tol=tol, max_iter=max_iter).evidence.mean())
+
+
+# ------------------------------------------------------------------------------------------
+# H-score
+# ------------------------------------------------------------------------------------------
+
+
+def ledoit_wolf_shrinkage(features: ArrayLike) -> float:
+    """Ledoit-Wolf (2004) shrinkage coefficient for the covariance of ``features``.
+
+    With centred rows ``x_i``, ``S = X^T X / n`` and ``mu = tr(S) / d``:
+    ``delta = ||S - mu I||_F^2 / d``, ``b = sum_i ||x_i x_i^T - S||_F^2 / (n^2 d)`` and the
+    coefficient is ``min(b, delta) / delta`` (0 when ``delta = 0``).
+
+    References
+    ----------
+    .. [1] O. Ledoit, M. Wolf, "A well-conditioned estimator for large-dimensional covariance
+       matrices", J. Multivariate Analysis 88(2), 2004, lemma 3.2-3.4.
+    """
+    x = check_features(features, "features")
+    x = x - x.mean(dim=0)
+    n, d = x.shape
+    s = x.T @ x / n
+    mu = torch.trace(s) / d
+    s_fro2 = (s * s).sum()
+    delta = (s_fro2 - 2 * mu * torch.trace(s) + d * mu * mu) / d
+    row_norm2 = (x * x).sum(dim=1)
+    # sum_i ||x_i x_i^T - S||_F^2 = sum_i ||x_i||^4 - n ||S||_F^2
+    b = ((row_norm2 * row_norm2).sum() / n - s_fro2) / (n * d)
+    if float(delta) <= 0.0:
+        return 0.0
+    return float(torch.clamp(b, min=0.0).minimum(delta) / delta)
+
+
+def h_score(features: ArrayLike, labels: ArrayLike, *,
+            shrinkage: float | str | None = None) -> float:
+    """H-score of features for a classification task (Bao et al. 2019).
+
+    ``H(f) = tr(cov(f)^+ cov(g))`` where ``g(x) = E[f | y(x)]`` is each sample's class-
+    conditional mean feature, so ``cov(g) = sum_c (n_c / n) (mu_c - mu)(mu_c - mu)^T``; ``^+``
+    is the Moore-Penrose pseudo-inverse (constant feature directions are ignored).  (Some
+    public code computes the inverse of a trace instead of the trace of a product; that is a
+    different, wrong quantity.)
+
+    With ``shrinkage`` the regularised H-score of Ibrahim et al. (2022) is returned:
+    ``H_a = tr(cov_a(f)^-1 (1 - a) cov(g))`` with
+    ``cov_a(f) = (1 - a) cov(f) + a (tr cov(f) / d) I``.
+
+    Parameters
+    ----------
+    features : (n, d) target-task features.
+    labels : (n,) integer target labels (at least two classes).
+    shrinkage : ``None`` (plain H-score), a coefficient ``a`` in [0, 1], or ``"ledoit-wolf"``
+        for the Ledoit-Wolf coefficient (:func:`ledoit_wolf_shrinkage`) as in Ibrahim et al.
+
+    Returns
+    -------
+    float
+        The H-score (0 <= H <= min(d, C - 1); higher = more discriminative features).
+
+    References
+    ----------
+    .. [1] Y. Bao et al., "An Information-Theoretic Approach to Transferability in Task
+       Transfer Learning", ICIP 2019, definition 2.
+    .. [2] S. Ibrahim, N. Ponomareva, R. Mazumder, "Newer is not always better: Rethinking
+       transferability metrics, their peculiarities, stability and performance",
+       ECML-PKDD 2022, section 4.
+    """
+    f = check_features(features, "features")
+    y, k = check_labels(labels, f.shape[0], "labels")
+    n, d = f.shape
+    f = f - f.mean(dim=0)
+    counts = torch.bincount(y, minlength=k).to(f.dtype)
+    means = torch.zeros(k, d, dtype=f.dtype, device=f.device).index_add_(0, y, f)
+    means = means / counts[:, None]
+    cov_f = f.T @ f / n
+    cov_g = (means * (counts / n)[:, None]).T @ means
+    if shrinkage is None:
+        a = 0.0
+    elif isinstance(shrinkage, str):
+        if shrinkage.lower().replace("_", "-") != "ledoit-wolf":
+            raise ConfigError(f"shrinkage must be None, a number in [0, 1] or 'ledoit-wolf', "
+                              f"got {shrinkage!r}")
+        a = ledoit_wolf_shrinkage(f)
+    else:
+        a = float(shrinkage)
+        if not 0.0 <= a <= 1.0:
+            raise ConfigError(f"shrinkage must be in [0, 1], got {shrinkage}")
+    if a > 0.0:
+        eye = torch.eye(d, dtype=f.dtype, device=f.device)
+        cov_f = (1 - a) * cov_f + a * (torch.trace(cov_f) / d) * eye
+        cov_g = (1 - a) * cov_g
+    return float(torch.trace(torch.linalg.pinv(cov_f, hermitian=True) @ cov_g))
+
+
+# ------------------------------------------------------------------------------------------
+# TransRate
+# ------------------------------------------------------------------------------------------
+
+
+def _coding_rate(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1/2 logdet(I_d + Z^T Z / (n eps))``, via the smaller of the two Gram matrices."""
+    n, d = z.shape
+    gram = z.T @ z if d <= n else z @ z.T
+    eye = torch.eye(gram.shape[0], dtype=z.dtype, device=z.device)
+    return 0.5 * torch.linalg.slogdet(eye + gram / (n * eps))[1]
+
+
+def transrate(features: ArrayLike, labels: ArrayLike, eps: float = 1e-4) -> float:
+    """TransRate of features for a classification task (Huang et al. 2022).
+
+    ``TrR = R(Z, eps) - R(Z | Y, eps)`` with the coding rate
+    ``R(Z, eps) = 1/2 logdet(I_d + Z^T Z / (n eps))`` of the centred features ``Z`` (n rows)
+    and ``R(Z | Y, eps) = (1 / C) sum_c R(Z_c, eps)`` over the rows ``Z_c`` of each class
+    (each with its own row count).  This is the scaling of the authors' released code, in
+    which ``eps`` plays the role of the squared distortion.
+
+    Parameters
+    ----------
+    features : (n, d) target-task features (centred here).
+    labels : (n,) integer target labels (at least two classes).
+    eps : distortion; the value changes the score's scale, so compare scores at one ``eps``.
+
+    Returns
+    -------
+    float
+        TransRate in nats (higher = more transferable).
+
+    References
+    ----------
+    .. [1] L.-K. Huang, J. Huang, Y. Rong, Q. Yang, Y. Wei, "Frustratingly Easy
+       Transferability Estimation", ICML 2022, section 3.
+    """
+    if not float(eps) > 0:
+        raise ConfigError(f"transrate eps must be > 0, got {eps}")
+    f = check_features(features, "features")
+    y, k = check_labels(labels, f.shape[0], "labels")
+    z = f - f.mean(dim=0)
+    r_z = _coding_rate(z, float(eps))
+    r_zy = sum(_coding_rate(z[y == c], float(eps)) for c in range(k)) / k
+    return float(r_z - r_zy)
+
+
+# ------------------------------------------------------------------------------------------
+# GBC
+# ------------------------------------------------------------------------------------------
+
+
+def gbc(features: ArrayLike, labels: ArrayLike, *, gaussian: str = "spherical",
+        var_floor: float = 1e-4) -> float:
+    """Gaussian Bhattacharyya Coefficient of features for a classification task (Pandy 2022).
+
+    Each class ``c`` is modelled as a Gaussian ``N(mu_c, Sigma_c)`` with ``Sigma_c`` diagonal
+    (per-dimension population variances) or spherical (``sigma_c^2 I`` with ``sigma_c^2`` the
+    mean of those variances); variances below ``var_floor`` are raised to it, as in the
+    authors' code.  For two classes with ``Sigma = (Sigma_1 + Sigma_2) / 2`` the Bhattacharyya
+    distance is
+
+    ``D_B = 1/8 (mu_1 - mu_2)^T Sigma^-1 (mu_1 - mu_2)
+    + 1/2 ln(det Sigma / sqrt(det Sigma_1 det Sigma_2))``
+
+    and ``BC = exp(-D_B)``.  The score is ``GBC = -sum_i sum_{j != i} BC(c_i, c_j)`` over
+    ordered class pairs (each unordered pair counts twice), as in the paper.
+
+    Note: for the spherical variant the log-determinant term here carries its factor ``d``
+    (``det(s I) = s^d``), as the Gaussian formula requires; the authors' released code sums
+    the log of the scalar variance once, which changes values (not the rule above).
+
+    Parameters
+    ----------
+    features : (n, d) target-task features (the paper reduces them with PCA first; pass the
+        reduced features if you want that).
+    labels : (n,) integer target labels (at least two classes).
+    gaussian : ``"spherical"`` (the paper's default) or ``"diagonal"``.
+    var_floor : lower bound on each variance.
+
+    Returns
+    -------
+    float
+        GBC, in ``[-C (C - 1), 0]``; higher (closer to 0) = better separated classes.
+
+    References
+    ----------
+    .. [1] M. Pándy, A. Agostinelli, J. Uijlings, V. Ferrari, T. Mensink, "Transferability
+       Estimation using Bhattacharyya Class Separability", CVPR 2022, eq. 2-4.
+    """
+    if gaussian not in ("spherical", "diagonal"):
+        raise ConfigError(f"gbc gaussian must be 'spherical' or 'diagonal', got {gaussian!r}")
+    if not float(var_floor) > 0:
+        raise ConfigError(f"gbc var_floor must be > 0, got {var_floor}")
+    f = check_features(features, "features")
+    y, k = check_labels(labels, f.shape[0], "labels")
+    d = f.shape[1]
+    counts = torch.bincount(y, minlength=k).to(f.dtype)[:, None]
+    means = torch.zeros(k, d, dtype=f.dtype, device=f.device).index_add_(0, y, f) / counts
+    sq = torch.zeros(k, d, dtype=f.dtype, device=f.device).index_add_(0, y, (f - means[y]) ** 2)
+    var = (sq / counts).clamp(min=float(var_floor))    # (K, d)
+    if gaussian == "spherical":
+        var = var.mean(dim=1, keepdim=True).expand(k, d)
+    log_var = torch.log(var)
+    total = torch.zeros((), dtype=f.dtype, device=f.device)
+    for i in range(k):  # one row of the pair matrix at a time: O(K d) memory
+        avg = (var[i] + var) / 2                        # (K, d)
+        maha = ((means[i] - means) ** 2 / avg).sum(dim=1) / 8
+        logdet = (torch.log(avg) - (log_var[i] + log_var) / 2).sum(dim=1) / 2
+        bc = torch.exp(-(maha + logdet))
+        total = total + bc.sum() - bc[i]                # drop j == i
+    return float(-total)
+
+
+# ------------------------------------------------------------------------------------------
+# LEEP and NCE (use the source head's outputs on the target images)
+# ------------------------------------------------------------------------------------------
+
+
+def _check_probs(p: ArrayLike) -> torch.Tensor:
+    probs = check_features(p, "source_probs", min_samples=1)
+    if (probs < 0).any():
+        raise MetricInputError("source_probs has negative entries; pass softmax(logits), not "
+                               "logits")
+    sums = probs.sum(dim=1)
+    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+        raise MetricInputError("source_probs rows do not sum to 1; pass softmax(logits) of the "
+                               "source head")
+    return probs / sums[:, None]
+
+
+def leep(source_probs: ArrayLike, target_labels: ArrayLike) -> float:
+    """Log Expected Empirical Prediction (Nguyen et al. 2020).
+
+    With the source head's class probabilities ``theta(x_i)`` over source labels ``z``, the
+    empirical joint ``P(y, z) = (1/n) sum_{i: y_i = y} theta(x_i)_z``, ``P(z) = sum_y P(y, z)``
+    and ``P(y | z) = P(y, z) / P(z)``:
+    ``LEEP = (1/n) sum_i log sum_z P(y_i | z) theta(x_i)_z``.
+
+    Parameters
+    ----------
+    source_probs : (n, Z) source-head probabilities on the target images (rows sum to 1).
+    target_labels : (n,) integer target labels (at least two classes).
+
+    Returns
+    -------
+    float
+        LEEP, ``<= 0`` (higher = more transferable).
+
+    References
+    ----------
+    .. [1] C. V. Nguyen, T. Hassner, M. Seeger, C. Archambeau, "LEEP: A New Measure to
+       Evaluate Transferability of Learned Representations", ICML 2020, eq. 1-2.
+    """
+    theta = _check_probs(source_probs)
+    n, nz = theta.shape
+    y, k = check_labels(target_labels, n, "target_labels")
+    joint = torch.zeros(k, nz, dtype=theta.dtype, device=theta.device).index_add_(0, y, theta) / n
+    marginal = joint.sum(dim=0)
+    cond = torch.where(marginal > 0, joint / marginal.clamp(min=_TINY), torch.zeros_like(joint))
+    eep = (cond[y] * theta).sum(dim=1)
+    return float(torch.log(eep).mean())
+
+
+def nce_score(source_pred: ArrayLike, target_labels: ArrayLike) -> float:
+    """Negative Conditional Entropy ``-H(Y | Z)`` (Tran et al. 2019).
+
+    ``Z`` is the source head's predicted label on each target image; with the empirical joint
+    ``P(y, z)`` of (target label, source prediction) counts,
+    ``NCE = sum_{y, z} P(y, z) log(P(y, z) / P(z))``.
+
+    Parameters
+    ----------
+    source_pred : (n,) integer source predictions, or (n, Z) source scores/probabilities
+        (their row-wise argmax is used).
+    target_labels : (n,) integer target labels (at least two classes).
+
+    Returns
+    -------
+    float
+        NCE in nats, in ``[-log C, 0]`` (higher = more transferable).
+
+    References
+    ----------
+    .. [1] A. T. Tran, C. V. Nguyen, T. Hassner, "Transferability and Hardness of Supervised
+       Classification Tasks", ICCV 2019, eq. 3-4.
+    """
+    t = as_tensor(source_pred)
+    if t.ndim == 2:
+        t = check_features(t, "source_pred", min_samples=1).argmax(dim=1)
+    n = int(t.reshape(-1).shape[0])
+    z, nz = check_labels(t, n, "source_pred", min_classes=1)
+    y, k = check_labels(target_labels, n, "target_labels", device=z.device)
+    joint = torch.bincount(y * nz + z, minlength=k * nz).reshape(k, nz).to(torch.float64) / n
+    marginal = joint.sum(dim=0, keepdim=True).expand_as(joint)
+    nonzero = joint > 0
+    return float((joint[nonzero] * torch.log(joint[nonzero] / marginal[nonzero])).sum())
+
+
+# ------------------------------------------------------------------------------------------
+# Analysis adapters (one row per downstream task, on the training split)
+# ------------------------------------------------------------------------------------------
+
+
+def _tasks(view: EpochView) -> list[tuple[str, torch.Tensor]]:
+    return sorted(view.train.factors.items())
+
+
+def _source_logits(view: EpochView, metric: str) -> torch.Tensor:
+    if view.train.logits is None:
+        raise MetricInputError(f"{metric} needs the source head's outputs (view.train.logits), "
+                               "but this checkpoint has none; drop it from --metrics")
+    return view.train.logits
+
+
+@register_metric("logme", description="LogME evidence per downstream task (You et al. 2021)")
+def _logme_metric(view: EpochView) -> list[MetricValue]:
+    """LogME of train features for every downstream task."""
+    return [MetricValue("logme", logme(view.train.features, y), task=task,
+                        estimator="logme-fixed-point", params={"tol": 1e-8, "split": "train"})
+            for task, y in _tasks(view)]
+
+
+@register_metric("h_score", description="H-score per downstream task (Bao et al. 2019)")
+def _h_score_metric(view: EpochView) -> list[MetricValue]:
+    """H-score (pseudo-inverse, no shrinkage) of train features for every downstream task."""
+    return [MetricValue("h_score", h_score(view.train.features, y), task=task,
+                        estimator="h-score-pinv", params={"shrinkage": None, "split": "train"})
+            for task, y in _tasks(view)]
+
+
+@register_metric("transrate", description="TransRate per downstream task (Huang et al. 2022)")
+def _transrate_metric(view: EpochView) -> list[MetricValue]:
+    """TransRate (eps = 1e-4) of train features for every downstream task."""
+    return [MetricValue("transrate", transrate(view.train.features, y), task=task,
+                        estimator="coding-rate", params={"eps": 1e-4, "split": "train"})
+            for task, y in _tasks(view)]
+
+
+@register_metric("gbc", description="Gaussian Bhattacharyya coefficient per downstream task "
+                                    "(Pandy et al. 2022)")
+def _gbc_metric(view: EpochView) -> list[MetricValue]:
+    """GBC (spherical Gaussians) of train features for every downstream task."""
+    return [MetricValue("gbc", gbc(view.train.features, y), task=task,
+                        estimator="gbc-spherical",
+                        params={"gaussian": "spherical", "var_floor": 1e-4, "split": "train"})
+            for task, y in _tasks(view)]
+
+
+@register_metric("leep", description="LEEP of the source head per downstream task "
+                                     "(Nguyen et al. 2020)")
+def _leep_metric(view: EpochView) -> list[MetricValue]:
+    """LEEP of the source head's softmax on the train images for every downstream task."""
+    probs = torch.softmax(as_tensor(_source_logits(view, "leep")), dim=1)
+    return [MetricValue("leep", leep(probs, y), task=task, estimator="leep",
+                        params={"source": "softmax(logits)", "split": "train"})
+            for task, y in _tasks(view)]
+
+
+@register_metric("nce", description="negative conditional entropy of the source head per "
+                                    "downstream task (Tran et al. 2019)")
+def _nce_metric(view: EpochView) -> list[MetricValue]:
+    """NCE of the source head's argmax on the train images for every downstream task."""
+    pred = as_tensor(_source_logits(view, "nce")).argmax(dim=1)
+    return [MetricValue("nce", nce_score(pred, y), task=task, estimator="nce-argmax",
+                        params={"source": "argmax(logits)", "split": "train"})
+            for task, y in _tasks(view)]
