@@ -38,6 +38,7 @@ from checkpoints_manifest.storage import (
     parse_manifest,
     read_manifest,
     record_checkpoint,
+    remove_stale_temp_files,
     sha256_file,
     write_manifest,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "parse_manifest",
     "read_manifest",
     "record_checkpoint",
+    "remove_stale_temp_files",
     "sha256_file",
     "utc_now_iso",
     "write_manifest",

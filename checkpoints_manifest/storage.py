@@ -36,8 +36,9 @@ except ImportError:  # pragma: no cover - Windows
 
 LOCK_NAME = ".manifest.json.lock"
 LOCK_TIMEOUT_S = 120.0
+#: A manifest larger than this is refused unread (a real one is a few KiB per checkpoint).
+MAX_MANIFEST_BYTES = 64 << 20
 _CHUNK = 1 << 20
-_TMP_PREFIX = f".{MANIFEST_NAME}."
 _TMP_SUFFIX = ".tmp"
 _DEFAULT_MODE = 0o644
 _thread_locks: dict[str, threading.Lock] = {}
@@ -129,7 +130,13 @@ def read_manifest(run_dir_or_file: str | os.PathLike[str]) -> Manifest:
     """
     path = manifest_path(run_dir_or_file)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise ManifestError(str(path), f"is {size / 2**20:.0f} MiB, larger than any "
+                                               f"manifest ({MAX_MANIFEST_BYTES >> 20} MiB "
+                                               "limit); this is not a checkpoints manifest")
+            raw = fh.read()
     except FileNotFoundError:
         raise ManifestError(str(path), "no such manifest; write one with write_manifest() (see "
                                        "checkpoints_manifest/README.md)") from None
@@ -220,17 +227,47 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary files that :func:`atomic_write_text` left for ``path`` when its writer
+    was killed between writing and renaming (``.NAME.XXXXXXXX.tmp`` beside ``path``).
+
+    Call it only while no other process can be writing ``path`` (e.g. under
+    :func:`manifest_lock`). Returns the files removed.
+    """
+    path = Path(path)
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    prefix = _tmp_prefix(path)
+    for entry in entries:
+        if entry.name.startswith(prefix) and entry.name.endswith(_TMP_SUFFIX):
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically: temp file in the same directory, fsync, replace.
 
-    The new file keeps the permission bits of the file it replaces (0644 for a new file).
+    A reader sees the old or the new content, never a mix, even if the writer is killed
+    (``SIGKILL``) at any moment; a kill can at most leave a hidden ``.NAME.XXXXXXXX.tmp`` file
+    beside ``path`` (see :func:`remove_stale_temp_files`). The new file keeps the permission
+    bits of the file it replaces (0644 for a new file).
     """
     path = Path(path)
     try:
         mode = path.stat().st_mode & 0o777
     except FileNotFoundError:
         mode = _DEFAULT_MODE
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
@@ -248,6 +285,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def _write_unlocked(run_dir: Path, manifest: Manifest) -> Path:
     path = run_dir / MANIFEST_NAME
     text = manifest.to_json(str(path))
+    remove_stale_temp_files(path)  # left by a writer killed mid-write; we hold the lock
     try:
         atomic_write_text(path, text)
     except OSError as exc:

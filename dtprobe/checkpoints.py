@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import pathlib
@@ -50,12 +51,14 @@ from dtprobe.errors import CheckpointError, ConfigError
 __all__ = [
     "KNOWN_NAMINGS",
     "PREFIXES",
+    "TEMP_SUFFIXES",
     "WRAPPER_KEYS",
     "CheckpointSeries",
     "InferredCheckpoint",
     "LoadedCheckpoint",
     "check_finite",
     "infer_checkpoint_series",
+    "is_temporary_name",
     "load_checkpoint",
     "load_into_model",
     "load_state_dict",
@@ -88,10 +91,14 @@ KNOWN_NAMINGS: tuple[str, ...] = (
 )
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".bin", ".safetensors", ".pkl", ".pickle")
 _SUBDIR = "checkpoints"
+#: File-name endings of partial or temporary files (an interrupted writer's leftovers).
+TEMP_SUFFIXES: tuple[str, ...] = (".tmp", ".temp", ".part", ".partial", ".incomplete", ".swp",
+                                  "~")
 _FIX = "re-save it with torch.save(model.state_dict(), path) (or as .safetensors)"
 _UNSAFE_MARKERS = ("Unsupported global", "Can only create new object", "unrecognized function",
                    "Can only build", "Unsupported operand", "Can only append", "Can only extend",
-                   "Can only set items", "not an allowed global")
+                   "Can only set items", "not an allowed global",
+                   "unsupported GLOBAL")
 
 
 # ----------------------------------------------------------------------------------- safety
@@ -161,7 +168,8 @@ def verify_sha256(path: str | os.PathLike[str], expected: str) -> None:
         raise CheckpointError(f"{path}: checkpoint file is missing; restore it or remove its "
                               "manifest entry") from None
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc}); check that the "
+                              "file is readable") from None
     if actual != expected.lower():
         raise CheckpointError(f"{path}: sha256 {actual[:12]}... does not match the manifest "
                               f"({expected.lower()[:12]}...); the file changed after it was "
@@ -226,15 +234,27 @@ def _first_line(text: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def _starts_like_a_pickle(path: Path) -> bool:
+    """``torch.save`` output starts with a zip (``PK``) or a pickle protocol marker (0x80)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return False
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
 def _refusal(path: Path, exc: BaseException) -> CheckpointError | None:
     """A one-line refusal if ``exc`` is torch's weights-only unpickler rejecting content."""
     text = str(exc)
     if not any(marker in text for marker in _UNSAFE_MARKERS):
         return None
     detail = ""
-    match = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    match = re.search(r"GLOBAL (\S+) was not an allowed global|unsupported GLOBAL (\S+)", text)
     if match:
-        detail = f" (it references {match.group(1)})"
+        detail = f" (it references {match.group(1) or match.group(2)})"
+    elif not _starts_like_a_pickle(path):
+        return None  # random bytes read as pickle opcodes: corrupt, not crafted
     elif (match := re.search(r"Unsupported operand (\d+)", text)) is not None:
         detail = f" (pickle opcode {match.group(1)} is not allowed)"
     elif (match := re.search(r"(?:unrecognized function|but got) (.+?)(?: which|$)", text,
@@ -254,16 +274,53 @@ def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
                            f"{type(exc).__name__}: {reason}); copy it again or {_FIX}")
 
 
+def _unreadable(path: Path, exc: OSError) -> CheckpointError:
+    return CheckpointError(f"{path}: cannot read it ({exc.strerror or exc}); check that the file "
+                           "exists and is readable")
+
+
+def _out_of_memory(path: Path) -> CheckpointError:
+    try:
+        size = f"{path.stat().st_size / 2**20:.1f} MiB"
+    except OSError:
+        size = "unknown size"
+    return CheckpointError(f"{path}: ran out of memory reading it ({size} file); it is corrupt "
+                           "(sizes in it are wrong) or larger than the available memory")
+
+
 def _torch_load(path: Path) -> Any:
     try:
         with _allow_data_only_globals(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4 ..."
             return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
-        raise
+        raise _out_of_memory(path) from None
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as exc:
+        raise _unreadable(path, exc) from None
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            raise _unreadable(path, exc) from None
+        raise _corrupt(path, exc) from None  # e.g. EINVAL seeking in a truncated zip
     except Exception as exc:  # any failure to parse a user's file is a user-facing error
         refusal = _refusal(path, exc)
         raise (refusal or _corrupt(path, exc)) from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether the file's content is safetensors: an 8-byte little-endian header length, then a
+    JSON object. ``torch.save`` files start with a zip (``PK``) or pickle (``0x80``) marker."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return False
+    if path.suffix == ".safetensors":
+        return True  # let safetensors explain what is wrong with it
+    return (len(head) == 9 and head[8:9] == b"{"
+            and 2 <= int.from_bytes(head[:8], "little") <= size - 8)
 
 
 def _safetensors_load(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -276,7 +333,9 @@ def _safetensors_load(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
             for key in fh.keys():
                 tensors[key] = fh.get_tensor(key)
     except MemoryError:
-        raise
+        raise _out_of_memory(path) from None
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as exc:
+        raise _unreadable(path, exc) from None
     except Exception as exc:
         raise _corrupt(path, exc) from None
     meta: dict[str, Any] = {}
@@ -394,8 +453,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True) -> Loa
     Parameters
     ----------
     path : path-like
-        ``.safetensors`` (read with safetensors) or any ``torch.save`` file
-        (read with ``torch.load(..., weights_only=True)`` only).
+        A safetensors file (read with safetensors) or any ``torch.save`` file
+        (read with ``torch.load(..., weights_only=True)`` only). The content
+        decides, not the suffix: a ``.ckpt`` holding safetensors loads too.
     finite : bool, default True
         Refuse weights that contain NaN/Inf.
 
@@ -412,10 +472,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True) -> Loa
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint file is missing")
+        raise CheckpointError(f"{path}: checkpoint file is missing; restore it or remove it "
+                              "from the series")
     if not path.is_file():
-        raise CheckpointError(f"{path}: is not a file")
-    if path.suffix == ".safetensors":
+        raise CheckpointError(f"{path}: is not a file; point to the checkpoint file itself")
+    # The content decides, not the name: a ``.ckpt`` may hold safetensors and vice versa.
+    if _is_safetensors(path):
         state, meta = _safetensors_load(path)
         if not state:
             raise CheckpointError(f"{path}: holds no tensors; {_FIX}")
@@ -634,6 +696,28 @@ def _template_regex(template: str, what: str) -> re.Pattern[str]:
 _KNOWN = [(t, _template_regex(t, "naming")) for t in KNOWN_NAMINGS]
 
 
+def is_temporary_name(name: str) -> bool:
+    """Whether a file name is a writer's temporary or partial file, never a checkpoint.
+
+    Hidden names (``.epoch_3.pt.123.tmp``, written before an atomic rename) and names
+    ending in one of :data:`TEMP_SUFFIXES` (or holding ``.tmp.``) are what a process killed
+    while saving leaves behind; file-name inference skips them even when ``--pattern``
+    would match.
+
+    Parameters
+    ----------
+    name : str
+        A file name or a relative path (only the last component is looked at).
+
+    Returns
+    -------
+    bool
+    """
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    lower = base.lower()
+    return base.startswith(".") or lower.endswith(TEMP_SUFFIXES) or ".tmp." in lower
+
+
 def _list_files(root: Path, depth: int) -> list[str]:
     """Relative POSIX paths of files under ``root`` at exactly ``depth`` directory levels."""
     found: list[str] = []
@@ -658,6 +742,12 @@ def _list_files(root: Path, depth: int) -> list[str]:
 
 
 def _candidates(run_dir: Path, pattern: str | None) -> tuple[list[str], list[tuple[str, Any]]]:
+    names, namings = _all_candidates(run_dir, pattern)
+    return [n for n in names if not is_temporary_name(n)], namings
+
+
+def _all_candidates(run_dir: Path,
+                    pattern: str | None) -> tuple[list[str], list[tuple[str, Any]]]:
     if pattern is None:
         names = _list_files(run_dir, 0) + [f"{_SUBDIR}/{n}" for n in
                                             _list_files(run_dir / _SUBDIR, 0)]
@@ -693,7 +783,8 @@ def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None
     :data:`KNOWN_NAMINGS` (``ckpt_epoch_{epoch}.pth`` of the CTC reference code,
     Lightning's ``epoch={epoch}-step={step}.ckpt``, ``checkpoint_{epoch}.pt``,
     ``checkpoint-{epoch}.pth.tar``, ``model_{epoch}.pth``, ``epoch_{epoch}.pt``, and
-    the same with ``.safetensors``).
+    the same with ``.safetensors``). Temporary and partial files left by an
+    interrupted writer (:func:`is_temporary_name`) are never taken for checkpoints.
 
     Parameters
     ----------
@@ -762,6 +853,17 @@ def _nothing_found(run_dir: Path, names: list[str], ignored: list[str],
                    pattern: str | None) -> str:
     wanted = repr(pattern) if pattern else "a known checkpoint naming (" + ", ".join(
         KNOWN_NAMINGS[:6]) + ", ...)"
+    if not ignored and not pattern:
+        # Checkpoints one folder down (other than checkpoints/) are a common layout.
+        deeper = [n for n in _list_files(run_dir, 1) if not n.startswith(_SUBDIR + "/")
+                  and n.lower().endswith(_CHECKPOINT_SUFFIXES) and not is_temporary_name(n)]
+        if deeper:
+            folder = deeper[0].split("/", 1)[0]
+            listing = ", ".join(deeper[:4]) + (f" (+{len(deeper) - 4} more)"
+                                               if len(deeper) > 4 else "")
+            return (f"{run_dir}: no checkpoint files at the top level or in {_SUBDIR}/, but "
+                    f"found {listing}; pass --pattern '{folder}/NAME_{{epoch}}.pt' describing "
+                    "their names, or write a manifest (see checkpoints_manifest/README.md)")
     shown = ignored or names
     if shown:
         listing = ", ".join(shown[:6]) + (f" (+{len(shown) - 6} more)" if len(shown) > 6 else "")

@@ -1,7 +1,9 @@
 """Command line: ``dtprobe train | analyze | plot | report | demo | list``.
 
 User errors (:class:`dtprobe.errors.DtprobeError`, manifest errors) print one line and exit 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. Exit statuses: 0 success, 1 the analysis finished but
+some checkpoints failed (each reason printed and in ``analysis/failures.csv``), 2 user error
+(bad option or file, run busy with ``--no-wait``), 130 interrupted (completed work is kept).
 """
 
 from __future__ import annotations
@@ -113,7 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file glob with {epoch}, e.g. 'snap_{epoch}.pt'")
     a.add_argument("--no-cache", action="store_true", help="ignore cached features")
     a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--no-plot", action="store_true", help="do not write analysis/tradeoff.png")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--no-wait", action="store_true",
+                   help="if another analysis of this run is in progress, stop with 'run is busy' "
+                        "instead of waiting for it")
+    a.add_argument("--follow-symlinks", action="store_true",
+                   help="accept checkpoints reached through symbolic links that lead out of the "
+                        "run directory (e.g. to scratch storage); refused by default")
     _add_data_args(a, None)
 
     pl = sub.add_parser("plot", help="write every chart the analysed metrics allow")
@@ -192,12 +201,19 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                       dataset=args.dataset, dataset_params=_dataset_params(args) or None,
                       pattern=args.pattern, compare=args.compare, layers=args.layers,
                       batch_size=args.batch_size, use_cache=not args.no_cache,
-                      progress=not args.no_progress, seed=args.seed)
+                      progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
+                      wait=not args.no_wait, follow_symlinks=args.follow_symlinks)
     _print_summary(results)
     out = Path(args.run_dir) / "analysis"
-    print(f"results: {out / 'metrics.csv'}  chart: {out / 'tradeoff.png'}")
+    stats = getattr(results, "stats", None)
+    if stats is not None:
+        print(stats.summary())
+    chart = "" if args.no_plot else f"  chart: {out / 'tradeoff.png'}"
+    print(f"results: {out / 'metrics.csv'}{chart}")
     if len(results.failures):
-        print(f"{len(results.failures)} checkpoint(s) failed; see {out / 'failures.csv'}",
+        total = stats.checkpoints if stats is not None else "?"
+        print(f"dtprobe analyze: {len(results.failures)} of {total} checkpoint(s) failed (each "
+              f"reason above and in {out / 'failures.csv'}); the others were analysed",
               file=sys.stderr)
         return EXIT_PARTIAL
     return 0

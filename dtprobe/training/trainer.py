@@ -7,10 +7,12 @@ identical, which the CTC paper's reference code did not guarantee.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,12 +230,35 @@ class Trainer:
         }, self.out / RESUME_FILE)
         cm.append_checkpoint(self.out, entry, replace=True)
 
+    def _can_resume(self) -> bool:
+        """Whether ``--resume`` has saved state to continue from.
+
+        A run killed before its first checkpoint was complete has nothing to continue: it is
+        started afresh (that is what resuming it means). A run whose manifest lists checkpoints
+        but whose resume state is gone cannot be continued exactly, which is an error.
+        """
+        if (self.out / RESUME_FILE).exists():
+            return True
+        manifest_file = self.out / cm.MANIFEST_NAME
+        if manifest_file.exists() and cm.read_manifest(self.out).checkpoints:
+            raise ConfigError(f"{self.out / RESUME_FILE}: missing, so the run cannot be continued "
+                              "although its manifest lists checkpoints; restore the file or "
+                              "train into a new --out")
+        if self.dist.is_main:
+            tqdm.write(f"[{self.out.name}] nothing was saved yet; starting the run from scratch")
+        return False
+
     def _try_resume(self) -> int:
         """Restore the latest resume state; return the epoch to start from (1-based)."""
         state_path = self.out / RESUME_FILE
         if not state_path.exists():
             raise ConfigError(f"{state_path}: nothing to resume; start the run without --resume")
-        state = torch.load(state_path, map_location=self.device, weights_only=True)
+        try:
+            state = torch.load(state_path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # written atomically, so only damage from outside gets here
+            raise ConfigError(f"{state_path}: cannot read the resume state ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); restore it or "
+                              "train into a new --out") from None
         manifest = cm.read_manifest(self.out)
         epochs = {c.epoch for c in manifest.checkpoints}
         if state["epoch"] not in epochs and self.dist.is_main:
@@ -312,10 +337,12 @@ class Trainer:
         self._setup()
         cfg = self.cfg
         start = 1
-        if cfg.resume:
+        if self.dist.is_main:
+            remove_stale_temp_files(self.out)
+        if cfg.resume and self._can_resume():
             start = self._try_resume()
         elif self.dist.is_main:
-            if (self.out / "manifest.json").exists():
+            if (self.out / "manifest.json").exists() and not cfg.resume:
                 raise ConfigError(f"{self.out}/manifest.json exists; pass --resume to continue "
                                   "that run or choose another --out")
             self.out.mkdir(parents=True, exist_ok=True)
@@ -356,21 +383,67 @@ def _append_log(path: Path, epoch: int, metrics: dict[str, float]) -> None:
             rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < epoch]
     rows.append({"epoch": epoch, **metrics})
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with _atomic_open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
+
+
+def _temp_name(path: Path) -> Path:
+    # Hidden and ending in ".tmp": never taken for a checkpoint by file-name inference, and
+    # recognisable as a leftover of a killed writer (see remove_stale_temp_files).
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def _atomic_open(path: Path, mode: str, **kwargs: Any) -> Iterator[Any]:
+    """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``: a kill
+    at any moment leaves the old file or the new one, never a partial one."""
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with _atomic_open(path, "wb") as fh:
         torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete temporary files that writers killed mid-save left in ``run_dir`` and
+    ``run_dir/checkpoints`` (hidden ``.NAME.PID.tmp`` files; a kill can never leave a partial
+    checkpoint, resume state, log or manifest under its real name). Returns what was removed."""
+    removed: list[Path] = []
+    for directory in (run_dir, run_dir / "checkpoints"):
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            if (entry.name.startswith(".") and entry.name.endswith(".tmp")
+                    and entry.is_file(follow_symlinks=False)):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 def train(cfg: TrainConfig) -> Path:
