@@ -52,7 +52,13 @@ import checkpoints_manifest as cm
 from dtprobe import checkpoints as ckpt_io
 from dtprobe.data import DatasetBundle, load_dataset
 from dtprobe.data.registry import available_datasets
-from dtprobe.errors import CheckpointError, ConfigError, DtprobeError, MetricInputError
+from dtprobe.errors import (
+    CheckpointError,
+    ConfigError,
+    DtprobeError,
+    MetricInputError,
+    RunBusyError,
+)
 from dtprobe.extract import FeatureCache, cache_key, dataset_key, extract_features
 from dtprobe.metrics import cka_matrix, linear_cka
 from dtprobe.metrics.registry import (
@@ -69,10 +75,6 @@ FAILURE_COLUMNS = ["run", "epoch", "path", "reason"]
 PARTS_VERSION = 1
 MAX_MI_INPUTS = 2000  # test images whose flattened pixels are kept as X for I(X;T)
 LOCK_FILE = ".lock"
-
-
-class RunBusyError(DtprobeError):
-    """Another process is analysing the run and the caller asked not to wait."""
 
 
 @dataclass

@@ -26,3 +26,7 @@ class ConfigError(DtprobeError):
 
 class MetricInputError(DtprobeError, ValueError):
     """Input to a metric is degenerate (one class, too few samples, NaN/Inf, wrong shape)."""
+
+
+class RunBusyError(DtprobeError):
+    """Another process holds the run's analysis lock (raised with ``--no-wait``)."""

@@ -166,11 +166,18 @@ class Trainer:
         self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
-        self.bundle = load_dataset(cfg.dataset, **cfg.dataset_params)
+        try:
+            self.bundle = load_dataset(cfg.dataset, **cfg.dataset_params)
+        except TypeError as exc:  # an unknown --dataset-param
+            raise ConfigError(f"--dataset-param for {cfg.dataset}: {exc}") from exc
         spec = get_arch(cfg.arch)
         arch_params = {"in_channels": self.bundle.in_channels, **cfg.arch_params}
         self.arch_params = arch_params
-        self.model = build_model(cfg.arch, self.bundle.num_classes, **arch_params).to(self.device)
+        try:
+            model = build_model(cfg.arch, self.bundle.num_classes, **arch_params)
+        except TypeError as exc:  # an unknown --arch-param
+            raise ConfigError(f"--arch-param for {cfg.arch}: {exc}") from exc
+        self.model = model.to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.head = head_module(self.model, cfg.arch)
