@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 bench: $(STAMP)
+	$(PY) -m pip install -e '.[test,bench]'
 	$(PY) -m benchmarks.run
 
 bench-quick: $(STAMP)

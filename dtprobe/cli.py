@@ -37,6 +37,15 @@ def _parse_kv(items: list[str] | None, flag: str) -> dict[str, Any]:
     return out
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
+
+
 def _add_data_args(p: argparse.ArgumentParser, default_dataset: str | None) -> None:
     p.add_argument("--dataset", default=default_dataset,
                    help="dataset name (see `dtprobe list`)" +
@@ -107,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other runs for CKA between runs at matching epochs")
     a.add_argument("--layers", nargs="+", default=[], help="module names for layer-wise CKA")
     a.add_argument("--device", default="auto")
-    a.add_argument("--batch-size", type=int, default=512)
+    a.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="images per forward pass during extraction (default: auto)")
     a.add_argument("--arch", default=None, help="architecture, for runs without a manifest")
     a.add_argument("--arch-param", action="append", metavar="KEY=VALUE")
     a.add_argument("--num-classes", type=int, default=None)

@@ -1,85 +1,511 @@
 """Feature extraction for checkpoint series, with an on-disk cache.
 
 One forward pass per image and checkpoint yields the logits, the penultimate features (the
-head's input) and any requested intermediate layers (global-average-pooled). Results are cached
-under ``RUN_DIR/analysis/features/`` keyed by checkpoint sha256 + dataset + split + layers, so
-adding a metric or a checkpoint never re-runs the network for what is already there.
+head's input, as in Kornblith et al. 2021 and Cui et al. 2022, who measure the trade-off on
+the penultimate layer) and any requested intermediate layers (global-average-pooled). The
+engine is built so that an analysis costs little more than the forward passes themselves:
+
+- the evaluation images are decoded once by the caller and reused for every checkpoint (CPU
+  tensors, pinned for CUDA, or already resident on the device);
+- each call works on an inference copy of the network: eval-mode BatchNorm folded into the
+  preceding convolution (``torch.fx``; checked against the unfolded network on a few images,
+  and skipped when the two disagree or the network cannot be traced) and channels-last memory
+  format for 4-D inputs; the caller's model is only put in eval mode;
+- ``torch.inference_mode``; bf16 autocast on CUDA (opt-in on CPUs with bf16 units);
+- outputs are written into preallocated buffers (on the device for CUDA, one transfer at the
+  end) instead of concatenating per-batch copies;
+- on CUDA, host-to-device copies of the next batch run on a side stream from pinned memory
+  while the current batch computes;
+- ``batch_size="auto"``: on CUDA a large batch that halves on out-of-memory (the size that
+  worked is remembered per architecture and image shape), on the CPU a cache-friendly size.
+
+Results are cached under ``RUN_DIR/analysis/features/`` by :class:`FeatureCache`, keyed by
+checkpoint sha256 + dataset + split + layers (+ an optional transform tag), so adding a metric
+or a checkpoint never re-runs the network for what is already there.
+
+References
+----------
+Kornblith, S., Chen, T., Lee, H., Norouzi, M. (2021). Why do better loss functions lead to
+less transferable features? NeurIPS 2021.
+
+Cui, Q. et al. (2022). Discriminability-transferability trade-off: an information-theoretic
+perspective. ECCV 2022.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dtprobe.errors import ConfigError
 from dtprobe.models.tap import PenultimateTap
-from dtprobe.training.distributed import autocast
+
+__all__ = ["CACHE_VERSION", "FeatureCache", "auto_batch_size", "cache_key", "dataset_key",
+           "extract_features", "inference_model"]
 
 CACHE_VERSION = 1
 
+BatchSize = int | Literal["auto"]
 
+#: Input elements per thread and batch on the CPU: ~1 MiB of float32 pixels per thread keeps
+#: the early activations cache-resident (measured fastest for small_cnn at 32 px: 64-128).
+_CPU_ELEMENTS_PER_THREAD = 1 << 18
+#: First batch tried on CUDA holds at most this many input elements (1 GiB of float32).
+_CUDA_START_ELEMENTS = 1 << 28
+_CUDA_MAX_BATCH = 4096
+#: Batch sizes that fitted after an out-of-memory halving, per architecture, parameter count,
+#: image shape, device and layers.
+_AUTO_BATCH: dict[tuple, int] = {}
+#: Images used to check a BatchNorm-folded copy against the original network.
+_FOLD_CHECK_IMAGES = 4
+
+
+# --------------------------------------------------------------------------------- helpers
 def _pool(t: torch.Tensor) -> torch.Tensor:
     # Convolutional maps are summarised by their spatial mean (as in most CKA studies).
     return t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t.flatten(1)
 
 
-@torch.inference_mode()
+class _Taps:
+    """Penultimate tap on ``head`` plus pooled forward hooks on ``layers`` of ``net``."""
+
+    def __init__(self, net: nn.Module, head: nn.Module, layers: Sequence[str]):
+        self.tap = PenultimateTap(head)
+        self.captured: dict[str, torch.Tensor] = {}
+        self.handles = []
+        try:
+            for name in layers:
+                module = net.get_submodule(name)
+                self.handles.append(module.register_forward_hook(
+                    lambda _m, _a, out, name=name: self.captured.__setitem__(name, _pool(out))))
+        except BaseException:
+            self.remove()
+            raise
+
+    def run(self, net: nn.Module, x: torch.Tensor, device: torch.device,
+            amp: bool = False) -> dict[str, torch.Tensor]:
+        self.captured.clear()
+        self.tap.features = None
+        if amp:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logits = net(x)
+        else:
+            logits = net(x)
+        if self.tap.features is None:
+            raise RuntimeError("the head module was not called in forward(); pass the module "
+                               "whose input is the penultimate layer")
+        outs = {"features": self.tap.features, "logits": logits}
+        outs.update({f"layer:{k}": v for k, v in self.captured.items()})
+        return outs
+
+    def remove(self) -> None:
+        self.tap.remove()
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str | None:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    return None
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _close(ref: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> bool:
+    if ref.keys() != new.keys():
+        return False
+    for key, a in ref.items():
+        b = new[key]
+        if a.shape != b.shape:
+            return False
+        a, b = a.float(), b.float()
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        # Folding changes rounding only (~1e-6 relative in float32; TF32 convolutions on CUDA
+        # give ~1e-3); a structural difference is O(1) of the output's scale.
+        if not torch.allclose(a, b, rtol=1e-2, atol=1e-2 * scale + 1e-6):
+            return False
+    return True
+
+
+_CONV_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+
+
+class _Tracer(torch.fx.Tracer):
+    """``torch.fx`` tracer that keeps the head and the hooked layers as opaque leaf calls, so
+    their hooks still fire in the traced copy."""
+
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (module_qualified_name in self.leaves
+                or super().is_leaf_module(m, module_qualified_name))
+
+
+def _fold_batchnorm(model: nn.Module, leaves: set[str]) -> tuple[nn.Module, int]:
+    """Trace a deep copy of ``model`` and fold every eval BatchNorm into the conv feeding it.
+
+    A pair is folded only when the conv's output feeds nothing but the BatchNorm, the conv
+    module is called once, the BatchNorm tracks running statistics, and neither is a leaf
+    (a hooked layer or the head). Returns the traced copy and the number of folded pairs.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    copy_ = copy.deepcopy(model)
+    graph = _Tracer(leaves).trace(copy_)
+    modules = dict(copy_.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not node.args:
+            continue
+        src = node.args[0]
+        if not isinstance(src, torch.fx.Node) or src.op != "call_module":
+            continue
+        conv, bn = modules.get(src.target), modules.get(node.target)
+        if (type(conv) not in _CONV_BN or type(bn) is not _CONV_BN[type(conv)]
+                or len(src.users) != 1 or calls[src.target] != 1
+                or not bn.track_running_stats or bn.running_mean is None
+                or src.target in leaves or node.target in leaves):
+            continue
+        parent_name, _, attr = src.target.rpartition(".")
+        parent = copy_.get_submodule(parent_name) if parent_name else copy_
+        setattr(parent, attr, fuse_conv_bn_eval(conv, bn))
+        node.replace_all_uses_with(src)
+        graph.erase_node(node)
+        folded += 1
+    return torch.fx.GraphModule(copy_, graph), folded
+
+
+@torch.no_grad()
+def inference_model(model: nn.Module, head: nn.Module, layers: Sequence[str] = (),
+                    probe: torch.Tensor | None = None) -> tuple[nn.Module, nn.Module, bool]:
+    """An inference copy of ``model`` with eval-mode BatchNorm folded into preceding convs.
+
+    Folding ``y = gamma (W x + b - mu) / sqrt(var + eps) + beta`` into one convolution with
+    weight ``W gamma / sqrt(var + eps)`` removes a full pass over every activation map; the
+    result equals the original up to float rounding.
+
+    Parameters
+    ----------
+    model : the network, in eval mode and on its device (not modified).
+    head : its classification head (a submodule of ``model``).
+    layers : dotted module names whose outputs will be hooked; they stay callable modules.
+    probe : a few input images on the model's device; the folded copy is used only if its
+        logits, penultimate features and layer outputs match the original's on them.
+
+    Returns
+    -------
+    (net, net_head, folded) : the network to run, its head module, and whether folding took
+    place. Without foldable BatchNorm, with a head outside ``model``, a network ``torch.fx``
+    cannot trace, or any disagreement on ``probe``, this is ``(model, head, False)``.
+    """
+    name = _module_name(model, head)
+    if not name or not _has_batchnorm(model) or model.training:
+        return model, head, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused, count = _fold_batchnorm(model, {name, *layers})
+        if count == 0:
+            return model, head, False
+        fused_head = fused.get_submodule(name)
+        for layer in layers:
+            fused.get_submodule(layer)
+    except Exception:  # untraceable control flow, a layer lost by tracing, ...
+        return model, head, False
+    fused.eval()
+    if probe is not None:
+        device = probe.device
+        outs = []
+        for net, hd in ((model, head), (fused, fused_head)):
+            taps = _Taps(net, hd, layers)
+            try:
+                outs.append(taps.run(net, probe, device, amp=False))
+            except Exception:
+                return model, head, False
+            finally:
+                taps.remove()
+        if not _close(*outs):
+            return model, head, False
+    return fused, fused_head, True
+
+
+def auto_batch_size(images: torch.Tensor, device: torch.device) -> int:
+    """Starting batch size for ``batch_size="auto"``.
+
+    On the CPU, about ``2**18`` input elements per thread (small batches keep activations in
+    cache; 64 images of 3 x 32 x 32 per thread). On CUDA, up to ``2**28`` input elements
+    (at most 4096 images); :func:`extract_features` halves it on out-of-memory.
+    """
+    n = max(1, int(images.shape[0]))
+    per_image = max(1, math.prod(images.shape[1:]))
+    if device.type == "cuda":
+        budget, lo, hi = _CUDA_START_ELEMENTS, 1, _CUDA_MAX_BATCH
+    else:
+        budget, lo, hi = _CPU_ELEMENTS_PER_THREAD * torch.get_num_threads(), 8, 512
+    size = 1 << max(0, int(math.log2(max(1, budget // per_image))))
+    return max(1, min(n, max(lo, min(hi, size))))
+
+
+def _use_amp(amp: bool | None, device: torch.device) -> bool:
+    if amp is None:  # default: bf16 on CUDA devices that support it, full precision elsewhere
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(amp)
+
+
+def _auto_key(model: nn.Module, images: torch.Tensor, device: torch.device,
+              layers: Sequence[str]) -> tuple:
+    n_params = sum(p.numel() for p in model.parameters())
+    return (type(model).__qualname__, n_params, tuple(images.shape[1:]), images.dtype,
+            str(device), tuple(layers))
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class _Loader:
+    """Device batches ``images[start:end]``; on CUDA the next one is copied on a side stream.
+
+    Host images that are not pinned are staged through two reusable pinned buffers, so the
+    copy is asynchronous without pinning the whole dataset.
+    """
+
+    def __init__(self, images: torch.Tensor, device: torch.device, channels_last: bool):
+        self.images, self.device = images, device
+        self.channels_last = channels_last
+        self.async_copy = device.type == "cuda" and images.device.type == "cpu"
+        self.stream = torch.cuda.Stream(device) if self.async_copy else None
+        self.staging: list[torch.Tensor | None] = [None, None]
+        self.events: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def _format(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _stage(self, start: int, end: int) -> torch.Tensor:
+        """A pinned host copy of ``images[start:end]`` in a buffer no pending copy reads."""
+        if self.images.is_pinned():
+            return self.images[start:end]
+        i, rows = self.turn, end - start
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # the copy that last read this buffer has finished
+        buf = self.staging[i]
+        if buf is None or buf.shape[0] < rows:
+            buf = torch.empty((rows, *self.images.shape[1:]), dtype=self.images.dtype,
+                              pin_memory=True)
+            self.staging[i] = buf
+        out = buf[:rows]
+        out.copy_(self.images[start:end])
+        return out
+
+    def fetch(self, start: int, end: int):
+        """Start bringing ``images[start:end]`` to the device; returns a handle for ``get``."""
+        if not self.async_copy:
+            return self._format(self.images[start:end].to(self.device))
+        host = self._stage(start, end)
+        with torch.cuda.stream(self.stream):
+            x = self._format(host.to(self.device, non_blocking=True))
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.events[self.turn] = event
+        self.turn = 1 - self.turn
+        return x, event
+
+    def get(self, handle) -> torch.Tensor:
+        """The device tensor of a ``fetch`` handle, safe to use on the current stream."""
+        if not self.async_copy:
+            return handle
+        x, event = handle
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        x.record_stream(current)
+        return x
+
+
+def _batches(n: int, start: int, size: int) -> Iterator[tuple[int, int]]:
+    for s in range(start, n, size):
+        yield s, min(n, s + size)
+
+
+# ------------------------------------------------------------------------------ extraction
 def extract_features(model: nn.Module, head: nn.Module, images: torch.Tensor, *,
-                     device: torch.device, batch_size: int = 512,
-                     layers: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+                     device: torch.device | str, batch_size: BatchSize = "auto",
+                     layers: Sequence[str] = (), fold_batchnorm: bool = True,
+                     amp: bool | None = None) -> dict[str, torch.Tensor]:
     """Run ``model`` over ``images`` once and collect its outputs.
 
     Parameters
     ----------
-    model, head : the network and its classification head (its input = penultimate features).
-    images : (n, C, H, W) float tensor, normalised, on the CPU (pinned when ``device`` is CUDA).
-    device : where to run; on CUDA, bf16 autocast and channels_last are used.
-    batch_size : images per forward pass.
-    layers : dotted module names whose outputs are also returned (pooled to (n, channels)).
+    model : nn.Module
+        The network (on ``device``); it is put in eval mode. Folding and the channels-last
+        format apply to an inference copy; only when no copy is made (nothing to fold) on
+        CUDA is the model itself converted to channels-last (same values).
+    head : nn.Module
+        Its classification head, whose input is the penultimate representation.
+    images : torch.Tensor, shape (n, ...)
+        Normalised inputs, on the CPU (pinned when ``device`` is CUDA, for asynchronous
+        copies; unpinned tensors are staged through small pinned buffers) or already on
+        ``device``.
+    device : torch.device or str
+        Where to run.
+    batch_size : int or "auto", default "auto"
+        Images per forward pass. ``"auto"`` chooses one (see :func:`auto_batch_size`) and
+        halves it on out-of-memory until a batch fits, resuming after the last complete
+        batch (the size that fitted is remembered for later calls with the same
+        architecture and image shape); an explicit size is used as given (an out-of-memory
+        error propagates).
+    layers : sequence of str
+        Dotted module names whose outputs are also returned, pooled to (n, channels).
+    fold_batchnorm : bool, default True
+        Fold eval-mode BatchNorm into the preceding convolution when the folded network is
+        verified to agree with the original (see :func:`inference_model`).
+    amp : bool, optional
+        bf16 autocast. Default (``None``): on for CUDA devices that support bf16, off on the
+        CPU, where float32 keeps the outputs exact to rounding. ``True`` also enables it on
+        the CPU: several times faster on CPUs with AMX / AVX-512-BF16 units, at bf16
+        precision (about 3 significant digits).
 
     Returns
     -------
-    dict with ``features`` (n, d) and ``logits`` (n, C) as float32 CPU tensors, plus
-    ``layer:<name>`` entries for each requested layer.
+    dict of str to torch.Tensor
+        ``features`` (n, d) and ``logits`` (n, C) as float32 CPU tensors, plus a
+        ``layer:<name>`` entry for each requested layer.
+
+    Raises
+    ------
+    ConfigError
+        ``batch_size`` is neither a positive int nor ``"auto"``, or ``images`` is empty.
+    RuntimeError
+        The model fails on the images (e.g. wrong input shape), or runs out of memory at
+        an explicit ``batch_size``.
+
+    References
+    ----------
+    Kornblith, S., Chen, T., Lee, H., Norouzi, M. (2021). Why do better loss functions lead
+    to less transferable features? NeurIPS 2021 (penultimate-layer analysis).
     """
+    device = torch.device(device)
+    auto = batch_size == "auto"
+    if not auto and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                     or batch_size < 1):
+        raise ConfigError(f"batch_size={batch_size!r}: pass a positive integer or 'auto'")
+    if images.ndim < 1 or images.shape[0] == 0:
+        raise ConfigError("extract_features got no images; pass a non-empty (n, ...) tensor")
+    n = int(images.shape[0])
     model.eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    tap = PenultimateTap(head)
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in layers:
-        module = model.get_submodule(name)
-        handles.append(module.register_forward_hook(
-            lambda _m, _a, out, name=name: captured.__setitem__(name, _pool(out))))
-    chunks: dict[str, list[torch.Tensor]] = {}
+    net, net_head = model, head
+    channels_last = images.ndim == 4
+    if fold_batchnorm:
+        probe = images[:_FOLD_CHECK_IMAGES].to(device)
+        net, net_head, folded = inference_model(model, head, layers, probe)
+    else:
+        folded = False
+    if channels_last and folded:
+        net = net.to(memory_format=torch.channels_last)
+    elif channels_last and device.type == "cuda":
+        # No private copy: convert the caller's model only where it pays most (as before);
+        # on the CPU the input alone goes channels-last.
+        net = net.to(memory_format=torch.channels_last)
+    key = _auto_key(model, images, device, layers)
+    if auto:
+        size = _AUTO_BATCH.get(key) or auto_batch_size(images, device)
+    else:
+        size = int(batch_size)
+    size = first = max(1, min(size, n))
+
+    taps = _Taps(net, net_head, layers)
+    out: dict[str, torch.Tensor] = {}
+    progress = [0]  # rows completed
     try:
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start:start + batch_size].to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
-                logits = model(x)
-            outs = {"features": tap.features, "logits": logits}
-            outs.update({f"layer:{k}": v for k, v in captured.items()})
-            for key, val in outs.items():
-                chunks.setdefault(key, []).append(val.float().cpu())
+        while progress[0] < n:
+            try:
+                _run_range(net, taps, images, size, device, channels_last, out, progress,
+                           _use_amp(amp, device))
+            except RuntimeError as exc:
+                if not (auto and _is_oom(exc) and size > 1):
+                    raise
+                size = max(1, size // 2)  # retry from the last complete batch
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if auto and size < first:
+            _AUTO_BATCH[key] = size  # later checkpoints of this architecture start here
     finally:
-        tap.remove()
-        for h in handles:
-            h.remove()
-    return {k: torch.cat(v) for k, v in chunks.items()}
+        taps.remove()
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return {k: v.cpu() if v.device.type != "cpu" else v for k, v in out.items()}
 
 
-def cache_key(checkpoint_sha256: str, dataset_key: str, split: str, layers: Sequence[str]) -> str:
-    payload = json.dumps([CACHE_VERSION, checkpoint_sha256, dataset_key, split, sorted(layers)])
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+def _run_range(net: nn.Module, taps: _Taps, images: torch.Tensor, size: int,
+               device: torch.device, channels_last: bool, out: dict[str, torch.Tensor],
+               progress: list[int], amp: bool) -> None:
+    """Forward ``images[progress[0]:]`` in batches of ``size`` into preallocated ``out``.
+
+    ``progress[0]`` is advanced after every batch, so that a caller retrying after an
+    out-of-memory error resumes where the last complete batch ended.
+    """
+    n = int(images.shape[0])
+    loader = _Loader(images, device, channels_last)
+    ranges = list(_batches(n, progress[0], size))
+    with torch.inference_mode():
+        pending = loader.fetch(*ranges[0])
+        for i, (s, e) in enumerate(ranges):
+            x = loader.get(pending)
+            if i + 1 < len(ranges):
+                pending = loader.fetch(*ranges[i + 1])
+            outs = taps.run(net, x, device, amp)
+            for name, val in outs.items():
+                buf = out.get(name)
+                if buf is None:
+                    buf = torch.empty((n, *val.shape[1:]), dtype=torch.float32,
+                                      device=device)
+                    out[name] = buf
+                buf[s:e].copy_(val, non_blocking=True)
+            progress[0] = e
+
+
+# ----------------------------------------------------------------------------------- cache
+def cache_key(checkpoint_sha256: str, dataset_key: str, split: str, layers: Sequence[str],
+              transform: str = "") -> str:
+    """Key of one checkpoint's features on one dataset split.
+
+    Parameters
+    ----------
+    checkpoint_sha256 : digest of the checkpoint file (or another unique id of its weights).
+    dataset_key : :func:`dataset_key` of the evaluation data.
+    split : ``"train"`` or ``"test"``.
+    layers : extra layers extracted (order does not matter).
+    transform : optional tag of any input transform not captured by ``dataset_key``; the
+        empty default leaves the key as in earlier versions, so existing caches stay valid.
+    """
+    parts: list = [CACHE_VERSION, checkpoint_sha256, dataset_key, split, sorted(layers)]
+    if transform:
+        parts.append(transform)
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
 def dataset_key(name: str, params: dict) -> str:
@@ -87,11 +513,17 @@ def dataset_key(name: str, params: dict) -> str:
     return f"{name}:{json.dumps(params, sort_keys=True, default=str)}"
 
 
+_REQUIRED = ("features", "logits")
+
+
 class FeatureCache:
     """Safetensors files under ``root`` keyed by :func:`cache_key` (no pickle involved).
 
     ``reuse=False`` ignores existing entries (they are recomputed and overwritten); features are
-    always written, because the across-epoch metrics stream them back from disk.
+    always written, because the across-epoch metrics stream them back from disk. Files are
+    written to a temporary name and renamed, so a reader never sees a partial file; a torn,
+    foreign or inconsistent file (missing ``features``/``logits``, rows that disagree) is a
+    cache miss, never an error.
     """
 
     def __init__(self, root: Path | str, reuse: bool = True):
@@ -102,19 +534,35 @@ class FeatureCache:
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The cached tensors of ``key``, or ``None`` (absent, ignored, torn or foreign)."""
         path = self._path(key)
         if (not self.reuse and key not in self._fresh) or not path.exists():
             return None
         try:
-            return load_file(path)
+            tensors = load_file(path)
         except Exception:  # a torn or foreign file is a cache miss, never an error
             return None
+        if any(k not in tensors for k in _REQUIRED):
+            return None
+        n = tensors["features"].shape[0] if tensors["features"].ndim else -1
+        if any(t.ndim == 0 or t.shape[0] != n for t in tensors.values()):
+            return None
+        return tensors
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Store ``tensors`` under ``key`` atomically (temporary file, then rename)."""
         self._fresh.add(key)
         self.root.mkdir(parents=True, exist_ok=True)
         path = self._path(key)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+

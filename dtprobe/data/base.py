@@ -15,7 +15,7 @@ import torch
 
 @dataclass
 class Split:
-    """One split: normalised images ``(n, C, H, W)`` float32, source ``labels`` and downstream factors."""
+    """One split: normalised images ``(n, C, H, W)`` float32, source labels, downstream factors."""
 
     images: torch.Tensor
     labels: torch.Tensor

@@ -1,4 +1,4 @@
-"""Dataset registry: ``load_dataset(name, **params) -> DatasetBundle``; a new dataset is one file."""
+"""Dataset registry: ``load_dataset(name, **params)``; adding a dataset is one file."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def available_datasets() -> list[str]:
 
 
 def load_dataset(name: str, **params) -> DatasetBundle:
-    """Load dataset ``name``; ``params`` are the loader's keyword arguments (recorded in manifests)."""
+    """Load dataset ``name``; ``params`` are its loader's keyword arguments (kept in manifests)."""
     names = available_datasets()
     if name not in _DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(names)}")

@@ -99,8 +99,8 @@ def _encode_labels(y: ArrayLike, n: int, name: str, device: torch.device,
 
 def _standardizer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and (population) standard deviation; zero deviations become 1."""
-    mean = x.mean(dim=0)
-    scale = x.std(dim=0, unbiased=False)
+    var, mean = torch.var_mean(x, dim=0, unbiased=False)  # one pass over the data
+    scale = var.sqrt()
     return mean, torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -652,7 +652,8 @@ def _task_pairs(view: EpochView, metric: str) -> list[tuple[str, torch.Tensor, t
 
 #: Settings of the registered ``probe_accuracy`` metric (recorded in every row's params).
 PROBE_METRIC_SETTINGS: dict[str, Any] = {"val_fraction": 0.2, "standardize": True,
-                                         "patience": 3, "tol": 1e-4, "sweep_tol": 1e-3}
+                                         "patience": 3, "tol": 1e-4, "sweep_tol": 1e-3,
+                                         "sweep_dtype": "auto"}
 #: Settings of the registered ``knn_accuracy`` metric.
 KNN_METRIC_SETTINGS: dict[str, Any] = {"k": 20, "temperature": 0.07}
 
