@@ -412,7 +412,7 @@ WHOLE_RUN = [
     ("architecture that does not fit the images", _with(["--arch-param", "in_channels=1"]),
      "cannot process the shapes images"),
     ("unknown layer", _with(["--layers", "features.99"]), "--layers features.99: no such module"),
-    ("batch size 0", _with(["--batch-size", "0"]), "--batch-size must be >= 1"),
+    ("batch size 0", _with(["--batch-size", "0"]), "--batch-size must be 'auto' or an integer"),
     ("unknown metric", _with(["--metrics", "accuracy_of_vibes"]), "unknown metric(s)"),
     ("compare with a missing run", _with(["--compare", "/nonexistent/other"]),
      "/nonexistent/other: no such run directory"),
