@@ -1,6 +1,10 @@
 """Architectures, by name. Importing this package registers the built-in ones."""
 
-from dtprobe.models import small_cnn, torchvision_resnet  # noqa: F401  (registration)
+from dtprobe.models import (  # noqa: F401  (registration)
+    resnext_cifar,
+    small_cnn,
+    torchvision_resnet,
+)
 from dtprobe.models.registry import (
     ArchSpec,
     available_archs,

@@ -47,8 +47,12 @@ def available_archs() -> dict[str, ArchSpec]:
 
 def get_arch(name: str) -> ArchSpec:
     archs = available_archs()
-    if name.startswith("timm:") and "timm:" not in archs:
-        raise ConfigError(f"architecture {name!r} needs timm: pip install 'dtprobe[timm]'")
+    if name.startswith("timm:"):
+        if name not in _ARCHS:
+            from dtprobe.models.timm_models import timm_arch
+
+            _ARCHS[name] = timm_arch(name)
+        return _ARCHS[name]
     if name not in archs:
         raise ConfigError(f"unknown architecture {name!r}; available: {', '.join(archs)} "
                           "(or timm:<model_name> with timm installed)")
