@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -198,7 +199,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dtprobe.training.trainer import train
 
     out = train(_train_config(args))
-    print(f"run written to {out} (manifest: {out / 'manifest.json'})")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        print(f"run written to {out} (manifest: {out / 'manifest.json'})")
     return 0
 
 
@@ -213,6 +215,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, use_cache=not args.no_cache,
                       progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
                       wait=not args.no_wait, follow_symlinks=args.follow_symlinks)
+    if results is None:  # a torchrun rank > 0: rank 0 merged and reports
+        return 0
     _print_summary(results)
     out = Path(args.run_dir) / "analysis"
     stats = getattr(results, "stats", None)
@@ -294,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; completed work is saved (re-run to continue)", file=sys.stderr)
         return 130
-    if args.command in ("train", "analyze", "demo"):
+    if args.command in ("train", "analyze", "demo") and os.environ.get("RANK", "0") == "0":
         print(f"done in {time.perf_counter() - start:.1f}s")
     return code
 
