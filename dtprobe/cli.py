@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="CE and CTC runs on the embedded data, analysed and charted")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int, default=30)
+    d.add_argument("--epochs", type=int, default=16)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default="auto")
     d.add_argument("--quick", action="store_true", help="tiny data and few epochs (smoke test)")

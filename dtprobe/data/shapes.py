@@ -1,9 +1,9 @@
 """``shapes``: the embedded, procedurally rendered default dataset.
 
-Each image shows one shape (the **source label**) drawn on a cluttered,
-noisy background.  Four more properties of the shape are drawn independently
-of it and of each other, and serve as **downstream tasks** (the ``factors``
-of every :class:`~dtprobe.data.base.Split`):
+Each image shows one coloured shape (the **source label**) on a grey,
+cluttered, noisy background.  Four more properties of the shape are drawn
+independently of it and of each other, and serve as **downstream tasks** (the
+``factors`` of every :class:`~dtprobe.data.base.Split`):
 
 ``colour``
     hue bin of the shape's fill (``n_colours`` equally spaced hues with jitter;
@@ -21,16 +21,27 @@ of every :class:`~dtprobe.data.base.Split`):
 
 Bins are sampled with a margin around their edges (values near the bin
 centres), so every factor is determined by the image, yet none is needed by
-the shape task.  Training on the shape label with plain cross-entropy
-therefore makes the network's penultimate features increasingly invariant to
-these factors: source accuracy rises while downstream linear probes fall late
-in training, the discriminability-transferability trade-off of Kornblith et
-al. (2021) and Cui et al. (2022) on two CPU cores in minutes.
+the shape task.  Nuisances make the task non-trivial: the grey background has
+a luminance close to the shape's (the shape stands out mostly by its chroma,
+so early features must see colour), a brightness gradient and a sinusoidal
+texture; ``clutter`` grey discs and strokes; Gaussian pixel noise (``noise``).
+
+Training on the shape label with plain cross-entropy makes the penultimate
+features increasingly invariant to the factors: source accuracy rises while
+downstream linear probes, after an early peak, keep falling, the
+discriminability-transferability trade-off of Kornblith et al. (2021) and Cui
+et al. (2022) on two CPU cores in minutes.  Measured with ``small_cnn``
+(width 32), 6000 training images, SGD (momentum 0.9, lr 0.05, cosine, batch
+128, weight decay 5e-4, random 2 px shifts), logistic-regression probes on
+standardised penultimate features (test accuracy): shape accuracy 0.17 ->
+0.42 (epoch 6) -> 0.83 (epoch 18); colour probe 0.84 (epoch 3) -> 0.38 ->
+0.23; position probe 0.58 (epoch 3) -> 0.57 -> 0.35.  The size and
+orientation probes rise instead (the shape features carry them).
 
 Rendering is vectorised numpy: every shape is a signed distance function of
 rotated, scaled pixel coordinates, anti-aliased by clipping the distance in
-pixel units, so generating the default 8000 images takes well under a second
-to a few seconds.
+pixel units, so generating the default 8000 images at 32 px takes about two
+seconds of CPU time.
 
 References
 ----------
@@ -43,6 +54,7 @@ References
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -72,8 +84,8 @@ def _polygon(u: Array, v: Array, sides: int, apothem: float) -> Array:
     """Regular polygon with one vertex pointing along +v."""
     d = np.full(u.shape, -np.inf, dtype=u.dtype)
     for k in range(sides):
-        a = np.pi / 2 + np.pi / sides + 2 * np.pi * k / sides
-        d = np.maximum(d, u * np.cos(a) + v * np.sin(a))
+        a = math.pi / 2 + math.pi / sides + 2 * math.pi * k / sides
+        d = np.maximum(d, u * math.cos(a) + v * math.sin(a))
     return d - apothem
 
 
@@ -82,7 +94,7 @@ def _sdf_square(u: Array, v: Array) -> Array:
 
 
 def _sdf_triangle(u: Array, v: Array) -> Array:
-    return _polygon(u, v + 0.1, 3, 0.55)
+    return _polygon(u, v, 3, 0.55)
 
 
 def _sdf_cross(u: Array, v: Array) -> Array:
@@ -91,7 +103,7 @@ def _sdf_cross(u: Array, v: Array) -> Array:
 
 def _sdf_star(u: Array, v: Array) -> Array:
     rho = np.hypot(u, v)
-    frac = np.mod(np.arctan2(u, v) * (5 / (2 * np.pi)), 1.0)
+    frac = np.mod(np.arctan2(u, v) * (5 / (2 * math.pi)), 1.0)
     tip = 2 * np.abs(frac - 0.5)  # 1 at the five tips, 0 between them
     return rho - (0.45 + 0.6 * tip)
 
@@ -145,6 +157,7 @@ SHAPES_PRESETS: dict[str, dict[str, Any]] = {
 
 _RADIUS_RANGE = (0.12, 0.28)  # shape radius as a fraction of the image side
 _CENTRE_MARGIN = 0.18  # centres lie in [margin, 1 - margin] of the image side
+_LUMA_CONTRAST = 0.2  # grey background level = shape luminance +- up to this
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,13 +173,22 @@ def _hsv_to_rgb(h: Array, s: Array, v: Array) -> Array:
 
 
 def _binned(rng: np.random.Generator, index: Array, n_bins: int, jitter: float) -> Array:
-    """A value in [0, 1) drawn near the centre of bin ``index`` (at most ``jitter`` bin widths off)."""
+    """A value in [0, 1) near the centre of bin ``index`` (at most ``jitter`` bin widths off)."""
     return (index + 0.5 + rng.uniform(-jitter, jitter, size=index.shape)) / n_bins
 
 
 def _balanced(rng: np.random.Generator, n: int, k: int) -> Array:
     """``n`` labels in ``range(k)``, as equal in count as possible, in random order."""
     return rng.permutation(np.arange(n) % k).astype(np.int64)
+
+
+def _balanced_within(rng: np.random.Generator, groups: Array, k: int) -> Array:
+    """Labels in ``range(k)``, balanced (to within one) inside every group, in random order."""
+    out = np.empty(groups.shape, dtype=np.int64)
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        out[idx] = rng.permutation((np.arange(idx.size) + rng.integers(k)) % k)
+    return out
 
 
 def _coverage(d_pixels: Array) -> Array:
@@ -191,10 +213,11 @@ def render_shapes(
     position_grid: int = 3,
     n_sizes: int = 3,
     n_orientations: int = 4,
-    noise: float = 0.08,
+    noise: float = 0.2,
     clutter: int = 3,
     chunk: int = 1024,
-) -> tuple[Array, Array, dict[str, Array]]:
+    return_masks: bool = False,
+) -> tuple[Array, Array, dict[str, Array]] | tuple[Array, Array, dict[str, Array], Array]:
     """Render ``n`` shape images with numpy.
 
     Parameters
@@ -207,27 +230,30 @@ def render_shapes(
     n_colours, position_grid, n_sizes, n_orientations : number of classes of the downstream
         factors (``position`` has ``position_grid ** 2`` classes).
     noise : standard deviation of the additive Gaussian pixel noise (intensities in [0, 1]).
-    clutter : number of distractor blobs and strokes painted behind the shape.
+    clutter : number of grey distractor discs and strokes painted behind the shape.
     chunk : images rendered per vectorised batch (bounds temporary memory).
+    return_masks : also return the shape's anti-aliased coverage ``(n, image_size, image_size)``
+        in [0, 1] (the shape is painted last, over the clutter), e.g. for checks or segmentation.
 
     Returns
     -------
     images : ``(n, 3, image_size, image_size)`` float32 in [0, 1].
     labels : ``(n,)`` int64 shape index.
     factors : ``colour``, ``position``, ``size``, ``orientation``, each ``(n,)`` int64.
+    masks : only with ``return_masks``.
     """
     S = image_size
     labels = _balanced(rng, n, n_shapes)
     factors = {
-        "colour": _balanced(rng, n, n_colours),
-        "position": _balanced(rng, n, position_grid**2),
-        "size": _balanced(rng, n, n_sizes),
-        "orientation": _balanced(rng, n, n_orientations),
+        "colour": _balanced_within(rng, labels, n_colours),
+        "position": _balanced_within(rng, labels, position_grid**2),
+        "size": _balanced_within(rng, labels, n_sizes),
+        "orientation": _balanced_within(rng, labels, n_orientations),
     }
     # Continuous parameters, each near the centre of its factor's bin.
     hue = _binned(rng, factors["colour"], n_colours, 0.3)
-    sat = rng.uniform(0.55, 1.0, n)
-    val = rng.uniform(0.55, 1.0, n)
+    sat = rng.uniform(0.6, 1.0, n)
+    val = rng.uniform(0.5, 1.0, n)
     fg = _hsv_to_rgb(hue, sat, val)
     row, col = np.divmod(factors["position"], position_grid)
     span = 1.0 - 2 * _CENTRE_MARGIN
@@ -238,35 +264,43 @@ def render_shapes(
     period = np.array([s.period for s in _SHAPES[:n_shapes]])[labels]
     theta = np.deg2rad(period * _binned(rng, factors["orientation"], n_orientations, 0.35))
 
-    # Background: a dim-to-bright, weakly saturated base colour with a linear gradient and a
-    # low-frequency sinusoidal texture; clutter colours are uniform random hues.
-    bg = _hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(0.0, 0.5, n), rng.uniform(0.1, 0.9, n))
-    grad = rng.uniform(-0.25, 0.25, (n, 3, 2)).astype(np.float32)
+    # Grey background close to the shape's luminance: the shape differs from it mostly in
+    # chroma, so the network must see colour to find the shape, yet the hue itself is useless.
+    # A linear brightness gradient and a low-frequency sinusoidal texture; grey clutter.
+    luminance = fg @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    level = np.clip(luminance + rng.uniform(-_LUMA_CONTRAST, _LUMA_CONTRAST, n), 0.05, 0.95)
+    bg = np.repeat(level[:, None], 3, axis=1).astype(np.float32)
+    grad = np.repeat(rng.uniform(-0.15, 0.15, (n, 1, 2)), 3, axis=1).astype(np.float32)
     tex_freq = rng.uniform(1.0, 4.0, (n, 2)) * 2 * np.pi
     tex_phase = rng.uniform(0, 2 * np.pi, n)
-    tex_amp = rng.uniform(0.0, 0.12, n)
+    tex_amp = rng.uniform(0.0, 0.1, n)
     clut_kind = rng.integers(0, 2, (n, clutter))  # 0 disc, 1 stroke
     clut_xy = rng.uniform(0.05, 0.95, (n, clutter, 2))
-    clut_r = rng.uniform(0.03, 0.07, (n, clutter))
+    clut_r = rng.uniform(0.03, 0.06, (n, clutter))
     clut_len = rng.uniform(0.12, 0.3, (n, clutter))
     clut_ang = rng.uniform(0, np.pi, (n, clutter))
-    clut_rgb = _hsv_to_rgb(rng.uniform(0, 1, n * clutter), rng.uniform(0.3, 1.0, n * clutter),
-                           rng.uniform(0.3, 1.0, n * clutter)).reshape(n, clutter, 3)
+    clut_rgb = np.repeat(rng.uniform(0.1, 0.9, (n, clutter, 1)), 3, axis=2).astype(np.float32)
+
+    f32 = np.float32
+    cx, cy, radius, theta = cx.astype(f32), cy.astype(f32), radius.astype(f32), theta.astype(f32)
+    tex_freq, tex_phase, tex_amp = tex_freq.astype(f32), tex_phase.astype(f32), tex_amp.astype(f32)
+    clut_xy, clut_r = clut_xy.astype(f32), clut_r.astype(f32)
+    clut_len, clut_ang = clut_len.astype(f32), clut_ang.astype(f32)
 
     grid = (np.arange(S, dtype=np.float32) + 0.5) / S
     gy, gx = np.meshgrid(grid, grid, indexing="ij")  # (S, S): row = y, column = x
     images = np.empty((n, 3, S, S), dtype=np.float32)
+    masks = np.empty((n, S, S), dtype=np.float32) if return_masks else None
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         m = sl.stop - sl.start
         dx = gx[None] - 0.5
         dy = gy[None] - 0.5
-        canvas = (bg[sl, :, None, None]
-                  + grad[sl, :, 0, None, None] * dx[:, None] + grad[sl, :, 1, None, None] * dy[:, None])
+        canvas = (bg[sl, :, None, None] + grad[sl, :, 0, None, None] * dx[:, None]
+                  + grad[sl, :, 1, None, None] * dy[:, None])
         tex = np.sin(tex_freq[sl, 0, None, None] * gx[None] + tex_freq[sl, 1, None, None] * gy[None]
                      + tex_phase[sl, None, None])
         canvas = canvas + (tex_amp[sl, None, None] * tex)[:, None]
-        canvas = canvas.astype(np.float32)
 
         for j in range(clutter):
             px = gx[None] - clut_xy[sl, j, 0, None, None]
@@ -278,7 +312,7 @@ def render_shapes(
                             clut_len[sl, j, None, None] / 2)
             stroke = np.hypot(px - along * c, py - along * s) - clut_r[sl, j, None, None] / 2
             d = np.where(clut_kind[sl, j, None, None] == 0, disc, stroke)
-            _paint(canvas, _coverage(d * S).astype(np.float32), clut_rgb[sl, j])
+            _paint(canvas, _coverage(d * S), clut_rgb[sl, j])
 
         # The shape: rotate and scale pixel coordinates into its local frame.
         px = gx[None] - cx[sl, None, None]
@@ -288,17 +322,22 @@ def render_shapes(
         u = (px * c + py * s) / r
         v = (-px * s + py * c) / r
         v = -v  # image rows grow downwards; make +v point up
-        d = np.empty((m, S, S), dtype=np.float64)
+        d = np.empty((m, S, S), dtype=np.float32)
         lab = labels[sl]
         for k in range(n_shapes):
             idx = np.flatnonzero(lab == k)
             if idx.size:
                 d[idx] = _SHAPES[k].sdf(u[idx], v[idx])
-        _paint(canvas, _coverage(d * r * S).astype(np.float32), fg[sl])
+        alpha = _coverage(d * r * S)
+        _paint(canvas, alpha, fg[sl])
+        if masks is not None:
+            masks[sl] = alpha
 
         if noise > 0:
-            canvas += rng.normal(0.0, noise, canvas.shape).astype(np.float32)
+            canvas += np.float32(noise) * rng.standard_normal(canvas.shape, dtype=np.float32)
         images[sl] = np.clip(canvas, 0.0, 1.0)
+    if masks is not None:
+        return images, labels, factors, masks
     return images, labels, factors
 
 
@@ -323,7 +362,7 @@ def load_shapes(
     position_grid: int = 3,
     n_sizes: int = 3,
     n_orientations: int = 4,
-    noise: float = 0.08,
+    noise: float = 0.2,
     clutter: int = 3,
     preset: str = "default",
 ) -> DatasetBundle:
@@ -341,7 +380,7 @@ def load_shapes(
     n_colours, position_grid, n_sizes, n_orientations : classes of the downstream factors
         (``position`` has ``position_grid ** 2``).
     noise : standard deviation of the Gaussian pixel noise on [0, 1] intensities.
-    clutter : distractor blobs/strokes per image.
+    clutter : grey distractor discs/strokes per image.
     preset : ``"default"`` (6000 / 2000 images, 32 px) or ``"fast"`` (600 / 200, 16 px, for
         tests).  Explicit arguments override the preset.
 
@@ -354,10 +393,10 @@ def load_shapes(
 
     Notes
     -----
-    Every factor is sampled in balanced, independent random order, so each of its classes
-    occurs (about) equally often within every shape class: no factor is a function of the
-    label, and chance level of each probe is ``1 / classes``.  Memory: ``(n_train + n_test) x 3 x
-    image_size^2 x 4`` bytes (about 98 MB at the defaults).
+    Every factor is sampled independently of the others and balanced within every shape
+    class (each factor class occurs equally often, to within one image, for every shape): no
+    factor is a function of the label, and the chance level of each probe is ``1 / classes``.
+    Memory: ``(n_train + n_test) x 3 x image_size^2 x 4`` bytes (98 MB at the defaults).
 
     References
     ----------

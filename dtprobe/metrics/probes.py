@@ -651,7 +651,8 @@ def _task_pairs(view: EpochView, metric: str) -> list[tuple[str, torch.Tensor, t
 
 
 #: Settings of the registered ``probe_accuracy`` metric (recorded in every row's params).
-PROBE_METRIC_SETTINGS: dict[str, Any] = {"val_fraction": 0.2, "standardize": True,
+PROBE_METRIC_SETTINGS: dict[str, Any] = {"c_grid": tuple(float(c) for c in np.logspace(-3, 1, 5)),
+                                         "val_fraction": 0.2, "standardize": True,
                                          "patience": 3, "tol": 1e-4, "sweep_tol": 1e-3,
                                          "sweep_dtype": "auto"}
 #: Settings of the registered ``knn_accuracy`` metric.

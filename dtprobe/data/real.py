@@ -1,0 +1,602 @@
+"""Real image datasets, loaded from local paths: CIFAR-10/100, CINIC-10, STL-10, ImageFolder.
+
+Nothing is fetched unless ``download=True`` is passed.  Each loader decodes a
+whole split into memory once (uint8, then normalised float32 ``(n, 3, S, S)``
+tensors), because dtprobe reuses the same evaluation tensors for every
+checkpoint of a run.  Memory cost of the float32 tensors is
+``n x 3 x S^2 x 4`` bytes, plus the transient uint8 copy (a quarter of that):
+
+=============  ========================  =================================
+dataset        images (train + test)     float32 at native size
+=============  ========================  =================================
+cifar10/100    50 000 + 10 000, 32 px    737 MB
+cinic10        90 000 + 90 000, 32 px    2.2 GB (``max_per_class`` caps it)
+stl10          5 000 + 8 000, 96 px      1.4 GB (160 MB at ``image_size=32``)
+imagefolder    ImageNet, 1.28 M + 50 k   cap it: 64 px, ``max_per_class=100``
+                                         gives 100 000 + 50 000 images, 7.4 GB
+=============  ========================  =================================
+
+Images are normalised with the per-channel mean and std of the loaded
+training split (recorded in the bundle).  The source label is the dataset's
+class; ``factors`` are empty except for CIFAR-100, whose other label
+granularity (coarse superclass for the fine task, fine class for the coarse
+task) is a downstream factor on the same images.  Downstream tasks on a
+*different* image set (e.g. CIFAR-100 source, CINIC-10 target, as in Cui et
+al. 2022) do not fit a :class:`~dtprobe.data.base.Split`, whose factors label
+the same images; the analysis must load the target as its own bundle.
+
+CIFAR and STL-10 files are parsed here rather than through
+``torchvision.datasets``, whose classes refuse any file whose md5 differs from
+the release (so subsets and test fixtures cannot be read); folders are listed
+with ImageFolder's conventions (sorted class subfolders, image extensions)
+without importing torchvision, which is only used (lazily) to download.  CIFAR's pickles are
+read with an unpickler that only admits numpy arrays, so a tampered file
+cannot run code.
+
+References
+----------
+.. [1] Krizhevsky, A. "Learning multiple layers of features from tiny images." 2009 (CIFAR).
+.. [2] Darlow, L. N. et al. "CINIC-10 is not ImageNet or CIFAR-10." arXiv:1810.03505, 2018.
+.. [3] Coates, A., Ng, A., Lee, H. "An analysis of single-layer networks in unsupervised
+   feature learning." AISTATS 2011 (STL-10).
+.. [4] Cui, Q. et al. "Discriminability-transferability trade-off: an information-theoretic
+   perspective." ECCV 2022 (CIFAR-100 source, CINIC-10 target).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dtprobe.data.base import DatasetBundle, Split
+from dtprobe.data.registry import register_dataset
+from dtprobe.errors import DatasetError
+
+__all__ = ["load_cifar10", "load_cifar100", "load_cinic10", "load_imagefolder", "load_stl10"]
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+_CHUNK = 2048
+_IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_FIX = "pass --data-root or --download"
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+
+def _root(name: str, root: str | os.PathLike | None, layout: str, fix: str = _FIX) -> Path:
+    if root is None or str(root) == "":
+        raise DatasetError(f"{name}: no data root given (expected {layout}); {fix}")
+    return Path(root).expanduser().resolve()
+
+
+def _check_size(name: str, image_size: int | None) -> int | None:
+    if image_size is None:
+        return None
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise DatasetError(f"{name}: image_size={image_size!r} must be an integer >= 8 or None")
+    return image_size
+
+
+def _check_cap(name: str, max_per_class: int | None) -> int | None:
+    if max_per_class is None:
+        return None
+    if (isinstance(max_per_class, bool) or not isinstance(max_per_class, int)
+            or max_per_class < 1):
+        raise DatasetError(f"{name}: max_per_class={max_per_class!r} must be an integer >= 1 "
+                           "or None")
+    return max_per_class
+
+
+def _cap_indices(labels: np.ndarray, max_per_class: int | None) -> np.ndarray:
+    """Indices keeping the first ``max_per_class`` samples of each class, in file order."""
+    if max_per_class is None:
+        return np.arange(len(labels))
+    keep = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        keep[np.flatnonzero(labels == c)[:max_per_class]] = True
+    return np.flatnonzero(keep)
+
+
+def _to_float(images: np.ndarray, image_size: int | None) -> torch.Tensor:
+    """uint8 ``(n, 3, H, W)`` -> float32 in [0, 1], resized (antialiased) to ``image_size``."""
+    n, c, h, w = images.shape
+    size = (h, w) if image_size is None else (image_size, image_size)
+    out = torch.empty((n, c, *size), dtype=torch.float32)
+    for start in range(0, n, _CHUNK):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + _CHUNK])).float().div_(255)
+        if size != (h, w):
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        out[start:start + _CHUNK] = x.clamp_(0, 1)
+    return out
+
+
+def _bundle(
+    name: str,
+    params: dict[str, Any],
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    class_names: Sequence[str],
+    image_size: int | None,
+    factors: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {}),
+    factor_classes: dict[str, int] | None = None,
+) -> DatasetBundle:
+    """Normalise uint8 splits with the train split's per-channel statistics into a bundle."""
+    x_train = _to_float(train[0], image_size)
+    x_test = _to_float(test[0], image_size)
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, len(x_train), _CHUNK):
+        x = x_train[start:start + _CHUNK].double()
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += x.square().sum(dim=(0, 2, 3))
+    count = x_train.shape[0] * x_train.shape[2] * x_train.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(0).sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    m, s = mean.float()[None, :, None, None], std.float()[None, :, None, None]
+    for x in (x_train, x_test):
+        for start in range(0, len(x), _CHUNK):
+            x[start:start + _CHUNK].sub_(m).div_(s)
+
+    def split(x: torch.Tensor, y: np.ndarray, f: dict[str, np.ndarray]) -> Split:
+        return Split(images=x, labels=torch.from_numpy(np.asarray(y, dtype=np.int64)),
+                     factors={k: torch.from_numpy(np.asarray(v, dtype=np.int64))
+                              for k, v in f.items()})
+
+    return DatasetBundle(
+        name=name, params=params,
+        train=split(x_train, train[1], factors[0]),
+        test=split(x_test, test[1], factors[1]),
+        num_classes=len(class_names),
+        factor_classes=dict(factor_classes or {}),
+        class_names=list(class_names),
+        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (python pickle batches)
+# ----------------------------------------------------------------------------------------------
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler admitting only plain containers and numpy arrays (CIFAR's batch format)."""
+
+    _ALLOWED = {
+        ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("numpy.core"):  # pickles written by numpy < 2
+            module = "numpy._core" + module[len("numpy.core"):]
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_pickle(name: str, path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            obj = _ArrayUnpickler(fh, encoding="latin1").load()
+    except Exception as err:  # any parse failure of a user file is a dataset error
+        raise DatasetError(f"{name}: cannot read {path} ({type(err).__name__}: {err}); "
+                           "re-download it with --download") from None
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{name}: {path} holds a {type(obj).__name__}, expected a CIFAR "
+                           "batch dict; re-download it with --download")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_batch(name: str, path: Path, label_keys: Sequence[str]) -> tuple[np.ndarray, ...]:
+    batch = _read_pickle(name, path)
+    missing = [k for k in ("data", *label_keys) if k not in batch]
+    if missing:
+        raise DatasetError(f"{name}: {path} lacks key(s) {', '.join(missing)}; "
+                           "re-download it with --download")
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DatasetError(f"{name}: {path} 'data' has shape {data.shape}, expected (n, 3072); "
+                           "re-download it with --download")
+    labels = [np.asarray(batch[k], dtype=np.int64) for k in label_keys]
+    if any(lab.shape != (data.shape[0],) for lab in labels):
+        raise DatasetError(f"{name}: {path} has {data.shape[0]} images but labels of another "
+                           "length; re-download it with --download")
+    return (data.reshape(-1, 3, 32, 32), *labels)
+
+
+def _locate(name: str, root: Path, folder: str, files: Sequence[str], layout: str,
+               download: bool, downloader: Any) -> Path:
+    """``root/folder`` (or ``root`` itself when it holds ``files``), downloading if asked."""
+    def complete(d: Path) -> bool:
+        return all((d / f).is_file() for f in files)
+
+    for d in (root / folder, root):
+        if complete(d):
+            return d
+    if download:
+        try:
+            downloader(root=str(root), download=True)
+        except Exception as err:  # network / disk trouble, reported on one line
+            raise DatasetError(f"{name}: download into {root} failed ({type(err).__name__}: "
+                               f"{err})") from None
+        if complete(root / folder):
+            return root / folder
+    d = root / folder
+    if not d.is_dir():
+        raise DatasetError(f"{name}: {root} missing {folder}/ (expected {layout}); {_FIX}")
+    absent = [f for f in files if not (d / f).is_file()]
+    raise DatasetError(f"{name}: {d} lacks {', '.join(absent)} (expected {layout}); {_FIX}")
+
+
+@register_dataset("cifar10")
+def load_cifar10(
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    max_per_class: int | None = None,
+) -> DatasetBundle:
+    """CIFAR-10 from ``root/cifar-10-batches-py`` (Krizhevsky 2009).
+
+    Parameters
+    ----------
+    root : directory holding ``cifar-10-batches-py/`` (or that folder itself).
+    download : fetch and extract the official archive into ``root`` if files are missing.
+    image_size : resize to this side (``None``: keep 32 px).
+    max_per_class : keep only the first images of each class in each split (memory cap).
+
+    Returns
+    -------
+    DatasetBundle
+        10 classes, no factors; ``params`` rebuild it without downloading.
+    """
+    name = "cifar10"
+    layout = "ROOT/cifar-10-batches-py/data_batch_1..5, test_batch"
+    root_p = _root(name, root, layout)
+    image_size, max_per_class = _check_size(name, image_size), _check_cap(name, max_per_class)
+    train_files = [f"data_batch_{i}" for i in range(1, 6)]
+
+    def fetch(**kw: Any) -> None:
+        from torchvision.datasets import CIFAR10
+        CIFAR10(**kw)
+
+    d = _locate(name, root_p, "cifar-10-batches-py", [*train_files, "test_batch"], layout,
+                   download, fetch)
+    parts = [_cifar_batch(name, d / f, ["labels"]) for f in train_files]
+    x_tr = np.concatenate([p[0] for p in parts])
+    y_tr = np.concatenate([p[1] for p in parts])
+    x_te, y_te = _cifar_batch(name, d / "test_batch", ["labels"])
+    names: Sequence[str] = CIFAR10_CLASSES
+    if (d / "batches.meta").is_file():
+        names = [str(n) for n in _read_pickle(name, d / "batches.meta").get("label_names", names)]
+    for y in (y_tr, y_te):
+        if y.size and (y.min() < 0 or y.max() >= len(names)):
+            raise DatasetError(f"{name}: labels in {d} outside 0..{len(names) - 1}; "
+                               "re-download it with --download")
+    keep_tr, keep_te = _cap_indices(y_tr, max_per_class), _cap_indices(y_te, max_per_class)
+    params = dict(root=str(root_p), image_size=image_size, max_per_class=max_per_class)
+    return _bundle(name, params, (x_tr[keep_tr], y_tr[keep_tr]), (x_te[keep_te], y_te[keep_te]),
+                   names, image_size)
+
+
+@register_dataset("cifar100")
+def load_cifar100(
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    coarse: bool = False,
+    image_size: int | None = None,
+    max_per_class: int | None = None,
+) -> DatasetBundle:
+    """CIFAR-100 from ``root/cifar-100-python`` (Krizhevsky 2009).
+
+    Parameters
+    ----------
+    root : directory holding ``cifar-100-python/`` (or that folder itself).
+    download : fetch and extract the official archive into ``root`` if files are missing.
+    coarse : source label = the 20 superclasses, with the 100 fine classes as factor ``fine``;
+        otherwise (default) source = the 100 fine classes with factor ``coarse`` (20 classes).
+    image_size : resize to this side (``None``: keep 32 px).
+    max_per_class : keep only the first images of each source class in each split.
+
+    Returns
+    -------
+    DatasetBundle
+        The source task of Cui et al. (2022) (fine labels), with the other granularity as a
+        downstream factor.
+    """
+    name = "cifar100"
+    layout = "ROOT/cifar-100-python/train, test, meta"
+    root_p = _root(name, root, layout)
+    image_size, max_per_class = _check_size(name, image_size), _check_cap(name, max_per_class)
+    if not isinstance(coarse, bool):
+        raise DatasetError(f"cifar100: coarse={coarse!r} must be True or False")
+
+    def fetch(**kw: Any) -> None:
+        from torchvision.datasets import CIFAR100
+        CIFAR100(**kw)
+
+    d = _locate(name, root_p, "cifar-100-python", ["train", "test"], layout, download, fetch)
+    keys = ["fine_labels", "coarse_labels"]
+    x_tr, fine_tr, coarse_tr = _cifar_batch(name, d / "train", keys)
+    x_te, fine_te, coarse_te = _cifar_batch(name, d / "test", keys)
+    fine_names = [f"fine_{i}" for i in range(100)]
+    coarse_names = [f"coarse_{i}" for i in range(20)]
+    if (d / "meta").is_file():
+        meta = _read_pickle(name, d / "meta")
+        fine_names = [str(n) for n in meta.get("fine_label_names", fine_names)]
+        coarse_names = [str(n) for n in meta.get("coarse_label_names", coarse_names)]
+    src, other = ("coarse", "fine") if coarse else ("fine", "coarse")
+    labels = {"fine": (fine_tr, fine_te, fine_names), "coarse": (coarse_tr, coarse_te,
+                                                                 coarse_names)}
+    for key, (a, b, n_) in labels.items():
+        for y in (a, b):
+            if y.size and (y.min() < 0 or y.max() >= len(n_)):
+                raise DatasetError(f"{name}: {key} labels in {d} outside 0..{len(n_) - 1}; "
+                                   "re-download it with --download")
+    y_tr, y_te, names = labels[src]
+    o_tr, o_te, o_names = labels[other]
+    keep_tr, keep_te = _cap_indices(y_tr, max_per_class), _cap_indices(y_te, max_per_class)
+    params = dict(root=str(root_p), coarse=coarse, image_size=image_size,
+                  max_per_class=max_per_class)
+    return _bundle(name, params, (x_tr[keep_tr], y_tr[keep_tr]), (x_te[keep_te], y_te[keep_te]),
+                   names, image_size,
+                   factors=({other: o_tr[keep_tr]}, {other: o_te[keep_te]}),
+                   factor_classes={other: len(o_names)})
+
+
+# ----------------------------------------------------------------------------------------------
+# STL-10 (binary files)
+# ----------------------------------------------------------------------------------------------
+
+def _stl_split(name: str, d: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    x_path, y_path = d / f"{split}_X.bin", d / f"{split}_y.bin"
+    raw = np.fromfile(x_path, dtype=np.uint8)
+    per = 3 * 96 * 96
+    if raw.size == 0 or raw.size % per:
+        raise DatasetError(f"{name}: {x_path} has {raw.size} bytes, not a multiple of {per} "
+                           "(3 x 96 x 96); re-download it with --download")
+    labels = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1
+    if labels.shape != (raw.size // per,) or labels.min() < 0 or labels.max() > 9:
+        raise DatasetError(f"{name}: {y_path} does not hold {raw.size // per} labels in 1..10; "
+                           "re-download it with --download")
+    # Stored column-major per channel: (n, c, w, h) -> (n, c, h, w).
+    return raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2), labels
+
+
+@register_dataset("stl10")
+def load_stl10(
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    max_per_class: int | None = None,
+) -> DatasetBundle:
+    """STL-10's labelled splits from ``root/stl10_binary`` (Coates et al. 2011).
+
+    Parameters
+    ----------
+    root : directory holding ``stl10_binary/`` (or that folder itself).
+    download : fetch and extract the official archive (2.6 GB) into ``root`` if missing.
+    image_size : resize to this side (``None``: keep 96 px; 32 matches CIFAR models).
+    max_per_class : keep only the first images of each class in each split.
+
+    Returns
+    -------
+    DatasetBundle
+        10 classes (5000 train, 8000 test images), no factors.
+    """
+    name = "stl10"
+    layout = "ROOT/stl10_binary/train_X.bin, train_y.bin, test_X.bin, test_y.bin"
+    root_p = _root(name, root, layout)
+    image_size, max_per_class = _check_size(name, image_size), _check_cap(name, max_per_class)
+
+    def fetch(**kw: Any) -> None:
+        from torchvision.datasets import STL10
+        STL10(split="train", **kw)
+
+    files = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]
+    d = _locate(name, root_p, "stl10_binary", files, layout, download, fetch)
+    x_tr, y_tr = _stl_split(name, d, "train")
+    x_te, y_te = _stl_split(name, d, "test")
+    names = [f"class_{i}" for i in range(10)]
+    if (d / "class_names.txt").is_file():
+        lines = [s.strip() for s in (d / "class_names.txt").read_text().splitlines() if s.strip()]
+        if len(lines) == 10:
+            names = lines
+    keep_tr, keep_te = _cap_indices(y_tr, max_per_class), _cap_indices(y_te, max_per_class)
+    params = dict(root=str(root_p), image_size=image_size, max_per_class=max_per_class)
+    return _bundle(name, params, (x_tr[keep_tr], y_tr[keep_tr]), (x_te[keep_te], y_te[keep_te]),
+                   names, image_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder layouts: CINIC-10 and ImageNet-style ImageFolder
+# ----------------------------------------------------------------------------------------------
+
+def _list_folder(name: str, d: Path, class_to_idx: dict[str, int] | None,
+                 layout: str) -> tuple[list[str], np.ndarray, dict[str, int]]:
+    """Sorted image files of a class-per-subfolder split (classes from ``class_to_idx``).
+
+    Classes are the sorted subfolder names, as in ``torchvision.datasets.ImageFolder``.
+    """
+    classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{name}: {d} has no class subfolders (expected {layout})")
+    if class_to_idx is None:
+        class_to_idx = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(classes) - set(class_to_idx))
+    if unknown:
+        raise DatasetError(f"{name}: {d} has class folder(s) {', '.join(unknown[:5])} not in the "
+                           f"training split (expected {layout})")
+    paths: list[str] = []
+    labels: list[int] = []
+    for cls in classes:
+        files = sorted(e.path for e in os.scandir(d / cls)
+                       if e.is_file() and e.name.lower().endswith(_IMG_EXTENSIONS))
+        paths += files
+        labels += [class_to_idx[cls]] * len(files)
+    if not paths:
+        raise DatasetError(f"{name}: no images ({', '.join(_IMG_EXTENSIONS[:4])}, ...) under {d} "
+                           f"(expected {layout})")
+    return paths, np.asarray(labels, dtype=np.int64), class_to_idx
+
+
+def _decode(name: str, paths: Sequence[str], size: int | None) -> np.ndarray:
+    """Decode images to uint8 ``(n, 3, S, S)``: shorter side resized to ``size``, centre crop.
+
+    With ``size=None`` all images must share one size (CINIC-10's 32 x 32).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    out: np.ndarray | None = None
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                if size is not None:
+                    im.draft("RGB", (size, size))  # fast JPEG downscale by a power of two
+                im = im.convert("RGB")
+                if size is not None:
+                    w, h = im.size
+                    scale = size / min(w, h)
+                    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+                    im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+                    left, top = (nw - size) // 2, (nh - size) // 2
+                    im = im.crop((left, top, left + size, top + size))
+                arr = np.asarray(im, dtype=np.uint8)
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise DatasetError(f"{name}: cannot decode image {p} ({type(err).__name__}: "
+                               f"{err}); remove or replace it") from None
+        if out is None:
+            out = np.empty((len(paths), 3, *arr.shape[:2]), dtype=np.uint8)
+        elif arr.shape[:2] != out.shape[2:]:
+            raise DatasetError(f"{name}: {p} is {arr.shape[1]}x{arr.shape[0]}, others are "
+                               f"{out.shape[3]}x{out.shape[2]}; pass image_size to resize")
+        out[i] = arr.transpose(2, 0, 1)
+    assert out is not None
+    return out
+
+
+def _folder_split(name: str, d: Path, class_to_idx: dict[str, int] | None, layout: str,
+                  size: int | None, max_per_class: int | None
+                  ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    paths, labels, class_to_idx = _list_folder(name, d, class_to_idx, layout)
+    keep = _cap_indices(labels, max_per_class)
+    return _decode(name, [paths[i] for i in keep], size), labels[keep], class_to_idx
+
+
+_CINIC_URL = "https://datashare.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz"
+
+
+@register_dataset("cinic10")
+def load_cinic10(
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    include_valid: bool = False,
+    image_size: int | None = None,
+    max_per_class: int | None = None,
+) -> DatasetBundle:
+    """CINIC-10 from ``root/{train,valid,test}/<class>/*.png`` (Darlow et al. 2018).
+
+    Parameters
+    ----------
+    root : directory holding ``train/``, ``valid/``, ``test/`` (or ``CINIC-10/`` with them).
+    download : fetch and extract the official archive (0.7 GB) into ``root`` if missing.
+    include_valid : append the 90 000 ``valid`` images to the training split.
+    image_size : resize to this side (``None``: keep 32 px).
+    max_per_class : keep only the first files (sorted by name) of each class in each split;
+        decoding the full 180 000 images takes minutes and 2.2 GB.
+
+    Returns
+    -------
+    DatasetBundle
+        10 CIFAR-10 classes, no factors; the transfer target of Cui et al. (2022).
+    """
+    name = "cinic10"
+    layout = "ROOT/train/<class>/*.png, ROOT/valid/..., ROOT/test/<class>/*.png"
+    root_p = _root(name, root, layout)
+    image_size, max_per_class = _check_size(name, image_size), _check_cap(name, max_per_class)
+
+    def find() -> Path | None:
+        for d in (root_p, root_p / "CINIC-10"):
+            if (d / "train").is_dir() and (d / "test").is_dir():
+                return d
+        return None
+
+    d = find()
+    if d is None and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+        try:
+            download_and_extract_archive(_CINIC_URL, str(root_p))
+        except Exception as err:  # network / disk trouble, reported on one line
+            raise DatasetError(f"{name}: download into {root_p} failed ({type(err).__name__}: "
+                               f"{err})") from None
+        d = find()
+    if d is None:
+        missing = "train/" if not (root_p / "train").is_dir() else "test/"
+        raise DatasetError(f"{name}: {root_p} missing {missing} (expected {layout}); {_FIX}")
+    if include_valid and not (d / "valid").is_dir():
+        raise DatasetError(f"{name}: {d} missing valid/ (expected {layout}); pass "
+                           "include_valid=False or re-download")
+    x_tr, y_tr, c2i = _folder_split(name, d / "train", None, layout, image_size, max_per_class)
+    if include_valid:
+        x_va, y_va, _ = _folder_split(name, d / "valid", c2i, layout, image_size, max_per_class)
+        x_tr, y_tr = np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])
+    x_te, y_te, _ = _folder_split(name, d / "test", c2i, layout, image_size, max_per_class)
+    params = dict(root=str(root_p), include_valid=include_valid, image_size=image_size,
+                  max_per_class=max_per_class)
+    return _bundle(name, params, (x_tr, y_tr), (x_te, y_te), sorted(c2i, key=c2i.get),
+                   image_size)
+
+
+@register_dataset("imagefolder")
+def load_imagefolder(
+    root: str | os.PathLike | None = None,
+    image_size: int = 64,
+    max_per_class: int | None = None,
+    test_split: str | None = None,
+) -> DatasetBundle:
+    """Any ImageNet-style folder: ``root/train/<class>/*`` and ``root/val/<class>/*``.
+
+    Parameters
+    ----------
+    root : directory holding ``train/`` and ``val/`` (or ``test/``), one subfolder per class.
+    image_size : shorter side resized to this, then centre-cropped to a square (required,
+        because folder images vary in size).
+    max_per_class : keep only the first files (sorted by name) of each class in each split.
+        Memory is ``n x 3 x image_size^2 x 5`` bytes while loading (uint8 + float32).
+    test_split : name of the evaluation folder (``None``: ``val``, else ``test``).
+
+    Returns
+    -------
+    DatasetBundle
+        Classes = the sorted subfolders of ``train/``; no factors.
+    """
+    name = "imagefolder"
+    layout = "ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg (or ROOT/test/<class>/...)"
+    fix = "pass --data-root"
+    root_p = _root(name, root, layout, fix)
+    checked = _check_size(name, image_size)
+    if checked is None:
+        raise DatasetError(f"{name}: image_size must be an integer >= 8 (folder images vary in "
+                           "size)")
+    max_per_class = _check_cap(name, max_per_class)
+    if not (root_p / "train").is_dir():
+        raise DatasetError(f"{name}: {root_p} missing train/ (expected {layout}); {fix}")
+    if test_split is None:
+        test_split = next((s for s in ("val", "test") if (root_p / s).is_dir()), "val")
+    if not (root_p / test_split).is_dir():
+        raise DatasetError(f"{name}: {root_p} missing {test_split}/ (expected {layout}); {fix}")
+    x_tr, y_tr, c2i = _folder_split(name, root_p / "train", None, layout, checked,
+                                    max_per_class)
+    x_te, y_te, _ = _folder_split(name, root_p / test_split, c2i, layout, checked,
+                                  max_per_class)
+    params = dict(root=str(root_p), image_size=checked, max_per_class=max_per_class,
+                  test_split=test_split)
+    return _bundle(name, params, (x_tr, y_tr), (x_te, y_te), sorted(c2i, key=c2i.get), None)
