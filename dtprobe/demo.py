@@ -17,7 +17,7 @@ from dtprobe.training.trainer import TrainConfig, train
 # trade-off is clear: shape accuracy rises as the colour and position probes fall. CTC uses the
 # paper's "discriminability" preset: with the "transferability" preset (alpha 0.5, tau1 0.1)
 # the small CNN barely learned the shape task in 16 epochs (test accuracy 0.25 vs CE's 0.97).
-DEMO_DATA = {"n_train": 4000, "n_test": 1000}
+DEMO_DATA = {"n_train": 4000, "n_test": 1000, "noise": 0.1}
 DEMO_ARCH = {"width": 16, "feature_dim": 128}
 QUICK_DATA = {"n_train": 600, "n_test": 300}
 
