@@ -27,13 +27,23 @@ def as_tensor(x: ArrayLike, *, dtype: torch.dtype = torch.float64, device=None) 
 
 
 def check_features(x: ArrayLike, name: str = "features", *, min_samples: int = 2,
-                   device=None) -> torch.Tensor:
-    """Validate a 2-D feature matrix and return it as float64.
+                   device=None, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """Validate a 2-D feature matrix and return it as ``dtype`` (float64 by default).
 
-    Raises :class:`MetricInputError` for a wrong shape, too few rows or
-    non-finite values, naming the argument.
+    ``dtype=None`` keeps a floating input's own precision (integers become float64), for
+    callers that upcast chunk by chunk to bound memory. Raises :class:`MetricInputError` for
+    complex values, a wrong shape, too few rows, no columns or non-finite values, naming the
+    argument.
     """
-    t = as_tensor(x, device=device)
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    if t.is_complex():
+        raise MetricInputError(f"{name} is complex; pass real-valued features")
+    if dtype is not None:
+        t = t.to(dtype=dtype)
+    elif not t.is_floating_point():
+        t = t.to(torch.float64)
+    if device is not None:
+        t = t.to(device)
     if t.ndim == 1:
         t = t[:, None]
     if t.ndim != 2:
@@ -42,8 +52,11 @@ def check_features(x: ArrayLike, name: str = "features", *, min_samples: int = 2
     if t.shape[0] < min_samples:
         raise MetricInputError(f"{name} has {t.shape[0]} samples; this metric needs at least "
                                f"{min_samples}")
-    if not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).any(dim=1).sum())
+    if t.shape[1] == 0:
+        raise MetricInputError(f"{name} has no feature columns")
+    finite = torch.isfinite(t).all(dim=1)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
         raise MetricInputError(f"{name} contains NaN/Inf in {bad} of {t.shape[0]} rows "
                                "(diverged checkpoint?); drop or fix those rows first")
     return t

@@ -73,27 +73,7 @@ _METHODS = ("auto", "features", "gram")
 
 def _raw_layer(x: ArrayLike, name: str, min_samples: int) -> torch.Tensor:
     """Validate one representation without upcasting all of it (chunks are upcast later)."""
-    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    if t.is_complex():
-        raise MetricInputError(f"{name} is complex; pass real-valued features")
-    if not t.is_floating_point():
-        t = t.to(torch.float64)
-    if t.ndim == 1:
-        t = t[:, None]
-    if t.ndim != 2:
-        raise MetricInputError(f"{name} must be a 2-D (n_samples, n_features) array, got shape "
-                               f"{tuple(t.shape)}")
-    if t.shape[0] < min_samples:
-        raise MetricInputError(f"{name} has {t.shape[0]} samples; this CKA estimator needs at "
-                               f"least {min_samples}")
-    if t.shape[1] == 0:
-        raise MetricInputError(f"{name} has no feature columns")
-    finite = torch.isfinite(t).all(dim=1)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise MetricInputError(f"{name} contains NaN/Inf in {bad} of {t.shape[0]} rows "
-                               "(diverged checkpoint?); drop or fix those rows first")
-    return t
+    return check_features(x, name, min_samples=min_samples, dtype=None)
 
 
 def _check_option(method: str, chunk: int | None) -> None:
