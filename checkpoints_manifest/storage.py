@@ -233,7 +233,7 @@ def _tmp_prefix(path: Path) -> str:
 
 def remove_stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:
     """Delete temporary files that :func:`atomic_write_text` left for ``path`` when its writer
-    was killed between writing and renaming (``.NAME.XXXXXXXX.tmp`` beside ``path``).
+    was killed between writing and renaming (``.NAME.<random>.tmp`` beside ``path``).
 
     Call it only while no other process can be writing ``path`` (e.g. under
     :func:`manifest_lock`). Returns the files removed.
@@ -258,7 +258,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically: temp file in the same directory, fsync, replace.
 
     A reader sees the old or the new content, never a mix, even if the writer is killed
-    (``SIGKILL``) at any moment; a kill can at most leave a hidden ``.NAME.XXXXXXXX.tmp`` file
+    (``SIGKILL``) at any moment; a kill can at most leave a hidden ``.NAME.<random>.tmp`` file
     beside ``path`` (see :func:`remove_stale_temp_files`). The new file keeps the permission
     bits of the file it replaces (0644 for a new file).
     """

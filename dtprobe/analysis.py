@@ -352,10 +352,6 @@ def remove_stale_temp_files(analysis_dir: Path) -> int:
     return removed
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    cm.atomic_write_text(path, text)
-
-
 class PartStore:
     """Per-checkpoint metric rows as small JSON files, reused when their key matches.
 
@@ -387,7 +383,7 @@ class PartStore:
 
     def put(self, epoch: int, key: str, rows: list[dict[str, Any]]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self._path(epoch), json.dumps({"key": key, "rows": rows}))
+        cm.atomic_write_text(self._path(epoch), json.dumps({"key": key, "rows": rows}))
 
 
 class ReadThroughCache:
@@ -904,16 +900,16 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         for other in others:
             rows.extend(_compare_rows(plan, test_feats, other, data, device, opts))
         table = _finalise_table(rows)
-        _atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
+        cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
         cka_path = analysis_dir / "cka_matrix.csv"
         if not matrix.empty:
-            _atomic_write_text(cka_path, matrix.to_csv())
+            cm.atomic_write_text(cka_path, matrix.to_csv())
         elif cka_path.exists():
             cka_path.unlink()
         failure_path = analysis_dir / "failures.csv"
         failure_table = pd.DataFrame(failures, columns=FAILURE_COLUMNS)
         if failures:
-            _atomic_write_text(failure_path, failure_table.to_csv(index=False))
+            cm.atomic_write_text(failure_path, failure_table.to_csv(index=False))
         elif failure_path.exists():
             failure_path.unlink()
         stats.analysed = len(test_feats)
