@@ -180,19 +180,20 @@ def _train_config(args: argparse.Namespace):
         progress=not args.no_progress)
 
 
+SUMMARY_METRICS = ("source_accuracy", "probe_accuracy", "class_separation", "cka_to_final")
+
+
 def _print_summary(results) -> None:
-    table = results.table
-    if table.empty:
+    import pandas as pd
+
+    if results.table.empty:
         print("no metrics computed")
         return
-    keep = table[(table["layer"] == "") & table["metric"].isin(
-        ["source_accuracy", "probe_accuracy", "class_separation", "cka_to_final"])]
-    label = keep["metric"] + keep["task"].map(lambda t: f"[{t}]" if t else "")
-    wide = keep.assign(column=label).pivot_table(index=["run", "epoch"], columns="column",
-                                                 values="value")
-    with __import__("pandas").option_context("display.width", 160, "display.max_columns", 20,
-                                              "display.precision", 3):
-        print(wide.to_string())
+    wide = results.wide()
+    columns = [c for c in wide.columns if c.split("[")[0] in SUMMARY_METRICS]
+    with pd.option_context("display.width", 160, "display.max_columns", 20,
+                           "display.precision", 3):
+        print(wide[columns].to_string())
 
 
 def cmd_train(args: argparse.Namespace) -> int:
