@@ -309,8 +309,10 @@ class LinearProbe:
             theta.grad = grad
             return loss
 
-        opt.step(closure)
-        loss, grad = loss_and_grad()  # objective and gradient at the returned point
+        loss, grad = loss_and_grad()
+        if float(grad.abs().max()) > float(self.tol):  # a verified warm start costs one pass
+            opt.step(closure)
+            loss, grad = loss_and_grad()  # objective and gradient at the returned point
         state = opt.state[theta]
         self.n_iter_ = int(state.get("n_iter", 0))
         # converged: gradient tolerance met, or L-BFGS stopped on its own (loss / step change
