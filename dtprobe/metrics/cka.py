@@ -591,7 +591,11 @@ class MinibatchCKA:
     @property
     def hsic_(self) -> np.ndarray | None:
         """Summed ``HSIC_1`` over batches, x layers then y layers (float64), or None."""
-        return None if self._sum is None else self._sum.detach().cpu().numpy().copy()
+        if self._sum is None:
+            return None
+        # undo the exact power-of-two scaling the sums are kept at (it cancels in CKA)
+        e = np.asarray(self._exponents, dtype=np.float64)
+        return self._sum.detach().cpu().numpy() * np.exp2(2 * e[:, None] + 2 * e[None, :])
 
     def result(self) -> float | np.ndarray:
         """Minibatch CKA from the accumulated ``HSIC_1`` sums.
