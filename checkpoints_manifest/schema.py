@@ -528,8 +528,9 @@ class Manifest:
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise chk.fail("version", "a positive int", version)
         if version > VERSION:
-            raise ManifestError(source, f"version {_show(version)} is newer than this reader supports "
-                                        f"({VERSION}); upgrade checkpoints_manifest", "version")
+            raise ManifestError(source, f"version {_show(version)} is newer than this reader "
+                                        f"supports ({VERSION}); upgrade checkpoints_manifest",
+                                "version")
         raw_ckpts = chk.required(data, "checkpoints", "")
         if not isinstance(raw_ckpts, list):
             raise chk.fail("checkpoints", "a JSON array", raw_ckpts)

@@ -602,7 +602,7 @@ def _tensor_problem(t: Tensor) -> str | None:
     if numel == 0:
         return None
     needed = t.storage_offset() + 1 + sum((int(n) - 1) * int(st)
-                                          for n, st in zip(t.shape, t.stride()))
+                                          for n, st in zip(t.shape, t.stride(), strict=True))
     stored = t.untyped_storage().nbytes() // t.element_size()
     if any(int(st) < 0 for st in t.stride()) or needed > stored:
         return (f"has shape {tuple(t.shape)} and strides {tuple(t.stride())} that need "
