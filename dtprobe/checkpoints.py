@@ -336,7 +336,7 @@ def read_checkpoint_bytes(path: str | os.PathLike[str], *, expected_sha256: str 
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise CheckpointError(f"{path}: is not a file but a directory; point to the "
-                                  "checkpoint file itself")
+                                  "checkpoint file itself (fix the checkpoint path)")
         if not stat.S_ISREG(st.st_mode):
             raise CheckpointError(f"{path}: is not a regular file (FIFO, device or socket); "
                                   "point to the checkpoint file itself")
