@@ -38,6 +38,7 @@ MANIFEST_NAME = "manifest.json"
 _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 _DOTTED_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 _DRIVE_RE = re.compile(r"[A-Za-z]:")
+_CONTROL_RE = re.compile(r"[\x00-\x1f]")
 #: Largest epoch / step / seed accepted (a signed 64-bit integer, what torch and NumPy store).
 MAX_INT = 2**63 - 1
 #: Longest string accepted in a known field (names, paths), in characters.
@@ -252,7 +253,7 @@ def _path_problem(value: Any) -> str | None:
         return "a non-empty string"
     if len(value) > MAX_TEXT:
         return f"at most {MAX_TEXT} characters"
-    if "\x00" in value or any(ord(ch) < 32 for ch in value):
+    if _CONTROL_RE.search(value):
         return "no NUL or control characters"
     if _bad_string(value):
         return "valid Unicode, no lone surrogates"
