@@ -45,6 +45,7 @@ _CHUNK = 1 << 20
 _TMP_SUFFIX = ".tmp"
 _DEFAULT_MODE = 0o644
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_mkstemp = tempfile.mkstemp  # O_CREAT | O_EXCL | O_NOFOLLOW, random name (indirection for tests)
 _thread_locks: dict[str, threading.Lock] = {}
 _thread_locks_guard = threading.Lock()
 
@@ -268,7 +269,7 @@ def remove_stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", *,
                   encoding: str | None = None, newline: str | None = None,
-                  file_mode: int | None = None) -> Iterator[IO[Any]]:
+                  errors: str | None = None, file_mode: int | None = None) -> Iterator[IO[Any]]:
     """Open a file object whose content replaces ``path`` atomically when the block ends.
 
     The data goes to a new temporary file beside ``path`` with an unpredictable name
@@ -286,8 +287,8 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", *,
         The file to (re)place; its directory must exist.
     mode : {"wb", "w"}
         Binary or text file object.
-    encoding, newline : str, optional
-        For text mode (UTF-8 and ``"\\n"`` by default).
+    encoding, newline, errors : str, optional
+        For text mode (UTF-8, ``"\\n"`` and ``"strict"`` by default).
     file_mode : int, optional
         Permission bits of the new file; default: those of the regular file it replaces,
         else 0644.
@@ -301,10 +302,10 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", *,
             file_mode = st.st_mode & 0o777 if stat.S_ISREG(st.st_mode) else _DEFAULT_MODE
         except FileNotFoundError:
             file_mode = _DEFAULT_MODE
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
+    fd, tmp = _mkstemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         if mode == "w":
-            fh = os.fdopen(fd, "w", encoding=encoding or "utf-8",
+            fh = os.fdopen(fd, "w", encoding=encoding or "utf-8", errors=errors or "strict",
                            newline="\n" if newline is None else newline)
         else:
             fh = os.fdopen(fd, "wb")
@@ -331,15 +332,18 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         fh.write(data)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str,
+                      errors: str = "backslashreplace") -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically and without following links.
 
     A reader sees the old or the new content, never a mix, even if the writer is killed
     (``SIGKILL``) at any moment; a kill can at most leave a hidden ``.NAME.<random>.tmp`` file
     beside ``path`` (see :func:`remove_stale_temp_files`). The new file keeps the permission
-    bits of the file it replaces (0644 for a new file). See :func:`atomic_writer`.
+    bits of the file it replaces (0644 for a new file). See :func:`atomic_writer`. Characters
+    UTF-8 cannot encode (lone surrogates from undecodable file names) are written as
+    ``\\udcXX`` escapes by default instead of failing the write.
     """
-    with atomic_writer(path, "w") as fh:
+    with atomic_writer(path, "w", errors=errors) as fh:
         fh.write(text)
 
 

@@ -294,7 +294,7 @@ def read_checkpoint_bytes(path: str | os.PathLike[str], *, expected_sha256: str 
     run_dir : path-like, optional
         The run directory. Unless ``allow_symlinks``, the file actually opened must lie inside
         it: this is checked on the open file itself (``/proc/self/fd`` on Linux, the resolved
-        path just before opening elsewhere), so a link swapped in after planning is caught.
+        path just after opening elsewhere), so a link swapped in after planning is caught.
     allow_symlinks : bool, default False
         Accept a file reached through symbolic links that lead out of ``run_dir``.
     limit : int, optional
@@ -313,8 +313,6 @@ def read_checkpoint_bytes(path: str | os.PathLike[str], *, expected_sha256: str 
     path = Path(path)
     limit = MAX_CHECKPOINT_BYTES if limit is None else limit
     check_inside = run_dir is not None and not allow_symlinks
-    if check_inside:
-        resolve_inside(run_dir, os.path.relpath(path, run_dir))
     try:
         fd = _open_checkpoint(path)
     except FileNotFoundError:
@@ -327,9 +325,11 @@ def read_checkpoint_bytes(path: str | os.PathLike[str], *, expected_sha256: str 
         raise _unreadable(path, exc) from None
     try:
         if check_inside:
-            real = _opened_path(fd)
+            # The file actually opened (so a link swapped in after any earlier check is seen);
+            # where /proc is unavailable, the path resolved just after opening.
+            real = _opened_path(fd) or os.path.realpath(path)
             base = os.path.realpath(run_dir)
-            if real is not None and not _inside(real, base):
+            if not _inside(real, base):
                 raise CheckpointError(f"{path}: resolves to {real}, outside the run directory "
                                       f"{base} (symbolic link?); copy the file into the run "
                                       "directory or allow symlinks explicitly")

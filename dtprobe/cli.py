@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     from checkpoints_manifest import ManifestError
     from dtprobe.errors import DtprobeError
 
+    for stream in (sys.stdout, sys.stderr):  # undecodable file names must not crash a print
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     start = time.perf_counter()
     try:
         code = COMMANDS[args.command](args)
