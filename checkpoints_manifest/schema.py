@@ -135,6 +135,29 @@ def check_json_data(value: Any, source: str, name: str, depth: int = 0) -> None:
             check_json_data(item, source, f"{name}[{i}]", depth + 1)
 
 
+_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET_RE = re.compile(r"[\[\]{}]")
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def check_json_text(text: str, source: str, data: Any) -> None:
+    """:func:`check_json_data` for a document given as JSON text, without walking every value:
+    nesting is measured on the brackets outside strings, and values are walked for lone
+    surrogates only if the text has a surrogate escape or character (UTF-8 decoded text cannot
+    hold one otherwise). ``data`` is the decoded document.
+    """
+    depth = deepest = 0
+    for bracket in _BRACKET_RE.findall(_STRING_RE.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_DEPTH + 1:  # the top-level object is level 0 of check_json_data
+        raise ManifestError(source, f"the document is nested more than {MAX_DEPTH} levels deep "
+                                    f"({deepest - 1})")
+    if _SURROGATE_ESCAPE_RE.search(text) or _SURROGATE_RE.search(text):
+        check_json_data(data, source, "")
+
+
 class _Checker:
     """Validation helpers bound to one source name; every failure raises :class:`ManifestError`."""
 
@@ -509,8 +532,11 @@ class Manifest:
         }, self.extra if isinstance(self.extra, Mapping) else {})
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<dict>") -> Manifest:
+    def from_dict(cls, data: Any, source: str = "<dict>", *, scan: bool = True) -> Manifest:
         """Validate a decoded manifest document; raises :class:`ManifestError` naming the field.
+
+        ``scan=False`` skips the walk of :func:`check_json_data` (for text already checked
+        by :func:`check_json_text`).
 
         Checks the format tag and version, every known field's type and range,
         that checkpoint paths are relative and stay inside the run directory,
@@ -539,7 +565,8 @@ class Manifest:
             raise ManifestError(source, f"lists {len(raw_ckpts)} checkpoints, more than the "
                                         f"{MAX_CHECKPOINTS} one manifest may hold; split the run",
                                 "checkpoints")
-        check_json_data(data, source, "")
+        if scan:
+            check_json_data(data, source, "")
         entries = [CheckpointEntry.from_dict(item, source, f"checkpoints[{i}]")
                    for i, item in enumerate(raw_ckpts)]
         _check_unique(entries, source)

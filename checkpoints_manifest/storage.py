@@ -29,6 +29,7 @@ from checkpoints_manifest.schema import (
     CheckpointEntry,
     Manifest,
     ManifestError,
+    check_json_text,
 )
 
 try:  # POSIX
@@ -81,11 +82,13 @@ class _DuplicateKey(Exception):
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
+    out = dict(pairs)  # built in C; only a short dict means a key was repeated
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return out
 
 
@@ -110,7 +113,8 @@ def parse_manifest(text: str | bytes, source: str = "<string>") -> Manifest:
         raise ManifestError(source, "not valid JSON (nested too deeply)") from None
     except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
         raise ManifestError(source, f"not valid JSON ({exc})") from None
-    return Manifest.from_dict(data, source)
+    check_json_text(text, source, data)  # depth, lone surrogates: on the text, fast when big
+    return Manifest.from_dict(data, source, scan=False)
 
 
 def read_manifest(run_dir_or_file: str | os.PathLike[str]) -> Manifest:
