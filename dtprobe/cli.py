@@ -9,6 +9,8 @@ some checkpoints failed (each reason printed and in ``analysis/failures.csv``), 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -392,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     from checkpoints_manifest import ManifestError
     from dtprobe.errors import DtprobeError
 
+    for stream in (sys.stdout, sys.stderr):  # undecodable file names must not crash a print
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     start = time.perf_counter()
     try:
         code = COMMANDS[args.command](args)
@@ -403,9 +408,52 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; completed work is saved (re-run to continue)", file=sys.stderr)
         return 130
-    if args.command in ("train", "analyze", "demo") and os.environ.get("RANK", "0") == "0":
-        print(f"done in {time.perf_counter() - start:.1f}s")
+    except BrokenPipeError:
+        return _closed_pipe()
+    except OSError as exc:  # the environment, not the input: disk full, read-only, quota ...
+        if args.debug:
+            raise
+        print(f"dtprobe {args.command}: error: {environment_message(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command in ("train", "analyze", "demo") and os.environ.get("RANK", "0") == "0":
+            print(f"done in {time.perf_counter() - start:.1f}s")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _closed_pipe()
     return code
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``dtprobe list | head -1``): stop quietly.
+
+    As in the recipe of Python's documentation (signal module, "Note on SIGPIPE"): point stdout
+    at devnull so that the interpreter's final flush does not fail again. Everything computed
+    is already on disk; the status is that of an environment error, never 1 (failed
+    checkpoints)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_USAGE
+
+
+_ENV_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space and re-run (completed work is kept)",
+    errno.EDQUOT: "the disk quota is exceeded: free some space and re-run (completed work is "
+                  "kept)",
+    errno.EROFS: "the file system is read-only: work on a writable copy of the run",
+    errno.EACCES: "permission denied: work on a copy of the run you can write to",
+    errno.EPERM: "permission denied: work on a copy of the run you can write to",
+    errno.ELOOP: "a symbolic link is in the way (dtprobe never writes through links): remove it",
+}
+
+
+def environment_message(exc: OSError) -> str:
+    """One line for an operating-system error: the file, what happened and what to do."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    what = exc.strerror or str(exc)
+    hint = _ENV_HINTS.get(exc.errno or -1, "check the file and re-run")
+    return f"{where}{what}; {hint}"
 
 
 if __name__ == "__main__":
