@@ -55,6 +55,11 @@ from dtprobe.training.objectives import (
 PAPER = "Kornblith et al. 2021, Table 1"
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 at least (bf16 autocast outputs are widened, float64 is kept)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def label_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
     """``-sum_k ((1 - alpha) t_k + alpha / K) log softmax(z)_k``, batch mean (Szegedy 2016)."""
     logp = F.log_softmax(logits, dim=1)
@@ -113,7 +118,7 @@ class Sigmoid(_Kornblith):
 class ExtraL2(_Kornblith):
     def forward(self, *, logits, labels, **_):
         ce = F.cross_entropy(logits, labels)
-        l2 = self._head.weight.float().pow(2).sum()
+        l2 = _wide(self._head.weight).pow(2).sum()
         return ce + self.hparams["lam"] * l2, {"ce": float(ce.detach()),
                                                "final_l2": float(l2.detach())}
 
@@ -121,7 +126,7 @@ class ExtraL2(_Kornblith):
 class PenultimateDropout(_Kornblith):
     def forward(self, *, features, labels, **_):
         dropped = F.dropout(features, p=1.0 - self.hparams["keep_prob"], training=self.training)
-        ce = F.cross_entropy(self._head(dropped).float(), labels)
+        ce = F.cross_entropy(_wide(self._head(dropped)), labels)
         return ce, {"ce": float(ce.detach())}
 
 
@@ -141,7 +146,7 @@ class LogitNorm(_Kornblith):
 
 class CosineSoftmax(_Kornblith):
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(features.float(), self._head.weight.float(), self.hparams["tau"])
+        return cosine_logits(_wide(features), _wide(self._head.weight), self.hparams["tau"])
 
     def eval_logits(self, features, logits):
         return self._logits(features)
