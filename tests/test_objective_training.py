@@ -266,3 +266,16 @@ def test_objective_under_torchrun(tmp_path, name):
     assert [c.epoch for c in manifest.checkpoints] == [0, 1, 2]
     state = torch.load(out / "checkpoints" / "epoch_0002.pt", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_objectives_benchmark_quick_rows():
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import objectives as bench
+
+    rows = bench.run(quick=True)
+    assert {r.name.split()[2] for r in rows} >= {"supcon", "trex_star", "ctc"}
+    for row in rows:
+        assert row.agree_ok and row.ours > 0 and row.base > 0 and row.ratio > 0

@@ -1,4 +1,4 @@
-"""examples/objectives.ipynb (a sweep over objectives on the embedded data) executes at tiny size."""
+"""examples/objectives.ipynb (a sweep over objectives on the embedded data) runs at tiny size."""
 
 from __future__ import annotations
 
