@@ -73,6 +73,59 @@ def test_trex_manifest_says_features_are_taken_before_the_projector(tmp_path):
     assert not any("projector" in k for k in state)  # expendable: not part of the model
 
 
+def test_trex_multicrop_forwards_local_crops(tmp_path, monkeypatch):
+    from dtprobe.training import trex
+
+    shapes = []
+    original = trex.TReX.forward
+
+    def spy(self, **kw):
+        shapes.append(sorted((k, tuple(v.shape)) for k, v in kw.items() if k.startswith("f")))
+        return original(self, **kw)
+
+    monkeypatch.setattr(trex.TReX, "forward", spy)
+    out = train(_cfg(tmp_path / "mc", "trex", epochs=1,
+                     objective_params={"hidden": 16, "local_crops": 2}))
+    record = cm.read_manifest(out).training
+    assert record["views"] == 3 and record["objective_config"]["local_crops"] == 2
+    assert [k for k, _ in shapes[0]] == ["features", "features2", "features3"]
+
+
+def test_sweep_helpers_on_a_synthetic_table(tmp_path):
+    from dtprobe.sweep import expand_sweeps, final_metrics, kornblith_check, summarize
+
+    rows = [("source_accuracy", "", 0.5), ("class_separation", "", 0.2),
+            ("probe_accuracy", "colour", 0.8), ("probe_accuracy", "size", 0.6)]
+    table = pd.DataFrame([{"run": "r", "epoch": e, "metric": m, "task": t, "layer": "",
+                           "value": v + (0.1 if e == 2 else 0.0)}
+                          for e in (0, 2) for m, t, v in rows])
+    final = final_metrics(table)
+    assert final["source_accuracy"] == pytest.approx(0.6)
+    assert final["transfer"] == pytest.approx(0.8)  # mean of 0.9 and 0.7, last epoch
+    runs = pd.DataFrame([
+        {"objective": "ce", "seed": 0, "run": "a", "status": "ok", "source_accuracy": 0.5,
+         "class_separation": 0.2, "transfer": 0.8},
+        {"objective": "ce", "seed": 1, "run": "b", "status": "ok", "source_accuracy": 0.7,
+         "class_separation": 0.4, "transfer": 0.6},
+        {"objective": "ls", "seed": 0, "run": "c", "status": "ok", "source_accuracy": 0.9,
+         "class_separation": 0.5, "transfer": 0.5},
+        {"objective": "ls", "seed": 1, "run": "d", "status": "diverged"}])
+    summary = summarize(runs)
+    ce = summary.iloc[0]
+    assert ce["source_accuracy"] == pytest.approx(0.6)
+    assert ce["source_accuracy_std"] == pytest.approx(0.1414213562, rel=1e-6)  # ddof=1
+    ls = summary.iloc[1]
+    assert ls["seeds"] == 1 and ls["diverged"] == 1 and ls["transfer_std"] == 0.0
+    check = kornblith_check(summary)
+    assert check.iloc[0][["beats_ce", "more_separation", "worse_transfer"]].all()
+    (tmp_path / "s" / "a").mkdir(parents=True)
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps({"runs": [
+        {"objective": "ce", "seed": 0, "dir": "a", "status": "ok"},
+        {"objective": "x", "seed": 0, "dir": "b", "status": "diverged"}]}))
+    assert expand_sweeps([tmp_path / "s", tmp_path / "other"]) == [tmp_path / "s" / "a",
+                                                                   tmp_path / "other"]
+
+
 def test_two_view_objectives_leave_view_one_identical_to_ce(tmp_path, monkeypatch):
     import dtprobe.training.trainer as trainer
 
