@@ -161,7 +161,10 @@ def _add_analysis_parsers(sub) -> None:
                    help="metric names (see `dtprobe list`), 'default' or 'all'")
     a.add_argument("--compare", nargs="+", default=[], metavar="OTHER_RUN",
                    help="other runs for CKA between runs at matching epochs")
-    a.add_argument("--layers", nargs="+", default=[], help="module names for layer-wise CKA")
+    a.add_argument("--layers", nargs="+", default=[], metavar="NAME",
+                   help="also analyse these modules' outputs (pooled), layer x epoch: probes, "
+                        "class separation, RankMe, CKA to final and between runs; 'auto' = the "
+                        "architecture's blocks (`dtprobe layers RUN` lists them)")
     a.add_argument("--device", default="auto")
     a.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="images per forward pass during extraction (default: auto)")
@@ -192,6 +195,15 @@ def _add_analysis_parsers(sub) -> None:
                    help="with --watch: stop after this long without a new checkpoint")
     w.add_argument("--every", type=int, default=1, metavar="N",
                    help="with --watch: analyse once N new checkpoints are complete")
+
+    ly = sub.add_parser("layers", help="list the modules of a run's architecture that "
+                        "--layers accepts, with their output shapes and the auto selection")
+    ly.add_argument("run_dir")
+    ly.add_argument("--arch", default=None, help="architecture, for runs without a manifest")
+    ly.add_argument("--arch-param", action="append", metavar="KEY=VALUE")
+    ly.add_argument("--num-classes", type=int, default=None)
+    ly.add_argument("--all", action="store_true", help="every module, not only containers")
+    _add_data_args(ly, None)
 
     ex = sub.add_parser("export", help="export an analysed run's metrics to other tools")
     ex.add_argument("runs", nargs="+", help="analysed run directories")
@@ -415,6 +427,35 @@ def _finish_analyze(args: argparse.Namespace, results) -> int:
     return 0
 
 
+def cmd_layers(args: argparse.Namespace) -> int:
+    import torch
+
+    from dtprobe.analysis.data import prepare_data
+    from dtprobe.analysis.features import build_for_plan, plan_head
+    from dtprobe.analysis.plan import plan_run
+    from dtprobe.models import get_arch
+    from dtprobe.models.layers import block_layers, describe_layers, penultimate_source
+
+    plan = plan_run(args.run_dir, arch=args.arch, num_classes=args.num_classes,
+                    arch_params=_parse_kv(args.arch_param, "--arch-param") or None,
+                    dataset=args.dataset, dataset_params=_dataset_params(args) or None)
+    data = prepare_data(plan, torch.device("cpu"))
+    model = build_for_plan(plan, data.bundle.in_channels)
+    head = plan_head(model, plan)
+    described = describe_layers(model, head, data.test_images[:2].float())
+    auto = set(block_layers(model, plan.head or get_arch(plan.arch).head,
+                            penultimate_source(described)))
+    containers = {n for n, m in model.named_modules() if n and any(True for _ in m.children())}
+    print(f"{plan.arch}: modules with tensor outputs (* = --layers auto; = penultimate: its "
+          "output is the penultimate feature)")
+    for name, shape, is_penultimate in described:
+        if not (args.all or name in containers or name in auto):
+            continue
+        mark = "*" if name in auto else ("=" if is_penultimate else " ")
+        print(f"  {mark} {name:40s} {'x'.join(map(str, shape))}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from dtprobe.export import export_tensorboard
     from dtprobe.results import load_results
@@ -479,7 +520,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "analyze": cmd_analyze, "plot": cmd_plot,
-            "report": cmd_report, "demo": cmd_demo, "list": cmd_list, "export": cmd_export}
+            "report": cmd_report, "demo": cmd_demo, "list": cmd_list, "export": cmd_export,
+            "layers": cmd_layers}
 
 
 def main(argv: list[str] | None = None) -> int:

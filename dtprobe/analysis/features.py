@@ -17,7 +17,8 @@ from dtprobe.analysis.data import EvalData
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.errors import CheckpointError, ConfigError
 from dtprobe.extract import cache_key, extract_features
-from dtprobe.models import build_model, head_module
+from dtprobe.models import build_model, get_arch, head_module
+from dtprobe.models.layers import block_layers, describe_layers, penultimate_source
 
 
 def build_for_plan(plan: RunPlan, in_channels: int) -> torch.nn.Module:
@@ -50,9 +51,14 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
     names = {name for name, _ in model.named_modules() if name}
     unknown = [layer for layer in opts.layers if layer not in names]
     if unknown:
-        shown = ", ".join(sorted(names, key=lambda n: (n.count("."), n))[:8])
-        raise ConfigError(f"--layers {' '.join(unknown)}: no such module in {plan.arch}; "
-                          f"available include {shown}")
+        import difflib
+
+        guesses = sorted({g for u in unknown for g in difflib.get_close_matches(u, names, 3)})
+        blocks = block_layers(model, plan.head or get_arch(plan.arch).head)
+        raise ConfigError(f"--layers {' '.join(unknown)}: no such module in {plan.arch}"
+                          + (f" (did you mean {', '.join(guesses)}?)" if guesses else "")
+                          + f"; its blocks are {' '.join(blocks) or '(none found)'}, and "
+                          "`dtprobe layers RUN` lists every module")
     try:
         extract_features(model, head, data.test_images[:2], device=torch.device("cpu"),
                          batch_size=2)
@@ -60,6 +66,24 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
         raise ConfigError(f"{plan.arch} cannot process the {plan.dataset} images "
                           f"({ckpt_io._first_line(str(exc))}); pass a matching --arch / "
                           "--arch-param or --dataset") from None
+
+
+def resolve_layers(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> AnalysisOptions:
+    """Replace ``auto`` in ``opts.layers`` by the architecture's block outputs
+    (:func:`dtprobe.models.layers.block_layers`); other names are kept in order."""
+    if "auto" not in opts.layers:
+        return opts
+    model = build_for_plan(plan, data.bundle.in_channels)
+    head = plan_head(model, plan)
+    described = describe_layers(model, head, data.test_images[:2].float())
+    blocks = block_layers(model, plan.head or get_arch(plan.arch).head,
+                          penultimate_source(described))
+    layers: list[str] = []
+    for name in opts.layers:
+        for resolved in (blocks if name == "auto" else [name]):
+            if resolved not in layers:
+                layers.append(resolved)
+    return replace(opts, layers=layers)
 
 
 def read_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint,
@@ -143,7 +167,8 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
     out: dict[str, dict[str, torch.Tensor]] = {}
     todo = []
     for split in ("train", "test"):
-        layers = opts.layers if split == "test" else []
+        # layer outputs of both splits: the per-layer probes fit on train and score on test
+        layers = opts.layers
         key = cache_key(digest, data.key, split, layers)
         hit = cache.get(key)
         if hit is None:

@@ -16,7 +16,13 @@ import checkpoints_manifest as cm
 from dtprobe.analysis.cka import cka_rows, compare_rows
 from dtprobe.analysis.data import EvalData, prepare_data
 from dtprobe.analysis.epoch_metrics import epoch_metrics, part_key
-from dtprobe.analysis.features import check_model, checkpoint_features, load_state, test_key
+from dtprobe.analysis.features import (
+    check_model,
+    checkpoint_features,
+    load_state,
+    resolve_layers,
+    test_key,
+)
 from dtprobe.analysis.locks import ensure_analysis_dirs, remove_stale_temp_files, run_lock
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan, check_plan, plan_run
 from dtprobe.analysis.stores import EpochFeatures, PartStore
@@ -96,6 +102,7 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
     analysis_dir = plan.run_dir / "analysis"
     with run_lock(analysis_dir, wait=True, shared=True):
         data = prepare_data(plan, dist.device)
+        opts = resolve_layers(plan, data, opts)
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
         parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
         for ckpt in plan.checkpoints[dist.rank::dist.world_size]:
@@ -137,6 +144,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         t0 = time.perf_counter()
         remove_stale_temp_files(analysis_dir)
         data = prepare_data(plan, device)
+        opts = resolve_layers(plan, data, opts)
         check_model(plan, data, opts)
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
         parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
@@ -212,7 +220,11 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
     arch, num_classes, arch_params, dataset, dataset_params, pattern : how to rebuild the model
         and which data to use when the run has no manifest (they override the manifest if given).
     compare : other run directories; adds ``cka_to_run`` rows at matching epochs.
-    layers : dotted module names for layer-wise CKA (in addition to the penultimate features).
+    layers : dotted module names (or ``"auto"``: the architecture's block outputs, see
+        :func:`dtprobe.models.layers.block_layers`) analysed besides the penultimate features:
+        per layer and epoch the probes, class separation and RankMe, CKA to the final epoch's same
+        layer and, with ``compare``, CKA between the runs layer by layer. Spatial outputs are
+        global-average pooled; rows carry the layer name in ``layer``.
     batch_size : images per forward pass during extraction; ``"auto"`` picks one that fits.
     use_cache : reuse features cached under ``RUN_DIR/analysis/features``.
     progress, plot : progress bar and summary line; ``analysis/tradeoff.png``.

@@ -68,6 +68,7 @@ class MetricValue:
     task: str = ""
     estimator: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    layer: str = ""  # "" = the penultimate features; else the module name (layer x epoch)
 
     def params_json(self) -> str:
         return json.dumps(self.params, sort_keys=True, default=str) if self.params else ""
