@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="save and exit after this epoch (continue later with --resume)")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--analyze-every", type=int, default=None, metavar="N",
+                   help="analyse the run while it trains, in a background process at the "
+                        "lowest CPU priority, once every N new checkpoints (on the CPU; log in "
+                        f"OUT/{'analyze_watch.log'})")
     ctc = t.add_argument_group("CTC (contrastive temporal coding, Cui et al. 2022)")
     ctc.add_argument("--ctc", action="store_true", help="train with CTC instead of plain CE")
     ctc.add_argument("--ctc-preset", default="transferability",
@@ -137,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept checkpoints reached through symbolic links that lead out of the "
                         "run directory (e.g. to scratch storage); refused by default")
     _add_data_args(a, None)
+    w = a.add_argument_group("live analysis (a run still training)")
+    w.add_argument("--watch", action="store_true",
+                   help="follow the run: analyse each new complete checkpoint, update the table "
+                        "and charts, exit when the manifest says training finished (or Ctrl-C)")
+    w.add_argument("--report", default=None, metavar="FILE",
+                   help="with --watch: also rewrite this HTML report after each update")
+    w.add_argument("--poll", type=float, default=5.0, help="with --watch: seconds between looks")
+    w.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --watch: stop after this long without a new checkpoint")
+    w.add_argument("--every", type=int, default=1, metavar="N",
+                   help="with --watch: analyse once N new checkpoints are complete")
+
+    ex = sub.add_parser("export", help="export an analysed run's metrics to other tools")
+    ex.add_argument("runs", nargs="+", help="analysed run directories")
+    ex.add_argument("--tensorboard", required=True, metavar="DIR",
+                    help="write the per-epoch metrics as TensorBoard scalars into DIR")
+    ex.add_argument("--x", choices=["auto", "step", "epoch"], default="auto",
+                    help="x axis of the scalars (auto: steps when every row has one)")
 
     pl = sub.add_parser("plot", help="write every chart the analysed metrics allow")
     pl.add_argument("runs", nargs="+")
@@ -201,23 +223,96 @@ def _print_summary(results) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from dtprobe.training.trainer import train
 
-    out = train(_train_config(args))
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+    cfg = _train_config(args)
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
+    watcher = _start_watcher(Path(args.out), args.analyze_every) if (
+        args.analyze_every and rank0) else None
+    try:
+        out = train(cfg)
+    finally:
+        if watcher is not None:
+            _stop_watcher(Path(args.out), watcher)
+    if rank0:
         print(f"run written to {out} (manifest: {out / 'manifest.json'})")
+        if watcher is not None:
+            print(f"analysis: {out / 'analysis' / 'metrics.csv'} (log {out / WATCH_LOG})")
     return 0
+
+
+WATCH_LOG = "analyze_watch.log"
+
+
+def _start_watcher(out: Path, every: int):
+    """``dtprobe analyze OUT --watch`` in a background process at the lowest CPU priority."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+    log = os.open(out / WATCH_LOG, flags, 0o644)
+    nice = (lambda: os.nice(19)) if hasattr(os, "nice") else None
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dtprobe", "analyze", str(out), "--watch", "--every",
+             str(every), "--poll", "2", "--no-progress", "--device", "cpu"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=nice)
+    finally:
+        os.close(log)
+
+
+def _stop_watcher(out: Path, proc) -> None:
+    """Let the watcher finish the last checkpoints when training completed; else interrupt it
+    (it keeps everything analysed so far)."""
+    import signal
+
+    from dtprobe.analysis.watch import run_finished
+
+    try:
+        if not run_finished(out):
+            proc.send_signal(signal.SIGINT)
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from dtprobe.analysis import analyze
 
-    results = analyze(args.run_dir, metrics=args.metrics, device=args.device,
-                      arch=args.arch, num_classes=args.num_classes,
-                      arch_params=_parse_kv(args.arch_param, "--arch-param") or None,
-                      dataset=args.dataset, dataset_params=_dataset_params(args) or None,
-                      pattern=args.pattern, compare=args.compare, layers=args.layers,
-                      batch_size=args.batch_size, use_cache=not args.no_cache,
-                      progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
-                      wait=not args.no_wait, follow_symlinks=args.follow_symlinks)
+    if args.watch:
+        return _watch(args)
+    if args.report is not None:
+        from dtprobe.errors import ConfigError
+
+        raise ConfigError("--report goes with --watch; for a finished run use "
+                          "`dtprobe report RUN -o FILE`")
+    results = analyze(args.run_dir, **_analyze_kwargs(args))
+    return _finish_analyze(args, results)
+
+
+def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(metrics=args.metrics, device=args.device, arch=args.arch,
+                num_classes=args.num_classes,
+                arch_params=_parse_kv(args.arch_param, "--arch-param") or None,
+                dataset=args.dataset, dataset_params=_dataset_params(args) or None,
+                pattern=args.pattern, compare=args.compare, layers=args.layers,
+                batch_size=args.batch_size, use_cache=not args.no_cache,
+                progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
+                wait=not args.no_wait, follow_symlinks=args.follow_symlinks)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from dtprobe.analysis.watch import watch
+
+    results = watch(args.run_dir, poll=args.poll, idle_timeout=args.idle_timeout,
+                    report=args.report, every=args.every, **_analyze_kwargs(args))
+    if results is None:
+        print(f"dtprobe analyze --watch: no checkpoint appeared in {args.run_dir}")
+        return 0
+    return _finish_analyze(args, results)
+
+
+def _finish_analyze(args: argparse.Namespace, results) -> int:
     if results is None:  # a torchrun rank > 0: rank 0 merged and reports
         return 0
     _print_summary(results)
@@ -233,6 +328,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
               f"reason above and in {out / 'failures.csv'}); the others were analysed",
               file=sys.stderr)
         return EXIT_PARTIAL
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dtprobe.export import export_tensorboard
+    from dtprobe.results import load_results
+
+    n = export_tensorboard(load_results(args.runs), args.tensorboard, x=args.x)
+    print(f"{n} scalars written to {args.tensorboard} (tensorboard --logdir {args.tensorboard})")
     return 0
 
 
@@ -281,7 +385,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "analyze": cmd_analyze, "plot": cmd_plot, "report": cmd_report,
-            "demo": cmd_demo, "list": cmd_list}
+            "demo": cmd_demo, "list": cmd_list, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
