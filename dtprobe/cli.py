@@ -1,4 +1,4 @@
-"""Command line: ``dtprobe train | analyze | plot | report | demo | list``.
+"""Command line: ``dtprobe train | sweep | analyze | plot | report | demo | list``.
 
 User errors (:class:`dtprobe.errors.DtprobeError`, manifest errors) print one line and exit 2;
 ``--debug`` shows the traceback instead. Exit statuses: 0 success, 1 the analysis finished but
@@ -76,8 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a run and write checkpoints + manifest")
-    _add_data_args(t, "shapes")
     t.add_argument("--out", required=True, help="run directory to create")
+    _add_train_args(t)
+
+    sw = sub.add_parser("sweep", help="train and analyse one run per objective and seed, then "
+                                      "chart them together (Kornblith et al. 2021's figures)")
+    sw.add_argument("--objectives", nargs="+", required=True, metavar="NAME",
+                    help="registered objectives (see `dtprobe list`)")
+    sw.add_argument("--seeds", nargs="+", type=int, default=[0])
+    sw.add_argument("--out", required=True, help="sweep directory (one sub-directory per run)")
+    sw.add_argument("--metrics", nargs="+", default=None,
+                    help="metrics to analyse (default: the default set)")
+    sw.add_argument("--param", action="append", metavar="OBJECTIVE:KEY=VALUE",
+                    help="parameter for one objective only, repeatable "
+                         "(e.g. dropout:keep_prob=0.5)")
+    _add_train_args(sw, sweep=True)
+    _add_analysis_parsers(sub)
+    return parser
+    return parser
+
+
+def _add_train_args(t: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """The ``dtprobe train`` flags (``dtprobe sweep`` passes them through to every run)."""
+    _add_data_args(t, "shapes")
     t.add_argument("--arch", default="small_cnn")
     t.add_argument("--arch-param", action="append", metavar="KEY=VALUE",
                    help="architecture parameter, repeatable (e.g. cifar_stem=true)")
@@ -89,18 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=int, default=1)
     t.add_argument("--augment", default="auto", choices=["auto", "none", "crop", "crop-flip"])
     t.add_argument("--save-every", type=int, default=2)
-    t.add_argument("--seed", type=int, default=0)
+    if not sweep:
+        t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="save and exit after this epoch (continue later with --resume)")
     t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--analyze-every", type=int, default=None, metavar="N",
-                   help="analyse the run while it trains, in a background process at the "
-                        "lowest CPU priority, once every N new checkpoints (on the CPU; log in "
-                        f"OUT/{'analyze_watch.log'})")
+    if not sweep:
+        t.add_argument("--analyze-every", type=int, default=None, metavar="N",
+                       help="analyse the run while it trains, in a background process at the "
+                            "lowest CPU priority, once every N new checkpoints (on the CPU; log in "
+                            f"OUT/{'analyze_watch.log'})")
+    obj = t.add_argument_group("objective and schedule")
+    if not sweep:
+        obj.add_argument("--objective", default=None, metavar="NAME",
+                         help="training objective (see `dtprobe list`); default ce")
+        obj.add_argument("--objective-param", action="append", metavar="KEY=VALUE",
+                         help="objective hyperparameter, repeatable (e.g. alpha=0.2)")
+    obj.add_argument("--schedule", default="default", choices=["default", "reference"],
+                     help="default: warm-up + one cosine; reference: the CTC code's two-phase "
+                          "schedule (cosine to S, restart at 0.1 lr), for every objective")
+    obj.add_argument("--switch-epoch", type=int, default=None, metavar="S",
+                     help="last epoch of stage 1 of --schedule reference (default: CTC's S, "
+                          "else 2/3 of --epochs)")
+    obj.add_argument("--stage1-weight-decay", type=float, default=None,
+                     help="weight decay in stage 1 of --schedule reference (default 1e-3)")
     ctc = t.add_argument_group("CTC (contrastive temporal coding, Cui et al. 2022)")
-    ctc.add_argument("--ctc", action="store_true", help="train with CTC instead of plain CE")
+    if not sweep:
+        ctc.add_argument("--ctc", action="store_true", help="short for --objective ctc")
     ctc.add_argument("--ctc-preset", default="transferability",
                      choices=["transferability", "discriminability"])
     for flag, typ, hlp in [
@@ -115,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     ctc.add_argument("--freeze-stage1-projector", action="store_true",
                      help="reproduce the reference code, whose stage-1 projector was never trained")
 
+
+def _add_analysis_parsers(sub) -> None:
     a = sub.add_parser("analyze", help="analyse every checkpoint of a run")
     a.add_argument("run_dir")
     a.add_argument("--metrics", nargs="+", default=None,
@@ -177,31 +217,50 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="tiny data and few epochs (smoke test)")
     d.add_argument("--fresh", action="store_true", help="delete earlier demo runs first")
 
-    sub.add_parser("list", help="list architectures, datasets and metrics")
-    return parser
+    sub.add_parser("list", help="list architectures, datasets, metrics and objectives")
 
 
-def _train_config(args: argparse.Namespace):
+def _objective_name(args: argparse.Namespace) -> str:
+    from dtprobe.errors import ConfigError
+
+    if getattr(args, "ctc", False):
+        if args.objective not in (None, "ctc"):
+            raise ConfigError(f"--ctc is short for --objective ctc; drop one of --ctc and "
+                              f"--objective {args.objective}")
+        return "ctc"
+    return args.objective or "ce"
+
+
+def _train_config(args: argparse.Namespace, *, objective: str | None = None,
+                  objective_params: dict[str, Any] | None = None, out: str | None = None,
+                  seed: int | None = None):
+    """A :class:`TrainConfig` from ``dtprobe train`` flags (``dtprobe sweep`` overrides the
+    objective, its parameters, the output and the seed per run)."""
     from dtprobe.training.trainer import TrainConfig
 
+    name = objective or _objective_name(args)
+    params = (objective_params if objective_params is not None
+              else _parse_kv(getattr(args, "objective_param", None), "--objective-param"))
     ctc: dict[str, Any] = {"preset": args.ctc_preset}
-    for name in ("stage_two_epoch", "alpha", "tau1", "m1", "beta", "tau2", "m2", "nce_k",
-                 "proj_dim"):
-        if getattr(args, name) is not None:
-            ctc[name] = getattr(args, name)
+    for key in ("stage_two_epoch", "alpha", "tau1", "m1", "beta", "tau2", "m2", "nce_k",
+                "proj_dim"):
+        if getattr(args, key) is not None:
+            ctc[key] = getattr(args, key)
     if args.freeze_stage1_projector:
         ctc["freeze_stage1_projector"] = True
-    if args.ctc and "stage_two_epoch" not in ctc:
-        ctc["stage_two_epoch"] = max(1, round(args.epochs * 2 / 3))
+    if name == "ctc" and "stage_two_epoch" not in ctc and "stage_two_epoch" not in params:
+        ctc["stage_two_epoch"] = (args.switch_epoch if args.switch_epoch is not None
+                                  else max(1, round(args.epochs * 2 / 3)))
     return TrainConfig(
-        out=args.out, dataset=args.dataset, dataset_params=_dataset_params(args) or {},
+        out=out or args.out, dataset=args.dataset, dataset_params=_dataset_params(args) or {},
         arch=args.arch, arch_params=_parse_kv(args.arch_param, "--arch-param"),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, augment=args.augment,
-        save_every=args.save_every, seed=args.seed, device=args.device,
-        objective="ctc" if args.ctc else "ce", ctc=ctc if args.ctc else {},
-        resume=args.resume, stop_after=args.stop_after,
-        progress=not args.no_progress)
+        save_every=args.save_every, seed=args.seed if seed is None else seed,
+        device=args.device, objective=name, objective_params=params,
+        ctc=ctc if name == "ctc" else {}, schedule=args.schedule,
+        switch_epoch=args.switch_epoch, stage1_weight_decay=args.stage1_weight_decay,
+        resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
 
 
 SUMMARY_METRICS = ("source_accuracy", "probe_accuracy", "class_separation", "cka_to_final")
@@ -276,6 +335,31 @@ def _stop_watcher(out: Path, proc) -> None:
         raise
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dtprobe.errors import ConfigError
+    from dtprobe.sweep import run_sweep
+
+    per_objective: dict[str, dict[str, Any]] = {}
+    for item in args.param or []:
+        if ":" not in item:
+            raise ConfigError(f"--param expects OBJECTIVE:KEY=VALUE, got {item!r}")
+        name, kv = item.split(":", 1)
+        per_objective.setdefault(name, {}).update(_parse_kv([kv], "--param"))
+    configs = {(name, seed): _train_config(args, objective=name,
+                                            objective_params=per_objective.get(name, {}),
+                                            out=str(Path(args.out) / f"{name}-seed{seed}"),
+                                            seed=seed)
+               for name in args.objectives for seed in args.seeds}
+    summary = run_sweep(configs, Path(args.out), metrics=args.metrics, device=args.device,
+                        progress=not args.no_progress)
+    cols = [c for c in summary.columns if c in ("objective", "seeds", "diverged")
+            or c.split("_std")[0] in ("source_accuracy", "class_separation", "transfer")]
+    print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"sweep written to {args.out} (table: {Path(args.out) / 'sweep_summary.csv'}, "
+          f"charts: {Path(args.out) / 'figures'}; report: dtprobe report {args.out})")
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from dtprobe.analysis import analyze
 
@@ -343,8 +427,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from dtprobe.plotting import save_all_figures
     from dtprobe.results import load_results
+    from dtprobe.sweep import expand_sweeps
 
-    paths = save_all_figures(load_results(args.runs), args.out, formats=tuple(args.format))
+    paths = save_all_figures(load_results(expand_sweeps(args.runs)), args.out,
+                             formats=tuple(args.format))
     for p in paths:
         print(p)
     return 0
@@ -353,8 +439,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from dtprobe.report import write_report
     from dtprobe.results import load_results
+    from dtprobe.sweep import expand_sweeps
 
-    out = write_report(load_results(args.runs), args.output)
+    out = write_report(load_results(expand_sweeps(args.runs)), args.output)
     print(f"report written to {out}")
     return 0
 
@@ -381,11 +468,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name, spec in available_metrics().items():
         first = spec.description.splitlines()[0] if spec.description else ""
         print(f"  {'*' if spec.default else ' '} {name:22s} {first}")
+    from dtprobe.training.objectives import available_objectives
+
+    print("objectives (--objective NAME, --objective-param KEY=VALUE):")
+    for name, spec in available_objectives().items():
+        defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items()) or "-"
+        print(f"  {name:16s} {spec.description}")
+        print(f"  {'':16s}   paper: {spec.paper}; defaults: {defaults}")
     return 0
 
 
-COMMANDS = {"train": cmd_train, "analyze": cmd_analyze, "plot": cmd_plot, "report": cmd_report,
-            "demo": cmd_demo, "list": cmd_list, "export": cmd_export}
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "analyze": cmd_analyze, "plot": cmd_plot,
+            "report": cmd_report, "demo": cmd_demo, "list": cmd_list, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dtprobe {args.command}: error: {environment_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        if args.command in ("train", "analyze", "demo") and os.environ.get("RANK", "0") == "0":
+        timed = ("train", "sweep", "analyze", "demo")
+        if args.command in timed and os.environ.get("RANK", "0") == "0":
             print(f"done in {time.perf_counter() - start:.1f}s")
         sys.stdout.flush()
     except BrokenPipeError:
