@@ -9,6 +9,8 @@ some checkpoints failed (each reason printed and in ``analysis/failures.csv``), 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -115,6 +117,11 @@ def _add_train_args(t: argparse.ArgumentParser, sweep: bool = False) -> None:
     t.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="save and exit after this epoch (continue later with --resume)")
     t.add_argument("--no-progress", action="store_true")
+    if not sweep:
+        t.add_argument("--analyze-every", type=int, default=None, metavar="N",
+                       help="analyse the run while it trains, in a background process at the "
+                            "lowest CPU priority, once every N new checkpoints (on the CPU; log in "
+                            f"OUT/{'analyze_watch.log'})")
     obj = t.add_argument_group("objective and schedule")
     if not sweep:
         obj.add_argument("--objective", default=None, metavar="NAME",
@@ -174,6 +181,24 @@ def _add_analysis_parsers(sub) -> None:
                    help="accept checkpoints reached through symbolic links that lead out of the "
                         "run directory (e.g. to scratch storage); refused by default")
     _add_data_args(a, None)
+    w = a.add_argument_group("live analysis (a run still training)")
+    w.add_argument("--watch", action="store_true",
+                   help="follow the run: analyse each new complete checkpoint, update the table "
+                        "and charts, exit when the manifest says training finished (or Ctrl-C)")
+    w.add_argument("--report", default=None, metavar="FILE",
+                   help="with --watch: also rewrite this HTML report after each update")
+    w.add_argument("--poll", type=float, default=5.0, help="with --watch: seconds between looks")
+    w.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --watch: stop after this long without a new checkpoint")
+    w.add_argument("--every", type=int, default=1, metavar="N",
+                   help="with --watch: analyse once N new checkpoints are complete")
+
+    ex = sub.add_parser("export", help="export an analysed run's metrics to other tools")
+    ex.add_argument("runs", nargs="+", help="analysed run directories")
+    ex.add_argument("--tensorboard", required=True, metavar="DIR",
+                    help="write the per-epoch metrics as TensorBoard scalars into DIR")
+    ex.add_argument("--x", choices=["auto", "step", "epoch"], default="auto",
+                    help="x axis of the scalars (auto: steps when every row has one)")
 
     pl = sub.add_parser("plot", help="write every chart the analysed metrics allow")
     pl.add_argument("runs", nargs="+")
@@ -257,10 +282,57 @@ def _print_summary(results) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from dtprobe.training.trainer import train
 
-    out = train(_train_config(args))
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+    cfg = _train_config(args)
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
+    watcher = _start_watcher(Path(args.out), args.analyze_every) if (
+        args.analyze_every and rank0) else None
+    try:
+        out = train(cfg)
+    finally:
+        if watcher is not None:
+            _stop_watcher(Path(args.out), watcher)
+    if rank0:
         print(f"run written to {out} (manifest: {out / 'manifest.json'})")
+        if watcher is not None:
+            print(f"analysis: {out / 'analysis' / 'metrics.csv'} (log {out / WATCH_LOG})")
     return 0
+
+
+WATCH_LOG = "analyze_watch.log"
+
+
+def _start_watcher(out: Path, every: int):
+    """``dtprobe analyze OUT --watch`` in a background process at the lowest CPU priority."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+    log = os.open(out / WATCH_LOG, flags, 0o644)
+    nice = (lambda: os.nice(19)) if hasattr(os, "nice") else None
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dtprobe", "analyze", str(out), "--watch", "--every",
+             str(every), "--poll", "2", "--no-progress", "--device", "cpu"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=nice)
+    finally:
+        os.close(log)
+
+
+def _stop_watcher(out: Path, proc) -> None:
+    """Let the watcher finish the last checkpoints when training completed; else interrupt it
+    (it keeps everything analysed so far)."""
+    import signal
+
+    from dtprobe.analysis.watch import run_finished
+
+    try:
+        if not run_finished(out):
+            proc.send_signal(signal.SIGINT)
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -291,14 +363,40 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from dtprobe.analysis import analyze
 
-    results = analyze(args.run_dir, metrics=args.metrics, device=args.device,
-                      arch=args.arch, num_classes=args.num_classes,
-                      arch_params=_parse_kv(args.arch_param, "--arch-param") or None,
-                      dataset=args.dataset, dataset_params=_dataset_params(args) or None,
-                      pattern=args.pattern, compare=args.compare, layers=args.layers,
-                      batch_size=args.batch_size, use_cache=not args.no_cache,
-                      progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
-                      wait=not args.no_wait, follow_symlinks=args.follow_symlinks)
+    if args.watch:
+        return _watch(args)
+    if args.report is not None:
+        from dtprobe.errors import ConfigError
+
+        raise ConfigError("--report goes with --watch; for a finished run use "
+                          "`dtprobe report RUN -o FILE`")
+    results = analyze(args.run_dir, **_analyze_kwargs(args))
+    return _finish_analyze(args, results)
+
+
+def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(metrics=args.metrics, device=args.device, arch=args.arch,
+                num_classes=args.num_classes,
+                arch_params=_parse_kv(args.arch_param, "--arch-param") or None,
+                dataset=args.dataset, dataset_params=_dataset_params(args) or None,
+                pattern=args.pattern, compare=args.compare, layers=args.layers,
+                batch_size=args.batch_size, use_cache=not args.no_cache,
+                progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
+                wait=not args.no_wait, follow_symlinks=args.follow_symlinks)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from dtprobe.analysis.watch import watch
+
+    results = watch(args.run_dir, poll=args.poll, idle_timeout=args.idle_timeout,
+                    report=args.report, every=args.every, **_analyze_kwargs(args))
+    if results is None:
+        print(f"dtprobe analyze --watch: no checkpoint appeared in {args.run_dir}")
+        return 0
+    return _finish_analyze(args, results)
+
+
+def _finish_analyze(args: argparse.Namespace, results) -> int:
     if results is None:  # a torchrun rank > 0: rank 0 merged and reports
         return 0
     _print_summary(results)
@@ -314,6 +412,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
               f"reason above and in {out / 'failures.csv'}); the others were analysed",
               file=sys.stderr)
         return EXIT_PARTIAL
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dtprobe.export import export_tensorboard
+    from dtprobe.results import load_results
+
+    n = export_tensorboard(load_results(args.runs), args.tensorboard, x=args.x)
+    print(f"{n} scalars written to {args.tensorboard} (tensorboard --logdir {args.tensorboard})")
     return 0
 
 
@@ -372,7 +479,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "analyze": cmd_analyze, "plot": cmd_plot,
-            "report": cmd_report, "demo": cmd_demo, "list": cmd_list}
+            "report": cmd_report, "demo": cmd_demo, "list": cmd_list, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     from checkpoints_manifest import ManifestError
     from dtprobe.errors import DtprobeError
 
+    for stream in (sys.stdout, sys.stderr):  # undecodable file names must not crash a print
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     start = time.perf_counter()
     try:
         code = COMMANDS[args.command](args)
@@ -392,9 +502,53 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; completed work is saved (re-run to continue)", file=sys.stderr)
         return 130
-    if args.command in ("train", "sweep", "analyze", "demo") and os.environ.get("RANK", "0") == "0":
-        print(f"done in {time.perf_counter() - start:.1f}s")
+    except BrokenPipeError:
+        return _closed_pipe()
+    except OSError as exc:  # the environment, not the input: disk full, read-only, quota ...
+        if args.debug:
+            raise
+        print(f"dtprobe {args.command}: error: {environment_message(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        timed = ("train", "sweep", "analyze", "demo")
+        if args.command in timed and os.environ.get("RANK", "0") == "0":
+            print(f"done in {time.perf_counter() - start:.1f}s")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _closed_pipe()
     return code
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``dtprobe list | head -1``): stop quietly.
+
+    As in the recipe of Python's documentation (signal module, "Note on SIGPIPE"): point stdout
+    at devnull so that the interpreter's final flush does not fail again. Everything computed
+    is already on disk; the status is that of an environment error, never 1 (failed
+    checkpoints)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_USAGE
+
+
+_ENV_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space and re-run (completed work is kept)",
+    errno.EDQUOT: "the disk quota is exceeded: free some space and re-run (completed work is "
+                  "kept)",
+    errno.EROFS: "the file system is read-only: work on a writable copy of the run",
+    errno.EACCES: "permission denied: work on a copy of the run you can write to",
+    errno.EPERM: "permission denied: work on a copy of the run you can write to",
+    errno.ELOOP: "a symbolic link is in the way (dtprobe never writes through links): remove it",
+}
+
+
+def environment_message(exc: OSError) -> str:
+    """One line for an operating-system error: the file, what happened and what to do."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    what = exc.strerror or str(exc)
+    hint = _ENV_HINTS.get(exc.errno or -1, "check the file and re-run")
+    return f"{where}{what}; {hint}"
 
 
 if __name__ == "__main__":

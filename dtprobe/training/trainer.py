@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import io
 import math
 import os
 import time
@@ -38,9 +40,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import checkpoints_manifest as cm
+from dtprobe import checkpoints as ckpt_io
 from dtprobe.data import DatasetBundle, load_dataset
 from dtprobe.devices import resolve_device
-from dtprobe.errors import ConfigError, TrainingDivergedError
+from dtprobe.errors import CheckpointError, ConfigError, TrainingDivergedError
 from dtprobe.models import build_model, get_arch, head_module
 from dtprobe.models.tap import PenultimateTap, penultimate_features
 from dtprobe.training import distributed as dist_utils
@@ -49,6 +52,7 @@ from dtprobe.training.objectives import Objective, ObjectiveContext
 from dtprobe.training.objectives import build_objective as build_registered_objective
 
 RESUME_FILE = "resume_state.pt"
+_RESUME_KEYS = ("epoch", "step", "model", "optimizer", "objective", "torch_rng", "entry")
 
 
 @dataclass
@@ -322,10 +326,12 @@ class Trainer:
         rel = f"checkpoints/epoch_{epoch:04d}.pt"
         path = self.out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save({"model": self.objective.export_model_state(self.model.state_dict()),
-                            "epoch": epoch, "step": self.step}, path)
+        # Hash the bytes written, not the file read back (which another process could swap).
+        digest = _atomic_torch_save(
+            {"model": self.objective.export_model_state(self.model.state_dict()),
+             "epoch": epoch, "step": self.step}, path)
         entry = cm.CheckpointEntry(epoch=epoch, step=self.step, path=rel,
-                                   sha256=cm.sha256_file(path), metrics=metrics, time=time.time())
+                                   sha256=digest, metrics=metrics, time=time.time())
         _atomic_torch_save({
             "epoch": epoch, "step": self.step,
             "model": self.model.state_dict(),
@@ -359,12 +365,16 @@ class Trainer:
         state_path = self.out / RESUME_FILE
         if not state_path.exists():
             raise ConfigError(f"{state_path}: nothing to resume; start the run without --resume")
-        try:
-            state = torch.load(state_path, map_location=self.device, weights_only=True)
-        except Exception as exc:  # written atomically, so only damage from outside gets here
-            raise ConfigError(f"{state_path}: cannot read the resume state ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); restore it or "
-                              "train into a new --out") from None
+        try:  # written atomically, so only damage from outside gets here
+            state = ckpt_io.safe_torch_load(state_path)
+        except CheckpointError as exc:  # keep the reason, not the advice for weight files
+            reason = str(exc).removeprefix(f"{state_path}: ").split("; ")[0]
+            raise ConfigError(f"{state_path}: cannot use the resume state ({reason}); restore "
+                              "it or train into a new --out") from None
+        missing = [k for k in _RESUME_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise ConfigError(f"{state_path}: not a resume state written by dtprobe train (no "
+                              f"{', '.join(missing[:3])}); restore it or train into a new --out")
         manifest = cm.read_manifest(self.out)
         epochs = {c.epoch for c in manifest.checkpoints}
         if state["epoch"] not in epochs and self.dist.is_main:
@@ -372,13 +382,18 @@ class Trainer:
             # entry: the file is complete (written atomically), so record it now.
             cm.append_checkpoint(self.out, cm.CheckpointEntry.from_dict(state["entry"]),
                                  replace=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if len(state["objective"]):
-            self.objective.load_state_dict(state["objective"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        self.step = int(state["step"])
-        return int(state["epoch"]) + 1
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if len(state["objective"]):
+                self.objective.load_state_dict(state["objective"])
+            torch.set_rng_state(state["torch_rng"].cpu())
+            self.step = int(state["step"])
+            return int(state["epoch"]) + 1
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"{state_path}: the resume state does not fit this run "
+                              f"({type(exc).__name__}: {ckpt_io._first_line(str(exc), 120)}); "
+                              "restore it or train into a new --out") from None
 
     # -------------------------------------------------------------- training
     def _run_epoch(self, epoch: int) -> dict[str, float]:
@@ -466,6 +481,8 @@ class Trainer:
         start = 1
         if self.dist.is_main:
             remove_stale_temp_files(self.out)
+        if cfg.resume and self.dist.is_main and self.out.is_dir():
+            check_writable(self.out)  # before an epoch of work, not when saving it
         if cfg.resume and self._can_resume():
             start = self._try_resume()
         elif self.dist.is_main:
@@ -518,28 +535,45 @@ def _append_log(path: Path, epoch: int, metrics: dict[str, float]) -> None:
         writer.writerows(rows)
 
 
-def _temp_name(path: Path) -> Path:
-    # Hidden and ending in ".tmp": never taken for a checkpoint by file-name inference, and
-    # recognisable as a leftover of a killed writer (see remove_stale_temp_files).
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 @contextlib.contextmanager
 def _atomic_open(path: Path, mode: str, **kwargs: Any) -> Iterator[Any]:
     """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``: a kill
-    at any moment leaves the old file or the new one, never a partial one."""
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, mode, **kwargs) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    at any moment leaves the old file or the new one, never a partial one. The temporary name
+    is hidden, unpredictable and created exclusively (:func:`checkpoints_manifest.atomic_writer`),
+    so a link planted in the run directory cannot redirect the write."""
+    with cm.atomic_writer(path, "wb" if "b" in mode else "w", **kwargs) as fh:
+        yield fh
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse, before any training, a run directory that cannot take the next checkpoint.
+
+    ``run_dir`` and ``run_dir/checkpoints`` must be real directories (not symbolic links, which
+    would send the checkpoints out of the run) in which a file can be created.
+
+    Raises
+    ------
+    ConfigError
+        Naming the directory and the fix.
+    """
+    for directory in (run_dir, run_dir / "checkpoints"):
+        if directory.is_symlink() and directory != run_dir:
+            raise ConfigError(f"{directory}: is a symbolic link; the trainer writes checkpoints "
+                              "only into a real folder of the run (replace the link by a folder)")
+        if not directory.exists():
+            continue
+        try:
+            with cm.atomic_writer(directory / ".write_test", "wb"):
+                raise _Probe
+        except _Probe:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"{directory}: cannot write there ({exc.strerror or exc}); resume "
+                              "a writable copy of the run (or free disk space)") from None
+
+
+class _Probe(Exception):
+    """Raised inside the write probe so that nothing is renamed into place."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -551,9 +585,13 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with _atomic_open(path, "wb") as fh:
-        torch.save(obj, fh)
+def _atomic_torch_save(obj: Any, path: Path) -> str:
+    """``torch.save`` to ``path`` atomically; returns the sha256 of the bytes written."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    cm.atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def remove_stale_temp_files(run_dir: Path) -> list[Path]:
