@@ -30,3 +30,7 @@ class MetricInputError(DtprobeError, ValueError):
 
 class RunBusyError(DtprobeError):
     """Another process holds the run's analysis lock (raised with ``--no-wait``)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint's pickle references code the safe unpickler refuses to run."""
