@@ -1046,3 +1046,93 @@ def _nothing_found(run_dir: Path, names: list[str], ignored: list[str],
     where = f"{run_dir} or {run_dir / _SUBDIR}" if not pattern or "/" not in pattern else run_dir
     return (f"{where}: no checkpoint files matching {wanted}; point to the run directory that "
             "holds the checkpoints, or pass --pattern")
+
+
+# ------------------------------------------------------------------------- whole-run inference
+@dataclass
+class InferredRun:
+    """A run without a manifest: its checkpoints and how to rebuild its model.
+
+    Attributes
+    ----------
+    series : CheckpointSeries
+        The checkpoints, with epochs and steps (:mod:`dtprobe.layouts`).
+    arch, num_classes, arch_kwargs : the model, from the flags, else from the files' records
+        (:func:`dtprobe.layouts.model_hints`), else recognised from the weights' names and
+        shapes (:func:`dtprobe.layouts.guess_from_keys`); ``arch``/``num_classes`` are None
+        when nothing says them.
+    origin : str
+        Where the architecture came from (``"flags"``, ``"Lightning hyper_parameters"`` ...).
+    """
+
+    series: CheckpointSeries
+    arch: str | None
+    num_classes: int | None
+    arch_kwargs: dict[str, Any]
+    origin: str
+
+
+def infer_run(run_dir: str | os.PathLike[str], *, pattern: str | None = None,
+              epoch_from: str = "auto", arch: str | None = None,
+              num_classes: int | None = None, arch_params: Mapping[str, Any] | None = None,
+              trust_pickles: bool = False) -> InferredRun:
+    """Series and model of a manifest-free run; flags given override what the files say.
+
+    The last checkpoint is read (safely; ``trust_pickles`` as in :func:`load_checkpoint`) when
+    the architecture or class count is not given. A refusal to unpickle it is raised (it names
+    ``--trust-pickles``) since no checkpoint of the run could be read either.
+
+    Raises
+    ------
+    CheckpointError
+        As :func:`infer_checkpoint_series`, or the last checkpoint is refused or unreadable
+        while the flags leave the model unknown.
+    """
+    series = infer_checkpoint_series(run_dir, pattern=pattern, allow_symlinks=True,
+                                     epoch_from=epoch_from)
+    kwargs = dict(arch_params or {})
+    if arch is not None and num_classes is not None:
+        return InferredRun(series, arch, num_classes, kwargs, "flags")
+    last = series[-1].path
+    try:
+        loaded = load_checkpoint(last, finite=False, trust_pickles=trust_pickles)
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError:
+        return InferredRun(series, arch, num_classes, kwargs, "flags")
+    hints = layouts.model_hints(loaded.source, last)
+    if arch is None and hints.arch is None:
+        guessed = layouts.guess_from_keys(loaded.source)
+        if guessed.arch is not None:
+            hints = layouts.ModelHints(guessed.arch, hints.num_classes or guessed.num_classes,
+                                       guessed.kwargs, guessed.origin)
+    if hints.num_classes is None and (arch or hints.arch):
+        hints = layouts.ModelHints(hints.arch, _head_classes(loaded, arch or hints.arch),
+                                   hints.kwargs, hints.origin)
+    origin = "flags" if arch is not None and num_classes is not None else hints.origin
+    merged = {**(hints.kwargs if arch is None else {}), **kwargs}
+    return InferredRun(series, arch or hints.arch, num_classes or hints.num_classes, merged,
+                       origin or "flags")
+
+
+def _head_classes(loaded: LoadedCheckpoint, arch: str | None) -> int | None:
+    """Rows of the head weight (``<head>.weight`` under any prefix) of a named architecture."""
+    from dtprobe.models import get_arch
+    from dtprobe.models.registry import AUTO_HEAD
+
+    if arch is None:
+        return None
+    try:
+        head = get_arch(arch).head
+    except Exception:  # noqa: BLE001 - an unknown name is reported when the plan is checked
+        return None
+    if head == AUTO_HEAD:
+        return None
+    suffix = f"{head}.weight"
+    from dtprobe.state_dict import candidates
+
+    for candidate in candidates(loaded.source):
+        weight = candidate.state.get(suffix)
+        if weight is not None and weight.dim() == 2:
+            return int(weight.shape[0])
+    return None

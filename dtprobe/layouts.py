@@ -436,3 +436,109 @@ def epoch_note(items: list[Assigned]) -> str:
         text += "; " + ", ".join(LAYOUTS[n].framework for n in shifted) + \
             " count from 0 after the first epoch: their epoch e is e+1 here"
     return text
+
+
+# ---------------------------------------------------------------- architecture from records
+@dataclass(frozen=True)
+class ModelHints:
+    """Architecture and class count a checkpoint states, and where that was read.
+
+    Attributes
+    ----------
+    arch : str or None
+        A name :func:`dtprobe.models.get_arch` accepts.
+    num_classes : int or None
+    kwargs : dict
+        Architecture keyword arguments (e.g. ``cifar_stem`` from a recognised key set).
+    origin : str
+        Which record said it (``"timm arch"``, ``"Lightning hyper_parameters"``, ``"keys"`` ...).
+    """
+
+    arch: str | None = None
+    num_classes: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    origin: str = ""
+
+
+_ARCH_FIELDS = ("arch", "architecture", "model_name", "backbone", "model", "net", "network")
+_CLASS_FIELDS = ("num_classes", "n_classes", "num_labels", "nb_classes", "classes")
+
+
+def _known_arch(name: Any) -> str | None:
+    from dtprobe.models import get_arch
+
+    if not isinstance(name, str) or not name or "/" in name:
+        return None
+    if ":" in name and not name.startswith(("timm:", "torchvision:")):
+        return None  # never import code a file names (package.module:callable is a flag only)
+    try:
+        get_arch(name)
+    except Exception:  # noqa: BLE001 - not a name dtprobe can build
+        return None
+    return name
+
+
+def _classes(record: Mapping[str, Any]) -> int | None:
+    for key in _CLASS_FIELDS:
+        value = _int_or_none(record.get(key)) if not isinstance(record.get(key), bool) else None
+        if value is not None and value > 0:
+            return value
+    return None
+
+
+def model_hints(source: Any, checkpoint: Path) -> ModelHints:
+    """What the checkpoint (or its folder's ``config.json``) says about the model.
+
+    Reads, in order: timm's ``arch`` (+ ``args.num_classes``) as ``timm:<arch>``; torchvision's
+    reference-script ``args.model``; Lightning's ``hyper_parameters`` (``arch``/``model_name``/
+    ``backbone``... and ``num_classes``/``n_classes``/``num_labels``); a Hugging Face
+    ``config.json`` beside the weights (``hf:<folder>``). Returns empty hints when none applies.
+    """
+    record = source if isinstance(source, Mapping) else {}
+    args = _args(record)
+    if isinstance(record.get("arch"), str) and "version" in record:
+        # timm's CheckpointSaver stores the class name as 'arch'; train.py's args.model is the
+        # model name timm.create_model takes.
+        name = args.get("model") if isinstance(args.get("model"), str) else record["arch"]
+        arch = _known_arch(f"timm:{name}")
+        if arch:
+            return ModelHints(arch, _classes(args), {}, "timm checkpoint args.model")
+    if isinstance(args.get("model"), str):
+        name = args["model"]
+        arch = _known_arch(name) or _known_arch(f"torchvision:{name}")
+        if arch:
+            return ModelHints(arch, _classes(args), {}, "torchvision args.model")
+    hparams = record.get("hyper_parameters")
+    if isinstance(hparams, Mapping):
+        arch = next((a for k in _ARCH_FIELDS if (a := _known_arch(hparams.get(k)))), None)
+        classes = _classes(hparams)
+        if arch or classes:
+            return ModelHints(arch, classes, {}, "Lightning hyper_parameters")
+    config = checkpoint.parent / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):
+            data = {}
+        if isinstance(data, dict) and data.get("model_type"):
+            labels = data.get("id2label")
+            classes = len(labels) if isinstance(labels, dict) and labels else _classes(data)
+            return ModelHints(f"hf:{checkpoint.parent}", classes, {}, "Hugging Face config.json")
+    return ModelHints()
+
+
+def guess_from_keys(source: Any, in_channels: tuple[int, ...] = (3, 1)) -> ModelHints:
+    """Recognise a registered architecture from the weights' names and shapes alone."""
+    from dtprobe.models import guess_arch
+    from dtprobe.state_dict import candidates
+
+    for candidate in candidates(source):
+        if candidate.ema and len(candidates(source)) > 1:
+            continue
+        for channels in in_channels:
+            guesses = guess_arch(candidate.state, in_channels=channels)
+            if guesses:
+                g = guesses[0]
+                return ModelHints(g.arch, g.num_classes, dict(g.kwargs),
+                                  f"parameter names and shapes ({candidate.describe()})")
+    return ModelHints()

@@ -287,16 +287,17 @@ def _diagnose(obj: Any, found: list[Candidate], expected: Mapping[str, Tensor],
         parts.append(f"missing keys: {_key_list(missing)}")
     if unexpected:
         parts.append(f"unexpected keys: {_key_list(unexpected)}")
-    hint = _fix_hint(best, missing, unexpected, shapes)
+    hint = _fix_hint(found, missing, unexpected, shapes)
     return (f"top-level keys {top}; {len(found)} candidate readings tried, closest: "
             f"{best.describe()} ({'; '.join(parts)}); {hint}")
 
 
-def _fix_hint(best: Candidate, missing: list[str], unexpected: list[str],
+def _fix_hint(found: list[Candidate], missing: list[str], unexpected: list[str],
               shapes: list[str]) -> str:
     from dtprobe.models import guess_arch
 
-    guesses = guess_arch(best.state)
+    # A registered architecture that fits some candidate exactly is the most useful fix.
+    guesses = next((g for c in found[:16] if not c.ema and (g := guess_arch(c.state))), [])
     if guesses:
         g = guesses[0]
         params = " ".join(f"--arch-param {k}={str(v).lower() if isinstance(v, bool) else v}"

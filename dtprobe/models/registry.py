@@ -7,9 +7,10 @@ the input of that head, captured with a forward hook, so the same extraction
 code serves every architecture (and checkpoints saved by other code keep
 their plain torchvision state-dict keys).
 
-Besides registered names, :func:`get_arch` accepts three families built on demand:
-``timm:<model_name>`` (timm), ``torchvision:<model_name>`` (``torchvision.models.get_model``)
-and ``package.module:callable`` (the user's own code; the callable receives ``num_classes``
+Besides registered names, :func:`get_arch` accepts four families built on demand:
+``timm:<model_name>`` (timm), ``torchvision:<model_name>`` (``torchvision.models.get_model``),
+``hf:<folder>`` (a ``transformers`` classifier from the folder's ``config.json``) and
+``package.module:callable`` (the user's own code; the callable receives ``num_classes``
 and the ``--arch-param`` keyword arguments it accepts; its head is the last ``nn.Linear``).
 
 An :class:`ArchSpec` may also carry :class:`KeyMap` rename rules (for checkpoints written by
@@ -182,6 +183,10 @@ def get_arch(name: str) -> ArchSpec:
 
         _ARCHS[name] = timm_arch(name)
         return _ARCHS[name]
+    if name.startswith("hf:"):
+        from dtprobe.models.hf_models import hf_arch
+
+        return hf_arch(name)
     if name.startswith("torchvision:"):
         _ARCHS[name] = _torchvision_arch(name)
         return _ARCHS[name]
