@@ -131,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-wait", action="store_true",
                    help="if another analysis of this run is in progress, stop with 'run is busy' "
                         "instead of waiting for it")
+    a.add_argument("--epoch-from", default="auto", choices=["auto", "name", "metadata", "order"],
+                   help="runs without a manifest: take epochs from the file/folder names, the "
+                        "framework's records (trainer_state.json, Lightning epoch, safetensors "
+                        "metadata) or the save order; default: each layout's best source")
+    a.add_argument("--weights", default="auto", metavar="ema|raw|KEY",
+                   help="which weights of each file: raw (default when present), ema, or the "
+                        "key/prefix holding them (e.g. state_dict_ema)")
+    a.add_argument("--strip-prefix", default=None, metavar="PREFIX",
+                   help="keep only weight names starting with PREFIX (e.g. 'teacher.') and "
+                        "remove it")
+    a.add_argument("--trust-pickles", action="store_true",
+                   help="unpickle files the safe loader refuses (they name classes, e.g. "
+                        "Lightning hyper_parameters holding modules): runs code from the file, "
+                        "so only for files you trust; recorded in analysis/checkpoints.json")
     a.add_argument("--follow-symlinks", action="store_true",
                    help="accept checkpoints reached through symbolic links that lead out of the "
                         "run directory (e.g. to scratch storage); refused by default")
@@ -215,10 +229,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                       pattern=args.pattern, compare=args.compare, layers=args.layers,
                       batch_size=args.batch_size, use_cache=not args.no_cache,
                       progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
-                      wait=not args.no_wait, follow_symlinks=args.follow_symlinks)
+                      wait=not args.no_wait, follow_symlinks=args.follow_symlinks,
+                      epoch_from=args.epoch_from, weights=args.weights,
+                      strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles)
     if results is None:  # a torchrun rank > 0: rank 0 merged and reports
         return 0
     _print_summary(results)
+    for run, text in getattr(results, "epoch_notes", {}).items():
+        if text:
+            print(f"{run}: {text}")
     out = Path(args.run_dir) / "analysis"
     stats = getattr(results, "stats", None)
     if stats is not None:
@@ -226,12 +245,26 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     chart = "" if args.no_plot else f"  chart: {out / 'tradeoff.png'}"
     print(f"results: {out / 'metrics.csv'}{chart}")
     if len(results.failures):
-        total = stats.checkpoints if stats is not None else "?"
-        print(f"dtprobe analyze: {len(results.failures)} of {total} checkpoint(s) failed (each "
-              f"reason above and in {out / 'failures.csv'}); the others were analysed",
+        print(f"dtprobe analyze: {_failure_summary(results.failures, stats, out)}",
               file=sys.stderr)
         return EXIT_PARTIAL
     return 0
+
+
+def _failure_summary(failures, stats, out: Path) -> str:
+    """One line: how many checkpoints failed; when all did, for one reason, that reason."""
+    total = stats.checkpoints if stats is not None else None
+    where = f"{out / 'failures.csv'}"
+    if total is None or len(failures) < total:
+        return (f"{len(failures)} of {total if total is not None else '?'} checkpoint(s) failed "
+                f"(each reason above and in {where}); the others were analysed")
+    # Reasons start with the file's path; the same cause shows as the same remainder.
+    reasons = {str(r).split(": ", 1)[-1] for r in failures["reason"]}
+    if len(reasons) == 1:
+        return (f"all {total} checkpoint(s) failed for one reason: {reasons.pop()} "
+                f"(details in {where})")
+    return (f"all {total} checkpoint(s) failed, for {len(reasons)} different reasons (each above "
+            f"and in {where}); nothing was analysed")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

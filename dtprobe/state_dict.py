@@ -274,9 +274,11 @@ def _diagnose(obj: Any, found: list[Candidate], expected: Mapping[str, Tensor],
                 + (f" with prefix {strip_prefix!r}" if strip_prefix else "")
                 + "; save model.state_dict() or pass --strip-prefix / --weights naming them")
 
-    def distance(c: Candidate) -> tuple[int, int]:
+    def distance(c: Candidate) -> tuple[int, int, int, int]:
+        # Most names in common first; among equals, the least unwrapped reading.
         missing, unexpected, shapes = _mismatch(c.state, expected)
-        return (len(missing) + len(unexpected), len(shapes))
+        common = sum(1 for k in c.state if k in expected)
+        return (-common, len(c.stripped), len(missing) + len(unexpected), len(shapes))
 
     best = min(found, key=distance)
     missing, unexpected, shapes = _mismatch(best.state, expected)
@@ -302,10 +304,12 @@ def _fix_hint(found: list[Candidate], missing: list[str], unexpected: list[str],
         g = guesses[0]
         params = " ".join(f"--arch-param {k}={str(v).lower() if isinstance(v, bool) else v}"
                           for k, v in g.kwargs.items())
-        return (f"these keys fit --arch {g.arch} --num-classes {g.num_classes}"
+        return (f"pass the right --arch: these keys fit --arch {g.arch} --num-classes "
+                f"{g.num_classes}"
                 + (f" {params}" if params else ""))
     if shapes and not missing and not unexpected:
-        return "pass the right --num-classes / --arch-param (the names fit, the sizes do not)"
+        return ("pass the right --arch / --num-classes / --arch-param (the names fit, the "
+                "sizes do not)")
     heads = {k.split(".", 1)[0] + "." for k in unexpected if "." in k}
     if missing and unexpected and len(heads) == 1:
         prefix = heads.pop()

@@ -7,6 +7,7 @@ checkpoint, with a one-line :class:`CheckpointError`.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from typing import Any
 
@@ -18,7 +19,7 @@ from dtprobe.analysis.data import EvalData
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.errors import CheckpointError, ConfigError
 from dtprobe.extract import cache_key, extract_features
-from dtprobe.models import build_model, head_module
+from dtprobe.models import build_model, get_arch, head_module
 
 
 def build_for_plan(plan: RunPlan, in_channels: int) -> torch.nn.Module:
@@ -81,25 +82,40 @@ def verify_checkpoint(ckpt: PlannedCheckpoint) -> str:
         raise CheckpointError(f"{ckpt.path}: is not a file; fix the checkpoint path")
     if ckpt.sha256 is not None:
         ckpt_io.verify_sha256(ckpt.path, ckpt.sha256)
-        ckpt.digest = ckpt.sha256.lower()
+        digest = ckpt.sha256.lower()
     else:
         try:
-            ckpt.digest = cm.sha256_file(ckpt.path)
+            digest = cm.sha256_file(ckpt.path)
         except OSError as exc:
             raise CheckpointError(f"{ckpt.path}: cannot read it ({exc.strerror or exc}); check "
                                   "that the file is readable") from None
+    if ckpt.variant:  # e.g. --weights ema: other features from the same file
+        digest = hashlib.sha256(f"{digest}|{ckpt.variant}".encode()).hexdigest()
+    ckpt.digest = digest
     return ckpt.digest
 
 
-def load_state(ckpt: PlannedCheckpoint) -> dict[str, torch.Tensor]:
-    return ckpt_io.load_state_dict(ckpt.path)
+def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int
+               ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The model with this checkpoint's weights, and those weights under the model's names.
 
-
-def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int,
-               state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    The weights are searched for in the file (:func:`dtprobe.checkpoints.load_weights`, with
+    the plan's ``--weights``/``--strip-prefix``/``--trust-pickles``); what was taken is
+    recorded in ``ckpt.loaded``.
+    """
+    loaded = ckpt_io.load_checkpoint(ckpt.path, trust_pickles=plan.load.trust_pickles)
     model = build_for_plan(plan, in_channels)
-    ckpt_io.load_into_model(model, state, ckpt.path)
-    return model
+    chosen = ckpt_io.load_weights(model, loaded, ckpt.path, weights=plan.load.weights,
+                                  strip_prefix=plan.load.strip_prefix,
+                                  key_maps=get_arch(plan.arch).key_maps, arch=plan.arch)
+    ckpt.loaded = {**chosen.record(), "trusted_pickle": loaded.trusted}
+    return model, chosen.state
+
+
+def load_state(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int
+               ) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights under the model's names (see :func:`load_model`)."""
+    return load_model(plan, ckpt, in_channels)[1]
 
 
 def _extract(model: torch.nn.Module, head: torch.nn.Module, images: torch.Tensor,
@@ -153,8 +169,8 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
             out[split] = hit
     state = None
     if todo:
-        state = load_state(ckpt)
-        model = load_model(plan, ckpt, data.bundle.in_channels, state).to(device)
+        model, state = load_model(plan, ckpt, data.bundle.in_channels)
+        model = model.to(device)
         head = plan_head(model, plan)
         for split, key, layers in todo:
             images = data.train_images if split == "train" else data.test_images
