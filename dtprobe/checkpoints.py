@@ -906,7 +906,8 @@ def _match(relpath: str, namings: list[tuple[str, Any]], subdir_ok: bool
 
 def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None = None, *,
                             allow_empty: bool = False, allow_symlinks: bool = False,
-                            epoch_from: str = "auto") -> CheckpointSeries:
+                            epoch_from: str = "auto",
+                            trust_pickles: bool = False) -> CheckpointSeries:
     """Find a run's checkpoints from its framework's layout and file names (no manifest).
 
     Looks in ``run_dir`` and ``run_dir/checkpoints`` for the names in
@@ -936,6 +937,8 @@ def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None
         Accept files whose symbolic links point outside ``run_dir``.
     epoch_from : {"auto", "name", "metadata", "order"}, default "auto"
         Where epochs come from (:func:`dtprobe.layouts.assign_epochs`).
+    trust_pickles : bool, default False
+        Read the records of files the safe loader refuses (``--trust-pickles``).
 
     Returns
     -------
@@ -980,7 +983,7 @@ def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None
         deep = [n for n in layouts._walk(run_dir) if not is_temporary_name(n)]
         found = layouts._nested(run_dir, deep)
     for item in found:
-        item.meta = layouts.peek(run_dir / item.relpath)
+        item.meta = layouts.peek(run_dir / item.relpath, trust_pickles)
         if pattern is None:
             item.layout = layouts.refine(item, run_dir)
     assigned, note = layouts.assign_epochs(found, run_dir, epoch_from)
@@ -1089,7 +1092,7 @@ def infer_run(run_dir: str | os.PathLike[str], *, pattern: str | None = None,
         while the flags leave the model unknown.
     """
     series = infer_checkpoint_series(run_dir, pattern=pattern, allow_symlinks=True,
-                                     epoch_from=epoch_from)
+                                     epoch_from=epoch_from, trust_pickles=trust_pickles)
     kwargs = dict(arch_params or {})
     if arch is not None and num_classes is not None:
         return InferredRun(series, arch, num_classes, kwargs, "flags")

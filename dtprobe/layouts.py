@@ -119,12 +119,13 @@ class Found:
 
 
 # --------------------------------------------------------------------------- reading records
-def peek(path: Path) -> dict[str, Any]:
+def peek(path: Path, trust_pickles: bool = False) -> dict[str, Any]:
     """Plain metadata of a checkpoint without reading its tensors (``{}`` when unreadable).
 
     ``torch.save`` files are opened with ``weights_only=True`` and ``mmap=True`` (tensor data
     stays on disk); safetensors files by their JSON header only. Errors are left to the real
-    load, which reports them per checkpoint.
+    load, which reports them per checkpoint. ``trust_pickles`` (the user's ``--trust-pickles``)
+    unpickles in full a file the safe loader refuses.
     """
     from dtprobe import checkpoints as ckpt_io
 
@@ -147,7 +148,12 @@ def peek(path: Path) -> dict[str, Any]:
 
         with ckpt_io._allow_data_only_globals(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:
+                if not trust_pickles:
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception:  # noqa: BLE001 - any failure is reported by the real load later
         return {}
     if not isinstance(obj, Mapping):
@@ -532,8 +538,10 @@ def guess_from_keys(source: Any, in_channels: tuple[int, ...] = (3, 1)) -> Model
     from dtprobe.models import guess_arch
     from dtprobe.state_dict import candidates
 
-    for candidate in candidates(source):
-        if candidate.ema and len(candidates(source)) > 1:
+    found = candidates(source)
+    has_raw = any(not c.ema for c in found)
+    for candidate in found:
+        if candidate.ema and has_raw:
             continue
         for channels in in_channels:
             guesses = guess_arch(candidate.state, in_channels=channels)
