@@ -465,3 +465,41 @@ def test_plain_safetensors_epochs_and_steps_from_metadata(tmp_path, digits):
         save_file(model.state_dict(), run / f"model_{epoch}.safetensors",
                   metadata={"epoch": str(epoch), "step": str(4 * epoch)})
     _check(_analyse(run), accs, steps={1: 4, 2: 8})
+
+
+# ------------------------------------------------------------------------------- --compare
+def test_compare_pairs_epochs_across_conventions_and_uses_the_flags_given(tmp_path, digits,
+                                                                         monkeypatch):
+    (tmp_path / "mynets.py").write_text(
+        "from torch import nn\n"
+        "def tiny(num_classes, hidden=4):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, hidden),\n"
+        "                         nn.ReLU(), nn.Linear(hidden, num_classes))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mynets
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    (theirs / "lightning_logs" / "version_0" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    model = mynets.tiny(10, hidden=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for epoch in (1, 2):
+        _sgd_epoch(model, _train_loader(digits, epoch), opt)
+        state = model.state_dict()
+        torch.save({"epoch": epoch, "model": state}, ours / f"ckpt_epoch_{epoch}.pth")
+        # The same weights as Lightning writes them: epoch counted from 0, "model." attribute.
+        torch.save({"epoch": epoch - 1, "global_step": 4 * epoch,
+                    "state_dict": {f"model.{k}": v for k, v in state.items()}},
+                   theirs / "lightning_logs/version_0/checkpoints" /
+                   f"epoch={epoch - 1}-step={4 * epoch}.ckpt")
+    flags = ["--arch", "mynets:tiny", "--num-classes", "10", "--arch-param", "hidden=6"]
+    table = _analyse(ours, *flags, "--compare", str(theirs))
+    full = pd.read_csv(ours / "analysis" / "metrics.csv")
+    cka = full[full["metric"] == "cka_to_run"].set_index("epoch")["value"]
+    # Paired by epochs completed: each pair holds identical weights (CKA 1); epochs differ.
+    assert sorted(cka.index) == [1, 2] and cka.tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert full[full["metric"] == "cka_to_final"].set_index("epoch")["value"][1] < 0.999
+    assert sorted(table.index) == [1, 2]
