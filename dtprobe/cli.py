@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -258,10 +259,10 @@ def _failure_summary(failures, stats, out: Path) -> str:
     if total is None or len(failures) < total:
         return (f"{len(failures)} of {total if total is not None else '?'} checkpoint(s) failed "
                 f"(each reason above and in {where}); the others were analysed")
-    # Reasons start with the file's path; the same cause shows as the same remainder.
-    reasons = {str(r).split(": ", 1)[-1] for r in failures["reason"]}
+    # Reasons name each file's own paths; the same cause is the same text without them.
+    reasons = {re.sub(r"/\S*", "", str(r)) for r in failures["reason"]}
     if len(reasons) == 1:
-        return (f"all {total} checkpoint(s) failed for one reason: {reasons.pop()} "
+        return (f"all {total} checkpoint(s) failed for one reason: {failures['reason'].iloc[0]} "
                 f"(details in {where})")
     return (f"all {total} checkpoint(s) failed, for {len(reasons)} different reasons (each above "
             f"and in {where}); nothing was analysed")

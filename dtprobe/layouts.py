@@ -304,12 +304,12 @@ def flat_match(base: str) -> tuple[str, int, int | None, str] | None:
 
 def naming_layout(template: str) -> str:
     """The layout a flat naming belongs to (before folder evidence refines it)."""
+    if template.endswith(".safetensors"):
+        return "safetensors"  # converted files: their metadata, else the number as written
     if template.startswith("ckpt_epoch_"):
-        return "ctc" if template.endswith(".pth") else "safetensors"
+        return "ctc"
     if template.startswith("epoch={epoch}"):
         return "lightning"
-    if template.endswith(".safetensors"):
-        return "safetensors"
     if template == "epoch_{epoch}.pt":
         return "dtprobe"
     return "generic"
