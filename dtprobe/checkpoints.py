@@ -1081,9 +1081,9 @@ def infer_run(run_dir: str | os.PathLike[str], *, pattern: str | None = None,
               trust_pickles: bool = False) -> InferredRun:
     """Series and model of a manifest-free run; flags given override what the files say.
 
-    The last checkpoint is read (safely; ``trust_pickles`` as in :func:`load_checkpoint`) when
-    the architecture or class count is not given. A refusal to unpickle it is raised (it names
-    ``--trust-pickles``) since no checkpoint of the run could be read either.
+    The last readable checkpoint is read (safely; ``trust_pickles`` as in
+    :func:`load_checkpoint`) when the architecture or class count is not given. A refusal to
+    unpickle is raised (it names ``--trust-pickles``): the run's files cannot be read either.
 
     Raises
     ------
@@ -1096,12 +1096,17 @@ def infer_run(run_dir: str | os.PathLike[str], *, pattern: str | None = None,
     kwargs = dict(arch_params or {})
     if arch is not None and num_classes is not None:
         return InferredRun(series, arch, num_classes, kwargs, "flags")
-    last = series[-1].path
-    try:
-        loaded = load_checkpoint(last, finite=False, trust_pickles=trust_pickles)
-    except UnsafeCheckpointError:
-        raise
-    except CheckpointError:
+    loaded = None
+    for item in reversed(series):  # the last file that reads (a damaged one fails later alone)
+        try:
+            loaded = load_checkpoint(item.path, finite=False, trust_pickles=trust_pickles)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError:
+            continue
+        last = item.path
+        break
+    if loaded is None:
         return InferredRun(series, arch, num_classes, kwargs, "flags")
     hints = layouts.model_hints(loaded.source, last)
     if arch is None and hints.arch is None:

@@ -103,7 +103,9 @@ def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int
     the plan's ``--weights``/``--strip-prefix``/``--trust-pickles``); what was taken is
     recorded in ``ckpt.loaded``.
     """
-    loaded = ckpt_io.load_checkpoint(ckpt.path, trust_pickles=plan.load.trust_pickles)
+    # NaN/Inf is checked on the weights chosen (raw and EMA may differ), in load_weights.
+    loaded = ckpt_io.load_checkpoint(ckpt.path, finite=False,
+                                     trust_pickles=plan.load.trust_pickles)
     model = build_for_plan(plan, in_channels)
     chosen = ckpt_io.load_weights(model, loaded, ckpt.path, weights=plan.load.weights,
                                   strip_prefix=plan.load.strip_prefix,
