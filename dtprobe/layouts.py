@@ -130,16 +130,13 @@ def peek(path: Path, trust_pickles: bool = False) -> dict[str, Any]:
     from dtprobe import checkpoints as ckpt_io
 
     try:
-        if ckpt_io._is_safetensors(path):
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                header = fh.metadata() or {}
+        header = _safetensors_header(path)
+        if header is not None:
             out: dict[str, Any] = {}
-            for key, value in header.items():
+            for key, value in (header.get("__metadata__") or {}).items():
                 try:
                     out[key] = json.loads(value)
-                except (ValueError, RecursionError):
+                except (TypeError, ValueError, RecursionError):
                     out[key] = value
             return out
         import warnings
@@ -159,6 +156,26 @@ def peek(path: Path, trust_pickles: bool = False) -> dict[str, Any]:
     if not isinstance(obj, Mapping):
         return {}
     return {k: v for k, v in obj.items() if isinstance(k, str)}
+
+
+def _safetensors_header(path: Path, limit: int = 100 * 2**20) -> dict[str, Any] | None:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), or None
+    when the file is not one; only the header is read."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return None
+        size = int.from_bytes(head, "little")
+        if not 2 <= size <= limit:
+            return None
+        text = fh.read(size)
+    if len(text) != size or not text.startswith(b"{"):
+        return None
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return header if isinstance(header, dict) else None
 
 
 def _number(value: Any) -> float | None:

@@ -77,7 +77,7 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
 
 def part_key(ckpt: PlannedCheckpoint, data: EvalData, specs: Sequence[MetricSpec],
              opts: AnalysisOptions) -> str:
-    payload = json.dumps([PARTS_VERSION, ckpt.digest, data.key, [s.name for s in specs],
+    payload = json.dumps([PARTS_VERSION, ckpt.cache_digest, data.key, [s.name for s in specs],
                           opts.seed])
     return hashlib.sha256(payload.encode()).hexdigest()
 

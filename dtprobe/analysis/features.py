@@ -1,19 +1,17 @@
 """Features: verify and load one checkpoint safely, extract its features once (cached).
 
-Checkpoints load only through :mod:`dtprobe.checkpoints` (``weights_only`` or safetensors) after
-their sha256 is verified; NaN/Inf features or a model that does not fit the data fail only that
-checkpoint, with a one-line :class:`CheckpointError`.
+Checkpoints load only through :mod:`dtprobe.checkpoints` (``weights_only`` or safetensors), from
+the very bytes whose sha256 was verified; NaN/Inf features or a model that does not fit the data
+fail only that checkpoint, with a one-line :class:`CheckpointError`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-import checkpoints_manifest as cm
 from dtprobe import checkpoints as ckpt_io
 from dtprobe.analysis.data import EvalData
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
@@ -64,38 +62,32 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
                           "--arch-param or --dataset") from None
 
 
-def verify_checkpoint(ckpt: PlannedCheckpoint) -> str:
-    """Check that the checkpoint file may be used; return its sha256.
+def read_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint,
+                    opts: AnalysisOptions) -> ckpt_io.CheckpointBytes:
+    """Read the checkpoint file once, verified: the bytes that are hashed are the bytes loaded.
 
-    Refuses (with :class:`CheckpointError`) a path found unsafe while planning, a missing file
-    and a file whose sha256 differs from the manifest's. Done once per analysis, before the
-    cached features or metric rows of this file are trusted.
+    Refuses (with :class:`CheckpointError`) a path found unsafe while planning, a missing or
+    non-regular file, a file reached through a link out of the run directory (checked again on
+    the open file, not only while planning; allowed with ``follow_symlinks``) and content
+    whose sha256 differs from the manifest's, or from the digest this analysis already keyed
+    its cached features and rows by (a file swapped mid-analysis). Sets ``ckpt.digest``.
     """
     if ckpt.error is not None:
         raise CheckpointError(ckpt.error)
-    if ckpt.digest is not None:
-        return ckpt.digest
-    if not ckpt.path.exists():
-        raise CheckpointError(f"{ckpt.path}: checkpoint file is missing; restore it or remove "
-                              "its entry from the manifest")
-    if not ckpt.path.is_file():
-        raise CheckpointError(f"{ckpt.path}: is not a file; fix the checkpoint path")
-    if ckpt.sha256 is not None:
-        ckpt_io.verify_sha256(ckpt.path, ckpt.sha256)
-        digest = ckpt.sha256.lower()
-    else:
-        try:
-            digest = cm.sha256_file(ckpt.path)
-        except OSError as exc:
-            raise CheckpointError(f"{ckpt.path}: cannot read it ({exc.strerror or exc}); check "
-                                  "that the file is readable") from None
-    if ckpt.variant:  # e.g. --weights ema: other features from the same file
-        digest = hashlib.sha256(f"{digest}|{ckpt.variant}".encode()).hexdigest()
-    ckpt.digest = digest
-    return ckpt.digest
+    blob = ckpt_io.read_checkpoint_bytes(ckpt.path, expected_sha256=ckpt.digest or ckpt.sha256,
+                                         run_dir=plan.run_dir,
+                                         allow_symlinks=opts.follow_symlinks)
+    ckpt.digest = blob.sha256
+    return blob
 
 
-def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int
+def verify_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOptions) -> str:
+    """The verified sha256 of the checkpoint's content (see :func:`read_checkpoint`)."""
+    return read_checkpoint(plan, ckpt, opts).sha256
+
+
+def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int, opts: AnalysisOptions,
+               blob: ckpt_io.CheckpointBytes | None = None
                ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The model with this checkpoint's weights, and those weights under the model's names.
 
@@ -103,8 +95,9 @@ def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int
     the plan's ``--weights``/``--strip-prefix``/``--trust-pickles``); what was taken is
     recorded in ``ckpt.loaded``.
     """
+    blob = blob if blob is not None else read_checkpoint(plan, ckpt, opts)
     # NaN/Inf is checked on the weights chosen (raw and EMA may differ), in load_weights.
-    loaded = ckpt_io.load_checkpoint(ckpt.path, finite=False,
+    loaded = ckpt_io.load_checkpoint(ckpt.path, finite=False, data=blob,
                                      trust_pickles=plan.load.trust_pickles)
     model = build_for_plan(plan, in_channels)
     chosen = ckpt_io.load_weights(model, loaded, ckpt.path, weights=plan.load.weights,
@@ -114,10 +107,12 @@ def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int
     return model, chosen.state
 
 
-def load_state(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int
-               ) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights under the model's names (see :func:`load_model`)."""
-    return load_model(plan, ckpt, in_channels)[1]
+def load_state(plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOptions,
+               blob: ckpt_io.CheckpointBytes | None = None,
+               in_channels: int = 3) -> dict[str, torch.Tensor]:
+    """The validated weights under the model's names, built from ``blob`` (or from a fresh
+    verified read); see :func:`load_model`."""
+    return load_model(plan, ckpt, in_channels, opts, blob)[1]
 
 
 def _extract(model: torch.nn.Module, head: torch.nn.Module, images: torch.Tensor,
@@ -158,12 +153,12 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
 
     Returns the features and the checkpoint's state dict if it had to be loaded (else None).
     """
-    digest = verify_checkpoint(ckpt)
+    blob = read_checkpoint(plan, ckpt, opts)
     out: dict[str, dict[str, torch.Tensor]] = {}
     todo = []
     for split in ("train", "test"):
         layers = opts.layers if split == "test" else []
-        key = cache_key(digest, data.key, split, layers)
+        key = cache_key(ckpt.cache_digest, data.key, split, layers)
         hit = cache.get(key)
         if hit is None:
             todo.append((split, key, layers))
@@ -171,7 +166,8 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
             out[split] = hit
     state = None
     if todo:
-        model, state = load_model(plan, ckpt, data.bundle.in_channels)
+        model, state = load_model(plan, ckpt, data.bundle.in_channels, opts, blob)
+        del blob  # the tensors are copies: free the file's bytes before extraction
         model = model.to(device)
         head = plan_head(model, plan)
         for split, key, layers in todo:
@@ -189,5 +185,5 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
 
 
 def test_key(ckpt: PlannedCheckpoint, data: EvalData, opts: AnalysisOptions) -> str:
-    return cache_key(ckpt.digest or str(ckpt.path), data.key, "test", opts.layers)
+    return cache_key(ckpt.cache_digest or str(ckpt.path), data.key, "test", opts.layers)
 
