@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -180,6 +181,20 @@ def _add_analysis_parsers(sub) -> None:
     a.add_argument("--no-wait", action="store_true",
                    help="if another analysis of this run is in progress, stop with 'run is busy' "
                         "instead of waiting for it")
+    a.add_argument("--epoch-from", default="auto", choices=["auto", "name", "metadata", "order"],
+                   help="runs without a manifest: take epochs from the file/folder names, the "
+                        "framework's records (trainer_state.json, Lightning epoch, safetensors "
+                        "metadata) or the save order; default: each layout's best source")
+    a.add_argument("--weights", default="auto", metavar="ema|raw|KEY",
+                   help="which weights of each file: raw (default when present), ema, or the "
+                        "key/prefix holding them (e.g. state_dict_ema)")
+    a.add_argument("--strip-prefix", default=None, metavar="PREFIX",
+                   help="keep only weight names starting with PREFIX (e.g. 'teacher.') and "
+                        "remove it")
+    a.add_argument("--trust-pickles", action="store_true",
+                   help="unpickle files the safe loader refuses (they name classes, e.g. "
+                        "Lightning hyper_parameters holding modules): runs code from the file, "
+                        "so only for files you trust; recorded in analysis/checkpoints.json")
     a.add_argument("--follow-symlinks", action="store_true",
                    help="accept checkpoints reached through symbolic links that lead out of the "
                         "run directory (e.g. to scratch storage); refused by default")
@@ -394,7 +409,9 @@ def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 pattern=args.pattern, compare=args.compare, layers=args.layers,
                 batch_size=args.batch_size, use_cache=not args.no_cache,
                 progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
-                wait=not args.no_wait, follow_symlinks=args.follow_symlinks)
+                wait=not args.no_wait, follow_symlinks=args.follow_symlinks,
+                epoch_from=args.epoch_from, weights=args.weights,
+                strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles)
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -412,6 +429,9 @@ def _finish_analyze(args: argparse.Namespace, results) -> int:
     if results is None:  # a torchrun rank > 0: rank 0 merged and reports
         return 0
     _print_summary(results)
+    for run, text in getattr(results, "epoch_notes", {}).items():
+        if text:
+            print(f"{run}: {text}")
     out = Path(args.run_dir) / "analysis"
     stats = getattr(results, "stats", None)
     if stats is not None:
@@ -419,9 +439,7 @@ def _finish_analyze(args: argparse.Namespace, results) -> int:
     chart = "" if args.no_plot else f"  chart: {out / 'tradeoff.png'}"
     print(f"results: {out / 'metrics.csv'}{chart}")
     if len(results.failures):
-        total = stats.checkpoints if stats is not None else "?"
-        print(f"dtprobe analyze: {len(results.failures)} of {total} checkpoint(s) failed (each "
-              f"reason above and in {out / 'failures.csv'}); the others were analysed",
+        print(f"dtprobe analyze: {_failure_summary(results.failures, stats, out)}",
               file=sys.stderr)
         return EXIT_PARTIAL
     return 0
@@ -454,6 +472,22 @@ def cmd_layers(args: argparse.Namespace) -> int:
         mark = "*" if name in auto else ("=" if is_penultimate else " ")
         print(f"  {mark} {name:40s} {'x'.join(map(str, shape))}")
     return 0
+
+
+def _failure_summary(failures, stats, out: Path) -> str:
+    """One line: how many checkpoints failed; when all did, for one reason, that reason."""
+    total = stats.checkpoints if stats is not None else None
+    where = f"{out / 'failures.csv'}"
+    if total is None or len(failures) < total:
+        return (f"{len(failures)} of {total if total is not None else '?'} checkpoint(s) failed "
+                f"(each reason above and in {where}); the others were analysed")
+    # Reasons name each file's own paths; the same cause is the same text without them.
+    reasons = {re.sub(r"/\S*", "", str(r)) for r in failures["reason"]}
+    if len(reasons) == 1:
+        return (f"all {total} checkpoint(s) failed for one reason: {failures['reason'].iloc[0]} "
+                f"(details in {where})")
+    return (f"all {total} checkpoint(s) failed, for {len(reasons)} different reasons (each above "
+            f"and in {where}); nothing was analysed")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -101,7 +101,7 @@ def _apply(spec: MetricSpec, view: EpochView, epoch: int) -> list[MetricValue]:
 
 def part_key(ckpt: PlannedCheckpoint, data: EvalData, specs: Sequence[MetricSpec],
              opts: AnalysisOptions) -> str:
-    payload = json.dumps([PARTS_VERSION, ckpt.digest, data.key, [s.name for s in specs],
+    payload = json.dumps([PARTS_VERSION, ckpt.cache_digest, data.key, [s.name for s in specs],
                           opts.seed] + ([sorted(opts.layers)] if opts.layers else []))
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -110,18 +110,33 @@ def verify_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOpti
     return read_checkpoint(plan, ckpt, opts).sha256
 
 
-def load_state(plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOptions,
-               blob: ckpt_io.CheckpointBytes | None = None) -> dict[str, torch.Tensor]:
-    """The validated weights, built from ``blob`` (or from a fresh verified read)."""
+def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int, opts: AnalysisOptions,
+               blob: ckpt_io.CheckpointBytes | None = None
+               ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The model with this checkpoint's weights, and those weights under the model's names.
+
+    The weights are searched for in the file (:func:`dtprobe.checkpoints.load_weights`, with
+    the plan's ``--weights``/``--strip-prefix``/``--trust-pickles``); what was taken is
+    recorded in ``ckpt.loaded``.
+    """
     blob = blob if blob is not None else read_checkpoint(plan, ckpt, opts)
-    return ckpt_io.load_state_dict(ckpt.path, data=blob)
-
-
-def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int,
-               state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    # NaN/Inf is checked on the weights chosen (raw and EMA may differ), in load_weights.
+    loaded = ckpt_io.load_checkpoint(ckpt.path, finite=False, data=blob,
+                                     trust_pickles=plan.load.trust_pickles)
     model = build_for_plan(plan, in_channels)
-    ckpt_io.load_into_model(model, state, ckpt.path)
-    return model
+    chosen = ckpt_io.load_weights(model, loaded, ckpt.path, weights=plan.load.weights,
+                                  strip_prefix=plan.load.strip_prefix,
+                                  key_maps=get_arch(plan.arch).key_maps, arch=plan.arch)
+    ckpt.loaded = {**chosen.record(), "trusted_pickle": loaded.trusted}
+    return model, chosen.state
+
+
+def load_state(plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOptions,
+               blob: ckpt_io.CheckpointBytes | None = None,
+               in_channels: int = 3) -> dict[str, torch.Tensor]:
+    """The validated weights under the model's names, built from ``blob`` (or from a fresh
+    verified read); see :func:`load_model`."""
+    return load_model(plan, ckpt, in_channels, opts, blob)[1]
 
 
 def _extract(model: torch.nn.Module, head: torch.nn.Module, images: torch.Tensor,
@@ -163,22 +178,22 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
     Returns the features and the checkpoint's state dict if it had to be loaded (else None).
     """
     blob = read_checkpoint(plan, ckpt, opts)
-    digest = blob.sha256
     out: dict[str, dict[str, torch.Tensor]] = {}
     todo = []
     for split in ("train", "test"):
         # layer outputs of both splits: the per-layer probes fit on train and score on test
         layers = opts.layers
-        key = cache_key(digest, data.key, split, layers)
+        key = cache_key(ckpt.cache_digest, data.key, split, layers)
         hit = cache.get(key)
         if hit is None:
             todo.append((split, key, layers))
         else:
             out[split] = hit
-    state = load_state(plan, ckpt, opts, blob) if todo else None
-    del blob  # the tensors are copies: free the file's bytes before extraction
+    state = None
     if todo:
-        model = load_model(plan, ckpt, data.bundle.in_channels, state).to(device)
+        model, state = load_model(plan, ckpt, data.bundle.in_channels, opts, blob)
+        del blob  # the tensors are copies: free the file's bytes before extraction
+        model = model.to(device)
         head = plan_head(model, plan)
         for split, key, layers in todo:
             images = data.train_images if split == "train" else data.test_images
@@ -195,5 +210,5 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
 
 
 def test_key(ckpt: PlannedCheckpoint, data: EvalData, opts: AnalysisOptions) -> str:
-    return cache_key(ckpt.digest or str(ckpt.path), data.key, "test", opts.layers)
+    return cache_key(ckpt.cache_digest or str(ckpt.path), data.key, "test", opts.layers)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
     part = parts.get(ckpt.epoch, key)
     if part is None:
         if state is None:
-            state = load_state(plan, ckpt, opts)
+            state = load_state(plan, ckpt, opts, in_channels=data.bundle.in_channels)
         part = epoch_metrics(plan, ckpt, feats, data, specs, opts, state)
         parts.put(ckpt.epoch, key, part)
         stats.metrics_computed += 1
@@ -126,7 +127,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
 
     specs = resolve_metrics(opts.metrics)
     check_plan(plan, opts)
-    others = [plan_run(o, follow_symlinks=opts.follow_symlinks) for o in opts.compare]
+    others = [_plan_other(o, opts) for o in opts.compare]
     dist = init_from_env(opts.device)
     device = dist.device
     analysis_dir = plan.run_dir / "analysis"
@@ -192,14 +193,42 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         stats.seconds = time.perf_counter() - t0
         if opts.progress:
             tqdm.write(f"{plan.name}: {stats.summary()}")
+        _write_series_record(plan, analysis_dir / "checkpoints.json")
         if opts.plot and not table.empty:
-            save_tradeoff_chart(table, analysis_dir / "tradeoff.png")
+            save_tradeoff_chart(table, analysis_dir / "tradeoff.png", epoch_note=plan.epoch_note)
     dist.shutdown()
     results = Results(table, manifests={plan.name: plan.manifest or {}},
                       cka={plan.name: matrix} if not matrix.empty else {},
                       sources={plan.name: plan.run_dir}, failures=failure_table)
     results.stats = stats
+    results.epoch_notes = {plan.name: plan.epoch_note}
     return results
+
+
+def _plan_other(run_dir: str, opts: AnalysisOptions) -> RunPlan:
+    """A ``--compare`` run: with a manifest as it says; without one, with the flags given for
+    the analysed run (architecture, data, pattern, epoch source, weight choice)."""
+    if (Path(run_dir) / cm.MANIFEST_NAME).exists():
+        return plan_run(run_dir, follow_symlinks=opts.follow_symlinks)
+    return plan_run(run_dir, follow_symlinks=opts.follow_symlinks, **opts.plan_flags)
+
+
+def _write_series_record(plan: RunPlan, path: Path) -> None:
+    """``analysis/checkpoints.json``: layout, what epoch 0 means, the model's origin, the load
+    options (``trust_pickles`` included) and which weights each file gave. Entries not loaded
+    this time (features reused) keep what an earlier analysis recorded for the same file."""
+    record = plan.record()
+    try:
+        earlier = json.loads(path.read_text())
+        before = {(c["path"], c.get("epoch")): c.get("loaded")
+                  for c in earlier.get("checkpoints", [])} \
+            if earlier.get("load") == record["load"] else {}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        before = {}
+    for entry in record["checkpoints"]:
+        if entry["loaded"] is None:
+            entry["loaded"] = before.get((entry["path"], entry["epoch"]))
+    cm.atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")
 
 
 def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str = "auto",
@@ -209,7 +238,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             compare: Sequence[str | Path] = (), layers: Sequence[str] = (),
             batch_size: int | str = "auto", use_cache: bool = True, progress: bool = True,
             plot: bool = True, seed: int = 0, wait: bool = True,
-            follow_symlinks: bool = False):
+            follow_symlinks: bool = False, epoch_from: str = "auto", weights: str = "auto",
+            strip_prefix: str | None = None, trust_pickles: bool = False):
     """Analyse every checkpoint of the run in ``path``.
 
     Parameters
@@ -233,6 +263,12 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         :class:`RunBusyError`.
     follow_symlinks : accept checkpoint files reached through symbolic links that lead out of
         the run directory (e.g. checkpoints on scratch storage); refused by default.
+    epoch_from : for runs without a manifest: ``"auto"``, ``"name"``, ``"metadata"`` or
+        ``"order"`` (see :mod:`dtprobe.layouts`).
+    weights : ``"auto"``, ``"raw"``, ``"ema"`` or the key/prefix holding the weights;
+        strip_prefix : keep only keys with this prefix (see :mod:`dtprobe.state_dict`).
+    trust_pickles : opt-in to unpickle files the safe loader refuses (only for trusted files);
+        recorded in ``analysis/checkpoints.json``.
 
     Returns
     -------
@@ -255,12 +291,16 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
     (ECCV 2022). Killing an analysis loses nothing: running it again reuses every feature file
     and per-checkpoint part already written and ends with the same table.
     """
-    plan = plan_run(path, arch=arch, num_classes=num_classes, arch_params=arch_params,
-                    dataset=dataset, dataset_params=dataset_params, pattern=pattern,
-                    follow_symlinks=follow_symlinks)
+    flags = {"arch": arch, "num_classes": num_classes, "arch_params": arch_params,
+             "dataset": dataset, "dataset_params": dataset_params, "pattern": pattern,
+             "epoch_from": epoch_from, "weights": weights, "strip_prefix": strip_prefix,
+             "trust_pickles": trust_pickles}
+    plan = plan_run(path, follow_symlinks=follow_symlinks, **flags)
+    if dataset is None:  # a compared run without a manifest is evaluated on this run's data
+        flags.update(dataset=plan.dataset, dataset_params=plan.dataset_params)
     opts = AnalysisOptions(metrics=list(metrics) if metrics else None, device=device,
                            batch_size=batch_size, layers=list(layers),
                            compare=[str(c) for c in compare], use_cache=use_cache,
                            progress=progress, plot=plot, seed=seed, wait=wait,
-                           follow_symlinks=follow_symlinks)
+                           follow_symlinks=follow_symlinks, plan_flags=flags)
     return analyze_plan(plan, opts)
