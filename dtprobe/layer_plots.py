@@ -136,10 +136,11 @@ def plot_best_layer(data, task: str | None = None) -> Figure:
         bottom.plot(best["epoch"], best["penultimate"], marker="s", ls="--", color=colors(k),
                     alpha=0.7, label=f"{run}: penultimate")
     top.set_yticks(range(len(names)), names)
-    top.invert_yaxis()
+    top.set_ylim(len(names) - 0.5, -0.5)  # input side at the top, every label inside
     top.set_ylabel("best layer")
     top.legend(fontsize=8)
-    bottom.set_ylabel("probe accuracy" + (f" ({task})" if task else " (mean over tasks)"))
+    bottom.set_ylabel("probe accuracy")
+    bottom.set_title(f"task: {task}" if task else "mean over downstream tasks", fontsize=9)
     bottom.set_xlabel("epoch")
     bottom.legend(fontsize=7, ncol=2)
     epochs = sorted(table["epoch"].unique())
