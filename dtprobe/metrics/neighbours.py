@@ -276,7 +276,7 @@ def cknna(x: ArrayLike, y: ArrayLike, topk: int = DEFAULT_TOPK, *,
     return float(cross / torch.sqrt(self_a * self_b))
 
 
-@register_similarity("mutual_knn", higher_is_similar=True,
+@register_similarity("mutual_knn", higher_is_similar=True, default=True,
                      invariances=("sample_permutation", "orthogonal", "isotropic_scaling"),
                      params={"topk": DEFAULT_TOPK, "metric": "cosine"},
                      description="mutual k-NN alignment, k=10 cosine (Huh et al. 2024)")
