@@ -197,7 +197,7 @@ def make_pair(n: int, d: int, k: int, seed: int = 0):
 
 
 def run(quick: bool = False) -> list[Row]:
-    n, d, k = (1500, 64, 10) if quick else (10_000, 512, 10)
+    n, d, k = (600, 32, 5) if quick else (10_000, 512, 10)
     x, y, labels = make_pair(n, d, k)
     x64, y64, lab = x.double().numpy(), y.double().numpy(), labels.numpy()
     sizes = f"n={n:,}, d={d}, K={k}"

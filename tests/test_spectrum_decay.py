@@ -88,6 +88,12 @@ def test_alpha_req_edge_cases():
     with pytest.raises(ConfigError):
         alpha_req(np.eye(4), fit_range=(0, None))
     x = power_law_features(200, 10, 1.0)
+    # half precision: the value of the rounded features (their rounding is not counted as rank)
+    for dtype in (torch.float16, torch.bfloat16):
+        t = torch.from_numpy(x).to(dtype)
+        rtol = max(max(t.shape) * 2.0**-52, torch.finfo(dtype).eps / 2 * min(t.shape) ** 0.5)
+        assert alpha_req(t) == pytest.approx(alpha_req(t.double(), rtol=rtol), rel=1e-12)
+        assert numerical_rank(t) == numerical_rank(t.double(), rtol=rtol)
     # duplicates of every row leave the covariance spectrum's shape unchanged
     assert alpha_req(np.vstack([x, x])) == pytest.approx(alpha_req(x), rel=1e-9)
 
