@@ -89,6 +89,8 @@ def test_edge_cases():
     with pytest.raises(MetricInputError, match="distinct"):
         with pytest.warns(RuntimeWarning):
             twonn(np.ones((10, 3)))
+    three = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])  # the smallest admissible input
+    assert twonn(three, estimator="mle") == pytest.approx(ref_twonn(three, mle=True), rel=1e-12)
     with pytest.raises(MetricInputError, match="at least 3"):
         twonn(np.zeros((2, 3)))
     with pytest.raises(MetricInputError, match="NaN"):

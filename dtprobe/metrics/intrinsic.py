@@ -58,7 +58,7 @@ _ESTIMATORS = ("fit", "mle")
 
 def _two_nn_ratios(x: torch.Tensor) -> torch.Tensor:
     """``mu_i = r2 / r1`` for every row of duplicate-free float64 ``x``."""
-    k = min(_CANDIDATES, x.shape[0] - 2)
+    k = min(_CANDIDATES, x.shape[0] - 1)
     cand, _ = knn_indices(x, k, "euclidean")
     # Exact distances of the candidates (no cancellation), then the two smallest.
     dist = torch.linalg.vector_norm(x[cand] - x[:, None, :], dim=2)

@@ -76,7 +76,8 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
     x : torch.Tensor, shape (n, d), float64
         Validated features (``check_features``).
     k : int
-        Number of neighbours, ``1 <= k <= n - 2`` (one more is looked at to detect ties).
+        Number of neighbours, ``1 <= k <= n - 1`` (one more is looked at to detect ties when
+        ``k <= n - 2``).
     metric : {"cosine", "euclidean", "inner"}
         Cosine similarity of the rows, Euclidean distance, or the raw inner product.
 
@@ -105,8 +106,10 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
             score = 2.0 * score - sq[s:e, None] - sq[None, :]
         rows = torch.arange(e - s, device=x.device)
         score[rows, rows + s] = -torch.inf
-        vals, idx = torch.topk(score, k + 1, dim=1)
+        vals, idx = torch.topk(score, min(k + 1, n - 1), dim=1)
         out[s:e] = idx[:, :k]
+        if k + 1 > n - 1:  # every other sample is a neighbour: no boundary to be tied at
+            continue
         scale = vals[:, :1].abs().clamp_min(torch.finfo(torch.float64).tiny) if sq is None else (
             sq[s:e, None] + sq.max()).clamp_min(torch.finfo(torch.float64).tiny)
         ties += int(((vals[:, k - 1] - vals[:, k]).abs() <= _TIE_RTOL * scale[:, 0]).sum())
