@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import cast
 
 import torch
 
@@ -234,15 +235,18 @@ def _neural_collapse_metric(view: EpochView) -> list[MetricValue]:
 DEFAULT_UNIFORMITY_T = 2.0
 
 
-def _class_stats(features: ArrayLike, labels: ArrayLike
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Class means (C x d), population variances ``E||h - mu_c||^2`` (C) and counts (C)."""
+def _class_stats(features: ArrayLike, labels: ArrayLike, variances: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Class means (C x d), population variances ``E||h - mu_c||^2`` (C; None unless
+    ``variances``) and counts (C)."""
     h = check_features(features, "features")
     y, n_classes = check_labels(labels, h.shape[0], "labels", device=h.device)
     counts = torch.bincount(y, minlength=n_classes).to(h.dtype)
     means = torch.zeros(n_classes, h.shape[1], dtype=h.dtype, device=h.device)
     means.index_add_(0, y, h)
     means /= counts[:, None]
+    if not variances:
+        return means, None, counts
     resid = ((h - means[y]) ** 2).sum(dim=1)
     var = torch.zeros(n_classes, dtype=h.dtype, device=h.device).index_add_(0, y, resid) / counts
     return means, var, counts
@@ -282,7 +286,8 @@ def cdnv(features: ArrayLike, labels: ArrayLike) -> float:
     Galanti, T., Gyorgy, A., Hutter, M. (2022). On the role of neural collapse in transfer
     learning. ICLR 2022, Definition 1 (class-distance normalized variance).
     """
-    means, var, _ = _class_stats(features, labels)
+    means, maybe_var, _ = _class_stats(features, labels)
+    var = cast(torch.Tensor, maybe_var)
     k = means.shape[0]
     i, j = torch.triu_indices(k, k, offset=1, device=means.device)
     dist2 = ((means[i] - means[j]) ** 2).sum(dim=1)
@@ -335,7 +340,7 @@ def class_mean_uniformity(features: ArrayLike, labels: ArrayLike, *,
     Liu, W., Yu, L., Weller, A., Schoelkopf, B. (2023). Generalizing and decoupling neural
     collapse via hyperspherical uniformity gap. ICLR 2023, Sec. 3.
     """
-    means, _, _ = _class_stats(features, labels)
+    means, _, _ = _class_stats(features, labels, variances=False)
     m = means - means.mean(dim=0)
     norms = torch.linalg.vector_norm(m, dim=1, keepdim=True)
     if float(norms.min()) <= _DEGENERATE_SPREAD * max(float(norms.max()),

@@ -96,14 +96,17 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
     else:
         z = x - x.mean(dim=0)  # distances are translation invariant; centring limits cancellation
         sq = (z**2).sum(dim=1)
+        neg_sq = -sq[None, :]
     block = max(1, min(n, _MEMORY_BUDGET // (8 * n)))
     out = torch.empty(n, k, dtype=torch.int64, device=x.device)
     ties = 0
     for s in range(0, n, block):
         e = min(s + block, n)
-        score = z[s:e] @ z.T
-        if sq is not None:  # larger is nearer: -||a - b||^2 = 2 a.b - |a|^2 - |b|^2
-            score = 2.0 * score - sq[s:e, None] - sq[None, :]
+        if sq is None:
+            score = z[s:e] @ z.T
+        else:  # larger is nearer: -||a - b||^2 = 2 a.b - |b|^2 - |a|^2; |a|^2 is constant per
+            # row and cannot change its ranking, so one fused addmm gives the score
+            score = torch.addmm(neg_sq.expand(e - s, n), z[s:e], z.T, alpha=2.0)
         rows = torch.arange(e - s, device=x.device)
         score[rows, rows + s] = -torch.inf
         vals, idx = torch.topk(score, min(k + 1, n - 1), dim=1)
