@@ -77,3 +77,21 @@ def test_cka_rows_null_matches_direct_call():
         svcca(feats[1]["features"], feats[3]["features"]), abs=1e-12)
     assert ("linear_cka_to_final", 1) not in by  # built in as cka_to_final
     assert json.loads(by[("mutual_knn_to_final", 1)]["params"])["topk"] == 10
+
+
+def test_report_on_two_real_runs_lists_interval_comparisons(runs, tmp_path):
+    """Probe rows carry Wilson intervals (probes.py); the report compares the two runs on them."""
+    import matplotlib.pyplot as plt
+
+    import dtprobe
+    from dtprobe.report import render_report
+
+    a, b = runs
+    for run in runs:
+        analysis.analyze(run, device="cpu", progress=False, plot=False,
+                         metrics=["source_accuracy", "probe_accuracy"])
+    both = dtprobe.compare([a, b])
+    html = render_report(both, dpi=40)
+    assert "epochs beyond the intervals" in html
+    assert "quantile of chance" in html
+    plt.close("all")
