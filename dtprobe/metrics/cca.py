@@ -16,7 +16,7 @@ they are computed here: no covariance is inverted.
   variates of ``X``, normalised to sum to 1; ``PWCCA = sum_i alpha_i rho_i``.
   Morcos et al.'s release takes the inner products with the *uncentred*
   neurons and weights whichever side has fewer neurons; here the neurons are
-  centred (the definition in the paper's Sec. 3.1) and ``weight_by`` says which
+  centred (as the paper defines the projection weights) and ``weight_by`` says which
   side is weighted.
 
 Numerical robustness (rank-deficient features, e.g. dead ReLU units or
@@ -164,7 +164,7 @@ def svcca(x: ArrayLike, y: ArrayLike, keep: float = DEFAULT_SVCCA_KEEP, *,
     ----------
     Raghu, M., Gilmer, J., Yosinski, J., Sohl-Dickstein, J. (2017). SVCCA: Singular vector
     canonical correlation analysis for deep learning dynamics and interpretability.
-    NeurIPS 2017, Sec. 2 (steps 1-3).
+    NeurIPS 2017 (the SVCCA procedure).
     """
     if not 0.0 < keep <= 1.0:
         raise ConfigError(f"keep={keep!r} must be a fraction of variance in (0, 1]")
@@ -207,7 +207,7 @@ def pwcca(x: ArrayLike, y: ArrayLike, *, weight_by: str = "x",
     References
     ----------
     Morcos, A. S., Raghu, M., Bengio, S. (2018). Insights on representational similarity in
-    neural networks with canonical correlation. NeurIPS 2018, Sec. 3.1 (Eq. 2).
+    neural networks with canonical correlation. NeurIPS 2018 (projection weighting).
     """
     if weight_by not in ("x", "y"):
         raise ConfigError(f"weight_by={weight_by!r} must be 'x' or 'y'")

@@ -294,7 +294,7 @@ def cdnv(features: ArrayLike, labels: ArrayLike) -> float:
     References
     ----------
     Galanti, T., Gyorgy, A., Hutter, M. (2022). On the role of neural collapse in transfer
-    learning. ICLR 2022, Definition 1 (class-distance normalized variance).
+    learning. ICLR 2022 (class-distance normalized variance).
     """
     means, maybe_var, _ = _class_stats(features, labels)
     var = cast(torch.Tensor, maybe_var)
@@ -345,10 +345,10 @@ def class_mean_uniformity(features: ArrayLike, labels: ArrayLike, *,
     References
     ----------
     Wang, T., Isola, P. (2020). Understanding contrastive representation learning through
-    alignment and uniformity on the hypersphere. ICML 2020, Eq. 1 (L_uniform).
+    alignment and uniformity on the hypersphere. ICML 2020 (uniformity loss).
 
     Liu, W., Yu, L., Weller, A., Schoelkopf, B. (2023). Generalizing and decoupling neural
-    collapse via hyperspherical uniformity gap. ICLR 2023, Sec. 3.
+    collapse via hyperspherical uniformity gap. ICLR 2023.
     """
     means, _, _ = _class_stats(features, labels, variances=False)
     m = means - means.mean(dim=0)

@@ -101,7 +101,7 @@ def twonn(features: ArrayLike, *, estimator: str = "fit",
     ----------
     Facco, E., d'Errico, M., Rodriguez, A., Laio, A. (2017). Estimating the intrinsic
     dimension of datasets by a minimal neighborhood information. Scientific Reports 7,
-    12140, Eq. 4-5 and Fig. 1.
+    12140.
 
     Ansuini, A., Laio, A., Macke, J. H., Zoccolan, D. (2019). Intrinsic dimension of data
     representations in deep neural networks. NeurIPS 2019.

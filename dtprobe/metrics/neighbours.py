@@ -31,7 +31,7 @@ ones, not a unique number.
 References
 ----------
 Huh, M., Cheung, B., Wang, T., Isola, P. (2024). The platonic representation
-hypothesis. ICML 2024, Sec. 2 and Appendix A.
+hypothesis. ICML 2024 (alignment metrics).
 
 Song, L., Smola, A., Gretton, A., Bedo, J., Borgwardt, K. (2012). Feature
 selection via dependence maximization. JMLR 13, 1393-1434.
@@ -176,7 +176,7 @@ def mutual_knn(x: ArrayLike, y: ArrayLike, topk: int = DEFAULT_TOPK, *,
     References
     ----------
     Huh, M., Cheung, B., Wang, T., Isola, P. (2024). The platonic representation
-    hypothesis. ICML 2024, Appendix A ("mutual nearest-neighbor metric").
+    hypothesis. ICML 2024 (mutual nearest-neighbour metric).
     """
     if metric not in _METRICS:
         raise ConfigError(f"metric={metric!r} is not one of {', '.join(_METRICS)}")
@@ -249,7 +249,7 @@ def cknna(x: ArrayLike, y: ArrayLike, topk: int = DEFAULT_TOPK, *,
     References
     ----------
     Huh, M., Cheung, B., Wang, T., Isola, P. (2024). The platonic representation
-    hypothesis. ICML 2024, Appendix A (CKNNA).
+    hypothesis. ICML 2024 (CKNNA).
     """
     a, b = _pair(x, y, topk, "cknna")
     n = a.shape[0]

@@ -21,7 +21,7 @@ cross-product and its singular values are needed (``O(n d1 d2)``), never an
 References
 ----------
 Williams, A. H., Kunz, E., Kornblith, S., Linderman, S. W. (2021). Generalized
-shape metrics on neural representations. NeurIPS 2021, Sec. 2 (Eqs. 3-5).
+shape metrics on neural representations. NeurIPS 2021.
 
 Schoenemann, P. H. (1966). A generalized solution of the orthogonal Procrustes
 problem. Psychometrika 31, 1-10.
@@ -103,7 +103,7 @@ def procrustes_distance(x: ArrayLike, y: ArrayLike) -> float:
     References
     ----------
     Williams, A. H., Kunz, E., Kornblith, S., Linderman, S. W. (2021). Generalized shape
-    metrics on neural representations. NeurIPS 2021, Eq. 3-4.
+    metrics on neural representations. NeurIPS 2021 (Procrustes distance).
     """
     cos = _cosine_of_shapes(x, y, "procrustes_distance")
     if cos is None:
@@ -128,7 +128,7 @@ def angular_shape_metric(x: ArrayLike, y: ArrayLike) -> float:
     References
     ----------
     Williams, A. H., Kunz, E., Kornblith, S., Linderman, S. W. (2021). Generalized shape
-    metrics on neural representations. NeurIPS 2021, Eq. 5 (angular distance).
+    metrics on neural representations. NeurIPS 2021 (angular distance).
     """
     cos = _cosine_of_shapes(x, y, "angular_shape_metric")
     if cos is None:

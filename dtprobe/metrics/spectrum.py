@@ -145,7 +145,7 @@ def numerical_rank(features: ArrayLike, *, rtol: float | None = None,
 
     References
     ----------
-    Golub, G. H., Van Loan, C. F. (2013). Matrix Computations, 4th ed., Sec. 5.4.1
+    Golub, G. H., Van Loan, C. F. (2013). Matrix Computations, 4th ed.
     (numerical rank); Garrido et al. (2023) contrast it with RankMe.
     """
     x = check_features(features, "features", min_samples=1)
@@ -197,7 +197,7 @@ def alpha_req(features: ArrayLike, *, fit_range: tuple[int, int | None] = (1, No
     ----------
     Agrawal, K. K., Mondal, A. K., Ghosh, A., Richards, B. A. (2022). alpha-ReQ: Assessing
     representation quality in self-supervised learning by measuring eigenspectrum decay.
-    NeurIPS 2022, Sec. 3 (Eq. 2: ``lambda_i ~ i^-alpha``, fitted in log-log coordinates).
+    NeurIPS 2022 (``lambda_i ~ i^-alpha``, fitted in log-log coordinates).
     """
     lo, hi = fit_range
     if isinstance(lo, bool) or not isinstance(lo, int) or lo < 1 or (

@@ -549,7 +549,7 @@ def nleep(features: ArrayLike, target_labels: ArrayLike, *,
     References
     ----------
     .. [1] Y. Li, X. Jia, R. Sang, Y. Zhu, B. Green, L. Wang, B. Gong, "Ranking Neural
-       Checkpoints", CVPR 2021, Sec. 4.2 (N-LEEP).
+       Checkpoints", CVPR 2021 (N-LEEP).
     """
     from sklearn.mixture import GaussianMixture
 
