@@ -98,6 +98,22 @@ def test_cka_null_matches_loop():
     assert wide.null_mean == pytest.approx(np.mean(null), abs=1e-12)
 
 
+def test_cka_null_exact_expectation():
+    """The closed-form permutation mean (derived in CKANull) against all 5! = 120 permutations
+    of a small case, and against the Monte Carlo mean of a larger one."""
+    import itertools
+
+    rng = np.random.default_rng(7)
+    x, y = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    exact = np.mean([linear_cka(x, y[list(p)]) for p in itertools.permutations(range(5))])
+    assert cka_permutation_null(x, y, n_permutations=2).expected == pytest.approx(exact,
+                                                                                   abs=1e-12)
+    x, y = rng.standard_normal((80, 10)), rng.standard_normal((80, 6))
+    res = cka_permutation_null(x, y, n_permutations=400)
+    assert res.expected == pytest.approx(res.null_mean, abs=4 * res.null_std / 20)
+    assert math.isnan(cka_permutation_null(x, y, n_permutations=2, debiased=True).expected)
+
+
 def test_cka_null_chance_level():
     """Biased CKA of independent features sits far above 0 at small n; the null shows it."""
     rng = np.random.default_rng(5)

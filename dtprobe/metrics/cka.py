@@ -660,6 +660,11 @@ class CKANull:
     null_quantile : the ``quantile`` (default 0.95) of the permuted values.
     p_value : ``(1 + #{null >= score}) / (1 + n_permutations)`` (never 0).
     n_permutations, debiased, seed : how it was computed.
+    expected : the exact mean of the null over *all* permutations (biased CKA only, NaN for
+        debiased): ``E_pi tr(K P L P^T) = tr(K) tr(L) / (n - 1)`` for centred Grams, since
+        ``E L_{pi(i) pi(i)} = tr(L) / n`` and, off the diagonal, ``E L_{pi(i) pi(j)} =
+        (1^T L 1 - tr L) / (n (n - 1)) = -tr(L) / (n (n - 1))``; so the chance level is
+        ``||X||_F^2 ||Y||_F^2 / ((n - 1) ||X^T X||_F ||Y^T Y||_F)`` with no sampling error.
     """
 
     score: float
@@ -670,13 +675,14 @@ class CKANull:
     n_permutations: int
     debiased: bool
     seed: int
+    expected: float = float("nan")
 
     def as_params(self) -> dict[str, float | int | bool]:
         """The null's fields for a results-table ``params`` object."""
         return {"null_mean": self.null_mean, "null_std": self.null_std,
                 "null_q95": self.null_quantile, "p_value": self.p_value,
                 "n_permutations": self.n_permutations, "null": "permute_rows_of_y",
-                "null_seed": self.seed}
+                "null_seed": self.seed, "null_expected": self.expected}
 
 
 def cka_permutation_null(x: ArrayLike, y: ArrayLike, *, n_permutations: int = DEFAULT_PERMUTATIONS,
@@ -768,10 +774,12 @@ def cka_permutation_null(x: ArrayLike, y: ArrayLike, *, n_permutations: int = DE
     if math.isnan(score) or np.isnan(null).all():
         nan = float("nan")
         return CKANull(score, nan, nan, nan, nan, n_permutations, debiased, seed)
+    expected = float("nan") if debiased else float(
+        cx.rowsq.sum() * cy.rowsq.sum() / ((n - 1) * torch.sqrt(t_xx * t_yy)))
     std = float(null.std(ddof=1)) if n_permutations > 1 else float("nan")
     p = (1 + int((null >= score).sum())) / (1 + n_permutations)
     return CKANull(score, float(null.mean()), std, float(np.quantile(null, quantile)), p,
-                   n_permutations, debiased, seed)
+                   n_permutations, debiased, seed, expected)
 
 
 # --------------------------------------------------------------------------- registry metadata
