@@ -736,6 +736,7 @@ def plot_tradeoff_over_epochs(table: pd.DataFrame | Results, ax: Axes | None = N
                 if g.empty:
                     continue
                 ax.plot(g.index, g.to_numpy(), color=tcol[task], ls=styles[run], lw=1.7)
+                _interval_bands(ax, pr[pr["task"] == task], tcol[task], probe)
                 peak = int(np.argmax(g.to_numpy()))
                 ax.plot([g.index[peak]], [g.iloc[peak]], marker="v", color=tcol[task],
                         markersize=8, markeredgecolor="black", markeredgewidth=0.6, zorder=5,

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.collections import PolyCollection
 
-from dtprobe.plotting import plot_cka_to_final, plot_metrics
+from dtprobe.plotting import plot_cka_to_final, plot_metrics, plot_tradeoff_over_epochs
 from dtprobe.report import render_report
 from dtprobe.results import Results
 from dtprobe.uncertainty import chance_level, intervals, run_differences
@@ -46,6 +46,8 @@ def test_charts_draw_bands():
     bands = [c for a in fig.axes for c in a.collections if isinstance(c, PolyCollection)]
     assert len(bands) >= 4  # a CI band per run, a chance band per run
     plt.close(fig)
+    ax = plot_tradeoff_over_epochs(table)
+    assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 2  # probe CI per run
     ax = plot_cka_to_final(table)
     assert any(isinstance(c, PolyCollection) for c in ax.collections)
     assert "chance" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
