@@ -25,6 +25,7 @@ References
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,6 +45,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+import checkpoints_manifest as cm
 from dtprobe.errors import ConfigError
 from dtprobe.table import (
     estimator_settings,
@@ -844,7 +846,9 @@ def save_all_figures(results: Results | pd.DataFrame, out_dir: str | Path,
             with style():
                 for fmt in formats:
                     path = out / f"{name}.{fmt}"
-                    fig.savefig(path, format=fmt)
+                    buf = io.BytesIO()  # rendered in memory, written atomically (no link followed)
+                    fig.savefig(buf, format=fmt)
+                    cm.atomic_write_bytes(path, buf.getvalue())
                     written.append(path)
         finally:
             plt.close(fig)
