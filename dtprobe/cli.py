@@ -540,9 +540,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in available_datasets():
         print(f"  {name}")
     print("metrics (* = default):")
-    for name, spec in available_metrics().items():
-        first = spec.description.splitlines()[0] if spec.description else ""
-        print(f"  {'*' if spec.default else ' '} {name:22s} {first}")
+    metrics = available_metrics()
+    for name, spec in metrics.items():
+        if spec.similarity is None:
+            first = spec.description.splitlines()[0] if spec.description else ""
+            print(f"  {'*' if spec.default else ' '} {name:22s} {first}")
+    print("similarity measures (between epochs, layers and runs; * = default):")
+    for name, spec in metrics.items():
+        sim = spec.similarity
+        if sim is not None:
+            first = spec.description.splitlines()[0] if spec.description else ""
+            print(f"  {'*' if spec.default else ' '} {name:22s} {sim.direction:20s} "
+                  f"invariant to: {', '.join(sim.invariances)}")
+            print(f"    {'':22s} {first}")
     from dtprobe.training.objectives import available_objectives
 
     print("objectives (--objective NAME, --objective-param KEY=VALUE):")

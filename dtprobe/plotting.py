@@ -43,6 +43,7 @@ from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 import checkpoints_manifest as cm
 from dtprobe.errors import ConfigError
@@ -166,6 +167,26 @@ def _series(table: pd.DataFrame, metric: str, task: str | None = None, layer: st
             raise ConfigError(f"no {metric!r} rows for task {task!r}; available tasks: "
                               f"{', '.join(have) or '(none)'}")
     return rows.groupby(["run", "epoch"], sort=False)["value"].mean().reset_index()
+
+
+def _interval_bands(ax: Axes, rows: pd.DataFrame, color: Any, metric: str) -> bool:
+    """Shade the intervals stored in the rows' params: ``ci_low``/``ci_high`` in the series'
+    colour, and for CKA rows the permutation null (``null_mean`` to ``null_q95``) in grey.
+    Returns whether a chance band was drawn."""
+    from dtprobe.uncertainty import chance_level, intervals
+
+    ci = intervals(rows)
+    if not ci.empty:
+        g = ci.groupby("epoch")[["low", "high"]].mean().sort_index()
+        ax.fill_between(g.index, g["low"], g["high"], color=color, alpha=0.18, lw=0, zorder=1)
+    if not metric.startswith("cka_to"):
+        return False
+    null = chance_level(rows)
+    if null.empty:
+        return False
+    g = null.groupby("epoch")[["low", "high"]].mean().sort_index()
+    ax.fill_between(g.index, g["low"], g["high"], color="0.6", alpha=0.35, lw=0, zorder=1)
+    return True
 
 
 def _tasks(table: pd.DataFrame, metric: str) -> list[str]:
@@ -442,6 +463,7 @@ def plot_metrics(table: pd.DataFrame | Results, metrics: Sequence[str] | None = 
             for run in runs:
                 r = rows[rows["run"] == run]
                 for task, g in r.groupby("task", sort=True):
+                    _interval_bands(a, g, colors[run], metric)
                     g = g.groupby("epoch")["value"].mean().sort_index()
                     if metric == "cka_to_run" or not task:
                         ls, mk = "-", None
@@ -635,15 +657,21 @@ def plot_cka_to_final(table: pd.DataFrame | Results, ax: Axes | None = None) -> 
     layers = sort_layers(rows["layer"].unique())
     with style():
         ax = _new_axes(ax, (7.4, 4.4))
-        handles: list[Line2D] = []
+        handles: list[Line2D | Patch] = []
         if layers == [""]:
             colors = run_colors(_runs(table))
+            chance = False
             for run in runs:
+                chance = _interval_bands(ax, rows[rows["run"] == run], colors[run],
+                                         "cka_to_final") or chance
                 g = rows[rows["run"] == run].groupby("epoch")["value"].mean().sort_index()
                 ax.plot(g.index, g.to_numpy(), color=colors[run], marker="o", markersize=3.5,
                         markevery=max(1, len(g) // 10))
                 handles.append(Line2D([], [], color=colors[run], marker="o", markersize=3.5,
                                       label=run))
+            if chance:
+                handles.append(Patch(color="0.6", alpha=0.35,
+                                     label="chance (permutation null,\nmean to 95%)"))
             title = "CKA to final epoch (penultimate features)"
         else:
             named = [lay for lay in layers if lay]
@@ -710,6 +738,7 @@ def plot_tradeoff_over_epochs(table: pd.DataFrame | Results, ax: Axes | None = N
                 if g.empty:
                     continue
                 ax.plot(g.index, g.to_numpy(), color=tcol[task], ls=styles[run], lw=1.7)
+                _interval_bands(ax, pr[pr["task"] == task], tcol[task], probe)
                 peak = int(np.argmax(g.to_numpy()))
                 ax.plot([g.index[peak]], [g.iloc[peak]], marker="v", color=tcol[task],
                         markersize=8, markeredgecolor="black", markeredgewidth=0.6, zorder=5,

@@ -216,6 +216,55 @@ def _findings(results: Results) -> str:
             f'<div class="scroll"><table><thead>{head}</thead><tbody>{rows}</tbody></table></div>')
 
 
+def _uncertainty(results: Results) -> str:
+    """Which run differences exceed their intervals; which CKA scores do not exceed chance."""
+    from dtprobe.uncertainty import chance_level, intervals, run_differences
+
+    table = results.table
+    parts = []
+    diffs = run_differences(table)
+    if intervals(table).empty:
+        parts.append('<p class="note">No row of the table carries a confidence interval '
+                     '(<code>ci_low</code>/<code>ci_high</code> in its params).</p>')
+    elif diffs.empty:
+        parts.append('<p class="note">Intervals exist for one run only; compare runs to see '
+                     'which differences exceed them.</p>')
+    else:
+        rows = []
+        for (metric, task, layer), g in diffs.groupby(["metric", "task", "layer"], sort=False):
+            for (ra, rb), h in g.groupby(["run_a", "run_b"], sort=False):
+                hit = h[h["exceeds"]]
+                last = h.sort_values("epoch").iloc[-1]
+                rows.append(
+                    f"<tr><td>{_esc(metric_info(metric).label)}</td><td>{_esc(task)}</td>"
+                    f"<td>{_esc(layer)}</td><td>{_esc(ra)} vs {_esc(rb)}</td>"
+                    f"<td class=num>{len(hit)} of {len(h)}</td>"
+                    f"<td>{_esc(', '.join(str(int(e)) for e in hit['epoch'])) or '-'}</td>"
+                    f"<td class=num>{_fmt(last.value_a)} [{_fmt(last.low_a)}, {_fmt(last.high_a)}]"
+                    f" vs {_fmt(last.value_b)} [{_fmt(last.low_b)}, {_fmt(last.high_b)}]"
+                    f' <span class="ep">@{int(last.epoch)}</span></td></tr>')
+        parts.append('<p class="note">A difference counts when the two runs\' intervals are '
+                     'disjoint (a conservative test). Charts draw the intervals as bands.</p>'
+                     '<div class="scroll"><table><thead><tr><th>metric</th><th>task</th>'
+                     '<th>layer</th><th>runs</th><th>epochs beyond the intervals</th>'
+                     '<th>which epochs</th><th>last epoch: value [interval]</th></tr></thead>'
+                     f'<tbody>{"".join(rows)}</tbody></table></div>')
+    null = chance_level(table)
+    if not null.empty:
+        null = null[null["layer"] == ""]
+        below = null[null["value"] <= null["high"]]
+        parts.append(
+            '<p class="note">CKA rows carry a permutation null (rows of one side shuffled): '
+            f"{len(below)} of {len(null)} penultimate-layer CKA values are at or below the 95% "
+            "quantile of chance"
+            + (": " + _esc(", ".join(f"{m} {r}@{int(e)}" for m, r, e in
+                                     below[["metric", "run", "epoch"]].head(12).itertuples(
+                                         index=False, name=None))) if len(below) else "")
+            + ". With few test samples relative to the width prefer debiased CKA "
+            "(<code>--metrics debiased_cka</code>).</p>")
+    return "".join(parts)
+
+
 def _summary_table(results: Results) -> str:
     s = results.summary()
     if s.empty:
@@ -325,6 +374,8 @@ def render_report(results: Results, title: str | None = None, dpi: int = 110) ->
         ("runs", "Run configurations", _config_table(results)),
         ("charts", "Charts", charts),
         ("summary", "Summary: first, best and last value of every metric", _summary_table(results)),
+        ("uncertainty", "Uncertainty: run differences beyond their intervals",
+         _uncertainty(results)),
         ("estimators", "Estimators and parameters", _estimator_table(results)),
     ]
     nav = "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t, _ in sections)

@@ -68,8 +68,31 @@ METRIC_INFO: dict[str, MetricInfo] = {
     "gbc": MetricInfo("GBC (Bhattacharyya)", "\u2264 0"),
     "leep": MetricInfo("LEEP", "\u2264 0"),
     "nce": MetricInfo("NCE (\u2212H(Y|Z))", "\u2264 0"),
+    "nleep": MetricInfo("NLEEP", "\u2264 0"),
+    "twonn": MetricInfo("TwoNN intrinsic dimension", "> 0"),
+    "alpha_req": MetricInfo("alpha-ReQ spectral decay", "> 0, higher = fewer directions"),
+    "numerical_rank": MetricInfo("numerical rank", "[0, min(n, d)]"),
+    "cdnv": MetricInfo("CDNV", "\u2265 0, lower = collapsed", False),
+    "class_mean_uniformity": MetricInfo("class-mean uniformity", "lower = more uniform", False),
 }
 """Presentation facts for the metrics ``dtprobe analyze`` writes; unknown metrics get defaults."""
+
+# Similarity measures between epochs/runs (dtprobe.metrics.registry.register_similarity):
+# label, range, and whether larger means more similar (distances: smaller is more similar).
+_SIMILARITY_INFO = {
+    "debiased_cka": ("debiased CKA", "\u2264 1", True),
+    "mutual_knn": ("mutual k-NN", "[0, 1]", True),
+    "cknna": ("CKNNA", "\u2264 1", True),
+    "procrustes_distance": ("Procrustes distance", "[0, \u221a2], lower = similar", False),
+    "angular_shape_metric": ("angular shape distance", "[0, \u03c0/2] rad, lower = similar",
+                             False),
+    "svcca": ("SVCCA", "[0, 1]", True),
+    "pwcca": ("PWCCA", "[0, 1]", True),
+}
+for _name, (_label, _range, _higher) in _SIMILARITY_INFO.items():
+    for _suffix, _what in (("to_final", "to final epoch"), ("to_previous", "to previous epoch"),
+                           ("to_run", "to other run")):
+        METRIC_INFO[f"{_name}_{_suffix}"] = MetricInfo(f"{_label} {_what}", _range, _higher)
 
 METRIC_ORDER: tuple[str, ...] = tuple(METRIC_INFO)
 """Canonical display order: discriminability first, then transferability, similarity, collapse."""

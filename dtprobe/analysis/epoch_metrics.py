@@ -58,7 +58,9 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
         train=FeatureSplit(feats["train"]["features"], b.train.labels, b.train.factors,
                            feats["train"]["logits"]),
         test=FeatureSplit(feats["test"]["features"], b.test.labels, b.test.factors,
-                          feats["test"]["logits"], inputs=data.mi_inputs),
+                          feats["test"]["logits"], inputs=data.mi_inputs,
+                          layers={k[len("layer:"):]: v for k, v in feats["test"].items()
+                                  if k.startswith("layer:")}),
         head_weight=weight, head_bias=bias, seed=opts.seed)
     rows = []
     for spec in specs:
@@ -101,7 +103,9 @@ def _apply(spec: MetricSpec, view: EpochView, epoch: int) -> list[MetricValue]:
 
 def part_key(ckpt: PlannedCheckpoint, data: EvalData, specs: Sequence[MetricSpec],
              opts: AnalysisOptions) -> str:
-    payload = json.dumps([PARTS_VERSION, ckpt.cache_digest, data.key, [s.name for s in specs],
-                          opts.seed] + ([sorted(opts.layers)] if opts.layers else []))
+    fields = [PARTS_VERSION, ckpt.cache_digest, data.key, [s.name for s in specs], opts.seed]
+    if opts.layers:  # per-layer rows depend on the layers extracted
+        fields.append(sorted(opts.layers))
+    payload = json.dumps(fields)
     return hashlib.sha256(payload.encode()).hexdigest()
 

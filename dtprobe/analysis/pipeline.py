@@ -171,10 +171,11 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
             rows.extend(part)
             test_feats.add(ckpt.epoch, test_key(ckpt, data, opts), feats["test"])
             del feats
-        similarity, matrix = cka_rows(plan, plan.checkpoints, test_feats)
+        pairwise = [s for s in specs if s.similarity is not None]
+        similarity, matrix = cka_rows(plan, plan.checkpoints, test_feats, pairwise, opts.seed)
         rows.extend(similarity)
         for other in others:
-            rows.extend(compare_rows(plan, test_feats, other, data, device, opts))
+            rows.extend(compare_rows(plan, test_feats, other, data, device, opts, pairwise))
         table = finalise_table(rows)
         cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
         cka_path = analysis_dir / "cka_matrix.csv"
