@@ -29,7 +29,7 @@ import re
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
@@ -44,8 +44,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from dtprobe.errors import ConfigError
-from dtprobe.results import (
-    Results,
+from dtprobe.table import (
     estimator_settings,
     estimator_unit,
     metric_info,
@@ -54,6 +53,9 @@ from dtprobe.results import (
     sort_layers,
     sort_metrics,
 )
+
+if TYPE_CHECKING:  # pragma: no cover  (type only: plotting never imports dtprobe.results)
+    from dtprobe.results import Results
 
 EPOCH_CMAP = "viridis"
 """Colormap for epochs (trajectories) and CKA values: perceptually uniform, colour-blind safe."""
@@ -115,7 +117,10 @@ def style() -> Iterator[None]:
 
 def _as_table(data: pd.DataFrame | Results) -> pd.DataFrame:
     """The normalised tidy table of a Results object, or of a bare DataFrame."""
-    if isinstance(data, Results):
+    # A Results object is recognised by its normalised ``table`` (duck typing keeps plotting
+    # below dtprobe.results in the import graph).
+    if not isinstance(data, pd.DataFrame) and isinstance(getattr(data, "table", None),
+                                                         pd.DataFrame):
         return data.table
     if not isinstance(data, pd.DataFrame):
         raise ConfigError(f"expected a results table (DataFrame) or Results, got "

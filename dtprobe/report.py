@@ -35,7 +35,8 @@ import pandas as pd
 
 from dtprobe import __version__
 from dtprobe.errors import ConfigError
-from dtprobe.results import Results, metric_info, parse_params
+from dtprobe.results import Results
+from dtprobe.table import metric_info, parse_params
 
 _CSS = """
 :root { --fg: #1d2327; --muted: #5b6670; --line: #d9dee3; --head: #f3f5f7; --accent: #0173b2;
@@ -283,7 +284,7 @@ def _failures(results: Results) -> str:
 def _charts(results: Results, dpi: int) -> tuple[str, list[tuple[str, str]]]:
     import matplotlib.pyplot as plt
 
-    from dtprobe.plotting import iter_figures, style
+    from dtprobe.plotting import iter_figures, style  # matplotlib only when charts are drawn
 
     blocks = []
     toc = []

@@ -1,0 +1,175 @@
+"""Features: verify and load one checkpoint safely, extract its features once (cached).
+
+Checkpoints load only through :mod:`dtprobe.checkpoints` (``weights_only`` or safetensors) after
+their sha256 is verified; NaN/Inf features or a model that does not fit the data fail only that
+checkpoint, with a one-line :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+import checkpoints_manifest as cm
+from dtprobe import checkpoints as ckpt_io
+from dtprobe.analysis.data import EvalData
+from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
+from dtprobe.errors import CheckpointError, ConfigError
+from dtprobe.extract import cache_key, extract_features
+from dtprobe.models import build_model, head_module
+
+
+def build_for_plan(plan: RunPlan, in_channels: int) -> torch.nn.Module:
+    kwargs = dict(plan.arch_kwargs)
+    if plan.manifest is None:
+        kwargs.setdefault("in_channels", in_channels)
+    return build_model(plan.arch, plan.num_classes, **kwargs)
+
+
+def plan_head(model: torch.nn.Module, plan: RunPlan) -> torch.nn.Linear:
+    if plan.head is None:
+        return head_module(model, plan.arch)
+    try:
+        head = model.get_submodule(plan.head)
+    except AttributeError:
+        raise ConfigError(f"the manifest's model.penultimate {plan.head!r} is not a module of "
+                          f"{plan.arch}; fix the manifest") from None
+    if not isinstance(head, torch.nn.Linear):
+        raise ConfigError(f"the manifest's model.penultimate {plan.head!r} of {plan.arch} is a "
+                          f"{type(head).__name__}, expected nn.Linear; fix the manifest")
+    return head
+
+
+def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
+    """Build the architecture once (random weights) and run two test images through it, so that
+    an architecture that does not fit the data, or a ``--layers`` name it lacks, is one clear
+    :class:`ConfigError` before any checkpoint is read."""
+    model = build_for_plan(plan, data.bundle.in_channels)
+    head = plan_head(model, plan)
+    names = {name for name, _ in model.named_modules() if name}
+    unknown = [layer for layer in opts.layers if layer not in names]
+    if unknown:
+        shown = ", ".join(sorted(names, key=lambda n: (n.count("."), n))[:8])
+        raise ConfigError(f"--layers {' '.join(unknown)}: no such module in {plan.arch}; "
+                          f"available include {shown}")
+    try:
+        extract_features(model, head, data.test_images[:2], device=torch.device("cpu"),
+                         batch_size=2)
+    except RuntimeError as exc:
+        raise ConfigError(f"{plan.arch} cannot process the {plan.dataset} images "
+                          f"({ckpt_io._first_line(str(exc))}); pass a matching --arch / "
+                          "--arch-param or --dataset") from None
+
+
+def verify_checkpoint(ckpt: PlannedCheckpoint) -> str:
+    """Check that the checkpoint file may be used; return its sha256.
+
+    Refuses (with :class:`CheckpointError`) a path found unsafe while planning, a missing file
+    and a file whose sha256 differs from the manifest's. Done once per analysis, before the
+    cached features or metric rows of this file are trusted.
+    """
+    if ckpt.error is not None:
+        raise CheckpointError(ckpt.error)
+    if ckpt.digest is not None:
+        return ckpt.digest
+    if not ckpt.path.exists():
+        raise CheckpointError(f"{ckpt.path}: checkpoint file is missing; restore it or remove "
+                              "its entry from the manifest")
+    if not ckpt.path.is_file():
+        raise CheckpointError(f"{ckpt.path}: is not a file; fix the checkpoint path")
+    if ckpt.sha256 is not None:
+        ckpt_io.verify_sha256(ckpt.path, ckpt.sha256)
+        ckpt.digest = ckpt.sha256.lower()
+    else:
+        try:
+            ckpt.digest = cm.sha256_file(ckpt.path)
+        except OSError as exc:
+            raise CheckpointError(f"{ckpt.path}: cannot read it ({exc.strerror or exc}); check "
+                                  "that the file is readable") from None
+    return ckpt.digest
+
+
+def load_state(ckpt: PlannedCheckpoint) -> dict[str, torch.Tensor]:
+    return ckpt_io.load_state_dict(ckpt.path)
+
+
+def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int,
+               state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = build_for_plan(plan, in_channels)
+    ckpt_io.load_into_model(model, state, ckpt.path)
+    return model
+
+
+def _extract(model: torch.nn.Module, head: torch.nn.Module, images: torch.Tensor,
+             ckpt: PlannedCheckpoint, device: torch.device,
+             opts: AnalysisOptions) -> dict[str, torch.Tensor]:
+    try:
+        return extract_features(model, head, images, device=device,
+                                batch_size=opts.batch_size, layers=opts.layers)
+    except RuntimeError as exc:
+        text = str(exc)
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
+            raise CheckpointError(f"{ckpt.path}: out of memory while extracting features; "
+                                  f"lower --batch-size (now {opts.batch_size})") from None
+        if not _outputs_finite(model, images[:8], device):
+            # Some numerical step choked on NaN/Inf activations: a diverged checkpoint.
+            raise CheckpointError(f"{ckpt.path}: the images give NaN/Inf outputs (diverged "
+                                  "run?); this checkpoint is skipped") from None
+        raise CheckpointError(f"{ckpt.path}: the model failed on the images "
+                              f"({ckpt_io._first_line(text)}); check --arch / --arch-param "
+                              "against this checkpoint") from None
+
+
+@torch.no_grad()
+def _outputs_finite(model: torch.nn.Module, images: torch.Tensor, device: torch.device) -> bool:
+    """Whether a plain eval-mode forward pass of ``images`` gives finite outputs."""
+    model.eval()
+    try:
+        return bool(torch.isfinite(model(images.to(device))).all())
+    except RuntimeError:
+        return True  # it fails for another reason: let that reason be reported
+
+
+def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, cache: Any,
+                        device: torch.device, opts: AnalysisOptions,
+                        ) -> tuple[dict[str, dict[str, torch.Tensor]],
+                                    dict[str, torch.Tensor] | None]:
+    """Train/test features, logits and layer outputs of one checkpoint (from cache when present).
+
+    Returns the features and the checkpoint's state dict if it had to be loaded (else None).
+    """
+    digest = verify_checkpoint(ckpt)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    todo = []
+    for split in ("train", "test"):
+        layers = opts.layers if split == "test" else []
+        key = cache_key(digest, data.key, split, layers)
+        hit = cache.get(key)
+        if hit is None:
+            todo.append((split, key, layers))
+        else:
+            out[split] = hit
+    state = None
+    if todo:
+        state = load_state(ckpt)
+        model = load_model(plan, ckpt, data.bundle.in_channels, state).to(device)
+        head = plan_head(model, plan)
+        for split, key, layers in todo:
+            images = data.train_images if split == "train" else data.test_images
+            feats = _extract(model, head, images, ckpt, device,
+                             replace(opts, layers=layers))
+            bad = ~torch.isfinite(feats["features"]).all(dim=1)
+            if bad.any():
+                raise CheckpointError(f"{ckpt.path}: {int(bad.sum())} {split} images give NaN/Inf "
+                                      "features (diverged run?); this checkpoint is skipped")
+            cache.put(key, feats)
+            out[split] = feats
+        del model
+    return out, state
+
+
+def test_key(ckpt: PlannedCheckpoint, data: EvalData, opts: AnalysisOptions) -> str:
+    return cache_key(ckpt.digest or str(ckpt.path), data.key, "test", opts.layers)
+

@@ -1,0 +1,104 @@
+"""The run lock (one analysis of a run at a time) and clean-up of files a killed analysis left."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from dtprobe.errors import ConfigError, RunBusyError
+
+LOCK_FILE = ".lock"
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+    except OSError:
+        return ""
+    return f" (pid {text[0]} on {text[1]})" if len(text) >= 2 else ""
+
+
+@contextlib.contextmanager
+def run_lock(analysis_dir: Path, wait: bool = True, shared: bool = False) -> Iterator[None]:
+    """Lock ``analysis_dir`` so that two analyses of one run never interleave their writes.
+
+    Parameters
+    ----------
+    analysis_dir : ``RUN_DIR/analysis`` (created if missing).
+    wait : if another process holds the lock, wait for it (printing that to stderr) instead of
+        raising :class:`RunBusyError`.
+    shared : take a shared lock (the per-rank workers of one torchrun analysis, which write
+        only atomically renamed files); an exclusive holder excludes them and vice versa.
+
+    Raises
+    ------
+    RunBusyError
+        ``wait=False`` and the run is being analysed by another process.
+    ConfigError
+        The analysis folder cannot be created (read-only run directory).
+    """
+    try:
+        analysis_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(analysis_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"{analysis_dir}: cannot create the analysis folder "
+                          f"({exc.strerror or exc}); analyse a writable copy of the run") from None
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    try:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            if not wait:
+                raise RunBusyError(f"{analysis_dir.parent}: run is busy: another dtprobe analyze"
+                                   f"{holder} is analysing it; wait for it to finish, or re-run "
+                                   "without --no-wait to queue behind it") from None
+            print(f"{analysis_dir.parent}: another dtprobe analyze{holder} is analysing this "
+                  "run; waiting for it to finish ...", file=sys.stderr, flush=True)
+            t0 = time.monotonic()
+            fcntl.flock(fd, mode)
+            print(f"{analysis_dir.parent}: lock obtained after {time.monotonic() - t0:.1f}s; "
+                  "continuing", file=sys.stderr, flush=True)
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _is_temp(name: str) -> bool:
+    return name.endswith(".tmp") or ".tmp." in name
+
+
+def remove_stale_temp_files(analysis_dir: Path) -> int:
+    """Delete temporary files that a killed analysis left in ``analysis_dir`` and its
+    ``parts``/``features`` folders (every file is written to a ``*.tmp`` name first and renamed,
+    so only such files can be partial). Call only while holding the exclusive :func:`run_lock`.
+
+    Returns
+    -------
+    int
+        The number of files removed.
+    """
+    removed = 0
+    for directory in (analysis_dir, analysis_dir / "parts", analysis_dir / "features"):
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            if _is_temp(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+

@@ -1,0 +1,234 @@
+"""The pipeline: plan -> data -> features -> metrics -> table, for a run or one torchrun shard."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+import checkpoints_manifest as cm
+from dtprobe.analysis.cka import cka_rows, compare_rows
+from dtprobe.analysis.data import EvalData, prepare_data
+from dtprobe.analysis.epoch_metrics import epoch_metrics, part_key
+from dtprobe.analysis.features import check_model, checkpoint_features, load_state, test_key
+from dtprobe.analysis.locks import remove_stale_temp_files, run_lock
+from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan, check_plan, plan_run
+from dtprobe.analysis.stores import EpochFeatures, PartStore
+from dtprobe.analysis.table import FAILURE_COLUMNS, finalise_table, note, save_tradeoff_chart
+from dtprobe.errors import DtprobeError
+from dtprobe.extract import FeatureCache
+from dtprobe.metrics.registry import MetricSpec, resolve_metrics
+
+
+@dataclass
+class AnalysisStats:
+    """What one analysis did: how many checkpoints were analysed or failed, and how much work
+    was done afresh versus reused from an earlier (possibly interrupted) analysis."""
+
+    checkpoints: int = 0
+    analysed: int = 0
+    failed: int = 0
+    features_extracted: int = 0
+    features_reused: int = 0
+    metrics_computed: int = 0
+    metrics_reused: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        return (f"analysed {self.analysed}/{self.checkpoints} checkpoints in {self.seconds:.1f}s "
+                f"(features: {self.features_extracted} extracted, {self.features_reused} "
+                f"reused; metrics: {self.metrics_computed} computed, {self.metrics_reused} "
+                f"reused){f'; {self.failed} failed' if self.failed else ''}")
+
+
+def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
+                       cache: FeatureCache, parts: PartStore, specs: Sequence[MetricSpec],
+                       device: torch.device, opts: AnalysisOptions,
+                       stats: AnalysisStats | None = None):
+    """Features (cached) and per-epoch metric rows (stored atomically) of one checkpoint."""
+    stats = stats if stats is not None else AnalysisStats()
+    feats, state = checkpoint_features(plan, ckpt, data, cache, device, opts)
+    if state is None:
+        stats.features_reused += 1
+    else:
+        stats.features_extracted += 1
+    key = part_key(ckpt, data, specs, opts)
+    part = parts.get(ckpt.epoch, key)
+    if part is None:
+        if state is None:
+            state = load_state(ckpt)
+        part = epoch_metrics(plan, ckpt, feats, data, specs, opts, state)
+        parts.put(ckpt.epoch, key, part)
+        stats.metrics_computed += 1
+    else:
+        stats.metrics_reused += 1
+    return feats, part
+
+
+def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec], dist) -> None:
+    """Under torchrun: this rank analyses checkpoints rank, rank + world, ... into the shared
+    feature cache and part store; rank 0 then merges them into the one table.
+
+    The ranks hold the run's lock shared (another analysis of the run waits for them; they
+    always wait for it, since one rank stopping would leave the others at the barrier)."""
+    analysis_dir = plan.run_dir / "analysis"
+    with run_lock(analysis_dir, wait=True, shared=True):
+        data = prepare_data(plan, dist.device)
+        cache = FeatureCache(analysis_dir / "features", opts.use_cache)
+        parts = PartStore(analysis_dir / "parts")
+        for ckpt in plan.checkpoints[dist.rank::dist.world_size]:
+            try:
+                process_checkpoint(plan, ckpt, data, cache, parts, specs, dist.device, opts)
+            except DtprobeError as exc:  # rank 0 meets the same error again and records it
+                note(f"[rank {dist.rank}] epoch {ckpt.epoch}: {exc}")
+
+
+def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
+    """Analyse a resolved run; returns a :class:`dtprobe.results.Results` (``None`` on ranks > 0
+    of a torchrun launch, where rank 0 writes the merged table).
+
+    ``results.stats`` (:class:`AnalysisStats`) says how much was computed afresh and how much
+    reused from an earlier, possibly interrupted, analysis.
+    """
+    from dtprobe.results import Results
+    from dtprobe.training.distributed import init_from_env
+
+    specs = resolve_metrics(opts.metrics)
+    check_plan(plan, opts)
+    others = [plan_run(o, follow_symlinks=opts.follow_symlinks) for o in opts.compare]
+    dist = init_from_env(opts.device)
+    device = dist.device
+    analysis_dir = plan.run_dir / "analysis"
+    if dist.enabled:
+        if dist.is_main:
+            analysis_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        _run_shard(plan, opts, specs, dist)
+        dist.barrier()
+        if not dist.is_main:
+            dist.shutdown()
+            return None
+    stats = AnalysisStats(checkpoints=len(plan.checkpoints))
+    with run_lock(analysis_dir, wait=opts.wait):
+        t0 = time.perf_counter()
+        remove_stale_temp_files(analysis_dir)
+        data = prepare_data(plan, device)
+        check_model(plan, data, opts)
+        cache = FeatureCache(analysis_dir / "features", opts.use_cache)
+        parts = PartStore(analysis_dir / "parts")
+        rows: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
+        test_feats = EpochFeatures(cache)
+        # The final checkpoint goes first so that it can stay pinned for CKA-to-final.
+        order = plan.checkpoints[-1:] + plan.checkpoints[:-1]
+        bar = tqdm(order, desc=f"analyze {plan.name}", unit="ckpt", disable=not opts.progress)
+        for ckpt in bar:
+            bar.set_postfix(epoch=ckpt.epoch)
+            try:
+                feats, part = process_checkpoint(plan, ckpt, data, cache, parts, specs, device,
+                                                 opts, stats)
+            except DtprobeError as exc:
+                failures.append({"run": plan.name, "epoch": ckpt.epoch, "path": str(ckpt.path),
+                                 "reason": str(exc)})
+                note(f"FAILED epoch {ckpt.epoch}: {exc}")
+                continue
+            rows.extend(part)
+            test_feats.add(ckpt.epoch, test_key(ckpt, data, opts), feats["test"])
+            del feats
+        similarity, matrix = cka_rows(plan, plan.checkpoints, test_feats)
+        rows.extend(similarity)
+        for other in others:
+            rows.extend(compare_rows(plan, test_feats, other, data, device, opts))
+        table = finalise_table(rows)
+        cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
+        cka_path = analysis_dir / "cka_matrix.csv"
+        if not matrix.empty:
+            cm.atomic_write_text(cka_path, matrix.to_csv())
+        elif cka_path.exists():
+            cka_path.unlink()
+        failure_path = analysis_dir / "failures.csv"
+        failure_table = pd.DataFrame(failures, columns=FAILURE_COLUMNS)
+        if failures:
+            cm.atomic_write_text(failure_path, failure_table.to_csv(index=False))
+        elif failure_path.exists():
+            failure_path.unlink()
+        stats.analysed = len(test_feats)
+        stats.failed = len(failures)
+        stats.seconds = time.perf_counter() - t0
+        if opts.progress:
+            tqdm.write(f"{plan.name}: {stats.summary()}")
+        if opts.plot and not table.empty:
+            save_tradeoff_chart(table, analysis_dir / "tradeoff.png")
+    dist.shutdown()
+    results = Results(table, manifests={plan.name: plan.manifest or {}},
+                      cka={plan.name: matrix} if not matrix.empty else {},
+                      sources={plan.name: plan.run_dir}, failures=failure_table)
+    results.stats = stats
+    return results
+
+
+def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str = "auto",
+            arch: str | None = None, num_classes: int | None = None,
+            arch_params: dict[str, Any] | None = None, dataset: str | None = None,
+            dataset_params: dict[str, Any] | None = None, pattern: str | None = None,
+            compare: Sequence[str | Path] = (), layers: Sequence[str] = (),
+            batch_size: int | str = "auto", use_cache: bool = True, progress: bool = True,
+            plot: bool = True, seed: int = 0, wait: bool = True,
+            follow_symlinks: bool = False):
+    """Analyse every checkpoint of the run in ``path``.
+
+    Parameters
+    ----------
+    path : run directory (with ``manifest.json``, or checkpoint files named by epoch).
+    metrics : registered metric names (see ``dtprobe list``); ``None`` gives the default set.
+    device : ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda:N"``.
+    arch, num_classes, arch_params, dataset, dataset_params, pattern : how to rebuild the model
+        and which data to use when the run has no manifest (they override the manifest if given).
+    compare : other run directories; adds ``cka_to_run`` rows at matching epochs.
+    layers : dotted module names for layer-wise CKA (in addition to the penultimate features).
+    batch_size : images per forward pass during extraction; ``"auto"`` picks one that fits.
+    use_cache : reuse features cached under ``RUN_DIR/analysis/features``.
+    progress, plot : progress bar and summary line; ``analysis/tradeoff.png``.
+    seed : seed of the stochastic estimators (probe splits, MI estimators).
+    wait : if another process is analysing the run, wait for it (default) instead of raising
+        :class:`RunBusyError`.
+    follow_symlinks : accept checkpoint files reached through symbolic links that lead out of
+        the run directory (e.g. checkpoints on scratch storage); refused by default.
+
+    Returns
+    -------
+    Results
+        ``.table`` is the tidy DataFrame also written to ``RUN_DIR/analysis/metrics.csv``;
+        ``.failures`` lists checkpoints that could not be analysed (also in
+        ``analysis/failures.csv``), each with a one-line reason; ``.stats`` is an
+        :class:`AnalysisStats`.
+
+    Raises
+    ------
+    DtprobeError, checkpoints_manifest.ManifestError
+        For problems with the run as a whole (no checkpoints, invalid manifest, bad options,
+        run busy with ``wait=False``). Problems with single checkpoints do not raise: they are
+        reported in ``.failures``.
+
+    Notes
+    -----
+    Follows the trade-off across training of Kornblith et al. (NeurIPS 2021) and Cui et al.
+    (ECCV 2022). Killing an analysis loses nothing: running it again reuses every feature file
+    and per-checkpoint part already written and ends with the same table.
+    """
+    plan = plan_run(path, arch=arch, num_classes=num_classes, arch_params=arch_params,
+                    dataset=dataset, dataset_params=dataset_params, pattern=pattern,
+                    follow_symlinks=follow_symlinks)
+    opts = AnalysisOptions(metrics=list(metrics) if metrics else None, device=device,
+                           batch_size=batch_size, layers=list(layers),
+                           compare=[str(c) for c in compare], use_cache=use_cache,
+                           progress=progress, plot=plot, seed=seed, wait=wait,
+                           follow_symlinks=follow_symlinks)
+    return analyze_plan(plan, opts)

@@ -1,0 +1,132 @@
+"""Stores that make an analysis resumable and its memory flat.
+
+- :class:`PartStore`: per-checkpoint metric rows, written atomically, reused when their key matches;
+- :class:`ReadThroughCache`: another run's feature cache read, this run's written (``--compare``);
+- :class:`EpochFeatures`: epoch -> test features read back from the feature cache, few in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import checkpoints_manifest as cm
+from dtprobe.analysis.table import COLUMNS
+from dtprobe.errors import DtprobeError
+from dtprobe.extract import FeatureCache
+
+
+class PartStore:
+    """Per-checkpoint metric rows as small JSON files, reused when their key matches.
+
+    Each file is written atomically (temporary file, fsync, rename), so a file that exists is
+    complete; one that cannot be read or does not hold the expected structure is recomputed.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _path(self, epoch: int) -> Path:
+        return self.root / f"epoch_{epoch:06d}.json"
+
+    def get(self, epoch: int, key: str) -> list[dict[str, Any]] | None:
+        path = self._path(epoch)
+        if not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("key") != key:
+            return None
+        rows = doc.get("rows")
+        if not isinstance(rows, list) or not all(
+                isinstance(r, dict) and set(COLUMNS) <= set(r) for r in rows):
+            return None
+        return rows
+
+    def put(self, epoch: int, key: str, rows: list[dict[str, Any]]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        cm.atomic_write_text(self._path(epoch), json.dumps({"key": key, "rows": rows}))
+
+
+class ReadThroughCache:
+    """Feature cache that reads ``primary`` then ``fallback`` but writes only ``primary``.
+
+    Used for ``--compare``: the other run's cached features are reused, while new ones go to
+    this run's own cache, so an analysis never writes into another run's directory (which may
+    be under another analysis's lock, or read-only).
+    """
+
+    def __init__(self, primary: FeatureCache, fallback: FeatureCache):
+        self.primary = primary
+        self.fallback = fallback
+        self.root = primary.root
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        hit = self.primary.get(key)
+        return hit if hit is not None else self.fallback.get(key)
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.primary.put(key, tensors)
+
+
+class EpochFeatures(Mapping):
+    """epoch -> test-split features (penultimate + layers), read back from the feature cache.
+
+    Holds at most ``keep`` epochs in memory (plus the final one, pinned), so the memory of an
+    analysis does not grow with the number of checkpoints.
+    """
+
+    def __init__(self, cache: FeatureCache, keep: int = 3):
+        self.cache = cache
+        self.keep = keep
+        self._keys: dict[int, str] = {}
+        self._recent: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self.pinned: dict[int, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def _select(feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in feats.items() if k == "features" or k.startswith("layer:")}
+
+    def add(self, epoch: int, key: str, feats: dict[str, torch.Tensor]) -> None:
+        self._keys[epoch] = key
+        self._remember(epoch, self._select(feats))
+
+    def pin(self, epoch: int) -> None:
+        self.pinned[epoch] = self[epoch]
+
+    def _remember(self, epoch: int, feats: dict[str, torch.Tensor]) -> None:
+        self._recent[epoch] = feats
+        self._recent.move_to_end(epoch)
+        while len(self._recent) > self.keep:
+            self._recent.popitem(last=False)
+
+    def __getitem__(self, epoch: int) -> dict[str, torch.Tensor]:
+        if epoch in self.pinned:
+            return self.pinned[epoch]
+        if epoch in self._recent:
+            self._recent.move_to_end(epoch)
+            return self._recent[epoch]
+        feats = self.cache.get(self._keys[epoch])
+        if feats is None:
+            raise DtprobeError(f"cached features of epoch {epoch} vanished from "
+                               f"{self.cache.root}; re-run the analysis")
+        feats = self._select(feats)
+        self._remember(epoch, feats)
+        return feats
+
+    def __contains__(self, epoch: object) -> bool:
+        return epoch in self._keys
+
+    def __iter__(self):
+        return iter(sorted(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+

@@ -1,0 +1,222 @@
+"""The tidy metrics table: its columns, how each metric is presented, and pure helpers on it.
+
+A leaf module (it imports nothing else of dtprobe but :mod:`dtprobe.errors`), so that
+:mod:`dtprobe.results`, :mod:`dtprobe.plotting`, :mod:`dtprobe.report` and :mod:`dtprobe.analysis`
+share one schema without importing each other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dtprobe.errors import ConfigError, DtprobeError
+
+TABLE_COLUMNS: tuple[str, ...] = (
+    "run", "epoch", "step", "metric", "task", "layer", "value", "estimator", "params",
+)
+"""Columns of ``RUN_DIR/analysis/metrics.csv``, in order."""
+
+_REQUIRED = ("run", "epoch", "metric", "value")
+_TEXT_COLUMNS = ("run", "metric", "task", "layer", "estimator", "params")
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """How to present one metric: a readable label, its range/unit and which direction is "best".
+
+    Attributes
+    ----------
+    label : short human-readable name used in titles and axis labels.
+    range : the value range or unit shown next to the label, e.g. ``"[0, 1]"``.
+    higher_is_better : ``True`` if the best value of a series is its maximum, ``False`` for the
+        minimum (neural-collapse distances shrink as features collapse).
+    """
+
+    label: str
+    range: str = ""
+    higher_is_better: bool = True
+
+
+METRIC_INFO: dict[str, MetricInfo] = {
+    "source_accuracy": MetricInfo("source accuracy", "[0, 1]"),
+    "class_separation": MetricInfo("class separation R\u00b2", "[0, 1]"),
+    "probe_accuracy": MetricInfo("downstream probe accuracy", "[0, 1]"),
+    "knn_accuracy": MetricInfo("k-NN accuracy", "[0, 1]"),
+    "cka_to_final": MetricInfo("linear CKA to final epoch", "[0, 1]"),
+    "cka_to_previous": MetricInfo("linear CKA to previous epoch", "[0, 1]"),
+    "cka_to_run": MetricInfo("linear CKA to other run", "[0, 1]"),
+    "nc1": MetricInfo("NC1 within-class variability", "\u2265 0, lower = collapsed", False),
+    "nc2_equinorm": MetricInfo("NC2 equinorm (CV of mean norms)", "\u2265 0, lower = collapsed",
+                               False),
+    "nc2_equiangularity": MetricInfo("NC2 equiangularity", "\u2265 0, lower = collapsed", False),
+    "nc2_etf_error": MetricInfo("NC2 distance to simplex ETF", "\u2265 0, lower = collapsed",
+                                False),
+    "nc3": MetricInfo("NC3 classifier/mean self-duality", "\u2265 0, lower = collapsed", False),
+    "nc4": MetricInfo("NC4 classifier vs nearest class centre", "mismatch in [0, 1]", False),
+    "rankme": MetricInfo("RankMe effective rank", "[1, d]"),
+    "mi_xt": MetricInfo("I(X;T)"),
+    "mi_ty": MetricInfo("I(T;Y)"),
+    "logme": MetricInfo("LogME", "evidence per sample"),
+    "h_score": MetricInfo("H-score", "\u2265 0"),
+    "transrate": MetricInfo("TransRate", "nats"),
+    "gbc": MetricInfo("GBC (Bhattacharyya)", "\u2264 0"),
+    "leep": MetricInfo("LEEP", "\u2264 0"),
+    "nce": MetricInfo("NCE (\u2212H(Y|Z))", "\u2264 0"),
+}
+"""Presentation facts for the metrics ``dtprobe analyze`` writes; unknown metrics get defaults."""
+
+METRIC_ORDER: tuple[str, ...] = tuple(METRIC_INFO)
+"""Canonical display order: discriminability first, then transferability, similarity, collapse."""
+
+_ESTIMATOR_UNITS = {"renyi": "bits", "binning": "bits", "mine": "nats", "kde": "nats",
+                    "infonce": "nats"}
+
+
+def metric_info(metric: str) -> MetricInfo:
+    """Return the :class:`MetricInfo` of ``metric`` (a generic one for unknown names)."""
+    return METRIC_INFO.get(metric, MetricInfo(metric.replace("_", " ")))
+
+
+def estimator_unit(estimator: str, params: Mapping[str, Any] | None = None) -> str:
+    """Unit of an information estimate: ``"bits"`` or ``"nats"`` (``""`` if unknown).
+
+    An explicit ``unit``/``units`` parameter wins, then a logarithm ``base`` (2 = bits,
+    e = nats), then the estimator's convention (matrix-based Renyi entropy uses log2,
+    MINE's Donsker-Varadhan bound natural logs).
+    """
+    params = dict(params or {})
+    for key in ("unit", "units"):
+        if isinstance(params.get(key), str):
+            return str(params[key])
+    base = params.get("base", params.get("log_base"))
+    if base is not None:
+        try:
+            b = float(base)
+        except (TypeError, ValueError):
+            b = float("nan")
+        if b == 2.0:
+            return "bits"
+        if abs(b - np.e) < 1e-6 or str(base).lower() in ("e", "natural"):
+            return "nats"
+    return _ESTIMATOR_UNITS.get(estimator.lower(), "")
+
+
+def sort_metrics(metrics: Iterable[str]) -> list[str]:
+    """Sort metric names into :data:`METRIC_ORDER`; unknown names follow, alphabetically."""
+    order = {m: i for i, m in enumerate(METRIC_ORDER)}
+    return sorted(set(metrics), key=lambda m: (order.get(m, len(order)), m))
+
+
+def natural_key(text: str) -> tuple:
+    parts: list[Any] = []
+    num = ""
+    word = ""
+    for ch in text:
+        if ch.isdigit():
+            if word:
+                parts.append((1, word))
+                word = ""
+            num += ch
+        else:
+            if num:
+                parts.append((0, int(num)))
+                num = ""
+            word += ch
+    if num:
+        parts.append((0, int(num)))
+    if word:
+        parts.append((1, word))
+    return tuple(parts)
+
+
+def sort_layers(layers: Iterable[str]) -> list[str]:
+    """Sort layer names naturally (``layer2`` before ``layer10``); the penultimate (``""``) last."""
+    named = sorted({layer for layer in layers if layer}, key=natural_key)
+    return named + ([""] if "" in set(layers) else [])
+
+
+def normalize_table(table: pd.DataFrame, *, source: str = "table") -> pd.DataFrame:
+    """Return a copy of a tidy metrics table with the standard columns and dtypes.
+
+    Missing optional columns (``step``, ``task``, ``layer``, ``estimator``, ``params``) are
+    added; text columns become ``str`` with ``""`` for "not applicable"; ``epoch`` becomes
+    int64, ``step`` nullable Int64 and ``value`` float64 (unparseable values become NaN).
+
+    Parameters
+    ----------
+    table : tidy DataFrame with at least ``run, epoch, metric, value``.
+    source : name of where the table came from, used in error messages.
+
+    Raises
+    ------
+    DtprobeError
+        If a required column is missing or an epoch is not an integer.
+    """
+    if not isinstance(table, pd.DataFrame):
+        raise ConfigError(f"{source}: expected a pandas DataFrame, got {type(table).__name__}")
+    missing = [c for c in _REQUIRED if c not in table.columns]
+    if missing:
+        raise DtprobeError(f"{source} lacks column(s) {', '.join(missing)}; expected columns "
+                           f"{', '.join(TABLE_COLUMNS)} (re-run `dtprobe analyze`)")
+    df = table.copy()
+    for col in _TEXT_COLUMNS:
+        if col not in df.columns:
+            df[col] = ""
+        df[col] = df[col].where(df[col].notna(), "").astype(str)
+    epochs = pd.to_numeric(df["epoch"], errors="coerce")
+    bad = epochs.isna() | (epochs != np.round(epochs))
+    if bad.any():
+        example = df.loc[bad, "epoch"].iloc[0]
+        raise DtprobeError(f"{source}: epoch {example!r} is not an integer; fix or regenerate the "
+                           f"table with `dtprobe analyze`")
+    df["epoch"] = epochs.astype("int64")
+    if "step" not in df.columns:
+        df["step"] = pd.NA
+    df["step"] = pd.to_numeric(df["step"], errors="coerce").round().astype("Int64")
+    df["value"] = pd.to_numeric(df["value"], errors="coerce").astype("float64")
+    extra = [c for c in df.columns if c not in TABLE_COLUMNS]
+    return df[list(TABLE_COLUMNS) + extra].reset_index(drop=True)
+
+
+def parse_params(params: str) -> dict[str, Any]:
+    """Decode the ``params`` cell of the table (a JSON object string; ``""`` means none)."""
+    if not params:
+        return {}
+    try:
+        value = json.loads(params)
+    except json.JSONDecodeError:
+        return {"params": params}
+    return value if isinstance(value, dict) else {"params": value}
+
+
+def estimator_settings(params: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
+    """Split the ``params`` cells of a group of rows into fixed settings and varying keys.
+
+    Parameters
+    ----------
+    params : JSON-object strings from the ``params`` column (one estimator's rows).
+
+    Returns
+    -------
+    fixed : parameters with one value in every row that has them (the estimator's settings,
+        e.g. a Renyi ``alpha`` or a probe's ``grid_size``).
+    varying : sorted names of parameters whose value changes between rows (per-checkpoint
+        choices and diagnostics, e.g. the probe's selected ``C`` or a data-driven kernel width).
+    """
+    decoded = [parse_params(p) for p in dict.fromkeys(params)]
+    keys = list(dict.fromkeys(k for d in decoded for k in d))
+    fixed: dict[str, Any] = {}
+    varying: list[str] = []
+    for key in keys:
+        values = {json.dumps(d[key], sort_keys=True, default=str) for d in decoded if key in d}
+        if len(values) == 1:
+            fixed[key] = next(d[key] for d in decoded if key in d)
+        else:
+            varying.append(key)
+    return fixed, sorted(varying)
