@@ -8,6 +8,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,50 @@ def test_analyze_help_says_what_and_where():
     for needle in ("metrics.csv", "cka_matrix.csv", "tradeoff.png", "class separation",
                    "linear-probe", "RUN_DIR/analysis"):
         assert needle in text, needle
+
+
+# ------------------------------------------------------------------ lock files
+def _count_under_lock(analysis_dir: str, n: int) -> None:
+    from dtprobe.analysis.locks import run_lock
+
+    counter = Path(analysis_dir) / "counter"
+    for _ in range(n):
+        with run_lock(Path(analysis_dir)):
+            value = int(counter.read_text()) if counter.exists() else 0
+            time.sleep(0.001)  # widen the read-modify-write window
+            counter.write_text(str(value + 1))
+
+
+def test_run_lock_removed_on_release_and_still_exclusive(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_count_under_lock, args=(str(tmp_path), 10)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert (tmp_path / "counter").read_text() == "40"  # no update lost
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_shared_run_lock_kept_until_the_last_holder_leaves(tmp_path):
+    import contextlib
+
+    from dtprobe.analysis.locks import run_lock
+    from dtprobe.errors import RunBusyError
+
+    first, second = contextlib.ExitStack(), contextlib.ExitStack()
+    first.enter_context(run_lock(tmp_path, shared=True))
+    second.enter_context(run_lock(tmp_path, shared=True))
+    first.close()
+    assert (tmp_path / ".lock").exists()  # the other worker still holds it
+    with pytest.raises(RunBusyError):
+        with run_lock(tmp_path, wait=False):
+            pass
+    second.close()
+    assert not (tmp_path / ".lock").exists()
+    with run_lock(tmp_path, wait=False):
+        assert (tmp_path / ".lock").exists()
+    assert not (tmp_path / ".lock").exists()
