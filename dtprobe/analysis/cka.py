@@ -70,14 +70,16 @@ def cka_rows(plan: RunPlan, epochs: list[PlannedCheckpoint],
             rows.append({"run": plan.name, "epoch": c.epoch, "step": c.step,
                          "metric": "cka_to_final", "task": "", "layer": layer,
                          "value": float(value), "estimator": "linear_cka",
-                         "params": json.dumps({**params, "reference_epoch": final.epoch})})
+                         "params": json.dumps(params, sort_keys=True),
+                         "diagnostics": json.dumps({"reference_epoch": final.epoch})})
             if i > 0:
                 prev = ok[i - 1]
                 value = linear_cka(test_feats[c.epoch][key], test_feats[prev.epoch][key])
                 rows.append({"run": plan.name, "epoch": c.epoch, "step": c.step,
                              "metric": "cka_to_previous", "task": "", "layer": layer,
                              "value": float(value), "estimator": "linear_cka",
-                             "params": json.dumps({**params, "reference_epoch": prev.epoch})})
+                             "params": json.dumps(params, sort_keys=True),
+                             "diagnostics": json.dumps({"reference_epoch": prev.epoch})})
     names = [c.epoch for c in ok]
     matrix = streamed_cka_matrix(test_feats, names)
     return rows, pd.DataFrame(matrix, index=names, columns=names)
@@ -94,6 +96,7 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
     cache = ReadThroughCache(FeatureCache(plan.run_dir / "analysis" / "features", opts.use_cache),
                              FeatureCache(other.run_dir / "analysis" / "features", opts.use_cache))
     rows = []
+    steps = {c.epoch: c.step for c in plan.checkpoints}
     for c in other.checkpoints:
         if c.epoch not in test_feats:
             continue
@@ -104,10 +107,11 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
             note(f"compare: skipping {c.path}: {exc}")
             continue
         value = linear_cka(test_feats[c.epoch]["features"], feats["test"]["features"])
-        rows.append({"run": plan.name, "epoch": c.epoch, "step": None, "metric": "cka_to_run",
-                     "task": other.name, "layer": "", "value": float(value),
-                     "estimator": "linear_cka",
-                     "params": json.dumps({"kernel": "linear", "split": "test",
-                                           "other_run": str(other.run_dir)})})
+        # the other run goes in its own column (not `task`); step is this run's, as elsewhere
+        rows.append({"run": plan.name, "epoch": c.epoch, "step": steps.get(c.epoch),
+                     "metric": "cka_to_run", "task": "", "layer": "", "other_run": other.name,
+                     "value": float(value), "estimator": "linear_cka",
+                     "params": json.dumps({"kernel": "linear", "split": "test"}, sort_keys=True),
+                     "diagnostics": json.dumps({"other_run_dir": str(other.run_dir)})})
     return rows
 

@@ -147,7 +147,8 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         for other in others:
             rows.extend(compare_rows(plan, test_feats, other, data, device, opts))
         table = finalise_table(rows)
-        cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
+        if not table.empty:  # every checkpoint failed: no empty table (an earlier one stays)
+            cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
         cka_path = analysis_dir / "cka_matrix.csv"
         if not matrix.empty:
             cm.atomic_write_text(cka_path, matrix.to_csv())

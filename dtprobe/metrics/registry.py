@@ -68,6 +68,9 @@ class MetricValue:
     task: str = ""
     estimator: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    """Values computed with the estimate (not settings); known keys in ``params`` move here too
+    (``dtprobe.table.DIAGNOSTIC_KEYS``)."""
 
     def params_json(self) -> str:
         return json.dumps(self.params, sort_keys=True, default=str) if self.params else ""
