@@ -326,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     d.add_argument("--quick", action="store_true", help="tiny data and few epochs (smoke test)")
     d.add_argument("--fresh", action="store_true", help="delete earlier demo runs first")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.add_argument("--threads", type=positive_int, default=2,
                    help="torch intra-op threads; fixed, because CPU kernels round differently "
                         "per thread count (the same seed then gives the same table)")
@@ -491,6 +492,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(out=Path(args.out), epochs=args.epochs, seed=args.seed, device=args.device,
                     quick=args.quick, fresh=args.fresh, threads=args.threads,
+                    progress=not args.no_progress,
                     update_readme=args.update_readme)
 
 

@@ -208,7 +208,7 @@ def update_readme_markers(readme: Path, table_file: Path) -> None:
 
 def run_demo(out: Path, epochs: int = DEMO_EPOCHS, seed: int = 0, device: str = "auto",
              quick: bool = False, fresh: bool = False, threads: int = DEMO_THREADS,
-             update_readme: str | os.PathLike[str] | None = None) -> int:
+             update_readme: str | os.PathLike[str] | None = None, progress: bool = True) -> int:
     """Train CE and CTC runs on ``shapes``, analyse and chart them; returns an exit code.
 
     Runs with ``threads`` intra-op threads (see the module docstring for why), writes
@@ -217,7 +217,7 @@ def run_demo(out: Path, epochs: int = DEMO_EPOCHS, seed: int = 0, device: str = 
     start = time.perf_counter()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with fixed_threads(threads):
-        code, both = _run(out, epochs, seed, device, quick, fresh)
+        code, both = _run(out, epochs, seed, device, quick, fresh, progress)
     wall = time.perf_counter() - start
     info = conditions(device)
     info["torch_threads"] = threads
@@ -233,7 +233,8 @@ def run_demo(out: Path, epochs: int = DEMO_EPOCHS, seed: int = 0, device: str = 
     return code
 
 
-def _run(out: Path, epochs: int, seed: int, device: str, quick: bool, fresh: bool):
+def _run(out: Path, epochs: int, seed: int, device: str, quick: bool, fresh: bool,
+         progress: bool = True):
     from dtprobe.analysis import analyze
     from dtprobe.plotting import save_all_figures
     from dtprobe.report import write_report
@@ -243,12 +244,14 @@ def _run(out: Path, epochs: int, seed: int, device: str, quick: bool, fresh: boo
         shutil.rmtree(out)
     runs = demo_configs(out, epochs, seed, device, quick)
     for name, cfg in runs.items():
+        cfg.progress = progress
         print(f"== training {name} ({cfg.epochs} epochs) ==")
         _train_or_resume(cfg)
     failed = 0
     for name, other in (("ce", "ctc"), ("ctc", "ce")):
         print(f"== analysing {name} ==")
-        res = analyze(out / name, compare=[out / other], device=device, seed=seed)
+        res = analyze(out / name, compare=[out / other], device=device, seed=seed,
+                      progress=progress)
         failed += len(res.failures)
     both = compare([out / "ce", out / "ctc"])
     figures = save_all_figures(both, out / "figures")

@@ -382,6 +382,7 @@ def _plane_chance(ax: Axes, table: pd.DataFrame, x: str, y: str, xt: str | None,
     xs = np.append(data["x"].to_numpy(dtype=float), [] if cx is None else [cx])
     ys = np.append(data["y"].to_numpy(dtype=float), [] if cy is None else [cy])
     _pad_limits(ax, xs, ys)
+    ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(nbins=5))  # labels must not overlap
 
 
 def plot_tradeoff_by_task(table: pd.DataFrame | Results, x: str = "source_accuracy",
@@ -552,6 +553,10 @@ def plot_metrics(table: pd.DataFrame | Results, metrics: Sequence[str] | None = 
             log = _use_log_axis(metric, rows["value"].to_numpy())
             if log:
                 a.set_yscale("log")
+                # 1-2-5 ticks with plain labels (not 7x10^1, 8x10^1 ...) even on a short span
+                a.yaxis.set_major_locator(mpl.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                a.yaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                a.yaxis.set_minor_locator(mpl.ticker.NullLocator())
                 ylabel = f"{ylabel}, log scale" if ylabel else "log scale"
             a.set_title(title, fontsize=9.5, loc="left")
             a.set_ylabel(ylabel, fontsize=8.5, color="0.35")

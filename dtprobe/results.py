@@ -303,7 +303,7 @@ class Results:
         rows = []
         for r in s.itertuples():
             rows.append({
-                "run": r.run, "task": r.task, "peak_epoch": r.best_epoch, "peak": r.best,
+                "run": r.run, "task": r.task, "peak_epoch": int(r.best_epoch), "peak": r.best,
                 "last_epoch": r.last_epoch, "last": r.last, "drop": r.best - r.last,
                 "source_at_peak": src_map.get((r.run, r.best_epoch), np.nan),
                 "source_last": src_map.get((r.run, r.last_epoch), np.nan),

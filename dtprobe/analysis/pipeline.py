@@ -10,7 +10,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 import checkpoints_manifest as cm
 from dtprobe.analysis.cka import cka_rows, compare_rows
@@ -24,6 +23,7 @@ from dtprobe.analysis.table import FAILURE_COLUMNS, finalise_table, note, save_t
 from dtprobe.errors import DtprobeError
 from dtprobe.extract import FeatureCache
 from dtprobe.metrics.registry import MetricSpec, resolve_metrics
+from dtprobe.progress import tqdm
 
 
 @dataclass

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
 
+from dtprobe.progress import tqdm
 from dtprobe.table import TABLE_COLUMNS, normalize_table
 
 COLUMNS = list(TABLE_COLUMNS)

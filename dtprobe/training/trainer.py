@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 import checkpoints_manifest as cm
 from dtprobe.data import DatasetBundle, load_dataset
@@ -28,6 +27,7 @@ from dtprobe.devices import resolve_device
 from dtprobe.errors import ConfigError
 from dtprobe.models import build_model, get_arch, head_module
 from dtprobe.models.tap import PenultimateTap, penultimate_features
+from dtprobe.progress import tqdm
 from dtprobe.training import distributed as dist_utils
 from dtprobe.training.objectives import CrossEntropyObjective, Objective
 
