@@ -42,7 +42,8 @@ COLUMN_DOCS: dict[str, str] = {
 """What each column of the results table holds (also in CONTRIBUTING.md, "The results table")."""
 
 DIAGNOSTIC_KEYS: frozenset[str] = frozenset({
-    "C", "val_accuracy", "converged", "n_iter", "iterations", "entropy_a", "entropy_b",
+    "C", "val_accuracy", "converged", "unconverged_sweep_fits", "sweep_converged", "n_test",
+    "ci_low", "ci_high", "n_iter", "iterations", "entropy_a", "entropy_b",
     "joint_entropy", "sigma_a", "sigma_b", "n", "cap", "final_train_bound", "reference_epoch",
     "head_bias", "other_run_dir", "chance", "error", "warning",
 })
