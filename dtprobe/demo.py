@@ -55,14 +55,25 @@ END_MARKER = "<!-- demo-table:end -->"
 
 
 def demo_configs(out: Path, epochs: int = DEMO_EPOCHS, seed: int = 0, device: str = "auto",
-                 quick: bool = False) -> dict[str, TrainConfig]:
-    """The demo's two runs, ``{"ce": ..., "ctc": ...}`` (also used by the example notebook)."""
-    data = dict(QUICK_DATA) if quick else dict(DEMO_DATA)
+                 quick: bool = False, data: dict[str, Any] | None = None,
+                 batch_size: int | None = None, save_every: int | None = None,
+                 ) -> dict[str, TrainConfig]:
+    """The demo's two runs, ``{"ce": ..., "ctc": ...}`` (also used by the example notebook).
+
+    ``data``, ``batch_size`` and ``save_every`` override the demo's values (the notebook's
+    small setting); CTC's stage 2 always starts after 2/3 of the epochs.
+    """
+    if data is None:
+        data = dict(QUICK_DATA) if quick else dict(DEMO_DATA)
     if quick:
         epochs = min(epochs, 4)
-    common: dict[str, Any] = dict(dataset="shapes", dataset_params=data, arch="small_cnn",
+    if save_every is None:
+        save_every = 1 if quick else 2
+    common: dict[str, Any] = dict(dataset="shapes", dataset_params=dict(data), arch="small_cnn",
                                   arch_params=dict(DEMO_ARCH), epochs=epochs,
-                                  save_every=1 if quick else 2, seed=seed, device=device)
+                                  save_every=save_every, seed=seed, device=device)
+    if batch_size is not None:
+        common["batch_size"] = batch_size
     ctc = {**DEMO_CTC, "stage_two_epoch": max(1, round(epochs * 2 / 3))}
     return {"ce": TrainConfig(out=str(out / "ce"), objective="ce", **common),
             "ctc": TrainConfig(out=str(out / "ctc"), objective="ctc", ctc=ctc, **common)}
