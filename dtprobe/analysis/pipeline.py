@@ -16,7 +16,7 @@ from dtprobe.analysis.cka import cka_rows, compare_rows
 from dtprobe.analysis.data import EvalData, prepare_data
 from dtprobe.analysis.epoch_metrics import epoch_metrics, part_key
 from dtprobe.analysis.features import check_model, checkpoint_features, load_state, test_key
-from dtprobe.analysis.locks import remove_stale_temp_files, run_lock
+from dtprobe.analysis.locks import ensure_analysis_dirs, remove_stale_temp_files, run_lock
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan, check_plan, plan_run
 from dtprobe.analysis.stores import EpochFeatures, PartStore
 from dtprobe.analysis.table import FAILURE_COLUMNS, finalise_table, note, save_tradeoff_chart
@@ -48,6 +48,21 @@ class AnalysisStats:
                 f"reused){f'; {self.failed} failed' if self.failed else ''}")
 
 
+def failure_reason(ckpt: PlannedCheckpoint, exc: Exception) -> str:
+    """The one-line failures.csv reason for an exception raised while handling ``ckpt``.
+
+    A :class:`DtprobeError` already names the file and the fix; anything else (an unexpected
+    failure deep in torch or a metric, on content no check foresaw) is still only this
+    checkpoint's failure: the others are analysed."""
+    if isinstance(exc, DtprobeError):
+        return " ".join(str(exc).split())
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return (f"{ckpt.path}: unexpected {type(exc).__name__} while analysing it"
+            f"{f' ({text})' if text else ''}; this checkpoint is skipped (re-save it, or report "
+            "the file if it is a plain state dict)")
+
+
 def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
                        cache: FeatureCache, parts: PartStore, specs: Sequence[MetricSpec],
                        device: torch.device, opts: AnalysisOptions,
@@ -63,7 +78,7 @@ def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
     part = parts.get(ckpt.epoch, key)
     if part is None:
         if state is None:
-            state = load_state(ckpt)
+            state = load_state(plan, ckpt, opts)
         part = epoch_metrics(plan, ckpt, feats, data, specs, opts, state)
         parts.put(ckpt.epoch, key, part)
         stats.metrics_computed += 1
@@ -82,12 +97,14 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
     with run_lock(analysis_dir, wait=True, shared=True):
         data = prepare_data(plan, dist.device)
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
-        parts = PartStore(analysis_dir / "parts")
+        parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
         for ckpt in plan.checkpoints[dist.rank::dist.world_size]:
             try:
                 process_checkpoint(plan, ckpt, data, cache, parts, specs, dist.device, opts)
-            except DtprobeError as exc:  # rank 0 meets the same error again and records it
-                note(f"[rank {dist.rank}] epoch {ckpt.epoch}: {exc}")
+            except OSError:
+                raise  # the environment (disk full, read-only): not this checkpoint's fault
+            except Exception as exc:  # rank 0 meets the same error again and records it
+                note(f"[rank {dist.rank}] epoch {ckpt.epoch}: {failure_reason(ckpt, exc)}")
 
 
 def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
@@ -108,7 +125,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
     analysis_dir = plan.run_dir / "analysis"
     if dist.enabled:
         if dist.is_main:
-            analysis_dir.mkdir(parents=True, exist_ok=True)
+            ensure_analysis_dirs(analysis_dir)
         dist.barrier()
         _run_shard(plan, opts, specs, dist)
         dist.barrier()
@@ -122,7 +139,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         data = prepare_data(plan, device)
         check_model(plan, data, opts)
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
-        parts = PartStore(analysis_dir / "parts")
+        parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
         rows: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
         test_feats = EpochFeatures(cache)
@@ -134,10 +151,13 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
             try:
                 feats, part = process_checkpoint(plan, ckpt, data, cache, parts, specs, device,
                                                  opts, stats)
-            except DtprobeError as exc:
+            except OSError:
+                raise  # the environment (disk full, read-only): not this checkpoint's fault
+            except Exception as exc:  # noqa: BLE001 - one bad file must not end the analysis
+                reason = failure_reason(ckpt, exc)
                 failures.append({"run": plan.name, "epoch": ckpt.epoch, "path": str(ckpt.path),
-                                 "reason": str(exc)})
-                note(f"FAILED epoch {ckpt.epoch}: {exc}")
+                                 "reason": reason})
+                note(f"FAILED epoch {ckpt.epoch}: {reason}")
                 continue
             rows.extend(part)
             test_feats.add(ckpt.epoch, test_key(ckpt, data, opts), feats["test"])
