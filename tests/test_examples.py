@@ -10,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
-CHANCE_MARGIN = 0.35  # the shapes source task has 6 balanced classes: chance is 0.167
+CHANCE_MARGIN = 0.25  # the shapes source task has 6 balanced classes: chance is 0.167
 
 
 def test_notebook_outputs_are_stripped_in_git():
@@ -18,6 +18,7 @@ def test_notebook_outputs_are_stripped_in_git():
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
 
 
+@pytest.mark.slow  # trains two 10-epoch runs: minutes on two cores
 def test_tradeoff_notebook_executes(tmp_path):
     nb = nbformat.read(ROOT / "examples" / "tradeoff.ipynb", as_version=4)
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
