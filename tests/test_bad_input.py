@@ -271,7 +271,10 @@ def test_every_checkpoint_failing_names_no_chart_and_writes_no_empty_table(run, 
     code = main(["analyze", str(run_dir), "--device", "cpu", "--no-progress", *FAST,
                  "--arch-param", "width=4"])  # plotting on: still no chart named
     out, err = capsys.readouterr()
-    assert code == 1 and "all 3 checkpoint(s) failed" in err
+    # Every checkpoint failed for the same reason: the exit line says it (not "the others").
+    [last] = [ln for ln in err.splitlines() if "for one reason" in ln]
+    assert code == 1 and "all 3 checkpoint(s) failed for one reason: " in last
+    assert "no weights in it fit" in last
     assert "the others were analysed" not in err and "chart" not in out
     assert len([ln for ln in err.splitlines() if ln.startswith("FAILED")]) == 3
     assert pd.read_csv(run_dir / "analysis" / "failures.csv")["epoch"].tolist() == [2, 0, 1]
@@ -386,8 +389,8 @@ WHOLE_RUN = [
     ("empty run directory", _plain(keep_ckpts=False), "no checkpoint files matching"),
     ("files but none matching", _plain(["notes.txt", "weights.bin"], keep_ckpts=False),
      "found files weights.bin but none matches a known checkpoint naming"),
-    ("checkpoints in an unexpected subfolder", _plain(["weights/ep3.pt"], keep_ckpts=False),
-     "found weights/ep3.pt; pass --pattern 'weights/NAME_{epoch}.pt'"),
+    ("checkpoints in an unexpected subfolder", _plain(["weights/snap3.pt"], keep_ckpts=False),
+     "found weights/snap3.pt; pass --pattern 'weights/snap{epoch}.pt'"),
     ("pattern matching nothing", _plain(args=[*PLAIN, "--pattern", "snap_{epoch}.pt"]),
      "found files ckpt_epoch_0.pth, ckpt_epoch_1.pth, ckpt_epoch_2.pth but none matches "
      "'snap_{epoch}.pt'"),

@@ -102,19 +102,28 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
             continue
         try:
             feats, _ = checkpoint_features(other, c, data, cache, device,
-                                           AnalysisOptions(batch_size=opts.batch_size))
+                                           AnalysisOptions(batch_size=opts.batch_size,
+                                                           layers=list(opts.layers)))
         except OSError:
             raise  # the environment (disk full, read-only): not this checkpoint's fault
         except Exception as exc:  # noqa: BLE001 - one bad file of the other run is skipped
             reason = exc if isinstance(exc, DtprobeError) else repr(exc)
             note(f"compare: skipping {c.path}: {reason}")
             continue
-        value = linear_cka(test_feats[c.epoch]["features"], feats["test"]["features"])
-        # the other run goes in its own column (not `task`); step is this run's, as elsewhere
-        rows.append({"run": plan.name, "epoch": c.epoch, "step": steps.get(c.epoch),
-                     "metric": "cka_to_run", "task": "", "layer": "", "other_run": other.name,
-                     "value": float(value), "estimator": "linear_cka",
-                     "params": json.dumps({"kernel": "linear", "split": "test"}, sort_keys=True),
-                     "diagnostics": json.dumps({"other_run_dir": str(other.run_dir)})})
+        mine = test_feats[c.epoch]
+        # the penultimate, then each requested layer both runs have (Kornblith et al. 2021
+        # compare objectives layer by layer at the final epoch); the other run goes in its own
+        # column (not `task`), and step is this run's, as on every other row
+        for key in ["features", *(k for k in mine if k.startswith("layer:"))]:
+            if key not in feats["test"]:
+                continue
+            value = linear_cka(mine[key], feats["test"][key])
+            rows.append({"run": plan.name, "epoch": c.epoch, "step": steps.get(c.epoch),
+                         "metric": "cka_to_run", "task": "", "other_run": other.name,
+                         "layer": "" if key == "features" else key[len("layer:"):],
+                         "value": float(value), "estimator": "linear_cka",
+                         "params": json.dumps({"kernel": "linear", "split": "test"},
+                                              sort_keys=True),
+                         "diagnostics": json.dumps({"other_run_dir": str(other.run_dir)})})
     return rows
 

@@ -57,7 +57,7 @@ def _rows(plan: RunPlan, ckpt: PlannedCheckpoint, values,
         if chance is not None:
             diagnostics["chance"] = chance
         rows.append({"run": plan.name, "epoch": ckpt.epoch, "step": ckpt.step,
-                     "metric": v.metric, "task": v.task, "layer": getattr(v, "layer", ""),
+                     "metric": v.metric, "task": v.task, "layer": v.layer,
                      "other_run": "", "value": float(v.value), "estimator": v.estimator,
                      "params": _json(settings), "diagnostics": _json(diagnostics)})
     return rows
@@ -97,22 +97,46 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
         head_weight=weight, head_bias=bias, seed=opts.seed)
     rows = []
     for spec in specs:
-        try:
-            with _metric_threads(view):
-                values = spec.func(view)
-        except MetricInputError as exc:
-            # A metric that cannot apply to this checkpoint (e.g. a class missing from a split)
-            # leaves a NaN row that says why, instead of failing the whole checkpoint.
-            warnings.warn(f"epoch {ckpt.epoch}: {spec.name}: {exc}", stacklevel=2)
-            values = [MetricValue(spec.name, float("nan"), estimator="error",
-                                  params={"error": str(exc)})]
-        rows.extend(_rows(plan, ckpt, values, view))
+        rows.extend(_rows(plan, ckpt, _apply(spec, view, ckpt.epoch), view))
+    # Layer x epoch: the metrics that depend only on features and labels, on each requested
+    # layer's (pooled) outputs; the source head, logits and MI inputs belong to the penultimate.
+    layer_specs = [s for s in specs if s.name in LAYER_METRICS]
+    for layer in opts.layers:
+        key = f"layer:{layer}"
+        if not layer_specs or key not in feats["train"] or key not in feats["test"]:
+            continue
+        layer_view = EpochView(
+            epoch=ckpt.epoch,
+            train=FeatureSplit(feats["train"][key], b.train.labels, b.train.factors),
+            test=FeatureSplit(feats["test"][key], b.test.labels, b.test.factors),
+            seed=opts.seed)
+        for spec in layer_specs:
+            values = _apply(spec, layer_view, ckpt.epoch)
+            for v in values:
+                v.layer = layer
+            rows.extend(_rows(plan, ckpt, values, layer_view))
     return rows
+
+
+#: Registered metrics computed per layer with ``--layers`` (functions of features and labels).
+LAYER_METRICS = frozenset({"probe_accuracy", "knn_accuracy", "class_separation", "rankme"})
+
+
+def _apply(spec: MetricSpec, view: EpochView, epoch: int) -> list[MetricValue]:
+    try:
+        with _metric_threads(view):
+            return list(spec.func(view))
+    except MetricInputError as exc:
+        # A metric that cannot apply to this checkpoint (e.g. a class missing from a split)
+        # leaves a NaN row that says why, instead of failing the whole checkpoint.
+        warnings.warn(f"epoch {epoch}: {spec.name}: {exc}", stacklevel=3)
+        return [MetricValue(spec.name, float("nan"), estimator="error",
+                            params={"error": str(exc)})]
 
 
 def part_key(ckpt: PlannedCheckpoint, data: EvalData, specs: Sequence[MetricSpec],
              opts: AnalysisOptions) -> str:
-    payload = json.dumps([PARTS_VERSION, ckpt.digest, data.key, [s.name for s in specs],
-                          opts.seed])
+    payload = json.dumps([PARTS_VERSION, ckpt.cache_digest, data.key, [s.name for s in specs],
+                          opts.seed] + ([sorted(opts.layers)] if opts.layers else []))
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -71,6 +71,7 @@ class MetricValue:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     """Values computed with the estimate (not settings); known keys in ``params`` move here too
     (``dtprobe.table.DIAGNOSTIC_KEYS``)."""
+    layer: str = ""  # "" = the penultimate features; else the module name (layer x epoch)
 
     def params_json(self) -> str:
         return json.dumps(self.params, sort_keys=True, default=str) if self.params else ""
