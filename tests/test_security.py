@@ -214,7 +214,7 @@ def test_manifest_lock_planted_as_link_is_refused(tmp_path):
     run_dir = tmp_path / "r"
     cm.write_manifest(run_dir, cm.create_manifest(run_name="r", model=cm.ModelSpec("m", 2),
                                                   dataset="shapes"))
-    (run_dir / cm.LOCK_NAME).unlink()
+    (run_dir / cm.LOCK_NAME).unlink(missing_ok=True)  # removed on release since issue 16
     (run_dir / cm.LOCK_NAME).symlink_to(victim)
     with pytest.raises(cm.ManifestError, match="symbolic link"):
         cm.append_checkpoint(run_dir, {"epoch": 0, "step": 0, "path": "a.pt"})

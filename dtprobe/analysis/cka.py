@@ -139,6 +139,7 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
     cache = ReadThroughCache(FeatureCache(plan.run_dir / "analysis" / "features", opts.use_cache),
                              FeatureCache(other.run_dir / "analysis" / "features", opts.use_cache))
     rows = []
+    steps = {c.epoch: c.step for c in plan.checkpoints}
     for c in other.checkpoints:
         if c.epoch not in test_feats:
             continue
@@ -154,21 +155,23 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
             continue
         mine = test_feats[c.epoch]
         # the penultimate, then each requested layer both runs have (Kornblith et al. 2021
-        # compare objectives layer by layer at the final epoch)
+        # compare objectives layer by layer at the final epoch); the other run goes in its own
+        # column (not `task`), and step is this run's, as on every other row
         for key in ["features", *(k for k in mine if k.startswith("layer:"))]:
             if key not in feats["test"]:
                 continue
             x, y = mine[key], feats["test"][key]
             value, null = _cka_with_null(x, y, opts.seed)
-            base = {"run": plan.name, "epoch": c.epoch, "step": None, "task": other.name,
+            base = {"run": plan.name, "epoch": c.epoch, "step": steps.get(c.epoch), "task": "",
+                    "other_run": other.name,
                     "layer": "" if key == "features" else key[len("layer:"):]}
             rows.append({**base, "metric": "cka_to_run", "value": float(value),
                          "estimator": "linear_cka",
                          "params": json.dumps({"kernel": "linear", "split": "test",
-                                               "other_run": str(other.run_dir),
+                                               "other_run_dir": str(other.run_dir),
                                                "higher_is_similar": True, **null})})
             if key == "features":  # the opt-in similarity measures on the penultimate only
                 rows.extend(_similarity_rows(base, "to_run", x, y, similarities,
-                                             {"other_run": str(other.run_dir)}))
+                                             {"other_run_dir": str(other.run_dir)}))
     return rows
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 import checkpoints_manifest as cm
 from dtprobe.analysis.cka import cka_rows, compare_rows
@@ -31,6 +30,7 @@ from dtprobe.analysis.table import FAILURE_COLUMNS, finalise_table, note, save_t
 from dtprobe.errors import DtprobeError
 from dtprobe.extract import FeatureCache
 from dtprobe.metrics.registry import MetricSpec, resolve_metrics
+from dtprobe.progress import tqdm
 
 
 @dataclass
@@ -177,7 +177,8 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         for other in others:
             rows.extend(compare_rows(plan, test_feats, other, data, device, opts, pairwise))
         table = finalise_table(rows)
-        cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
+        if not table.empty:  # every checkpoint failed: no empty table (an earlier one stays)
+            cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
         cka_path = analysis_dir / "cka_matrix.csv"
         if not matrix.empty:
             cm.atomic_write_text(cka_path, matrix.to_csv())

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 import checkpoints_manifest as cm
-from dtprobe.table import TABLE_COLUMNS
+from dtprobe.progress import tqdm
+from dtprobe.table import TABLE_COLUMNS, normalize_table
 
 COLUMNS = list(TABLE_COLUMNS)
 FAILURE_COLUMNS = ["run", "epoch", "path", "reason"]
@@ -22,12 +22,10 @@ def note(message: str) -> None:
 
 
 def finalise_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    table["task"] = table["task"].fillna("")
-    table["layer"] = table["layer"].fillna("")
-    table["step"] = table["step"].astype("Int64")
-    return table.sort_values(["epoch", "metric", "task", "layer"],
-                             kind="stable").reset_index(drop=True)
+    # normalize_table also brings rows of parts cached by older versions to the current schema
+    table = normalize_table(pd.DataFrame(rows, columns=COLUMNS), source="analysis rows")
+    return table[COLUMNS].sort_values(["epoch", "metric", "task", "layer", "other_run"],
+                                      kind="stable").reset_index(drop=True)
 
 
 def save_tradeoff_chart(table: pd.DataFrame, path: Path, epoch_note: str = "") -> None:

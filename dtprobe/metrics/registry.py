@@ -70,6 +70,9 @@ class MetricValue:
     task: str = ""
     estimator: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    """Values computed with the estimate (not settings); known keys in ``params`` move here too
+    (``dtprobe.table.DIAGNOSTIC_KEYS``)."""
     layer: str = ""  # "" = the penultimate features; else the module name (layer x epoch)
 
     def params_json(self) -> str:

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import checkpoints_manifest as cm
 from dtprobe import checkpoints as ckpt_io
@@ -46,6 +45,7 @@ from dtprobe.devices import resolve_device
 from dtprobe.errors import CheckpointError, ConfigError, TrainingDivergedError
 from dtprobe.models import build_model, get_arch, head_module
 from dtprobe.models.tap import PenultimateTap, penultimate_features
+from dtprobe.progress import tqdm
 from dtprobe.training import distributed as dist_utils
 from dtprobe.training.augment import contrastive_view, shift_flip
 from dtprobe.training.objectives import Objective, ObjectiveContext
