@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -161,7 +162,10 @@ def _add_analysis_parsers(sub) -> None:
                    help="metric names (see `dtprobe list`), 'default' or 'all'")
     a.add_argument("--compare", nargs="+", default=[], metavar="OTHER_RUN",
                    help="other runs for CKA between runs at matching epochs")
-    a.add_argument("--layers", nargs="+", default=[], help="module names for layer-wise CKA")
+    a.add_argument("--layers", nargs="+", default=[], metavar="NAME",
+                   help="also analyse these modules' outputs (pooled), layer x epoch: probes, "
+                        "class separation, RankMe, CKA to final and between runs; 'auto' = the "
+                        "architecture's blocks (`dtprobe layers RUN` lists them)")
     a.add_argument("--device", default="auto")
     a.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="images per forward pass during extraction (default: auto)")
@@ -177,6 +181,20 @@ def _add_analysis_parsers(sub) -> None:
     a.add_argument("--no-wait", action="store_true",
                    help="if another analysis of this run is in progress, stop with 'run is busy' "
                         "instead of waiting for it")
+    a.add_argument("--epoch-from", default="auto", choices=["auto", "name", "metadata", "order"],
+                   help="runs without a manifest: take epochs from the file/folder names, the "
+                        "framework's records (trainer_state.json, Lightning epoch, safetensors "
+                        "metadata) or the save order; default: each layout's best source")
+    a.add_argument("--weights", default="auto", metavar="ema|raw|KEY",
+                   help="which weights of each file: raw (default when present), ema, or the "
+                        "key/prefix holding them (e.g. state_dict_ema)")
+    a.add_argument("--strip-prefix", default=None, metavar="PREFIX",
+                   help="keep only weight names starting with PREFIX (e.g. 'teacher.') and "
+                        "remove it")
+    a.add_argument("--trust-pickles", action="store_true",
+                   help="unpickle files the safe loader refuses (they name classes, e.g. "
+                        "Lightning hyper_parameters holding modules): runs code from the file, "
+                        "so only for files you trust; recorded in analysis/checkpoints.json")
     a.add_argument("--follow-symlinks", action="store_true",
                    help="accept checkpoints reached through symbolic links that lead out of the "
                         "run directory (e.g. to scratch storage); refused by default")
@@ -192,6 +210,15 @@ def _add_analysis_parsers(sub) -> None:
                    help="with --watch: stop after this long without a new checkpoint")
     w.add_argument("--every", type=int, default=1, metavar="N",
                    help="with --watch: analyse once N new checkpoints are complete")
+
+    ly = sub.add_parser("layers", help="list the modules of a run's architecture that "
+                        "--layers accepts, with their output shapes and the auto selection")
+    ly.add_argument("run_dir")
+    ly.add_argument("--arch", default=None, help="architecture, for runs without a manifest")
+    ly.add_argument("--arch-param", action="append", metavar="KEY=VALUE")
+    ly.add_argument("--num-classes", type=int, default=None)
+    ly.add_argument("--all", action="store_true", help="every module, not only containers")
+    _add_data_args(ly, None)
 
     ex = sub.add_parser("export", help="export an analysed run's metrics to other tools")
     ex.add_argument("runs", nargs="+", help="analysed run directories")
@@ -382,7 +409,9 @@ def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 pattern=args.pattern, compare=args.compare, layers=args.layers,
                 batch_size=args.batch_size, use_cache=not args.no_cache,
                 progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
-                wait=not args.no_wait, follow_symlinks=args.follow_symlinks)
+                wait=not args.no_wait, follow_symlinks=args.follow_symlinks,
+                epoch_from=args.epoch_from, weights=args.weights,
+                strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles)
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -400,6 +429,9 @@ def _finish_analyze(args: argparse.Namespace, results) -> int:
     if results is None:  # a torchrun rank > 0: rank 0 merged and reports
         return 0
     _print_summary(results)
+    for run, text in getattr(results, "epoch_notes", {}).items():
+        if text:
+            print(f"{run}: {text}")
     out = Path(args.run_dir) / "analysis"
     stats = getattr(results, "stats", None)
     if stats is not None:
@@ -407,12 +439,55 @@ def _finish_analyze(args: argparse.Namespace, results) -> int:
     chart = "" if args.no_plot else f"  chart: {out / 'tradeoff.png'}"
     print(f"results: {out / 'metrics.csv'}{chart}")
     if len(results.failures):
-        total = stats.checkpoints if stats is not None else "?"
-        print(f"dtprobe analyze: {len(results.failures)} of {total} checkpoint(s) failed (each "
-              f"reason above and in {out / 'failures.csv'}); the others were analysed",
+        print(f"dtprobe analyze: {_failure_summary(results.failures, stats, out)}",
               file=sys.stderr)
         return EXIT_PARTIAL
     return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    import torch
+
+    from dtprobe.analysis.data import prepare_data
+    from dtprobe.analysis.features import build_for_plan, plan_head
+    from dtprobe.analysis.plan import plan_run
+    from dtprobe.models import get_arch
+    from dtprobe.models.layers import block_layers, describe_layers, penultimate_source
+
+    plan = plan_run(args.run_dir, arch=args.arch, num_classes=args.num_classes,
+                    arch_params=_parse_kv(args.arch_param, "--arch-param") or None,
+                    dataset=args.dataset, dataset_params=_dataset_params(args) or None)
+    data = prepare_data(plan, torch.device("cpu"))
+    model = build_for_plan(plan, data.bundle.in_channels)
+    head = plan_head(model, plan)
+    described = describe_layers(model, head, data.test_images[:2].float())
+    auto = set(block_layers(model, plan.head or get_arch(plan.arch).head,
+                            penultimate_source(described)))
+    containers = {n for n, m in model.named_modules() if n and any(True for _ in m.children())}
+    print(f"{plan.arch}: modules with tensor outputs (* = --layers auto; = penultimate: its "
+          "output is the penultimate feature)")
+    for name, shape, is_penultimate in described:
+        if not (args.all or name in containers or name in auto):
+            continue
+        mark = "*" if name in auto else ("=" if is_penultimate else " ")
+        print(f"  {mark} {name:40s} {'x'.join(map(str, shape))}")
+    return 0
+
+
+def _failure_summary(failures, stats, out: Path) -> str:
+    """One line: how many checkpoints failed; when all did, for one reason, that reason."""
+    total = stats.checkpoints if stats is not None else None
+    where = f"{out / 'failures.csv'}"
+    if total is None or len(failures) < total:
+        return (f"{len(failures)} of {total if total is not None else '?'} checkpoint(s) failed "
+                f"(each reason above and in {where}); the others were analysed")
+    # Reasons name each file's own paths; the same cause is the same text without them.
+    reasons = {re.sub(r"/\S*", "", str(r)) for r in failures["reason"]}
+    if len(reasons) == 1:
+        return (f"all {total} checkpoint(s) failed for one reason: {failures['reason'].iloc[0]} "
+                f"(details in {where})")
+    return (f"all {total} checkpoint(s) failed, for {len(reasons)} different reasons (each above "
+            f"and in {where}); nothing was analysed")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -489,7 +564,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "analyze": cmd_analyze, "plot": cmd_plot,
-            "report": cmd_report, "demo": cmd_demo, "list": cmd_list, "export": cmd_export}
+            "report": cmd_report, "demo": cmd_demo, "list": cmd_list, "export": cmd_export,
+            "layers": cmd_layers}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -810,6 +810,21 @@ def iter_figures(results: Results | pd.DataFrame,
     if "cka_to_final" in set(finite["metric"]):
         yield ("cka_to_final", "Linear CKA of each epoch's features to the final epoch's.",
                plot_cka_to_final(table).figure)
+    layered = set(finite.loc[finite["layer"] != "", "metric"])
+    if layered & {"probe_accuracy", "cka_to_final"}:
+        from dtprobe import layer_plots  # layer x epoch charts (analyse with --layers auto)
+
+        if "probe_accuracy" in layered:
+            yield ("layer_probe_heatmap", "Downstream linear-probe accuracy (mean over tasks) "
+                   "of each layer's pooled features at each epoch: where and when "
+                   "transferability is lost.", layer_plots.plot_layer_heatmap(table))
+            yield ("best_layer", "The layer whose features transfer best at each epoch, and "
+                   "its probe accuracy against the penultimate layer's.",
+                   layer_plots.plot_best_layer(table))
+        if "cka_to_final" in layered:
+            yield ("layer_cka_to_final_heatmap", "Linear CKA of each layer to the same layer at "
+                   "the final epoch: which layers are still changing.",
+                   layer_plots.plot_layer_heatmap(table, "cka_to_final", vmin=0.0, vmax=1.0))
     usable = {r: m for r, m in cka.items() if isinstance(m, pd.DataFrame) and not m.empty}
     if usable:
         yield ("temporal_cka", "Temporal linear CKA between every pair of epochs "

@@ -269,7 +269,11 @@ def test_every_checkpoint_failing_still_writes_the_table_and_exits_1(run, tmp_pa
     TRIED.append("architecture options that fit no checkpoint")
     code = main(["analyze", str(run_dir), *RUN_ARGS, "--arch-param", "width=4"])
     err = capsys.readouterr().err
-    assert code == 1 and "3 of 3 checkpoint(s) failed" in err
+    # Every checkpoint failed for the same reason: the exit line says it (not "the others").
+    [last] = [ln for ln in err.splitlines() if "for one reason" in ln]
+    assert code == 1 and "all 3 checkpoint(s) failed for one reason: " in last
+    assert "no weights in it fit" in last
+    assert "the others were analysed" not in err
     assert len([ln for ln in err.splitlines() if ln.startswith("FAILED")]) == 3
     assert pd.read_csv(run_dir / "analysis" / "failures.csv")["epoch"].tolist() == [2, 0, 1]
     assert _table(run_dir).empty
@@ -382,8 +386,8 @@ WHOLE_RUN = [
     ("empty run directory", _plain(keep_ckpts=False), "no checkpoint files matching"),
     ("files but none matching", _plain(["notes.txt", "weights.bin"], keep_ckpts=False),
      "found files weights.bin but none matches a known checkpoint naming"),
-    ("checkpoints in an unexpected subfolder", _plain(["weights/ep3.pt"], keep_ckpts=False),
-     "found weights/ep3.pt; pass --pattern 'weights/NAME_{epoch}.pt'"),
+    ("checkpoints in an unexpected subfolder", _plain(["weights/snap3.pt"], keep_ckpts=False),
+     "found weights/snap3.pt; pass --pattern 'weights/snap{epoch}.pt'"),
     ("pattern matching nothing", _plain(args=[*PLAIN, "--pattern", "snap_{epoch}.pt"]),
      "found files ckpt_epoch_0.pth, ckpt_epoch_1.pth, ckpt_epoch_2.pth but none matches "
      "'snap_{epoch}.pt'"),

@@ -104,7 +104,8 @@ def test_analyze_external_ctc_format_run_without_manifest(tmp_path, tiny_shapes_
                            metrics=["source_accuracy", "class_separation"], plot=False)
     assert sorted(res.table["epoch"].unique()) == [1, 2, 3]
     assert set(res.table["metric"]) >= {"source_accuracy", "class_separation", "cka_to_final"}
-    with pytest.raises(Exception, match="--arch"):
+    # Architecture and classes are recognised from the weights; only the data must be named.
+    with pytest.raises(Exception, match="pass --dataset"):
         analysis.analyze(run, device="cpu", progress=False)
 
 

@@ -144,23 +144,30 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
             continue
         try:
             feats, _ = checkpoint_features(other, c, data, cache, device,
-                                           AnalysisOptions(batch_size=opts.batch_size))
+                                           AnalysisOptions(batch_size=opts.batch_size,
+                                                           layers=list(opts.layers)))
         except OSError:
             raise  # the environment (disk full, read-only): not this checkpoint's fault
         except Exception as exc:  # noqa: BLE001 - one bad file of the other run is skipped
             reason = exc if isinstance(exc, DtprobeError) else repr(exc)
             note(f"compare: skipping {c.path}: {reason}")
             continue
-        x, y = test_feats[c.epoch]["features"], feats["test"]["features"]
-        value, null = _cka_with_null(x, y, opts.seed)
-        base = {"run": plan.name, "epoch": c.epoch, "step": None, "task": other.name,
-                "layer": ""}
-        rows.append({**base, "metric": "cka_to_run", "value": float(value),
-                     "estimator": "linear_cka",
-                     "params": json.dumps({"kernel": "linear", "split": "test",
-                                           "other_run": str(other.run_dir),
-                                           "higher_is_similar": True, **null})})
-        rows.extend(_similarity_rows(base, "to_run", x, y, similarities,
-                                     {"other_run": str(other.run_dir)}))
+        mine = test_feats[c.epoch]
+        # the penultimate, then each requested layer both runs have (Kornblith et al. 2021
+        # compare objectives layer by layer at the final epoch)
+        for key in ["features", *(k for k in mine if k.startswith("layer:"))]:
+            if key not in feats["test"]:
+                continue
+            x, y = mine[key], feats["test"][key]
+            value, null = _cka_with_null(x, y, opts.seed)
+            base = {"run": plan.name, "epoch": c.epoch, "step": None, "task": other.name,
+                    "layer": "" if key == "features" else key[len("layer:"):]}
+            rows.append({**base, "metric": "cka_to_run", "value": float(value),
+                         "estimator": "linear_cka",
+                         "params": json.dumps({"kernel": "linear", "split": "test",
+                                               "other_run": str(other.run_dir),
+                                               "higher_is_similar": True, **null})})
+            rows.extend(_similarity_rows(base, "to_run", x, y, similarities,
+                                         {"other_run": str(other.run_dir)}))
     return rows
 

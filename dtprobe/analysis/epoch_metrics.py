@@ -28,7 +28,7 @@ def _head_params(plan: RunPlan, state: dict[str, torch.Tensor],
 
 def _rows(plan: RunPlan, ckpt: PlannedCheckpoint, values) -> list[dict[str, Any]]:
     return [{"run": plan.name, "epoch": ckpt.epoch, "step": ckpt.step, "metric": v.metric,
-             "task": v.task, "layer": getattr(v, "layer", ""), "value": float(v.value),
+             "task": v.task, "layer": v.layer, "value": float(v.value),
              "estimator": v.estimator, "params": v.params_json()} for v in values]
 
 
@@ -58,30 +58,51 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
         train=FeatureSplit(feats["train"]["features"], b.train.labels, b.train.factors,
                            feats["train"]["logits"]),
         test=FeatureSplit(feats["test"]["features"], b.test.labels, b.test.factors,
-                          feats["test"]["logits"], inputs=data.mi_inputs,
-                          layers={k[len("layer:"):]: v for k, v in feats["test"].items()
-                                  if k.startswith("layer:")}),
+                          feats["test"]["logits"], inputs=data.mi_inputs),
         head_weight=weight, head_bias=bias, seed=opts.seed)
     rows = []
     for spec in specs:
-        try:
-            with _metric_threads(view):
-                values = spec.func(view)
-        except MetricInputError as exc:
-            # A metric that cannot apply to this checkpoint (e.g. a class missing from a split)
-            # leaves a NaN row that says why, instead of failing the whole checkpoint.
-            warnings.warn(f"epoch {ckpt.epoch}: {spec.name}: {exc}", stacklevel=2)
-            values = [MetricValue(spec.name, float("nan"), estimator="error",
-                                  params={"error": str(exc)})]
-        rows.extend(_rows(plan, ckpt, values))
+        rows.extend(_rows(plan, ckpt, _apply(spec, view, ckpt.epoch)))
+    # Layer x epoch: the metrics that depend only on features and labels, on each requested
+    # layer's (pooled) outputs; the source head, logits and MI inputs belong to the penultimate.
+    layer_specs = [s for s in specs if s.name in LAYER_METRICS]
+    for layer in opts.layers:
+        key = f"layer:{layer}"
+        if not layer_specs or key not in feats["train"] or key not in feats["test"]:
+            continue
+        layer_view = EpochView(
+            epoch=ckpt.epoch,
+            train=FeatureSplit(feats["train"][key], b.train.labels, b.train.factors),
+            test=FeatureSplit(feats["test"][key], b.test.labels, b.test.factors),
+            seed=opts.seed)
+        for spec in layer_specs:
+            values = _apply(spec, layer_view, ckpt.epoch)
+            for v in values:
+                v.layer = layer
+            rows.extend(_rows(plan, ckpt, values))
     return rows
+
+
+#: Registered metrics computed per layer with ``--layers`` (functions of features and labels).
+LAYER_METRICS = frozenset({"probe_accuracy", "knn_accuracy", "class_separation", "rankme",
+                           "twonn", "alpha_req", "cdnv"})
+
+
+def _apply(spec: MetricSpec, view: EpochView, epoch: int) -> list[MetricValue]:
+    try:
+        with _metric_threads(view):
+            return list(spec.func(view))
+    except MetricInputError as exc:
+        # A metric that cannot apply to this checkpoint (e.g. a class missing from a split)
+        # leaves a NaN row that says why, instead of failing the whole checkpoint.
+        warnings.warn(f"epoch {epoch}: {spec.name}: {exc}", stacklevel=3)
+        return [MetricValue(spec.name, float("nan"), estimator="error",
+                            params={"error": str(exc)})]
 
 
 def part_key(ckpt: PlannedCheckpoint, data: EvalData, specs: Sequence[MetricSpec],
              opts: AnalysisOptions) -> str:
-    fields = [PARTS_VERSION, ckpt.digest, data.key, [s.name for s in specs], opts.seed]
-    if opts.layers:  # per-layer rows (e.g. TwoNN per layer) depend on the layers extracted
-        fields.append(sorted(opts.layers))
-    payload = json.dumps(fields)
+    payload = json.dumps([PARTS_VERSION, ckpt.cache_digest, data.key, [s.name for s in specs],
+                          opts.seed] + ([sorted(opts.layers)] if opts.layers else []))
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -30,12 +30,15 @@ def finalise_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
                              kind="stable").reset_index(drop=True)
 
 
-def save_tradeoff_chart(table: pd.DataFrame, path: Path) -> None:
+def save_tradeoff_chart(table: pd.DataFrame, path: Path, epoch_note: str = "") -> None:
+    """The trade-off chart; ``epoch_note`` (what epoch 0 means for the run) is printed under it."""
     import matplotlib.pyplot as plt
 
     from dtprobe.plotting import plot_tradeoff_over_epochs
 
     fig = plot_tradeoff_over_epochs(table).figure
+    if epoch_note:
+        fig.text(0.01, -0.02, epoch_note, fontsize=7, ha="left", va="top", wrap=True)
     try:  # rendered in memory, then written atomically: no predictable temp name to plant
         buf = io.BytesIO()
         fig.savefig(buf, dpi=130, bbox_inches="tight", format="png")

@@ -524,9 +524,13 @@ class Trainer:
 
 def _append_log(path: Path, epoch: int, metrics: dict[str, float]) -> None:
     rows: list[dict[str, Any]] = []
-    if path.exists():
-        with open(path, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < epoch]
+    if path.exists() and not path.is_symlink():  # never read a planted link's target
+        try:
+            text = cm.read_regular_file(path, 64 << 20, "training log").decode("utf-8")
+            rows = [r for r in csv.DictReader(io.StringIO(text, newline=""))
+                    if int(r["epoch"]) < epoch]
+        except (OSError, ValueError, KeyError, TypeError):  # damaged from outside: start anew
+            rows = []
     rows.append({"epoch": epoch, **metrics})
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with _atomic_open(path, "w", newline="") as fh:
