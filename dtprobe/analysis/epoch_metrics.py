@@ -93,9 +93,7 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
         train=FeatureSplit(feats["train"]["features"], b.train.labels, b.train.factors,
                            feats["train"]["logits"]),
         test=FeatureSplit(feats["test"]["features"], b.test.labels, b.test.factors,
-                          feats["test"]["logits"], inputs=data.mi_inputs,
-                          layers={k[len("layer:"):]: v for k, v in feats["test"].items()
-                                  if k.startswith("layer:")}),
+                          feats["test"]["logits"], inputs=data.mi_inputs),
         head_weight=weight, head_bias=bias, seed=opts.seed)
     rows = []
     for spec in specs:
@@ -121,7 +119,8 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
 
 
 #: Registered metrics computed per layer with ``--layers`` (functions of features and labels).
-LAYER_METRICS = frozenset({"probe_accuracy", "knn_accuracy", "class_separation", "rankme"})
+LAYER_METRICS = frozenset({"probe_accuracy", "knn_accuracy", "class_separation", "rankme",
+                           "twonn", "alpha_req", "cdnv"})
 
 
 def _apply(spec: MetricSpec, view: EpochView, epoch: int) -> list[MetricValue]:

@@ -38,7 +38,6 @@ class FeatureSplit:
     factors : downstream task name -> (n,) int64 labels on the same images.
     logits : (n, C) source-head outputs of the checkpoint, or None.
     inputs : (n, p) flattened, normalised input pixels (a subset may be used), or None.
-    layers : ``--layers`` module name -> (n, d_l) features of that layer (test split only).
     """
 
     features: torch.Tensor
@@ -46,7 +45,6 @@ class FeatureSplit:
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None
     inputs: torch.Tensor | None = None
-    layers: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
