@@ -22,7 +22,7 @@ _PACKAGE = Path(__file__).resolve().parent
 # kind -> (sub-package scanned, names of the registering functions)
 _SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "dataset": ("data", ("register_dataset",)),
-    "architecture": ("models", ("register_arch",)),
+    "architecture": ("models", ("register_arch", "register_alias")),
     "metric": ("metrics", ("register_metric", "_register")),
 }
 METRIC_KEYWORDS = ("default", "all")
@@ -119,15 +119,17 @@ def suggest(name: str, choices: tuple[str, ...] | list[str]) -> str:
 def check_name(name: str | None, kind: str, option: str) -> None:
     """Raise :class:`ConfigError` naming ``option`` if ``name`` is not a built-in ``kind``.
 
-    ``None`` passes (the option was not given). Architectures of the form ``timm:<model>`` pass
-    here; whether timm has that model is checked when it is built.
+    ``None`` passes (the option was not given). Architecture families with a colon
+    (``timm:<model>``, ``torchvision:<model>``, ``hf:<folder>``, ``package.module:callable``)
+    pass here; the registry checks them when they are built.
     """
-    if name is None or (kind == "architecture" and name.startswith("timm:")):
+    if name is None or (kind == "architecture" and ":" in name):
         return
     known = builtin_names(kind)
     if not known or name in known:  # no names read (unusual install): leave it to the registry
         return
-    extra = " (or timm:<model_name> with timm installed)" if kind == "architecture" else ""
+    extra = (" (or timm:<model_name>, torchvision:<model_name>, hf:<folder>, "
+             "package.module:callable)") if kind == "architecture" else ""
     raise ConfigError(f"{option}: unknown {kind} {name!r}; {suggest(name, known)}"
                       f"available: {', '.join(known)}{extra}")
 
