@@ -723,3 +723,21 @@ def test_safetensors_metadata_payloads_are_inert_data(tmp_path):
     loaded = ck.load_checkpoint(tmp_path / "x.safetensors")
     assert loaded.meta == {"cmd": f"__import__('os').system('touch {marker}')", "epoch": 3}
     assert not marker.exists()
+
+
+def test_manifest_cannot_make_dtprobe_import_code(tmp_path):
+    """A manifest's model.arch of the form package.module:callable would import and call code a
+    downloaded run chose; only the user's own --arch may name code."""
+    import checkpoints_manifest as cm
+    from dtprobe.analysis.plan import plan_run
+    from dtprobe.errors import ConfigError
+
+    run = tmp_path / "hostile"
+    cm.write_manifest(run, cm.create_manifest(
+        run_name="x", model=cm.ModelSpec("subprocess:Popen", 6), dataset="shapes"))
+    (run / "e0.pt").write_bytes(b"0")
+    cm.record_checkpoint(run, run / "e0.pt", epoch=0, step=0)
+    with pytest.raises(ConfigError, match="names code to import.*pass --arch subprocess:Popen"):
+        plan_run(run)
+    # the user naming it explicitly is the opt-in (planning only; nothing is imported here)
+    assert plan_run(run, arch="small_cnn").arch == "small_cnn"

@@ -170,6 +170,20 @@ def _manifest_params(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k != "download"}
 
 
+#: Architecture families whose names a file may give: dtprobe builds them from installed
+#: libraries with fixed entry points, without importing code the file names.
+_SAFE_ARCH_FAMILIES = ("timm:", "torchvision:", "hf:")
+
+
+def _refuse_code_named_by_file(arch: str, source: Path) -> None:
+    """A ``package.module:callable`` architecture read from a run's files would import and call
+    code that the file (possibly someone else's) chose: only the user's own ``--arch`` may."""
+    if ":" in arch and not arch.startswith(_SAFE_ARCH_FAMILIES):
+        raise ConfigError(f"{source}: model.arch {arch!r} names code to import; dtprobe imports "
+                          f"code only when you name it yourself: pass --arch {arch} (after "
+                          "checking it is code you trust)")
+
+
 def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int | None = None,
              arch_params: dict[str, Any] | None = None, dataset: str | None = None,
              dataset_params: dict[str, Any] | None = None, pattern: str | None = None,
@@ -234,6 +248,8 @@ def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int |
         if not entries:
             raise ConfigError(f"{manifest_path}: lists no checkpoints yet; train first (or "
                               "record checkpoints with checkpoints_manifest.record_checkpoint)")
+        if arch is None:
+            _refuse_code_named_by_file(manifest.model.arch, manifest_path)
         kwargs = dict(manifest.model.kwargs)
         kwargs.update(arch_params or {})
         return RunPlan(run_dir, name or manifest.run_name, arch or manifest.model.arch, kwargs,
