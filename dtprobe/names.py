@@ -22,7 +22,7 @@ _PACKAGE = Path(__file__).resolve().parent
 # kind -> (sub-package scanned, names of the registering functions)
 _SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "dataset": ("data", ("register_dataset",)),
-    "architecture": ("models", ("register_arch",)),
+    "architecture": ("models", ("register_arch", "register_alias")),
     "metric": ("metrics", ("register_metric", "_register")),
 }
 METRIC_KEYWORDS = ("default", "all")
