@@ -119,15 +119,17 @@ def suggest(name: str, choices: tuple[str, ...] | list[str]) -> str:
 def check_name(name: str | None, kind: str, option: str) -> None:
     """Raise :class:`ConfigError` naming ``option`` if ``name`` is not a built-in ``kind``.
 
-    ``None`` passes (the option was not given). Architectures of the form ``timm:<model>`` pass
-    here; whether timm has that model is checked when it is built.
+    ``None`` passes (the option was not given). Architectures with a colon (``timm:<model>``,
+    ``torchvision:<model>``, ``hf:...``, ``package.module:callable``) pass here; they are
+    resolved, and checked, when the model is built.
     """
-    if name is None or (kind == "architecture" and name.startswith("timm:")):
+    if name is None or (kind == "architecture" and ":" in name):
         return
     known = builtin_names(kind)
     if not known or name in known:  # no names read (unusual install): leave it to the registry
         return
-    extra = " (or timm:<model_name> with timm installed)" if kind == "architecture" else ""
+    extra = (" (or timm:<model_name>, torchvision:<model_name>, package.module:callable)"
+             if kind == "architecture" else "")
     raise ConfigError(f"{option}: unknown {kind} {name!r}; {suggest(name, known)}"
                       f"available: {', '.join(known)}{extra}")
 

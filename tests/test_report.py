@@ -73,7 +73,7 @@ def test_report_is_self_contained(report):
     assert "script" not in p.tags and "link" not in p.tags
     assert all(u.startswith("#") for u in p.urls), p.urls  # only in-page links
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", text)
-    assert len(p.imgs) == 7
+    assert len(p.imgs) == 8  # one per chart iter_figures yields
     for src in p.imgs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -196,7 +196,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     found = re.search(r'<pre id="imgcheck">(.*?)</pre>', dom.stdout, re.S)
     assert found, "probe script did not run: " + dom.stdout[-500:]
     images = json.loads(found.group(1).replace("&quot;", '"'))
-    assert len(images) == 7 and all(i["ok"] and i["w"] > 300 for i in images), images
+    assert len(images) == 8 and all(i["ok"] and i["w"] > 300 for i in images), images
 
     shot = tmp_path / "shot.png"
     run = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1280,2000",
