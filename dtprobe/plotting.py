@@ -558,9 +558,11 @@ def plot_metrics(table: pd.DataFrame | Results, metrics: Sequence[str] | None = 
             rows = base[(base["metric"] == metric) & np.isfinite(base["value"])]
             if est:
                 rows = rows[rows["estimator"] == est]
+            # one line per task; for CKA to other runs, one per other run (its own column)
+            by = "other_run" if metric == "cka_to_run" else "task"
             for run in runs:
                 r = rows[rows["run"] == run]
-                for task, g in r.groupby("task", sort=True):
+                for task, g in r.groupby(by, sort=True):
                     _interval_bands(a, g, colors[run], metric)
                     g = g.groupby("epoch")["value"].mean().sort_index()
                     if metric == "cka_to_run" or not task:
@@ -570,7 +572,7 @@ def plot_metrics(table: pd.DataFrame | Results, metrics: Sequence[str] | None = 
                     a.plot(g.index, g.to_numpy(), color=colors[run], ls=ls,
                            marker=mk or ("o" if len(g) < 2 else None),
                            markersize=4, markevery=max(1, len(g) // 8), lw=1.5)
-                    if metric == "cka_to_run" and r["task"].nunique() > 1 and len(g):
+                    if metric == "cka_to_run" and r[by].nunique() > 1 and len(g):
                         a.annotate(f"vs {task}", (g.index[-1], g.iloc[-1]), fontsize=7,
                                    xytext=(3, 0), textcoords="offset points", color=colors[run])
             title, ylabel = _panel_labels(base, metric, est)

@@ -1,6 +1,7 @@
 """Uncertainty carried by the results table: intervals per row and run differences beyond them.
 
-Two kinds of uncertainty reach the tidy table through a row's ``params``:
+Two kinds of uncertainty reach the tidy table through a row's ``diagnostics`` (the computed
+values; tables written before that column existed kept them in ``params``, also read):
 
 * **confidence intervals** ``ci_low`` / ``ci_high`` (e.g. the probe accuracies' binomial or
   bootstrap intervals), drawn as bands;
@@ -45,12 +46,18 @@ def intervals(table: pd.DataFrame, low: str = "ci_low", high: str = "ci_high") -
         table row with an interval, in table order.
     """
     cols = ["run", "epoch", "metric", "task", "layer", "value", "low", "high"]
-    if table.empty or "params" not in table:
+    # computed values live in ``diagnostics`` (older tables: in ``params``)
+    sources = [c for c in ("diagnostics", "params") if c in table]
+    if table.empty or not sources:
         return pd.DataFrame(columns=cols)
-    mask = table["params"].astype(str).str.contains(f'"{low}"', regex=False)
+    mask = pd.Series(False, index=table.index)
+    for c in sources:
+        mask |= table[c].astype(str).str.contains(f'"{low}"', regex=False)
     out = []
     for r in table[mask].itertuples(index=False):
-        p = parse_params(r.params)
+        p = {}
+        for c in reversed(sources):
+            p.update(parse_params(str(getattr(r, c))))
         lo, hi = _float(p.get(low)), _float(p.get(high))
         if math.isfinite(lo) and math.isfinite(hi):
             out.append((r.run, r.epoch, r.metric, r.task, r.layer, float(r.value), lo, hi))

@@ -184,6 +184,7 @@ def test_unknown_names_suggest(name, kind, hint):
     with pytest.raises(ConfigError, match=f"did you mean {hint}"):
         check_name(name, kind, "--x")
     check_name("timm:resnet50", "architecture", "--arch")  # checked when built
+    check_name("mynets:tiny", "architecture", "--arch")  # a user callable, imported later
     check_name(None, kind, "--x")
 
 

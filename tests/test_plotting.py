@@ -233,9 +233,10 @@ def test_save_all_figures_writes_every_available_chart(tmp_path):
     before = plt.get_fignums()
     paths = res.save_figures(tmp_path / "figs")
     names = sorted({p.stem for p in paths})
-    assert names == ["cka_to_final", "information_plane", "metrics", "temporal_cka", "tradeoff",
-                     "tradeoff_plane", "tradeoff_plane_by_task"]
-    assert len(paths) == 7
+    assert names == ["cka_to_final", "information_plane", "layer_cka_to_final_heatmap",
+                     "metrics", "temporal_cka", "tradeoff", "tradeoff_plane",
+                     "tradeoff_plane_by_task"]
+    assert len(paths) == 8  # unique names: one file per chart
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
     assert plt.get_fignums() == before  # figures closed after saving
     from PIL import Image
