@@ -4,7 +4,8 @@ The command line checks ``--dataset``, ``--arch`` and ``--metrics`` before it im
 (which takes 5-50 s on a busy machine), so a typo is reported at once, with a "did you mean"
 suggestion. The names come from a static read (:mod:`ast`) of the registering calls in the
 package's source: ``@register_dataset("name")``, ``@register_arch("name", ...)`` and
-``register_metric("name", ...)`` / ``_register("name", ...)``. A test checks that this read
+``register_metric("name", ...)`` / ``register_similarity("name", ...)`` /
+``_register("name", ...)``. A test checks that this read
 equals the live registries, so the two cannot drift.
 """
 
@@ -23,7 +24,7 @@ _PACKAGE = Path(__file__).resolve().parent
 _SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "dataset": ("data", ("register_dataset",)),
     "architecture": ("models", ("register_arch", "register_alias")),
-    "metric": ("metrics", ("register_metric", "_register")),
+    "metric": ("metrics", ("register_metric", "register_similarity", "_register")),
 }
 METRIC_KEYWORDS = ("default", "all")
 """Words ``--metrics`` accepts besides metric names."""

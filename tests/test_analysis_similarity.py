@@ -52,8 +52,10 @@ def test_similarity_rows_and_null(runs):
     assert set(table[table["metric"] == "twonn"]["layer"]) == {"", "features.0"}
     assert "features.0" in set(table[table["metric"] == "mutual_knn_to_final"]["layer"])
     for name in ("cka_to_final", "cka_to_previous", "cka_to_run"):
-        p = json.loads(table[table["metric"] == name].iloc[0]["params"])
-        assert {"null_mean", "null_q95", "p_value", "n_permutations"} <= set(p)
+        row = table[table["metric"] == name].iloc[0]
+        p, d = json.loads(row["params"]), json.loads(row["diagnostics"])
+        assert {"n_permutations", "null", "null_seed"} <= set(p)  # the null's settings
+        assert {"null_mean", "null_q95", "p_value"} <= set(d)  # computed per row
         assert p["higher_is_similar"] is True
 
 

@@ -58,7 +58,10 @@ def test_cka_to_run_rows_follow_the_schema(twins):
     assert rows.set_index("epoch")["step"].equals(steps)  # filled like every other row
     assert rows["value"].tolist() == pytest.approx([1.0, 1.0, 1.0])  # identical runs
     assert all(json.loads(d)["other_run_dir"].endswith("b") for d in rows["diagnostics"])
-    assert set(json.loads(rows["params"].iloc[0])) == {"kernel", "split"}
+    # settings only: the estimator and its permutation null's settings (values: diagnostics)
+    assert set(json.loads(rows["params"].iloc[0])) == {"kernel", "split", "higher_is_similar",
+                                                       "n_permutations", "null", "null_seed"}
+    assert {"null_mean", "p_value"} <= set(json.loads(rows["diagnostics"].iloc[0]))
 
 
 def test_accuracy_rows_record_chance_and_settings_exclude_computed_values(twins):
