@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--compare", nargs="+", default=[], metavar="OTHER_RUN",
                    help="other runs for CKA between runs at matching epochs")
     a.add_argument("--layers", nargs="+", default=[], help="module names for layer-wise CKA")
+    a.add_argument("--downstream", nargs="+", default=[], metavar="SPEC",
+                   help="transfer datasets DATASET[:KEY=VALUE,...], e.g. digits textures "
+                        "cinic10:root=/data/cinic10 imagefolder:root=/data/pets,name=pets; "
+                        "probes and transferability scores per checkpoint on each")
     a.add_argument("--device", default="auto")
     a.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="images per forward pass during extraction (default: auto)")
@@ -215,7 +219,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                       pattern=args.pattern, compare=args.compare, layers=args.layers,
                       batch_size=args.batch_size, use_cache=not args.no_cache,
                       progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
-                      wait=not args.no_wait, follow_symlinks=args.follow_symlinks)
+                      wait=not args.no_wait, follow_symlinks=args.follow_symlinks,
+                      downstream=args.downstream)
     if results is None:  # a torchrun rank > 0: rank 0 merged and reports
         return 0
     _print_summary(results)
@@ -225,13 +230,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(stats.summary())
     chart = "" if args.no_plot else f"  chart: {out / 'tradeoff.png'}"
     print(f"results: {out / 'metrics.csv'}{chart}")
-    if len(results.failures):
-        total = stats.checkpoints if stats is not None else "?"
-        print(f"dtprobe analyze: {len(results.failures)} of {total} checkpoint(s) failed (each "
-              f"reason above and in {out / 'failures.csv'}); the others were analysed",
+    lost = getattr(stats, "downstream_failed", 0)
+    if lost:
+        print(f"dtprobe analyze: {lost} downstream dataset(s) could not be loaded (reason above "
+              f"and in {out / 'failures.csv'}); the source and the other datasets were analysed",
               file=sys.stderr)
-        return EXIT_PARTIAL
-    return 0
+    if len(results.failures) > lost:
+        total = stats.checkpoints if stats is not None else "?"
+        print(f"dtprobe analyze: {len(results.failures) - lost} of {total} checkpoint(s) failed "
+              f"(each reason above and in {out / 'failures.csv'}); the others were analysed",
+              file=sys.stderr)
+    return EXIT_PARTIAL if len(results.failures) else 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

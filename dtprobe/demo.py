@@ -1,8 +1,9 @@
 """``dtprobe demo``: the main job on the embedded default.
 
 Trains a cross-entropy run and a CTC run on ``shapes`` with the same seed, data order and
-schedule, analyses both (with CKA between them), and writes the trade-off charts and an HTML
-report. Re-running reuses finished runs and cached analysis.
+schedule, analyses both (with CKA between them, and transfer to the embedded downstream
+datasets ``digits`` and ``textures``), and writes the trade-off charts and an HTML report.
+Re-running reuses finished runs and cached analysis.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from dtprobe.training.trainer import TrainConfig, train
 DEMO_DATA = {"n_train": 4000, "n_test": 1000, "noise": 0.1}
 DEMO_ARCH = {"width": 16, "feature_dim": 128}
 QUICK_DATA = {"n_train": 600, "n_test": 300}
+# Transfer targets that need no download (dtprobe.data): real handwritten digits and procedural
+# textures, both rendered to the source's input shape; quick mode shrinks textures.
+DEMO_DOWNSTREAM = ["digits", "textures"]
+QUICK_DOWNSTREAM = ["digits", "textures:n_train=300,n_test=300"]
 
 
 def _run_is_complete(run_dir: Path, epochs: int) -> bool:
@@ -67,7 +72,8 @@ def run_demo(out: Path, epochs: int = 16, seed: int = 0, device: str = "auto",
     failed = 0
     for name, other in (("ce", "ctc"), ("ctc", "ce")):
         print(f"== analysing {name} ==")
-        res = analyze(out / name, compare=[out / other], device=device)
+        res = analyze(out / name, compare=[out / other], device=device,
+                      downstream=QUICK_DOWNSTREAM if quick else DEMO_DOWNSTREAM)
         failed += len(res.failures)
     both = compare([out / "ce", out / "ctc"])
     figures = save_all_figures(both, out / "figures")
@@ -77,6 +83,15 @@ def run_demo(out: Path, epochs: int = 16, seed: int = 0, device: str = "auto",
     cols = [c for c in ("run", "metric", "task", "first", "best", "best_epoch", "last")
             if c in last.columns]
     print(last[cols].to_string(index=False))
+    transfer = both.transfer()
+    if not transfer.empty:
+        print("\ncross-dataset transfer (linear-probe accuracy per epoch):")
+        print(transfer.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        tau = both.score_rank_correlation()
+        wide = tau.pivot_table(index=["run", "score"], columns="dataset", values="tau",
+                               sort=False)
+        print("\nKendall tau of each score vs downstream probe accuracy across epochs:")
+        print(wide.to_string(float_format=lambda v: f"{v:+.2f}"))
     print("\nresults:")
     for name in runs:
         print(f"  {out / name / 'analysis' / 'metrics.csv'}")

@@ -33,7 +33,7 @@ def _rows(plan: RunPlan, ckpt: PlannedCheckpoint, values) -> list[dict[str, Any]
 
 
 @contextlib.contextmanager
-def _metric_threads(view: EpochView) -> Iterator[None]:
+def metric_threads(view: EpochView) -> Iterator[None]:
     """One intra-op thread for CPU metrics: their matrices are small (thousands x hundreds), so
     thread hand-offs cost more than they save, 7-30x more on a busy machine (measured on the
     demo's probes and Renyi MI); extraction keeps all threads."""
@@ -63,7 +63,7 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
     rows = []
     for spec in specs:
         try:
-            with _metric_threads(view):
+            with metric_threads(view):
                 values = spec.func(view)
         except MetricInputError as exc:
             # A metric that cannot apply to this checkpoint (e.g. a class missing from a split)

@@ -66,6 +66,10 @@ class AnalysisOptions:
     seed: int = 0
     wait: bool = True
     follow_symlinks: bool = False
+    # Downstream datasets (spec strings, mappings or DownstreamSpec; see dtprobe.data.spec) and
+    # the metrics computed on each (None: analysis.downstream.DOWNSTREAM_METRICS).
+    downstream: list[Any] = field(default_factory=list)
+    downstream_metrics: list[str] | None = None
 
 
 def _symlink_problem(run_dir: Path, relpath: str, follow_symlinks: bool) -> str | None:
