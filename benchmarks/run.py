@@ -20,7 +20,8 @@ from pathlib import Path
 
 from benchmarks import Row, cpu_model, markdown_table, set_threads
 
-BENCHMARKS = ("separation", "cka", "probe", "extraction", "gpu_extraction", "memory", "training")
+BENCHMARKS = ("separation", "cka", "probe", "extraction", "gpu_extraction", "memory", "training",
+              "downstream")
 
 
 def machine() -> str:

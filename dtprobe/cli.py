@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transfer datasets DATASET[:KEY=VALUE,...], e.g. digits textures "
                         "cinic10:root=/data/cinic10 imagefolder:root=/data/pets,name=pets; "
                         "probes and transferability scores per checkpoint on each")
+    a.add_argument("--downstream-metrics", nargs="+", default=None, metavar="METRIC",
+                   help="metrics computed on each downstream dataset (default: probe_accuracy "
+                        "knn_accuracy logme h_score transrate gbc leep nce)")
     a.add_argument("--device", default="auto")
     a.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="images per forward pass during extraction (default: auto)")
@@ -220,7 +223,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, use_cache=not args.no_cache,
                       progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
                       wait=not args.no_wait, follow_symlinks=args.follow_symlinks,
-                      downstream=args.downstream)
+                      downstream=args.downstream, downstream_metrics=args.downstream_metrics)
     if results is None:  # a torchrun rank > 0: rank 0 merged and reports
         return 0
     _print_summary(results)
