@@ -80,3 +80,44 @@ def check_labels(y: ArrayLike, n: int, name: str = "labels", *, min_classes: int
         raise MetricInputError(f"{name} has {classes.numel()} distinct class(es); this metric "
                                f"needs at least {min_classes}")
     return inverse, int(classes.numel())
+
+
+def pow2_scale_exponent(*xs: torch.Tensor) -> int:
+    """Exponent ``e`` with ``max |x| * 2**-e`` in [0.5, 1) over all of ``xs`` (0 if all zero)."""
+    peak = max((float(x.abs().amax()) for x in xs if x.numel()), default=0.0)
+    if not peak > 0 or not np.isfinite(peak):
+        return 0
+    return int(np.frexp(peak)[1])
+
+
+def ldexp(x: torch.Tensor, e: int) -> torch.Tensor:
+    """``x * 2**e``, exact for floating ``x`` unless the result leaves the normal range."""
+    if e == 0:
+        return x
+    # two factors, so that 2**e itself never over- or underflows (|e| may exceed 1023)
+    half = e // 2
+    return x * (2.0 ** half) * (2.0 ** (e - half))
+
+
+def pow2_rescale(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Divide ``xs`` by one common power of two so that their largest magnitude is in [0.5, 1).
+
+    The factor is exact, so any metric invariant to a common scale gives bit-for-bit the
+    same value on the rescaled input, while sums of squares and products can no longer
+    over- or underflow for features of magnitude 1e+-200.
+    """
+    e = pow2_scale_exponent(*xs)
+    return tuple(ldexp(x, -e) for x in xs)
+
+
+def rowwise_pow2_rescale(x: torch.Tensor) -> torch.Tensor:
+    """Divide each row by a power of two so that its largest magnitude is in [0.5, 1).
+
+    Exact (directions, hence cosines, are unchanged bit for bit) and keeps row norms of
+    features near 1e+-200 representable. All-zero rows stay zero.
+    """
+    peak = x.abs().amax(dim=1, keepdim=True)
+    _, e = torch.frexp(peak)
+    e = e.to(x.dtype)
+    half = torch.floor(e / 2)
+    return x * torch.pow(2.0, -half) * torch.pow(2.0, half - e)

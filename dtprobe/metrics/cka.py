@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from dtprobe.errors import ConfigError, MetricInputError
-from dtprobe.metrics._validation import ArrayLike, check_features
+from dtprobe.metrics._validation import ArrayLike, check_features, ldexp, pow2_rescale
 
 __all__ = ["linear_cka", "rbf_cka", "cka_matrix", "MinibatchCKA"]
 
@@ -91,8 +91,12 @@ class _Centred:
         self.n, self.d = raw.shape
         self.constant = False
         self._full: torch.Tensor | None = None
+        # CKA is scale-free: divide by an exact power of two near the largest magnitude so that
+        # sums of squares of features near 1e+-200 neither overflow nor underflow
+        peak = max(float(raw[c0:c0 + chunk].abs().amax()) for c0 in range(0, self.n, chunk))
+        self.exponent = int(np.frexp(peak)[1]) if 0 < peak < math.inf else 0
         if cache:
-            full = raw.to(device=device, dtype=torch.float64)
+            full = ldexp(raw.to(device=device, dtype=torch.float64), -self.exponent)
             self.mean = full.mean(dim=0)
             raw_energy = float((full**2).sum())
             self._full = full - self.mean
@@ -101,7 +105,7 @@ class _Centred:
             total = torch.zeros(self.d, dtype=torch.float64, device=device)
             raw_energy = 0.0
             for c0 in range(0, self.n, chunk):
-                block = raw[c0:c0 + chunk].to(device=device, dtype=torch.float64)
+                block = self._scaled(c0, c0 + chunk)
                 total += block.sum(dim=0)
                 raw_energy += float((block**2).sum())
             self.mean = total / self.n
@@ -120,20 +124,24 @@ class _Centred:
                                device=self.device)
         if self._full is not None:
             return self._full[c0:c1]
-        return self.raw[c0:c1].to(device=self.device, dtype=torch.float64) - self.mean
+        return self._scaled(c0, c1) - self.mean
+
+    def _scaled(self, c0: int, c1: int) -> torch.Tensor:
+        return ldexp(self.raw[c0:c1].to(device=self.device, dtype=torch.float64), -self.exponent)
 
 
 # --------------------------------------------------------------------------- linear engine
 
 
 def _cross_products(layers: list[torch.Tensor], method: str, chunk: int | None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[bool], list[int]]:
     """Centred cross-product statistics of E representations of the same n samples.
 
     Returns ``T`` (E x E, ``T_ij = ||X_i^T X_j||_F^2 = tr(K_i K_j)`` of centred
     features), ``a`` (E x n, squared row norms of the centred features, i.e.
-    ``diag(K_i)``) and a per-layer "constant" flag, all float64 on the device
-    of the first layer.
+    ``diag(K_i)``), a per-layer "constant" flag, all float64 on the device
+    of the first layer, and per layer the exponent ``e_i`` of the exact scaling:
+    the statistics are those of ``X_i * 2**-e_i``.
     """
     n = layers[0].shape[0]
     device = layers[0].device
@@ -189,7 +197,7 @@ def _cross_products(layers: list[torch.Tensor], method: str, chunk: int | None,
             for a_ij, (i, j) in zip(acc, group, strict=True):
                 T[i, j] = T[j, i] = (a_ij**2).sum()
     a = torch.stack([c.rowsq for c in cent])
-    return T, a, [c.constant for c in cent]
+    return T, a, [c.constant for c in cent], [c.exponent for c in cent]
 
 
 def _hsic_from_stats(T: torch.Tensor, a: torch.Tensor, debiased: bool) -> torch.Tensor:
@@ -238,7 +246,7 @@ def _linear_cka_matrix(layers: Sequence[ArrayLike], names: Sequence[str], debias
         if t.shape[0] != n:
             raise MetricInputError(f"{nm} has {t.shape[0]} samples but {names[0]} has {n}; CKA "
                                    "compares representations of the same inputs")
-    T, a, constant = _cross_products(raw, method, chunk)
+    T, a, constant, _ = _cross_products(raw, method, chunk)  # the scaling cancels in CKA
     return _normalise(_hsic_from_stats(T, a, debiased), names, constant, debiased,
                       stacklevel + 1)
 
@@ -424,6 +432,9 @@ def rbf_cka(x: ArrayLike, y: ArrayLike, sigma_frac: float = 0.5, debiased: bool 
     min_samples = 4 if debiased else 2
     xt = check_features(x, "x", min_samples=min_samples)
     yt = check_features(y, "y", min_samples=min_samples, device=xt.device)
+    # exact power-of-two rescaling: the median-distance bandwidth makes RBF CKA scale-free,
+    # and this keeps the squared distances of features near 1e+-200 finite and nonzero
+    (xt,), (yt,) = pow2_rescale(xt), pow2_rescale(yt)
     if xt.shape[0] != yt.shape[0]:
         raise MetricInputError(f"y has {yt.shape[0]} samples but x has {xt.shape[0]}; CKA "
                                "compares representations of the same inputs")
@@ -502,6 +513,7 @@ class MinibatchCKA:
         self._sum: torch.Tensor | None = None
         self._shape: tuple[int | None, int | None, tuple[int, ...]] | None = None
         self._constant: list[bool] = []
+        self._exponents: list[int] | None = None
         return self
 
     @staticmethod
@@ -558,8 +570,15 @@ class MinibatchCKA:
         elif shape != self._shape:
             raise MetricInputError(f"MinibatchCKA.update got layers/dimensions {shape} after "
                                    f"{self._shape}; call reset() to start a new comparison")
-        T, a, constant = _cross_products(raw, "auto", None)
+        T, a, constant, exps = _cross_products(raw, "auto", None)
         batch_hsic = _hsic_from_stats(T, a, debiased=True)
+        # HSIC_ij is bilinear in K_i ~ 2**(-2 e_i): bring every batch to the first batch's
+        # scale (exact powers of two) before summing
+        if self._exponents is None:
+            self._exponents = exps
+        shift = torch.tensor([2 * (e - e0) for e, e0 in zip(exps, self._exponents, strict=True)],
+                             dtype=torch.float64, device=batch_hsic.device)
+        batch_hsic = batch_hsic * torch.pow(2.0, shift[:, None] + shift[None, :])
         if self._sum is None:
             self._sum = batch_hsic
         else:
@@ -572,7 +591,11 @@ class MinibatchCKA:
     @property
     def hsic_(self) -> np.ndarray | None:
         """Summed ``HSIC_1`` over batches, x layers then y layers (float64), or None."""
-        return None if self._sum is None else self._sum.detach().cpu().numpy().copy()
+        if self._sum is None:
+            return None
+        # undo the exact power-of-two scaling the sums are kept at (it cancels in CKA)
+        e = np.asarray(self._exponents, dtype=np.float64)
+        return self._sum.detach().cpu().numpy() * np.exp2(2 * e[:, None] + 2 * e[None, :])
 
     def result(self) -> float | np.ndarray:
         """Minibatch CKA from the accumulated ``HSIC_1`` sums.

@@ -31,7 +31,13 @@ import warnings
 import torch
 
 from dtprobe.errors import MetricInputError
-from dtprobe.metrics._validation import ArrayLike, as_tensor, check_features, check_labels
+from dtprobe.metrics._validation import (
+    ArrayLike,
+    as_tensor,
+    check_features,
+    check_labels,
+    pow2_rescale,
+)
 from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
 
 __all__ = ["neural_collapse", "DEFAULT_RCOND"]
@@ -138,6 +144,10 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
     elif bias is not None:
         raise MetricInputError("bias was given without weight; pass the classifier weight too")
 
+    # NC1-NC3 and the nearest-centre rule are scale-free: an exact power-of-two rescaling keeps
+    # their squares representable for features near 1e+-200 (the classifier of NC4 sees h as is)
+    h_raw = h
+    (h,) = pow2_rescale(h)
     counts = torch.bincount(y, minlength=n_classes).to(h.dtype)
     means = torch.zeros(n_classes, d, dtype=h.dtype, device=h.device)
     means.index_add_(0, y, h)
@@ -189,7 +199,7 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
         else:
             diff = w.T / w_norm - m / torch.linalg.matrix_norm(m)
             out["nc3"] = float((diff**2).sum())
-        logits = h @ w.T
+        logits = h_raw @ w.T
         if b is not None:
             logits = logits + b
         classifier = logits.argmax(dim=1)

@@ -34,7 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from dtprobe.errors import ConfigError, MetricInputError
-from dtprobe.metrics._validation import ArrayLike, as_tensor, check_features
+from dtprobe.metrics._validation import (
+    ArrayLike,
+    as_tensor,
+    check_features,
+    pow2_rescale,
+    rowwise_pow2_rescale,
+)
 from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
 
 __all__ = [
@@ -45,6 +51,7 @@ __all__ = [
     "PROBE_METRIC_SETTINGS",
     "ProbeConvergenceWarning",
     "ProbeResult",
+    "accuracy_interval",
     "knn_predict",
     "knn_probe",
     "linear_probe",
@@ -61,6 +68,17 @@ KORNBLITH_C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-6, 5,
 #: features we measured validation accuracy was flat from C = 10 to C = 1000.  Use
 #: ``c_grid=KORNBLITH_C_GRID, patience=None`` for the paper's sweep.
 DEFAULT_C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 1, 9))
+
+
+#: L-BFGS's loss-change stop per precision.  Tiny on purpose: a loss that changes by less
+#: than ~1e-12 can still have a gradient of ~1e-6, so this stop only ends a fit that has hit
+#: round-off; convergence itself is always decided by the gradient test.
+_TOLERANCE_CHANGE = {torch.float64: 1e-20, torch.float32: 1e-9}
+#: Smallest gradient a line search on loss values can resolve, sqrt(machine epsilon): below
+#: it the loss changes by less than its own rounding.  A ``tol`` under this floor counts as
+#: met once the gradient reaches the floor (float32's 3.5e-4 is why sweeps finish in float64).
+_GRAD_FLOOR = {torch.float64: 1.5e-8, torch.float32: 3.5e-4, torch.float16: 3.1e-2,
+               torch.bfloat16: 8.8e-2}
 
 
 class ProbeConvergenceWarning(UserWarning):
@@ -151,8 +169,12 @@ class LinearProbe:
     intercept_ : (K,) or (1,) tensor.
     mean_, scale_ : standardisation statistics (``None`` without standardisation).
     n_iter_ : int, L-BFGS iterations of the last fit.
-    converged_ : bool, False when L-BFGS ran out of iterations (or evaluations) before
-        meeting ``tol`` or stalling at round-off level.
+    converged_ : bool, whether the largest absolute gradient entry of the objective at the
+        solution is ``<= tol`` (or ``<=`` the resolution floor of the precision, 1.5e-8 in
+        float64 and 3.5e-4 in float32, when ``tol`` is below it).  A stop for any other
+        reason (iteration or evaluation budget, or a loss that stopped changing at round-off
+        level, as float32 does near flat optima) is *not* convergence.
+    grad_max_ : float, that largest absolute gradient entry.
     objective_ : float, objective value at the solution.
 
     References
@@ -278,7 +300,7 @@ class LinearProbe:
         opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=int(self.max_iter),
                                 max_eval=int(self.max_iter) * 2,
                                 tolerance_grad=float(self.tol),
-                                tolerance_change=1e-12 if dtype == torch.float64 else 1e-9,
+                                tolerance_change=_TOLERANCE_CHANGE.get(dtype, 1e-9),
                                 history_size=int(self.history_size),
                                 line_search_fn="strong_wolfe")
 
@@ -287,15 +309,19 @@ class LinearProbe:
             theta.grad = grad
             return loss
 
-        opt.step(closure)
-        loss, grad = loss_and_grad()  # objective and gradient at the returned point
+        loss, grad = loss_and_grad()
+        if float(grad.abs().max()) > float(self.tol):  # a verified warm start costs one pass
+            opt.step(closure)
+            loss, grad = loss_and_grad()  # objective and gradient at the returned point
         state = opt.state[theta]
         self.n_iter_ = int(state.get("n_iter", 0))
         # converged: gradient tolerance met, or L-BFGS stopped on its own (loss / step change
         # below round-off level) before exhausting its iteration or evaluation budget
-        self.converged_ = (float(grad.abs().max()) <= float(self.tol)
-                           or (self.n_iter_ < int(self.max_iter)
-                               and int(state.get("func_evals", 0)) < 2 * int(self.max_iter)))
+        # Converged means the gradient test passed at the returned point, nothing else: L-BFGS
+        # also stops when the loss or the step stops changing, which in float32 happens at a
+        # round-off stall far from the optimum (a wrong C was once chosen on such a point).
+        self.grad_max_ = float(grad.abs().max())
+        self.converged_ = self.grad_max_ <= max(float(self.tol), _GRAD_FLOOR.get(dtype, 0.0))
         self.objective_ = float(loss)
         self.coef_ = theta[:, :d].clone()
         self.intercept_ = theta[:, d].clone()
@@ -353,12 +379,17 @@ class ProbeResult:
     test_accuracy : accuracy of the refitted probe on the test set.
     best_c : the chosen inverse regularisation strength.
     val_accuracy : validation accuracy per evaluated ``C`` (grid points skipped by early
-        stopping are absent).
+        stopping are absent).  Every entry comes from a solve whose gradient test passed in
+        ``dtype``, unless ``sweep_converged`` says otherwise for it.
     train_accuracy : accuracy of the refitted probe on train + validation.
     n_iter : L-BFGS iterations of the final refit.
     n_iter_total : L-BFGS iterations of the whole sweep plus the refit.
     grid : the requested grid, sorted ascending.
-    converged : whether the refit converged (see ``LinearProbe.converged_``).
+    converged : whether the refit *and* the sweep fit at ``best_c`` met the gradient
+        tolerance (see ``LinearProbe.converged_``).  False means the number is unverified.
+    sweep_converged : per evaluated ``C``, whether its fit met ``sweep_tol``.  Unconverged
+        grid points are never chosen while a converged one exists.
+    n_test : number of test samples (for the confidence interval).
     """
 
     test_accuracy: float
@@ -369,6 +400,48 @@ class ProbeResult:
     n_iter_total: int = 0
     grid: tuple[float, ...] = field(default_factory=tuple)
     converged: bool = True
+    sweep_converged: dict[float, bool] = field(default_factory=dict)
+    n_test: int = 0
+
+    def interval(self, level: float = 0.95) -> tuple[float, float]:
+        """Wilson score interval of the test accuracy (see :func:`accuracy_interval`)."""
+        return accuracy_interval(self.test_accuracy, self.n_test, level)
+
+
+def accuracy_interval(accuracy: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score confidence interval of an accuracy measured on ``n`` test samples.
+
+    The test samples are treated as independent Bernoulli trials; the interval is
+
+    .. math:: \\frac{\\hat p + z^2/2n \\pm z\\sqrt{\\hat p(1-\\hat p)/n + z^2/4n^2}}{1 + z^2/n}
+
+    with ``z`` the two-sided normal quantile of ``level``.  Unlike the normal (Wald)
+    interval it stays inside [0, 1] and is not degenerate at 0 or 100% accuracy.  It covers
+    test-set sampling noise only, not the variation from the probe's own seed.
+
+    Returns
+    -------
+    (low, high) : floats; ``(nan, nan)`` when ``n`` is 0 or the accuracy is NaN.
+
+    References
+    ----------
+    .. [1] E. B. Wilson, "Probable inference, the law of succession, and statistical
+       inference", JASA 22 (1927).
+    .. [2] L. D. Brown, T. T. Cai, A. DasGupta, "Interval Estimation for a Binomial
+       Proportion", Statistical Science 16 (2001) (recommends Wilson over Wald).
+    """
+    if not 0.0 < float(level) < 1.0:
+        raise ConfigError(f"level must be in (0, 1), got {level}")
+    p = float(accuracy)
+    if int(n) <= 0 or not math.isfinite(p):
+        return float("nan"), float("nan")
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + float(level) / 2.0))
+    n = int(n)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def stratified_split(labels: ArrayLike, val_fraction: float, seed: int = 0
@@ -398,18 +471,13 @@ def stratified_split(labels: ArrayLike, val_fraction: float, seed: int = 0
     return train, val
 
 
-#: Gradient tolerance floor of float32 sweep fits: float32 sums over thousands of samples
-#: cannot resolve the gradient much below this, and validation accuracy does not change.
-_SWEEP_F32_TOL = 1e-5
-
-
 def _sweep_dtype(sweep_dtype: torch.dtype | str | None, dtype: torch.dtype,
                  standardize: bool) -> torch.dtype:
     if sweep_dtype is None:
         return dtype
     if isinstance(sweep_dtype, str) and sweep_dtype == "auto":
-        # float32 only ranks C values by validation accuracy, and standardised features keep
-        # it well conditioned; the reported probe is always finished in ``dtype``.
+        # float32 does most of the work on standardised (well-conditioned) features; every
+        # float32 solution is then verified, and finished if needed, in ``dtype``.
         return torch.float32 if standardize and dtype == torch.float64 else dtype
     if not isinstance(sweep_dtype, torch.dtype) or not sweep_dtype.is_floating_point:
         raise ConfigError(f"sweep_dtype={sweep_dtype!r}: pass 'auto', None or a torch float "
@@ -420,7 +488,7 @@ def _sweep_dtype(sweep_dtype: torch.dtype | str | None, dtype: torch.dtype,
 def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test_y: ArrayLike,
                  *, c_grid: Sequence[float] | None = None, val_fraction: float = 0.2,
                  standardize: bool = True, max_iter: int = 1000, tol: float = 1e-4,
-                 sweep_tol: float | None = 1e-3, patience: int | None = 3, seed: int = 0,
+                 sweep_tol: float | None = None, patience: int | None = 3, seed: int = 0,
                  device: Any = None, dtype: torch.dtype | None = None,
                  sweep_dtype: torch.dtype | str | None = "auto") -> ProbeResult:
     """Linear-probe test accuracy with the protocol of Kornblith et al. (2019).
@@ -432,7 +500,13 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
     3. Early stopping of the sweep: stop once validation accuracy has not improved on its
        best value for ``patience`` consecutive grid points (``None`` sweeps the whole grid).
     4. Refit on train + validation (standardised with their statistics) with the ``C`` of the
-       best validation accuracy (ties go to the smaller ``C``) and report test accuracy.
+       best validation accuracy among converged fits (ties go to the smaller ``C``) and report
+       test accuracy.
+
+    Every fit, in the sweep and in the refit, is checked by its gradient test in ``dtype``
+    (float64 unless asked otherwise): a fast-precision (float32) solve is only a starting
+    point that is verified, and continued where it falls short, in ``dtype``.  So a float32
+    round-off stall can neither be reported as convergence nor choose ``C``.
 
     Parameters
     ----------
@@ -444,23 +518,24 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
     val_fraction : fraction of each class held out for choosing ``C``.
     standardize : standardise features with training statistics (cuts L-BFGS iterations
         several-fold).
-    max_iter, tol : L-BFGS limits per fit (see :class:`LinearProbe`); ``tol`` applies to the
-        final refit.
-    sweep_tol : gradient tolerance of the sweep fits (``None``: ``tol``).  The sweep only
-        ranks C values; a 10x looser tolerance cut its L-BFGS iterations 2-3x on CNN features.
-        Caveat: with warm starts, a weakly regularised grid point whose starting gradient is
-        already below ``sweep_tol`` keeps the previous solution (validation accuracy then
-        plateaus for large C).  For a faithful reproduction of the paper use
-        ``c_grid=KORNBLITH_C_GRID, patience=None, sweep_tol=None, tol=1e-6``.
+    max_iter, tol : L-BFGS limits per fit (see :class:`LinearProbe`): a fit converges when
+        the largest absolute gradient entry of the mean objective is ``<= tol``, which is
+        scikit-learn's ``tol`` for ``lbfgs`` on the same objective.  The tolerance matters
+        where validation accuracy is flat in ``C`` (n < d, weak regularisation): solutions
+        within ``tol = 1e-4`` of the optimum can differ by a validation sample, which can
+        move the chosen ``C`` and the test accuracy by about a point (scikit-learn at the
+        same ``tol`` does the same).  Use ``tol=1e-6`` to pin it down.
+    sweep_tol : gradient tolerance of the sweep fits; ``None`` (default) is ``tol``.  A
+        looser value speeds the sweep up but, with warm starts, a weakly regularised grid
+        point whose starting gradient is already below it keeps the previous solution.
     patience : early-stopping patience of the sweep, in grid points.
     seed : seed of the validation split.
-    device, dtype : default: the device of ``train_x``; float64 on CPU, float32 on CUDA.
-        The refit, and so every reported number, is finished in ``dtype`` to ``tol``.
-    sweep_dtype : precision of the sweep (step 2). ``"auto"`` (default) uses float32 when
-        ``dtype`` is float64 and features are standardised (4-5x faster on CPUs; the sweep
-        only ranks C values by validation accuracy, and its gradient tolerance is floored at
-        1e-5, which float32 resolves); the refit then starts in float32 from the chosen sweep
-        solution and is finished in ``dtype``. ``None`` runs everything in ``dtype``.
+    device : default: the device of ``train_x``.
+    dtype : precision in which every fit is verified and finished; default float64 (also on
+        CUDA, where only the finishing iterations run in it).
+    sweep_dtype : fast precision for the bulk of each solve. ``"auto"`` (default) uses
+        float32 when ``dtype`` is float64 and features are standardised (4-5x faster on
+        CPUs). ``None`` runs everything in ``dtype``.
 
     Returns
     -------
@@ -478,7 +553,10 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
         _check_c(c)
     if patience is not None and int(patience) < 1:
         raise ConfigError(f"patience must be >= 1 or None, got {patience}")
-    device, dtype = _resolve_device_dtype(train_x, device, dtype)
+    if device is None:
+        device = train_x.device if isinstance(train_x, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    dtype = torch.float64 if dtype is None else dtype
     xtr = check_features(train_x, "train_x", min_samples=3, device=device)
     xte = check_features(test_x, "test_x", min_samples=1, device=device)
     if xtr.shape[1] != xte.shape[1]:
@@ -496,11 +574,12 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
     fit_idx, val_idx = stratified_split(ytr.cpu(), val_fraction, seed)
     fit_idx_t = torch.as_tensor(fit_idx, device=device)
     val_idx_t = torch.as_tensor(val_idx, device=device)
+    # A common power-of-two factor is exact and leaves standardised features unchanged, but
+    # keeps the variance of features near 1e+-200 from over- or underflowing.
+    xtr, xte = pow2_rescale(xtr, xte)
     xtr, xte = xtr.to(dtype), xte.to(dtype)
     fast = _sweep_dtype(sweep_dtype, dtype, standardize)
     fit_tol = tol if sweep_tol is None else sweep_tol
-    if fast != dtype:
-        fit_tol = max(float(fit_tol), _SWEEP_F32_TOL)
 
     def prepare(stats_x: torch.Tensor, *xs: torch.Tensor):
         mean = scale = None
@@ -511,46 +590,67 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
 
     probe = LinearProbe(grid[0], standardize=standardize, max_iter=max_iter, tol=fit_tol,
                         warm_start=True, device=device, dtype=dtype)
-    val_acc: dict[float, float] = {}
-    solutions: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     n_iter_total = 0
-    best_c, best_acc, since_best = grid[0], -1.0, 0
+
+    def solve(xt: torch.Tensor, xt_fast: torch.Tensor | None, y: torch.Tensor, mean, scale
+              ) -> None:
+        """Fit at the probe's C: bulk in the fast precision, verified/finished in dtype."""
+        nonlocal n_iter_total
+        if xt_fast is not None:
+            probe._fit_prepared(xt_fast, y, classes, mean, scale)
+            n_iter_total += probe.n_iter_
+        # warm-started; L-BFGS returns after one gradient evaluation when already converged
+        probe._fit_prepared(xt, y, classes, mean, scale)
+        n_iter_total += probe.n_iter_
+
+    val_acc: dict[float, float] = {}
+    sweep_ok: dict[float, bool] = {}
+    solutions: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    best_c, best_key, since_best = grid[0], (False, -1.0), 0
     with torch.inference_mode(False), torch.no_grad():
         x_fit = xtr[fit_idx_t]
         mean, scale, (xt_fit, xt_val) = prepare(x_fit, x_fit, xtr[val_idx_t])
-        xt_fit, xt_val = xt_fit.to(fast), xt_val.to(fast)
+        xt_fit_fast = xt_fit.to(fast) if fast != dtype else None
         y_fit, y_val = ytr[fit_idx_t], ytr[val_idx_t]
         for c in grid:
-            probe.set_params(C=c)._fit_prepared(xt_fit, y_fit, classes, mean, scale)
-            n_iter_total += probe.n_iter_
+            probe.set_params(C=c)
+            solve(xt_fit, xt_fit_fast, y_fit, mean, scale)
             acc = float((probe._predict_index(xt_val) == y_val).double().mean())
-            val_acc[c] = acc
+            val_acc[c], sweep_ok[c] = acc, probe.converged_
             solutions[c] = (probe.coef_, probe.intercept_)
-            if acc > best_acc:
-                best_c, best_acc, since_best = c, acc, 0
+            key = (probe.converged_, acc)  # a converged fit beats any unconverged one
+            if key > best_key:
+                best_c, best_key, since_best = c, key, 0
             else:
                 since_best += 1
                 if patience is not None and since_best >= patience:
                     break
+        del xt_fit_fast
 
         # refit on train + validation, warm-started from the chosen sweep solution
         mean, scale, (xt_tr, xt_te) = prepare(xtr, xtr, xte)
-        probe.set_params(C=best_c)
+        probe.set_params(C=best_c, tol=tol)
         probe.coef_, probe.intercept_ = solutions[best_c]
-        if fast != dtype:  # most of the refit in the fast precision, finished in dtype below
-            probe._fit_prepared(xt_tr.to(fast), ytr, classes, mean, scale)
-            n_iter_total += probe.n_iter_
-        probe.set_params(tol=tol)
-        probe._fit_prepared(xt_tr, ytr, classes, mean, scale)
-        n_iter_total += probe.n_iter_
+        solve(xt_tr, xt_tr.to(fast) if fast != dtype else None, ytr, mean, scale)
         train_acc = float((probe._predict_index(xt_tr) == ytr).double().mean())
         test_acc = float((probe._predict_index(xt_te) == yte).double().mean())  # yte=-1 never hits
-    if not probe.converged_:
-        warnings.warn(f"linear_probe: the refit at C={best_c:g} stopped at max_iter={max_iter} "
-                      f"before tol={tol:g}; raise max_iter", ProbeConvergenceWarning, stacklevel=2)
+    unconverged = [c for c, ok in sweep_ok.items() if not ok]
+    if unconverged or not probe.converged_:
+        what = []
+        if unconverged:
+            what.append(f"{len(unconverged)} of {len(sweep_ok)} sweep fits "
+                        f"(C={', '.join(f'{c:g}' for c in unconverged[:3])}"
+                        f"{', ...' if len(unconverged) > 3 else ''})")
+        if not probe.converged_:
+            what.append(f"the refit at C={best_c:g} (max |grad| {probe.grad_max_:.2g})")
+        warnings.warn(f"linear_probe: {' and '.join(what)} stopped before tol within "
+                      f"max_iter={max_iter}; raise max_iter", ProbeConvergenceWarning,
+                      stacklevel=2)
     return ProbeResult(test_accuracy=test_acc, best_c=best_c, val_accuracy=val_acc,
                        train_accuracy=train_acc, n_iter=probe.n_iter_,
-                       n_iter_total=n_iter_total, grid=grid, converged=probe.converged_)
+                       n_iter_total=n_iter_total, grid=grid,
+                       converged=bool(probe.converged_ and sweep_ok[best_c]),
+                       sweep_converged=sweep_ok, n_test=int(xte.shape[0]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -578,8 +678,10 @@ def knn_predict(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, *, k:
         raise MetricInputError(f"train_x has {xtr.shape[1]} features but test_x has "
                                f"{xte.shape[1]}; extract both with the same layer")
     classes, ytr = _encode_labels(train_y, xtr.shape[0], "train_y", device)
-    xtr = F.normalize(xtr.to(dtype), dim=1)
-    xte = F.normalize(xte.to(dtype), dim=1)
+    # exact per-row power-of-two rescaling first: F.normalize clamps norms below 1e-12, so rows
+    # of tiny magnitude would otherwise not be unit vectors (cosine is scale-free; so is this)
+    xtr = F.normalize(rowwise_pow2_rescale(xtr).to(dtype), dim=1)
+    xte = F.normalize(rowwise_pow2_rescale(xte).to(dtype), dim=1)
     k = min(int(k), xtr.shape[0])
     n_cls = int(classes.numel())
     if batch_size is None:  # keep the (batch, n_train) similarity block near 2**24 entries
@@ -653,8 +755,11 @@ def _task_pairs(view: EpochView, metric: str) -> list[tuple[str, torch.Tensor, t
 #: Settings of the registered ``probe_accuracy`` metric (recorded in every row's params).
 PROBE_METRIC_SETTINGS: dict[str, Any] = {"c_grid": tuple(float(c) for c in np.logspace(-3, 1, 5)),
                                          "val_fraction": 0.2, "standardize": True,
-                                         "patience": 3, "tol": 1e-4, "sweep_tol": 1e-3,
+                                         "patience": 3, "tol": 1e-4, "sweep_tol": None,
                                          "sweep_dtype": "auto"}
+#: Confidence level and method of the intervals recorded with probe accuracies.
+CI_LEVEL = 0.95
+CI_METHOD = "wilson-95"
 #: Settings of the registered ``knn_accuracy`` metric.
 KNN_METRIC_SETTINGS: dict[str, Any] = {"k": 20, "temperature": 0.07}
 
@@ -667,9 +772,15 @@ def _probe_accuracy(view: EpochView) -> list[MetricValue]:
     for task, ytr, yte in _task_pairs(view, "probe_accuracy"):
         res = linear_probe(view.train.features, ytr, view.test.features, yte, seed=view.seed,
                            **PROBE_METRIC_SETTINGS)
+        low, high = res.interval(CI_LEVEL)
+        # "converged" is false when the refit or the chosen C's sweep fit missed the gradient
+        # tolerance: the row says its number is unverified instead of dropping it
         params = {"C": res.best_c, "grid_size": len(res.grid), "grid_min": res.grid[0],
                   "grid_max": res.grid[-1], **PROBE_METRIC_SETTINGS,
-                  "val_accuracy": res.val_accuracy[res.best_c], "seed": view.seed}
+                  "val_accuracy": res.val_accuracy[res.best_c], "seed": view.seed,
+                  "converged": res.converged,
+                  "unconverged_sweep_fits": sum(not ok for ok in res.sweep_converged.values()),
+                  "n_test": res.n_test, "ci_low": low, "ci_high": high, "ci_method": CI_METHOD}
         rows.append(MetricValue("probe_accuracy", res.test_accuracy, task=task,
                                 estimator="logreg-lbfgs", params=params))
     return rows
@@ -679,9 +790,13 @@ def _probe_accuracy(view: EpochView) -> list[MetricValue]:
                  description="downstream weighted-kNN test accuracy per task (k=20, T=0.07)")
 def _knn_accuracy(view: EpochView) -> list[MetricValue]:
     """Weighted kNN test accuracy of every downstream task (Wu et al. 2018)."""
-    return [MetricValue("knn_accuracy",
-                        knn_probe(view.train.features, ytr, view.test.features, yte,
-                                  **KNN_METRIC_SETTINGS),
-                        task=task, estimator="weighted-knn-cosine",
-                        params=dict(KNN_METRIC_SETTINGS))
-            for task, ytr, yte in _task_pairs(view, "knn_accuracy")]
+    rows = []
+    for task, ytr, yte in _task_pairs(view, "knn_accuracy"):
+        acc = knn_probe(view.train.features, ytr, view.test.features, yte,
+                        **KNN_METRIC_SETTINGS)
+        n_test = int(yte.shape[0])
+        low, high = accuracy_interval(acc, n_test, CI_LEVEL)
+        rows.append(MetricValue("knn_accuracy", acc, task=task, estimator="weighted-knn-cosine",
+                                params={**KNN_METRIC_SETTINGS, "n_test": n_test, "ci_low": low,
+                                        "ci_high": high, "ci_method": CI_METHOD}))
+    return rows

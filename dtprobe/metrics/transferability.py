@@ -44,7 +44,13 @@ from dataclasses import dataclass
 import torch
 
 from dtprobe.errors import ConfigError, MetricInputError
-from dtprobe.metrics._validation import ArrayLike, as_tensor, check_features, check_labels
+from dtprobe.metrics._validation import (
+    ArrayLike,
+    as_tensor,
+    check_features,
+    check_labels,
+    pow2_rescale,
+)
 from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
 
 __all__ = [
@@ -268,7 +274,9 @@ def h_score(features: ArrayLike, labels: ArrayLike, *,
     f = check_features(features, "features")
     y, k = check_labels(labels, f.shape[0], "labels")
     n, d = f.shape
-    f = f - f.mean(dim=0)
+    # H is invariant to scaling f; an exact power-of-two rescaling of the centred features
+    # keeps covariances of features near 1e+-200 representable
+    (f,) = pow2_rescale(f - f.mean(dim=0))
     counts = torch.bincount(y, minlength=k).to(f.dtype)
     means = torch.zeros(k, d, dtype=f.dtype, device=f.device).index_add_(0, y, f)
     means = means / counts[:, None]
@@ -403,7 +411,8 @@ def gbc(features: ArrayLike, labels: ArrayLike, *, gaussian: str = "spherical",
         maha = ((means[i] - means) ** 2 / avg).sum(dim=1) / 8
         logdet = (torch.log(avg) - (log_var[i] + log_var) / 2).sum(dim=1) / 2
         bc = torch.exp(-(maha + logdet))
-        total = total + bc.sum() - bc[i]                # drop j == i
+        bc[i] = 0.0  # drop j == i by masking: subtracting its 1 would erase BCs below 1e-16
+        total = total + bc.sum()
     return float(-total)
 
 

@@ -34,9 +34,23 @@ from dtprobe.metrics.information._common import (
     subsample_index,
 )
 
+#: Spawn key of the tie-breaking noise stream: its generator is never the one a caller gets from
+#: ``default_rng(seed)``, so jitter cannot replay the noise that generated tied test data.
+_JITTER_STREAM = (0x4B5347,)
+
+
+def _jitter_rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=_JITTER_STREAM))
+
 
 def _scaled(v: Variable, rng: np.random.Generator, jitter: float) -> np.ndarray:
+    """Centred unit-variance columns plus tie-breaking noise of standard deviation ``jitter``.
+
+    Centring comes first: on raw columns with a large common offset the noise would be below
+    the offset's rounding step and vanish (KSG is invariant to shifting a variable).
+    """
     x = v.data.cpu().numpy().astype(np.float64)
+    x = x - x.mean(axis=0)
     peak = np.abs(x).max(axis=0)
     x = x / np.where(peak > 0, peak, 1.0)  # keeps the variance of tiny-valued columns representable
     std = x.std(axis=0)
@@ -98,8 +112,11 @@ def ksg_mi(a: ArrayLike, b: ArrayLike, *, k: int = 3, jitter: float = 1e-10,
         Number of neighbours (3 is the usual bias/variance compromise); per class it is capped
         at ``class size - 1``.
     jitter : float
-        Standard deviation of the tie-breaking noise added to unit-variance columns.
-    max_samples, seed : optional seeded subsample; ``seed`` also seeds the jitter.
+        Standard deviation of the tie-breaking noise added to the centred, unit-variance
+        columns (so it survives any common offset of the input).
+    max_samples, seed : optional seeded subsample; ``seed`` also seeds the jitter, from a
+        stream of its own (``SeedSequence(seed, spawn_key=(0x4B5347,))``) so that it is
+        independent of data drawn with ``numpy.random.default_rng(seed)``.
 
     Returns
     -------
@@ -126,7 +143,7 @@ def ksg_mi(a: ArrayLike, b: ArrayLike, *, k: int = 3, jitter: float = 1e-10,
               "seed": seed, "max_samples": max_samples}
     if (zero := degenerate_result(va, vb, "ksg", params)) is not None:
         return zero
-    rng = np.random.default_rng(seed)
+    rng = _jitter_rng(seed)
     if variant == "ksg1":
         value = _ksg_cc(_scaled(va, rng, jitter), _scaled(vb, rng, jitter), k)
     else:
