@@ -429,7 +429,8 @@ def test_charts_and_report_use_the_downstream_datasets(reference, tmp_path):
         ax = plot_transfer_tradeoff(res, dataset=dataset)
         assert ax.get_title().startswith("Discriminability vs transfer")
         plt.close(ax.figure)
-    with pytest.raises(ConfigError, match="no downstream dataset 'pets' in the results; available: digits"):
+    with pytest.raises(ConfigError, match="no downstream dataset 'pets' in the results; "
+                                          "available: digits"):
         plot_transfer_tradeoff(res, dataset="pets")
     names = []
     for name, _, fig in iter_figures(res):

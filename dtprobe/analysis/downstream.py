@@ -61,6 +61,7 @@ from dtprobe.data.transfer import SourceInput, prepare_for_source, source_loader
 from dtprobe.errors import DtprobeError, MetricInputError
 from dtprobe.extract import FeatureCache, dataset_key
 from dtprobe.metrics.registry import EpochView, FeatureSplit, MetricValue, available_metrics
+from dtprobe.table import DOWNSTREAM_PARAM
 
 DOWNSTREAM_METRICS: tuple[str, ...] = ("probe_accuracy", "knn_accuracy", "logme", "h_score",
                                        "transrate", "gbc", "leep", "nce")
@@ -144,7 +145,7 @@ def downstream_part_key(ckpt: PlannedCheckpoint, ds: DownstreamData, metrics: Se
 
 def _row(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamData,
          v: MetricValue) -> dict[str, Any]:
-    params = {**v.params, "downstream": ds.spec.text}
+    params = {**v.params, DOWNSTREAM_PARAM: ds.spec.text}
     return {"run": plan.name, "epoch": ckpt.epoch, "step": ckpt.step, "metric": v.metric,
             "task": ds.spec.name, "layer": "", "value": float(v.value),
             "estimator": v.estimator,
@@ -224,7 +225,7 @@ def aggregate_rows(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list
     for r in rows:
         if r["metric"] != "probe_accuracy" or r["task"] not in wanted or r["layer"]:
             continue
-        if '"downstream"' not in (r.get("params") or ""):
+        if f'"{DOWNSTREAM_PARAM}"' not in (r.get("params") or ""):
             continue
         slot = by_epoch.setdefault((r["run"], r["epoch"]), {"step": r["step"], "acc": {}})
         if math.isfinite(r["value"]):
