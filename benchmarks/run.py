@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks import Row, cpu_model, markdown_table, set_threads
 
 BENCHMARKS = ("separation", "cka", "probe", "extraction", "gpu_extraction", "memory", "training",
-              "downstream")
+              "live", "objectives", "downstream")
 
 
 def machine() -> str:

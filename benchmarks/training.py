@@ -24,7 +24,8 @@ import checkpoints_manifest as cm
 from benchmarks import Row, run_python
 
 _CLI = "import sys\nfrom dtprobe.cli import main\nraise SystemExit(main(sys.argv[1:]))\n"
-_OBJECTIVE_FIELDS = {"objective", "ctc", "objective_config"}
+_OBJECTIVE_FIELDS = {"objective", "ctc", "objective_config", "objective_params",
+                     "analysed_features", "views"}
 
 
 def _train(out: Path, args: list[str]) -> pd.DataFrame:

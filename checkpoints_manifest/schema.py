@@ -38,6 +38,17 @@ MANIFEST_NAME = "manifest.json"
 _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 _DOTTED_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 _DRIVE_RE = re.compile(r"[A-Za-z]:")
+_CONTROL_RE = re.compile(r"[\x00-\x1f]")
+#: Largest epoch / step / seed accepted (a signed 64-bit integer, what torch and NumPy store).
+MAX_INT = 2**63 - 1
+#: Longest string accepted in a known field (names, paths), in characters.
+MAX_TEXT = 4096
+#: Deepest nesting accepted anywhere in a manifest document.
+MAX_DEPTH = 32
+#: Most checkpoints one manifest may list.
+MAX_CHECKPOINTS = 100_000
+#: Most classes a model may have (ImageNet-21k has 21,841).
+MAX_CLASSES = 1_000_000
 
 
 class ManifestError(ValueError):
@@ -68,6 +79,10 @@ def utc_now_iso() -> str:
 
 def _show(value: Any, limit: int = 60) -> str:
     """Render a bad value for an error message (JSON where possible, shortened)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**15:
+        return f"an integer of {len(str(abs(value)))} digits"
+    if isinstance(value, str):
+        value = _printable(value)
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=True, default=repr)
     except (TypeError, ValueError, RecursionError):
@@ -78,6 +93,69 @@ def _show(value: Any, limit: int = 60) -> str:
     if isinstance(value, (dict, list)) and len(text) > limit:
         return f"a JSON {'object' if isinstance(value, dict) else 'array'} ({text[:limit - 20]}...)"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates (undecodable bytes, invalid JSON escapes) made visible."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bad_string(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_json_data(value: Any, source: str, name: str, depth: int = 0) -> None:
+    """Refuse values no manifest can hold: nesting deeper than :data:`MAX_DEPTH`, strings (or
+    keys) with lone surrogates (they cannot be written as UTF-8). Other non-JSON types are
+    refused when the manifest is written (:meth:`Manifest.to_json`).
+
+    Raises
+    ------
+    ManifestError
+        Naming the field.
+    """
+    if depth > MAX_DEPTH:
+        raise ManifestError(source, f"{name} is nested more than {MAX_DEPTH} levels deep", name)
+    if isinstance(value, str):
+        if _bad_string(value):
+            raise ManifestError(source, f"{name} holds a string that is not valid Unicode "
+                                        f"(lone surrogate): {_show(value)}", name)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str) or _bad_string(key):
+                raise ManifestError(source, f"{name} has a key that is not a valid string: "
+                                            f"{_show(key)}", name)
+            check_json_data(item, source, f"{name}.{key}" if name else key, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_json_data(item, source, f"{name}[{i}]", depth + 1)
+
+
+_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET_RE = re.compile(r"[\[\]{}]")
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def check_json_text(text: str, source: str, data: Any) -> None:
+    """:func:`check_json_data` for a document given as JSON text, without walking every value:
+    nesting is measured on the brackets outside strings, and values are walked for lone
+    surrogates only if the text has a surrogate escape or character (UTF-8 decoded text cannot
+    hold one otherwise). ``data`` is the decoded document.
+    """
+    depth = deepest = 0
+    for bracket in _BRACKET_RE.findall(_STRING_RE.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_DEPTH + 1:  # the top-level object is level 0 of check_json_data
+        raise ManifestError(source, f"the document is nested more than {MAX_DEPTH} levels deep "
+                                    f"({deepest - 1})")
+    if _SURROGATE_ESCAPE_RE.search(text) or _SURROGATE_RE.search(text):
+        check_json_data(data, source, "")
 
 
 class _Checker:
@@ -105,11 +183,16 @@ class _Checker:
     def text(self, value: Any, name: str) -> str:
         if not isinstance(value, str) or not value.strip():
             raise self.fail(name, "a non-empty string", value)
+        if len(value) > MAX_TEXT:
+            raise self.fail(name, f"a string of at most {MAX_TEXT} characters", value)
         return value
 
-    def nonneg_int(self, value: Any, name: str, minimum: int = 0) -> int:
+    def nonneg_int(self, value: Any, name: str, minimum: int = 0,
+                   maximum: int = MAX_INT) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self.fail(name, f"an int >= {minimum}", value)
+        if value > maximum:
+            raise self.fail(name, f"an int <= {maximum}", value)
         return int(value)
 
     def optional_int(self, value: Any, name: str) -> int | None:
@@ -117,6 +200,8 @@ class _Checker:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(name, "an int or null", value)
+        if abs(value) > MAX_INT:
+            raise self.fail(name, f"an int of magnitude <= {MAX_INT} or null", value)
         return int(value)
 
     def iso_time(self, value: Any, name: str) -> str:
@@ -189,8 +274,12 @@ def _path_problem(value: Any) -> str | None:
     """Why ``value`` is not an acceptable checkpoint path, or None if it is."""
     if not isinstance(value, str) or not value:
         return "a non-empty string"
-    if "\x00" in value:
-        return "no NUL characters"
+    if len(value) > MAX_TEXT:
+        return f"at most {MAX_TEXT} characters"
+    if _CONTROL_RE.search(value):
+        return "no NUL or control characters"
+    if _bad_string(value):
+        return "valid Unicode, no lone surrogates"
     if "\\" in value:
         return "use forward slashes"
     if value.startswith("/") or _DRIVE_RE.match(value):
@@ -281,7 +370,7 @@ class ModelSpec:
         return cls(
             arch=chk.text(chk.required(data, "arch", p), p + "arch"),
             num_classes=chk.nonneg_int(chk.required(data, "num_classes", p), p + "num_classes",
-                                       minimum=1),
+                                       minimum=1, maximum=MAX_CLASSES),
             kwargs=chk.obj(data.get("kwargs", {}), p + "kwargs"),
             penultimate=chk.dotted(data.get("penultimate"), p + "penultimate"),
             extra={k: v for k, v in data.items() if k not in known},
@@ -443,8 +532,11 @@ class Manifest:
         }, self.extra if isinstance(self.extra, Mapping) else {})
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<dict>") -> Manifest:
+    def from_dict(cls, data: Any, source: str = "<dict>", *, scan: bool = True) -> Manifest:
         """Validate a decoded manifest document; raises :class:`ManifestError` naming the field.
+
+        ``scan=False`` skips the walk of :func:`check_json_data` (for text already checked
+        by :func:`check_json_text`).
 
         Checks the format tag and version, every known field's type and range,
         that checkpoint paths are relative and stay inside the run directory,
@@ -463,11 +555,18 @@ class Manifest:
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise chk.fail("version", "a positive int", version)
         if version > VERSION:
-            raise ManifestError(source, f"version {version} is newer than this reader supports "
-                                        f"({VERSION}); upgrade checkpoints_manifest", "version")
+            raise ManifestError(source, f"version {_show(version)} is newer than this reader "
+                                        f"supports ({VERSION}); upgrade checkpoints_manifest",
+                                "version")
         raw_ckpts = chk.required(data, "checkpoints", "")
         if not isinstance(raw_ckpts, list):
             raise chk.fail("checkpoints", "a JSON array", raw_ckpts)
+        if len(raw_ckpts) > MAX_CHECKPOINTS:
+            raise ManifestError(source, f"lists {len(raw_ckpts)} checkpoints, more than the "
+                                        f"{MAX_CHECKPOINTS} one manifest may hold; split the run",
+                                "checkpoints")
+        if scan:
+            check_json_data(data, source, "")
         entries = [CheckpointEntry.from_dict(item, source, f"checkpoints[{i}]")
                    for i, item in enumerate(raw_ckpts)]
         _check_unique(entries, source)

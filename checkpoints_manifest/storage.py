@@ -12,21 +12,24 @@ not lose each other's entries.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from checkpoints_manifest.schema import (
     MANIFEST_NAME,
     CheckpointEntry,
     Manifest,
     ManifestError,
+    check_json_text,
 )
 
 try:  # POSIX
@@ -36,11 +39,14 @@ except ImportError:  # pragma: no cover - Windows
 
 LOCK_NAME = ".manifest.json.lock"
 LOCK_TIMEOUT_S = 120.0
-#: A manifest larger than this is refused unread (a real one is a few KiB per checkpoint).
-MAX_MANIFEST_BYTES = 64 << 20
+#: A manifest larger than this is refused unread (a real one is well under 1 KiB per
+#: checkpoint, so this holds tens of thousands of checkpoints).
+MAX_MANIFEST_BYTES = 32 << 20
 _CHUNK = 1 << 20
 _TMP_SUFFIX = ".tmp"
 _DEFAULT_MODE = 0o644
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_mkstemp = tempfile.mkstemp  # O_CREAT | O_EXCL | O_NOFOLLOW, random name (indirection for tests)
 _thread_locks: dict[str, threading.Lock] = {}
 _thread_locks_guard = threading.Lock()
 
@@ -76,11 +82,13 @@ class _DuplicateKey(Exception):
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
+    out = dict(pairs)  # built in C; only a short dict means a key was repeated
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return out
 
 
@@ -105,7 +113,8 @@ def parse_manifest(text: str | bytes, source: str = "<string>") -> Manifest:
         raise ManifestError(source, "not valid JSON (nested too deeply)") from None
     except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
         raise ManifestError(source, f"not valid JSON ({exc})") from None
-    return Manifest.from_dict(data, source)
+    check_json_text(text, source, data)  # depth, lone surrogates: on the text, fast when big
+    return Manifest.from_dict(data, source, scan=False)
 
 
 def read_manifest(run_dir_or_file: str | os.PathLike[str]) -> Manifest:
@@ -130,19 +139,21 @@ def read_manifest(run_dir_or_file: str | os.PathLike[str]) -> Manifest:
     """
     path = manifest_path(run_dir_or_file)
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size > MAX_MANIFEST_BYTES:
-                raise ManifestError(str(path), f"is {size / 2**20:.0f} MiB, larger than any "
-                                               f"manifest ({MAX_MANIFEST_BYTES >> 20} MiB "
-                                               "limit); this is not a checkpoints manifest")
-            raw = fh.read()
+        raw = read_regular_file(path, MAX_MANIFEST_BYTES, "manifest")
     except FileNotFoundError:
         raise ManifestError(str(path), "no such manifest; write one with write_manifest() (see "
                                        "checkpoints_manifest/README.md)") from None
+    except ValueError as exc:  # a FIFO, a device, a directory or a file far too large
+        raise ManifestError(str(path), f"{exc}; this is not a checkpoints manifest") from None
     except OSError as exc:
         raise ManifestError(str(path), f"cannot read it ({exc.strerror or exc})") from None
     return parse_manifest(raw, str(path))
+
+
+def _link_reason(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "it is a symbolic link, which dtprobe never writes through"
+    return exc.strerror or str(exc)
 
 
 def _thread_lock(lock_path: Path) -> threading.Lock:
@@ -174,7 +185,12 @@ def manifest_lock(run_dir: str | os.PathLike[str],
                                             "manifest lock held by another thread")
     try:
         if fcntl is not None:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, _DEFAULT_MODE)
+            try:  # never through a link planted at the lock's name
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, _DEFAULT_MODE)
+            except OSError as exc:
+                raise ManifestError(str(lock_path), f"cannot open the manifest lock "
+                                    f"({_link_reason(exc)}); remove it if it is a symbolic "
+                                    "link, or make the run directory writable") from None
             try:
                 while True:
                     try:
@@ -254,32 +270,140 @@ def remove_stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` atomically: temp file in the same directory, fsync, replace.
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", *,
+                  encoding: str | None = None, newline: str | None = None,
+                  errors: str | None = None, file_mode: int | None = None) -> Iterator[IO[Any]]:
+    """Open a file object whose content replaces ``path`` atomically when the block ends.
 
-    A reader sees the old or the new content, never a mix, even if the writer is killed
-    (``SIGKILL``) at any moment; a kill can at most leave a hidden ``.NAME.<random>.tmp`` file
-    beside ``path`` (see :func:`remove_stale_temp_files`). The new file keeps the permission
-    bits of the file it replaces (0644 for a new file).
+    The data goes to a new temporary file beside ``path`` with an unpredictable name
+    (``.NAME.<random>.tmp``, created by :func:`tempfile.mkstemp` with ``O_CREAT | O_EXCL``
+    and ``O_NOFOLLOW``, mode 0600), so a symbolic link planted at any name cannot redirect
+    the write; it is flushed, fsync'ed and renamed over ``path`` with :func:`os.replace`,
+    which replaces a link planted at ``path`` itself instead of writing through it. A reader
+    sees the old or the new content, never a mix, even if the writer is killed (``SIGKILL``)
+    at any moment; a kill can at most leave the hidden temporary file (see
+    :func:`remove_stale_temp_files`). If the block raises, nothing is replaced.
+
+    Parameters
+    ----------
+    path : path-like
+        The file to (re)place; its directory must exist.
+    mode : {"wb", "w"}
+        Binary or text file object.
+    encoding, newline, errors : str, optional
+        For text mode (UTF-8, ``"\\n"`` and ``"strict"`` by default).
+    file_mode : int, optional
+        Permission bits of the new file; default: those of the regular file it replaces,
+        else 0644.
     """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
+    if file_mode is None:
+        try:
+            st = os.lstat(path)
+            file_mode = st.st_mode & 0o777 if stat.S_ISREG(st.st_mode) else _DEFAULT_MODE
+        except FileNotFoundError:
+            file_mode = _DEFAULT_MODE
+    fd, tmp = _mkstemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
     try:
-        mode = path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        mode = _DEFAULT_MODE
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+        if mode == "w":
+            fh = os.fdopen(fd, "w", encoding=encoding or "utf-8", errors=errors or "strict",
+                           newline="\n" if newline is None else newline)
+        else:
+            fh = os.fdopen(fd, "wb")
+        with fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
+            if hasattr(os, "fchmod"):
+                os.fchmod(fh.fileno(), file_mode)
+            else:  # pragma: no cover - Windows
+                os.chmod(tmp, file_mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and without following links (see
+    :func:`atomic_writer`)."""
+    with atomic_writer(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str,
+                      errors: str = "backslashreplace") -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically and without following links.
+
+    A reader sees the old or the new content, never a mix, even if the writer is killed
+    (``SIGKILL``) at any moment; a kill can at most leave a hidden ``.NAME.<random>.tmp`` file
+    beside ``path`` (see :func:`remove_stale_temp_files`). The new file keeps the permission
+    bits of the file it replaces (0644 for a new file). See :func:`atomic_writer`. Characters
+    UTF-8 cannot encode (lone surrogates from undecodable file names) are written as
+    ``\\udcXX`` escapes by default instead of failing the write.
+    """
+    with atomic_writer(path, "w", errors=errors) as fh:
+        fh.write(text)
+
+
+def read_regular_file(path: str | os.PathLike[str], limit: int, what: str = "file") -> bytes:
+    """The bytes of ``path``, read once, only if it is a regular file of at most ``limit`` bytes.
+
+    A FIFO, device (``/dev/zero``), socket or directory is refused without reading it (the
+    file is opened non-blocking, so a FIFO cannot hang the reader), and a file larger than
+    ``limit``, or one that grows past it while being read, is refused; ``what`` names the kind
+    of file in that message.
+
+    Raises
+    ------
+    FileNotFoundError, OSError
+        As :func:`os.open`.
+    ValueError
+        If the file is not a regular file or is larger than ``limit`` (the message says which).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"is not a regular file ({_file_kind(st.st_mode)})")
+        if st.st_size > limit:
+            raise ValueError(f"is {_size(st.st_size)}, larger than any {what} ({_size(limit)} "
+                             "limit)")
+        chunks = []
+        total = 0
+        while True:
+            chunk = os.read(fd, min(_CHUNK * 16, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise ValueError(f"grew past the {_size(limit)} limit while being read, larger "
+                                 f"than any {what}")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _file_kind(st_mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(st_mode):
+            return name
+    return "not a plain file"
 
 
 def _write_unlocked(run_dir: Path, manifest: Manifest) -> Path:

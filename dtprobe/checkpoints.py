@@ -32,10 +32,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
+import io
 import json
 import os
 import pathlib
 import re
+import stat
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -56,14 +59,19 @@ __all__ = [
     "CheckpointSeries",
     "InferredCheckpoint",
     "LoadedCheckpoint",
+    "ALLOWED_DTYPES",
+    "CheckpointBytes",
     "check_finite",
+    "check_tensors",
     "infer_checkpoint_series",
     "is_temporary_name",
     "load_checkpoint",
     "load_into_model",
     "load_state_dict",
+    "read_checkpoint_bytes",
     "read_checkpoint_meta",
     "resolve_inside",
+    "safe_torch_load",
     "verify_sha256",
 ]
 
@@ -234,44 +242,210 @@ def _first_line(text: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _starts_like_a_pickle(path: Path) -> bool:
-    """``torch.save`` output starts with a zip (``PK``) or a pickle protocol marker (0x80)."""
+#: A checkpoint file larger than this is refused unread (it is read into memory once, so that
+#: the bytes hashed are the bytes loaded); override with ``DTPROBE_MAX_CHECKPOINT_BYTES``.
+MAX_CHECKPOINT_BYTES = int(os.environ.get("DTPROBE_MAX_CHECKPOINT_BYTES", 32 << 30))
+#: Most elements one tensor may claim (2**33 float32 values are 32 GiB).
+MAX_TENSOR_ELEMENTS = 1 << 33
+#: Tensor dtypes accepted as weights; float8, complex, quantized and other exotic types are refused.
+ALLOWED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                            torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                            torch.bool})
+
+
+@dataclass(frozen=True)
+class CheckpointBytes:
+    """The content of a checkpoint file, read once, and the sha256 of exactly these bytes.
+
+    Everything dtprobe derives from a checkpoint (weights, cached features, cache keys) comes
+    from ``data``, so a file swapped after it was read cannot be analysed under the digest of
+    the bytes that were verified.
+    """
+
+    path: Path
+    data: bytes
+    sha256: str
+
+
+def _inside(real: str, base: str) -> bool:
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _opened_path(fd: int) -> str | None:
+    """The real path of an open file descriptor (Linux ``/proc``), or None where unknown."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(2)
+        return os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))
     except OSError:
-        return False
-    return head[:2] == b"PK" or head[:1] == b"\x80"
+        return None
 
 
-def _refusal(path: Path, exc: BaseException) -> CheckpointError | None:
+def read_checkpoint_bytes(path: str | os.PathLike[str], *, expected_sha256: str | None = None,
+                          run_dir: str | os.PathLike[str] | None = None,
+                          allow_symlinks: bool = False,
+                          limit: int | None = None) -> CheckpointBytes:
+    """Read a checkpoint file once into memory and hash those bytes.
+
+    Parameters
+    ----------
+    path : path-like
+        The checkpoint file.
+    expected_sha256 : str, optional
+        Digest the manifest recorded; the bytes read must have it.
+    run_dir : path-like, optional
+        The run directory. Unless ``allow_symlinks``, the file actually opened must lie inside
+        it: this is checked on the open file itself (``/proc/self/fd`` on Linux, the resolved
+        path just after opening elsewhere), so a link swapped in after planning is caught.
+    allow_symlinks : bool, default False
+        Accept a file reached through symbolic links that lead out of ``run_dir``.
+    limit : int, optional
+        Largest size read (default :data:`MAX_CHECKPOINT_BYTES`).
+
+    Returns
+    -------
+    CheckpointBytes
+
+    Raises
+    ------
+    CheckpointError
+        Missing, not a regular file (directory, FIFO, device), a symbolic-link loop, outside
+        the run directory, larger than ``limit``, unreadable, or a digest mismatch.
+    """
+    path = Path(path)
+    limit = MAX_CHECKPOINT_BYTES if limit is None else limit
+    check_inside = run_dir is not None and not allow_symlinks
+    try:
+        fd = _open_checkpoint(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file is missing; restore it or remove it "
+                              "from the series (or its manifest entry)") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(f"{path}: is a symbolic link loop; remove or fix the broken "
+                                  "link") from None
+        raise _unreadable(path, exc) from None
+    try:
+        if check_inside:
+            # The file actually opened (so a link swapped in after any earlier check is seen);
+            # where /proc is unavailable, the path resolved just after opening.
+            real = _opened_path(fd) or os.path.realpath(path)
+            base = os.path.realpath(run_dir)
+            if not _inside(real, base):
+                raise CheckpointError(f"{path}: resolves to {real}, outside the run directory "
+                                      f"{base} (symbolic link?); copy the file into the run "
+                                      "directory or allow symlinks explicitly")
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise CheckpointError(f"{path}: is not a file but a directory; point to the "
+                                  "checkpoint file itself (fix the checkpoint path)")
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: is not a regular file (FIFO, device or socket); "
+                                  "point to the checkpoint file itself")
+        if st.st_size > limit:
+            raise CheckpointError(f"{path}: is {st.st_size / 2**30:.1f} GiB, larger than the "
+                                  f"{limit / 2**30:.1f} GiB limit; raise "
+                                  "DTPROBE_MAX_CHECKPOINT_BYTES if it is genuine")
+        data = _read_all(fd, path, limit)
+    finally:
+        os.close(fd)
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256.lower():
+        raise CheckpointError(f"{path}: sha256 {digest[:12]}... does not match the manifest "
+                              f"({expected_sha256.lower()[:12]}...); the file changed after it "
+                              "was recorded or is corrupt: restore it or re-record its entry")
+    return CheckpointBytes(path, data, digest)
+
+
+def _open_checkpoint(path: Path) -> int:
+    # Non-blocking, so that a FIFO planted at a checkpoint's name cannot hang the analysis.
+    return os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+
+
+def _read_all(fd: int, path: Path, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        while chunk := os.read(fd, min(64 << 20, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise CheckpointError(f"{path}: grew past the {limit / 2**30:.1f} GiB limit "
+                                      "while being read; wait until its writer is done")
+    except MemoryError:
+        raise _out_of_memory(path, total) from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    return b"".join(chunks)
+
+
+def _pickle_globals(data: bytes) -> list[str] | None:
+    """Globals a raw pickle references (``module.name``), or None if ``data`` is no pickle.
+
+    A static scan of the opcodes (:mod:`pickletools`, nothing is executed); it tells a crafted
+    pickle of any protocol (0 included, which has no marker byte) from random bytes.
+    """
+    import pickletools
+
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+            if opcode.name == "STOP":
+                return found
+    except Exception:  # noqa: BLE001 - any parse failure means: not a (complete) pickle
+        return found if found else None
+    return found if found else None
+
+
+_TORCH_GLOBALS = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset",
+                  "builtins.bytearray", "_codecs.encode")
+
+
+def _unsafe_globals(data: bytes) -> list[str]:
+    return [g for g in (_pickle_globals(data) or []) if not g.startswith(_TORCH_GLOBALS)]
+
+
+def _refused(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(f"{path}: refusing to unpickle it{detail}: not a plain weights file, "
+                           f"so loading it could run arbitrary code; {_FIX}")
+
+
+def _refusal(path: Path, exc: BaseException, data: bytes) -> CheckpointError | None:
     """A one-line refusal if ``exc`` is torch's weights-only unpickler rejecting content."""
     text = str(exc)
+    unsafe = _unsafe_globals(data) if data[:2] != b"PK" else []
+    if unsafe:
+        return _refused(path, f" (it references {unsafe[0]})")
     if not any(marker in text for marker in _UNSAFE_MARKERS):
         return None
     detail = ""
     match = re.search(r"GLOBAL (\S+) was not an allowed global|unsupported GLOBAL (\S+)", text)
     if match:
         detail = f" (it references {match.group(1) or match.group(2)})"
-    elif not _starts_like_a_pickle(path):
+    elif data[:2] != b"PK" and _pickle_globals(data) is None:
         return None  # random bytes read as pickle opcodes: corrupt, not crafted
     elif (match := re.search(r"Unsupported operand (\d+)", text)) is not None:
         detail = f" (pickle opcode {match.group(1)} is not allowed)"
     elif (match := re.search(r"(?:unrecognized function|but got) (.+?)(?: which|$)", text,
                              re.MULTILINE)) is not None:
         detail = f" (it needs {match.group(1).strip()})"
-    return CheckpointError(f"{path}: refusing to unpickle it{detail}: not a plain weights file, "
-                           f"so loading it could run arbitrary code; {_FIX}")
+    return _refused(path, detail)
 
 
 def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
     text = str(exc)
     if "WeightsUnpickler error:" in text:  # skip torch's generic preamble
         text = text.split("WeightsUnpickler error:", 1)[1]
-    reason = _first_line(text) or "no details"
+    reason = _first_line(text, 200)
     reason = reason.split(". ", 1)[0]  # torch appends paragraphs of advice after the cause
+    what = f"{type(exc).__name__}: {reason}" if reason else f"it ends early, {type(exc).__name__}"
     return CheckpointError(f"{path}: cannot read the checkpoint (truncated or corrupt file? "
-                           f"{type(exc).__name__}: {reason}); copy it again or {_FIX}")
+                           f"{what}); copy it again or {_FIX}")
 
 
 def _unreadable(path: Path, exc: OSError) -> CheckpointError:
@@ -279,73 +453,164 @@ def _unreadable(path: Path, exc: OSError) -> CheckpointError:
                            "exists and is readable")
 
 
-def _out_of_memory(path: Path) -> CheckpointError:
-    try:
-        size = f"{path.stat().st_size / 2**20:.1f} MiB"
-    except OSError:
-        size = "unknown size"
-    return CheckpointError(f"{path}: ran out of memory reading it ({size} file); it is corrupt "
+def _out_of_memory(path: Path, size: int | None = None) -> CheckpointError:
+    if size is None:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = None
+    shown = "unknown size" if size is None else f"{size / 2**20:.1f} MiB"
+    return CheckpointError(f"{path}: ran out of memory reading it ({shown} file); it is corrupt "
                            "(sizes in it are wrong) or larger than the available memory")
 
 
-def _torch_load(path: Path) -> Any:
+def _unknown_format(path: Path, data: bytes) -> CheckpointError | None:
+    """A clear message for content that is no checkpoint at all, or None if it may be one."""
+    if not data:
+        return CheckpointError(f"{path}: cannot read the checkpoint (truncated or corrupt file? "
+                               f"it is empty, 0 bytes); copy it again or {_FIX}")
+    if data[:6] == b"\x93NUMPY":
+        header = data[:4096]
+        if re.search(rb"'descr':\s*'\|O'", header) or b"'descr': [" in header:
+            return _refused(path, " (a NumPy .npy file of Python objects, stored as a pickle)")
+        return CheckpointError(f"{path}: is a NumPy .npy array, not a checkpoint; {_FIX}")
+    if data[:2] == b"PK" or _pickle_globals(data) is not None or data[:1] == b"\x80":
+        return None
+    head = data[:8].hex(" ")
+    return CheckpointError(f"{path}: cannot read the checkpoint: not a torch.save, safetensors "
+                           f"or pickle file (it starts with bytes {head}); copy it again or "
+                           f"{_FIX}")
+
+
+def _torch_load(data: bytes, path: Path) -> Any:
+    """``torch.load(..., weights_only=True)`` of the bytes already read (never the path again)."""
+    unknown = _unknown_format(path, data)
+    if unknown is not None:
+        raise unknown
     try:
         with _allow_data_only_globals(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4 ..."
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except MemoryError:
-        raise _out_of_memory(path) from None
-    except (PermissionError, FileNotFoundError, IsADirectoryError) as exc:
-        raise _unreadable(path, exc) from None
-    except OSError as exc:
-        if exc.errno == errno.EIO:
-            raise _unreadable(path, exc) from None
-        raise _corrupt(path, exc) from None  # e.g. EINVAL seeking in a truncated zip
+        raise _out_of_memory(path, len(data)) from None
     except Exception as exc:  # any failure to parse a user's file is a user-facing error
-        refusal = _refusal(path, exc)
+        refusal = _refusal(path, exc, data)
         raise (refusal or _corrupt(path, exc)) from None
 
 
-def _is_safetensors(path: Path) -> bool:
-    """Whether the file's content is safetensors: an 8-byte little-endian header length, then a
-    JSON object. ``torch.save`` files start with a zip (``PK``) or pickle (``0x80``) marker."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(9)
-            size = os.fstat(fh.fileno()).st_size
-    except OSError as exc:
-        raise _unreadable(path, exc) from None
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+def safe_torch_load(path: str | os.PathLike[str]) -> Any:
+    """Read a ``torch.save`` file once and ``torch.load`` it with ``weights_only=True``.
+
+    For files dtprobe wrote itself that hold more than weights (the trainer's resume state);
+    every failure is one :class:`CheckpointError` line (unsafe content refused, truncated or
+    corrupt file, missing).
+    """
+    blob = read_checkpoint_bytes(path)
+    return _torch_load(blob.data, blob.path)
+
+
+def _is_safetensors(data: bytes, path: Path) -> bool:
+    """Whether the content is safetensors: an 8-byte little-endian header length, then a JSON
+    object of that length. ``torch.save`` files start with a zip (``PK``) or pickle marker."""
+    if len(data) >= 9 and data[8:9] == b"{":
+        size = int.from_bytes(data[:8], "little")
+        if 2 <= size <= len(data) - 8:
+            try:
+                return isinstance(json.loads(data[8:8 + size]), dict)
+            except (ValueError, RecursionError):
+                pass
+    if data[:2] == b"PK" or data[:1] == b"\x80":
         return False
-    if path.suffix == ".safetensors":
-        return True  # let safetensors explain what is wrong with it
-    return (len(head) == 9 and head[8:9] == b"{"
-            and 2 <= int.from_bytes(head[:8], "little") <= size - 8)
+    return path.suffix == ".safetensors" and bool(data)  # let safetensors say what is wrong
 
 
-def _safetensors_load(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    from safetensors import safe_open
+def _safetensors_header(data: bytes) -> dict[str, Any]:
+    size = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or size > len(data) - 8:
+        raise ValueError(f"header of {size} bytes in a file of {len(data)} bytes")
+    header = json.loads(data[8:8 + size])
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("__metadata__ is not a JSON object")
+    return meta
+
+
+def _safetensors_load(data: bytes, path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors and header metadata of safetensors content (the bytes already read).
+
+    Metadata values are strings in the format; they are kept as inert data (numbers parsed,
+    nothing else interpreted)."""
+    from safetensors.torch import load as load_safetensors
 
     try:
-        tensors: dict[str, Tensor] = {}
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            header = fh.metadata() or {}
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
+        header = _safetensors_header(data)
+        tensors: dict[str, Tensor] = dict(load_safetensors(data))
     except MemoryError:
-        raise _out_of_memory(path) from None
-    except (PermissionError, FileNotFoundError, IsADirectoryError) as exc:
-        raise _unreadable(path, exc) from None
+        raise _out_of_memory(path, len(data)) from None
     except Exception as exc:
         raise _corrupt(path, exc) from None
     meta: dict[str, Any] = {}
     for key, value in header.items():
         try:
             parsed = json.loads(value)
-        except (ValueError, RecursionError):
+        except (TypeError, ValueError, RecursionError):
             parsed = value
-        meta[key] = parsed if isinstance(parsed, (int, float, bool)) else value
+        meta[str(key)] = parsed if isinstance(parsed, (int, float, bool)) else value
     return tensors, meta
+
+
+def check_tensors(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
+    """Refuse tensors that are not plain, self-consistent weights, before anything uses them.
+
+    Checked: a strided (dense) layout, not quantized, on the CPU (not the ``meta`` device, which
+    holds no data), a dtype in :data:`ALLOWED_DTYPES` (float8, complex, quantized types are
+    refused), at most :data:`MAX_TENSOR_ELEMENTS` elements, and a storage large enough for the
+    shape, strides and offset (a stride-0 view may not claim billions of elements it does not
+    store).
+
+    Raises
+    ------
+    CheckpointError
+        Naming the file, the tensor and what is wrong with it.
+    """
+    for key, value in state_dict.items():
+        problem = _tensor_problem(value)
+        if problem is not None:
+            raise CheckpointError(f"{path}: tensor {key!r} {problem}; re-save the model as "
+                                  "plain dense float weights with torch.save(model.state_dict(), "
+                                  "path) (or as .safetensors)")
+
+
+def _tensor_problem(t: Tensor) -> str | None:
+    if t.is_quantized:
+        return f"is quantized ({str(t.dtype).replace('torch.', '')}), dequantize it first"
+    if t.layout != torch.strided:
+        return f"has the {str(t.layout).replace('torch.', '')} layout, not a dense tensor"
+    if t.device.type == "meta":
+        return "is on the meta device and holds no data"
+    if t.device.type != "cpu":
+        return f"is on {t.device}, not the CPU"
+    if t.dtype not in ALLOWED_DTYPES:
+        return f"has dtype {str(t.dtype).replace('torch.', '')}, which cannot be analysed"
+    numel = 1
+    for size in t.shape:
+        numel *= int(size)
+    if numel > MAX_TENSOR_ELEMENTS:
+        return f"claims {numel:.3g} elements, more than any weight tensor"
+    if numel == 0:
+        return None
+    needed = t.storage_offset() + 1 + sum((int(n) - 1) * int(st)
+                                          for n, st in zip(t.shape, t.stride(), strict=True))
+    stored = t.untyped_storage().nbytes() // t.element_size()
+    if any(int(st) < 0 for st in t.stride()) or needed > stored:
+        return (f"has shape {tuple(t.shape)} and strides {tuple(t.stride())} that need "
+                f"{needed} elements but its storage holds {stored}")
+    if numel > max(stored, 1) * 16 and numel > 1 << 24:
+        return (f"claims {numel:.3g} elements but stores only {stored} (a stride-0 view); "
+                "save a contiguous tensor")
+    return None
 
 
 _SKIP = object()
@@ -447,7 +712,8 @@ def check_finite(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str])
                               "run?); drop this checkpoint from the series or retrain")
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True) -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True,
+                    data: CheckpointBytes | None = None) -> LoadedCheckpoint:
     """Read a checkpoint file safely: weights plus plain-data metadata.
 
     Parameters
@@ -458,6 +724,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True) -> Loa
         decides, not the suffix: a ``.ckpt`` holding safetensors loads too.
     finite : bool, default True
         Refuse weights that contain NaN/Inf.
+    data : CheckpointBytes, optional
+        The file's content as already read (and verified) by :func:`read_checkpoint_bytes`;
+        the tensors are then built from exactly these bytes and the file is not read again.
 
     Returns
     -------
@@ -468,29 +737,28 @@ def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True) -> Loa
     ------
     CheckpointError
         If the file is missing, unsafe to unpickle, truncated/corrupt, holds no
-        tensors, or (with ``finite``) contains NaN/Inf.
+        tensors or malformed ones (:func:`check_tensors`), or (with ``finite``)
+        contains NaN/Inf.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint file is missing; restore it or remove it "
-                              "from the series")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: is not a file; point to the checkpoint file itself")
+    blob = data if data is not None else read_checkpoint_bytes(path)
     # The content decides, not the name: a ``.ckpt`` may hold safetensors and vice versa.
-    if _is_safetensors(path):
-        state, meta = _safetensors_load(path)
+    if _is_safetensors(blob.data, path):
+        state, meta = _safetensors_load(blob.data, path)
         if not state:
             raise CheckpointError(f"{path}: holds no tensors; {_FIX}")
         chain: tuple[str, ...] = ()
     else:
-        state, meta, chain = _unwrap(_torch_load(path), path)
+        state, meta, chain = _unwrap(_torch_load(blob.data, path), path)
+    check_tensors(state, path)
     state, stripped = _strip_prefixes(state)
     if finite:
         check_finite(state, path)
     return LoadedCheckpoint(state, meta, chain, stripped)
 
 
-def load_state_dict(path: str | os.PathLike[str], *, finite: bool = True) -> dict[str, Tensor]:
+def load_state_dict(path: str | os.PathLike[str], *, finite: bool = True,
+                    data: CheckpointBytes | None = None) -> dict[str, Tensor]:
     """The model weights of a checkpoint file, read safely (see :func:`load_checkpoint`).
 
     Parameters
@@ -512,7 +780,7 @@ def load_state_dict(path: str | os.PathLike[str], *, finite: bool = True) -> dic
     CheckpointError
         Unsafe pickle, truncated or corrupt file, no tensors, NaN/Inf weights.
     """
-    return load_checkpoint(path, finite=finite).state_dict
+    return load_checkpoint(path, finite=finite, data=data).state_dict
 
 
 def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -30,3 +30,8 @@ class MetricInputError(DtprobeError, ValueError):
 
 class RunBusyError(DtprobeError):
     """Another process holds the run's analysis lock (raised with ``--no-wait``)."""
+
+
+class TrainingDivergedError(DtprobeError):
+    """The training loss or its gradient became NaN/Inf or exploded; checkpoints saved so far
+    are intact (the message names the epoch, the objective and the last good checkpoint)."""

@@ -38,16 +38,18 @@ import copy
 import hashlib
 import json
 import math
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from checkpoints_manifest import atomic_write_bytes, read_regular_file
+from dtprobe import integrity
 from dtprobe.errors import ConfigError
 from dtprobe.models.tap import PenultimateTap
 
@@ -521,9 +523,13 @@ class FeatureCache:
 
     ``reuse=False`` ignores existing entries (they are recomputed and overwritten); features are
     always written, because the across-epoch metrics stream them back from disk. Files are
-    written to a temporary name and renamed, so a reader never sees a partial file; a torn,
-    foreign or inconsistent file (missing ``features``/``logits``, rows that disagree) is a
-    cache miss, never an error.
+    written atomically under an unpredictable temporary name, then renamed
+    (:func:`checkpoints_manifest.atomic_writer`), so a reader never sees a partial file and a
+    link planted in the folder is never written through. Each file is sealed
+    (:mod:`dtprobe.integrity`: an HMAC of its tensors bound to its key, with this user's secret
+    key), and read back only as a regular file of bounded size; a torn, foreign, forged or
+    inconsistent file (missing ``features``/``logits``, rows that disagree) is a cache miss,
+    never an error and never a result.
     """
 
     def __init__(self, root: Path | str, reuse: bool = True):
@@ -538,13 +544,16 @@ class FeatureCache:
         return self.get(key) is not None
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        """The cached tensors of ``key``, or ``None`` (absent, ignored, torn or foreign)."""
+        """The cached tensors of ``key``, or ``None`` (absent, ignored, torn, forged, foreign)."""
         path = self._path(key)
-        if (not self.reuse and key not in self._fresh) or not path.exists():
+        if not self.reuse and key not in self._fresh:
             return None
         try:
-            tensors = load_file(path)
-        except Exception:  # a torn or foreign file is a cache miss, never an error
+            data = read_regular_file(path, MAX_CACHE_BYTES, "feature file")
+            if not _sealed(key, data):
+                return None
+            tensors = load_safetensors(data)
+        except Exception:  # absent, torn, foreign or forged: a cache miss, never an error
             return None
         if any(k not in tensors for k in _REQUIRED):
             return None
@@ -554,15 +563,40 @@ class FeatureCache:
         return tensors
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Store ``tensors`` under ``key`` atomically (temporary file, then rename)."""
+        """Store ``tensors`` under ``key`` atomically (temporary file, then rename), sealed."""
         self._fresh.add(key)
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self._path(key)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        # The seal covers the tensor entries and bytes, which adding metadata leaves unchanged.
+        header, body = _split(save_safetensors(contiguous))
+        mac = integrity.seal(key, _canonical(header), body)
+        atomic_write_bytes(self._path(key), save_safetensors(
+            contiguous, metadata={"dtprobe_key": key, "dtprobe_mac": mac}))
 
+
+#: Largest feature file read back (features of a few hundred thousand images).
+MAX_CACHE_BYTES = 16 << 30
+
+
+def _split(data: bytes) -> tuple[dict, memoryview]:
+    """Header (JSON object) and tensor bytes of safetensors content."""
+    size = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or size > len(data) - 8:
+        raise ValueError("truncated safetensors header")
+    header = json.loads(data[8:8 + size])
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not an object")
+    return header, memoryview(data)[8 + size:]
+
+
+def _canonical(header: dict) -> bytes:
+    """The tensor entries of a header (names, dtypes, shapes, offsets), metadata left out."""
+    return json.dumps({k: v for k, v in header.items() if k != "__metadata__"},
+                      sort_keys=True).encode()
+
+
+def _sealed(key: str, data: bytes) -> bool:
+    header, body = _split(data)
+    meta = header.get("__metadata__") or {}
+    return (isinstance(meta, dict) and meta.get("dtprobe_key") == key
+            and integrity.verify(key, meta.get("dtprobe_mac"), _canonical(header), body))

@@ -25,6 +25,7 @@ References
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,6 +44,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+import checkpoints_manifest as cm
 from dtprobe.errors import ConfigError
 from dtprobe.table import (
     downstream_mask,
@@ -868,7 +870,9 @@ def save_all_figures(results: Results | pd.DataFrame, out_dir: str | Path,
             with style():
                 for fmt in formats:
                     path = out / f"{name}.{fmt}"
-                    fig.savefig(path, format=fmt)
+                    buf = io.BytesIO()  # rendered in memory, written atomically (no link followed)
+                    fig.savefig(buf, format=fmt)
+                    cm.atomic_write_bytes(path, buf.getvalue())
                     written.append(path)
         finally:
             plt.close(fig)

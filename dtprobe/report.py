@@ -25,14 +25,13 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+import checkpoints_manifest as cm
 from dtprobe import __version__
 from dtprobe.errors import ConfigError
 from dtprobe.results import Results
@@ -413,13 +412,5 @@ def write_report(results: Results, out_html: str | Path, title: str | None = Non
     page = render_report(results, title=title, dpi=dpi)
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    cm.atomic_write_text(out, page)  # unpredictable temp name, never through a planted link
     return out

@@ -195,16 +195,16 @@ def _unreadable(run_dir, e, monkeypatch):
         path.chmod(0)
         return
     # root reads any file: make opening this one fail as it would for a user.
-    from checkpoints_manifest import storage
+    from dtprobe import checkpoints as ckpt_io
 
-    real_open = open
+    real_open = ckpt_io._open_checkpoint
 
-    def guarded_open(file, *args, **kwargs):
+    def guarded_open(file):
         if Path(file) == path:
             raise PermissionError(13, "Permission denied", str(file))
-        return real_open(file, *args, **kwargs)
+        return real_open(file)
 
-    monkeypatch.setattr(storage, "open", guarded_open, raising=False)
+    monkeypatch.setattr(ckpt_io, "_open_checkpoint", guarded_open)
 
 
 PER_CHECKPOINT = [

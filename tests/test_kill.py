@@ -188,7 +188,7 @@ def _check_after_kill(run: Path, reference: dict) -> None:
     for name in _files(out / "parts", ".json"):
         epoch = int(re.fullmatch(r"epoch_(\d+)\.json", name).group(1))
         doc = (out / "parts" / name).read_text()
-        assert doc.startswith('{"key": ') and doc.endswith("]}"), name
+        assert doc.startswith('{"key": ') and doc.endswith('"}'), name
         assert parts.get(epoch, json.loads(doc)["key"]) is not None
 
 

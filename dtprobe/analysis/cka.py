@@ -100,8 +100,11 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
         try:
             feats, _ = checkpoint_features(other, c, data, cache, device,
                                            AnalysisOptions(batch_size=opts.batch_size))
-        except DtprobeError as exc:
-            note(f"compare: skipping {c.path}: {exc}")
+        except OSError:
+            raise  # the environment (disk full, read-only): not this checkpoint's fault
+        except Exception as exc:  # noqa: BLE001 - one bad file of the other run is skipped
+            reason = exc if isinstance(exc, DtprobeError) else repr(exc)
+            note(f"compare: skipping {c.path}: {reason}")
             continue
         value = linear_cka(test_feats[c.epoch]["features"], feats["test"]["features"])
         rows.append({"run": plan.name, "epoch": c.epoch, "step": None, "metric": "cka_to_run",

@@ -128,8 +128,8 @@ class DownstreamPartStore(PartStore):
     """Rows of one checkpoint on one downstream dataset: ``parts/epoch_E.downstream-NAME.json``
     (same atomic writes and key checks as the source rows)."""
 
-    def __init__(self, root: Path, name: str):
-        super().__init__(root)
+    def __init__(self, root: Path, name: str, reuse: bool = True):
+        super().__init__(root, reuse=reuse)
         self.name = name
 
     def _path(self, epoch: int) -> Path:
@@ -279,7 +279,7 @@ def analyse_downstream(plan: RunPlan, checkpoints: Sequence[PlannedCheckpoint],
             continue
         if ds.problem is not None:
             note(f"{ds.problem}; its rows are NaN")
-        parts = DownstreamPartStore(parts_root, spec.name)
+        parts = DownstreamPartStore(parts_root, spec.name, reuse=opts.use_cache)
         for ckpt in checkpoints:
             try:
                 rows.extend(process_downstream(plan, ckpt, ds, cache, parts, device, opts, stats))

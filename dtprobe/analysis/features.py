@@ -1,8 +1,8 @@
 """Features: verify and load one checkpoint safely, extract its features once (cached).
 
-Checkpoints load only through :mod:`dtprobe.checkpoints` (``weights_only`` or safetensors) after
-their sha256 is verified; NaN/Inf features or a model that does not fit the data fail only that
-checkpoint, with a one-line :class:`CheckpointError`.
+Checkpoints load only through :mod:`dtprobe.checkpoints` (``weights_only`` or safetensors), from
+the very bytes whose sha256 was verified; NaN/Inf features or a model that does not fit the data
+fail only that checkpoint, with a one-line :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-import checkpoints_manifest as cm
 from dtprobe import checkpoints as ckpt_io
 from dtprobe.analysis.data import EvalData
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
@@ -63,36 +62,35 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
                           "--arch-param or --dataset") from None
 
 
-def verify_checkpoint(ckpt: PlannedCheckpoint) -> str:
-    """Check that the checkpoint file may be used; return its sha256.
+def read_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint,
+                    opts: AnalysisOptions) -> ckpt_io.CheckpointBytes:
+    """Read the checkpoint file once, verified: the bytes that are hashed are the bytes loaded.
 
-    Refuses (with :class:`CheckpointError`) a path found unsafe while planning, a missing file
-    and a file whose sha256 differs from the manifest's. Done once per analysis, before the
-    cached features or metric rows of this file are trusted.
+    Refuses (with :class:`CheckpointError`) a path found unsafe while planning, a missing or
+    non-regular file, a file reached through a link out of the run directory (checked again on
+    the open file, not only while planning; allowed with ``follow_symlinks``) and content
+    whose sha256 differs from the manifest's, or from the digest this analysis already keyed
+    its cached features and rows by (a file swapped mid-analysis). Sets ``ckpt.digest``.
     """
     if ckpt.error is not None:
         raise CheckpointError(ckpt.error)
-    if ckpt.digest is not None:
-        return ckpt.digest
-    if not ckpt.path.exists():
-        raise CheckpointError(f"{ckpt.path}: checkpoint file is missing; restore it or remove "
-                              "its entry from the manifest")
-    if not ckpt.path.is_file():
-        raise CheckpointError(f"{ckpt.path}: is not a file; fix the checkpoint path")
-    if ckpt.sha256 is not None:
-        ckpt_io.verify_sha256(ckpt.path, ckpt.sha256)
-        ckpt.digest = ckpt.sha256.lower()
-    else:
-        try:
-            ckpt.digest = cm.sha256_file(ckpt.path)
-        except OSError as exc:
-            raise CheckpointError(f"{ckpt.path}: cannot read it ({exc.strerror or exc}); check "
-                                  "that the file is readable") from None
-    return ckpt.digest
+    blob = ckpt_io.read_checkpoint_bytes(ckpt.path, expected_sha256=ckpt.digest or ckpt.sha256,
+                                         run_dir=plan.run_dir,
+                                         allow_symlinks=opts.follow_symlinks)
+    ckpt.digest = blob.sha256
+    return blob
 
 
-def load_state(ckpt: PlannedCheckpoint) -> dict[str, torch.Tensor]:
-    return ckpt_io.load_state_dict(ckpt.path)
+def verify_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOptions) -> str:
+    """The verified sha256 of the checkpoint's content (see :func:`read_checkpoint`)."""
+    return read_checkpoint(plan, ckpt, opts).sha256
+
+
+def load_state(plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOptions,
+               blob: ckpt_io.CheckpointBytes | None = None) -> dict[str, torch.Tensor]:
+    """The validated weights, built from ``blob`` (or from a fresh verified read)."""
+    blob = blob if blob is not None else read_checkpoint(plan, ckpt, opts)
+    return ckpt_io.load_state_dict(ckpt.path, data=blob)
 
 
 def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int,
@@ -140,7 +138,8 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
 
     Returns the features and the checkpoint's state dict if it had to be loaded (else None).
     """
-    digest = verify_checkpoint(ckpt)
+    blob = read_checkpoint(plan, ckpt, opts)
+    digest = blob.sha256
     out: dict[str, dict[str, torch.Tensor]] = {}
     todo = []
     for split in ("train", "test"):
@@ -151,9 +150,9 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
             todo.append((split, key, layers))
         else:
             out[split] = hit
-    state = None
+    state = load_state(plan, ckpt, opts, blob) if todo else None
+    del blob  # the tensors are copies: free the file's bytes before extraction
     if todo:
-        state = load_state(ckpt)
         model = load_model(plan, ckpt, data.bundle.in_channels, state).to(device)
         head = plan_head(model, plan)
         for split, key, layers in todo:

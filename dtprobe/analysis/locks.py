@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -14,6 +16,8 @@ from pathlib import Path
 from dtprobe.errors import ConfigError, RunBusyError
 
 LOCK_FILE = ".lock"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def _lock_holder(fd: int) -> str:
@@ -43,12 +47,21 @@ def run_lock(analysis_dir: Path, wait: bool = True, shared: bool = False) -> Ite
     ConfigError
         The analysis folder cannot be created (read-only run directory).
     """
-    try:
-        analysis_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(analysis_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+    ensure_analysis_dirs(analysis_dir)
+    lock_path = analysis_dir / LOCK_FILE
+    try:  # never through a link planted at the lock's name (O_NOFOLLOW)
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | _NOFOLLOW | _CLOEXEC, 0o644)
     except OSError as exc:
-        raise ConfigError(f"{analysis_dir}: cannot create the analysis folder "
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{lock_path}: is a symbolic link; dtprobe never writes through "
+                              "links: remove it and re-run") from None
+        raise ConfigError(f"{analysis_dir}: cannot create the analysis lock "
                           f"({exc.strerror or exc}); analyse a writable copy of the run") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise ConfigError(f"{lock_path}: is not a plain file of its own (a hard link or a "
+                          "device?); dtprobe writes its pid there: remove it and re-run")
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
         try:
@@ -73,6 +86,37 @@ def run_lock(analysis_dir: Path, wait: bool = True, shared: bool = False) -> Ite
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _inside(real: str, base: str) -> bool:
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def ensure_analysis_dirs(analysis_dir: Path) -> None:
+    """Create ``RUN_DIR/analysis`` and its ``features``/``parts`` folders, refusing any of them
+    that is not a real folder inside the run (a symbolic link out of the run would make the
+    analysis write, and delete temporary files, elsewhere).
+
+    Raises
+    ------
+    ConfigError
+        A folder is a link leading out of the run or not a folder, or cannot be created
+        (read-only run directory).
+    """
+    base = os.path.realpath(analysis_dir.parent)
+    for folder in (analysis_dir, analysis_dir / "features", analysis_dir / "parts"):
+        if os.path.islink(folder) and not _inside(os.path.realpath(folder), base):
+            raise ConfigError(f"{folder}: is a symbolic link to {os.path.realpath(folder)}, "
+                              "outside the run; dtprobe writes analysis results only inside the "
+                              "run: remove the link and re-run")
+        try:
+            folder.mkdir(parents=folder == analysis_dir, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{folder}: cannot create the analysis folder "
+                              f"({exc.strerror or exc}); analyse a writable copy of the run"
+                              ) from None
+        if not folder.is_dir() or not _inside(os.path.realpath(folder), base):
+            raise ConfigError(f"{folder}: is not a folder inside the run; remove it and re-run")
 
 
 def _is_temp(name: str) -> bool:

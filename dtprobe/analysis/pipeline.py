@@ -18,7 +18,7 @@ from dtprobe.analysis.data import EvalData, prepare_data
 from dtprobe.analysis.downstream import analyse_downstream, downstream_specs
 from dtprobe.analysis.epoch_metrics import epoch_metrics, part_key
 from dtprobe.analysis.features import check_model, checkpoint_features, load_state, test_key
-from dtprobe.analysis.locks import remove_stale_temp_files, run_lock
+from dtprobe.analysis.locks import ensure_analysis_dirs, remove_stale_temp_files, run_lock
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan, check_plan, plan_run
 from dtprobe.analysis.stores import EpochFeatures, PartStore
 from dtprobe.analysis.table import FAILURE_COLUMNS, finalise_table, note, save_tradeoff_chart
@@ -53,6 +53,21 @@ class AnalysisStats:
                    if self.downstream_failed else ""))
 
 
+def failure_reason(ckpt: PlannedCheckpoint, exc: Exception) -> str:
+    """The one-line failures.csv reason for an exception raised while handling ``ckpt``.
+
+    A :class:`DtprobeError` already names the file and the fix; anything else (an unexpected
+    failure deep in torch or a metric, on content no check foresaw) is still only this
+    checkpoint's failure: the others are analysed."""
+    if isinstance(exc, DtprobeError):
+        return " ".join(str(exc).split())
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return (f"{ckpt.path}: unexpected {type(exc).__name__} while analysing it"
+            f"{f' ({text})' if text else ''}; this checkpoint is skipped (re-save it, or report "
+            "the file if it is a plain state dict)")
+
+
 def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
                        cache: FeatureCache, parts: PartStore, specs: Sequence[MetricSpec],
                        device: torch.device, opts: AnalysisOptions,
@@ -68,7 +83,7 @@ def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
     part = parts.get(ckpt.epoch, key)
     if part is None:
         if state is None:
-            state = load_state(ckpt)
+            state = load_state(plan, ckpt, opts)
         part = epoch_metrics(plan, ckpt, feats, data, specs, opts, state)
         parts.put(ckpt.epoch, key, part)
         stats.metrics_computed += 1
@@ -87,14 +102,16 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
     with run_lock(analysis_dir, wait=True, shared=True):
         data = prepare_data(plan, dist.device)
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
-        parts = PartStore(analysis_dir / "parts")
+        parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
         mine = []
         for ckpt in plan.checkpoints[dist.rank::dist.world_size]:
             try:
                 process_checkpoint(plan, ckpt, data, cache, parts, specs, dist.device, opts)
                 mine.append(ckpt)
-            except DtprobeError as exc:  # rank 0 meets the same error again and records it
-                note(f"[rank {dist.rank}] epoch {ckpt.epoch}: {exc}")
+            except OSError:
+                raise  # the environment (disk full, read-only): not this checkpoint's fault
+            except Exception as exc:  # rank 0 meets the same error again and records it
+                note(f"[rank {dist.rank}] epoch {ckpt.epoch}: {failure_reason(ckpt, exc)}")
         if opts.downstream:  # failures are recorded by rank 0, which meets them again
             analyse_downstream(plan, mine, data, cache, analysis_dir / "parts", dist.device,
                                opts)
@@ -121,7 +138,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
     analysis_dir = plan.run_dir / "analysis"
     if dist.enabled:
         if dist.is_main:
-            analysis_dir.mkdir(parents=True, exist_ok=True)
+            ensure_analysis_dirs(analysis_dir)
         dist.barrier()
         _run_shard(plan, opts, specs, dist)
         dist.barrier()
@@ -136,7 +153,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         check_model(plan, data, opts)
         downstream_specs(opts, data)  # a name repeating a source task: refused before any work
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
-        parts = PartStore(analysis_dir / "parts")
+        parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
         rows: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
         analysed: list[PlannedCheckpoint] = []
@@ -149,10 +166,13 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
             try:
                 feats, part = process_checkpoint(plan, ckpt, data, cache, parts, specs, device,
                                                  opts, stats)
-            except DtprobeError as exc:
+            except OSError:
+                raise  # the environment (disk full, read-only): not this checkpoint's fault
+            except Exception as exc:  # noqa: BLE001 - one bad file must not end the analysis
+                reason = failure_reason(ckpt, exc)
                 failures.append({"run": plan.name, "epoch": ckpt.epoch, "path": str(ckpt.path),
-                                 "reason": str(exc)})
-                note(f"FAILED epoch {ckpt.epoch}: {exc}")
+                                 "reason": reason})
+                note(f"FAILED epoch {ckpt.epoch}: {reason}")
                 continue
             rows.extend(part)
             analysed.append(ckpt)

@@ -6,16 +6,26 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import inspect
+import math
+import os
+import typing
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import checkpoints_manifest as cm
+from checkpoints_manifest.schema import MAX_CLASSES
 from dtprobe import checkpoints as ckpt_io
 from dtprobe.data import load_dataset
 from dtprobe.data.registry import available_datasets
-from dtprobe.errors import CheckpointError, ConfigError
+from dtprobe.errors import ConfigError
 from dtprobe.models import get_arch
 
 
@@ -72,14 +82,39 @@ class AnalysisOptions:
     downstream_metrics: list[str] | None = None
 
 
-def _symlink_problem(run_dir: Path, relpath: str, follow_symlinks: bool) -> str | None:
-    """Why ``run_dir/relpath`` must not be used (it leaves the run directory), or None."""
+def _symlink_problem(run_dir: Path, relpath: str, follow_symlinks: bool,
+                     base: str | None = None,
+                     real_dir: Callable[[str], str] = os.path.realpath) -> str | None:
+    """Why ``run_dir/relpath`` must not be used (it leaves the run directory), or None.
+
+    A pre-screen while planning (one ``realpath`` per entry, so that a manifest of 100,000
+    checkpoints plans in about a second); the file actually opened is checked again when it is
+    read (:func:`dtprobe.checkpoints.read_checkpoint_bytes`), so a link swapped in after
+    planning is caught too. ``base`` is ``realpath(run_dir)`` and ``real_dir`` a (cached)
+    ``realpath`` for the folders, both supplied by the caller so that they are computed once.
+    """
+    if follow_symlinks:
+        return None
+    base = base if base is not None else os.path.realpath(run_dir)
+    target = os.path.join(run_dir, relpath)
+    folder, name = os.path.split(target)
+    real = os.path.realpath(target) if os.path.islink(target) else os.path.join(
+        real_dir(folder), name)
+    if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
+        return None
     try:
-        ckpt_io.resolve_inside(run_dir, relpath, allow_symlinks=follow_symlinks)
-    except CheckpointError as exc:
-        hint = "" if follow_symlinks else " (pass --follow-symlinks if that is intended)"
-        return f"{exc}{hint}"
-    return None
+        os.stat(target)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # following links would not help: no --follow-symlinks
+            return f"{target}: is a symbolic link loop; remove or fix the broken link"
+    return (f"{target}: resolves to {real}, outside the run directory {base} (symbolic link?); "
+            "copy the file into the run directory, or pass --follow-symlinks if that is intended")
+
+
+def _manifest_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's dataset parameters, minus what only the user may decide: a manifest
+    saying ``download: true`` never makes dtprobe download anything (only ``--download``)."""
+    return {k: v for k, v in params.items() if k != "download"}
 
 
 def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int | None = None,
@@ -124,8 +159,11 @@ def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int |
     manifest_path = run_dir / cm.MANIFEST_NAME
     if manifest_path.exists():
         manifest = cm.read_manifest(run_dir)
+        base = os.path.realpath(run_dir)
+        real_dir = functools.lru_cache(maxsize=4096)(os.path.realpath)
         entries = [PlannedCheckpoint(c.epoch, c.step, run_dir / c.path, c.sha256,
-                                     _symlink_problem(run_dir, c.path, follow_symlinks))
+                                     _symlink_problem(run_dir, c.path, follow_symlinks, base,
+                                                      real_dir))
                    for c in manifest.checkpoints]
         if not entries:
             raise ConfigError(f"{manifest_path}: lists no checkpoints yet; train first (or "
@@ -135,7 +173,7 @@ def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int |
         return RunPlan(run_dir, name or manifest.run_name, arch or manifest.model.arch, kwargs,
                        num_classes or manifest.model.num_classes,
                        dataset or manifest.dataset.name,
-                       dataset_params if dataset_params is not None else dict(
+                       dataset_params if dataset_params is not None else _manifest_params(
                            manifest.dataset.params),
                        entries, manifest.to_dict(), manifest.model.penultimate)
     # Links are checked per checkpoint below, so that one bad link fails only its checkpoint.
@@ -163,26 +201,146 @@ def _check_call(func: Any, what: str, fix: str, *args: Any, **kwargs: Any) -> No
         return
 
 
+#: Largest value of an integer dataset / architecture parameter, by name (default below).
+INT_LIMITS: dict[str, int] = {
+    "seed": 2**63 - 1, "n_train": 1_000_000, "n_test": 1_000_000, "max_per_class": 1_000_000,
+    "image_size": 1024, "channels": 64, "in_channels": 64,
+}
+_DEFAULT_INT_LIMIT = 1 << 16
+#: Most bytes of decoded images a dataset may ask for (n images x size^2 x channels x float32).
+MAX_DATASET_BYTES = 64 << 30
+#: Most parameters a model may have (counted on the meta device, before anything is allocated).
+MAX_MODEL_PARAMETERS = 1 << 32
+
+
+def _accepted_types(func: Any, name: str) -> set[type] | None:
+    """Python types a parameter's annotation (or default) allows, or None if unknown."""
+    try:
+        param = inspect.signature(func, eval_str=True).parameters.get(name)
+    except (TypeError, ValueError, NameError, SyntaxError):
+        return None
+    if param is None or param.kind == param.VAR_KEYWORD:
+        return None
+    annotation = param.annotation
+    if annotation is inspect.Parameter.empty:
+        default = param.default
+        return None if default in (inspect.Parameter.empty, None) else {type(default)}
+    args = typing.get_args(annotation) or (annotation,)
+    out = set()
+    for arg in args:
+        if arg is type(None) or arg is None:
+            out.add(type(None))
+        elif arg in (int, float, bool, str):
+            out.add(arg)
+        elif arg is os.PathLike or typing.get_origin(arg) is os.PathLike:
+            out.add(str)
+        else:
+            return None  # something richer: let the callee check it
+    return out
+
+
+def _check_value(func: Any, name: str, value: Any, what: str, fix: str) -> None:
+    """Refuse a parameter value of the wrong JSON type or out of range, before any work."""
+    types = _accepted_types(func, name)
+    shown = _show_value(value)
+    if isinstance(value, bool):
+        kind: type = bool
+    elif isinstance(value, int):
+        kind = int
+    else:
+        kind = type(value)
+    if types is not None and kind not in types and not (kind is int and float in types):
+        words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+        names = [words[t] for t in (int, float, bool, str) if t in types]
+        names += ["null"] if type(None) in types else []
+        raise ConfigError(f"{what}: {name}={shown} must be {' or '.join(names)}; {fix}")
+    if kind is int:
+        limit = INT_LIMITS.get(name, _DEFAULT_INT_LIMIT)
+        low = -limit if name == "seed" else 0
+        if not low <= value <= limit:
+            raise ConfigError(f"{what}: {name}={shown} must be an integer in [{low}, {limit}]; "
+                              f"{fix}")
+    elif kind is float and not (math.isfinite(value) and abs(value) <= 1e9):
+        raise ConfigError(f"{what}: {name}={shown} must be a finite number; {fix}")
+    elif kind is str and (len(value) > 4096 or "\x00" in value):
+        raise ConfigError(f"{what}: {name}={shown} must be a string of at most 4096 characters "
+                          f"without NUL; {fix}")
+    elif kind in (list, dict):
+        raise ConfigError(f"{what}: {name}={shown} must be a single value; {fix}")
+
+
+def _show_value(value: Any) -> str:
+    """A bad value, short: huge integers by their digit count, long strings cut."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**15:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _dataset_bytes(params: dict[str, Any]) -> int:
+    n = sum(int(params.get(k) or 0) for k in ("n_train", "n_test"))
+    size = int(params.get("image_size") or 0)
+    channels = max(3, int(params.get("channels") or 0))
+    return n * size * size * channels * 4
+
+
+def _count_parameters(plan: RunPlan, kwargs: dict[str, Any]) -> int | None:
+    """Parameters of the architecture, built on the meta device (no memory), or None."""
+    from dtprobe.models import build_model
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build_model(plan.arch, plan.num_classes, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"architecture {plan.arch!r}: cannot be built with these options "
+                          f"({ckpt_io._first_line(str(exc), 120)}); fix --arch-param (or the "
+                          "manifest's model.kwargs)") from None
+    except Exception:  # noqa: BLE001 - an architecture that cannot be built on meta: skip
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
 def check_plan(plan: RunPlan, opts: AnalysisOptions) -> None:
-    """Validate what can be checked before any work: dataset and architecture names and their
-    parameters, batch size. Raises :class:`ConfigError` with one line naming the option."""
-    if opts.batch_size != "auto" and (not isinstance(opts.batch_size, int) or opts.batch_size < 1):
-        raise ConfigError(f"--batch-size must be 'auto' or an integer >= 1, got "
-                          f"{opts.batch_size!r}")
+    """Validate what can be checked before any work: dataset and architecture names, the type
+    and range of every parameter (whether from flags or from the manifest), the memory the
+    dataset and the model would take, batch size. Raises :class:`ConfigError` with one line
+    naming the option."""
+    if opts.batch_size != "auto" and (not isinstance(opts.batch_size, int)
+                                      or isinstance(opts.batch_size, bool)
+                                      or not 1 <= opts.batch_size <= 1 << 20):
+        raise ConfigError(f"--batch-size must be 'auto' or an integer in [1, {1 << 20}], got "
+                          f"{_show_value(opts.batch_size)}")
+    if (isinstance(plan.num_classes, bool) or not isinstance(plan.num_classes, int)
+            or not 1 <= plan.num_classes <= MAX_CLASSES):
+        raise ConfigError(f"--num-classes (or the manifest's model.num_classes) must be an int "
+                          f"in [1, {MAX_CLASSES}], got "
+                          f"{_show_value(plan.num_classes)}")
     from dtprobe.data import registry as data_registry
 
     if plan.dataset not in available_datasets():
         load_dataset(plan.dataset)  # raises the registry's DatasetError naming the choices
     loader = getattr(data_registry, "_DATASETS", {}).get(plan.dataset)
+    data_fix = "fix --dataset-param (or the manifest's dataset.params)"
     if loader is not None:
-        _check_call(loader, f"dataset {plan.dataset!r}",
-                    "fix --dataset-param (or the manifest's dataset.params)",
-                    **plan.dataset_params)
+        _check_call(loader, f"dataset {plan.dataset!r}", data_fix, **plan.dataset_params)
+        for name, value in plan.dataset_params.items():
+            _check_value(loader, name, value, f"dataset {plan.dataset!r}", data_fix)
+        need = _dataset_bytes(plan.dataset_params)
+        if need > MAX_DATASET_BYTES:
+            raise ConfigError(f"dataset {plan.dataset!r}: these sizes would need "
+                              f"{need / 2**30:.0f} GiB of images (limit "
+                              f"{MAX_DATASET_BYTES >> 30} GiB); {data_fix}")
     spec = get_arch(plan.arch)
     kwargs = dict(plan.arch_kwargs)
     if plan.manifest is None:
         kwargs.setdefault("in_channels", 3)
-    _check_call(spec.builder, f"architecture {plan.arch!r}",
-                "fix --arch-param (or the manifest's model.kwargs)",
+    arch_fix = "fix --arch-param (or the manifest's model.kwargs)"
+    _check_call(spec.builder, f"architecture {plan.arch!r}", arch_fix,
                 num_classes=plan.num_classes, **kwargs)
-
+    for name, value in kwargs.items():
+        _check_value(spec.builder, name, value, f"architecture {plan.arch!r}", arch_fix)
+    count = _count_parameters(plan, kwargs)
+    if count is not None and count > MAX_MODEL_PARAMETERS:
+        raise ConfigError(f"architecture {plan.arch!r}: these options give {count:.3g} "
+                          f"parameters (limit {MAX_MODEL_PARAMETERS:.3g}); {arch_fix}")

@@ -16,31 +16,43 @@ from typing import Any
 import torch
 
 import checkpoints_manifest as cm
+from dtprobe import integrity
 from dtprobe.analysis.table import COLUMNS
 from dtprobe.errors import DtprobeError
 from dtprobe.extract import FeatureCache
 
+#: Largest per-checkpoint part file read back (a real one is a few KiB).
+MAX_PART_BYTES = 16 << 20
+
 
 class PartStore:
-    """Per-checkpoint metric rows as small JSON files, reused when their key matches.
+    """Per-checkpoint metric rows as small JSON files, reused when their key and seal match.
 
-    Each file is written atomically (temporary file, fsync, rename), so a file that exists is
-    complete; one that cannot be read or does not hold the expected structure is recomputed.
+    Each file is written atomically (unpredictable temporary name, fsync, rename), so a file
+    that exists is complete. It carries a seal (:mod:`dtprobe.integrity`: an HMAC of its rows
+    bound to its key, with this user's secret key), so an edited, forged or foreign part is
+    recomputed, never reported; so is one that cannot be read, is not a regular file of
+    bounded size or does not hold the expected structure. ``reuse=False`` (``--no-cache``)
+    recomputes every part.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, reuse: bool = True):
         self.root = root
+        self.reuse = reuse
 
     def _path(self, epoch: int) -> Path:
         return self.root / f"epoch_{epoch:06d}.json"
 
+    @staticmethod
+    def _rows_bytes(rows: list[dict[str, Any]]) -> bytes:
+        return json.dumps(rows, sort_keys=True).encode()
+
     def get(self, epoch: int, key: str) -> list[dict[str, Any]] | None:
-        path = self._path(epoch)
-        if not path.exists():
+        if not self.reuse:
             return None
         try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
+            doc = json.loads(cm.read_regular_file(self._path(epoch), MAX_PART_BYTES, "part"))
+        except (OSError, ValueError, RecursionError):
             return None
         if not isinstance(doc, dict) or doc.get("key") != key:
             return None
@@ -48,11 +60,15 @@ class PartStore:
         if not isinstance(rows, list) or not all(
                 isinstance(r, dict) and set(COLUMNS) <= set(r) for r in rows):
             return None
+        if not integrity.verify(key, doc.get("seal"), self._rows_bytes(rows)):
+            return None
         return rows
 
     def put(self, epoch: int, key: str, rows: list[dict[str, Any]]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        cm.atomic_write_text(self._path(epoch), json.dumps({"key": key, "rows": rows}))
+        seal = integrity.seal(key, self._rows_bytes(rows))
+        cm.atomic_write_text(self._path(epoch), json.dumps({"key": key, "rows": rows,
+                                                            "seal": seal}))
 
 
 class ReadThroughCache:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
+import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+import checkpoints_manifest as cm
 from dtprobe.table import TABLE_COLUMNS
 
 COLUMNS = list(TABLE_COLUMNS)
@@ -36,12 +36,10 @@ def save_tradeoff_chart(table: pd.DataFrame, path: Path) -> None:
     from dtprobe.plotting import plot_tradeoff_over_epochs
 
     fig = plot_tradeoff_over_epochs(table).figure
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
+    try:  # rendered in memory, then written atomically: no predictable temp name to plant
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=130, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    cm.atomic_write_bytes(path, buf.getvalue())
 

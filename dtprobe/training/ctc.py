@@ -21,9 +21,10 @@ Choices, each matching the authors' released code (DTennant/dt-tradeoff) unless 
 * Bank refresh: when stage 2 starts the two stage-2 banks are overwritten (momentum 0) with
   ``W_1 f_snapshot(x)`` and ``W_2 f_snapshot(x)`` over the training set, as the README's
   ``--update_memory_bank`` flag (used by both presets) does. Needs ``refresh_batches``.
-* Negatives: i.i.d. uniform over the other-class pool, ``K`` clipped to the smallest pool
-  (the reference draws without replacement when ``K`` fits, which is nearly the same for
-  ``K`` much smaller than the pool). Sampled per rank in distributed runs.
+* Negatives: ``K`` distinct samples drawn uniformly from the other-class pool (without
+  replacement, as the reference draws them), ``K`` clipped to the smallest pool. Sampled per
+  rank in distributed runs. ``negatives_with_replacement=True`` draws i.i.d. instead, which in
+  the paper's setting (``K = 16384`` from 49,500 CIFAR-100 samples) repeats about 15% of them.
 * Defect fixed: the reference never gave the stage-1 projector ``W_p`` to the optimiser, so it
   stayed at its random initialisation; here it is trained unless
   ``freeze_stage1_projector=True`` reproduces that behaviour.
@@ -120,6 +121,12 @@ class CTCConfig:
         Seeds the projector initialisation, the banks and the negative sampler.
     preset : str or None
         Name of the preset these values came from (recorded only).
+    alpha_warmup_epochs : int
+        Linear ramp of the stage-1 weight, ``alpha * min(1, epoch / alpha_warmup_epochs)``
+        (0: no ramp, the reference code's behaviour). Lets CE lift the model above chance
+        before instance discrimination weighs in, on short runs.
+    negatives_with_replacement : bool
+        Draw the stage-2 negatives i.i.d. (default: without replacement, as the reference).
     """
 
     stage_two_epoch: int = 200
@@ -135,6 +142,8 @@ class CTCConfig:
     refresh_banks: bool = True
     seed: int = 0
     preset: str | None = None
+    alpha_warmup_epochs: int = 0
+    negatives_with_replacement: bool = False
 
     def __post_init__(self) -> None:
         if int(self.stage_two_epoch) != self.stage_two_epoch or self.stage_two_epoch < 0:
@@ -265,7 +274,8 @@ class CTCObjective(Objective):
         if config.freeze_stage1_projector:
             self.projector.requires_grad_(False)
 
-        self.sampler = OtherClassSampler(labels, config.nce_k, seed=config.seed)
+        self.sampler = OtherClassSampler(labels, config.nce_k, seed=config.seed,
+                                         replace=config.negatives_with_replacement)
         if self.sampler.clipped:
             warnings.warn(f"CTC nce_k={config.nce_k} exceeds the smallest other-class pool; "
                           f"using K={self.sampler.num_negatives}", stacklevel=2)
@@ -300,6 +310,11 @@ class CTCObjective(Objective):
         """Number of negative draws so far (the sampler's counter)."""
         return self._draws
 
+    def alpha_at(self, epoch: int) -> float:
+        """Stage-1 weight at ``epoch``: ``alpha * min(1, epoch / alpha_warmup_epochs)``."""
+        ramp = self.cfg.alpha_warmup_epochs
+        return self.cfg.alpha * (1.0 if ramp <= 0 else min(1.0, epoch / ramp))
+
     def stage(self, epoch: int) -> int:
         """1 for epochs ``<= stage_two_epoch``, else 2."""
         return 1 if epoch <= self.cfg.stage_two_epoch else 2
@@ -321,7 +336,9 @@ class CTCObjective(Objective):
             "nce_k_effective": self.num_negatives,
             "nce_normalisation": "crd_constant_z",
             "nce_noise_probability": "1/num_samples",
-            "negative_sampling": "iid_uniform_other_classes_per_rank",
+            "negative_sampling": ("iid_uniform_other_classes_per_rank"
+                                  if self.cfg.negatives_with_replacement else
+                                  "uniform_without_replacement_other_classes_per_rank"),
             "bank_init": "seeded_random_unit",
         }
 
@@ -428,7 +445,7 @@ class CTCObjective(Objective):
                 instance = instance_discrimination_loss(z, self.bank_instance, indices,
                                                         self.cfg.tau1)
             self._write_bank("bank_instance", indices, z, self.cfg.m1)
-            total = ce + self.cfg.alpha * instance
+            total = ce + self.alpha_at(epoch) * instance
             return total, {"ce": float(ce.detach()), "instance": float(instance.detach())}
 
         snapshot = self._require_snapshot()
@@ -575,3 +592,35 @@ class CTCObjective(Objective):
             self._snapshot.load_state_dict(pending)
         else:
             self._pending_snapshot = {k: v.detach().clone() for k, v in pending.items()}
+
+
+# ------------------------------------------------------------------------------ registry
+
+def _register() -> None:
+    from dtprobe.training.objectives import ObjectiveContext, register_objective
+
+    @register_objective("ctc", paper="Cui et al. 2022 (contrastive temporal coding)")
+    def _ctc(ctx: ObjectiveContext, preset: str = "transferability",
+             stage_two_epoch: int | None = None, alpha: float | None = None,
+             tau1: float | None = None, m1: float | None = None, beta: float | None = None,
+             tau2: float | None = None, m2: float | None = None, proj_dim: int = 128,
+             nce_k: int = 16384, freeze_stage1_projector: bool = False,
+             refresh_banks: bool = True, alpha_warmup_epochs: int = 0,
+             negatives_with_replacement: bool = False) -> Objective:
+        """two-stage CE + instance discrimination, then CE + temporal NCE (None = from preset)"""
+        options: dict[str, Any] = {k: v for k, v in dict(
+            alpha=alpha, tau1=tau1, m1=m1, beta=beta, tau2=tau2, m2=m2).items() if v is not None}
+        s = stage_two_epoch if stage_two_epoch is not None else max(1, round(ctx.epochs * 2 / 3))
+        cfg = CTCConfig.from_preset(preset, stage_two_epoch=int(s), proj_dim=int(proj_dim),
+                                    nce_k=int(nce_k), seed=ctx.seed,
+                                    freeze_stage1_projector=bool(freeze_stage1_projector),
+                                    refresh_banks=bool(refresh_banks),
+                                    alpha_warmup_epochs=int(alpha_warmup_epochs),
+                                    negatives_with_replacement=bool(negatives_with_replacement),
+                                    **options)
+        return CTCObjective(cfg, num_samples=ctx.num_samples, feature_dim=ctx.feature_dim,
+                            train_labels=ctx.train_labels, feature_fn=ctx.feature_fn,
+                            refresh_batches=ctx.refresh_batches)
+
+
+_register()

@@ -249,7 +249,7 @@ def crd_nce_loss(scores: torch.Tensor, temperature: float, log_z: float,
 # --------------------------------------------------------------------------------------------
 
 class OtherClassSampler(nn.Module):
-    """Draws, for each anchor, ``K`` negatives uniformly (with replacement) from other classes.
+    """Draws, for each anchor, ``K`` distinct negatives uniformly from other classes.
 
     CTC's stage 2 contrasts a sample's current and snapshot embeddings against samples of other
     classes only (Cui et al. 2022, following CRD's class-aware sampling). Vectorised: the
@@ -258,9 +258,13 @@ class OtherClassSampler(nn.Module):
     ``r in [0, N - n_c)`` maps to a pool member by skipping that block.
 
     ``K`` is clipped to the smallest other-class pool, ``N - max_c n_c`` (so every row has the
-    same width); :attr:`num_negatives` is the effective value. Draws are i.i.d., as NCE's
-    derivation assumes (the dt-tradeoff code draws without replacement when ``K`` fits the pool;
-    with ``K`` much smaller than the pool the two coincide almost surely).
+    same width); :attr:`num_negatives` is the effective value. By default each row is drawn
+    *without* replacement, as the dt-tradeoff reference code does (``np.random.choice(...,
+    replace=False)``): a uniformly random ``K``-subset of the pool, as the ``K`` smallest of
+    i.i.d. uniform keys. ``replace=True`` draws i.i.d. (NCE's textbook assumption); that is not
+    "nearly the same" in the paper's setting: with ``K = 16384`` from a pool of
+    ``P = 49,500`` (CIFAR-100) the expected number of distinct draws is
+    ``P (1 - (1 - 1/P)^K) = 13,950``, so about 15% of the negatives would be repeats.
 
     The lookup tables are non-persistent buffers (they move with ``.to(device)`` and are
     rebuilt from the labels, never saved). A draw is a function of ``(seed, rank, draw)`` only:
@@ -275,9 +279,12 @@ class OtherClassSampler(nn.Module):
         Requested ``K``.
     seed : int
         Base seed.
+    replace : bool
+        Draw i.i.d. with replacement instead (the behaviour of dtprobe before 2026-12).
     """
 
-    def __init__(self, labels: torch.Tensor, num_negatives: int, seed: int):
+    def __init__(self, labels: torch.Tensor, num_negatives: int, seed: int,
+                 replace: bool = False):
         super().__init__()
         labels = torch.as_tensor(labels).reshape(-1).long().cpu()
         classes, class_ids, counts = torch.unique(labels, return_inverse=True, return_counts=True)
@@ -291,6 +298,7 @@ class OtherClassSampler(nn.Module):
         self.num_negatives = int(min(num_negatives, num_samples - int(counts.max())))
         self.num_samples = int(num_samples)
         self.seed = int(seed)
+        self.replace = bool(replace)
         starts = torch.cumsum(counts, 0) - counts
         self.register_buffer("order", torch.argsort(class_ids, stable=True), persistent=False)
         self.register_buffer("sample_class", class_ids, persistent=False)
@@ -328,9 +336,18 @@ class OtherClassSampler(nn.Module):
         count = self.class_count.index_select(0, cls).unsqueeze(1)
         start = self.class_start.index_select(0, cls).unsqueeze(1)
         pool = self.num_samples - count
-        u = torch.rand(indices.numel(), self.num_negatives, generator=self.generator(draw, rank),
-                       device=device, dtype=torch.float64)
-        r = torch.minimum((u * pool).long(), pool - 1)
+        gen = self.generator(draw, rank)
+        if self.replace:
+            u = torch.rand(indices.numel(), self.num_negatives, generator=gen, device=device,
+                           dtype=torch.float64)
+            r = torch.minimum((u * pool).long(), pool - 1)
+        else:
+            # A uniform K-subset of 0..pool-1 per row: the K smallest of i.i.d. uniform keys,
+            # keys beyond the row's pool set to 2 (never among the K smallest, as K <= pool).
+            width = self.num_samples - int(self.class_count.min())
+            keys = torch.rand(indices.numel(), width, generator=gen, device=device)
+            keys = keys.masked_fill(torch.arange(width, device=device)[None, :] >= pool, 2.0)
+            r = keys.topk(self.num_negatives, dim=1, largest=False).indices
         position = r + (r >= start).long() * count
         negatives = self.order[position]
         return torch.cat([indices.unsqueeze(1), negatives], dim=1)

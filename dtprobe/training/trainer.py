@@ -1,14 +1,32 @@
-"""The bundled trainer: writes a checkpoint series plus a manifest, with CE or CTC.
+"""The bundled trainer: writes a checkpoint series plus a manifest, with any registered objective.
 
-CE and CTC runs made with the same seed differ only in the objective: the data order,
-augmentation, optimiser (SGD with momentum) and schedule (linear warm-up, then cosine) are
-identical, which the CTC paper's reference code did not guarantee.
+Runs made with the same seed differ only in the objective (``--objective``, see
+:mod:`dtprobe.training.objectives`): the data order, augmentation, optimiser (SGD with momentum)
+and schedule are identical, which the CTC paper's reference code did not guarantee. An
+objective that needs a second view of each image (SupCon, SimCLR joints) or extra crops
+(t-ReX multi-crop) gets them from its own generator, so its first view is still the one
+every other objective sees; the manifest records the views.
+
+Schedules (``schedule``)
+    ``"default"`` (the default): linear warm-up over ``warmup_epochs``, then one cosine to 0
+    over the whole run, one weight decay throughout.
+    ``"reference"``: the CTC reference code's two-phase recipe, for every objective (so the CE
+    baseline gets it too): epochs ``1..S`` a cosine from ``lr`` towards 0 with no warm-up and
+    weight decay ``stage1_weight_decay`` (default 1e-3, the README presets' value); epochs
+    ``S+1..end`` a restart at ``0.1 * lr`` with its own cosine and ``weight_decay``.
+    ``S = switch_epoch`` (default: CTC's ``stage_two_epoch``, else 2/3 of the run).
+
+A NaN, Inf or exploding loss or gradient (``|loss| > max_loss``) stops the run before the
+optimiser step with one line naming the epoch, the objective and the last good checkpoint
+(:class:`~dtprobe.errors.TrainingDivergedError`); checkpoints already saved are intact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import io
 import math
 import os
 import time
@@ -18,20 +36,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 import checkpoints_manifest as cm
+from dtprobe import checkpoints as ckpt_io
 from dtprobe.data import DatasetBundle, load_dataset
 from dtprobe.devices import resolve_device
-from dtprobe.errors import ConfigError
+from dtprobe.errors import CheckpointError, ConfigError, TrainingDivergedError
 from dtprobe.models import build_model, get_arch, head_module
 from dtprobe.models.tap import PenultimateTap, penultimate_features
 from dtprobe.training import distributed as dist_utils
-from dtprobe.training.objectives import CrossEntropyObjective, Objective
+from dtprobe.training.augment import contrastive_view, shift_flip
+from dtprobe.training.objectives import Objective, ObjectiveContext
+from dtprobe.training.objectives import build_objective as build_registered_objective
 
 RESUME_FILE = "resume_state.pt"
+_RESUME_KEYS = ("epoch", "step", "model", "optimizer", "objective", "torch_rng", "entry")
 
 
 @dataclass
@@ -54,7 +75,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     objective: str = "ce"
+    objective_params: dict[str, Any] = field(default_factory=dict)
     ctc: dict[str, Any] = field(default_factory=dict)
+    schedule: str = "default"
+    switch_epoch: int | None = None
+    stage1_weight_decay: float | None = None
+    max_loss: float = 1e8
     resume: bool = False
     stop_after: int | None = None
     progress: bool = True
@@ -68,24 +94,26 @@ def _lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> fl
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _augment(images: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with 4 px (1/8) zero padding and/or horizontal flip, drawn from ``generator``."""
-    if mode == "none":
-        return images
-    n, _, h, w = images.shape
-    pad = max(1, h // 8)
-    padded = F.pad(images, (pad, pad, pad, pad))
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])  # (n, h)
-    cols = (dx[:, None] + torch.arange(w)[None, :])  # (n, w)
-    batch_idx = torch.arange(n)[:, None, None, None]
-    chan_idx = torch.arange(images.shape[1])[None, :, None, None]
-    out = padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
-    if "flip" in mode:
-        flip = torch.rand(n, generator=generator) < 0.5
-        out[flip] = out[flip].flip(-1)
-    return out
+def reference_schedule(step: int, steps_per_epoch: int, epochs: int, switch_epoch: int,
+                       base_lr: float) -> float:
+    """The CTC reference code's two-phase learning rate at (0-based) ``step``: a cosine from
+    ``base_lr`` over epochs ``1..S``, then a restart at ``0.1 * base_lr`` with its own cosine
+    over epochs ``S+1..epochs``; no warm-up (Cui et al. 2022, DTennant/dt-tradeoff)."""
+    s1 = steps_per_epoch * switch_epoch
+    if step < s1:
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / s1))
+    s2 = max(1, steps_per_epoch * (epochs - switch_epoch))
+    return 0.1 * base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - s1) / s2)))
+
+
+def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads)
+
+
+_augment = shift_flip  # the source-task augmentation (kept under its old name)
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -94,55 +122,65 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def objective_params(cfg: TrainConfig) -> dict[str, Any]:
+    """The objective's parameters: ``objective_params``, plus the legacy ``ctc`` dict for CTC."""
+    params = dict(cfg.ctc) if cfg.objective == "ctc" else {}
+    params.update(cfg.objective_params)
+    if cfg.objective == "ctc" and cfg.schedule == "reference" and cfg.switch_epoch is not None:
+        params.setdefault("stage_two_epoch", cfg.switch_epoch)
+    return params
+
+
 def build_objective(cfg: TrainConfig, bundle: DatasetBundle, model: nn.Module,
                     device: torch.device) -> Objective:
-    if cfg.objective == "ce":
-        return CrossEntropyObjective()
-    if cfg.objective == "ctc":
-        from dtprobe.training.ctc import CTCConfig, CTCObjective
+    """The registered objective ``cfg.objective`` for ``model`` (see ``dtprobe list``)."""
+    head = head_module(model, cfg.arch)
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        feature_dim = penultimate_features(model, head, bundle.train.images[:2].to(device)).shape[1]
+        model.train(was_training)
 
-        options = dict(cfg.ctc)
-        preset = options.pop("preset", "transferability")
-        options.setdefault("seed", cfg.seed)
-        options.setdefault("stage_two_epoch", max(1, round(cfg.epochs * 2 / 3)))
-        ctc_cfg = CTCConfig.from_preset(preset, **options)
-        head = head_module(model, cfg.arch)
-        with torch.no_grad():
-            probe = bundle.train.images[:2]
-            was_training = model.training
-            model.eval()
-            feature_dim = penultimate_features(model, head, probe.to(device)).shape[1]
-            model.train(was_training)
+    def feature_fn(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return penultimate_features(m, head_module(m, cfg.arch), x)
 
-        def feature_fn(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return penultimate_features(m, head_module(m, cfg.arch), x)
+    def refresh_batches():
+        # Un-augmented pass over the training set, used once when CTC's stage 2 starts to fill
+        # both banks with current embeddings (the reference code's --update_memory_bank).
+        n = len(bundle.train)
+        for start in range(0, n, 512):
+            idx = torch.arange(start, min(n, start + 512))
+            yield bundle.train.images[idx].to(device), idx.to(device)
 
-        def refresh_batches():
-            # Un-augmented pass over the training set, used once when stage 2 starts to fill both
-            # banks with current embeddings (the reference code's --update_memory_bank).
-            n = len(bundle.train)
-            for start in range(0, n, 512):
-                idx = torch.arange(start, min(n, start + 512))
-                yield bundle.train.images[idx].to(device), idx.to(device)
-
-        return CTCObjective(ctc_cfg, num_samples=len(bundle.train), feature_dim=feature_dim,
-                            train_labels=bundle.train.labels, feature_fn=feature_fn,
-                            refresh_batches=refresh_batches).to(device)
-    raise ConfigError(f"unknown objective {cfg.objective!r}; use 'ce' or 'ctc'")
+    ctx = ObjectiveContext(model=model, head=head, feature_dim=int(feature_dim),
+                           num_classes=bundle.num_classes, num_samples=len(bundle.train),
+                           train_labels=bundle.train.labels, device=device, seed=cfg.seed,
+                           epochs=cfg.epochs, feature_fn=feature_fn,
+                           refresh_batches=refresh_batches, head_name=get_arch(cfg.arch).head)
+    return build_registered_objective(cfg.objective, ctx, objective_params(cfg))
 
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      device: torch.device, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model``'s own head (eval mode)."""
+                      device: torch.device, batch_size: int = 512,
+                      objective: Objective | None = None, head: nn.Module | None = None
+                      ) -> float:
+    """Top-1 accuracy of ``model``'s own head (eval mode), or of ``objective.eval_logits``."""
     was_training = model.training
     model.eval()
     correct = 0
-    for start in range(0, len(labels), batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True)
-        with dist_utils.autocast(device):
-            pred = model(x).argmax(1).cpu()
-        correct += int((pred == labels[start:start + batch_size]).sum())
+    tap = PenultimateTap(head) if objective is not None and head is not None else None
+    try:
+        for start in range(0, len(labels), batch_size):
+            x = images[start:start + batch_size].to(device, non_blocking=True)
+            with dist_utils.autocast(device):
+                logits = model(x)
+            if tap is not None:
+                logits = objective.eval_logits(tap.features.float(), logits.float())
+            correct += int((logits.argmax(1).cpu() == labels[start:start + batch_size]).sum())
+    finally:
+        if tap is not None:
+            tap.remove()
     model.train(was_training)
     return correct / max(1, len(labels))
 
@@ -183,9 +221,13 @@ class Trainer:
         self.head = head_module(self.model, cfg.arch)
         self.head_name = spec.head
         self.objective = build_objective(cfg, self.bundle, self.model, self.device)
-        params = list(self.model.parameters()) + list(self.objective.trainable_parameters())
-        self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.train_params = (list(self.model.parameters())
+                             + list(self.objective.trainable_parameters()))
+        if cfg.schedule not in ("default", "reference"):
+            raise ConfigError(f"--schedule {cfg.schedule!r}: choose 'default' or 'reference'")
+        self.switch_epoch = self._switch_epoch()
+        self.optimizer = torch.optim.SGD(self.train_params, lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=self._weight_decay(1))
         self.ddp_model = self.dist.wrap(self.model)
         n = len(self.bundle.train)
         self.per_rank_batch = max(1, cfg.batch_size // self.dist.world_size)
@@ -197,12 +239,73 @@ class Trainer:
             self.augment = "none" if cfg.dataset in ("shapes", "digits") else "crop-flip"
         self.step = 0
 
+    def _switch_epoch(self) -> int | None:
+        cfg = self.cfg
+        if cfg.schedule != "reference":
+            return None
+        s = cfg.switch_epoch
+        if s is None:
+            s = getattr(getattr(self.objective, "cfg", None), "stage_two_epoch", None)
+        if s is None:
+            s = max(1, round(cfg.epochs * 2 / 3))
+        if not 1 <= int(s) < cfg.epochs:
+            raise ConfigError(f"--switch-epoch {s} must lie in 1..{cfg.epochs - 1} (the last "
+                              "epoch of stage 1)")
+        return int(s)
+
+    def _weight_decay(self, epoch: int) -> float:
+        cfg = self.cfg
+        if self.switch_epoch is not None and epoch <= self.switch_epoch:
+            return 1e-3 if cfg.stage1_weight_decay is None else cfg.stage1_weight_decay
+        return cfg.weight_decay
+
+    def _lr(self) -> float:
+        cfg = self.cfg
+        if self.switch_epoch is not None:
+            return reference_schedule(self.step, self.steps_per_epoch, cfg.epochs,
+                                      self.switch_epoch, cfg.lr)
+        return _lr_at(self.step, self.total_steps, self.warmup_steps, cfg.lr)
+
+    def _last_good_checkpoint(self) -> str:
+        try:
+            entries = cm.read_manifest(self.out).checkpoints
+        except Exception:  # noqa: BLE001 - only for the message
+            return "none"
+        return str(self.out / entries[-1].path) if entries else "none"
+
+    def _diverged(self, epoch: int, what: str, value: float, terms: dict[str, float]) -> None:
+        shown = " ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        raise TrainingDivergedError(
+            f"epoch {epoch}: objective {self.cfg.objective} {what} became {value:.4g} "
+            f"({shown}); last good checkpoint: {self._last_good_checkpoint()}; lower --lr or "
+            "change --objective-param, then train again (--resume continues from it)")
+
+    def _extra_views(self, epoch: int, images: torch.Tensor, b: int) -> list[torch.Tensor]:
+        """Views beyond the first, from their own generator (view 1 stays CE's)."""
+        n_extra = self.objective.views - 1
+        if n_extra <= 0:
+            return []
+        gen = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + epoch) * 7 + 1
+                                            + 1_000_000_007 * b)
+        make = getattr(self.objective, "extra_views", None)
+        if make is not None:
+            return make(images, gen)
+        return [contrastive_view(images, gen) for _ in range(n_extra)]
+
     def _training_record(self) -> dict[str, Any]:
         record = asdict(self.cfg)
         for transient in ("resume", "stop_after", "progress", "device", "out"):
             record.pop(transient, None)
         record["augment"] = self.augment
         record["objective_config"] = self.objective.config()
+        record["objective_params"] = objective_params(self.cfg)
+        record["analysed_features"] = self.objective.analysed_features
+        record["views"] = self.objective.views
+        if self.switch_epoch is not None:
+            record["schedule_resolved"] = {
+                "switch_epoch": self.switch_epoch, "warmup_epochs": 0,
+                "stage1": {"lr": self.cfg.lr, "weight_decay": self._weight_decay(1)},
+                "stage2": {"lr": 0.1 * self.cfg.lr, "weight_decay": self.cfg.weight_decay}}
         record["world_size"] = self.dist.world_size
         return record
 
@@ -223,10 +326,12 @@ class Trainer:
         rel = f"checkpoints/epoch_{epoch:04d}.pt"
         path = self.out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save({"model": self.model.state_dict(), "epoch": epoch, "step": self.step},
-                           path)
+        # Hash the bytes written, not the file read back (which another process could swap).
+        digest = _atomic_torch_save(
+            {"model": self.objective.export_model_state(self.model.state_dict()),
+             "epoch": epoch, "step": self.step}, path)
         entry = cm.CheckpointEntry(epoch=epoch, step=self.step, path=rel,
-                                   sha256=cm.sha256_file(path), metrics=metrics, time=time.time())
+                                   sha256=digest, metrics=metrics, time=time.time())
         _atomic_torch_save({
             "epoch": epoch, "step": self.step,
             "model": self.model.state_dict(),
@@ -260,12 +365,16 @@ class Trainer:
         state_path = self.out / RESUME_FILE
         if not state_path.exists():
             raise ConfigError(f"{state_path}: nothing to resume; start the run without --resume")
-        try:
-            state = torch.load(state_path, map_location=self.device, weights_only=True)
-        except Exception as exc:  # written atomically, so only damage from outside gets here
-            raise ConfigError(f"{state_path}: cannot read the resume state ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); restore it or "
-                              "train into a new --out") from None
+        try:  # written atomically, so only damage from outside gets here
+            state = ckpt_io.safe_torch_load(state_path)
+        except CheckpointError as exc:  # keep the reason, not the advice for weight files
+            reason = str(exc).removeprefix(f"{state_path}: ").split("; ")[0]
+            raise ConfigError(f"{state_path}: cannot use the resume state ({reason}); restore "
+                              "it or train into a new --out") from None
+        missing = [k for k in _RESUME_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise ConfigError(f"{state_path}: not a resume state written by dtprobe train (no "
+                              f"{', '.join(missing[:3])}); restore it or train into a new --out")
         manifest = cm.read_manifest(self.out)
         epochs = {c.epoch for c in manifest.checkpoints}
         if state["epoch"] not in epochs and self.dist.is_main:
@@ -273,18 +382,27 @@ class Trainer:
             # entry: the file is complete (written atomically), so record it now.
             cm.append_checkpoint(self.out, cm.CheckpointEntry.from_dict(state["entry"]),
                                  replace=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if len(state["objective"]):
-            self.objective.load_state_dict(state["objective"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        self.step = int(state["step"])
-        return int(state["epoch"]) + 1
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if len(state["objective"]):
+                self.objective.load_state_dict(state["objective"])
+            torch.set_rng_state(state["torch_rng"].cpu())
+            self.step = int(state["step"])
+            return int(state["epoch"]) + 1
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"{state_path}: the resume state does not fit this run "
+                              f"({type(exc).__name__}: {ckpt_io._first_line(str(exc), 120)}); "
+                              "restore it or train into a new --out") from None
 
     # -------------------------------------------------------------- training
     def _run_epoch(self, epoch: int) -> dict[str, float]:
         cfg, bundle = self.cfg, self.bundle
         self.objective.start_epoch(epoch, self.model)
+        self.objective.train()
+        wd = self._weight_decay(epoch)  # the reference schedule resets it at the switch
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = wd
         self.ddp_model.train()
         gen = _epoch_generator(cfg.seed, epoch)
         order = torch.randperm(len(bundle.train), generator=gen)
@@ -297,12 +415,15 @@ class Trainer:
         try:
             for b in bar:
                 global_idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                aug = _augment(bundle.train.images[global_idx], self.augment, gen)
+                raw = bundle.train.images[global_idx]
+                aug = _augment(raw, self.augment, gen)
+                extra = [v[self.dist.rank::self.dist.world_size]
+                         for v in self._extra_views(epoch, raw, b)]
                 idx = global_idx[self.dist.rank::self.dist.world_size]
                 images = aug[self.dist.rank::self.dist.world_size]
                 if len(idx) == 0:
                     continue
-                lr = _lr_at(self.step, self.total_steps, self.warmup_steps, cfg.lr)
+                lr = self._lr()
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 x = images.to(self.device, non_blocking=True)
@@ -311,16 +432,30 @@ class Trainer:
                 y = bundle.train.labels[idx].to(self.device, non_blocking=True)
                 with dist_utils.autocast(self.device):
                     logits = self.ddp_model(x)
-                loss, terms = self.objective(images=x, features=tap.features.float(),
+                features = tap.features.float()
+                views: dict[str, torch.Tensor] = {}
+                for v, view in enumerate(extra, start=2):
+                    with dist_utils.autocast(self.device):
+                        views[f"logits{v}"] = self.ddp_model(view.to(self.device)).float()
+                    views[f"features{v}"] = tap.features.float()
+                loss, terms = self.objective(images=x, features=features,
                                              logits=logits.float(), labels=y,
-                                             indices=idx.to(self.device), epoch=epoch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch}; "
-                                             "lower --lr")
+                                             indices=idx.to(self.device), epoch=epoch, **views)
+                value = float(loss.detach())
+                if not math.isfinite(value) or abs(value) > cfg.max_loss:
+                    self._diverged(epoch, "loss", value, terms)
+                if self.dist.enabled:
+                    # Objectives that score their own head transform (cosine softmax, SupCon,
+                    # t-ReX) leave some model outputs unused; DDP needs a gradient for every
+                    # parameter, and 0 * logits gives exactly zero.
+                    loss = loss + 0.0 * logits.float().sum()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if self.dist.enabled and hasattr(self.objective, "all_reduce_gradients"):
+                if self.dist.enabled:
                     self.objective.all_reduce_gradients()  # projectors live outside DDP
+                grad_norm = float(_grad_norm(self.train_params))
+                if not math.isfinite(grad_norm):
+                    self._diverged(epoch, "gradient norm", grad_norm, terms)
                 self.optimizer.step()
                 self.step += 1
                 k = len(idx)
@@ -346,6 +481,8 @@ class Trainer:
         start = 1
         if self.dist.is_main:
             remove_stale_temp_files(self.out)
+        if cfg.resume and self.dist.is_main and self.out.is_dir():
+            check_writable(self.out)  # before an epoch of work, not when saving it
         if cfg.resume and self._can_resume():
             start = self._try_resume()
         elif self.dist.is_main:
@@ -355,7 +492,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self._new_manifest()
             test_acc = evaluate_accuracy(self.model, self.bundle.test.images,
-                                         self.bundle.test.labels, self.device)
+                                         self.bundle.test.labels, self.device,
+                                         objective=self.objective, head=self.head)
             self._save(0, {"test_acc": test_acc})
         self.dist.barrier()
         log_path = self.out / "train_log.csv"
@@ -363,7 +501,8 @@ class Trainer:
             t0 = time.perf_counter()
             metrics = self._run_epoch(epoch)
             metrics["test_acc"] = evaluate_accuracy(self.model, self.bundle.test.images,
-                                                    self.bundle.test.labels, self.device)
+                                                    self.bundle.test.labels, self.device,
+                                                    objective=self.objective, head=self.head)
             metrics["epoch_seconds"] = time.perf_counter() - t0
             if self.dist.is_main:
                 _append_log(log_path, epoch, metrics)
@@ -396,28 +535,45 @@ def _append_log(path: Path, epoch: int, metrics: dict[str, float]) -> None:
         writer.writerows(rows)
 
 
-def _temp_name(path: Path) -> Path:
-    # Hidden and ending in ".tmp": never taken for a checkpoint by file-name inference, and
-    # recognisable as a leftover of a killed writer (see remove_stale_temp_files).
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 @contextlib.contextmanager
 def _atomic_open(path: Path, mode: str, **kwargs: Any) -> Iterator[Any]:
     """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``: a kill
-    at any moment leaves the old file or the new one, never a partial one."""
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, mode, **kwargs) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    at any moment leaves the old file or the new one, never a partial one. The temporary name
+    is hidden, unpredictable and created exclusively (:func:`checkpoints_manifest.atomic_writer`),
+    so a link planted in the run directory cannot redirect the write."""
+    with cm.atomic_writer(path, "wb" if "b" in mode else "w", **kwargs) as fh:
+        yield fh
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse, before any training, a run directory that cannot take the next checkpoint.
+
+    ``run_dir`` and ``run_dir/checkpoints`` must be real directories (not symbolic links, which
+    would send the checkpoints out of the run) in which a file can be created.
+
+    Raises
+    ------
+    ConfigError
+        Naming the directory and the fix.
+    """
+    for directory in (run_dir, run_dir / "checkpoints"):
+        if directory.is_symlink() and directory != run_dir:
+            raise ConfigError(f"{directory}: is a symbolic link; the trainer writes checkpoints "
+                              "only into a real folder of the run (replace the link by a folder)")
+        if not directory.exists():
+            continue
+        try:
+            with cm.atomic_writer(directory / ".write_test", "wb"):
+                raise _Probe
+        except _Probe:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"{directory}: cannot write there ({exc.strerror or exc}); resume "
+                              "a writable copy of the run (or free disk space)") from None
+
+
+class _Probe(Exception):
+    """Raised inside the write probe so that nothing is renamed into place."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -429,9 +585,13 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with _atomic_open(path, "wb") as fh:
-        torch.save(obj, fh)
+def _atomic_torch_save(obj: Any, path: Path) -> str:
+    """``torch.save`` to ``path`` atomically; returns the sha256 of the bytes written."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    cm.atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def remove_stale_temp_files(run_dir: Path) -> list[Path]:

@@ -1,0 +1,103 @@
+"""Record checkpoints of a plain training loop in a dtprobe manifest.
+
+Example
+-------
+>>> from dtprobe.integrations import CheckpointRecorder           # doctest: +SKIP
+>>> rec = CheckpointRecorder("runs/r18", arch="resnet18", num_classes=10, dataset="cifar10")
+>>> for epoch in range(epochs + 1):                               # epoch 0 = initialisation
+...     if epoch:
+...         train_one_epoch(model)
+...     rec.save(model, epoch=epoch, step=steps_so_far)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import checkpoints_manifest as cm
+
+__all__ = ["CheckpointRecorder", "ensure_manifest"]
+
+
+def ensure_manifest(run_dir: str | os.PathLike[str], *, arch: str, num_classes: int,
+                    dataset: str | Mapping[str, Any], arch_params: Mapping[str, Any] | None = None,
+                    penultimate: str | None = None, training: Mapping[str, Any] | None = None,
+                    seed: int | None = None, run_name: str | None = None) -> cm.Manifest:
+    """Return the run's manifest, creating ``RUN_DIR/manifest.json`` if it does not exist yet.
+
+    An existing manifest is kept as it is (a resumed run appends to it); its model must be the
+    one given, or :class:`checkpoints_manifest.ManifestError` is raised naming both.
+    """
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    if cm.manifest_path(run).exists():
+        manifest = cm.read_manifest(run)
+        if (manifest.model.arch, manifest.model.num_classes) != (arch, int(num_classes)):
+            raise cm.ManifestError(str(cm.manifest_path(run)),
+                                   f"the manifest describes {manifest.model.arch} with "
+                                   f"{manifest.model.num_classes} classes, not {arch} with "
+                                   f"{num_classes}; use another run directory", "model")
+        return manifest
+    manifest = cm.create_manifest(
+        run_name=run_name or run.resolve().name,
+        model=cm.ModelSpec(arch, int(num_classes), dict(arch_params or {}), penultimate),
+        dataset=cm.DatasetSpec(dataset) if isinstance(dataset, str) else dataset,
+        training=dict(training or {}), seed=seed)
+    cm.write_manifest(run, manifest)
+    return manifest
+
+
+class CheckpointRecorder:
+    """Save a model's weights with safetensors and record the file in the run's manifest.
+
+    Parameters
+    ----------
+    run_dir : run directory; ``manifest.json`` is created there on the first :meth:`save`.
+    arch, num_classes, arch_params, penultimate : how dtprobe rebuilds the model (see
+        ``dtprobe list``; ``arch`` may also be ``package.module:callable``).
+    dataset : the source dataset name (or ``{"name": ..., "params": {...}}``).
+    training, seed : free-form training configuration and seed, recorded as they are.
+    folder : sub-folder of ``run_dir`` for the weight files.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, arch: str, num_classes: int,
+                 dataset: str | Mapping[str, Any], arch_params: Mapping[str, Any] | None = None,
+                 penultimate: str | None = None, training: Mapping[str, Any] | None = None,
+                 seed: int | None = None, folder: str = "checkpoints") -> None:
+        self.run_dir = run_dir
+        self.arch = arch
+        self.num_classes = num_classes
+        self.dataset = dataset
+        self.arch_params = arch_params
+        self.penultimate = penultimate
+        self.training = training
+        self.seed = seed
+        self.folder = folder
+
+    def save(self, model: Any, *, epoch: int, step: int = 0,
+             metrics: Mapping[str, float] | None = None) -> Path:
+        """Write ``model.state_dict()`` to ``FOLDER/epoch_{epoch:04d}.safetensors`` and record it.
+
+        ``epoch`` counts completed epochs (0 = the initialisation, before any update), which is
+        what dtprobe's charts put on their x axis. Returns the file's path.
+        """
+        from safetensors.torch import save_file
+
+        ensure_manifest(self.run_dir, arch=self.arch, num_classes=self.num_classes,
+                        dataset=self.dataset, arch_params=self.arch_params,
+                        penultimate=self.penultimate, training=self.training, seed=self.seed)
+        target = Path(self.run_dir) / self.folder
+        target.mkdir(parents=True, exist_ok=True)
+        path = target / f"epoch_{int(epoch):04d}.safetensors"
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)  # an unpredictable name, created exclusively
+        save_file(state, tmp, metadata={"epoch": str(int(epoch)), "step": str(int(step))})
+        os.replace(tmp, path)  # the manifest only ever names complete files
+        cm.record_checkpoint(self.run_dir, path, epoch=int(epoch), step=int(step),
+                             metrics=dict(metrics or {}), replace=True)
+        return path

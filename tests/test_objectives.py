@@ -1,0 +1,391 @@
+"""Objective losses against float64 references written from the papers' formulas (values and
+gradients), degenerate inputs, and the registry."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtprobe.errors import ConfigError
+from dtprobe.training.contrastive import nt_xent_loss, supcon_loss
+from dtprobe.training.kornblith import (
+    cosine_logits,
+    label_smoothing_loss,
+    logit_norm_loss,
+    sigmoid_loss,
+    squared_error_loss,
+)
+from dtprobe.training.objectives import (
+    ObjectiveContext,
+    available_objectives,
+    build_objective,
+)
+from dtprobe.training.trex import Projector, prototype_logits
+
+B, K, D = 7, 4, 5
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, K, generator=g, dtype=torch.float64) * 2
+    y = torch.tensor([0, 1, 2, 3, 1, 1, 0])
+    return z, y
+
+
+def _grad(fn, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    value = fn(x)
+    (g,) = torch.autograd.grad(value, x)
+    return float(value.detach()), g
+
+
+def _close(ours, ref, x, **kw):
+    v1, g1 = _grad(ours, x)
+    v2, g2 = _grad(ref, x)
+    assert v1 == pytest.approx(v2, rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12, **kw)
+
+
+# ---------------------------------------------------------------- loop references (float64)
+
+def _log_softmax_row(row):
+    m = max(float(v) for v in row)
+    lse = m + torch.log(sum(torch.exp(v - m) for v in row))
+    return [v - lse for v in row]
+
+
+def ref_ce(z, y):
+    return sum(-_log_softmax_row(z[i])[int(y[i])] for i in range(len(y))) / len(y)
+
+
+def ref_label_smoothing(z, y, a):
+    total = 0
+    for i in range(len(y)):
+        lp = _log_softmax_row(z[i])
+        total = total - sum(((1 - a) * (k == int(y[i])) + a / K) * lp[k] for k in range(K))
+    return total / len(y)
+
+
+def ref_sigmoid(z, y):
+    total = 0
+    for i in range(len(y)):
+        for k in range(K):
+            s = 1 / (1 + torch.exp(-z[i, k]))
+            t = 1.0 if k == int(y[i]) else 0.0
+            total = total - (t * torch.log(s) + (1 - t) * torch.log(1 - s))
+    return total / len(y)
+
+
+def ref_logit_norm(z, y, tau):
+    rows = [z[i] / (tau * torch.sqrt(sum(v * v for v in z[i]))) for i in range(len(y))]
+    return ref_ce(torch.stack(rows), y)
+
+
+def ref_cosine(h, w, y, tau):
+    rows = []
+    for i in range(len(y)):
+        hn = torch.sqrt(sum(v * v for v in h[i]))
+        rows.append(torch.stack([sum(h[i, d] * w[k, d] for d in range(h.shape[1]))
+                                 / (hn * torch.sqrt(sum(v * v for v in w[k]))) / tau
+                                 for k in range(w.shape[0])]))
+    return ref_ce(torch.stack(rows), y)
+
+
+def ref_squared(z, y, kappa, m, scale):
+    total = 0
+    for i in range(len(y)):
+        for k in range(K):
+            if k == int(y[i]):
+                total = total + kappa * (z[i, k] - m) ** 2
+            else:
+                total = total + z[i, k] ** 2
+    return scale * total / K / len(y)
+
+
+def _sim(a, b):
+    return sum(a[d] * b[d] for d in range(len(a)))
+
+
+def ref_supcon(e, y, tau):
+    """Khosla et al. 2020, Eq. 2 (L_out), over the 2B views in e (already normalised)."""
+    n = len(e)
+    total = 0
+    for i in range(n):
+        denom = sum(torch.exp(_sim(e[i], e[a]) / tau) for a in range(n) if a != i)
+        pos = [p for p in range(n) if p != i and int(y[p]) == int(y[i])]
+        total = total - sum(torch.log(torch.exp(_sim(e[i], e[p]) / tau) / denom)
+                            for p in pos) / len(pos)
+    return total / n
+
+
+def ref_nt_xent(e, tau):
+    n = len(e)
+    b = n // 2
+    total = 0
+    for i in range(n):
+        j = i + b if i < b else i - b
+        denom = sum(torch.exp(_sim(e[i], e[a]) / tau) for a in range(n) if a != i)
+        total = total - torch.log(torch.exp(_sim(e[i], e[j]) / tau) / denom)
+    return total / n
+
+
+# -------------------------------------------------------------------------- Kornblith losses
+
+def test_softmax_and_label_smoothing_match_reference():
+    z, y = _data()
+    _close(lambda x: F.cross_entropy(x, y), lambda x: ref_ce(x, y), z)
+    _close(lambda x: label_smoothing_loss(x, y, 0.1), lambda x: ref_label_smoothing(x, y, 0.1), z)
+    assert float(label_smoothing_loss(z, y, 0.0)) == pytest.approx(float(ref_ce(z, y)))
+
+
+def test_sigmoid_matches_reference():
+    z, y = _data(1)
+    _close(lambda x: sigmoid_loss(x, y), lambda x: ref_sigmoid(x, y), z)
+
+
+def test_logit_norm_matches_reference_and_zero_logits_are_finite():
+    z, y = _data(2)
+    _close(lambda x: logit_norm_loss(x, y, 0.04), lambda x: ref_logit_norm(x, y, 0.04), z)
+    zero = torch.zeros(3, K, dtype=torch.float64, requires_grad=True)
+    loss = logit_norm_loss(zero, y[:3], 0.04)
+    loss.backward()
+    assert float(loss) == pytest.approx(math.log(K))  # documented: uniform prediction
+    assert torch.equal(zero.grad, torch.zeros_like(zero))
+
+
+def test_cosine_softmax_matches_reference_and_zero_norm_is_documented_value():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(B, D, generator=g, dtype=torch.float64)
+    w = torch.randn(K, D, generator=g, dtype=torch.float64)
+    _, y = _data()
+    _close(lambda x: F.cross_entropy(cosine_logits(x, w, 0.05), y),
+           lambda x: ref_cosine(x, w, y, 0.05), h)
+    _close(lambda x: F.cross_entropy(cosine_logits(h, x, 0.05), y),
+           lambda x: ref_cosine(h, x, y, 0.05), w)
+    h0 = h.clone()
+    h0[0] = 0  # a dead ReLU embedding
+    h0.requires_grad_(True)
+    loss = F.cross_entropy(cosine_logits(h0, w, 0.05), y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(h0.grad).all()
+    assert torch.equal(h0.grad[0], torch.zeros(D, dtype=torch.float64))
+    assert torch.equal(cosine_logits(h0, w, 0.05)[0], torch.zeros(K, dtype=torch.float64))
+
+
+def test_squared_error_matches_reference():
+    z, y = _data(4)
+    _close(lambda x: squared_error_loss(x, y, 9.0, 60.0, 10.0),
+           lambda x: ref_squared(x, y, 9.0, 60.0, 10.0), z)
+
+
+def _ctx(num_classes=K, feature_dim=D, n=B):
+    model = nn.Sequential(nn.Linear(3, feature_dim), nn.ReLU(), nn.Linear(feature_dim,
+                                                                          num_classes))
+    model.double()
+    return ObjectiveContext(model=model, head=model[2], feature_dim=feature_dim,
+                            num_classes=num_classes, num_samples=n,
+                            train_labels=torch.arange(n) % num_classes,
+                            device=torch.device("cpu"), head_name="2")
+
+
+def _call(obj, h, y, **views):
+    logits = obj_head(obj)(h)
+    return obj(images=None, features=h, logits=logits, labels=y, indices=torch.arange(len(y)),
+               epoch=1, **views)
+
+
+def obj_head(obj):
+    return obj._head
+
+
+def test_extra_l2_and_logit_penalty_match_reference():
+    ctx = _ctx()
+    _, y = _data()
+    h = torch.randn(B, D, dtype=torch.float64)
+    obj = build_objective("extra_l2", ctx)
+    w = ctx.head.weight
+
+    loss, terms = _call(obj, h, y)
+    (g_ours,) = torch.autograd.grad(loss, w)
+    z = ctx.head(h)
+    ref = ref_ce(z, y) + 8e-4 * sum(float(v) ** 2 for v in w.detach().flatten())
+    assert float(loss) == pytest.approx(float(ref), rel=1e-10)
+    w_ref = w.detach().clone().requires_grad_(True)
+    ref_t = ref_ce(h @ w_ref.T + ctx.head.bias.detach(), y) + 8e-4 * (w_ref ** 2).sum()
+    (g_ref,) = torch.autograd.grad(ref_t, w_ref)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-12)
+    assert set(terms) == {"ce", "final_l2"}
+
+    obj = build_objective("logit_penalty", ctx)
+    z = torch.randn(B, K, dtype=torch.float64)
+    _close(lambda x: obj(images=None, features=h, logits=x, labels=y, indices=None,
+                         epoch=1)[0],
+           lambda x: ref_ce(x, y) + 6e-4 * sum((x[i] ** 2).sum() for i in range(B)) / B, z)
+
+
+def test_dropout_keeps_expected_fraction_and_is_ce_at_eval():
+    ctx = _ctx(feature_dim=2000)
+    obj = build_objective("dropout", ctx)
+    h = torch.rand(B, 2000, dtype=torch.float64) + 0.5
+    _, y = _data()
+    seen = []
+    handle = ctx.head.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    torch.manual_seed(0)
+    obj(images=None, features=h, logits=ctx.head(h), labels=y, indices=None, epoch=1)
+    handle.remove()
+    dropped = seen[-1]
+    kept = dropped != 0
+    assert abs(float(kept.double().mean()) - 0.7) < 0.02
+    torch.testing.assert_close(dropped[kept], (h / 0.7)[kept])
+    obj.eval()
+    loss, _ = obj(images=None, features=h, logits=ctx.head(h), labels=y, indices=None, epoch=1)
+    assert float(loss) == pytest.approx(float(F.cross_entropy(ctx.head(h), y)))
+
+
+def test_cosine_softmax_export_makes_argmax_the_cosine_prediction():
+    ctx = _ctx()
+    obj = build_objective("cosine_softmax", ctx)
+    with torch.no_grad():
+        ctx.head.bias.uniform_(-5, 5)
+    h = torch.randn(50, D, dtype=torch.float64)
+    state = obj.export_model_state(ctx.model.state_dict())
+    fresh = _ctx().model
+    fresh.load_state_dict(state)
+    pred = fresh[2](h).argmax(1)
+    torch.testing.assert_close(pred, obj.eval_logits(h, None).argmax(1))
+
+
+def test_sigmoid_initialises_bias_to_minus_log_k():
+    ctx = _ctx()
+    build_objective("sigmoid", ctx)
+    torch.testing.assert_close(ctx.head.bias.detach(),
+                               torch.full((K,), -math.log(K), dtype=torch.float64))
+
+
+# -------------------------------------------------------------------- contrastive losses
+
+def _views(seed=5, n=6, d=4):
+    g = torch.Generator().manual_seed(seed)
+    e1 = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    e2 = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    return e1, e2
+
+
+def test_supcon_matches_khosla_formula():
+    e1, e2 = _views()
+    y = torch.tensor([0, 1, 0, 2, 1, 0])
+    e = torch.cat([e1, e2])
+    _close(lambda x: supcon_loss(x[:6], x[6:], y, 0.1),
+           lambda x: ref_supcon(x, torch.cat([y, y]), 0.1), e)
+
+
+def test_nt_xent_matches_simclr_formula():
+    e1, e2 = _views(6)
+    e = torch.cat([e1, e2])
+    _close(lambda x: nt_xent_loss(x[:6], x[6:], 0.5), lambda x: ref_nt_xent(x, 0.5), e)
+
+
+def test_supcon_one_class_batch_and_temperature_extremes_are_finite():
+    e1, e2 = _views(7)
+    one = torch.zeros(6, dtype=torch.long)
+    x = torch.cat([e1, e2]).requires_grad_(True)
+    loss = supcon_loss(x[:6], x[6:], one, 0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    # No negatives: every other view is a positive, so the value is >= log(2B - 1).
+    assert float(loss) >= math.log(11) - 1e-12
+    for tau in (1e-3, 1e6):
+        for fn in (supcon_loss, nt_xent_loss):
+            a = e1.float().clone().requires_grad_(True)
+            args = (a, e2.float(), one, tau) if fn is supcon_loss else (a, e2.float(), tau)
+            value = fn(*args)
+            value.backward()
+            assert torch.isfinite(value) and torch.isfinite(a.grad).all()
+    assert float(nt_xent_loss(e1, e2, 1e6)) == pytest.approx(math.log(11), rel=1e-5)
+    with pytest.raises(ConfigError, match="tau"):
+        build_objective("supcon", _ctx(), {"tau": 1e-5})
+    with pytest.raises(ConfigError, match="tau"):
+        build_objective("ce_simclr", _ctx(), {"tau": 0.0})
+
+
+# ------------------------------------------------------------------------------ t-ReX
+
+def test_trex_projector_structure():
+    p = Projector(16, hidden=32, layers=2, out_dim=256)
+    kinds = [type(m).__name__ for m in p.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU"] * 2
+    assert p.out.out_features == 256 and p.out.bias is None
+    h = torch.randn(5, 16)
+    p.eval()
+    torch.testing.assert_close(p(h), p(h * 7.0))  # L2-normalised input
+
+
+def test_prototype_logits_match_reference():
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0, 1])
+    bank = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    bank_y = torch.tensor([0, 0, 1, -1, 1, -1])  # -1: empty slots
+
+    def ref(zz):
+        rows = []
+        for i in range(len(zz)):
+            row = []
+            for k in range(3):
+                members = [bank[j] for j in range(6) if int(bank_y[j]) == k]
+                members += [zz[j] for j in range(len(zz)) if int(y[j]) == k]
+                if not members:
+                    row.append(zz[i, 0] * 0)
+                    continue
+                c = sum(members) / len(members)
+                row.append(_sim(zz[i], c) / (torch.sqrt(_sim(zz[i], zz[i]))
+                                             * torch.sqrt(_sim(c, c))) / 0.1)
+            rows.append(torch.stack(row))
+        return F.cross_entropy(torch.stack(rows), y)
+
+    _close(lambda x: F.cross_entropy(prototype_logits(x, y, bank, bank_y, 3, 0.1), y), ref, z)
+    logits = prototype_logits(z, y, bank, bank_y, 3, 0.1)
+    assert torch.equal(logits[:, 2], torch.zeros(5, dtype=torch.float64))  # class 2: no rows
+
+
+# ---------------------------------------------------------------------------- registry
+
+KORNBLITH_DEFAULTS = {"label_smoothing": {"alpha": 0.1}, "extra_l2": {"lam": 8e-4},
+                      "dropout": {"keep_prob": 0.7}, "logit_penalty": {"beta": 6e-4},
+                      "logit_norm": {"tau": 0.04}, "cosine_softmax": {"tau": 0.05},
+                      "squared_error": {"kappa": 9.0, "M": 60.0, "scale": 10.0}}
+
+
+def test_registry_has_every_objective_with_paper_defaults():
+    specs = available_objectives()
+    expected = {"ce", "label_smoothing", "sigmoid", "extra_l2", "dropout", "logit_penalty",
+                "logit_norm", "cosine_softmax", "squared_error", "supcon", "ce_simclr",
+                "supcon_simclr", "trex", "trex_star", "ctc"}
+    assert expected <= set(specs)
+    for name, defaults in KORNBLITH_DEFAULTS.items():
+        assert {k: specs[name].defaults[k] for k in defaults} == defaults
+        assert "Kornblith" in specs[name].paper
+    for name in specs:
+        assert specs[name].paper and specs[name].description
+
+
+def test_unknown_objective_or_parameter_is_one_line_error():
+    with pytest.raises(ConfigError, match="unknown --objective 'nope'"):
+        build_objective("nope", _ctx())
+    with pytest.raises(ConfigError, match="not a parameter of label_smoothing.*alpha=0.1"):
+        build_objective("label_smoothing", _ctx(), {"alpah": 0.2})
+    with pytest.raises(ConfigError, match="keep_prob"):
+        build_objective("dropout", _ctx(), {"keep_prob": 1.5})
+
+
+def test_objective_configs_record_hyperparameters():
+    obj = build_objective("label_smoothing", _ctx(), {"alpha": 0.2})
+    assert obj.config() == {"objective": "label_smoothing", "alpha": 0.2}
+    trex = build_objective("trex", _ctx(), {"hidden": 8})
+    assert "BEFORE" in trex.config()["analysed_features"]
+    assert np.isclose(trex.config()["tau"], 0.1)
