@@ -192,7 +192,7 @@ def process_downstream(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
     """Rows of one checkpoint on one downstream dataset: reused from ``parts`` when their key
     matches, else computed from features (cached; extracted when missing)."""
     metrics = list(opts.downstream_metrics or DOWNSTREAM_METRICS)
-    verify_checkpoint(ckpt)  # the file's sha256 is known before stored rows are trusted
+    verify_checkpoint(plan, ckpt, opts)  # content hashed before its stored rows are trusted
     key = downstream_part_key(ckpt, ds, metrics, opts)
     rows = parts.get(ckpt.epoch, key)
     if rows is None:
