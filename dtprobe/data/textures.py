@@ -20,8 +20,14 @@ over 0-180 deg), spatial frequency (2-5 periods across the image), phase, the tw
 and Gaussian pixel noise. Intensities are anti-aliased by a smooth step of the signal, so the
 textures hold at 16 px. Classes are balanced (equal counts to within one image per split).
 
-Measured as the transfer target of the demo's CE run on ``shapes`` (see README and the issue-10
-closing note): whether its linear-probe accuracy falls late in training is reported there.
+Measured as a transfer target of the demo's CE run (``small_cnn`` on ``shapes``, 16 epochs,
+``dtprobe demo``): linear-probe accuracy 0.28 (epoch 0) -> 0.39 (6) -> 0.59 (10, the peak) ->
+0.56 (14) -> 0.58 (16), while source accuracy went 0.17 -> 0.95. Texture transfer *rises* with
+training and only plateaus late (a 0.02 dip after the peak, within probe noise): it does not
+show the late fall, unlike ``digits`` in the same run (0.95 at initialisation, 0.82-0.84 from
+epoch 8 on). It is kept as the embedded target whose classes are unlike the source's: the two
+together show both regimes, and which transferability scores follow them (H-score did best,
+Kendall tau +0.89 here, against +0.78 for source accuracy).
 
 Rendering is vectorised numpy in chunks; 3000 images at 32 px take well under a second.
 """
