@@ -5,18 +5,22 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dtprobe-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench bench-quick clean
+.PHONY: install demo readme-demo test test-all lint bench bench-quick clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,frameworks]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m dtprobe demo --out runs/demo
+
+# regenerate README.md's demo table from a fresh demo (run on an idle machine: it states the time)
+readme-demo: $(STAMP)
+	$(PY) -m dtprobe demo --out runs/demo --fresh --update-readme README.md
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)

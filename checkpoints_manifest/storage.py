@@ -168,8 +168,10 @@ def manifest_lock(run_dir: str | os.PathLike[str],
     """Exclusive lock on the manifest of ``run_dir`` for a read-modify-write update.
 
     Threads of one process serialise on an in-process lock; processes on
-    ``fcntl.flock`` of ``RUN_DIR/.manifest.json.lock`` (the lock file stays; it
-    is empty). Without ``fcntl`` an ``O_CREAT | O_EXCL`` lock file is created
+    ``fcntl.flock`` of ``RUN_DIR/.manifest.json.lock``, which the holder removes
+    before it releases the lock (a waiter that then holds the lock on the removed
+    file sees that the path no longer names its file and retries), so no lock file
+    stays behind. Without ``fcntl`` an ``O_CREAT | O_EXCL`` lock file is created
     and removed again.
 
     Raises
@@ -185,29 +187,43 @@ def manifest_lock(run_dir: str | os.PathLike[str],
                                             "manifest lock held by another thread")
     try:
         if fcntl is not None:
-            try:  # never through a link planted at the lock's name
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, _DEFAULT_MODE)
-            except OSError as exc:
-                raise ManifestError(str(lock_path), f"cannot open the manifest lock "
-                                    f"({_link_reason(exc)}); remove it if it is a symbolic "
-                                    "link, or make the run directory writable") from None
-            try:
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            raise ManifestError(str(lock_path), f"timed out after {timeout:.0f}s "
-                                                "waiting for another process that is writing the "
-                                                "manifest") from None
-                        time.sleep(0.005)
+            while True:
+                try:  # never through a link planted at the lock's name
+                    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, _DEFAULT_MODE)
+                except OSError as exc:
+                    raise ManifestError(str(lock_path), f"cannot open the manifest lock "
+                                        f"({_link_reason(exc)}); remove it if it is a symbolic "
+                                        "link, or make the run directory writable") from None
                 try:
-                    yield
+                    while True:
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            break
+                        except BlockingIOError:
+                            if time.monotonic() > deadline:
+                                raise ManifestError(str(lock_path), f"timed out after "
+                                                    f"{timeout:.0f}s waiting for another process "
+                                                    "that is writing the manifest") from None
+                            time.sleep(0.005)
+                    # The holder before us removes the file as it releases it (below): if our
+                    # file is no longer the one at lock_path we locked a removed file, so retry.
+                    try:
+                        here = os.stat(lock_path, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    mine = os.fstat(fd)
+                    if (here.st_ino, here.st_dev) != (mine.st_ino, mine.st_dev):
+                        continue
+                    try:
+                        yield
+                    finally:
+                        # unlink while still holding the lock, so no run keeps a stale lock file
+                        with contextlib.suppress(OSError):
+                            os.unlink(lock_path)
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                    break
                 finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
+                    os.close(fd)
         else:  # pragma: no cover - exercised on Windows only
             while True:
                 try:

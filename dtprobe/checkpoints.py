@@ -15,9 +15,15 @@ is the single place where that happens, and it never executes code from a file:
 
 Checkpoints saved as ``{"model": state_dict, "epoch": e, ...}`` (or under
 ``state_dict``, ``net``, ``model_state_dict``, ``module``), with DDP
-``module.`` or Lightning ``model.`` key prefixes, load like plain state dicts.
-Runs without a manifest are described by their file names
-(:func:`infer_checkpoint_series`).
+``module.``, ``torch.compile`` ``_orig_mod.`` or Lightning ``model.`` key prefixes, load like
+plain state dicts. Where the model is known, :func:`load_weights` searches the file for the
+weights that fit it exactly (:mod:`dtprobe.state_dict`: any nesting key or wrapper prefix,
+EMA or raw weights). Runs without a manifest are found by their framework's layout and file
+names (:func:`infer_checkpoint_series`, :mod:`dtprobe.layouts`).
+
+Files whose pickle references classes (e.g. Lightning ``hyper_parameters`` holding modules)
+are refused; ``trust_pickles=True`` (``--trust-pickles``) is the explicit opt-in that unpickles
+such a file in full, for files the user trusts. It is never the default.
 
 References
 ----------
@@ -49,7 +55,8 @@ import torch
 from torch import Tensor, nn
 
 import checkpoints_manifest
-from dtprobe.errors import CheckpointError, ConfigError
+from dtprobe import layouts
+from dtprobe.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 
 __all__ = [
     "KNOWN_NAMINGS",
@@ -67,6 +74,7 @@ __all__ = [
     "is_temporary_name",
     "load_checkpoint",
     "load_into_model",
+    "load_weights",
     "load_state_dict",
     "read_checkpoint_bytes",
     "read_checkpoint_meta",
@@ -77,8 +85,9 @@ __all__ = [
 
 #: Keys under which training scripts nest the model's state dict, tried in this order.
 WRAPPER_KEYS: tuple[str, ...] = ("model", "state_dict", "net", "model_state_dict", "module")
-#: Key prefixes stripped when *every* key carries them (DDP, Lightning).
-PREFIXES: tuple[str, ...] = ("module.", "model.")
+#: Key prefixes stripped when *every* key carries them (DDP, Lightning, torch.compile), without a
+#: model to fit; :func:`load_weights` searches every prefix (:mod:`dtprobe.state_dict`).
+PREFIXES: tuple[str, ...] = ("module.", "model.", "_orig_mod.")
 
 #: File-name schemes recognised by :func:`infer_checkpoint_series` (``{epoch}``/``{step}`` are
 #: decimal numbers, ``*`` any characters except ``/``).
@@ -103,6 +112,7 @@ _SUBDIR = "checkpoints"
 TEMP_SUFFIXES: tuple[str, ...] = (".tmp", ".temp", ".part", ".partial", ".incomplete", ".swp",
                                   "~")
 _FIX = "re-save it with torch.save(model.state_dict(), path) (or as .safetensors)"
+_TRUST = "or, if you trust this file and the code it names, pass --trust-pickles"
 _UNSAFE_MARKERS = ("Unsupported global", "Can only create new object", "unrecognized function",
                    "Can only build", "Unsupported operand", "Can only append", "Can only extend",
                    "Can only set items", "not an allowed global",
@@ -200,12 +210,19 @@ class LoadedCheckpoint:
         The wrapper keys descended through (e.g. ``("model",)``).
     stripped : tuple of str
         The key prefixes removed (e.g. ``("module.",)``).
+    source : object
+        Everything the file holds (the ``torch.load`` result, or the safetensors tensors), for
+        :func:`load_weights` to search.
+    trusted : bool
+        Whether it was unpickled in full with ``trust_pickles=True``.
     """
 
     state_dict: dict[str, Tensor]
     meta: dict[str, Any]
     unwrapped: tuple[str, ...] = ()
     stripped: tuple[str, ...] = ()
+    source: Any = None
+    trusted: bool = False
 
 
 def _data_only_globals() -> list[Any]:
@@ -411,8 +428,9 @@ def _unsafe_globals(data: bytes) -> list[str]:
 
 
 def _refused(path: Path, detail: str) -> CheckpointError:
-    return CheckpointError(f"{path}: refusing to unpickle it{detail}: not a plain weights file, "
-                           f"so loading it could run arbitrary code; {_FIX}")
+    return UnsafeCheckpointError(f"{path}: refusing to unpickle it{detail}: not a plain weights "
+                                 f"file, so loading it could run arbitrary code; {_FIX}, "
+                                 f"{_TRUST}")
 
 
 def _refusal(path: Path, exc: BaseException, data: bytes) -> CheckpointError | None:
@@ -645,6 +663,10 @@ def _plain(value: Any, depth: int = 0) -> Any:
 
 
 def _strip_prefixes(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+    from dtprobe.state_dict import BOOKKEEPING_KEYS
+
+    # Counters such as AveragedModel's ``n_averaged`` are not weights and carry no prefix.
+    state = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in BOOKKEEPING_KEYS}
     stripped: list[str] = []
     changed = True
     while changed and state:
@@ -671,6 +693,15 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any], tu
         chain.append(key)
         current = current[key]
     state = {k: v for k, v in current.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    if not state:
+        # Weights under another key (e.g. only ``model_ema``): the first tensor mapping found
+        # by the documented search of dtprobe.state_dict.
+        from dtprobe.state_dict import _tensor_dicts
+
+        found = _tensor_dicts(top)
+        if found:
+            where, state = found[0]
+            chain = list(where)
     if not state:
         keys = ", ".join(repr(k) for k in list(top)[:8]) or "none"
         raise CheckpointError(f"{path}: no weight tensors found (top-level keys: {keys}); expected "
@@ -712,8 +743,23 @@ def check_finite(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str])
                               "run?); drop this checkpoint from the series or retrain")
 
 
+def _trusted_torch_load(data: bytes, path: Path) -> Any:
+    """Full unpickling, only for ``trust_pickles=True``: the file's classes are imported and run."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: --trust-pickles: the file needs code that cannot be "
+                              f"imported ({_first_line(str(exc))}); run from the folder of the "
+                              "training code or add it to PYTHONPATH") from None
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's pickle is theirs
+        raise _corrupt(path, exc) from None
+
+
 def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True,
-                    data: CheckpointBytes | None = None) -> LoadedCheckpoint:
+                    data: CheckpointBytes | None = None,
+                    trust_pickles: bool = False) -> LoadedCheckpoint:
     """Read a checkpoint file safely: weights plus plain-data metadata.
 
     Parameters
@@ -727,6 +773,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True,
     data : CheckpointBytes, optional
         The file's content as already read (and verified) by :func:`read_checkpoint_bytes`;
         the tensors are then built from exactly these bytes and the file is not read again.
+    trust_pickles : bool, default False
+        Opt-in for a file the safe unpickler refuses (it references classes, e.g. Lightning
+        ``hyper_parameters`` holding modules): unpickle it in full, which runs code named in
+        the file. Only for files the user trusts; files the safe loader accepts are loaded
+        safely either way.
 
     Returns
     -------
@@ -748,13 +799,22 @@ def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True,
         if not state:
             raise CheckpointError(f"{path}: holds no tensors; {_FIX}")
         chain: tuple[str, ...] = ()
+        source: Any = state
+        trusted = False
     else:
-        state, meta, chain = _unwrap(_torch_load(blob.data, path), path)
+        trusted = False
+        try:
+            source = _torch_load(blob.data, path)
+        except UnsafeCheckpointError:
+            if not trust_pickles:
+                raise
+            source, trusted = _trusted_torch_load(blob.data, path), True  # explicit opt-in
+        state, meta, chain = _unwrap(source, path)
     check_tensors(state, path)
     state, stripped = _strip_prefixes(state)
     if finite:
         check_finite(state, path)
-    return LoadedCheckpoint(state, meta, chain, stripped)
+    return LoadedCheckpoint(state, meta, chain, stripped, source, trusted)
 
 
 def load_state_dict(path: str | os.PathLike[str], *, finite: bool = True,
@@ -816,6 +876,58 @@ def _key_list(keys: list[str], limit: int = 3) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def load_weights(model: nn.Module, loaded: LoadedCheckpoint, path: str | os.PathLike[str], *,
+                 weights: str = "auto", strip_prefix: str | None = None,
+                 key_maps: tuple[Any, ...] = (), arch: str | None = None,
+                 finite: bool = True) -> Any:
+    """Find the weights in ``loaded`` that fit ``model`` exactly and load them.
+
+    The search over nesting keys, bookkeeping entries, prefixes and the architecture's key
+    renames is :func:`dtprobe.state_dict.resolve`'s (documented there); a candidate is taken
+    only when every key and shape fits.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Freshly built model.
+    loaded : LoadedCheckpoint
+        From :func:`load_checkpoint`.
+    path : path-like
+        The file, for messages.
+    weights : {"auto", "raw", "ema"} or str
+        ``--weights``: which weights to take.
+    strip_prefix : str, optional
+        ``--strip-prefix``: keep only keys with this prefix, removed.
+    key_maps : tuple of KeyMap
+        The architecture's rename maps.
+    arch : str, optional
+        The architecture's name, for messages.
+    finite : bool, default True
+        Refuse chosen weights that contain NaN/Inf.
+
+    Returns
+    -------
+    dtprobe.state_dict.Candidate
+        What was loaded and from where (``.record()`` for the results).
+
+    Raises
+    ------
+    CheckpointError
+        Nothing fits (the message names the keys found and the flag that fixes it), or the
+        chosen weights hold NaN/Inf.
+    """
+    from dtprobe.state_dict import resolve
+
+    source = loaded.source if loaded.source is not None else loaded.state_dict
+    chosen = resolve(source, model, path, weights=weights, strip_prefix=strip_prefix,
+                     key_maps=key_maps, arch=arch)
+    check_tensors(chosen.state, path)  # e.g. EMA weights, not the default reading checked above
+    if finite:
+        check_finite(chosen.state, path)
+    load_into_model(model, chosen.state, path)
+    return chosen
+
+
 def load_into_model(model: nn.Module, state_dict: Mapping[str, Tensor],
                     path: str | os.PathLike[str]) -> None:
     """Load ``state_dict`` into ``model`` strictly, with a one-line error when it does not fit.
@@ -874,15 +986,23 @@ class InferredCheckpoint:
     Attributes
     ----------
     epoch : int
-        Epoch number taken from the file name (as written: Lightning counts from 0).
+        Epochs completed (0 = initialisation) where the layout's convention is known
+        (Lightning's ``epoch=3`` is 4 here), else the number as written; see
+        :mod:`dtprobe.layouts` and ``epoch_basis``.
     step : int or None
-        Step from the file name, where the naming has one.
+        Global step from the name or the framework's records, where known.
     path : Path
         ``run_dir / relpath``.
     relpath : str
         Path relative to the run directory, with forward slashes.
     naming : str
         The naming scheme that matched, e.g. ``"ckpt_epoch_{epoch}.pth"``.
+    layout : str
+        The :data:`dtprobe.layouts.LAYOUTS` entry (``"lightning"``, ``"hf_trainer"`` ...).
+    source_epoch : float or None
+        The framework's own epoch number (name or records), before conversion.
+    epoch_basis : str
+        Where ``epoch`` came from: ``"name"``, ``"metadata"`` or ``"order"``.
     """
 
     epoch: int
@@ -890,6 +1010,9 @@ class InferredCheckpoint:
     path: Path
     relpath: str = ""
     naming: str = ""
+    layout: str = "generic"
+    source_epoch: float | None = None
+    epoch_basis: str = "name"
 
 
 class CheckpointSeries(list):
@@ -904,14 +1027,22 @@ class CheckpointSeries(list):
         naming, such as ``last.ckpt`` or ``best.pth``.
     message : str
         When nothing matched: which files were found and how to fix it; else ``""``.
+    epoch_note : str
+        What the epoch numbers mean for this run (what epoch 0 is), for tables and charts.
     """
 
     def __init__(self, items: list[InferredCheckpoint], run_dir: Path, ignored: list[str],
-                 message: str = ""):
+                 message: str = "", epoch_note: str = ""):
         super().__init__(items)
         self.run_dir = run_dir
         self.ignored = ignored
         self.message = message
+        self.epoch_note = epoch_note
+
+    @property
+    def layouts(self) -> list[str]:
+        """Layouts present (:data:`dtprobe.layouts.LAYOUTS`), in order of first appearance."""
+        return list(dict.fromkeys(c.layout for c in self))
 
     @property
     def namings(self) -> list[str]:
@@ -1043,16 +1174,21 @@ def _match(relpath: str, namings: list[tuple[str, Any]], subdir_ok: bool
 
 
 def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None = None, *,
-                            allow_empty: bool = False,
-                            allow_symlinks: bool = False) -> CheckpointSeries:
-    """Find a run's checkpoints from their file names (for runs without a manifest).
+                            allow_empty: bool = False, allow_symlinks: bool = False,
+                            epoch_from: str = "auto",
+                            trust_pickles: bool = False) -> CheckpointSeries:
+    """Find a run's checkpoints from its framework's layout and file names (no manifest).
 
     Looks in ``run_dir`` and ``run_dir/checkpoints`` for the names in
     :data:`KNOWN_NAMINGS` (``ckpt_epoch_{epoch}.pth`` of the CTC reference code,
-    Lightning's ``epoch={epoch}-step={step}.ckpt``, ``checkpoint_{epoch}.pt``,
-    ``checkpoint-{epoch}.pth.tar``, ``model_{epoch}.pth``, ``epoch_{epoch}.pt``, and
-    the same with ``.safetensors``). Temporary and partial files left by an
-    interrupted writer (:func:`is_temporary_name`) are never taken for checkpoints.
+    Lightning's ``epoch={epoch}-step={step}.ckpt`` (also with metric suffixes),
+    ``checkpoint_{epoch}.pt``, ``checkpoint-{epoch}.pth.tar``, ``model_{epoch}.pth``,
+    ``epoch_{epoch}.pt``, ``epoch_003.ckpt`` and the same with ``.safetensors``), then, when
+    none is there, in the framework folders below it (Lightning ``lightning_logs/version_N/
+    checkpoints/``, Hugging Face ``checkpoint-STEP/``, accelerate ``checkpoints/checkpoint_I/``,
+    timm's experiment folder): the list and the epoch conventions are in
+    :mod:`dtprobe.layouts`. Temporary and partial files left by an interrupted writer
+    (:func:`is_temporary_name`) are never taken for checkpoints.
 
     Parameters
     ----------
@@ -1062,17 +1198,22 @@ def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None
         Use only this naming: a glob (``*``, ``?``, ``[...]``) relative to
         ``run_dir`` with an ``{epoch}`` and optionally a ``{step}`` placeholder,
         e.g. ``"weights/ep{epoch}.pt"``. Without ``/`` it is also tried in
-        ``run_dir/checkpoints``.
+        ``run_dir/checkpoints``. Its numbers are taken as written.
     allow_empty : bool, default False
         Return an empty series (with the explanation in ``.message``) instead
         of raising when nothing matches.
     allow_symlinks : bool, default False
         Accept files whose symbolic links point outside ``run_dir``.
+    epoch_from : {"auto", "name", "metadata", "order"}, default "auto"
+        Where epochs come from (:func:`dtprobe.layouts.assign_epochs`).
+    trust_pickles : bool, default False
+        Read the records of files the safe loader refuses (``--trust-pickles``).
 
     Returns
     -------
     CheckpointSeries
-        Sorted by epoch; non-matching checkpoint-like files are listed in ``.ignored``.
+        Sorted by epoch; non-matching checkpoint-like files are listed in ``.ignored``;
+        ``.epoch_note`` says what epoch 0 means.
 
     Raises
     ------
@@ -1081,26 +1222,47 @@ def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None
         naming), if a file resolves outside the run directory, or (unless
         ``allow_empty``) if nothing matches; the message says how to fix it.
     ConfigError
-        If ``pattern`` is malformed.
+        If ``pattern`` or ``epoch_from`` is malformed.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
     names, namings = _candidates(run_dir, pattern)
-    by_epoch: dict[int, list[InferredCheckpoint]] = {}
+    found: list[layouts.Found] = []
     ignored: list[str] = []
     for rel in names:
         hit = _match(rel, namings, subdir_ok=pattern is None or "/" not in pattern)
-        if hit is None:
+        extra = None
+        if hit is None and pattern is None:
+            extra = layouts.flat_match(rel.rsplit("/", 1)[-1])
+        if hit is None and extra is None:
             if rel.lower().endswith(_CHECKPOINT_SUFFIXES):
                 ignored.append(rel)
             continue
-        template, m = hit
-        step = m.groupdict().get("step")
-        item = InferredCheckpoint(epoch=int(m.group("epoch")),
-                                  step=None if step is None else int(step),
-                                  path=resolve_inside(run_dir, rel, allow_symlinks=allow_symlinks),
-                                  relpath=rel, naming=template)
+        if hit is not None:
+            template, m = hit
+            step = m.groupdict().get("step")
+            layout = "generic" if pattern else layouts.naming_layout(template)
+            found.append(layouts.Found(rel, layout, template, int(m.group("epoch")),
+                                       None if step is None else int(step)))
+        else:
+            template, number, step_number, layout = extra
+            found.append(layouts.Found(rel, layout, template, number, step_number))
+    if not found and pattern is None and not ignored:
+        deep = [n for n in layouts._walk(run_dir) if not is_temporary_name(n)]
+        found = layouts._nested(run_dir, deep)
+    for item in found:
+        item.meta = layouts.peek(run_dir / item.relpath, trust_pickles)
+        if pattern is None:
+            item.layout = layouts.refine(item, run_dir)
+    assigned, note = layouts.assign_epochs(found, run_dir, epoch_from)
+    by_epoch: dict[int, list[InferredCheckpoint]] = {}
+    for a in assigned:
+        item = InferredCheckpoint(
+            epoch=a.epoch, step=a.step,
+            path=resolve_inside(run_dir, a.found.relpath, allow_symlinks=allow_symlinks),
+            relpath=a.found.relpath, naming=a.found.naming, layout=a.found.layout,
+            source_epoch=a.source_epoch, epoch_basis=a.basis)
         by_epoch.setdefault(item.epoch, []).append(item)
     for epoch, items in sorted(by_epoch.items()):
         if len(items) > 1:
@@ -1114,7 +1276,18 @@ def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None
     message = "" if series else _nothing_found(run_dir, names, ignored, pattern)
     if message and not allow_empty:
         raise CheckpointError(message)
-    return CheckpointSeries(series, run_dir, ignored, message)
+    return CheckpointSeries(series, run_dir, ignored, message, note if series else "")
+
+
+def _suggest_pattern(relpath: str) -> str:
+    """A ``--pattern`` for files named like ``relpath``: its last number becomes ``{epoch}``."""
+    folder, _, base = relpath.rpartition("/")
+    numbers = list(re.finditer(r"[0-9]+", base))
+    if not numbers:
+        return (folder + "/" if folder else "") + "NAME_{epoch}.pth"
+    last = numbers[-1]
+    templ = base[:last.start()] + "{epoch}" + base[last.end():]
+    return (folder + "/" if folder else "") + templ
 
 
 def _nothing_found(run_dir: Path, names: list[str], ignored: list[str],
@@ -1125,19 +1298,118 @@ def _nothing_found(run_dir: Path, names: list[str], ignored: list[str],
         # Checkpoints one folder down (other than checkpoints/) are a common layout.
         deeper = [n for n in _list_files(run_dir, 1) if not n.startswith(_SUBDIR + "/")
                   and n.lower().endswith(_CHECKPOINT_SUFFIXES) and not is_temporary_name(n)]
+        deeper += [n for n in _list_files(run_dir, 2) if n.lower().endswith(_CHECKPOINT_SUFFIXES)
+                   and not is_temporary_name(n)]
         if deeper:
-            folder = deeper[0].split("/", 1)[0]
             listing = ", ".join(deeper[:4]) + (f" (+{len(deeper) - 4} more)"
                                                if len(deeper) > 4 else "")
-            return (f"{run_dir}: no checkpoint files at the top level or in {_SUBDIR}/, but "
-                    f"found {listing}; pass --pattern '{folder}/NAME_{{epoch}}.pt' describing "
-                    "their names, or write a manifest (see checkpoints_manifest/README.md)")
+            return (f"{run_dir}: no checkpoint files of a known layout (see dtprobe/layouts.py), "
+                    f"but found {listing}; pass --pattern '{_suggest_pattern(deeper[0])}' "
+                    "describing their names (or --epoch-from order), or write a manifest "
+                    "(see checkpoints_manifest/README.md)")
     shown = ignored or names
     if shown:
         listing = ", ".join(shown[:6]) + (f" (+{len(shown) - 6} more)" if len(shown) > 6 else "")
+        numbered = next((n for n in shown if re.search(r"[0-9]", n.rsplit("/", 1)[-1])), None)
+        suggestion = _suggest_pattern(numbered) if numbered else "NAME_{epoch}.pth"
         return (f"{run_dir}: found files {listing} but none matches {wanted}; pass "
-                "--pattern 'NAME_{epoch}.pth' describing your file names, or write a manifest "
+                f"--pattern '{suggestion}' describing your file names, or write a manifest "
                 "(see checkpoints_manifest/README.md)")
     where = f"{run_dir} or {run_dir / _SUBDIR}" if not pattern or "/" not in pattern else run_dir
     return (f"{where}: no checkpoint files matching {wanted}; point to the run directory that "
             "holds the checkpoints, or pass --pattern")
+
+
+# ------------------------------------------------------------------------- whole-run inference
+@dataclass
+class InferredRun:
+    """A run without a manifest: its checkpoints and how to rebuild its model.
+
+    Attributes
+    ----------
+    series : CheckpointSeries
+        The checkpoints, with epochs and steps (:mod:`dtprobe.layouts`).
+    arch, num_classes, arch_kwargs : the model, from the flags, else from the files' records
+        (:func:`dtprobe.layouts.model_hints`), else recognised from the weights' names and
+        shapes (:func:`dtprobe.layouts.guess_from_keys`); ``arch``/``num_classes`` are None
+        when nothing says them.
+    origin : str
+        Where the architecture came from (``"flags"``, ``"Lightning hyper_parameters"`` ...).
+    """
+
+    series: CheckpointSeries
+    arch: str | None
+    num_classes: int | None
+    arch_kwargs: dict[str, Any]
+    origin: str
+
+
+def infer_run(run_dir: str | os.PathLike[str], *, pattern: str | None = None,
+              epoch_from: str = "auto", arch: str | None = None,
+              num_classes: int | None = None, arch_params: Mapping[str, Any] | None = None,
+              trust_pickles: bool = False) -> InferredRun:
+    """Series and model of a manifest-free run; flags given override what the files say.
+
+    The last readable checkpoint is read (safely; ``trust_pickles`` as in
+    :func:`load_checkpoint`) when the architecture or class count is not given. A refusal to
+    unpickle is raised (it names ``--trust-pickles``): the run's files cannot be read either.
+
+    Raises
+    ------
+    CheckpointError
+        As :func:`infer_checkpoint_series`, or the last checkpoint is refused or unreadable
+        while the flags leave the model unknown.
+    """
+    series = infer_checkpoint_series(run_dir, pattern=pattern, allow_symlinks=True,
+                                     epoch_from=epoch_from, trust_pickles=trust_pickles)
+    kwargs = dict(arch_params or {})
+    if arch is not None and num_classes is not None:
+        return InferredRun(series, arch, num_classes, kwargs, "flags")
+    loaded = None
+    for item in reversed(series):  # the last file that reads (a damaged one fails later alone)
+        try:
+            loaded = load_checkpoint(item.path, finite=False, trust_pickles=trust_pickles)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError:
+            continue
+        last = item.path
+        break
+    if loaded is None:
+        return InferredRun(series, arch, num_classes, kwargs, "flags")
+    hints = layouts.model_hints(loaded.source, last)
+    if arch is None and hints.arch is None:
+        guessed = layouts.guess_from_keys(loaded.source)
+        if guessed.arch is not None:
+            hints = layouts.ModelHints(guessed.arch, hints.num_classes or guessed.num_classes,
+                                       guessed.kwargs, guessed.origin)
+    if hints.num_classes is None and (arch or hints.arch):
+        hints = layouts.ModelHints(hints.arch, _head_classes(loaded, arch or hints.arch),
+                                   hints.kwargs, hints.origin)
+    origin = "flags" if arch is not None and num_classes is not None else hints.origin
+    merged = {**(hints.kwargs if arch is None else {}), **kwargs}
+    return InferredRun(series, arch or hints.arch, num_classes or hints.num_classes, merged,
+                       origin or "flags")
+
+
+def _head_classes(loaded: LoadedCheckpoint, arch: str | None) -> int | None:
+    """Rows of the head weight (``<head>.weight`` under any prefix) of a named architecture."""
+    from dtprobe.models import get_arch
+    from dtprobe.models.registry import AUTO_HEAD
+
+    if arch is None:
+        return None
+    try:
+        head = get_arch(arch).head
+    except Exception:  # noqa: BLE001 - an unknown name is reported when the plan is checked
+        return None
+    if head == AUTO_HEAD:
+        return None
+    suffix = f"{head}.weight"
+    from dtprobe.state_dict import candidates
+
+    for candidate in candidates(loaded.source):
+        weight = candidate.state.get(suffix)
+        if weight is not None and weight.dim() == 2:
+            return int(weight.shape[0])
+    return None

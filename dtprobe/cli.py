@@ -1,9 +1,14 @@
-"""Command line: ``dtprobe train | sweep | analyze | plot | report | demo | list``.
+"""Command line: dtprobe train | sweep | analyze | export | plot | report | demo | list.
 
-User errors (:class:`dtprobe.errors.DtprobeError`, manifest errors) print one line and exit 2;
-``--debug`` shows the traceback instead. Exit statuses: 0 success, 1 the analysis finished but
-some checkpoints failed (each reason printed and in ``analysis/failures.csv``), 2 user error
-(bad option or file, run busy with ``--no-wait``), 130 interrupted (completed work is kept).
+User errors (:class:`dtprobe.errors.DtprobeError`, manifest errors, bad options, unwritable
+output paths) print one line and exit 2; ``--debug`` shows the traceback instead. Exit
+statuses: 0 success, 1 the analysis finished but some checkpoints failed (each reason printed
+and in ``analysis/failures.csv``), 2 user error (bad option or file, run busy with
+``--no-wait``), 130 interrupted (completed work is kept).
+
+Every option is checked before any work starts: numbers by the argparse ``type`` functions
+below, names of datasets, architectures and metrics by :mod:`dtprobe.names` (before torch is
+imported) and output paths by probing that their folder is writable.
 """
 
 from __future__ import annotations
@@ -12,8 +17,12 @@ import argparse
 import contextlib
 import errno
 import json
+import math
 import os
+import re
 import sys
+import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +31,141 @@ from dtprobe import __version__
 
 EXIT_USAGE = 2
 EXIT_PARTIAL = 1  # analysis finished but some checkpoints failed
+
+DESCRIPTION = """\
+dtprobe measures the discriminability-transferability trade-off over the checkpoints of a
+training run (Kornblith et al. 2021; Cui et al. 2022): per checkpoint it extracts penultimate
+features and computes source accuracy, class separation, neural collapse, downstream linear
+probes, transferability scores, CKA over time and information estimates.
+
+typical use:
+  dtprobe demo                          CE and CTC runs on embedded data, charts and a report
+  dtprobe train --out runs/ce           train a run (add --ctc for contrastive temporal coding)
+  dtprobe sweep --objectives ce ctc --out runs/sweep   one run per objective and seed
+  dtprobe analyze runs/ce               analyse every checkpoint -> runs/ce/analysis/
+  dtprobe report runs/ce runs/ctc       one self-contained HTML report comparing runs"""
+
+EPILOG = """\
+exit status: 0 success; 1 the analysis finished but some checkpoints failed (reasons printed
+and in analysis/failures.csv); 2 bad option, name, file or output path (one line on stderr;
+--debug shows the traceback); 130 interrupted (completed work is kept)."""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and appends each option's default to its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # flags (False) and unset options (None, []) have no default worth printing
+        if action.default in (None, False, [], argparse.SUPPRESS) or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=90)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``dtprobe train: error: argument --epochs: ...``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# ------------------------------------------------------------------ numeric option types
+def _number(text: str, kind: type, what: str, ok) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return int(_number(text, int, "an integer >= 1", lambda v: v >= 1))
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return int(_number(text, int, "an integer >= 0", lambda v: v >= 0))
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rates, temperatures)."""
+    return float(_number(text, float, "a finite number > 0", lambda v: v > 0))
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (loss weights, weight decay)."""
+    return float(_number(text, float, "a finite number >= 0", lambda v: v >= 0))
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1) (SGD and memory-bank momentum)."""
+    return float(_number(text, float, "a number in [0, 1)", lambda v: 0 <= v < 1))
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}") \
+            from None
+
+
+def _num_classes(text: str) -> int:
+    return int(_number(text, int, "an integer >= 2", lambda v: v >= 2))
+
+
+# ------------------------------------------------------------------ output paths
+def check_output_dir(path: str | os.PathLike[str], option: str) -> None:
+    """Raise :class:`ConfigError` unless ``path`` is, or can be created as, a writable folder.
+
+    Nothing is created: the nearest existing ancestor must be a folder in which a file can be
+    written (probed with a temporary file that is removed at once), so that a bad ``--out``
+    is reported before minutes of data loading or training.
+    """
+    from dtprobe.errors import ConfigError
+
+    target = Path(path)
+    probe = target
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link: mkdir would fail on it
+            raise ConfigError(f"{option} {target}: {probe} is a broken symbolic link")
+        parent = probe.parent
+        if parent == probe:
+            break
+        probe = parent
+    if not probe.is_dir():
+        raise ConfigError(f"{option} {target}: {probe} is not a folder; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".dtprobe-write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{option} {target}: cannot write in {probe} "
+                          f"({exc.strerror or exc}); choose a writable path") from None
+
+
+def check_output_file(path: str | os.PathLike[str], option: str) -> None:
+    """Like :func:`check_output_dir` for a file to be written at ``path``."""
+    from dtprobe.errors import ConfigError
+
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{option} {target}: is a folder; give a file name such as "
+                          f"{target / 'report.html'}")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ConfigError(f"{option} {target}: the file exists and is not writable")
+    try:
+        check_output_dir(target.parent, option)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace(f"{option} {target.parent}:", f"{option} {target}:",
+                                           1)) from None
 
 
 def _parse_kv(items: list[str] | None, flag: str) -> dict[str, Any]:
@@ -40,20 +184,12 @@ def _parse_kv(items: list[str] | None, flag: str) -> dict[str, Any]:
     return out
 
 
-def _batch_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
-
-
 def _add_data_args(p: argparse.ArgumentParser, default_dataset: str | None) -> None:
     p.add_argument("--dataset", default=default_dataset,
                    help="dataset name (see `dtprobe list`)" +
-                   (f"; default {default_dataset}" if default_dataset else ""))
-    p.add_argument("--data-root", default=None, help="root folder of a real dataset on disk")
+                   ("" if default_dataset else "; default: the one in the run's manifest"))
+    p.add_argument("--data-root", default=None,
+                   help="root folder of a real dataset on disk (cifar10, cinic10, imagefolder ...)")
     p.add_argument("--download", action="store_true",
                    help="allow downloading a real dataset into --data-root")
     p.add_argument("--dataset-param", action="append", metavar="KEY=VALUE",
@@ -69,21 +205,33 @@ def _dataset_params(args: argparse.Namespace) -> dict[str, Any] | None:
     return params
 
 
+_COMMON: dict[str, Any] = dict(formatter_class=_Formatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dtprobe", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="dtprobe", description=DESCRIPTION, epilog=EPILOG, **_COMMON)
     parser.add_argument("--version", action="version", version=f"dtprobe {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a run and write checkpoints + manifest")
+    t = sub.add_parser(
+        "train", help="train a run and write checkpoints + manifest", **_COMMON,
+        description=_wrap("Train a network with cross-entropy (default), CTC or another "
+                          "registered objective and save a checkpoint every --save-every "
+                          "epochs, plus OUT/manifest.json describing the series."))
     t.add_argument("--out", required=True, help="run directory to create")
     _add_train_args(t)
 
     sw = sub.add_parser("sweep", help="train and analyse one run per objective and seed, then "
-                                      "chart them together (Kornblith et al. 2021's figures)")
+                                      "chart them together (Kornblith et al. 2021's figures)",
+                        **_COMMON, description=_wrap(
+                            "Train and analyse one run per objective and seed into OUT/<objective>"
+                            "-seed<seed>, then write OUT/sweep_summary.csv and OUT/figures/."))
     sw.add_argument("--objectives", nargs="+", required=True, metavar="NAME",
                     help="registered objectives (see `dtprobe list`)")
-    sw.add_argument("--seeds", nargs="+", type=int, default=[0])
+    sw.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0],
+                    help="seeds; one run per objective and seed")
     sw.add_argument("--out", required=True, help="sweep directory (one sub-directory per run)")
     sw.add_argument("--metrics", nargs="+", default=None,
                     help="metrics to analyse (default: the default set)")
@@ -93,32 +241,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(sw, sweep=True)
     _add_analysis_parsers(sub)
     return parser
-    return parser
 
 
 def _add_train_args(t: argparse.ArgumentParser, sweep: bool = False) -> None:
     """The ``dtprobe train`` flags (``dtprobe sweep`` passes them through to every run)."""
     _add_data_args(t, "shapes")
-    t.add_argument("--arch", default="small_cnn")
+    t.add_argument("--arch", default="small_cnn", help="architecture (see `dtprobe list`)")
     t.add_argument("--arch-param", action="append", metavar="KEY=VALUE",
                    help="architecture parameter, repeatable (e.g. cifar_stem=true)")
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=0.05)
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--warmup-epochs", type=int, default=1)
-    t.add_argument("--augment", default="auto", choices=["auto", "none", "crop", "crop-flip"])
-    t.add_argument("--save-every", type=int, default=2)
+    t.add_argument("--epochs", type=positive_int, default=30, help="training epochs")
+    t.add_argument("--batch-size", type=positive_int, default=128,
+                   help="images per optimiser step (split over ranks under torchrun)")
+    t.add_argument("--lr", type=positive_float, default=0.05, help="peak SGD learning rate")
+    t.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum")
+    t.add_argument("--weight-decay", type=nonnegative_float, default=5e-4,
+                   help="SGD weight decay")
+    t.add_argument("--warmup-epochs", type=nonnegative_int, default=1,
+                   help="epochs of linear learning-rate warm-up before the cosine decay")
+    t.add_argument("--augment", default="auto", choices=["auto", "none", "crop", "crop-flip"],
+                   help="training augmentation; auto = none for shapes/digits, else crop-flip")
+    t.add_argument("--save-every", type=positive_int, default=2,
+                   help="save a checkpoint every N epochs (epoch 0 and the last are always saved)")
     if not sweep:
-        t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto")
+        t.add_argument("--seed", type=nonnegative_int, default=0,
+                       help="seed of initialisation, data order and augmentation")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
-    t.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+    t.add_argument("--stop-after", type=positive_int, default=None, metavar="EPOCH",
                    help="save and exit after this epoch (continue later with --resume)")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
     if not sweep:
-        t.add_argument("--analyze-every", type=int, default=None, metavar="N",
+        t.add_argument("--analyze-every", type=positive_int, default=None, metavar="N",
                        help="analyse the run while it trains, in a background process at the "
                             "lowest CPU priority, once every N new checkpoints (on the CPU; log in "
                             f"OUT/{'analyze_watch.log'})")
@@ -131,37 +284,55 @@ def _add_train_args(t: argparse.ArgumentParser, sweep: bool = False) -> None:
     obj.add_argument("--schedule", default="default", choices=["default", "reference"],
                      help="default: warm-up + one cosine; reference: the CTC code's two-phase "
                           "schedule (cosine to S, restart at 0.1 lr), for every objective")
-    obj.add_argument("--switch-epoch", type=int, default=None, metavar="S",
+    obj.add_argument("--switch-epoch", type=positive_int, default=None, metavar="S",
                      help="last epoch of stage 1 of --schedule reference (default: CTC's S, "
                           "else 2/3 of --epochs)")
-    obj.add_argument("--stage1-weight-decay", type=float, default=None,
+    obj.add_argument("--stage1-weight-decay", type=nonnegative_float, default=None,
                      help="weight decay in stage 1 of --schedule reference (default 1e-3)")
-    ctc = t.add_argument_group("CTC (contrastive temporal coding, Cui et al. 2022)")
+    ctc = t.add_argument_group("CTC (contrastive temporal coding, Cui et al. 2022); unset "
+                               "values come from --ctc-preset")
     if not sweep:
         ctc.add_argument("--ctc", action="store_true", help="short for --objective ctc")
     ctc.add_argument("--ctc-preset", default="transferability",
-                     choices=["transferability", "discriminability"])
+                     choices=["transferability", "discriminability"],
+                     help="the paper's README presets of alpha, tau1, m1, beta, tau2, m2")
     for flag, typ, hlp in [
-        ("--stage-two-epoch", int, "last epoch of stage 1 (S); default 2/3 of --epochs"),
-        ("--alpha", float, "weight of the stage-1 instance-discrimination loss"),
-        ("--tau1", float, "stage-1 temperature"), ("--m1", float, "stage-1 bank momentum"),
-        ("--beta", float, "weight of the stage-2 NCE loss"),
-        ("--tau2", float, "stage-2 temperature"), ("--m2", float, "stage-2 bank momentum"),
-        ("--nce-k", int, "stage-2 negatives per positive (paper 16384)"),
-        ("--proj-dim", int, "projection dimension (paper 128)")]:
+        ("--stage-two-epoch", nonnegative_int,
+         "last epoch of stage 1 (S); default: 2/3 of --epochs"),
+        ("--alpha", nonnegative_float, "weight of the stage-1 instance-discrimination loss"),
+        ("--tau1", positive_float, "stage-1 temperature"),
+        ("--m1", unit_interval, "stage-1 bank momentum, in [0, 1)"),
+        ("--beta", nonnegative_float, "weight of the stage-2 NCE loss"),
+        ("--tau2", positive_float, "stage-2 temperature"),
+        ("--m2", unit_interval, "stage-2 bank momentum, in [0, 1)"),
+        ("--nce-k", positive_int, "stage-2 negatives per positive (paper 16384)"),
+        ("--proj-dim", positive_int, "projection dimension (paper 128)")]:
         ctc.add_argument(flag, type=typ, default=None, help=hlp)
     ctc.add_argument("--freeze-stage1-projector", action="store_true",
                      help="reproduce the reference code, whose stage-1 projector was never trained")
 
 
 def _add_analysis_parsers(sub) -> None:
-    a = sub.add_parser("analyze", help="analyse every checkpoint of a run")
-    a.add_argument("run_dir")
+    a = sub.add_parser(
+        "analyze", help="analyse every checkpoint of a run", **_COMMON,
+        description=_wrap("For every checkpoint of RUN_DIR (listed in RUN_DIR/manifest.json, or "
+                    "found by file name): rebuild the model, extract penultimate features of the "
+                    "source test set (cached in RUN_DIR/analysis/features/) and compute the "
+                    "selected metrics: source accuracy, class separation, neural collapse, "
+                    "RankMe, linear-probe accuracy on the downstream tasks, information "
+                    "estimates, linear CKA to the final and previous epoch (and to --compare "
+                    "runs). Writes RUN_DIR/analysis/metrics.csv (the tidy table), "
+                    "cka_matrix.csv, failures.csv when a checkpoint fails, and tradeoff.png."))
+    a.add_argument("run_dir", help="run directory (with manifest.json or checkpoint files)")
     a.add_argument("--metrics", nargs="+", default=None,
-                   help="metric names (see `dtprobe list`), 'default' or 'all'")
+                   help="metric names (see `dtprobe list`), 'default' or 'all'; "
+                        "default: the starred ones")
     a.add_argument("--compare", nargs="+", default=[], metavar="OTHER_RUN",
                    help="other runs for CKA between runs at matching epochs")
-    a.add_argument("--layers", nargs="+", default=[], help="module names for layer-wise CKA")
+    a.add_argument("--layers", nargs="+", default=[], metavar="NAME",
+                   help="also analyse these modules' outputs (pooled), layer x epoch: probes, "
+                        "class separation, RankMe, CKA to final and between runs; 'auto' = the "
+                        "architecture's blocks (`dtprobe layers RUN` lists them)")
     a.add_argument("--downstream", nargs="+", default=[], metavar="SPEC",
                    help="transfer datasets DATASET[:KEY=VALUE,...], e.g. digits textures "
                         "cinic10:root=/data/cinic10 imagefolder:root=/data/pets,name=pets; "
@@ -169,21 +340,38 @@ def _add_analysis_parsers(sub) -> None:
     a.add_argument("--downstream-metrics", nargs="+", default=None, metavar="METRIC",
                    help="metrics computed on each downstream dataset (default: probe_accuracy "
                         "knn_accuracy logme h_score transrate gbc leep nce)")
-    a.add_argument("--device", default="auto")
+    a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     a.add_argument("--batch-size", type=_batch_size, default="auto",
-                   help="images per forward pass during extraction (default: auto)")
+                   help="images per forward pass during extraction")
     a.add_argument("--arch", default=None, help="architecture, for runs without a manifest")
-    a.add_argument("--arch-param", action="append", metavar="KEY=VALUE")
-    a.add_argument("--num-classes", type=int, default=None)
+    a.add_argument("--arch-param", action="append", metavar="KEY=VALUE",
+                   help="architecture parameter, repeatable, for runs without a manifest")
+    a.add_argument("--num-classes", type=_num_classes, default=None,
+                   help="classes of the model head, for runs without a manifest")
     a.add_argument("--pattern", default=None,
                    help="checkpoint file glob with {epoch}, e.g. 'snap_{epoch}.pt'")
     a.add_argument("--no-cache", action="store_true", help="ignore cached features")
-    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--no-progress", action="store_true", help="no progress bars")
     a.add_argument("--no-plot", action="store_true", help="do not write analysis/tradeoff.png")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of the probes' splits and the estimators' subsampling")
     a.add_argument("--no-wait", action="store_true",
                    help="if another analysis of this run is in progress, stop with 'run is busy' "
                         "instead of waiting for it")
+    a.add_argument("--epoch-from", default="auto", choices=["auto", "name", "metadata", "order"],
+                   help="runs without a manifest: take epochs from the file/folder names, the "
+                        "framework's records (trainer_state.json, Lightning epoch, safetensors "
+                        "metadata) or the save order; default: each layout's best source")
+    a.add_argument("--weights", default="auto", metavar="ema|raw|KEY",
+                   help="which weights of each file: raw (default when present), ema, or the "
+                        "key/prefix holding them (e.g. state_dict_ema)")
+    a.add_argument("--strip-prefix", default=None, metavar="PREFIX",
+                   help="keep only weight names starting with PREFIX (e.g. 'teacher.') and "
+                        "remove it")
+    a.add_argument("--trust-pickles", action="store_true",
+                   help="unpickle files the safe loader refuses (they name classes, e.g. "
+                        "Lightning hyper_parameters holding modules): runs code from the file, "
+                        "so only for files you trust; recorded in analysis/checkpoints.json")
     a.add_argument("--follow-symlinks", action="store_true",
                    help="accept checkpoints reached through symbolic links that lead out of the "
                         "run directory (e.g. to scratch storage); refused by default")
@@ -194,37 +382,79 @@ def _add_analysis_parsers(sub) -> None:
                         "and charts, exit when the manifest says training finished (or Ctrl-C)")
     w.add_argument("--report", default=None, metavar="FILE",
                    help="with --watch: also rewrite this HTML report after each update")
-    w.add_argument("--poll", type=float, default=5.0, help="with --watch: seconds between looks")
-    w.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+    w.add_argument("--poll", type=positive_float, default=5.0,
+                   help="with --watch: seconds between looks")
+    w.add_argument("--idle-timeout", type=positive_float, default=None,
+                   metavar="SECONDS",
                    help="with --watch: stop after this long without a new checkpoint")
-    w.add_argument("--every", type=int, default=1, metavar="N",
+    w.add_argument("--every", type=positive_int, default=1, metavar="N",
                    help="with --watch: analyse once N new checkpoints are complete")
 
-    ex = sub.add_parser("export", help="export an analysed run's metrics to other tools")
+    ly = sub.add_parser("layers", help="list the modules of a run's architecture that "
+                        "--layers accepts, with their output shapes and the auto selection",
+                        **_COMMON, description=_wrap(
+                            "List the modules of RUN_DIR's architecture that --layers accepts, "
+                            "with their output shapes; * marks the --layers auto selection."))
+    ly.add_argument("run_dir", help="run directory (with manifest.json or checkpoint files)")
+    ly.add_argument("--arch", default=None, help="architecture, for runs without a manifest")
+    ly.add_argument("--arch-param", action="append", metavar="KEY=VALUE",
+                    help="architecture parameter, repeatable, for runs without a manifest")
+    ly.add_argument("--num-classes", type=_num_classes, default=None,
+                    help="classes of the model head, for runs without a manifest")
+    ly.add_argument("--all", action="store_true", help="every module, not only containers")
+    _add_data_args(ly, None)
+
+    ex = sub.add_parser("export", help="export an analysed run's metrics to other tools",
+                        **_COMMON, description=_wrap("Export the per-epoch metrics of analysed "
+                                                     "runs to other tools (TensorBoard)."))
     ex.add_argument("runs", nargs="+", help="analysed run directories")
     ex.add_argument("--tensorboard", required=True, metavar="DIR",
                     help="write the per-epoch metrics as TensorBoard scalars into DIR")
     ex.add_argument("--x", choices=["auto", "step", "epoch"], default="auto",
                     help="x axis of the scalars (auto: steps when every row has one)")
 
-    pl = sub.add_parser("plot", help="write every chart the analysed metrics allow")
-    pl.add_argument("runs", nargs="+")
-    pl.add_argument("--out", required=True)
-    pl.add_argument("--format", nargs="+", default=["png"], choices=["png", "svg", "pdf"])
 
-    r = sub.add_parser("report", help="write a self-contained HTML report")
-    r.add_argument("runs", nargs="+")
-    r.add_argument("-o", "--output", default="report.html")
+    pl = sub.add_parser("plot", help="write every chart the analysed metrics allow", **_COMMON,
+                        description=_wrap("Write every chart the analysed runs' metrics allow into "
+                                    "--out (one file per chart and format)."))
+    pl.add_argument("runs", nargs="+", help="analysed run directories")
+    pl.add_argument("--out", required=True, help="folder for the charts (created if missing)")
+    pl.add_argument("--format", nargs="+", default=["png"], choices=["png", "svg", "pdf"],
+                    help="file format(s)")
 
-    d = sub.add_parser("demo", help="CE and CTC runs on the embedded data, analysed and charted")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int, default=16)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="auto")
+    r = sub.add_parser("report", help="write a self-contained HTML report", **_COMMON,
+                       description=_wrap("Write one self-contained HTML file (charts "
+                                         "embedded) with the findings, charts and settings "
+                                         "of the analysed runs."))
+    r.add_argument("runs", nargs="+", help="analysed run directories")
+    r.add_argument("-o", "--output", default="report.html", help="HTML file to write")
+
+    d = sub.add_parser("demo", help="CE and CTC runs on the embedded data, analysed and charted",
+                       **_COMMON, description=_wrap("Train a cross-entropy and a CTC run on the "
+                       "embedded shapes data with one seed, analyse both, chart them and write "
+                       "OUT/report.html and OUT/README_table.md."))
+    d.add_argument("--out", default="runs/demo", help="folder of the two runs and the charts")
+    d.add_argument("--epochs", type=_demo_epochs, default=16, help="epochs per run (>= 2)")
+    d.add_argument("--seed", type=nonnegative_int, default=0, help="seed of both runs")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     d.add_argument("--quick", action="store_true", help="tiny data and few epochs (smoke test)")
     d.add_argument("--fresh", action="store_true", help="delete earlier demo runs first")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--threads", type=positive_int, default=2,
+                   help="torch intra-op threads; fixed, because CPU kernels round differently "
+                        "per thread count (the same seed then gives the same table)")
+    d.add_argument("--update-readme", metavar="README", default=None,
+                   help="after the demo, replace the table between the demo markers of this "
+                        "README.md with OUT/README_table.md")
 
-    sub.add_parser("list", help="list architectures, datasets, metrics and objectives")
+    sub.add_parser("list", help="list architectures, datasets, metrics and objectives",
+                   **_COMMON, description=_wrap("List the built-in architectures, datasets, "
+                                                "metrics and training objectives."))
+
+
+def _demo_epochs(text: str) -> int:
+    # CTC needs a stage 1 and a stage 2, so at least two epochs
+    return int(_number(text, int, "an integer >= 2", lambda v: v >= 2))
 
 
 def _objective_name(args: argparse.Namespace) -> str:
@@ -286,7 +516,27 @@ def _print_summary(results) -> None:
         print(wide[columns].to_string())
 
 
+def _check_train_args(args: argparse.Namespace) -> None:
+    """Checks across options and names, before torch is imported or any data is loaded."""
+    from dtprobe.errors import ConfigError
+    from dtprobe.names import check_name
+
+    check_name(args.dataset, "dataset", "--dataset")
+    check_name(args.arch, "architecture", "--arch")
+    if args.stop_after is not None and args.stop_after > args.epochs:
+        raise ConfigError(f"--stop-after {args.stop_after} is past --epochs {args.epochs}")
+    if args.warmup_epochs > args.epochs:
+        raise ConfigError(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
+    if args.stage_two_epoch is not None and args.stage_two_epoch > args.epochs:
+        raise ConfigError(f"--stage-two-epoch {args.stage_two_epoch} exceeds --epochs "
+                          f"{args.epochs}: stage 2 would never start")
+    if args.switch_epoch is not None and args.switch_epoch > args.epochs:
+        raise ConfigError(f"--switch-epoch {args.switch_epoch} exceeds --epochs {args.epochs}")
+    check_output_dir(args.out, "--out")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    _check_train_args(args)
     from dtprobe.training.trainer import train
 
     cfg = _train_config(args)
@@ -343,6 +593,11 @@ def _stop_watcher(out: Path, proc) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from dtprobe.names import check_metric_names
+
+    args.stop_after = getattr(args, "stop_after", None)
+    _check_train_args(args)
+    check_metric_names(args.metrics)
     from dtprobe.errors import ConfigError
     from dtprobe.sweep import run_sweep
 
@@ -367,7 +622,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_analyze_args(args: argparse.Namespace) -> None:
+    from dtprobe.errors import ConfigError
+    from dtprobe.names import check_metric_names, check_name
+
+    check_name(args.dataset, "dataset", "--dataset")
+    check_name(args.arch, "architecture", "--arch")
+    check_metric_names(args.metrics)
+    analysis = Path(args.run_dir) / "analysis"
+    if analysis.parent.is_dir():  # a missing run is reported by the analysis itself
+        try:
+            check_output_dir(analysis, "RUN_DIR")
+        except ConfigError as exc:
+            reason = str(exc).split(": ", 1)[-1]
+            raise ConfigError(f"{analysis}: cannot create the analysis folder ({reason}); "
+                              "analyse a writable copy of the run") from None
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
+    _check_analyze_args(args)
+    if args.report is not None:
+        check_output_file(args.report, "--report")
     from dtprobe.analysis import analyze
 
     if args.watch:
@@ -390,6 +665,8 @@ def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 batch_size=args.batch_size, use_cache=not args.no_cache,
                 progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
                 wait=not args.no_wait, follow_symlinks=args.follow_symlinks,
+                epoch_from=args.epoch_from, weights=args.weights,
+                strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles,
                 downstream=args.downstream, downstream_metrics=args.downstream_metrics)
 
 
@@ -407,27 +684,78 @@ def _watch(args: argparse.Namespace) -> int:
 def _finish_analyze(args: argparse.Namespace, results) -> int:
     if results is None:  # a torchrun rank > 0: rank 0 merged and reports
         return 0
-    _print_summary(results)
     out = Path(args.run_dir) / "analysis"
     stats = getattr(results, "stats", None)
+    failed = len(results.failures)
+    total = stats.checkpoints if stats is not None else None
+    if failed and (results.table.empty or (total is not None and failed >= total)):
+        # nothing was analysed: no summary, no chart named, no "the others were analysed"
+        print(f"dtprobe analyze: {_failure_summary(results.failures, stats, out)}",
+              file=sys.stderr)
+        return EXIT_PARTIAL
+    _print_summary(results)
+    for run, text in getattr(results, "epoch_notes", {}).items():
+        if text:
+            print(f"{run}: {text}")
     if stats is not None:
         print(stats.summary())
-    chart = "" if args.no_plot else f"  chart: {out / 'tradeoff.png'}"
-    print(f"results: {out / 'metrics.csv'}{chart}")
-    lost = getattr(stats, "downstream_failed", 0)
-    if lost:
-        print(f"dtprobe analyze: {lost} downstream dataset(s) could not be loaded (reason above "
-              f"and in {out / 'failures.csv'}); the source and the other datasets were analysed",
+    chart = out / "tradeoff.png"
+    shown = f"  chart: {chart}" if not args.no_plot and chart.is_file() else ""
+    print(f"results: {out / 'metrics.csv'}{shown}")
+    if failed:
+        print(f"dtprobe analyze: {_failure_summary(results.failures, stats, out)}",
               file=sys.stderr)
-    if len(results.failures) > lost:
-        total = stats.checkpoints if stats is not None else "?"
-        print(f"dtprobe analyze: {len(results.failures) - lost} of {total} checkpoint(s) failed "
-              f"(each reason above and in {out / 'failures.csv'}); the others were analysed",
-              file=sys.stderr)
-    return EXIT_PARTIAL if len(results.failures) else 0
+        return EXIT_PARTIAL
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    import torch
+
+    from dtprobe.analysis.data import prepare_data
+    from dtprobe.analysis.features import build_for_plan, plan_head
+    from dtprobe.analysis.plan import plan_run
+    from dtprobe.models import get_arch
+    from dtprobe.models.layers import block_layers, describe_layers, penultimate_source
+
+    plan = plan_run(args.run_dir, arch=args.arch, num_classes=args.num_classes,
+                    arch_params=_parse_kv(args.arch_param, "--arch-param") or None,
+                    dataset=args.dataset, dataset_params=_dataset_params(args) or None)
+    data = prepare_data(plan, torch.device("cpu"))
+    model = build_for_plan(plan, data.bundle.in_channels)
+    head = plan_head(model, plan)
+    described = describe_layers(model, head, data.test_images[:2].float())
+    auto = set(block_layers(model, plan.head or get_arch(plan.arch).head,
+                            penultimate_source(described)))
+    containers = {n for n, m in model.named_modules() if n and any(True for _ in m.children())}
+    print(f"{plan.arch}: modules with tensor outputs (* = --layers auto; = penultimate: its "
+          "output is the penultimate feature)")
+    for name, shape, is_penultimate in described:
+        if not (args.all or name in containers or name in auto):
+            continue
+        mark = "*" if name in auto else ("=" if is_penultimate else " ")
+        print(f"  {mark} {name:40s} {'x'.join(map(str, shape))}")
+    return 0
+
+
+def _failure_summary(failures, stats, out: Path) -> str:
+    """One line: how many checkpoints failed; when all did, for one reason, that reason."""
+    total = stats.checkpoints if stats is not None else None
+    where = f"{out / 'failures.csv'}"
+    if total is None or len(failures) < total:
+        return (f"{len(failures)} of {total if total is not None else '?'} checkpoint(s) failed "
+                f"(each reason above and in {where}); the others were analysed")
+    # Reasons name each file's own paths; the same cause is the same text without them.
+    reasons = {re.sub(r"/\S*", "", str(r)) for r in failures["reason"]}
+    if len(reasons) == 1:
+        return (f"all {total} checkpoint(s) failed for one reason: {failures['reason'].iloc[0]} "
+                f"(details in {where})")
+    return (f"all {total} checkpoint(s) failed, for {len(reasons)} different reasons (each above "
+            f"and in {where}); nothing was analysed")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_output_dir(args.tensorboard, "--tensorboard")
     from dtprobe.export import export_tensorboard
     from dtprobe.results import load_results
 
@@ -437,6 +765,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
     from dtprobe.plotting import save_all_figures
     from dtprobe.results import load_results
     from dtprobe.sweep import expand_sweeps
@@ -449,6 +778,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    check_output_file(args.output, "-o/--output")
     from dtprobe.report import write_report
     from dtprobe.results import load_results
     from dtprobe.sweep import expand_sweeps
@@ -459,10 +789,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
+    if args.update_readme is not None:
+        check_output_file(args.update_readme, "--update-readme")
     from dtprobe.demo import run_demo
 
     return run_demo(out=Path(args.out), epochs=args.epochs, seed=args.seed, device=args.device,
-                    quick=args.quick, fresh=args.fresh)
+                    quick=args.quick, fresh=args.fresh, threads=args.threads,
+                    progress=not args.no_progress,
+                    update_readme=args.update_readme)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -477,9 +812,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in available_datasets():
         print(f"  {name}")
     print("metrics (* = default):")
-    for name, spec in available_metrics().items():
-        first = spec.description.splitlines()[0] if spec.description else ""
-        print(f"  {'*' if spec.default else ' '} {name:22s} {first}")
+    metrics = available_metrics()
+    for name, spec in metrics.items():
+        if spec.similarity is None:
+            first = spec.description.splitlines()[0] if spec.description else ""
+            print(f"  {'*' if spec.default else ' '} {name:22s} {first}")
+    print("similarity measures (between epochs, layers and runs; * = default):")
+    for name, spec in metrics.items():
+        sim = spec.similarity
+        if sim is not None:
+            first = spec.description.splitlines()[0] if spec.description else ""
+            print(f"  {'*' if spec.default else ' '} {name:22s} {sim.direction:20s} "
+                  f"invariant to: {', '.join(sim.invariances)}")
+            print(f"    {'':22s} {first}")
     from dtprobe.training.objectives import available_objectives
 
     print("objectives (--objective NAME, --objective-param KEY=VALUE):")
@@ -491,12 +836,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "analyze": cmd_analyze, "plot": cmd_plot,
-            "report": cmd_report, "demo": cmd_demo, "list": cmd_list, "export": cmd_export}
+            "report": cmd_report, "demo": cmd_demo, "list": cmd_list, "export": cmd_export,
+            "layers": cmd_layers}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a bad option (its one line is printed), --help or --version
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     from checkpoints_manifest import ManifestError
     from dtprobe.errors import DtprobeError
 

@@ -32,6 +32,10 @@ class RunBusyError(DtprobeError):
     """Another process holds the run's analysis lock (raised with ``--no-wait``)."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint's pickle references code the safe unpickler refuses to run."""
+
+
 class TrainingDivergedError(DtprobeError):
     """The training loss or its gradient became NaN/Inf or exploded; checkpoints saved so far
     are intact (the message names the epoch, the objective and the last good checkpoint)."""

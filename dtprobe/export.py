@@ -63,7 +63,9 @@ def export_tensorboard(results, log_dir: str | os.PathLike[str], *, x: str = "au
                 key = (r.metric, r.task, r.layer)
                 est = r.estimator if multi_estimator.get(key, 1) > 1 else ""
                 position = int(float(r.step)) if use_step else int(r.epoch)
-                writer.add_scalar(scalar_tag(r.metric, r.task, r.layer, est), value, position)
+                # cka_to_run: one series per other run (its own column since issue 16)
+                task = r.task or (f"vs_{r.other_run}" if getattr(r, "other_run", "") else "")
+                writer.add_scalar(scalar_tag(r.metric, task, r.layer, est), value, position)
                 written += 1
         finally:
             writer.close()

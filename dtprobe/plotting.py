@@ -43,6 +43,7 @@ from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 import checkpoints_manifest as cm
 from dtprobe.errors import ConfigError
@@ -79,9 +80,16 @@ def run_colors(runs: Sequence[str]) -> dict[str, tuple[float, float, float]]:
     return dict(zip(runs, palette(len(runs)), strict=True))
 
 
+TASK_PALETTE: tuple[str, ...] = ("#4477AA", "#EE6677", "#228833", "#AA3377", "#66CCEE",
+                                 "#CCBB44", "#BBBBBB")
+"""Paul Tol's "bright" scheme, reordered so the first four differ most: colour-blind safe and
+distinct in print (the seaborn entries after the runs' gave two near-identical oranges)."""
+
+
 def task_colors(tasks: Sequence[str]) -> dict[str, tuple[float, float, float]]:
-    """Colours for downstream tasks, taken after the first two palette entries (the runs')."""
-    return dict(zip(tasks, palette(len(tasks) + 2)[2:], strict=True))
+    """A distinct colour per downstream task from :data:`TASK_PALETTE` (cycled beyond seven)."""
+    rgb = [mpl.colors.to_rgb(c) for c in TASK_PALETTE]
+    return {t: rgb[i % len(rgb)] for i, t in enumerate(tasks)}
 
 
 def _rc() -> dict[str, Any]:
@@ -138,13 +146,57 @@ def _require(table: pd.DataFrame, metric: str, what: str = "chart") -> pd.DataFr
     return rows
 
 
-def _epoch_axis(ax: Axes, epochs: Sequence[int] | np.ndarray) -> None:
-    """Integer epoch ticks; a single epoch gets one tick in the middle of the axis."""
+def epoch_ticks(epochs: Sequence[int] | np.ndarray, max_ticks: int = 9) -> list[int]:
+    """Tick positions on checkpoint epochs: all of them if few, else an even subset that always
+    includes the first and the last epoch (so the final checkpoint is labelled)."""
     ep = np.unique(np.asarray(epochs, dtype=float))
-    ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True, nbins=6))
-    if ep.size == 1:
-        ax.set_xlim(ep[0] - 1, ep[0] + 1)
-        ax.set_xticks([ep[0]], [str(int(ep[0]))])
+    ep = ep[np.isfinite(ep)].astype(int)
+    if ep.size <= max_ticks:
+        return ep.tolist()
+    idx = np.unique(np.round(np.linspace(0, ep.size - 1, max_ticks)).astype(int))
+    return ep[idx].tolist()
+
+
+def _epoch_axis(ax: Axes, epochs: Sequence[int] | np.ndarray) -> None:
+    """x ticks on the checkpoint epochs (first and last included); one epoch is centred."""
+    ticks = epoch_ticks(epochs)
+    if not ticks:
+        return
+    ax.xaxis.set_major_locator(mpl.ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(mpl.ticker.FixedFormatter([str(t) for t in ticks]))
+    ax.xaxis.set_minor_locator(mpl.ticker.NullLocator())
+    if len(ticks) == 1:
+        ax.set_xlim(ticks[0] - 1, ticks[0] + 1)
+
+
+def chance_levels(table: pd.DataFrame, metric: str) -> dict[tuple[str, str], float]:
+    """``(run, task) -> chance accuracy`` of an accuracy metric, where the table records it.
+
+    The analysis stores the chance level of every accuracy row (the test split's majority-class
+    rate, ``1/K`` for balanced classes) as ``chance`` in the row's ``diagnostics``; tables written
+    before that have none, and then no chance line is drawn.
+    """
+    rows = table[table["metric"] == metric]
+    cols = [c for c in ("diagnostics", "params") if c in rows.columns]
+    out: dict[tuple[str, str], float] = {}
+    for r in rows[["run", "task", *cols]].drop_duplicates().itertuples(index=False):
+        for col in cols:
+            value = parse_params(str(getattr(r, col))).get("chance")
+            if isinstance(value, (int, float)) and np.isfinite(value):
+                out[(str(r.run), str(r.task))] = float(value)
+                break
+    return out
+
+
+def _draw_chance(ax: Axes, levels: Mapping[Any, float], color: Any = "0.45",
+                 label: bool = True) -> None:
+    """Dotted horizontal line(s) at the chance level(s); equal levels are drawn once."""
+    for i, value in enumerate(sorted(set(round(v, 6) for v in levels.values()))):
+        ax.axhline(value, color=color, ls=":", lw=1.1, zorder=1)
+        if label and i == 0:
+            ax.annotate("chance", (1.0, value), xycoords=("axes fraction", "data"),
+                        xytext=(-2, 2), textcoords="offset points", ha="right", va="bottom",
+                        fontsize=7, color=color)
 
 
 def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
@@ -173,6 +225,26 @@ def _series(table: pd.DataFrame, metric: str, task: str | None = None, layer: st
         own = rows[~downstream_mask(rows)]
         rows = own if len(own) else rows
     return rows.groupby(["run", "epoch"], sort=False)["value"].mean().reset_index()
+
+
+def _interval_bands(ax: Axes, rows: pd.DataFrame, color: Any, metric: str) -> bool:
+    """Shade the intervals stored in the rows' params: ``ci_low``/``ci_high`` in the series'
+    colour, and for CKA rows the permutation null (``null_mean`` to ``null_q95``) in grey.
+    Returns whether a chance band was drawn."""
+    from dtprobe.uncertainty import chance_level, intervals
+
+    ci = intervals(rows)
+    if not ci.empty:
+        g = ci.groupby("epoch")[["low", "high"]].mean().sort_index()
+        ax.fill_between(g.index, g["low"], g["high"], color=color, alpha=0.18, lw=0, zorder=1)
+    if not metric.startswith("cka_to"):
+        return False
+    null = chance_level(rows)
+    if null.empty:
+        return False
+    g = null.groupby("epoch")[["low", "high"]].mean().sort_index()
+    ax.fill_between(g.index, g["low"], g["high"], color="0.6", alpha=0.35, lw=0, zorder=1)
+    return True
 
 
 def _tasks(table: pd.DataFrame, metric: str) -> list[str]:
@@ -315,9 +387,35 @@ def plot_tradeoff(table: pd.DataFrame | Results, x: str = "source_accuracy",
         ax.set_title("Discriminability vs transferability"
                      if (x, y) == ("source_accuracy", "probe_accuracy")
                      else f"{info_x.label} vs {info_y.label}")
-        _pad_limits(ax, data["x"].to_numpy(), data["y"].to_numpy())
+        _plane_chance(ax, table, x, y, xt, yt, data)
         _legend_below(ax, handles)
     return ax
+
+
+def _mean_chance(table: pd.DataFrame, metric: str, task: str | None) -> float | None:
+    """Chance level of ``metric`` (of ``task``, or the mean over tasks) or None if unknown."""
+    if metric not in ACCURACY_METRICS:
+        return None
+    levels = chance_levels(table, metric)
+    values = [v for (_, t), v in levels.items() if task is None or t == task]
+    return float(np.mean(values)) if values else None
+
+
+def _plane_chance(ax: Axes, table: pd.DataFrame, x: str, y: str, xt: str | None,
+                  yt: str | None, data: pd.DataFrame) -> None:
+    """Chance levels on a trade-off plane, inside the (padded) limits it sets."""
+    cx, cy = _mean_chance(table, x, xt), _mean_chance(table, y, yt)
+    if cx is not None:
+        ax.axvline(cx, color="0.45", ls=":", lw=1.1, zorder=1)
+    if cy is not None:
+        ax.axhline(cy, color="0.45", ls=":", lw=1.1, zorder=1)
+    if cx is not None or cy is not None:
+        ax.annotate("dotted: chance", (0.99, 0.01), xycoords="axes fraction", ha="right",
+                    va="bottom", fontsize=7, color="0.45")
+    xs = np.append(data["x"].to_numpy(dtype=float), [] if cx is None else [cx])
+    ys = np.append(data["y"].to_numpy(dtype=float), [] if cy is None else [cy])
+    _pad_limits(ax, xs, ys)
+    ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(nbins=5))  # labels must not overlap
 
 
 def plot_tradeoff_by_task(table: pd.DataFrame | Results, x: str = "source_accuracy",
@@ -343,7 +441,7 @@ def plot_tradeoff_by_task(table: pd.DataFrame | Results, x: str = "source_accura
             ax.set_title(f"{t}")
             ax.set_xlabel(metric_info(x).label)
             ax.set_ylabel(f"{metric_info(y).label}")
-            _pad_limits(ax, d["x"].to_numpy(), d["y"].to_numpy())
+            _plane_chance(ax, table, x, y, None, t, d)
         for ax in axes.flat[len(tasks):]:
             ax.remove()
         sm = mpl.cm.ScalarMappable(norm=norm, cmap=EPOCH_CMAP)
@@ -391,8 +489,24 @@ def _panel_labels(table: pd.DataFrame, metric: str, estimator: str) -> tuple[str
     return info.label + (f" ({estimator})" if estimator else ""), yrange
 
 
+ACCURACY_METRICS = ("source_accuracy", "probe_accuracy", "knn_accuracy")
+"""Metrics drawn with their chance level (see :func:`chance_levels`)."""
+
+LOG_METRICS = ("nc1",)
+"""Metrics drawn on a log axis: NC1 spans orders of magnitude as the features collapse."""
+
+
+def _use_log_axis(metric: str, values: np.ndarray) -> bool:
+    """Log axis for :data:`LOG_METRICS`, and for any positive series spanning over 100x."""
+    v = values[np.isfinite(values)]
+    if v.size < 2 or (v <= 0).any():
+        return False
+    return metric in LOG_METRICS or float(v.max() / v.min()) > 100.0
+
+
 def plot_metrics(table: pd.DataFrame | Results, metrics: Sequence[str] | None = None,
-                 ax: Axes | Sequence[Axes] | np.ndarray | None = None, ncols: int = 3) -> Figure:
+                 ax: Axes | Sequence[Axes] | np.ndarray | None = None, ncols: int = 3,
+                 fixed_range: bool = True) -> Figure:
     """Every metric against epoch, one small panel per metric, runs overlaid.
 
     Parameters
@@ -403,12 +517,17 @@ def plot_metrics(table: pd.DataFrame | Results, metrics: Sequence[str] | None = 
     ax : Axes to draw into, one per panel (a single Axes if there is one panel); a new
         figure is made if omitted.
     ncols : panels per row of a new figure.
+    fixed_range : draw metrics bounded in [0, 1] (accuracies, CKA, class separation) on the full
+        [0, 1] axis, so small noise does not look like a collapse; ``False`` autoscales.
 
     Returns
     -------
     Figure
         Colour = run; for tasked metrics (downstream probes) line style and marker = task,
         explained in a legend below the panels; titles carry range or unit and estimator.
+        Accuracy panels draw the chance level (dotted) where the table records it; NC1 (and
+        any positive metric spanning more than 100x) uses a log axis; epoch ticks fall on
+        checkpoint epochs, the last included.
     """
     table = _as_table(table)
     keys = _panel_keys(table, metrics)
@@ -452,6 +571,7 @@ def plot_metrics(table: pd.DataFrame | Results, metrics: Sequence[str] | None = 
             for run in runs:
                 r = rows[rows["run"] == run]
                 for task, g in r.groupby("task", sort=True):
+                    _interval_bands(a, g, colors[run], metric)
                     g = g.groupby("epoch")["value"].mean().sort_index()
                     if metric == "cka_to_run" or not task:
                         ls, mk = "-", None
@@ -464,10 +584,23 @@ def plot_metrics(table: pd.DataFrame | Results, metrics: Sequence[str] | None = 
                         a.annotate(f"vs {task}", (g.index[-1], g.iloc[-1]), fontsize=7,
                                    xytext=(3, 0), textcoords="offset points", color=colors[run])
             title, ylabel = _panel_labels(base, metric, est)
+            log = _use_log_axis(metric, rows["value"].to_numpy())
+            if log:
+                a.set_yscale("log")
+                # 1-2-5 ticks with plain labels (not 7x10^1, 8x10^1 ...) even on a short span
+                a.yaxis.set_major_locator(mpl.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                a.yaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                a.yaxis.set_minor_locator(mpl.ticker.NullLocator())
+                ylabel = f"{ylabel}, log scale" if ylabel else "log scale"
             a.set_title(title, fontsize=9.5, loc="left")
             a.set_ylabel(ylabel, fontsize=8.5, color="0.35")
             _epoch_axis(a, rows["epoch"].to_numpy())
-            a.yaxis.set_major_locator(mpl.ticker.MaxNLocator(nbins=5))
+            if not log:
+                a.yaxis.set_major_locator(mpl.ticker.MaxNLocator(nbins=5))
+            if metric in ACCURACY_METRICS:
+                _draw_chance(a, chance_levels(rows, metric))
+            if fixed_range and metric_info(metric).range == "[0, 1]":
+                a.set_ylim(-0.03, 1.03)  # noise of 0.01 must not look like a collapse
         handles = [Line2D([], [], color=colors[r], lw=2.2, label=r) for r in runs]
         if all_tasks:
             handles += [Line2D([], [], color="0.3", ls=styles[t][0], marker=styles[t][1],
@@ -548,23 +681,11 @@ def plot_information_plane(table: pd.DataFrame | Results, estimator: str | None 
 
 
 def _tick_positions(labels: Sequence[Any], max_ticks: int = 9) -> np.ndarray:
-    """Indices of at most ``max_ticks`` labels to show: round epochs (10, 20 ...) if possible."""
+    """Indices of at most ``max_ticks`` labels to show, evenly spread, first and last included."""
     n = len(labels)
     if n <= max_ticks:
         return np.arange(n)
-    values = pd.to_numeric(pd.Series(list(labels)), errors="coerce")
-    if values.notna().all() and (values == values.round()).all():
-        nice = mpl.ticker.MaxNLocator(nbins=max_ticks - 1, integer=True).tick_values(
-            values.min(), values.max())
-        wanted = set(int(v) for v in nice)
-        pos = np.array([i for i, v in enumerate(values) if int(v) in wanted])
-        if min(4, n) <= len(pos) <= max_ticks:
-            return pos
-    need = n / max_ticks
-    magnitude = 10 ** int(np.floor(np.log10(need)))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= need
-                and float(m * magnitude).is_integer())
-    return np.arange(0, n, int(step))
+    return np.unique(np.round(np.linspace(0, n - 1, max_ticks)).astype(int))
 
 
 def plot_cka(cka_matrix: pd.DataFrame, ax: Axes | None = None, title: str | None = None,
@@ -645,15 +766,21 @@ def plot_cka_to_final(table: pd.DataFrame | Results, ax: Axes | None = None) -> 
     layers = sort_layers(rows["layer"].unique())
     with style():
         ax = _new_axes(ax, (7.4, 4.4))
-        handles: list[Line2D] = []
+        handles: list[Line2D | Patch] = []
         if layers == [""]:
             colors = run_colors(_runs(table))
+            chance = False
             for run in runs:
+                chance = _interval_bands(ax, rows[rows["run"] == run], colors[run],
+                                         "cka_to_final") or chance
                 g = rows[rows["run"] == run].groupby("epoch")["value"].mean().sort_index()
                 ax.plot(g.index, g.to_numpy(), color=colors[run], marker="o", markersize=3.5,
                         markevery=max(1, len(g) // 10))
                 handles.append(Line2D([], [], color=colors[run], marker="o", markersize=3.5,
                                       label=run))
+            if chance:
+                handles.append(Patch(color="0.6", alpha=0.35,
+                                     label="chance (permutation null,\nmean to 95%)"))
             title = "CKA to final epoch (penultimate features)"
         else:
             named = [lay for lay in layers if lay]
@@ -687,10 +814,12 @@ def plot_tradeoff_over_epochs(table: pd.DataFrame | Results, ax: Axes | None = N
                               probe: str = "probe_accuracy") -> Axes:
     """Source accuracy and every downstream probe accuracy against epoch, on one axis.
 
-    This is ``RUN_DIR/analysis/tradeoff.png``: discriminability (source accuracy, thick
-    black) rising while transferability (one coloured line per downstream task) peaks and
-    falls, the pattern reported by Kornblith et al. (2021) and Cui et al. (2022). A triangle
-    marks the epoch where each probe peaked. Several runs are told apart by line style.
+    This is ``tradeoff.png`` (in ``RUN_DIR/analysis/`` and among :func:`save_all_figures`'
+    charts): discriminability (source accuracy, thick black) rising while transferability (one
+    coloured line per downstream task) peaks and falls, the pattern reported by Kornblith et
+    al. (2021) and Cui et al. (2022). A triangle marks the epoch where each probe peaked;
+    dotted lines in the same colours are the chance levels; the axis spans [0, 1]. Several
+    runs are told apart by line style.
 
     Returns
     -------
@@ -720,6 +849,7 @@ def plot_tradeoff_over_epochs(table: pd.DataFrame | Results, ax: Axes | None = N
                 if g.empty:
                     continue
                 ax.plot(g.index, g.to_numpy(), color=tcol[task], ls=styles[run], lw=1.7)
+                _interval_bands(ax, pr[pr["task"] == task], tcol[task], probe)
                 peak = int(np.argmax(g.to_numpy()))
                 ax.plot([g.index[peak]], [g.iloc[peak]], marker="v", color=tcol[task],
                         markersize=8, markeredgecolor="black", markeredgewidth=0.6, zorder=5,
@@ -736,6 +866,17 @@ def plot_tradeoff_over_epochs(table: pd.DataFrame | Results, ax: Axes | None = N
         if len(runs) > 1:
             handles += [Line2D([], [], color="0.3", ls=styles[r], label=f"run: {r}")
                         for r in runs]
+        src_chance = chance_levels(base, source)
+        if src_chance:
+            _draw_chance(ax, src_chance, color="black")
+        probe_chance = chance_levels(base, probe)
+        for task in tasks:
+            levels = {k: v for k, v in probe_chance.items() if k[1] == task}
+            _draw_chance(ax, levels, color=tcol[task], label=False)
+        if src_chance or probe_chance:
+            handles.append(Line2D([], [], color="0.45", ls=":", lw=1.1,
+                                  label="chance (colour as the line)"))
+        ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy  [0, 1]")
         ax.set_title("Source vs downstream accuracy over training"
@@ -793,7 +934,9 @@ def iter_figures(results: Results | pd.DataFrame,
     """Yield ``(name, caption, figure)`` for every chart the available metrics allow.
 
     Charts whose metrics are absent are skipped. The caller owns (and should close) each
-    figure. Names: ``tradeoff``, ``tradeoff_by_task``, ``tradeoff_over_epochs``, ``metrics``,
+    figure. Names are unique and a chart has the same name wherever it is written:
+    ``tradeoff`` (accuracies over epochs, also ``RUN_DIR/analysis/tradeoff.png``),
+    ``tradeoff_plane``, ``tradeoff_plane_by_task``, ``metrics``,
     ``information_plane[_<estimator>]``, ``cka_to_final``, ``temporal_cka``.
     """
     table = _as_table(results)
@@ -801,21 +944,22 @@ def iter_figures(results: Results | pd.DataFrame,
         cka = getattr(results, "cka_matrices", {}) or {}
     finite = table[np.isfinite(table["value"])]
     present = set(finite.loc[finite["layer"] == "", "metric"])
-    if {"source_accuracy", "probe_accuracy"} <= present:
-        yield ("tradeoff", "Source accuracy (discriminability) against downstream linear-probe "
-               "accuracy (transferability, mean over tasks), one trajectory per run.",
-               plot_tradeoff(table).figure)
-        if len(_tasks(finite, "probe_accuracy")) > 1:
-            yield ("tradeoff_by_task", "The same trade-off for each downstream task.",
-                   plot_tradeoff_by_task(table))
     if {"source_accuracy", "transfer_accuracy_mean"} <= present:
         names = downstream_tasks(finite)
         yield ("tradeoff_transfer", "Source accuracy against the mean linear-probe accuracy on "
                f"the downstream datasets ({', '.join(names)}): transfer to other images.",
                plot_transfer_tradeoff(table).figure)
     if present & {"source_accuracy", "probe_accuracy"}:
-        yield ("tradeoff_over_epochs", "Source and downstream probe accuracy against epoch; "
-               "triangles mark where each probe peaked.", plot_tradeoff_over_epochs(table).figure)
+        yield ("tradeoff", "Source and downstream probe accuracy against epoch; triangles mark "
+               "where each probe peaked, dotted lines the chance levels.",
+               plot_tradeoff_over_epochs(table).figure)
+    if {"source_accuracy", "probe_accuracy"} <= present:
+        yield ("tradeoff_plane", "Source accuracy (discriminability) against downstream "
+               "linear-probe accuracy (transferability, mean over tasks), one trajectory per "
+               "run.", plot_tradeoff(table).figure)
+        if len(_tasks(finite, "probe_accuracy")) > 1:
+            yield ("tradeoff_plane_by_task", "The same trade-off plane for each downstream task.",
+                   plot_tradeoff_by_task(table))
     if present:
         yield ("metrics", "Every metric against epoch (colour = run, line style = task).",
                plot_metrics(table))
@@ -834,6 +978,21 @@ def iter_figures(results: Results | pd.DataFrame,
     if "cka_to_final" in set(finite["metric"]):
         yield ("cka_to_final", "Linear CKA of each epoch's features to the final epoch's.",
                plot_cka_to_final(table).figure)
+    layered = set(finite.loc[finite["layer"] != "", "metric"])
+    if layered & {"probe_accuracy", "cka_to_final"}:
+        from dtprobe import layer_plots  # layer x epoch charts (analyse with --layers auto)
+
+        if "probe_accuracy" in layered:
+            yield ("layer_probe_heatmap", "Downstream linear-probe accuracy (mean over tasks) "
+                   "of each layer's pooled features at each epoch: where and when "
+                   "transferability is lost.", layer_plots.plot_layer_heatmap(table))
+            yield ("best_layer", "The layer whose features transfer best at each epoch, and "
+                   "its probe accuracy against the penultimate layer's.",
+                   layer_plots.plot_best_layer(table))
+        if "cka_to_final" in layered:
+            yield ("layer_cka_to_final_heatmap", "Linear CKA of each layer to the same layer at "
+                   "the final epoch: which layers are still changing.",
+                   layer_plots.plot_layer_heatmap(table, "cka_to_final", vmin=0.0, vmax=1.0))
     usable = {r: m for r, m in cka.items() if isinstance(m, pd.DataFrame) and not m.empty}
     if usable:
         yield ("temporal_cka", "Temporal linear CKA between every pair of epochs "

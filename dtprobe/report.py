@@ -1,8 +1,9 @@
 """A single self-contained HTML report of one or more analysed runs.
 
-The report puts the run configurations side by side, embeds every chart that the
-available metrics allow (PNG, base64 in the page), and tabulates where each downstream
-probe peaked and the first/best/last value of every metric. It needs no network and no
+The report opens with the findings (where each downstream probe peaked) and the run-vs-run
+comparison (e.g. CTC against CE, task by task), embeds every chart that the available metrics
+allow (PNG, base64 in the page), tabulates the first/best/last value of every metric, and ends
+with the run configurations (collapsed) and the estimators' settings. It needs no network and no
 other file: CSS is inline and there is no JavaScript, so it can be mailed or archived as is.
 
 The layout follows the question of Kornblith et al. (2021) and Cui et al. (2022): while
@@ -110,6 +111,28 @@ def _signed(x: float, higher_is_better: bool = True) -> str:
     return f'<span class="{cls}">{text}</span>' if cls else text
 
 
+def _short(value: Any) -> Any:
+    """Floats to 4 significant digits (recursively), so settings print as 0.00316, not 16 digits."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}") if math.isfinite(value) else value
+    if isinstance(value, (list, tuple)):
+        return [_short(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _short(v) for k, v in value.items()}
+    return value
+
+
+def _setting_text(value: Any) -> str:
+    """A setting's value for display: short floats, JSON for lists, plain text otherwise."""
+    value = _short(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return f"{value:.1f}"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
     if isinstance(value, Mapping):
         if not value and prefix:
@@ -121,9 +144,8 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
                   and isinstance(c.get("epoch"), (int, float))]
         span = f", epochs {min(epochs)}\u2013{max(epochs)}" if epochs else ""
         out[prefix] = f"{len(value)} checkpoint{'s' if len(value) != 1 else ''}{span}"
-    elif isinstance(value, (list, tuple)):
-        text = json.dumps(value, default=str)
-        out[prefix] = text if len(text) <= 160 else text[:157] + "..."
+    elif isinstance(value, (list, tuple, float)):
+        out[prefix] = _setting_text(value)
     elif value is None:
         out[prefix] = ""
     else:
@@ -166,7 +188,7 @@ def _config_table(results: Results) -> str:
         return (f'<div class="scroll"><table><thead><tr><th>setting</th>{head}</tr></thead>'
                 f'<tbody>{"".join(body)}</tbody></table></div>')
 
-    full = (f"<details{'' if len(runs) > 1 else ' open'}><summary>All {len(keys)} settings"
+    full = (f"<details><summary>All {len(keys)} recorded settings"
             f"{' (differences highlighted)' if len(runs) > 1 else ''}</summary>"
             f"{table(rows)}</details>")
     if len(runs) == 1:
@@ -174,8 +196,8 @@ def _config_table(results: Results) -> str:
     if not diff_rows:
         return ('<p class="note">The runs share every recorded setting (apart from name and '
                 f"creation time).</p>{full}")
-    return (f'<h3 id="runs-diff">Settings that differ between runs</h3>{table(diff_rows)}'
-            f"{full}")
+    return (f'<details id="runs-diff"><summary>{len(diff_rows)} settings differ between '
+            f"runs</summary>{table(diff_rows)}</details>{full}")
 
 
 def _findings(results: Results) -> str:
@@ -216,6 +238,55 @@ def _findings(results: Results) -> str:
             f'<div class="scroll"><table><thead>{head}</thead><tbody>{rows}</tbody></table></div>')
 
 
+def _uncertainty(results: Results) -> str:
+    """Which run differences exceed their intervals; which CKA scores do not exceed chance."""
+    from dtprobe.uncertainty import chance_level, intervals, run_differences
+
+    table = results.table
+    parts = []
+    diffs = run_differences(table)
+    if intervals(table).empty:
+        parts.append('<p class="note">No row of the table carries a confidence interval '
+                     '(<code>ci_low</code>/<code>ci_high</code> in its params).</p>')
+    elif diffs.empty:
+        parts.append('<p class="note">Intervals exist for one run only; compare runs to see '
+                     'which differences exceed them.</p>')
+    else:
+        rows = []
+        for (metric, task, layer), g in diffs.groupby(["metric", "task", "layer"], sort=False):
+            for (ra, rb), h in g.groupby(["run_a", "run_b"], sort=False):
+                hit = h[h["exceeds"]]
+                last = h.sort_values("epoch").iloc[-1]
+                rows.append(
+                    f"<tr><td>{_esc(metric_info(metric).label)}</td><td>{_esc(task)}</td>"
+                    f"<td>{_esc(layer)}</td><td>{_esc(ra)} vs {_esc(rb)}</td>"
+                    f"<td class=num>{len(hit)} of {len(h)}</td>"
+                    f"<td>{_esc(', '.join(str(int(e)) for e in hit['epoch'])) or '-'}</td>"
+                    f"<td class=num>{_fmt(last.value_a)} [{_fmt(last.low_a)}, {_fmt(last.high_a)}]"
+                    f" vs {_fmt(last.value_b)} [{_fmt(last.low_b)}, {_fmt(last.high_b)}]"
+                    f' <span class="ep">@{int(last.epoch)}</span></td></tr>')
+        parts.append('<p class="note">A difference counts when the two runs\' intervals are '
+                     'disjoint (a conservative test). Charts draw the intervals as bands.</p>'
+                     '<div class="scroll"><table><thead><tr><th>metric</th><th>task</th>'
+                     '<th>layer</th><th>runs</th><th>epochs beyond the intervals</th>'
+                     '<th>which epochs</th><th>last epoch: value [interval]</th></tr></thead>'
+                     f'<tbody>{"".join(rows)}</tbody></table></div>')
+    null = chance_level(table)
+    if not null.empty:
+        null = null[null["layer"] == ""]
+        below = null[null["value"] <= null["high"]]
+        parts.append(
+            '<p class="note">CKA rows carry a permutation null (rows of one side shuffled): '
+            f"{len(below)} of {len(null)} penultimate-layer CKA values are at or below the 95% "
+            "quantile of chance"
+            + (": " + _esc(", ".join(f"{m} {r}@{int(e)}" for m, r, e in
+                                     below[["metric", "run", "epoch"]].head(12).itertuples(
+                                         index=False, name=None))) if len(below) else "")
+            + ". With few test samples relative to the width prefer debiased CKA "
+            "(<code>--metrics debiased_cka</code>).</p>")
+    return "".join(parts)
+
+
 def _summary_table(results: Results) -> str:
     s = results.summary()
     if s.empty:
@@ -231,17 +302,23 @@ def _summary_table(results: Results) -> str:
     for r in s.itertuples():
         label = metric_info(r.metric).label
         est = f' <span class="ep">({_esc(r.estimator)})</span>' if r.estimator else ""
+        task = r.task or (f"vs {r.other_run}" if r.other_run else "")
+        # a similarity (CKA) has no best: its maximum is the reference epoch or a shared start
+        best = (f'<td class=num>{_fmt(r.best)} <span class="ep">@{int(r.best_epoch)}</span></td>'
+                if r.best_is else '<td class=num title="a similarity has no best">&ndash;</td>')
         rows.append(
-            f'<tr><td title="{_esc(r.metric)}">{_esc(label)}{est}</td><td>{_esc(r.task)}</td>'
-            f"<td>{_esc(r.layer)}</td><td>{_esc(r.run)}</td><td>{r.best_is}</td>"
+            f'<tr><td title="{_esc(r.metric)}">{_esc(label)}{est}</td><td>{_esc(task)}</td>'
+            f"<td>{_esc(r.layer)}</td><td>{_esc(r.run)}</td><td>{r.best_is or '&ndash;'}</td>"
             f'<td class=num>{_fmt(r.first)} <span class="ep">@{r.first_epoch}</span></td>'
-            f'<td class=num>{_fmt(r.best)} <span class="ep">@{r.best_epoch}</span></td>'
+            f"{best}"
             f'<td class=num>{_fmt(r.last)} <span class="ep">@{r.last_epoch}</span></td>'
-            f"<td class=num>{_signed(float(r.change), r.best_is == 'max')}</td></tr>")
+            f"<td class=num>{_signed(float(r.change), r.best_is != 'min')}</td></tr>")
     return ('<p class="note">@N is the epoch. "best is" says whether the best value is the '
             'maximum or the minimum (neural-collapse distances shrink as features collapse); '
-            'ties go to the earliest epoch. The change is green when the metric moved towards its '
-            'best direction and orange when it moved away.</p>'
+            'ties go to the earliest epoch. CKA similarities have no best: CKA to the final '
+            'epoch peaks there by definition, and CKA to another run is highest at epoch 0 '
+            'when both runs start from the same initialisation. The change is green when the '
+            'metric moved towards its best direction and orange when it moved away.</p>'
             f'<div class="scroll"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody>'
             "</table></div>")
 
@@ -253,17 +330,87 @@ def _estimator_table(results: Results) -> str:
     rows = []
     for r in e.itertuples():
         settings = parse_params(r.settings)
-        text = ", ".join(f"{_esc(k)}={_esc(json.dumps(v, default=str).strip(chr(34)))}"
-                         for k, v in settings.items())
+        text = ", ".join(f"{_esc(k)}={_esc(_setting_text(v))}" for k, v in settings.items())
+        computed = ", ".join(x for x in (r.diagnostics, r.varying) if x)
         rows.append(f"<tr><td>{_esc(r.metric)}</td><td>{_esc(r.estimator) or '&ndash;'}</td>"
                     f"<td><code>{text or '&ndash;'}</code></td>"
-                    f"<td><code>{_esc(r.varying) or '&ndash;'}</code></td></tr>")
-    return ('<p class="note">Settings are the same for every checkpoint; per-checkpoint values '
-            '(a probe\'s selected regularisation, a data-driven kernel width ...) are in the '
-            '<code>params</code> column of <code>metrics.csv</code>.</p>'
+                    f"<td><code>{_esc(computed) or '&ndash;'}</code></td></tr>")
+    return ('<p class="note">Settings are the estimator\'s inputs, the same for every '
+            'checkpoint. Values computed per checkpoint (a probe\'s selected regularisation, a '
+            'data-driven kernel width, entropies, the chance level ...) are not settings: they '
+            'are named in the last column and stored in the <code>diagnostics</code> column of '
+            '<code>metrics.csv</code>.</p>'
             '<div class="scroll"><table><thead><tr><th>metric</th><th>estimator</th>'
-            "<th>settings</th><th>varies per checkpoint</th></tr></thead>"
+            "<th>settings</th><th>computed per checkpoint</th></tr></thead>"
             f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+def _objective(results: Results, run: str) -> str:
+    training = (results.manifests.get(run) or {}).get("training") or {}
+    return str(training.get("objective", "")) if isinstance(training, Mapping) else ""
+
+
+def _label(results: Results, run: str) -> str:
+    obj = _objective(results, run)
+    return f"<b>{_esc(run)}</b>" + (f" ({_esc(obj.upper())})" if obj and obj != run else "")
+
+
+def _run_comparison(results: Results) -> str:
+    """Run vs run: the other runs against the first CE run (or the first run), task by task."""
+    peaks = results.probe_peaks()
+    runs = [r for r in results.runs if r in set(peaks["run"])]
+    if len(runs) < 2:
+        return ('<p class="note">One run only: analyse a second run (e.g. the same schedule '
+                'with <code>dtprobe train --ctc</code>) and report both to compare them.</p>')
+    base = next((r for r in runs if _objective(results, r) == "ce"), runs[0])
+    cka = results.table[results.table["metric"] == "cka_to_run"]
+    items, rows = [], []
+    for other in (r for r in runs if r != base):
+        b = peaks[peaks["run"] == base].set_index("task")
+        o = peaks[peaks["run"] == other].set_index("task")
+        tasks = [t for t in b.index if t in o.index]
+        if not tasks:
+            continue
+        d_last = (o.loc[tasks, "last"] - b.loc[tasks, "last"]).astype(float)
+        d_peak = (o.loc[tasks, "peak"] - b.loc[tasks, "peak"]).astype(float)
+        src = float(o["source_last"].iloc[0]) - float(b["source_last"].iloc[0])
+        better = int((d_last > 0).sum())
+        txt = (f"{_label(results, other)} vs {_label(results, base)}: at the last epoch its "
+               f"probes are higher on {better} of {len(tasks)} task"
+               f"{'s' if len(tasks) != 1 else ''} (mean {_signed(float(d_last.mean()))}, "
+               f"from {_signed(float(d_last.min()))} to {_signed(float(d_last.max()))}); at "
+               f"their peaks the mean difference is {_signed(float(d_peak.mean()))}")
+        if math.isfinite(src):
+            txt += f"; source accuracy differs by {_signed(src)} at the last epoch"
+        pair = cka[((cka["run"] == base) & (cka["other_run"] == other))
+                   | ((cka["run"] == other) & (cka["other_run"] == base))]
+        if len(pair):
+            last = pair.sort_values("epoch").iloc[-1]
+            txt += (f"; their features have linear CKA {_fmt(last['value'])} at epoch "
+                    f"{int(last['epoch'])}")
+        items.append(f"<li>{txt}.</li>")
+        for t in tasks:
+            rows.append(
+                f"<tr><td>{_esc(other)} &minus; {_esc(base)}</td><td>{_esc(t)}</td>"
+                f"<td class=num>{_fmt(b.loc[t, 'last'])}</td>"
+                f"<td class=num>{_fmt(o.loc[t, 'last'])}</td>"
+                f"<td class=num>{_signed(float(d_last[t]))}</td>"
+                f"<td class=num>{_fmt(b.loc[t, 'peak'])} <span class=ep>@"
+                f"{int(b.loc[t, 'peak_epoch'])}</span></td>"
+                f"<td class=num>{_fmt(o.loc[t, 'peak'])} <span class=ep>@"
+                f"{int(o.loc[t, 'peak_epoch'])}</span></td>"
+                f"<td class=num>{_signed(float(d_peak[t]))}</td></tr>")
+    if not items:
+        return '<p class="note">The runs share no downstream task to compare.</p>'
+    head = ("<tr><th>runs</th><th>task</th><th>last (first run)</th><th>last (other)</th>"
+            "<th>difference</th><th>peak (first run)</th><th>peak (other)</th>"
+            "<th>difference</th></tr>")
+    return (f'<ul class="findings">{"".join(items)}</ul>'
+            '<p class="note">Differences are other run minus the first (cross-entropy) run, '
+            'downstream linear-probe test accuracy; green = the other run transfers better. '
+            'One seed per run: differences of about 0.01 are within run-to-run noise.</p>'
+            f'<div class="scroll"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody>'
+            "</table></div>")
 
 
 def _failures(results: Results) -> str:
@@ -364,13 +511,17 @@ def render_report(results: Results, title: str | None = None, dpi: int = 110) ->
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     sources = "; ".join(f"{_esc(r)}: <code>{_esc(p)}</code>" for r, p in results.sources.items())
     charts, chart_toc = _charts(results, dpi)
+    # findings and the run comparison first, then the charts; settings come last (collapsed)
     sections = [
         ("findings", "Key findings", _findings(results) + _failures(results)),
         *([("transfer", "Transfer to other datasets", _transfer_section(results))]
           if results.downstream_datasets() else []),
-        ("runs", "Run configurations", _config_table(results)),
+        ("compare", "Run vs run (e.g. CE vs CTC)", _run_comparison(results)),
         ("charts", "Charts", charts),
         ("summary", "Summary: first, best and last value of every metric", _summary_table(results)),
+        ("uncertainty", "Uncertainty: run differences beyond their intervals",
+         _uncertainty(results)),
+        ("runs", "Run configurations", _config_table(results)),
         ("estimators", "Estimators and parameters", _estimator_table(results)),
     ]
     nav = "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t, _ in sections)

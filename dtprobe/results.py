@@ -40,6 +40,8 @@ import pandas as pd
 
 from dtprobe.errors import ConfigError, DtprobeError
 from dtprobe.table import (  # noqa: F401  (re-exported: the schema's home is dtprobe.table)
+    COLUMN_DOCS,
+    DIAGNOSTIC_KEYS,
     DOWNSTREAM_PARAM,
     METRIC_INFO,
     METRIC_ORDER,
@@ -55,6 +57,7 @@ from dtprobe.table import (  # noqa: F401  (re-exported: the schema's home is dt
     parse_params,
     sort_layers,
     sort_metrics,
+    split_params,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,12 +72,15 @@ FAILURES_FILE = "failures.csv"
 FAILURE_COLUMNS = ("run", "epoch", "path", "reason")
 
 
-def _column_name(metric: str, task: str, layer: str, estimator: str, multi_estimator: bool) -> str:
+def _column_name(metric: str, task: str, layer: str, estimator: str, multi_estimator: bool,
+                 other_run: str = "") -> str:
     name = metric
     if multi_estimator and estimator:
         name += f"({estimator})"
     if task:
         name += f"[{task}]"
+    if other_run:
+        name += f"[vs {other_run}]"
     if layer:
         name += f"@{layer}"
     return name
@@ -184,7 +190,8 @@ class Results:
         -------
         DataFrame
             One row per epoch, one column per metric (layer-wise rows as ``metric@layer``;
-            ``metric(estimator)`` when one metric was computed with several estimators).
+            ``metric(estimator)`` when one metric was computed with several estimators; CKA to
+            another run as ``cka_to_run[vs OTHER]``).
             Columns follow :data:`METRIC_ORDER`; missing values are NaN; duplicate rows of
             the same key are averaged.
         """
@@ -202,19 +209,20 @@ class Results:
             return pd.DataFrame(index=pd.Index([], name="epoch"))
         n_est = df.groupby("metric")["estimator"].nunique()
         multi = set(n_est[n_est > 1].index)
-        keys = df[["metric", "task", "layer", "estimator"]].drop_duplicates()
+        keys = df[["metric", "task", "layer", "estimator", "other_run"]].drop_duplicates()
         order = {m: i for i, m in enumerate(METRIC_ORDER)}
         keys = keys.assign(
             _m=keys["metric"].map(lambda m: (order.get(m, len(order)), m)),
             _l=keys["layer"].map(lambda lay: (lay != "", natural_key(lay))),
-        ).sort_values(["_m", "_l", "task", "estimator"])
+        ).sort_values(["_m", "_l", "task", "other_run", "estimator"])
         names = {
-            (r.metric, r.task, r.layer, r.estimator):
-                _column_name(r.metric, r.task, r.layer, r.estimator, r.metric in multi)
+            (r.metric, r.task, r.layer, r.estimator, r.other_run):
+                _column_name(r.metric, r.task, r.layer, r.estimator, r.metric in multi,
+                             r.other_run)
             for r in keys.itertuples()
         }
         col = [names[k] for k in zip(df["metric"], df["task"], df["layer"], df["estimator"],
-                                     strict=True)]
+                                     df["other_run"], strict=True)]
         work = df.assign(_col=col)
         out = work.pivot_table(index=index, columns="_col", values="value", aggfunc="mean",
                                dropna=False, sort=True)
@@ -231,31 +239,37 @@ class Results:
         DataFrame
             Columns ``run, metric, task, layer, estimator, best_is, first_epoch, first,
             best_epoch, best, last_epoch, last, change`` where ``best_is`` is ``"max"`` or
-            ``"min"`` (see :data:`METRIC_INFO`), ``change = last - first``. NaN values are
+            ``"min"`` (see :data:`METRIC_INFO`; ``""`` with NaN ``best``/``best_epoch`` for
+            the CKA similarities, which have no best), ``change = last - first``. NaN values are
             skipped; ties for the best value go to the earliest epoch. For the downstream
             probes (``probe_accuracy``) ``best_epoch`` is the epoch where the probe peaked;
             :meth:`probe_peaks` gives those rows with the drop after the peak.
         """
-        cols = ["run", "metric", "task", "layer", "estimator", "best_is", "first_epoch", "first",
-                "best_epoch", "best", "last_epoch", "last", "change"]
+        cols = ["run", "metric", "task", "other_run", "layer", "estimator", "best_is",
+                "first_epoch", "first", "best_epoch", "best", "last_epoch", "last", "change"]
+        keys = ["run", "metric", "task", "other_run", "layer", "estimator"]
         df = self._table[np.isfinite(self._table["value"])]
         if df.empty:
             return pd.DataFrame(columns=cols)
         # average duplicate rows of one key so each epoch contributes one value
-        df = (df.groupby(["run", "metric", "task", "layer", "estimator", "epoch"], sort=False)
+        df = (df.groupby([*keys, "epoch"], sort=False)
               ["value"].mean().reset_index().sort_values("epoch", kind="stable"))
         rows = []
-        for (run, metric, task, layer, est), g in df.groupby(
-                ["run", "metric", "task", "layer", "estimator"], sort=False):
-            higher = metric_info(metric).higher_is_better
+        for (run, metric, task, other, layer, est), g in df.groupby(keys, sort=False):
+            info = metric_info(metric)
             values = g["value"].to_numpy()
             epochs = g["epoch"].to_numpy()
-            best_i = int(np.argmax(values) if higher else np.argmin(values))
+            best_i = int(np.argmax(values) if info.higher_is_better else np.argmin(values))
+            # similarities (CKA) have no "best": their maximum is at the reference epoch, or at
+            # epoch 0 for two runs that share their initialisation
+            best_epoch = int(epochs[best_i]) if info.has_best else np.nan
             rows.append({
-                "run": run, "metric": metric, "task": task, "layer": layer, "estimator": est,
-                "best_is": "max" if higher else "min",
+                "run": run, "metric": metric, "task": task, "other_run": other, "layer": layer,
+                "estimator": est,
+                "best_is": ("max" if info.higher_is_better else "min") if info.has_best else "",
                 "first_epoch": int(epochs[0]), "first": float(values[0]),
-                "best_epoch": int(epochs[best_i]), "best": float(values[best_i]),
+                "best_epoch": best_epoch,
+                "best": float(values[best_i]) if info.has_best else np.nan,
                 "last_epoch": int(epochs[-1]), "last": float(values[-1]),
                 "change": float(values[-1] - values[0]),
             })
@@ -266,7 +280,8 @@ class Results:
             _r=out["run"].map(run_order),
             _m=out["metric"].map(lambda m: (order.get(m, len(order)), m)),
             _l=out["layer"].map(lambda lay: (lay != "", natural_key(lay))),
-        ).sort_values(["_r", "_m", "_l", "task", "estimator"]).drop(columns=["_r", "_m", "_l"])
+        ).sort_values(["_r", "_m", "_l", "task", "other_run", "estimator"]
+                      ).drop(columns=["_r", "_m", "_l"])
         return out.reset_index(drop=True)
 
     def probe_peaks(self, metric: str = "probe_accuracy",
@@ -291,7 +306,7 @@ class Results:
         rows = []
         for r in s.itertuples():
             rows.append({
-                "run": r.run, "task": r.task, "peak_epoch": r.best_epoch, "peak": r.best,
+                "run": r.run, "task": r.task, "peak_epoch": int(r.best_epoch), "peak": r.best,
                 "last_epoch": r.last_epoch, "last": r.last, "drop": r.best - r.last,
                 "source_at_peak": src_map.get((r.run, r.best_epoch), np.nan),
                 "source_last": src_map.get((r.run, r.last_epoch), np.nan),
@@ -319,19 +334,23 @@ class Results:
         Returns
         -------
         DataFrame
-            One row per ``metric, estimator`` with ``settings`` (JSON object of the parameters
-            that are the same in every row) and ``varying`` (comma-separated names of the
-            parameters that change from checkpoint to checkpoint, e.g. the probe's chosen
-            ``C``). Metrics without estimator or parameters are left out.
+            One row per ``metric, estimator`` with ``settings`` (JSON object of the ``params``
+            that are the same in every row), ``varying`` (names of ``params`` that change from
+            checkpoint to checkpoint; normally none) and ``diagnostics`` (names of the values
+            computed per checkpoint, e.g. the probe's chosen ``C``, kept in the
+            ``diagnostics`` column, not settings). Metrics without estimator or parameters are
+            left out.
         """
-        cols = ["metric", "estimator", "settings", "varying"]
+        cols = ["metric", "estimator", "settings", "varying", "diagnostics"]
         df = self._table[(self._table["estimator"] != "") | (self._table["params"] != "")]
         rows = []
         for (metric, est), g in df.groupby(["metric", "estimator"], sort=False):
             fixed, varying = estimator_settings(g["params"])
+            diag = sorted({k for d in dict.fromkeys(g["diagnostics"]) for k in parse_params(d)})
             rows.append({"metric": metric, "estimator": est,
                          "settings": json.dumps(fixed, sort_keys=True, default=str) if fixed
-                         else "", "varying": ", ".join(varying)})
+                         else "", "varying": ", ".join(varying),
+                         "diagnostics": ", ".join(diag)})
         out = pd.DataFrame(rows, columns=cols)
         order = {m: i for i, m in enumerate(METRIC_ORDER)}
         out = out.assign(_m=out["metric"].map(lambda m: (order.get(m, len(order)), m)))

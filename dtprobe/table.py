@@ -18,12 +18,45 @@ import pandas as pd
 from dtprobe.errors import ConfigError, DtprobeError
 
 TABLE_COLUMNS: tuple[str, ...] = (
-    "run", "epoch", "step", "metric", "task", "layer", "value", "estimator", "params",
+    "run", "epoch", "step", "metric", "task", "layer", "other_run", "value", "estimator",
+    "params", "diagnostics",
 )
-"""Columns of ``RUN_DIR/analysis/metrics.csv``, in order."""
+"""Columns of ``RUN_DIR/analysis/metrics.csv``, in order (see :data:`COLUMN_DOCS`)."""
+
+COLUMN_DOCS: dict[str, str] = {
+    "run": "name of the analysed run (its manifest's run_name, else its folder name)",
+    "epoch": "epoch of the checkpoint the row was measured on (integer)",
+    "step": "optimiser step of that checkpoint; empty only when no manifest records it",
+    "metric": "metric name, as in `dtprobe list` (e.g. probe_accuracy, nc1, cka_to_run)",
+    "task": "downstream task (factor) a per-task metric was measured on; empty otherwise",
+    "layer": "module name for layer-wise rows; empty for the penultimate features",
+    "other_run": "for cka_to_run: the run compared with at the same epoch; empty otherwise",
+    "value": "the number (float; NaN when the metric could not apply, reason in diagnostics)",
+    "estimator": "how the value was computed (e.g. logreg-lbfgs, renyi, linear_cka)",
+    "params": "JSON object of the estimator's settings, the same at every checkpoint (what "
+              "you would pass to reproduce it)",
+    "diagnostics": "JSON object of values computed with it at this checkpoint: chosen C and "
+                   "validation accuracy of a probe, data-driven kernel widths, entropies, "
+                   "samples used, chance level of an accuracy, errors",
+}
+"""What each column of the results table holds (also in CONTRIBUTING.md, "The results table")."""
+
+DIAGNOSTIC_KEYS: frozenset[str] = frozenset({
+    "C", "val_accuracy", "converged", "unconverged_sweep_fits", "sweep_converged", "n_test",
+    "ci_low", "ci_high", "n_iter", "iterations", "entropy_a", "entropy_b",
+    "joint_entropy", "sigma_a", "sigma_b", "n", "cap", "final_train_bound", "reference_epoch",
+    "head_bias", "other_run_dir", "chance", "error", "warning",
+    "null_mean", "null_std", "null_q95", "p_value", "null_expected",
+})
+"""Keys that estimators report next to their settings but that are computed per checkpoint.
+
+:func:`split_params` moves them out of ``params`` into ``diagnostics``, also when reading a
+table written before the ``diagnostics`` column existed.
+"""
 
 _REQUIRED = ("run", "epoch", "metric", "value")
-_TEXT_COLUMNS = ("run", "metric", "task", "layer", "estimator", "params")
+_TEXT_COLUMNS = ("run", "metric", "task", "layer", "other_run", "estimator", "params",
+                 "diagnostics")
 
 
 @dataclass(frozen=True)
@@ -41,6 +74,10 @@ class MetricInfo:
     label: str
     range: str = ""
     higher_is_better: bool = True
+    has_best: bool = True
+    """False for similarities (CKA), whose maximum is no "best": CKA to the final epoch peaks
+    at the final epoch by definition, and CKA to another run at epoch 0 when both runs start
+    from the same initialisation."""
 
 
 METRIC_INFO: dict[str, MetricInfo] = {
@@ -48,9 +85,9 @@ METRIC_INFO: dict[str, MetricInfo] = {
     "class_separation": MetricInfo("class separation R\u00b2", "[0, 1]"),
     "probe_accuracy": MetricInfo("downstream probe accuracy", "[0, 1]"),
     "knn_accuracy": MetricInfo("k-NN accuracy", "[0, 1]"),
-    "cka_to_final": MetricInfo("linear CKA to final epoch", "[0, 1]"),
-    "cka_to_previous": MetricInfo("linear CKA to previous epoch", "[0, 1]"),
-    "cka_to_run": MetricInfo("linear CKA to other run", "[0, 1]"),
+    "cka_to_final": MetricInfo("linear CKA to final epoch", "[0, 1]", has_best=False),
+    "cka_to_previous": MetricInfo("linear CKA to previous epoch", "[0, 1]", has_best=False),
+    "cka_to_run": MetricInfo("linear CKA to other run", "[0, 1]", has_best=False),
     "nc1": MetricInfo("NC1 within-class variability", "\u2265 0, lower = collapsed", False),
     "nc2_equinorm": MetricInfo("NC2 equinorm (CV of mean norms)", "\u2265 0, lower = collapsed",
                                False),
@@ -70,8 +107,31 @@ METRIC_INFO: dict[str, MetricInfo] = {
     "nce": MetricInfo("NCE (\u2212H(Y|Z))", "\u2264 0"),
     "transfer_accuracy_mean": MetricInfo("mean downstream-dataset probe accuracy", "[0, 1]"),
     "transfer_log_odds_mean": MetricInfo("mean downstream log-odds (t-ReX)", "log(p / (1 - p))"),
+    "nleep": MetricInfo("NLEEP", "\u2264 0"),
+    "twonn": MetricInfo("TwoNN intrinsic dimension", "> 0"),
+    "alpha_req": MetricInfo("alpha-ReQ spectral decay", "> 0, higher = fewer directions"),
+    "numerical_rank": MetricInfo("numerical rank", "[0, min(n, d)]"),
+    "cdnv": MetricInfo("CDNV", "\u2265 0, lower = collapsed", False),
+    "class_mean_uniformity": MetricInfo("class-mean uniformity", "lower = more uniform", False),
 }
 """Presentation facts for the metrics ``dtprobe analyze`` writes; unknown metrics get defaults."""
+
+# Similarity measures between epochs/runs (dtprobe.metrics.registry.register_similarity):
+# label, range, and whether larger means more similar (distances: smaller is more similar).
+_SIMILARITY_INFO = {
+    "debiased_cka": ("debiased CKA", "\u2264 1", True),
+    "mutual_knn": ("mutual k-NN", "[0, 1]", True),
+    "cknna": ("CKNNA", "\u2264 1", True),
+    "procrustes_distance": ("Procrustes distance", "[0, \u221a2], lower = similar", False),
+    "angular_shape_metric": ("angular shape distance", "[0, \u03c0/2] rad, lower = similar",
+                             False),
+    "svcca": ("SVCCA", "[0, 1]", True),
+    "pwcca": ("PWCCA", "[0, 1]", True),
+}
+for _name, (_label, _range, _higher) in _SIMILARITY_INFO.items():
+    for _suffix, _what in (("to_final", "to final epoch"), ("to_previous", "to previous epoch"),
+                           ("to_run", "to other run")):
+        METRIC_INFO[f"{_name}_{_suffix}"] = MetricInfo(f"{_label} {_what}", _range, _higher)
 
 METRIC_ORDER: tuple[str, ...] = tuple(METRIC_INFO)
 """Canonical display order: discriminability first, then transferability, similarity, collapse."""
@@ -146,9 +206,12 @@ def sort_layers(layers: Iterable[str]) -> list[str]:
 def normalize_table(table: pd.DataFrame, *, source: str = "table") -> pd.DataFrame:
     """Return a copy of a tidy metrics table with the standard columns and dtypes.
 
-    Missing optional columns (``step``, ``task``, ``layer``, ``estimator``, ``params``) are
-    added; text columns become ``str`` with ``""`` for "not applicable"; ``epoch`` becomes
-    int64, ``step`` nullable Int64 and ``value`` float64 (unparseable values become NaN).
+    Missing optional columns (``step``, ``task``, ``layer``, ``other_run``, ``estimator``,
+    ``params``, ``diagnostics``) are added; text columns become ``str`` with ``""`` for "not
+    applicable"; ``epoch`` becomes int64, ``step`` nullable Int64 and ``value`` float64
+    (unparseable values become NaN). Tables written by older versions are read as the current
+    schema (:func:`_migrate`): the other run of ``cka_to_run`` moves from ``task`` to
+    ``other_run``, computed values from ``params`` to ``diagnostics``.
 
     Parameters
     ----------
@@ -182,8 +245,52 @@ def normalize_table(table: pd.DataFrame, *, source: str = "table") -> pd.DataFra
         df["step"] = pd.NA
     df["step"] = pd.to_numeric(df["step"], errors="coerce").round().astype("Int64")
     df["value"] = pd.to_numeric(df["value"], errors="coerce").astype("float64")
+    _migrate(df)
     extra = [c for c in df.columns if c not in TABLE_COLUMNS]
     return df[list(TABLE_COLUMNS) + extra].reset_index(drop=True)
+
+
+def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(settings, diagnostics)``: the :data:`DIAGNOSTIC_KEYS` of ``params`` go to the second.
+
+    A legacy ``other_run`` entry (the compared run's folder) becomes ``other_run_dir``.
+    """
+    settings: dict[str, Any] = {}
+    diagnostics: dict[str, Any] = {}
+    for key, value in params.items():
+        if key == "other_run":
+            diagnostics["other_run_dir"] = value
+        elif key in DIAGNOSTIC_KEYS:
+            diagnostics[key] = value
+        else:
+            settings[key] = value
+    return settings, diagnostics
+
+
+def _dumps(obj: Mapping[str, Any]) -> str:
+    return json.dumps(obj, sort_keys=True, default=str) if obj else ""
+
+
+def _migrate(df: pd.DataFrame) -> None:
+    """Bring rows of older tables (and cached parts) to the current schema, in place.
+
+    Older tables put the other run of ``cka_to_run`` in ``task`` and computed values in
+    ``params``; both are moved to their own columns. Current rows pass unchanged.
+    """
+    legacy = (df["metric"] == "cka_to_run") & (df["other_run"] == "") & (df["task"] != "")
+    if legacy.any():
+        df.loc[legacy, "other_run"] = df.loc[legacy, "task"]
+        df.loc[legacy, "task"] = ""
+    cache: dict[tuple[str, str], tuple[str, str]] = {}
+    for pair in set(zip(df["params"], df["diagnostics"], strict=True)):
+        settings, diag = split_params(parse_params(pair[0]))
+        if not diag:
+            continue
+        cache[pair] = (_dumps(settings), _dumps({**diag, **parse_params(pair[1])}))
+    if cache:
+        pairs = list(zip(df["params"], df["diagnostics"], strict=True))
+        df["params"] = [cache.get(p, p)[0] for p in pairs]
+        df["diagnostics"] = [cache.get(p, p)[1] for p in pairs]
 
 
 def parse_params(params: str) -> dict[str, Any]:

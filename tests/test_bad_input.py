@@ -264,15 +264,22 @@ def test_one_bad_checkpoint_fails_alone(run, tmp_path, capsys, monkeypatch, what
                                   clean[per_epoch][keep].reset_index(drop=True))
 
 
-def test_every_checkpoint_failing_still_writes_the_table_and_exits_1(run, tmp_path, capsys):
+def test_every_checkpoint_failing_names_no_chart_and_writes_no_empty_table(run, tmp_path,
+                                                                          capsys):
     run_dir = _copy(run, tmp_path)
     TRIED.append("architecture options that fit no checkpoint")
-    code = main(["analyze", str(run_dir), *RUN_ARGS, "--arch-param", "width=4"])
-    err = capsys.readouterr().err
-    assert code == 1 and "3 of 3 checkpoint(s) failed" in err
+    code = main(["analyze", str(run_dir), "--device", "cpu", "--no-progress", *FAST,
+                 "--arch-param", "width=4"])  # plotting on: still no chart named
+    out, err = capsys.readouterr()
+    # Every checkpoint failed for the same reason: the exit line says it (not "the others").
+    [last] = [ln for ln in err.splitlines() if "for one reason" in ln]
+    assert code == 1 and "all 3 checkpoint(s) failed for one reason: " in last
+    assert "no weights in it fit" in last
+    assert "the others were analysed" not in err and "chart" not in out
     assert len([ln for ln in err.splitlines() if ln.startswith("FAILED")]) == 3
     assert pd.read_csv(run_dir / "analysis" / "failures.csv")["epoch"].tolist() == [2, 0, 1]
-    assert _table(run_dir).empty
+    assert not (run_dir / "analysis" / "metrics.csv").exists()
+    assert not (run_dir / "analysis" / "tradeoff.png").exists()
 
 
 def test_a_checkpoint_fixed_later_is_analysed_on_the_next_run(run, tmp_path, capsys):
@@ -382,8 +389,8 @@ WHOLE_RUN = [
     ("empty run directory", _plain(keep_ckpts=False), "no checkpoint files matching"),
     ("files but none matching", _plain(["notes.txt", "weights.bin"], keep_ckpts=False),
      "found files weights.bin but none matches a known checkpoint naming"),
-    ("checkpoints in an unexpected subfolder", _plain(["weights/ep3.pt"], keep_ckpts=False),
-     "found weights/ep3.pt; pass --pattern 'weights/NAME_{epoch}.pt'"),
+    ("checkpoints in an unexpected subfolder", _plain(["weights/snap3.pt"], keep_ckpts=False),
+     "found weights/snap3.pt; pass --pattern 'weights/snap{epoch}.pt'"),
     ("pattern matching nothing", _plain(args=[*PLAIN, "--pattern", "snap_{epoch}.pt"]),
      "found files ckpt_epoch_0.pth, ckpt_epoch_1.pth, ckpt_epoch_2.pth but none matches "
      "'snap_{epoch}.pt'"),
@@ -412,7 +419,8 @@ WHOLE_RUN = [
     ("architecture that does not fit the images", _with(["--arch-param", "in_channels=1"]),
      "cannot process the shapes images"),
     ("unknown layer", _with(["--layers", "features.99"]), "--layers features.99: no such module"),
-    ("batch size 0", _with(["--batch-size", "0"]), "--batch-size must be 'auto' or an integer"),
+    ("batch size 0", _with(["--batch-size", "0"]),
+     "--batch-size: expected 'auto' or an integer >= 1"),
     ("unknown metric", _with(["--metrics", "accuracy_of_vibes"]), "unknown metric(s)"),
     ("compare with a missing run", _with(["--compare", "/nonexistent/other"]),
      "/nonexistent/other: no such run directory"),

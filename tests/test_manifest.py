@@ -328,7 +328,31 @@ def test_append_replace_and_conflicts(tmp_path):
     assert cm.read_manifest(tmp_path) == m
     assert m.get(2).metrics == {"loss": 0.5}
     assert _tmp_leftovers(tmp_path) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == [cm.LOCK_NAME, "manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]  # no lock file left
+
+
+def test_lock_file_removed_and_still_exclusive_across_processes(tmp_path):
+    """Writers that remove the lock file on release still exclude each other: 4 processes x 25
+    appends lose no entry (a waiter that locked a removed file retries), and no lock stays."""
+    import multiprocessing as mp
+
+    cm.write_manifest(tmp_path, _new_manifest())
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(str(tmp_path), w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    epochs = sorted(c.epoch for c in cm.read_manifest(tmp_path).checkpoints)
+    assert epochs == list(range(100))
+    assert not (tmp_path / cm.LOCK_NAME).exists()
+
+
+def _append_many(run_dir: str, worker: int) -> None:
+    for i in range(25):
+        e = worker * 25 + i
+        cm.append_checkpoint(run_dir, cm.CheckpointEntry(epoch=e, step=e, path=f"e{e}.pth"))
 
 
 def test_append_needs_an_existing_manifest(tmp_path):

@@ -145,3 +145,12 @@ def test_ksg_default_jitter_seed_is_independent_of_the_data_seed():
     default = ksg_mi(a, b).value
     others = np.array([ksg_mi(a, b, seed=s).value for s in (1, 2, 3, 4, 5)])
     assert others.min() - 0.05 <= default <= others.max() + 0.05
+
+
+def test_numpy_views_with_negative_strides_are_accepted():
+    from dtprobe.metrics import linear_cka
+
+    x = np.random.default_rng(7).normal(size=(30, 5))
+    assert linear_cka(x[:, ::-1], x) == pytest.approx(1.0)
+    assert class_separation(x[::-1], (np.arange(30) % 2)[::-1]) == pytest.approx(
+        class_separation(x, np.arange(30) % 2))

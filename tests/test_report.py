@@ -73,7 +73,7 @@ def test_report_is_self_contained(report):
     assert "script" not in p.tags and "link" not in p.tags
     assert all(u.startswith("#") for u in p.urls), p.urls  # only in-page links
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", text)
-    assert len(p.imgs) == 7
+    assert len(p.imgs) == 8  # 7 charts + the layer x epoch CKA heatmap (layer rows present)
     for src in p.imgs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -91,7 +91,8 @@ def test_report_contents(report):
                      r"<td>ctc</td></tr>", text)
     assert '<td class="key">training.lr</td><td>0.05</td><td>0.05</td>' in text
     assert "16 checkpoints, epochs 1\u201316" in text
-    diff = text[text.index('id="runs-diff"'):text.index("<details")]
+    start = text.index('id="runs-diff"')
+    diff = text[start:text.index("</details>", start)]
     assert "training.alpha" in diff and "training.objective" in diff
     assert "training.lr" not in diff and "run_name" not in diff
     # where the probes peaked: ce colour at epoch 4 (0.950), down to 0.710 at epoch 16
@@ -107,6 +108,46 @@ def test_report_contents(report):
     # estimator parameters are listed
     assert "alpha=1.01, kernel_width=8.0, n_samples=1000" in text
     assert "/runs/ce" in text
+
+
+def test_report_layout_and_run_comparison(report):
+    text = report.read_text(encoding="utf-8")
+    # findings, then the run-vs-run comparison, then the charts; settings come after, collapsed
+    order = [text.index(f'<section id="{s}">') for s in
+             ("findings", "compare", "charts", "summary", "runs", "estimators")]
+    assert order == sorted(order)
+    runs = text[order[4]:order[5]]
+    assert "<table" not in runs.split("<details", 1)[0]  # every settings table is collapsed
+    assert "<details open" not in runs
+    compare = text[order[1]:order[2]]
+    assert "<b>ctc</b>" in compare and "<b>ce</b>" in compare and "last (other)" in compare
+    assert re.search(r"at the last epoch its probes are higher on \d of \d tasks", compare)
+    # floats print with a few digits, never a 16-digit repr
+    assert not re.search(r"\d\.\d{7,}", text.split("<section id=\"charts\">")[0]
+                         + text.split("<section id=\"summary\">")[1].replace("base64", ""))
+
+
+def test_settings_print_with_few_digits():
+    from dtprobe.report import _setting_text
+
+    assert _setting_text(0.0031622776601683794) == "0.003162"
+    assert _setting_text([0.001, 0.0031622776601683794, 10.0]) == "[0.001, 0.003162, 10.0]"
+    assert _setting_text(1e-12) == "1e-12" and _setting_text("scott") == "scott"
+    grid = {"c_grid": [float(c) for c in __import__("numpy").logspace(-6, 5, 45)]}
+    t = synthetic_table(metrics={"probe_accuracy"})
+    t["params"] = json.dumps(grid)
+    text = render_report(Results(t))
+    assert "0.0031622776601683794" not in text and "3.162e-06" in text
+
+
+def test_cka_to_other_run_is_never_called_best(tmp_path):
+    rows = [{"run": "ce", "epoch": e, "metric": "cka_to_run", "other_run": "ctc", "value": v}
+            for e, v in [(0, 1.0), (2, 0.7), (4, 0.5)]]
+    text = render_report(Results(pd.DataFrame(rows)))
+    row = text[text.index("linear CKA to other run</td>"):]
+    row = row[:row.index("</tr>")]
+    assert "vs ctc" in row and "@0" in row  # first value at epoch 0 ...
+    assert row.count("@") == 2 and "a similarity has no best" in row  # ... but no best
 
 
 def test_report_with_missing_parts(tmp_path):
@@ -155,7 +196,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     found = re.search(r'<pre id="imgcheck">(.*?)</pre>', dom.stdout, re.S)
     assert found, "probe script did not run: " + dom.stdout[-500:]
     images = json.loads(found.group(1).replace("&quot;", '"'))
-    assert len(images) == 7 and all(i["ok"] and i["w"] > 300 for i in images), images
+    assert len(images) == 8 and all(i["ok"] and i["w"] > 300 for i in images), images
 
     shot = tmp_path / "shot.png"
     run = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1280,2000",

@@ -152,7 +152,9 @@ def test_constructor_normalises_and_keeps_order(results):
     assert results.table["value"].dtype == np.float64
     assert results.metrics[:3] == ["source_accuracy", "class_separation", "probe_accuracy"]
     assert results.tasks() == list(TASKS)
-    assert results.tasks("cka_to_run") == ["ce", "ctc"]
+    assert results.tasks("cka_to_run") == []  # a legacy table's other run moved out of `task`
+    cka_run = results.table[results.table["metric"] == "cka_to_run"]
+    assert sorted(cka_run["other_run"].unique()) == ["ce", "ctc"]
     assert results.epochs("ce") == EPOCHS
     assert "ce" in repr(results) and "epochs 1..16" in repr(results)
 
@@ -187,7 +189,7 @@ def test_wide_single_run_exact_values(results):
                 probe_accuracy("ce", t, e), abs=1e-12)
     assert w.loc[16, "cka_to_final@layer2"] == pytest.approx(1.0)
     assert w.loc[1, "cka_to_final@layer2"] == pytest.approx(1.0 - 0.02 * 15)
-    assert w.loc[3, "cka_to_run[ctc]"] == pytest.approx(0.46)
+    assert w.loc[3, "cka_to_run[vs ctc]"] == pytest.approx(0.46)
     assert math.isnan(w.loc[1, "cka_to_previous"])  # no previous epoch
     # layer-wise columns come after the penultimate one
     cols = list(w.columns)
@@ -282,7 +284,8 @@ def test_estimators_table():
     assert json.loads(e.loc["mi_xt", "settings"]) == json.loads(MI_PARAMS)
     assert e.loc["mi_xt", "varying"] == ""
     assert json.loads(e.loc["probe_accuracy", "settings"]) == {"grid_size": 45}
-    assert e.loc["probe_accuracy", "varying"] == "C"
+    assert e.loc["probe_accuracy", "varying"] == ""  # C is computed: a diagnostic
+    assert e.loc["probe_accuracy", "diagnostics"] == "C"
 
 
 def test_helpers():

@@ -14,13 +14,20 @@ Reliability (the checkpoints are often someone else's files, analysed on shared 
 jobs get killed):
 
 - checkpoints load only through :mod:`dtprobe.checkpoints` (``weights_only`` or safetensors),
-  after their manifest sha256 is verified and their path is checked to stay inside the run
-  directory (symbolic links out of it only with ``follow_symlinks``);
-- a checkpoint that cannot be used (missing, corrupt, unsafe, wrong shapes, NaN/Inf weights or
-  features) is recorded in ``failures.csv`` with its one-line reason and the others are analysed;
+  each read once into memory: the sha256 of that buffer is verified against the manifest and
+  the tensors are built from the same buffer; the file actually opened must lie inside the run
+  directory (symbolic links out of it only with ``follow_symlinks``), and tensors are validated
+  (dtype, layout, device, storage) before use;
+- any exception while handling one checkpoint (missing, corrupt, unsafe, malformed tensors,
+  wrong shapes, NaN/Inf weights or features, or unforeseen) is recorded in ``failures.csv`` with
+  its one-line reason and the others are analysed; operating-system errors (disk full,
+  read-only) stop the analysis with one line instead;
 - features (``analysis/features/``) and per-checkpoint rows (``analysis/parts/``) are written
-  atomically as they are computed, so an analysis killed at any moment (even ``SIGKILL``)
-  resumes where it stopped, recomputes only what is missing and ends with the same table;
+  atomically (unpredictable temporary names, never through a planted link) and sealed with an
+  HMAC bound to their key (:mod:`dtprobe.integrity`), so an analysis killed at any moment (even
+  ``SIGKILL``) resumes where it stopped, recomputes only what is missing and ends with the same
+  table, and a forged entry is recomputed; ``use_cache=False`` reuses neither;
+- ``analysis/`` and its folders must be real folders inside the run;
 - an exclusive lock on ``analysis/.lock`` serialises analyses of one run: a second one waits
   (saying so), or with ``wait=False`` stops with "run is busy".
 

@@ -16,8 +16,9 @@ from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.errors import MetricInputError
 from dtprobe.metrics.registry import EpochView, FeatureSplit, MetricSpec, MetricValue
 from dtprobe.models import get_arch
+from dtprobe.table import split_params
 
-PARTS_VERSION = 1
+PARTS_VERSION = 2  # 2: params split into params + diagnostics, chance levels recorded
 
 
 def _head_params(plan: RunPlan, state: dict[str, torch.Tensor],
@@ -26,10 +27,44 @@ def _head_params(plan: RunPlan, state: dict[str, torch.Tensor],
     return state.get(f"{head}.weight"), state.get(f"{head}.bias")
 
 
-def _rows(plan: RunPlan, ckpt: PlannedCheckpoint, values) -> list[dict[str, Any]]:
-    return [{"run": plan.name, "epoch": ckpt.epoch, "step": ckpt.step, "metric": v.metric,
-             "task": v.task, "layer": getattr(v, "layer", ""), "value": float(v.value),
-             "estimator": v.estimator, "params": v.params_json()} for v in values]
+ACCURACY_METRICS = ("source_accuracy", "probe_accuracy", "knn_accuracy")
+"""Metrics whose rows record their chance level (``diagnostics["chance"]``)."""
+
+
+def chance_level(labels: torch.Tensor | None) -> float | None:
+    """Accuracy of always predicting the most frequent test label (``1/K`` when balanced)."""
+    if labels is None or labels.numel() == 0:
+        return None
+    counts = torch.bincount(labels.reshape(-1).long().clamp_min(0).cpu())
+    return float(counts.max()) / float(labels.numel())
+
+
+def _chance(view: EpochView, metric: str, task: str) -> float | None:
+    if metric not in ACCURACY_METRICS:
+        return None
+    if metric == "source_accuracy":
+        return chance_level(view.test.labels)
+    return chance_level(view.test.factors.get(task)) if view.test.factors else None
+
+
+def _rows(plan: RunPlan, ckpt: PlannedCheckpoint, values,
+          view: EpochView | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for v in values:
+        settings, diagnostics = split_params(v.params)
+        diagnostics.update(getattr(v, "diagnostics", None) or {})
+        chance = _chance(view, v.metric, v.task) if view is not None else None
+        if chance is not None:
+            diagnostics["chance"] = chance
+        rows.append({"run": plan.name, "epoch": ckpt.epoch, "step": ckpt.step,
+                     "metric": v.metric, "task": v.task, "layer": v.layer,
+                     "other_run": "", "value": float(v.value), "estimator": v.estimator,
+                     "params": _json(settings), "diagnostics": _json(diagnostics)})
+    return rows
+
+
+def _json(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, sort_keys=True, default=str) if obj else ""
 
 
 @contextlib.contextmanager
@@ -62,22 +97,49 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
         head_weight=weight, head_bias=bias, seed=opts.seed)
     rows = []
     for spec in specs:
-        try:
-            with metric_threads(view):
-                values = spec.func(view)
-        except MetricInputError as exc:
-            # A metric that cannot apply to this checkpoint (e.g. a class missing from a split)
-            # leaves a NaN row that says why, instead of failing the whole checkpoint.
-            warnings.warn(f"epoch {ckpt.epoch}: {spec.name}: {exc}", stacklevel=2)
-            values = [MetricValue(spec.name, float("nan"), estimator="error",
-                                  params={"error": str(exc)})]
-        rows.extend(_rows(plan, ckpt, values))
+        rows.extend(_rows(plan, ckpt, _apply(spec, view, ckpt.epoch), view))
+    # Layer x epoch: the metrics that depend only on features and labels, on each requested
+    # layer's (pooled) outputs; the source head, logits and MI inputs belong to the penultimate.
+    layer_specs = [s for s in specs if s.name in LAYER_METRICS]
+    for layer in opts.layers:
+        key = f"layer:{layer}"
+        if not layer_specs or key not in feats["train"] or key not in feats["test"]:
+            continue
+        layer_view = EpochView(
+            epoch=ckpt.epoch,
+            train=FeatureSplit(feats["train"][key], b.train.labels, b.train.factors),
+            test=FeatureSplit(feats["test"][key], b.test.labels, b.test.factors),
+            seed=opts.seed)
+        for spec in layer_specs:
+            values = _apply(spec, layer_view, ckpt.epoch)
+            for v in values:
+                v.layer = layer
+            rows.extend(_rows(plan, ckpt, values, layer_view))
     return rows
+
+
+#: Registered metrics computed per layer with ``--layers`` (functions of features and labels).
+LAYER_METRICS = frozenset({"probe_accuracy", "knn_accuracy", "class_separation", "rankme",
+                           "twonn", "alpha_req", "cdnv"})
+
+
+def _apply(spec: MetricSpec, view: EpochView, epoch: int) -> list[MetricValue]:
+    try:
+        with metric_threads(view):
+            return list(spec.func(view))
+    except MetricInputError as exc:
+        # A metric that cannot apply to this checkpoint (e.g. a class missing from a split)
+        # leaves a NaN row that says why, instead of failing the whole checkpoint.
+        warnings.warn(f"epoch {epoch}: {spec.name}: {exc}", stacklevel=3)
+        return [MetricValue(spec.name, float("nan"), estimator="error",
+                            params={"error": str(exc)})]
 
 
 def part_key(ckpt: PlannedCheckpoint, data: EvalData, specs: Sequence[MetricSpec],
              opts: AnalysisOptions) -> str:
-    payload = json.dumps([PARTS_VERSION, ckpt.digest, data.key, [s.name for s in specs],
-                          opts.seed])
+    fields = [PARTS_VERSION, ckpt.cache_digest, data.key, [s.name for s in specs], opts.seed]
+    if opts.layers:  # per-layer rows depend on the layers extracted
+        fields.append(sorted(opts.layers))
+    payload = json.dumps(fields)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -17,7 +17,8 @@ from dtprobe.analysis.data import EvalData
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.errors import CheckpointError, ConfigError
 from dtprobe.extract import cache_key, extract_features
-from dtprobe.models import build_model, head_module
+from dtprobe.models import build_model, get_arch, head_module
+from dtprobe.models.layers import block_layers, describe_layers, penultimate_source
 
 
 def build_for_plan(plan: RunPlan, in_channels: int) -> torch.nn.Module:
@@ -50,9 +51,14 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
     names = {name for name, _ in model.named_modules() if name}
     unknown = [layer for layer in opts.layers if layer not in names]
     if unknown:
-        shown = ", ".join(sorted(names, key=lambda n: (n.count("."), n))[:8])
-        raise ConfigError(f"--layers {' '.join(unknown)}: no such module in {plan.arch}; "
-                          f"available include {shown}")
+        import difflib
+
+        guesses = sorted({g for u in unknown for g in difflib.get_close_matches(u, names, 3)})
+        blocks = block_layers(model, plan.head or get_arch(plan.arch).head)
+        raise ConfigError(f"--layers {' '.join(unknown)}: no such module in {plan.arch}"
+                          + (f" (did you mean {', '.join(guesses)}?)" if guesses else "")
+                          + f"; its blocks are {' '.join(blocks) or '(none found)'}, and "
+                          "`dtprobe layers RUN` lists every module")
     try:
         extract_features(model, head, data.test_images[:2], device=torch.device("cpu"),
                          batch_size=2)
@@ -60,6 +66,24 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
         raise ConfigError(f"{plan.arch} cannot process the {plan.dataset} images "
                           f"({ckpt_io._first_line(str(exc))}); pass a matching --arch / "
                           "--arch-param or --dataset") from None
+
+
+def resolve_layers(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> AnalysisOptions:
+    """Replace ``auto`` in ``opts.layers`` by the architecture's block outputs
+    (:func:`dtprobe.models.layers.block_layers`); other names are kept in order."""
+    if "auto" not in opts.layers:
+        return opts
+    model = build_for_plan(plan, data.bundle.in_channels)
+    head = plan_head(model, plan)
+    described = describe_layers(model, head, data.test_images[:2].float())
+    blocks = block_layers(model, plan.head or get_arch(plan.arch).head,
+                          penultimate_source(described))
+    layers: list[str] = []
+    for name in opts.layers:
+        for resolved in (blocks if name == "auto" else [name]):
+            if resolved not in layers:
+                layers.append(resolved)
+    return replace(opts, layers=layers)
 
 
 def read_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint,
@@ -86,18 +110,33 @@ def verify_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOpti
     return read_checkpoint(plan, ckpt, opts).sha256
 
 
-def load_state(plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOptions,
-               blob: ckpt_io.CheckpointBytes | None = None) -> dict[str, torch.Tensor]:
-    """The validated weights, built from ``blob`` (or from a fresh verified read)."""
+def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int, opts: AnalysisOptions,
+               blob: ckpt_io.CheckpointBytes | None = None
+               ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The model with this checkpoint's weights, and those weights under the model's names.
+
+    The weights are searched for in the file (:func:`dtprobe.checkpoints.load_weights`, with
+    the plan's ``--weights``/``--strip-prefix``/``--trust-pickles``); what was taken is
+    recorded in ``ckpt.loaded``.
+    """
     blob = blob if blob is not None else read_checkpoint(plan, ckpt, opts)
-    return ckpt_io.load_state_dict(ckpt.path, data=blob)
-
-
-def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int,
-               state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    # NaN/Inf is checked on the weights chosen (raw and EMA may differ), in load_weights.
+    loaded = ckpt_io.load_checkpoint(ckpt.path, finite=False, data=blob,
+                                     trust_pickles=plan.load.trust_pickles)
     model = build_for_plan(plan, in_channels)
-    ckpt_io.load_into_model(model, state, ckpt.path)
-    return model
+    chosen = ckpt_io.load_weights(model, loaded, ckpt.path, weights=plan.load.weights,
+                                  strip_prefix=plan.load.strip_prefix,
+                                  key_maps=get_arch(plan.arch).key_maps, arch=plan.arch)
+    ckpt.loaded = {**chosen.record(), "trusted_pickle": loaded.trusted}
+    return model, chosen.state
+
+
+def load_state(plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOptions,
+               blob: ckpt_io.CheckpointBytes | None = None,
+               in_channels: int = 3) -> dict[str, torch.Tensor]:
+    """The validated weights under the model's names, built from ``blob`` (or from a fresh
+    verified read); see :func:`load_model`."""
+    return load_model(plan, ckpt, in_channels, opts, blob)[1]
 
 
 def _extract(model: torch.nn.Module, head: torch.nn.Module, images: torch.Tensor,
@@ -139,21 +178,22 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
     Returns the features and the checkpoint's state dict if it had to be loaded (else None).
     """
     blob = read_checkpoint(plan, ckpt, opts)
-    digest = blob.sha256
     out: dict[str, dict[str, torch.Tensor]] = {}
     todo = []
     for split in ("train", "test"):
-        layers = opts.layers if split == "test" else []
-        key = cache_key(digest, data.key, split, layers)
+        # layer outputs of both splits: the per-layer probes fit on train and score on test
+        layers = opts.layers
+        key = cache_key(ckpt.cache_digest, data.key, split, layers)
         hit = cache.get(key)
         if hit is None:
             todo.append((split, key, layers))
         else:
             out[split] = hit
-    state = load_state(plan, ckpt, opts, blob) if todo else None
-    del blob  # the tensors are copies: free the file's bytes before extraction
+    state = None
     if todo:
-        model = load_model(plan, ckpt, data.bundle.in_channels, state).to(device)
+        model, state = load_model(plan, ckpt, data.bundle.in_channels, opts, blob)
+        del blob  # the tensors are copies: free the file's bytes before extraction
+        model = model.to(device)
         head = plan_head(model, plan)
         for split, key, layers in todo:
             images = data.train_images if split == "train" else data.test_images
@@ -170,5 +210,5 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
 
 
 def test_key(ckpt: PlannedCheckpoint, data: EvalData, opts: AnalysisOptions) -> str:
-    return cache_key(ckpt.digest or str(ckpt.path), data.key, "test", opts.layers)
+    return cache_key(ckpt.cache_digest or str(ckpt.path), data.key, "test", opts.layers)
 

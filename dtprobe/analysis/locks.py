@@ -46,9 +46,63 @@ def run_lock(analysis_dir: Path, wait: bool = True, shared: bool = False) -> Ite
         ``wait=False`` and the run is being analysed by another process.
     ConfigError
         The analysis folder cannot be created (read-only run directory).
+
+    Notes
+    -----
+    ``analysis/.lock`` exists only while an analysis runs: the last holder deletes it before
+    releasing it, and a process that locked a file deleted meanwhile sees that the path no
+    longer names its file (inode check) and locks the new one, so removal is race-free.
     """
     ensure_analysis_dirs(analysis_dir)
     lock_path = analysis_dir / LOCK_FILE
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    announced = False
+    while True:
+        fd = _open_lock_file(analysis_dir, lock_path)
+        try:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                if not wait:
+                    raise RunBusyError(f"{analysis_dir.parent}: run is busy: another dtprobe "
+                                       f"analyze{holder} is analysing it; wait for it to finish, "
+                                       "or re-run without --no-wait to queue behind it") from None
+                if not announced:
+                    print(f"{analysis_dir.parent}: another dtprobe analyze{holder} is analysing "
+                          "this run; waiting for it to finish ...", file=sys.stderr, flush=True)
+                    announced = True
+                t0 = time.monotonic()
+                fcntl.flock(fd, mode)
+                print(f"{analysis_dir.parent}: lock obtained after {time.monotonic() - t0:.1f}s; "
+                      "continuing", file=sys.stderr, flush=True)
+            # The last holder deletes the file as it releases it (below): a lock on a file that
+            # is no longer the one at lock_path excludes nobody, so start again on the new file.
+            try:
+                here, mine = os.stat(lock_path, follow_symlinks=False), os.fstat(fd)
+            except FileNotFoundError:
+                continue
+            if (here.st_ino, here.st_dev) != (mine.st_ino, mine.st_dev):
+                continue
+            if not shared:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+            try:
+                yield
+            finally:
+                # Delete the lock file only while holding it exclusively: a shared holder gets
+                # that only if it is the last one, so other workers never lose their lock.
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.unlink(lock_path)
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _open_lock_file(analysis_dir: Path, lock_path: Path) -> int:
     try:  # never through a link planted at the lock's name (O_NOFOLLOW)
         fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | _NOFOLLOW | _CLOEXEC, 0o644)
     except OSError as exc:
@@ -62,30 +116,7 @@ def run_lock(analysis_dir: Path, wait: bool = True, shared: bool = False) -> Ite
         os.close(fd)
         raise ConfigError(f"{lock_path}: is not a plain file of its own (a hard link or a "
                           "device?); dtprobe writes its pid there: remove it and re-run")
-    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-    try:
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(fd)
-            if not wait:
-                raise RunBusyError(f"{analysis_dir.parent}: run is busy: another dtprobe analyze"
-                                   f"{holder} is analysing it; wait for it to finish, or re-run "
-                                   "without --no-wait to queue behind it") from None
-            print(f"{analysis_dir.parent}: another dtprobe analyze{holder} is analysing this "
-                  "run; waiting for it to finish ...", file=sys.stderr, flush=True)
-            t0 = time.monotonic()
-            fcntl.flock(fd, mode)
-            print(f"{analysis_dir.parent}: lock obtained after {time.monotonic() - t0:.1f}s; "
-                  "continuing", file=sys.stderr, flush=True)
-        if not shared:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    return fd
 
 
 def _inside(real: str, base: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -10,14 +11,19 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 import checkpoints_manifest as cm
 from dtprobe.analysis.cka import cka_rows, compare_rows
 from dtprobe.analysis.data import EvalData, prepare_data
 from dtprobe.analysis.downstream import analyse_downstream, downstream_specs
 from dtprobe.analysis.epoch_metrics import epoch_metrics, part_key
-from dtprobe.analysis.features import check_model, checkpoint_features, load_state, test_key
+from dtprobe.analysis.features import (
+    check_model,
+    checkpoint_features,
+    load_state,
+    resolve_layers,
+    test_key,
+)
 from dtprobe.analysis.locks import ensure_analysis_dirs, remove_stale_temp_files, run_lock
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan, check_plan, plan_run
 from dtprobe.analysis.stores import EpochFeatures, PartStore
@@ -26,6 +32,7 @@ from dtprobe.data.spec import parse_downstreams
 from dtprobe.errors import DtprobeError
 from dtprobe.extract import FeatureCache
 from dtprobe.metrics.registry import MetricSpec, resolve_metrics
+from dtprobe.progress import tqdm
 
 
 @dataclass
@@ -83,7 +90,7 @@ def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
     part = parts.get(ckpt.epoch, key)
     if part is None:
         if state is None:
-            state = load_state(plan, ckpt, opts)
+            state = load_state(plan, ckpt, opts, in_channels=data.bundle.in_channels)
         part = epoch_metrics(plan, ckpt, feats, data, specs, opts, state)
         parts.put(ckpt.epoch, key, part)
         stats.metrics_computed += 1
@@ -101,6 +108,7 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
     analysis_dir = plan.run_dir / "analysis"
     with run_lock(analysis_dir, wait=True, shared=True):
         data = prepare_data(plan, dist.device)
+        opts = resolve_layers(plan, data, opts)
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
         parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
         mine = []
@@ -132,7 +140,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
     opts = replace(opts, downstream=parse_downstreams(opts.downstream))
     if opts.downstream_metrics is not None:
         resolve_metrics(list(opts.downstream_metrics))  # unknown names: one line listing all
-    others = [plan_run(o, follow_symlinks=opts.follow_symlinks) for o in opts.compare]
+    others = [_plan_other(o, opts) for o in opts.compare]
     dist = init_from_env(opts.device)
     device = dist.device
     analysis_dir = plan.run_dir / "analysis"
@@ -150,6 +158,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         t0 = time.perf_counter()
         remove_stale_temp_files(analysis_dir)
         data = prepare_data(plan, device)
+        opts = resolve_layers(plan, data, opts)
         check_model(plan, data, opts)
         downstream_specs(opts, data)  # a name repeating a source task: refused before any work
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
@@ -178,10 +187,11 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
             analysed.append(ckpt)
             test_feats.add(ckpt.epoch, test_key(ckpt, data, opts), feats["test"])
             del feats
-        similarity, matrix = cka_rows(plan, plan.checkpoints, test_feats)
+        pairwise = [s for s in specs if s.similarity is not None]
+        similarity, matrix = cka_rows(plan, plan.checkpoints, test_feats, pairwise, opts.seed)
         rows.extend(similarity)
         for other in others:
-            rows.extend(compare_rows(plan, test_feats, other, data, device, opts))
+            rows.extend(compare_rows(plan, test_feats, other, data, device, opts, pairwise))
         if opts.downstream:
             analysed.sort(key=lambda c: c.epoch)
             ds_rows, ds_failures = analyse_downstream(plan, analysed, data, cache,
@@ -190,7 +200,8 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
             rows.extend(ds_rows)
             failures.extend(ds_failures)
         table = finalise_table(rows)
-        cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
+        if not table.empty:  # every checkpoint failed: no empty table (an earlier one stays)
+            cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
         cka_path = analysis_dir / "cka_matrix.csv"
         if not matrix.empty:
             cm.atomic_write_text(cka_path, matrix.to_csv())
@@ -208,14 +219,42 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         stats.seconds = time.perf_counter() - t0
         if opts.progress:
             tqdm.write(f"{plan.name}: {stats.summary()}")
+        _write_series_record(plan, analysis_dir / "checkpoints.json")
         if opts.plot and not table.empty:
-            save_tradeoff_chart(table, analysis_dir / "tradeoff.png")
+            save_tradeoff_chart(table, analysis_dir / "tradeoff.png", epoch_note=plan.epoch_note)
     dist.shutdown()
     results = Results(table, manifests={plan.name: plan.manifest or {}},
                       cka={plan.name: matrix} if not matrix.empty else {},
                       sources={plan.name: plan.run_dir}, failures=failure_table)
     results.stats = stats
+    results.epoch_notes = {plan.name: plan.epoch_note}
     return results
+
+
+def _plan_other(run_dir: str, opts: AnalysisOptions) -> RunPlan:
+    """A ``--compare`` run: with a manifest as it says; without one, with the flags given for
+    the analysed run (architecture, data, pattern, epoch source, weight choice)."""
+    if (Path(run_dir) / cm.MANIFEST_NAME).exists():
+        return plan_run(run_dir, follow_symlinks=opts.follow_symlinks)
+    return plan_run(run_dir, follow_symlinks=opts.follow_symlinks, **opts.plan_flags)
+
+
+def _write_series_record(plan: RunPlan, path: Path) -> None:
+    """``analysis/checkpoints.json``: layout, what epoch 0 means, the model's origin, the load
+    options (``trust_pickles`` included) and which weights each file gave. Entries not loaded
+    this time (features reused) keep what an earlier analysis recorded for the same file."""
+    record = plan.record()
+    try:
+        earlier = json.loads(path.read_text())
+        before = {(c["path"], c.get("epoch")): c.get("loaded")
+                  for c in earlier.get("checkpoints", [])} \
+            if earlier.get("load") == record["load"] else {}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        before = {}
+    for entry in record["checkpoints"]:
+        if entry["loaded"] is None:
+            entry["loaded"] = before.get((entry["path"], entry["epoch"]))
+    cm.atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")
 
 
 def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str = "auto",
@@ -225,8 +264,9 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             compare: Sequence[str | Path] = (), layers: Sequence[str] = (),
             batch_size: int | str = "auto", use_cache: bool = True, progress: bool = True,
             plot: bool = True, seed: int = 0, wait: bool = True,
-            follow_symlinks: bool = False, downstream: Sequence[Any] = (),
-            downstream_metrics: Sequence[str] | None = None):
+            follow_symlinks: bool = False, epoch_from: str = "auto", weights: str = "auto",
+            strip_prefix: str | None = None, trust_pickles: bool = False,
+            downstream: Sequence[Any] = (), downstream_metrics: Sequence[str] | None = None):
     """Analyse every checkpoint of the run in ``path``.
 
     Parameters
@@ -237,7 +277,11 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
     arch, num_classes, arch_params, dataset, dataset_params, pattern : how to rebuild the model
         and which data to use when the run has no manifest (they override the manifest if given).
     compare : other run directories; adds ``cka_to_run`` rows at matching epochs.
-    layers : dotted module names for layer-wise CKA (in addition to the penultimate features).
+    layers : dotted module names (or ``"auto"``: the architecture's block outputs, see
+        :func:`dtprobe.models.layers.block_layers`) analysed besides the penultimate features:
+        per layer and epoch the probes, class separation and RankMe, CKA to the final epoch's same
+        layer and, with ``compare``, CKA between the runs layer by layer. Spatial outputs are
+        global-average pooled; rows carry the layer name in ``layer``.
     batch_size : images per forward pass during extraction; ``"auto"`` picks one that fits.
     use_cache : reuse features cached under ``RUN_DIR/analysis/features``.
     progress, plot : progress bar and summary line; ``analysis/tradeoff.png``.
@@ -246,6 +290,12 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         :class:`RunBusyError`.
     follow_symlinks : accept checkpoint files reached through symbolic links that lead out of
         the run directory (e.g. checkpoints on scratch storage); refused by default.
+    epoch_from : for runs without a manifest: ``"auto"``, ``"name"``, ``"metadata"`` or
+        ``"order"`` (see :mod:`dtprobe.layouts`).
+    weights : ``"auto"``, ``"raw"``, ``"ema"`` or the key/prefix holding the weights;
+        strip_prefix : keep only keys with this prefix (see :mod:`dtprobe.state_dict`).
+    trust_pickles : opt-in to unpickle files the safe loader refuses (only for trusted files);
+        recorded in ``analysis/checkpoints.json``.
     downstream : transfer datasets, as specs ``"DATASET[:KEY=VALUE,...]"`` (e.g. ``"digits"``,
         ``"cinic10:root=/data/cinic10"``, ``"imagefolder:root=/data/pets,name=pets"``; see
         :mod:`dtprobe.data.spec`). Each is prepared for the source model's input
@@ -277,14 +327,18 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
     (ECCV 2022). Killing an analysis loses nothing: running it again reuses every feature file
     and per-checkpoint part already written and ends with the same table.
     """
-    plan = plan_run(path, arch=arch, num_classes=num_classes, arch_params=arch_params,
-                    dataset=dataset, dataset_params=dataset_params, pattern=pattern,
-                    follow_symlinks=follow_symlinks)
+    flags = {"arch": arch, "num_classes": num_classes, "arch_params": arch_params,
+             "dataset": dataset, "dataset_params": dataset_params, "pattern": pattern,
+             "epoch_from": epoch_from, "weights": weights, "strip_prefix": strip_prefix,
+             "trust_pickles": trust_pickles}
+    plan = plan_run(path, follow_symlinks=follow_symlinks, **flags)
+    if dataset is None:  # a compared run without a manifest is evaluated on this run's data
+        flags.update(dataset=plan.dataset, dataset_params=plan.dataset_params)
     opts = AnalysisOptions(metrics=list(metrics) if metrics else None, device=device,
                            batch_size=batch_size, layers=list(layers),
                            compare=[str(c) for c in compare], use_cache=use_cache,
                            progress=progress, plot=plot, seed=seed, wait=wait,
-                           follow_symlinks=follow_symlinks,
+                           follow_symlinks=follow_symlinks, plan_flags=flags,
                            downstream=parse_downstreams(downstream),
                            downstream_metrics=(list(downstream_metrics)
                                                if downstream_metrics is not None else None))

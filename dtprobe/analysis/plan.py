@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import inspect
 import math
 import os
@@ -36,7 +37,12 @@ class PlannedCheckpoint:
     ``sha256`` is the digest the manifest recorded (verified before use), ``error`` a reason
     found while planning why the file must not be used (e.g. a symbolic link out of the run
     directory): the checkpoint is then reported as failed and the others are analysed.
-    ``digest`` is the file's actual sha256 once it was checked in this analysis.
+    ``digest`` is the file's actual sha256 once it was checked in this analysis;
+    ``cache_digest`` combines it with ``variant``, the non-default weight choice such as
+    ``--weights ema``, so that cached features of two choices never mix.
+    ``source_epoch``/``epoch_basis`` say where ``epoch`` came from for runs without a manifest
+    (:mod:`dtprobe.layouts`); ``loaded`` records which weights of the file were loaded
+    (:meth:`dtprobe.state_dict.Candidate.record`).
     """
 
     epoch: int
@@ -45,6 +51,17 @@ class PlannedCheckpoint:
     sha256: str | None = None
     error: str | None = None
     digest: str | None = None
+    variant: str = ""
+    source_epoch: float | None = None
+    epoch_basis: str = "manifest"
+    loaded: dict[str, Any] | None = None
+
+    @property
+    def cache_digest(self) -> str | None:
+        """``digest``, combined with ``variant`` when there is one: the key of cached work."""
+        if self.digest is None or not self.variant:
+            return self.digest
+        return hashlib.sha256(f"{self.digest}|{self.variant}".encode()).hexdigest()
 
 
 @dataclass
@@ -61,6 +78,44 @@ class RunPlan:
     checkpoints: list[PlannedCheckpoint]
     manifest: dict[str, Any] | None = None
     head: str | None = None
+    load: LoadOptions = field(default_factory=lambda: LoadOptions())
+    epoch_note: str = ""
+    layouts: list[str] = field(default_factory=list)
+    model_origin: str = "manifest"
+
+    def record(self) -> dict[str, Any]:
+        """How the series and model were found, for ``analysis/checkpoints.json``."""
+        return {"run": self.name, "layouts": self.layouts, "epoch_note": self.epoch_note,
+                "model": {"arch": self.arch, "num_classes": self.num_classes,
+                          "kwargs": self.arch_kwargs, "origin": self.model_origin},
+                "load": self.load.record(),
+                "checkpoints": [{"epoch": c.epoch, "step": c.step, "path": str(c.path),
+                                 "source_epoch": c.source_epoch, "epoch_basis": c.epoch_basis,
+                                 "loaded": c.loaded} for c in self.checkpoints]}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How weights are taken from each file (``--weights``, ``--strip-prefix``,
+    ``--trust-pickles``; see :func:`dtprobe.checkpoints.load_weights`)."""
+
+    weights: str = "auto"
+    strip_prefix: str | None = None
+    trust_pickles: bool = False
+
+    @property
+    def variant(self) -> str:
+        """Non-default choices, folded into cache keys (``""`` for the defaults)."""
+        parts = []
+        if self.weights != "auto":
+            parts.append(f"weights={self.weights}")
+        if self.strip_prefix:
+            parts.append(f"strip={self.strip_prefix}")
+        return ",".join(parts)
+
+    def record(self) -> dict[str, Any]:
+        return {"weights": self.weights, "strip_prefix": self.strip_prefix,
+                "trust_pickles": self.trust_pickles}
 
 
 @dataclass
@@ -80,6 +135,8 @@ class AnalysisOptions:
     # the metrics computed on each (None: analysis.downstream.DOWNSTREAM_METRICS).
     downstream: list[Any] = field(default_factory=list)
     downstream_metrics: list[str] | None = None
+    #: The flags given for the analysed run, applied to ``--compare`` runs without a manifest.
+    plan_flags: dict[str, Any] = field(default_factory=dict)
 
 
 def _symlink_problem(run_dir: Path, relpath: str, follow_symlinks: bool,
@@ -117,10 +174,26 @@ def _manifest_params(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k != "download"}
 
 
+#: Architecture families whose names a file may give: dtprobe builds them from installed
+#: libraries with fixed entry points, without importing code the file names.
+_SAFE_ARCH_FAMILIES = ("timm:", "torchvision:", "hf:")
+
+
+def _refuse_code_named_by_file(arch: str, source: Path) -> None:
+    """A ``package.module:callable`` architecture read from a run's files would import and call
+    code that the file (possibly someone else's) chose: only the user's own ``--arch`` may."""
+    if ":" in arch and not arch.startswith(_SAFE_ARCH_FAMILIES):
+        raise ConfigError(f"{source}: model.arch {arch!r} names code to import; dtprobe imports "
+                          f"code only when you name it yourself: pass --arch {arch} (after "
+                          "checking it is code you trust)")
+
+
 def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int | None = None,
              arch_params: dict[str, Any] | None = None, dataset: str | None = None,
              dataset_params: dict[str, Any] | None = None, pattern: str | None = None,
-             name: str | None = None, follow_symlinks: bool = False) -> RunPlan:
+             name: str | None = None, follow_symlinks: bool = False,
+             epoch_from: str = "auto", weights: str = "auto", strip_prefix: str | None = None,
+             trust_pickles: bool = False) -> RunPlan:
     """Resolve the checkpoint series of ``run_dir`` from its manifest, or from file names + flags.
 
     Flags given explicitly override what the manifest says (e.g. analyse on another dataset).
@@ -134,6 +207,15 @@ def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int |
     name : run name in the results (default: the manifest's, or the directory name).
     follow_symlinks : accept checkpoints whose symbolic links lead out of the run directory
         (e.g. to scratch storage). Without it such a checkpoint is refused (reported as failed).
+    epoch_from : for runs without a manifest, where epochs come from: ``"auto"``, ``"name"``,
+        ``"metadata"`` or ``"order"`` (:mod:`dtprobe.layouts`).
+    weights, strip_prefix, trust_pickles : which weights to take from each file
+        (:class:`LoadOptions`).
+
+    Without a manifest, the layout of the framework that wrote the run is recognised
+    (:mod:`dtprobe.layouts`), and the architecture and class count come from the flags, else
+    from the files' records, else from the weights' names and shapes
+    (:func:`dtprobe.checkpoints.infer_run`); only ``--dataset`` is always needed.
 
     Returns
     -------
@@ -156,6 +238,7 @@ def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int |
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: is a file, not a run directory; pass the folder that "
                           "holds manifest.json or the checkpoint files")
+    load = LoadOptions(weights or "auto", strip_prefix or None, bool(trust_pickles))
     manifest_path = run_dir / cm.MANIFEST_NAME
     if manifest_path.exists():
         manifest = cm.read_manifest(run_dir)
@@ -163,11 +246,14 @@ def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int |
         real_dir = functools.lru_cache(maxsize=4096)(os.path.realpath)
         entries = [PlannedCheckpoint(c.epoch, c.step, run_dir / c.path, c.sha256,
                                      _symlink_problem(run_dir, c.path, follow_symlinks, base,
-                                                      real_dir))
+                                                      real_dir),
+                                     variant=load.variant, source_epoch=c.epoch)
                    for c in manifest.checkpoints]
         if not entries:
             raise ConfigError(f"{manifest_path}: lists no checkpoints yet; train first (or "
                               "record checkpoints with checkpoints_manifest.record_checkpoint)")
+        if arch is None:
+            _refuse_code_named_by_file(manifest.model.arch, manifest_path)
         kwargs = dict(manifest.model.kwargs)
         kwargs.update(arch_params or {})
         return RunPlan(run_dir, name or manifest.run_name, arch or manifest.model.arch, kwargs,
@@ -175,20 +261,29 @@ def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int |
                        dataset or manifest.dataset.name,
                        dataset_params if dataset_params is not None else _manifest_params(
                            manifest.dataset.params),
-                       entries, manifest.to_dict(), manifest.model.penultimate)
+                       entries, manifest.to_dict(), manifest.model.penultimate, load,
+                       "epoch = as recorded in manifest.json (dtprobe: epochs completed, "
+                       "0 = initialisation)", ["manifest"], "manifest")
     # Links are checked per checkpoint below, so that one bad link fails only its checkpoint.
-    series = ckpt_io.infer_checkpoint_series(run_dir, pattern=pattern, allow_symlinks=True)
-    missing = [flag for flag, val in (("--arch", arch), ("--num-classes", num_classes),
+    run = ckpt_io.infer_run(run_dir, pattern=pattern, epoch_from=epoch_from, arch=arch,
+                            num_classes=num_classes, arch_params=arch_params,
+                            trust_pickles=load.trust_pickles)
+    missing = [flag for flag, val in (("--arch", run.arch), ("--num-classes", run.num_classes),
                                       ("--dataset", dataset)) if val is None]
     if missing:
-        raise ConfigError(f"{run_dir} has no manifest.json; pass {' '.join(missing)} to say how "
-                          "to rebuild the model and which data to use (or write a manifest: see "
-                          "checkpoints_manifest/README.md)")
+        said = "" if dataset is None or missing == ["--dataset"] else (
+            " (its files do not say the architecture or the number of classes)")
+        raise ConfigError(f"{run_dir} has no manifest.json{said}; pass {' '.join(missing)} to "
+                          "say how to rebuild the model and which data to use (or write a "
+                          "manifest: see checkpoints_manifest/README.md)")
     entries = [PlannedCheckpoint(c.epoch, c.step, Path(c.path),
-                                 error=_symlink_problem(run_dir, c.relpath, follow_symlinks))
-               for c in series]
-    return RunPlan(run_dir, name or run_dir.name, arch, dict(arch_params or {}), int(num_classes),
-                   dataset, dict(dataset_params or {}), entries)
+                                 error=_symlink_problem(run_dir, c.relpath, follow_symlinks),
+                                 variant=load.variant, source_epoch=c.source_epoch,
+                                 epoch_basis=c.epoch_basis)
+               for c in run.series]
+    return RunPlan(run_dir, name or run_dir.name, run.arch, run.arch_kwargs,
+                   int(run.num_classes), dataset, dict(dataset_params or {}), entries, None, None,
+                   load, run.series.epoch_note, run.series.layouts, run.origin)
 
 
 def _check_call(func: Any, what: str, fix: str, *args: Any, **kwargs: Any) -> None:

@@ -23,6 +23,8 @@ from dtprobe.extract import FeatureCache
 
 #: Largest per-checkpoint part file read back (a real one is a few KiB).
 MAX_PART_BYTES = 16 << 20
+# other_run and diagnostics are optional in a part: finalise_table fills them
+_PART_REQUIRED = tuple(c for c in COLUMNS if c not in ("other_run", "diagnostics"))
 
 
 class PartStore:
@@ -58,7 +60,7 @@ class PartStore:
             return None
         rows = doc.get("rows")
         if not isinstance(rows, list) or not all(
-                isinstance(r, dict) and set(COLUMNS) <= set(r) for r in rows):
+                isinstance(r, dict) and set(_PART_REQUIRED) <= set(r) for r in rows):
             return None
         if not integrity.verify(key, doc.get("seal"), self._rows_bytes(rows)):
             return None

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 import checkpoints_manifest as cm
-from dtprobe.table import TABLE_COLUMNS
+from dtprobe.progress import tqdm
+from dtprobe.table import TABLE_COLUMNS, normalize_table
 
 COLUMNS = list(TABLE_COLUMNS)
 FAILURE_COLUMNS = ["run", "epoch", "path", "reason"]
@@ -22,20 +22,21 @@ def note(message: str) -> None:
 
 
 def finalise_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    table["task"] = table["task"].fillna("")
-    table["layer"] = table["layer"].fillna("")
-    table["step"] = table["step"].astype("Int64")
-    return table.sort_values(["epoch", "metric", "task", "layer"],
-                             kind="stable").reset_index(drop=True)
+    # normalize_table also brings rows of parts cached by older versions to the current schema
+    table = normalize_table(pd.DataFrame(rows, columns=COLUMNS), source="analysis rows")
+    return table[COLUMNS].sort_values(["epoch", "metric", "task", "layer", "other_run"],
+                                      kind="stable").reset_index(drop=True)
 
 
-def save_tradeoff_chart(table: pd.DataFrame, path: Path) -> None:
+def save_tradeoff_chart(table: pd.DataFrame, path: Path, epoch_note: str = "") -> None:
+    """The trade-off chart; ``epoch_note`` (what epoch 0 means for the run) is printed under it."""
     import matplotlib.pyplot as plt
 
     from dtprobe.plotting import plot_tradeoff_over_epochs
 
     fig = plot_tradeoff_over_epochs(table).figure
+    if epoch_note:
+        fig.text(0.01, -0.02, epoch_note, fontsize=7, ha="left", va="top", wrap=True)
     try:  # rendered in memory, then written atomically: no predictable temp name to plant
         buf = io.BytesIO()
         fig.savefig(buf, dpi=130, bbox_inches="tight", format="png")

@@ -53,14 +53,15 @@ class _ManifestCallbackMixin:
         if not (self.save_initial and state.is_world_process_zero and state.global_step == 0
                 and model is not None):
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save as save_safetensors
 
         run = self._run_dir(args)
         folder = run / "checkpoint-0"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "model.safetensors"
         state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state_dict, str(path), metadata={"format": "pt", "step": "0"})
+        cm.atomic_write_bytes(path, save_safetensors(  # never through a planted link
+            state_dict, metadata={"format": "pt", "step": "0"}))
         self.spec.ensure(run)
         cm.record_checkpoint(run, path, epoch=0, step=0, replace=True)
 

@@ -13,7 +13,6 @@ Example
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -85,7 +84,7 @@ class CheckpointRecorder:
         ``epoch`` counts completed epochs (0 = the initialisation, before any update), which is
         what dtprobe's charts put on their x axis. Returns the file's path.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save as save_safetensors
 
         ensure_manifest(self.run_dir, arch=self.arch, num_classes=self.num_classes,
                         dataset=self.dataset, arch_params=self.arch_params,
@@ -94,10 +93,10 @@ class CheckpointRecorder:
         target.mkdir(parents=True, exist_ok=True)
         path = target / f"epoch_{int(epoch):04d}.safetensors"
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)  # an unpredictable name, created exclusively
-        save_file(state, tmp, metadata={"epoch": str(int(epoch)), "step": str(int(step))})
-        os.replace(tmp, path)  # the manifest only ever names complete files
+        # Serialised in memory, then written under an unpredictable temporary name and renamed
+        # (never through a planted link): the manifest only ever names complete files.
+        cm.atomic_write_bytes(path, save_safetensors(
+            state, metadata={"epoch": str(int(epoch)), "step": str(int(step))}))
         cm.record_checkpoint(self.run_dir, path, epoch=int(epoch), step=int(step),
                              metrics=dict(metrics or {}), replace=True)
         return path

@@ -17,12 +17,19 @@ from dtprobe.errors import MetricInputError
 ArrayLike = Any  # numpy.ndarray | torch.Tensor
 
 
+def as_numpy(x: ArrayLike) -> np.ndarray:
+    """``np.asarray(x)``, copied when it has negative strides (``x[:, ::-1]``), which torch
+    cannot view."""
+    arr = np.asarray(x)
+    return arr.copy() if any(stride < 0 for stride in arr.strides) else arr
+
+
 def as_tensor(x: ArrayLike, *, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
     """Return ``x`` as a ``dtype`` tensor (on its own device unless ``device`` is given)."""
     if isinstance(x, torch.Tensor):
         t = x.detach()
     else:
-        t = torch.as_tensor(np.asarray(x))
+        t = torch.as_tensor(as_numpy(x))
     return t.to(dtype=dtype, device=device if device is not None else t.device)
 
 
@@ -35,7 +42,7 @@ def check_features(x: ArrayLike, name: str = "features", *, min_samples: int = 2
     complex values, a wrong shape, too few rows, no columns or non-finite values, naming the
     argument.
     """
-    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(as_numpy(x))
     if t.is_complex():
         raise MetricInputError(f"{name} is complex; pass real-valued features")
     if dtype is not None:

@@ -17,16 +17,31 @@ Conventions (all documented choices where the paper leaves room):
   samples) and ``Sigma_B = (1/C) M M^T``.
 * Standard deviations are population standard deviations (``ddof = 0``).
 
+Two later variants are here too: the class-distance normalised variance (CDNV,
+Galanti et al. 2022), the collapse measure they link to few-shot transfer, and
+the hyperspherical uniformity of the class means (Wang and Isola 2020's
+uniformity, applied to class means as in Liu et al. 2023).
+
 References
 ----------
 Papyan, V., Han, X. Y., Donoho, D. L. (2020). Prevalence of neural collapse
 during the terminal phase of deep learning training. PNAS 117(40), 24652-24663.
+
+Galanti, T., Gyorgy, A., Hutter, M. (2022). On the role of neural collapse in
+transfer learning. ICLR 2022.
+
+Wang, T., Isola, P. (2020). Understanding contrastive representation learning
+through alignment and uniformity on the hypersphere. ICML 2020.
+
+Liu, W., Yu, L., Weller, A., Schoelkopf, B. (2023). Generalizing and decoupling
+neural collapse via hyperspherical uniformity gap. ICLR 2023.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from typing import cast
 
 import torch
 
@@ -40,7 +55,8 @@ from dtprobe.metrics._validation import (
 )
 from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
 
-__all__ = ["neural_collapse", "DEFAULT_RCOND"]
+__all__ = ["neural_collapse", "cdnv", "class_mean_uniformity", "DEFAULT_RCOND",
+           "DEFAULT_UNIFORMITY_T"]
 
 #: Relative cut-off for the pseudo-inverse of Sigma_B: eigenvalues at or below
 #: ``DEFAULT_RCOND * lambda_max(Sigma_B)`` are treated as zero (numpy ``pinv``'s
@@ -223,3 +239,147 @@ def _neural_collapse_metric(view: EpochView) -> list[MetricValue]:
     order = ["nc1", "nc2_equinorm", "nc2_equiangularity", "nc2_etf_error", "nc3", "nc4"]
     return [MetricValue(name, values[name], estimator="papyan2020", params=dict(params))
             for name in order if name in values]
+
+
+#: Wang and Isola's (2020) temperature of the uniformity potential.
+DEFAULT_UNIFORMITY_T = 2.0
+
+
+def _class_stats(features: ArrayLike, labels: ArrayLike, variances: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Class means (C x d), population variances ``E||h - mu_c||^2`` (C; None unless
+    ``variances``) and counts (C)."""
+    h = check_features(features, "features")
+    y, n_classes = check_labels(labels, h.shape[0], "labels", device=h.device)
+    counts = torch.bincount(y, minlength=n_classes).to(h.dtype)
+    means = torch.zeros(n_classes, h.shape[1], dtype=h.dtype, device=h.device)
+    means.index_add_(0, y, h)
+    means /= counts[:, None]
+    if not variances:
+        return means, None, counts
+    resid = ((h - means[y]) ** 2).sum(dim=1)
+    var = torch.zeros(n_classes, dtype=h.dtype, device=h.device).index_add_(0, y, resid) / counts
+    return means, var, counts
+
+
+def cdnv(features: ArrayLike, labels: ArrayLike) -> float:
+    """Class-distance normalised variance (CDNV) of Galanti et al. (2022).
+
+    ``V(i, j) = (Var_i + Var_j) / (2 ||mu_i - mu_j||^2)`` with ``Var_c = E ||h - mu_c||^2``
+    (population variance, ``ddof = 0``) and ``mu_c`` the class means, averaged over all
+    unordered class pairs ``i < j``.
+
+    Parameters
+    ----------
+    features : array_like or torch.Tensor, shape (n_samples, n_features)
+        Features (numpy or torch, CPU or CUDA, any float dtype; float64 inside).
+    labels : array_like or torch.Tensor, shape (n_samples,)
+        Integer class labels, at least two classes.  A class with one sample has
+        variance 0 (documented, not an error).
+
+    Returns
+    -------
+    float
+        Mean CDNV over class pairs, ``>= 0``; 0 at full collapse, smaller = more collapsed.
+        Invariant to rotations, translations and isotropic scaling of the features and to
+        the sample order.  ``inf`` with a :class:`RuntimeWarning` when two class means
+        coincide (to round-off) while a variance is positive; NaN with a warning when
+        they coincide and both classes are points.
+
+    Raises
+    ------
+    MetricInputError
+        Wrong shapes, NaN/Inf, fewer than two classes.
+
+    References
+    ----------
+    Galanti, T., Gyorgy, A., Hutter, M. (2022). On the role of neural collapse in transfer
+    learning. ICLR 2022 (class-distance normalized variance).
+    """
+    means, maybe_var, _ = _class_stats(features, labels)
+    var = cast(torch.Tensor, maybe_var)
+    k = means.shape[0]
+    i, j = torch.triu_indices(k, k, offset=1, device=means.device)
+    dist2 = ((means[i] - means[j]) ** 2).sum(dim=1)
+    num = var[i] + var[j]
+    scale = float((means**2).sum(dim=1).max()) + float(var.max())
+    same = dist2 <= 1e-24 * max(scale, torch.finfo(torch.float64).tiny)
+    if bool(same.any()):
+        if bool((num[same] == 0).any()):
+            _warn_fn("cdnv", "two classes are the same single point; CDNV is undefined (NaN)")
+            return float("nan")
+        _warn_fn("cdnv", f"{int(same.sum())} class pair(s) have coinciding means; CDNV is inf")
+        return float("inf")
+    return float((num / (2.0 * dist2)).mean())
+
+
+def class_mean_uniformity(features: ArrayLike, labels: ArrayLike, *,
+                          t: float = DEFAULT_UNIFORMITY_T) -> float:
+    """Hyperspherical uniformity of the class means (Wang and Isola 2020; Liu et al. 2023).
+
+    The class means are centred at their mean (classes weighted equally, as in
+    :func:`neural_collapse`) and projected to the unit sphere, ``u_c``; the value is Wang and
+    Isola's uniformity potential over the distinct pairs,
+    ``log( mean_{c != c'} exp(-t ||u_c - u_c'||^2) )``.
+
+    Parameters
+    ----------
+    features, labels
+        As :func:`cdnv`.
+    t : float, default 2
+        Temperature (Wang and Isola's value).
+
+    Returns
+    -------
+    float
+        Lower = more uniform.  Its minimum over ``C`` points on a sphere of dimension at least
+        ``C - 1`` is reached by the simplex ETF, where ``||u_c - u_c'||^2 = 2C/(C-1)`` gives
+        ``-2 t C / (C - 1)``.  Invariant to rotations, translations and scaling.  NaN with a
+        :class:`RuntimeWarning` when a class mean equals the mean of the means.
+
+    Raises
+    ------
+    MetricInputError
+        Wrong shapes, NaN/Inf, fewer than two classes.
+
+    References
+    ----------
+    Wang, T., Isola, P. (2020). Understanding contrastive representation learning through
+    alignment and uniformity on the hypersphere. ICML 2020 (uniformity loss).
+
+    Liu, W., Yu, L., Weller, A., Schoelkopf, B. (2023). Generalizing and decoupling neural
+    collapse via hyperspherical uniformity gap. ICLR 2023.
+    """
+    means, _, _ = _class_stats(features, labels, variances=False)
+    m = means - means.mean(dim=0)
+    norms = torch.linalg.vector_norm(m, dim=1, keepdim=True)
+    if float(norms.min()) <= _DEGENERATE_SPREAD * max(float(norms.max()),
+                                                      float(torch.finfo(torch.float64).tiny)):
+        _warn_fn("class_mean_uniformity",
+                 "a class mean equals the mean of the class means; its direction is undefined "
+                 "(NaN)")
+        return float("nan")
+    u = m / norms
+    k = u.shape[0]
+    i, j = torch.triu_indices(k, k, offset=1, device=u.device)
+    d2 = ((u[i] - u[j]) ** 2).sum(dim=1)
+    # log-mean-exp, stable
+    return float(torch.logsumexp(-t * d2, dim=0) - math.log(d2.numel()))
+
+
+def _warn_fn(fn: str, msg: str) -> None:
+    warnings.warn(f"{fn}: {msg}", RuntimeWarning, stacklevel=3)
+
+
+@register_metric("cdnv", default=True,
+                 description="CDNV (Galanti et al. 2022) and hyperspherical uniformity of class "
+                             "means (Wang & Isola 2020) on train features")
+def _cdnv_metric(view: EpochView) -> list[MetricValue]:
+    """CDNV and class-mean uniformity on the training split (as neural_collapse)."""
+    feats, labels = view.train.features, view.train.labels
+    return [MetricValue("cdnv", cdnv(feats, labels), estimator="galanti2022_cdnv",
+                        params={"split": "train", "variance_ddof": 0, "pairs": "unordered_mean"}),
+            MetricValue("class_mean_uniformity", class_mean_uniformity(feats, labels),
+                        estimator="wang_isola2020_uniformity",
+                        params={"split": "train", "t": DEFAULT_UNIFORMITY_T,
+                                "centre": "mean_of_class_means"})]

@@ -68,6 +68,10 @@ class MetricValue:
     task: str = ""
     estimator: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    """Values computed with the estimate (not settings); known keys in ``params`` move here too
+    (``dtprobe.table.DIAGNOSTIC_KEYS``)."""
+    layer: str = ""  # "" = the penultimate features; else the module name (layer x epoch)
 
     def params_json(self) -> str:
         return json.dumps(self.params, sort_keys=True, default=str) if self.params else ""
@@ -76,12 +80,52 @@ class MetricValue:
 MetricFn = Callable[[EpochView], list[MetricValue]]
 
 
+#: A similarity measure between two representations of the same inputs: ``(x, y) -> float``.
+SimilarityFn = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+@dataclass(frozen=True)
+class SimilaritySpec:
+    """How to read a similarity measure: its direction and what it ignores.
+
+    Attributes
+    ----------
+    func : ``(x, y) -> float`` on two ``(n, d)`` representations of the same samples.
+    higher_is_similar : True for similarities (CKA), False for distances (Procrustes).
+    invariances : transformations that leave the value unchanged, from
+        ``INVARIANCES`` (e.g. ``"orthogonal"``, ``"isotropic_scaling"``).
+    params : the estimator's fixed parameters, recorded with every row.
+    """
+
+    func: SimilarityFn
+    higher_is_similar: bool
+    invariances: tuple[str, ...]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def direction(self) -> str:
+        return "higher=more similar" if self.higher_is_similar else "lower=more similar"
+
+    def row_params(self) -> dict[str, Any]:
+        """What every results-table row of this measure records besides its own params."""
+        return {**self.params, "higher_is_similar": self.higher_is_similar,
+                "invariances": list(self.invariances)}
+
+
+#: Vocabulary of declared invariances (a joint permutation of the samples is always assumed).
+INVARIANCES = ("sample_permutation", "translation", "orthogonal", "isotropic_scaling",
+               "invertible_linear", "neuron_permutation", "invertible_linear_of_y")
+
+
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
     func: MetricFn
     default: bool
     description: str
+    #: Set for similarity measures between representations (computed between epochs, runs
+    #: and layers by the analysis, not per checkpoint): direction and invariances.
+    similarity: SimilaritySpec | None = None
 
 
 _REGISTRY: dict[str, MetricSpec] = {}
@@ -99,6 +143,45 @@ def register_metric(name: str, *, default: bool = False,
         return func
 
     return decorator
+
+
+def register_similarity(name: str, *, higher_is_similar: bool, invariances: tuple[str, ...],
+                        default: bool = False, description: str = "",
+                        params: dict[str, Any] | None = None
+                        ) -> Callable[[SimilarityFn], SimilarityFn]:
+    """Register ``func(x, y) -> float`` as similarity measure ``name``.
+
+    Every measure must say whether larger values mean more similar and which transformations
+    it ignores; ``dtprobe list`` and every results-table row show both.  The analysis
+    compares each checkpoint with the final and the previous one and with ``--compare`` runs
+    (rows ``<name>_to_final``, ``<name>_to_previous``, ``<name>_to_run``); selecting it with
+    ``--metrics name`` adds no per-checkpoint rows.
+    """
+    unknown = [inv for inv in invariances if inv not in INVARIANCES]
+    if unknown:
+        raise ValueError(f"similarity {name!r}: unknown invariance(s) {unknown}; "
+                         f"use {', '.join(INVARIANCES)}")
+
+    def decorator(func: SimilarityFn) -> SimilarityFn:
+        if name in _REGISTRY and (_REGISTRY[name].similarity is None
+                                  or _REGISTRY[name].similarity.func is not func):
+            raise ValueError(f"metric {name!r} registered twice")
+        sim = SimilaritySpec(func, higher_is_similar, tuple(invariances), dict(params or {}))
+        doc = description or (func.__doc__ or "").strip()
+        _REGISTRY[name] = MetricSpec(name, _no_epoch_rows, default, doc, similarity=sim)
+        return func
+
+    return decorator
+
+
+def _no_epoch_rows(view: EpochView) -> list[MetricValue]:
+    """Similarity measures compare two representations; they add no per-checkpoint rows."""
+    return []
+
+
+def available_similarities() -> dict[str, MetricSpec]:
+    """Registered similarity measures by name (a subset of :func:`available_metrics`)."""
+    return {k: v for k, v in available_metrics().items() if v.similarity is not None}
 
 
 def available_metrics() -> dict[str, MetricSpec]:

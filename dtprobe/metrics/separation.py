@@ -39,11 +39,10 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 
 from dtprobe.errors import MetricInputError
-from dtprobe.metrics._validation import ArrayLike, check_labels, rowwise_pow2_rescale
+from dtprobe.metrics._validation import ArrayLike, as_numpy, check_labels, rowwise_pow2_rescale
 from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
 
 __all__ = ["class_separation"]
@@ -59,7 +58,7 @@ _BLOCK = 1024
 def _features_view(features: ArrayLike) -> torch.Tensor:
     """Validate shape and dtype like ``check_features`` without a float64 copy of the data."""
     t = features.detach() if isinstance(features, torch.Tensor) else torch.as_tensor(
-        np.asarray(features))
+        as_numpy(features))
     if not t.is_floating_point():
         t = t.to(torch.float64)
     if t.ndim != 2:

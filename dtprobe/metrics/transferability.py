@@ -12,6 +12,7 @@ score                     what it measures                                paper
 :func:`gbc`               Bhattacharyya overlap of class Gaussians          Pandy et al. 2022
 :func:`leep`              expected log-likelihood of a re-labelled head    Nguyen et al. 2020
 :func:`nce_score`         negative conditional entropy H(Y|Z)             Tran et al. 2019
+:func:`nleep`             LEEP of a Gaussian-mixture "head" on features    Li et al. 2021
 ========================  ==============================================  =================
 
 Higher is better for all of them.  All are computed in float64 on the input's device.
@@ -34,6 +35,8 @@ References
    Classification Tasks", ICCV 2019.
 .. [8] O. Ledoit, M. Wolf, "A well-conditioned estimator for large-dimensional covariance
    matrices", J. Multivariate Analysis 88(2), 2004.
+.. [9] Y. Li, X. Jia, R. Sang, Y. Zhu, B. Green, L. Wang, B. Gong, "Ranking Neural
+   Checkpoints", CVPR 2021.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ __all__ = [
     "logme",
     "logme_fit",
     "nce_score",
+    "nleep",
     "transrate",
 ]
 
@@ -501,6 +505,81 @@ def nce_score(source_pred: ArrayLike, target_labels: ArrayLike) -> float:
     return float((joint[nonzero] * torch.log(joint[nonzero] / marginal[nonzero])).sum())
 
 
+#: Li et al. (2021): PCA keeping 80 % of the variance, 5 Gaussian components per target class.
+NLEEP_VARIANCE = 0.8
+NLEEP_COMPONENT_RATIO = 5
+
+
+def nleep(features: ArrayLike, target_labels: ArrayLike, *,
+          variance: float = NLEEP_VARIANCE, component_ratio: int = NLEEP_COMPONENT_RATIO,
+          covariance_type: str = "diag", seed: int = 0) -> float:
+    """NLEEP: LEEP with a Gaussian mixture in place of the source head (Li et al. 2021).
+
+    The features are centred and reduced by PCA to the leading directions that explain
+    ``variance`` of the variance; a Gaussian mixture with ``component_ratio x K`` components
+    (``K`` target classes; fewer when that would reach ``n``) is fitted by EM; its posterior
+    component probabilities replace the source head's class probabilities in :func:`leep`.
+
+    Parameters
+    ----------
+    features : (n, d) target-image features (numpy or torch, CPU or CUDA; PCA in float64 on
+        the device, the mixture with scikit-learn on the CPU).
+    target_labels : (n,) integer target labels (at least two classes).
+    variance : fraction of variance the PCA keeps, in ``(0, 1]``.
+    component_ratio : mixture components per target class (positive integer).
+    covariance_type : scikit-learn ``GaussianMixture`` covariance type; ``"diag"`` (default)
+        is well-posed on the PCA coordinates for any class size; ``"full"`` as some
+        re-implementations use.
+    seed : random state of the mixture's k-means initialisation (the score depends on it).
+
+    Returns
+    -------
+    float
+        NLEEP, ``<= 0`` (higher = more transferable).  Invariant to translations, rotations
+        and isotropic scaling of the features (PCA coordinates are, up to sign) and to the
+        sample order up to the mixture's initialisation.
+
+    Raises
+    ------
+    MetricInputError
+        Wrong shapes, NaN/Inf, fewer than two classes, constant features.
+    ConfigError
+        ``variance`` outside ``(0, 1]`` or ``component_ratio`` not a positive integer.
+
+    References
+    ----------
+    .. [1] Y. Li, X. Jia, R. Sang, Y. Zhu, B. Green, L. Wang, B. Gong, "Ranking Neural
+       Checkpoints", CVPR 2021 (N-LEEP).
+    """
+    from sklearn.mixture import GaussianMixture
+
+    if not 0.0 < variance <= 1.0:
+        raise ConfigError(f"variance={variance!r} must be a fraction in (0, 1]")
+    if isinstance(component_ratio, bool) or not isinstance(component_ratio, int) \
+            or component_ratio < 1:
+        raise ConfigError(f"component_ratio={component_ratio!r} must be a positive integer")
+    f = check_features(features, "features")
+    n = f.shape[0]
+    y, k = check_labels(target_labels, n, "target_labels", device=f.device)
+    f = f - f.mean(dim=0)
+    u, s, _ = torch.linalg.svd(f, full_matrices=False)
+    if float(s.max()) == 0.0:
+        raise MetricInputError("features are constant; nleep needs variance to fit a mixture")
+    energy = torch.cumsum(s**2, dim=0)
+    r = int((energy < variance * energy[-1]).sum()) + 1
+    # PCA coordinates scaled by the top singular value: the mixture sees the same problem for
+    # any isotropic rescaling of the features (its variance floor reg_covar is absolute).
+    z = (u[:, :r] * (s[:r] / s[0])).cpu().numpy()
+    components = component_ratio * k
+    while components >= n and components > k:
+        components -= k
+    components = min(components, n - 1) if n > 1 else 1
+    gmm = GaussianMixture(n_components=components, covariance_type=covariance_type,
+                          random_state=seed).fit(z)
+    theta = torch.as_tensor(gmm.predict_proba(z), dtype=torch.float64)
+    return leep(theta, y.cpu())
+
+
 # ------------------------------------------------------------------------------------------
 # Analysis adapters (one row per downstream task, on the training split)
 # ------------------------------------------------------------------------------------------
@@ -558,6 +637,18 @@ def _leep_metric(view: EpochView) -> list[MetricValue]:
     probs = torch.softmax(as_tensor(_source_logits(view, "leep")), dim=1)
     return [MetricValue("leep", leep(probs, y), task=task, estimator="leep",
                         params={"source": "softmax(logits)", "split": "train"})
+            for task, y in _tasks(view)]
+
+
+@register_metric("nleep", description="NLEEP (Gaussian-mixture LEEP, Li et al. 2021) per "
+                                      "downstream task; opt-in (EM fit per task)")
+def _nleep_metric(view: EpochView) -> list[MetricValue]:
+    """NLEEP of train features for every downstream task (seeded mixture)."""
+    return [MetricValue("nleep", nleep(view.train.features, y, seed=view.seed), task=task,
+                        estimator="nleep-pca-gmm",
+                        params={"variance": NLEEP_VARIANCE,
+                                "component_ratio": NLEEP_COMPONENT_RATIO,
+                                "covariance_type": "diag", "seed": view.seed, "split": "train"})
             for task, y in _tasks(view)]
 
 

@@ -1,4 +1,9 @@
-"""ResNeXt for 32 px images (CIFAR variant), as used by the CTC paper (ResNeXt32-16x4d, 512-d).
+"""dtprobe's generic CIFAR ResNeXt, ``resnext_cifar``: 64-ch stem, ``(depth - 2) / 3`` bottlenecks.
+
+This is *not* the CTC paper's network (that one is ``ctc_resnext32_16x4d`` in
+:mod:`dtprobe.models.ctc_resnext`: 32-channel stem, three stages of 5 bottlenecks, its own
+key names). It was registered as ``resnext32_16x4d`` before; that name still builds it, with a
+deprecation warning.
 
 Three stages of bottleneck blocks with grouped 3x3 convolutions (Xie et al. 2017), a 3x3
 stride-1 stem and no max-pool. With ``cardinality`` C and ``base_width`` w the grouped
@@ -17,7 +22,7 @@ from __future__ import annotations
 from torch import nn
 
 from dtprobe.errors import ConfigError
-from dtprobe.models.registry import register_arch
+from dtprobe.models.registry import register_alias, register_arch
 
 
 class GroupedBottleneck(nn.Module):
@@ -67,9 +72,14 @@ class ResNeXtCIFAR(nn.Module):
         return self.fc(self.pool(self.stages(self.stem(x))))
 
 
-@register_arch("resnext32_16x4d", head="fc")
-def resnext32_16x4d(num_classes: int, in_channels: int = 3, depth: int = 32,
-                    cardinality: int = 16, base_width: int = 4) -> nn.Module:
-    """CIFAR ResNeXt-32 (16x4d), the CTC paper's backbone: 512-d penultimate features."""
+@register_arch("resnext_cifar", head="fc")
+def resnext_cifar(num_classes: int, in_channels: int = 3, depth: int = 32,
+                  cardinality: int = 16, base_width: int = 4) -> nn.Module:
+    """Generic CIFAR ResNeXt: 64-ch stem, (depth-2)/3 bottlenecks, 512-d (not the paper's net)."""
     return ResNeXtCIFAR(num_classes, depth=depth, cardinality=cardinality,
                         base_width=base_width, in_channels=in_channels)
+
+
+register_alias("resnext32_16x4d", "resnext_cifar",
+               "it builds dtprobe's generic CIFAR ResNeXt (64-ch stem, 4/3/3 bottlenecks), not the "
+               "CTC paper's network, which is 'ctc_resnext32_16x4d'")

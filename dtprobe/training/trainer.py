@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import checkpoints_manifest as cm
 from dtprobe import checkpoints as ckpt_io
@@ -46,6 +45,7 @@ from dtprobe.devices import resolve_device
 from dtprobe.errors import CheckpointError, ConfigError, TrainingDivergedError
 from dtprobe.models import build_model, get_arch, head_module
 from dtprobe.models.tap import PenultimateTap, penultimate_features
+from dtprobe.progress import tqdm
 from dtprobe.training import distributed as dist_utils
 from dtprobe.training.augment import contrastive_view, shift_flip
 from dtprobe.training.objectives import Objective, ObjectiveContext
@@ -524,9 +524,13 @@ class Trainer:
 
 def _append_log(path: Path, epoch: int, metrics: dict[str, float]) -> None:
     rows: list[dict[str, Any]] = []
-    if path.exists():
-        with open(path, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < epoch]
+    if path.exists() and not path.is_symlink():  # never read a planted link's target
+        try:
+            text = cm.read_regular_file(path, 64 << 20, "training log").decode("utf-8")
+            rows = [r for r in csv.DictReader(io.StringIO(text, newline=""))
+                    if int(r["epoch"]) < epoch]
+        except (OSError, ValueError, KeyError, TypeError):  # damaged from outside: start anew
+            rows = []
     rows.append({"epoch": epoch, **metrics})
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with _atomic_open(path, "w", newline="") as fh:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dtprobe.errors import MetricInputError
-from dtprobe.metrics._validation import ArrayLike, check_features
+from dtprobe.metrics._validation import ArrayLike, as_numpy, check_features
 
 UNITS = ("nats", "bits")
 
@@ -126,7 +126,7 @@ def prepare(x: ArrayLike, name: str, *, device: torch.device | None = None) -> V
     """
     ndim = x.ndim if isinstance(x, torch.Tensor) else np.ndim(x)
     if ndim == 1 and _is_integer(x):
-        t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+        t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(as_numpy(x))
         t = t.to(device=device if device is not None else t.device).long()
         if t.shape[0] < 2:
             raise MetricInputError(f"{name} has {t.shape[0]} samples; mutual information needs "
