@@ -412,11 +412,11 @@ def test_one_class_or_too_few_images_give_nan_rows_saying_why(run, tmp_path, cou
     res = _analyze(d, [f"imagefolder:root={folder},name=tiny"])
     rows = res.table[res.table["task"] == "tiny"]
     assert len(rows) == len(DS_FAST) * 3 and rows["value"].isna().all()
-    assert all(reason in json.loads(p)["error"] for p in rows["params"])
+    assert all(reason in json.loads(p)["error"] for p in rows["diagnostics"])
     assert len(res.failures) == 0
     agg = res.table[res.table["metric"] == "transfer_accuracy_mean"]
     assert agg["value"].isna().all()
-    assert "no downstream dataset has a finite" in json.loads(agg["params"].iloc[0])["error"]
+    assert "no downstream dataset has a finite" in json.loads(agg["diagnostics"].iloc[0])["error"]
 
 
 def test_charts_and_report_use_the_downstream_datasets(reference, tmp_path):

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from dtprobe.analysis.data import EvalData, place_images
-from dtprobe.analysis.epoch_metrics import metric_threads
+from dtprobe.analysis.epoch_metrics import _rows, metric_threads
 from dtprobe.analysis.features import checkpoint_features, verify_checkpoint
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.stores import PartStore
@@ -144,12 +144,13 @@ def downstream_part_key(ckpt: PlannedCheckpoint, ds: DownstreamData, metrics: Se
 
 
 def _row(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamData,
-         v: MetricValue) -> dict[str, Any]:
-    params = {**v.params, DOWNSTREAM_PARAM: ds.spec.text}
-    return {"run": plan.name, "epoch": ckpt.epoch, "step": ckpt.step, "metric": v.metric,
-            "task": ds.spec.name, "layer": "", "value": float(v.value),
-            "estimator": v.estimator,
-            "params": json.dumps(params, sort_keys=True, default=str)}
+         v: MetricValue, view: EpochView | None = None) -> dict[str, Any]:
+    (row,) = _rows(plan, ckpt, [v], view)
+    params = json.loads(row["params"]) if row["params"] else {}
+    params[DOWNSTREAM_PARAM] = ds.spec.text
+    row.update(task=ds.spec.name, layer="",
+               params=json.dumps(params, sort_keys=True, default=str))
+    return row
 
 
 def _nan(metric: str, ds: DownstreamData, reason: str) -> MetricValue:
@@ -182,7 +183,7 @@ def downstream_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
             warnings.warn(f"epoch {ckpt.epoch}: downstream {ds.spec.name}: {name}: {exc}",
                           stacklevel=2)
             values = [_nan(name, ds, str(exc))]
-        rows.extend(_row(plan, ckpt, ds, v) for v in values)
+        rows.extend(_row(plan, ckpt, ds, v, view) for v in values)
     return rows
 
 
@@ -243,7 +244,10 @@ def aggregate_rows(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list
         else:
             mean_acc = mean_lo = float("nan")
             params["error"] = "no downstream dataset has a finite probe accuracy at this epoch"
-        base = {"run": run, "epoch": epoch, "step": slot["step"], "task": "", "layer": ""}
+        error = params.pop("error", None)
+        diag = json.dumps({"error": error}) if error else ""
+        base = {"run": run, "epoch": epoch, "step": slot["step"], "task": "", "layer": "",
+                "other_run": "", "diagnostics": diag}
         out.append({**base, "metric": "transfer_accuracy_mean", "value": mean_acc,
                     "estimator": "mean", "params": json.dumps(params, sort_keys=True)})
         out.append({**base, "metric": "transfer_log_odds_mean", "value": mean_lo,
