@@ -333,6 +333,13 @@ def _add_analysis_parsers(sub) -> None:
                    help="also analyse these modules' outputs (pooled), layer x epoch: probes, "
                         "class separation, RankMe, CKA to final and between runs; 'auto' = the "
                         "architecture's blocks (`dtprobe layers RUN` lists them)")
+    a.add_argument("--downstream", nargs="+", default=[], metavar="SPEC",
+                   help="transfer datasets DATASET[:KEY=VALUE,...], e.g. digits textures "
+                        "cinic10:root=/data/cinic10 imagefolder:root=/data/pets,name=pets; "
+                        "probes and transferability scores per checkpoint on each")
+    a.add_argument("--downstream-metrics", nargs="+", default=None, metavar="METRIC",
+                   help="metrics computed on each downstream dataset (default: probe_accuracy "
+                        "knn_accuracy logme h_score transrate gbc leep nce)")
     a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     a.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="images per forward pass during extraction")
@@ -659,7 +666,8 @@ def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
                 wait=not args.no_wait, follow_symlinks=args.follow_symlinks,
                 epoch_from=args.epoch_from, weights=args.weights,
-                strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles)
+                strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles,
+                downstream=args.downstream, downstream_metrics=args.downstream_metrics)
 
 
 def _watch(args: argparse.Namespace) -> int:

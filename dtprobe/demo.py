@@ -1,7 +1,8 @@
 """``dtprobe demo``: the main job on the embedded default.
 
 Trains a cross-entropy run and a CTC run on ``shapes`` with the same seed, data order and
-schedule, analyses both (with CKA between them), and writes the trade-off charts, an HTML
+schedule, analyses both (with CKA between them, and transfer to the embedded downstream datasets
+``digits`` and ``textures``), and writes the trade-off charts, an HTML
 report and ``OUT/README_table.md``, the README's demo table made from this run's own results
 (``--update-readme README.md`` copies it between the README's demo markers, so the two cannot
 drift). Re-running reuses finished runs and cached analysis.
@@ -46,6 +47,10 @@ DEMO_ARCH = {"width": 16, "feature_dim": 128}
 DEMO_EPOCHS = 16
 DEMO_CTC = {"preset": "discriminability", "nce_k": 1024}
 QUICK_DATA = {"n_train": 600, "n_test": 300}
+# Transfer targets that need no download (dtprobe.data): real handwritten digits and procedural
+# textures, both rendered to the source's input shape; quick mode shrinks textures.
+DEMO_DOWNSTREAM = ["digits", "textures"]
+QUICK_DOWNSTREAM = ["digits", "textures:n_train=300,n_test=300"]
 DEMO_THREADS = 2
 """Intra-op threads of the demo: fixed, because CPU kernels round differently per thread count."""
 
@@ -262,7 +267,8 @@ def _run(out: Path, epochs: int, seed: int, device: str, quick: bool, fresh: boo
     for name, other in (("ce", "ctc"), ("ctc", "ce")):
         print(f"== analysing {name} ==")
         res = analyze(out / name, compare=[out / other], device=device, seed=seed,
-                      progress=progress)
+                      progress=progress,
+                      downstream=QUICK_DOWNSTREAM if quick else DEMO_DOWNSTREAM)
         failed += len(res.failures)
     both = compare([out / "ce", out / "ctc"])
     figures = save_all_figures(both, out / "figures")
@@ -271,6 +277,15 @@ def _run(out: Path, epochs: int, seed: int, device: str, quick: bool, fresh: boo
     finding = demo_finding(both)
     if finding:
         print(finding)
+    transfer = both.transfer()
+    if not transfer.empty:
+        print("\ncross-dataset transfer (linear-probe accuracy per epoch):")
+        print(transfer.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        tau = both.score_rank_correlation()
+        wide = tau.pivot_table(index=["run", "score"], columns="dataset", values="tau",
+                               sort=False)
+        print("\nKendall tau of each score vs downstream probe accuracy across epochs:")
+        print(wide.to_string(float_format=lambda v: f"{v:+.2f}"))
     print("\nresults:")
     for name in runs:
         print(f"  {out / name / 'analysis' / 'metrics.csv'}")

@@ -48,6 +48,8 @@ from matplotlib.patches import Patch
 import checkpoints_manifest as cm
 from dtprobe.errors import ConfigError
 from dtprobe.table import (
+    downstream_mask,
+    downstream_tasks,
     estimator_settings,
     estimator_unit,
     metric_info,
@@ -217,6 +219,11 @@ def _series(table: pd.DataFrame, metric: str, task: str | None = None, layer: st
             have = sorted(t for t in table.loc[table["metric"] == metric, "task"].unique() if t)
             raise ConfigError(f"no {metric!r} rows for task {task!r}; available tasks: "
                               f"{', '.join(have) or '(none)'}")
+    else:
+        # The mean over tasks is over the source dataset's own tasks: rows of other
+        # (downstream) datasets are averaged apart, by plot_transfer_tradeoff.
+        own = rows[~downstream_mask(rows)]
+        rows = own if len(own) else rows
     return rows.groupby(["run", "epoch"], sort=False)["value"].mean().reset_index()
 
 
@@ -247,6 +254,9 @@ def _tasks(table: pd.DataFrame, metric: str) -> list[str]:
 def _metric_label(table: pd.DataFrame, metric: str, task: str | None) -> str:
     label = metric_info(metric).label
     tasks = _tasks(table, metric)
+    if task is None:  # the mean of _series: the source's own tasks when it has any
+        own = [t for t in tasks if t not in set(downstream_tasks(table))]
+        tasks = own or tasks
     if task:
         return f"{label} [{task}]"
     if tasks:
@@ -878,6 +888,44 @@ def plot_tradeoff_over_epochs(table: pd.DataFrame | Results, ax: Axes | None = N
     return ax
 
 
+def plot_transfer_tradeoff(table: pd.DataFrame | Results, dataset: str | None = None,
+                           x: str = "source_accuracy", ax: Axes | None = None) -> Axes:
+    """Discriminability vs transfer to other datasets: :func:`plot_tradeoff` with the linear-probe
+    accuracy on one downstream ``dataset``, or (``None``) the mean over the downstream set.
+
+    Parameters
+    ----------
+    table : tidy results table or :class:`~dtprobe.results.Results` with downstream rows
+        (``dtprobe analyze --downstream``).
+    dataset : a downstream dataset's name, or ``None`` for the aggregate
+        (``transfer_accuracy_mean``, Kornblith et al. 2021's mean over transfer datasets).
+    x : the discriminability metric.
+    ax : Axes to draw into; a new figure is made if omitted.
+
+    Returns
+    -------
+    Axes
+    """
+    table = _as_table(table)
+    names = downstream_tasks(table)
+    if not names:
+        raise ConfigError("no downstream-dataset rows in the results; run `dtprobe analyze RUN "
+                          "--downstream SPEC ...` first (e.g. --downstream digits textures)")
+    if dataset is None:
+        ax = plot_tradeoff(table, x=x, y="transfer_accuracy_mean", ax=ax)
+        ax.set_ylabel(f"mean probe accuracy over {len(names)} downstream datasets  [0, 1]")
+        ax.set_title(f"Discriminability vs transfer ({', '.join(names)})")
+        return ax
+    if dataset not in names:
+        raise ConfigError(f"no downstream dataset {dataset!r} in the results; available: "
+                          f"{', '.join(names)}")
+    sub = table[~table["metric"].isin(["probe_accuracy"]) | (table["task"] == dataset)]
+    ax = plot_tradeoff(sub, x=x, y="probe_accuracy", task=dataset, ax=ax)
+    ax.set_ylabel(f"linear-probe accuracy on {dataset}  [0, 1]")
+    ax.set_title(f"Discriminability vs transfer to {dataset}")
+    return ax
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
@@ -898,6 +946,11 @@ def iter_figures(results: Results | pd.DataFrame,
         cka = getattr(results, "cka_matrices", {}) or {}
     finite = table[np.isfinite(table["value"])]
     present = set(finite.loc[finite["layer"] == "", "metric"])
+    if {"source_accuracy", "transfer_accuracy_mean"} <= present:
+        names = downstream_tasks(finite)
+        yield ("tradeoff_transfer", "Source accuracy against the mean linear-probe accuracy on "
+               f"the downstream datasets ({', '.join(names)}): transfer to other images.",
+               plot_transfer_tradeoff(table).figure)
     if present & {"source_accuracy", "probe_accuracy"}:
         yield ("tradeoff", "Source and downstream probe accuracy against epoch; triangles mark "
                "where each probe peaked, dotted lines the chance levels.",

@@ -427,6 +427,50 @@ def _failures(results: Results) -> str:
             f"</table></div>")
 
 
+def _transfer_section(results: Results) -> str:
+    """Cross-dataset transfer per epoch and how well each score predicted it (Kendall tau)."""
+    names = results.downstream_datasets()
+    if not names:
+        return ""
+    per_epoch = results.transfer()
+    cols = [c for c in per_epoch.columns if c not in ("run", "epoch")]
+    labels = {"mean": "mean accuracy", "log_odds": "mean log-odds"}
+    head = "<tr><th>run</th><th>epoch</th>" + "".join(
+        f"<th>{_esc(labels.get(c, c))}</th>" for c in cols) + "</tr>"
+    body = "".join(
+        f"<tr><td>{_esc(r['run'])}</td><td class=num>{int(r['epoch'])}</td>"
+        + "".join(f"<td class=num>{_fmt(r[c])}</td>" for c in cols) + "</tr>"
+        for _, r in per_epoch.iterrows())
+    tau = results.score_rank_correlation()
+    tau_html = '<p class="note">Too few epochs to rank-correlate the scores.</p>'
+    if not tau.empty:
+        wide = tau.pivot_table(index=["run", "score"], columns="dataset", values="tau",
+                               aggfunc="mean", dropna=False, sort=False)
+        dcols = [c for c in [*names, "mean"] if c in wide.columns]
+        thead = "<tr><th>run</th><th>score</th>" + "".join(
+            f"<th>{_esc(c)}</th>" for c in dcols) + "</tr>"
+        tbody = "".join(
+            f"<tr><td>{_esc(run)}</td><td>{_esc(score)}</td>"
+            + "".join(f"<td class=num>{_signed(float(wide.loc[(run, score), c]))}</td>"
+                      for c in dcols) + "</tr>"
+            for run, score in wide.index)
+        tau_html = ('<p class="note">Kendall &tau;-b, across the epochs of each run, between a '
+                    "score computed on the downstream dataset's features and the linear-probe "
+                    "accuracy on that dataset (+1: the score ranks the checkpoints exactly as "
+                    "their transfer does). <code>source_accuracy</code> is the baseline a score "
+                    "should beat.</p>"
+                    f'<div class="scroll"><table><thead>{thead}</thead><tbody>{tbody}</tbody>'
+                    "</table></div>")
+    return (f'<p class="note">Frozen penultimate features of every checkpoint, linear-probed on '
+            f"{len(names)} other dataset{'s' if len(names) != 1 else ''} "
+            f"({_esc(', '.join(names))}) prepared with the source model's input preprocessing "
+            "(Kornblith et al. 2021). The mean log-odds is the aggregate of t-ReX "
+            "(Sariyildiz et al. 2023).</p>"
+            f'<div class="scroll"><table><thead>{head}</thead><tbody>{body}</tbody></table></div>'
+            '<h3 id="score-rank-correlation">Which transferability score predicts transfer over '
+            f"training?</h3>{tau_html}")
+
+
 def _charts(results: Results, dpi: int) -> tuple[str, list[tuple[str, str]]]:
     import matplotlib.pyplot as plt
 
@@ -470,6 +514,8 @@ def render_report(results: Results, title: str | None = None, dpi: int = 110) ->
     # findings and the run comparison first, then the charts; settings come last (collapsed)
     sections = [
         ("findings", "Key findings", _findings(results) + _failures(results)),
+        *([("transfer", "Transfer to other datasets", _transfer_section(results))]
+          if results.downstream_datasets() else []),
         ("compare", "Run vs run (e.g. CE vs CTC)", _run_comparison(results)),
         ("charts", "Charts", charts),
         ("summary", "Summary: first, best and last value of every metric", _summary_table(results)),

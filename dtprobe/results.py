@@ -42,10 +42,13 @@ from dtprobe.errors import ConfigError, DtprobeError
 from dtprobe.table import (  # noqa: F401  (re-exported: the schema's home is dtprobe.table)
     COLUMN_DOCS,
     DIAGNOSTIC_KEYS,
+    DOWNSTREAM_PARAM,
     METRIC_INFO,
     METRIC_ORDER,
     TABLE_COLUMNS,
     MetricInfo,
+    downstream_mask,
+    downstream_tasks,
     estimator_settings,
     estimator_unit,
     metric_info,
@@ -310,6 +313,21 @@ class Results:
             })
         return pd.DataFrame(rows, columns=cols)
 
+    def downstream_datasets(self) -> list[str]:
+        """Names of the downstream (transfer) datasets analysed, i.e. their ``task`` values."""
+        return downstream_tasks(self._table)
+
+    def transfer(self, run: str | None = None) -> pd.DataFrame:
+        """Cross-dataset transfer per epoch: linear-probe accuracy on every downstream dataset,
+        their mean and mean log-odds (columns ``run, epoch, <dataset>..., mean, log_odds``)."""
+        return transfer_table(self._table if run is None else self._select_run(run))
+
+    def score_rank_correlation(self, target: str = "probe_accuracy",
+                               scores: Sequence[str] | None = None) -> pd.DataFrame:
+        """How well each transferability score predicts transfer over training; see
+        :func:`score_rank_correlation`."""
+        return score_rank_correlation(self._table, target=target, scores=scores)
+
     def estimators(self) -> pd.DataFrame:
         """How every metric was estimated, so each number can be traced.
 
@@ -568,3 +586,113 @@ def compare(paths: Iterable[str | Path | Results]) -> Results:
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=TABLE_COLUMNS)
     return Results(table, manifests=manifests, cka=cka, sources=sources,
                    failures=pd.concat(failures, ignore_index=True) if failures else None)
+
+
+#: Scores rank-correlated with downstream probe accuracy by :func:`score_rank_correlation`:
+#: the transferability scores, the kNN probe, and source accuracy as the naive baseline.
+RANKED_SCORES: tuple[str, ...] = ("logme", "h_score", "transrate", "gbc", "leep", "nce",
+                                  "knn_accuracy", "source_accuracy")
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b between two equally long sequences (NaN pairs dropped).
+
+    ``(n_c - n_d) / sqrt((n_0 - t_x)(n_0 - t_y))`` with ``n_c``/``n_d`` the concordant and
+    discordant pairs, ``n_0 = n(n-1)/2`` and ``t_x``, ``t_y`` the pairs tied in ``x``, in ``y``
+    (Kendall 1945); NaN with fewer than 2 pairs or a constant sequence.
+    """
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    n = a.size
+    if n < 2:
+        return float("nan")
+    i, j = np.triu_indices(n, k=1)
+    sa, sb = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+    n0 = n * (n - 1) / 2
+    tx, ty = float(np.sum(sa == 0)), float(np.sum(sb == 0))
+    denom = np.sqrt((n0 - tx) * (n0 - ty))
+    return float(np.sum(sa * sb) / denom) if denom > 0 else float("nan")
+
+
+def score_rank_correlation(table: pd.DataFrame, target: str = "probe_accuracy",
+                           scores: Sequence[str] | None = None) -> pd.DataFrame:
+    """Kendall tau, per run, downstream dataset and score, between the score and the dataset's
+    ``target`` (linear-probe accuracy) across the epochs of the run.
+
+    A score that predicts transfer over training has tau near +1: choosing a checkpoint by it
+    would pick the checkpoints that transfer best. ``source_accuracy`` (not computed on the
+    downstream dataset) is the baseline a score should beat; it is paired with each dataset's
+    accuracy at the same epochs.
+
+    Parameters
+    ----------
+    table : tidy results table (rows of downstream datasets carry ``params["downstream"]``).
+    target : the metric the scores should predict.
+    scores : metrics to rank-correlate (default :data:`RANKED_SCORES`, those present).
+
+    Returns
+    -------
+    DataFrame
+        Columns ``run, dataset, score, tau, n_epochs``; the last rows per run and score,
+        ``dataset = "mean"``, average tau over the datasets.
+    """
+    cols = ["run", "dataset", "score", "tau", "n_epochs"]
+    df = normalize_table(table, source="score_rank_correlation")
+    df = df[(df["layer"] == "") & np.isfinite(df["value"])]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    down = df[downstream_mask(df)]
+    wanted = list(RANKED_SCORES if scores is None else scores)
+    rows = []
+    for run in dict.fromkeys(df["run"]):
+        dr = down[down["run"] == run]
+        src = df[(df["run"] == run) & (df["metric"] == "source_accuracy") & (df["task"] == "")]
+        src = src.groupby("epoch")["value"].mean()
+        per_score: dict[str, list[float]] = {}
+        for ds in sorted(t for t in dr["task"].unique() if t):
+            rd = dr[dr["task"] == ds]
+            acc = rd[rd["metric"] == target].groupby("epoch")["value"].mean()
+            if acc.empty:
+                continue
+            for score in wanted:
+                s = src if score == "source_accuracy" else (
+                    rd[rd["metric"] == score].groupby("epoch")["value"].mean())
+                both = pd.concat([s.rename("s"), acc.rename("a")], axis=1, join="inner")
+                if both.empty:
+                    continue
+                tau = kendall_tau(both["s"].to_numpy(), both["a"].to_numpy())
+                rows.append({"run": run, "dataset": ds, "score": score, "tau": tau,
+                             "n_epochs": len(both)})
+                per_score.setdefault(score, []).append(tau)
+        for score, taus in per_score.items():
+            finite = [x for x in taus if np.isfinite(x)]
+            rows.append({"run": run, "dataset": "mean", "score": score,
+                         "tau": float(np.mean(finite)) if finite else float("nan"),
+                         "n_epochs": int(min(r["n_epochs"] for r in rows
+                                             if r["run"] == run and r["score"] == score
+                                             and r["dataset"] != "mean"))})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def transfer_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Per run and epoch: downstream probe accuracy on each dataset, ``mean`` and ``log_odds``
+    (the aggregate rows ``transfer_accuracy_mean`` / ``transfer_log_odds_mean``)."""
+    df = normalize_table(table, source="transfer_table")
+    df = df[df["layer"] == ""]
+    down = df[downstream_mask(df) & (df["metric"] == "probe_accuracy")]
+    if down.empty:
+        return pd.DataFrame(columns=["run", "epoch"])
+    out = down.pivot_table(index=["run", "epoch"], columns="task", values="value",
+                           aggfunc="mean", dropna=False)
+    for metric, name in (("transfer_accuracy_mean", "mean"), ("transfer_log_odds_mean",
+                                                              "log_odds")):
+        agg = df[df["metric"] == metric].groupby(["run", "epoch"])["value"].mean()
+        if len(agg):
+            out[name] = agg
+    out.columns.name = None
+    runs = {r: i for i, r in enumerate(dict.fromkeys(df["run"]))}
+    out = out.reset_index()
+    out = out.assign(_r=out["run"].map(runs)).sort_values(["_r", "epoch"]).drop(columns="_r")
+    return out.reset_index(drop=True)

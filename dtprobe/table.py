@@ -105,6 +105,8 @@ METRIC_INFO: dict[str, MetricInfo] = {
     "gbc": MetricInfo("GBC (Bhattacharyya)", "\u2264 0"),
     "leep": MetricInfo("LEEP", "\u2264 0"),
     "nce": MetricInfo("NCE (\u2212H(Y|Z))", "\u2264 0"),
+    "transfer_accuracy_mean": MetricInfo("mean downstream-dataset probe accuracy", "[0, 1]"),
+    "transfer_log_odds_mean": MetricInfo("mean downstream log-odds (t-ReX)", "log(p / (1 - p))"),
     "nleep": MetricInfo("NLEEP", "\u2264 0"),
     "twonn": MetricInfo("TwoNN intrinsic dimension", "> 0"),
     "alpha_req": MetricInfo("alpha-ReQ spectral decay", "> 0, higher = fewer directions"),
@@ -327,3 +329,22 @@ def estimator_settings(params: Iterable[str]) -> tuple[dict[str, Any], list[str]
         else:
             varying.append(key)
     return fixed, sorted(varying)
+
+
+DOWNSTREAM_PARAM = "downstream"
+"""``params`` key marking a row computed on a downstream dataset (its value: the dataset's spec);
+such rows have ``task`` = the dataset's name (see :mod:`dtprobe.analysis.downstream`)."""
+
+
+def downstream_mask(table: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the rows computed on a downstream dataset (not on the source's images)."""
+    params = table["params"].astype(str)
+    maybe = params.str.contains(f'"{DOWNSTREAM_PARAM}"', regex=False)
+    return maybe & params.where(maybe, "").map(lambda p: DOWNSTREAM_PARAM in parse_params(p))
+
+
+def downstream_tasks(table: pd.DataFrame) -> list[str]:
+    """Names of the downstream datasets in ``table`` (their ``task`` values), sorted."""
+    if table.empty or "params" not in table.columns:
+        return []
+    return sorted(t for t in table.loc[downstream_mask(table), "task"].unique() if t)

@@ -102,7 +102,7 @@ def test_cli_arguments(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["memory", "training", "live"])
+@pytest.mark.parametrize("name", ["memory", "training", "live", "downstream"])
 def test_quick_subprocess_benchmarks_agree(name):
     _check_rows(bench_run.run_all([name], quick=True, log=lambda _m: None))
 

@@ -68,7 +68,7 @@ def _json(obj: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _metric_threads(view: EpochView) -> Iterator[None]:
+def metric_threads(view: EpochView) -> Iterator[None]:
     """One intra-op thread for CPU metrics: their matrices are small (thousands x hundreds), so
     thread hand-offs cost more than they save, 7-30x more on a busy machine (measured on the
     demo's probes and Renyi MI); extraction keeps all threads."""
@@ -125,7 +125,7 @@ LAYER_METRICS = frozenset({"probe_accuracy", "knn_accuracy", "class_separation",
 
 def _apply(spec: MetricSpec, view: EpochView, epoch: int) -> list[MetricValue]:
     try:
-        with _metric_threads(view):
+        with metric_threads(view):
             return list(spec.func(view))
     except MetricInputError as exc:
         # A metric that cannot apply to this checkpoint (e.g. a class missing from a split)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 import checkpoints_manifest as cm
 from dtprobe.analysis.cka import cka_rows, compare_rows
 from dtprobe.analysis.data import EvalData, prepare_data
+from dtprobe.analysis.downstream import analyse_downstream, downstream_specs
 from dtprobe.analysis.epoch_metrics import epoch_metrics, part_key
 from dtprobe.analysis.features import (
     check_model,
@@ -27,6 +28,7 @@ from dtprobe.analysis.locks import ensure_analysis_dirs, remove_stale_temp_files
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan, check_plan, plan_run
 from dtprobe.analysis.stores import EpochFeatures, PartStore
 from dtprobe.analysis.table import FAILURE_COLUMNS, finalise_table, note, save_tradeoff_chart
+from dtprobe.data.spec import parse_downstreams
 from dtprobe.errors import DtprobeError
 from dtprobe.extract import FeatureCache
 from dtprobe.metrics.registry import MetricSpec, resolve_metrics
@@ -46,13 +48,16 @@ class AnalysisStats:
     metrics_computed: int = 0
     metrics_reused: int = 0
     seconds: float = 0.0
+    downstream_failed: int = 0  # downstream datasets that could not be loaded
 
     def summary(self) -> str:
         """One line for the terminal."""
         return (f"analysed {self.analysed}/{self.checkpoints} checkpoints in {self.seconds:.1f}s "
                 f"(features: {self.features_extracted} extracted, {self.features_reused} "
                 f"reused; metrics: {self.metrics_computed} computed, {self.metrics_reused} "
-                f"reused){f'; {self.failed} failed' if self.failed else ''}")
+                f"reused){f'; {self.failed} failed' if self.failed else ''}"
+                + (f"; {self.downstream_failed} downstream dataset(s) failed"
+                   if self.downstream_failed else ""))
 
 
 def failure_reason(ckpt: PlannedCheckpoint, exc: Exception) -> str:
@@ -106,13 +111,18 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
         opts = resolve_layers(plan, data, opts)
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
         parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
+        mine = []
         for ckpt in plan.checkpoints[dist.rank::dist.world_size]:
             try:
                 process_checkpoint(plan, ckpt, data, cache, parts, specs, dist.device, opts)
+                mine.append(ckpt)
             except OSError:
                 raise  # the environment (disk full, read-only): not this checkpoint's fault
             except Exception as exc:  # rank 0 meets the same error again and records it
                 note(f"[rank {dist.rank}] epoch {ckpt.epoch}: {failure_reason(ckpt, exc)}")
+        if opts.downstream:  # failures are recorded by rank 0, which meets them again
+            analyse_downstream(plan, mine, data, cache, analysis_dir / "parts", dist.device,
+                               opts)
 
 
 def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
@@ -127,6 +137,9 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
 
     specs = resolve_metrics(opts.metrics)
     check_plan(plan, opts)
+    opts = replace(opts, downstream=parse_downstreams(opts.downstream))
+    if opts.downstream_metrics is not None:
+        resolve_metrics(list(opts.downstream_metrics))  # unknown names: one line listing all
     others = [_plan_other(o, opts) for o in opts.compare]
     dist = init_from_env(opts.device)
     device = dist.device
@@ -147,10 +160,12 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         data = prepare_data(plan, device)
         opts = resolve_layers(plan, data, opts)
         check_model(plan, data, opts)
+        downstream_specs(opts, data)  # a name repeating a source task: refused before any work
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
         parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
         rows: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
+        analysed: list[PlannedCheckpoint] = []
         test_feats = EpochFeatures(cache)
         # The final checkpoint goes first so that it can stay pinned for CKA-to-final.
         order = plan.checkpoints[-1:] + plan.checkpoints[:-1]
@@ -169,6 +184,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
                 note(f"FAILED epoch {ckpt.epoch}: {reason}")
                 continue
             rows.extend(part)
+            analysed.append(ckpt)
             test_feats.add(ckpt.epoch, test_key(ckpt, data, opts), feats["test"])
             del feats
         pairwise = [s for s in specs if s.similarity is not None]
@@ -176,6 +192,13 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         rows.extend(similarity)
         for other in others:
             rows.extend(compare_rows(plan, test_feats, other, data, device, opts, pairwise))
+        if opts.downstream:
+            analysed.sort(key=lambda c: c.epoch)
+            ds_rows, ds_failures = analyse_downstream(plan, analysed, data, cache,
+                                                      analysis_dir / "parts", device, opts,
+                                                      stats)
+            rows.extend(ds_rows)
+            failures.extend(ds_failures)
         table = finalise_table(rows)
         if not table.empty:  # every checkpoint failed: no empty table (an earlier one stays)
             cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
@@ -191,7 +214,8 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         elif failure_path.exists():
             failure_path.unlink()
         stats.analysed = len(test_feats)
-        stats.failed = len(failures)
+        stats.downstream_failed = sum(1 for f in failures if f["epoch"] == "")
+        stats.failed = len(failures) - stats.downstream_failed
         stats.seconds = time.perf_counter() - t0
         if opts.progress:
             tqdm.write(f"{plan.name}: {stats.summary()}")
@@ -241,7 +265,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             batch_size: int | str = "auto", use_cache: bool = True, progress: bool = True,
             plot: bool = True, seed: int = 0, wait: bool = True,
             follow_symlinks: bool = False, epoch_from: str = "auto", weights: str = "auto",
-            strip_prefix: str | None = None, trust_pickles: bool = False):
+            strip_prefix: str | None = None, trust_pickles: bool = False,
+            downstream: Sequence[Any] = (), downstream_metrics: Sequence[str] | None = None):
     """Analyse every checkpoint of the run in ``path``.
 
     Parameters
@@ -271,14 +296,23 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         strip_prefix : keep only keys with this prefix (see :mod:`dtprobe.state_dict`).
     trust_pickles : opt-in to unpickle files the safe loader refuses (only for trusted files);
         recorded in ``analysis/checkpoints.json``.
+    downstream : transfer datasets, as specs ``"DATASET[:KEY=VALUE,...]"`` (e.g. ``"digits"``,
+        ``"cinic10:root=/data/cinic10"``, ``"imagefolder:root=/data/pets,name=pets"``; see
+        :mod:`dtprobe.data.spec`). Each is prepared for the source model's input
+        (:mod:`dtprobe.data.transfer`) and adds, per checkpoint, rows with ``task`` = its name:
+        linear and kNN probe accuracy and the transferability scores (see
+        :mod:`dtprobe.analysis.downstream`), plus per-epoch ``transfer_accuracy_mean`` and
+        ``transfer_log_odds_mean`` over the set.
+    downstream_metrics : metrics computed on each downstream dataset (default
+        :data:`dtprobe.analysis.downstream.DOWNSTREAM_METRICS`).
 
     Returns
     -------
     Results
         ``.table`` is the tidy DataFrame also written to ``RUN_DIR/analysis/metrics.csv``;
         ``.failures`` lists checkpoints that could not be analysed (also in
-        ``analysis/failures.csv``), each with a one-line reason; ``.stats`` is an
-        :class:`AnalysisStats`.
+        ``analysis/failures.csv``), each with a one-line reason (a downstream dataset that
+        could not be loaded has an empty epoch); ``.stats`` is an :class:`AnalysisStats`.
 
     Raises
     ------
@@ -304,5 +338,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
                            batch_size=batch_size, layers=list(layers),
                            compare=[str(c) for c in compare], use_cache=use_cache,
                            progress=progress, plot=plot, seed=seed, wait=wait,
-                           follow_symlinks=follow_symlinks, plan_flags=flags)
+                           follow_symlinks=follow_symlinks, plan_flags=flags,
+                           downstream=parse_downstreams(downstream),
+                           downstream_metrics=(list(downstream_metrics)
+                                               if downstream_metrics is not None else None))
     return analyze_plan(plan, opts)

@@ -131,6 +131,10 @@ class AnalysisOptions:
     seed: int = 0
     wait: bool = True
     follow_symlinks: bool = False
+    # Downstream datasets (spec strings, mappings or DownstreamSpec; see dtprobe.data.spec) and
+    # the metrics computed on each (None: analysis.downstream.DOWNSTREAM_METRICS).
+    downstream: list[Any] = field(default_factory=list)
+    downstream_metrics: list[str] | None = None
     #: The flags given for the analysed run, applied to ``--compare`` runs without a manifest.
     plan_flags: dict[str, Any] = field(default_factory=dict)
 

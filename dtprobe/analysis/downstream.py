@@ -1,0 +1,298 @@
+"""Downstream datasets: the second axis of the analysis (checkpoint x dataset).
+
+For every downstream spec (:mod:`dtprobe.data.spec`) the dataset is loaded once, prepared for
+the source model's input (:mod:`dtprobe.data.transfer`: channels, resolution, the source's
+normalisation), and then, for every checkpoint, its train/test features are extracted once into
+the run's feature cache (key: checkpoint sha256, dataset key, split, preprocessing tag) and the
+transfer metrics are computed on them:
+
+- the Kornblith-protocol linear probe (``probe_accuracy``: the dataset's official train/test
+  split, validation carved from train) and the weighted kNN probe (``knn_accuracy``);
+- the transferability scores LogME, H-score, TransRate, GBC (features) and LEEP, NCE (the source
+  head's outputs on the target images), on the target's training split.
+
+Rows carry ``task = <dataset name>`` and ``params["downstream"] = <canonical spec>``, so they
+never mix with the source dataset's own factor tasks (names that would collide are refused).
+Per epoch, :func:`aggregate_rows` adds the mean accuracy and the mean log-odds over the
+downstream set (the aggregate of Sariyildiz et al. 2023, t-ReX).
+
+Datasets are the outer loop and checkpoints the inner one: only one downstream dataset's images
+are in memory at a time (memory flat in the number of datasets and of checkpoints), at the cost
+of reading each checkpoint file once more per dataset. Rows go to ``analysis/parts`` like the
+source rows (one atomic JSON file per checkpoint and dataset), so a killed analysis resumes.
+
+A dataset that cannot be loaded (missing or malformed on disk) is reported on one line and
+recorded as a failure with an empty epoch; the source metrics and every other dataset are still
+analysed, and the next analysis tries it again. A dataset with one class, or too few images for
+the probe, gives NaN rows whose ``params["error"]`` says why.
+
+References
+----------
+.. [1] S. Kornblith, T. Chen, H. Lee, M. Norouzi, "Why do better loss functions lead to less
+   transferable features?", NeurIPS 2021 (linear transfer to eight datasets).
+.. [2] Q. Cui et al., "Discriminability-transferability trade-off: an information-theoretic
+   perspective", ECCV 2022 (CIFAR-100 -> CINIC-10).
+.. [3] M. B. Sariyildiz, Y. Kalantidis, K. Alahari, D. Larlus, "No reason for no supervision:
+   improved generalization in supervised models" (t-ReX), ICLR 2023 (mean log-odds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtprobe.analysis.data import EvalData, place_images
+from dtprobe.analysis.epoch_metrics import _rows, metric_threads
+from dtprobe.analysis.features import checkpoint_features, verify_checkpoint
+from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
+from dtprobe.analysis.stores import PartStore
+from dtprobe.analysis.table import note
+from dtprobe.data import load_dataset
+from dtprobe.data.spec import DownstreamSpec, loader_parameters, parse_downstreams
+from dtprobe.data.transfer import SourceInput, prepare_for_source, source_loader_params
+from dtprobe.errors import DtprobeError, MetricInputError
+from dtprobe.extract import FeatureCache, dataset_key
+from dtprobe.metrics.registry import EpochView, FeatureSplit, MetricValue, available_metrics
+from dtprobe.table import DOWNSTREAM_PARAM
+
+DOWNSTREAM_METRICS: tuple[str, ...] = ("probe_accuracy", "knn_accuracy", "logme", "h_score",
+                                       "transrate", "gbc", "leep", "nce")
+"""Metrics computed per checkpoint and downstream dataset (registered adapters, one task)."""
+
+DOWNSTREAM_VERSION = 1
+LOG_ODDS_CLIP = 1e-4  # accuracies are clipped to [clip, 1 - clip] before the log-odds
+MIN_TRAIN_PER_CLASS = 2  # one image to fit and one to validate the probe's C
+
+
+@dataclass
+class DownstreamData:
+    """One downstream dataset prepared for the source model.
+
+    ``data.key`` identifies the images (dataset key + preprocessing tag) in cache and part keys;
+    ``problem`` is why no probe can be fitted (one class, too few images), else None.
+    """
+
+    spec: DownstreamSpec
+    data: EvalData
+    problem: str | None = None
+
+
+def load_downstream(spec: DownstreamSpec, source: EvalData,
+                    device: torch.device) -> DownstreamData:
+    """Load ``spec`` and prepare it for a model trained on ``source`` (see
+    :mod:`dtprobe.data.transfer` for the rule).
+
+    Raises
+    ------
+    DtprobeError
+        The dataset is missing or malformed on disk (the loader's one-line message).
+    """
+    target = SourceInput.of(source.bundle)
+    params = source_loader_params(loader_parameters(spec.dataset), spec.params, target)
+    bundle = prepare_for_source(load_dataset(spec.dataset, **params), target)
+    name = spec.name
+    bundle.train.factors = {name: bundle.train.labels}
+    bundle.test.factors = {name: bundle.test.labels}
+    bundle.factor_classes = {name: bundle.num_classes}
+    train_images, test_images = place_images(bundle, device)
+    key = f"{dataset_key(bundle.name, bundle.params)}|{target.tag}"
+    data = EvalData(bundle, key, train_images, test_images, torch.empty(0, 0))
+    return DownstreamData(spec, data, _problem(spec, bundle.train.labels, bundle.test.labels))
+
+
+def _problem(spec: DownstreamSpec, train: torch.Tensor, test: torch.Tensor) -> str | None:
+    if train.numel() == 0 or test.numel() == 0:
+        return (f"downstream {spec.name}: {train.numel()} train / {test.numel()} test images; "
+                "a probe needs both splits")
+    classes, counts = torch.unique(train, return_counts=True)
+    if classes.numel() < 2:
+        return (f"downstream {spec.name}: its training split has {classes.numel()} class; a "
+                "probe needs at least 2")
+    if int(counts.min()) < MIN_TRAIN_PER_CLASS:
+        small = int(classes[counts.argmin()])
+        return (f"downstream {spec.name}: class {small} has {int(counts.min())} training image(s); "
+                f"the probe needs at least {MIN_TRAIN_PER_CLASS} per class (one to fit, one to "
+                "validate)")
+    return None
+
+
+class DownstreamPartStore(PartStore):
+    """Rows of one checkpoint on one downstream dataset: ``parts/epoch_E.downstream-NAME.json``
+    (same atomic writes and key checks as the source rows)."""
+
+    def __init__(self, root: Path, name: str, reuse: bool = True):
+        super().__init__(root, reuse=reuse)
+        self.name = name
+
+    def _path(self, epoch: int) -> Path:
+        return self.root / f"epoch_{epoch:06d}.downstream-{self.name}.json"
+
+
+def downstream_part_key(ckpt: PlannedCheckpoint, ds: DownstreamData, metrics: Sequence[str],
+                        opts: AnalysisOptions) -> str:
+    payload = json.dumps([DOWNSTREAM_VERSION, ckpt.digest, ds.data.key, ds.spec.text,
+                          list(metrics), opts.seed, ds.problem])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _row(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamData,
+         v: MetricValue, view: EpochView | None = None) -> dict[str, Any]:
+    (row,) = _rows(plan, ckpt, [v], view)
+    params = json.loads(row["params"]) if row["params"] else {}
+    params[DOWNSTREAM_PARAM] = ds.spec.text
+    row.update(task=ds.spec.name, layer="",
+               params=json.dumps(params, sort_keys=True, default=str))
+    return row
+
+
+def _nan(metric: str, ds: DownstreamData, reason: str) -> MetricValue:
+    return MetricValue(metric, float("nan"), task=ds.spec.name, estimator="error",
+                       params={"error": reason})
+
+
+def downstream_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamData,
+                       feats: dict[str, dict[str, torch.Tensor]] | None, metrics: Sequence[str],
+                       opts: AnalysisOptions) -> list[dict[str, Any]]:
+    """Rows of ``metrics`` for one checkpoint's features on one downstream dataset."""
+    if ds.problem is not None or feats is None:
+        reason = ds.problem or "no features"
+        return [_row(plan, ckpt, ds, _nan(m, ds, reason)) for m in metrics]
+    b = ds.data.bundle
+    view = EpochView(
+        epoch=ckpt.epoch,
+        train=FeatureSplit(feats["train"]["features"], b.train.labels, b.train.factors,
+                           feats["train"]["logits"]),
+        test=FeatureSplit(feats["test"]["features"], b.test.labels, b.test.factors,
+                          feats["test"]["logits"]),
+        seed=opts.seed)
+    registry = available_metrics()
+    rows = []
+    for name in metrics:
+        try:
+            with metric_threads(view):
+                values = registry[name].func(view)
+        except MetricInputError as exc:
+            warnings.warn(f"epoch {ckpt.epoch}: downstream {ds.spec.name}: {name}: {exc}",
+                          stacklevel=2)
+            values = [_nan(name, ds, str(exc))]
+        rows.extend(_row(plan, ckpt, ds, v, view) for v in values)
+    return rows
+
+
+def process_downstream(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamData,
+                       cache: FeatureCache, parts: DownstreamPartStore, device: torch.device,
+                       opts: AnalysisOptions, stats: Any = None) -> list[dict[str, Any]]:
+    """Rows of one checkpoint on one downstream dataset: reused from ``parts`` when their key
+    matches, else computed from features (cached; extracted when missing)."""
+    metrics = list(opts.downstream_metrics or DOWNSTREAM_METRICS)
+    verify_checkpoint(plan, ckpt, opts)  # content hashed before its stored rows are trusted
+    key = downstream_part_key(ckpt, ds, metrics, opts)
+    rows = parts.get(ckpt.epoch, key)
+    if rows is None:
+        feats = None
+        if ds.problem is None:
+            feats, state = checkpoint_features(plan, ckpt, ds.data, cache, device,
+                                               replace(opts, layers=[]))
+            if stats is not None:
+                stats.features_reused += state is None
+                stats.features_extracted += state is not None
+        rows = downstream_metrics(plan, ckpt, ds, feats, metrics, opts)
+        parts.put(ckpt.epoch, key, rows)
+        if stats is not None:
+            stats.metrics_computed += 1
+    elif stats is not None:
+        stats.metrics_reused += 1
+    return rows
+
+
+def aggregate_rows(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
+    """Per run and epoch: mean downstream probe accuracy and mean log-odds (t-ReX) over the
+    downstream datasets ``names`` that have a finite probe accuracy at that epoch.
+
+    The log-odds of an accuracy ``p`` is ``log(p / (1 - p))`` with ``p`` clipped to
+    ``[LOG_ODDS_CLIP, 1 - LOG_ODDS_CLIP]``; averaging log-odds instead of accuracies weighs a
+    gain from 0.98 to 0.99 like one from 0.5 to 0.67 (Sariyildiz et al. 2023).
+    """
+    wanted = set(names)
+    by_epoch: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        if r["metric"] != "probe_accuracy" or r["task"] not in wanted or r["layer"]:
+            continue
+        if f'"{DOWNSTREAM_PARAM}"' not in (r.get("params") or ""):
+            continue
+        slot = by_epoch.setdefault((r["run"], r["epoch"]), {"step": r["step"], "acc": {}})
+        if math.isfinite(r["value"]):
+            slot["acc"][r["task"]] = float(r["value"])
+    out = []
+    for (run, epoch), slot in sorted(by_epoch.items()):
+        acc = slot["acc"]
+        used = sorted(acc)
+        missing = sorted(wanted - set(used))
+        params = {"datasets": used, "n_datasets": len(used), "missing": missing}
+        if used:
+            mean_acc = sum(acc.values()) / len(used)
+            clip = [min(max(acc[t], LOG_ODDS_CLIP), 1 - LOG_ODDS_CLIP) for t in used]
+            mean_lo = sum(math.log(p / (1 - p)) for p in clip) / len(used)
+        else:
+            mean_acc = mean_lo = float("nan")
+            params["error"] = "no downstream dataset has a finite probe accuracy at this epoch"
+        error = params.pop("error", None)
+        diag = json.dumps({"error": error}) if error else ""
+        base = {"run": run, "epoch": epoch, "step": slot["step"], "task": "", "layer": "",
+                "other_run": "", "diagnostics": diag}
+        out.append({**base, "metric": "transfer_accuracy_mean", "value": mean_acc,
+                    "estimator": "mean", "params": json.dumps(params, sort_keys=True)})
+        out.append({**base, "metric": "transfer_log_odds_mean", "value": mean_lo,
+                    "estimator": "mean-log-odds",
+                    "params": json.dumps({**params, "clip": LOG_ODDS_CLIP}, sort_keys=True)})
+    return out
+
+
+def downstream_specs(opts: AnalysisOptions, source: EvalData) -> list[DownstreamSpec]:
+    """The validated specs of ``opts.downstream``; names may not repeat a source task."""
+    return parse_downstreams(opts.downstream, reserved=source.bundle.factor_classes)
+
+
+def analyse_downstream(plan: RunPlan, checkpoints: Sequence[PlannedCheckpoint],
+                       source: EvalData, cache: FeatureCache, parts_root: Path,
+                       device: torch.device, opts: AnalysisOptions, stats: Any = None,
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of every checkpoint on every downstream dataset, plus the per-epoch aggregates, and
+    the failures (a dataset that cannot be loaded: empty epoch; a checkpoint that fails on one
+    dataset: its epoch). One dataset is in memory at a time."""
+    specs = downstream_specs(opts, source)
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    for spec in specs:
+        try:
+            ds = load_downstream(spec, source, device)
+        except DtprobeError as exc:
+            reason = f"downstream dataset {spec.text}: {exc}"
+            failures.append({"run": plan.name, "epoch": "", "path": spec.text,
+                             "reason": reason})
+            note(f"FAILED {reason}; the other datasets are analysed, and the next analysis "
+                 "tries it again")
+            continue
+        if ds.problem is not None:
+            note(f"{ds.problem}; its rows are NaN")
+        parts = DownstreamPartStore(parts_root, spec.name, reuse=opts.use_cache)
+        for ckpt in checkpoints:
+            try:
+                rows.extend(process_downstream(plan, ckpt, ds, cache, parts, device, opts, stats))
+            except DtprobeError as exc:
+                reason = f"downstream {spec.name}: {exc}"
+                failures.append({"run": plan.name, "epoch": ckpt.epoch, "path": str(ckpt.path),
+                                 "reason": reason})
+                note(f"FAILED epoch {ckpt.epoch}: {reason}")
+        del ds
+    if specs:
+        rows.extend(aggregate_rows(rows, [s.name for s in specs]))
+    return rows, failures
