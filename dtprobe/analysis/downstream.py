@@ -43,14 +43,14 @@ import json
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dtprobe.analysis.data import EvalData, place_images
-from dtprobe.analysis.epoch_metrics import _rows, metric_threads
+from dtprobe.analysis.epoch_metrics import LAYER_METRICS, _rows, metric_threads
 from dtprobe.analysis.features import checkpoint_features, verify_checkpoint
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.stores import PartStore
@@ -138,17 +138,20 @@ class DownstreamPartStore(PartStore):
 
 def downstream_part_key(ckpt: PlannedCheckpoint, ds: DownstreamData, metrics: Sequence[str],
                         opts: AnalysisOptions) -> str:
-    payload = json.dumps([DOWNSTREAM_VERSION, ckpt.digest, ds.data.key, ds.spec.text,
-                          list(metrics), opts.seed, ds.problem])
+    fields = [DOWNSTREAM_VERSION, ckpt.cache_digest, ds.data.key, ds.spec.text, list(metrics),
+              opts.seed, ds.problem]
+    if opts.layers:  # per-layer rows depend on the layers extracted
+        fields.append(sorted(opts.layers))
+    payload = json.dumps(fields)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _row(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamData,
-         v: MetricValue, view: EpochView | None = None) -> dict[str, Any]:
+         v: MetricValue, view: EpochView | None = None, layer: str = "") -> dict[str, Any]:
     (row,) = _rows(plan, ckpt, [v], view)
     params = json.loads(row["params"]) if row["params"] else {}
     params[DOWNSTREAM_PARAM] = ds.spec.text
-    row.update(task=ds.spec.name, layer="",
+    row.update(task=ds.spec.name, layer=layer,
                params=json.dumps(params, sort_keys=True, default=str))
     return row
 
@@ -176,15 +179,34 @@ def downstream_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
     registry = available_metrics()
     rows = []
     for name in metrics:
-        try:
-            with metric_threads(view):
-                values = registry[name].func(view)
-        except MetricInputError as exc:
-            warnings.warn(f"epoch {ckpt.epoch}: downstream {ds.spec.name}: {name}: {exc}",
-                          stacklevel=2)
-            values = [_nan(name, ds, str(exc))]
-        rows.extend(_row(plan, ckpt, ds, v, view) for v in values)
+        rows.extend(_row(plan, ckpt, ds, v, view)
+                    for v in _values(registry[name], view, ckpt, ds))
+    # layer x epoch transfer: the feature-and-label metrics on each requested layer's outputs
+    for layer in opts.layers:
+        key = f"layer:{layer}"
+        if key not in feats["train"] or key not in feats["test"]:
+            continue
+        layer_view = EpochView(
+            epoch=ckpt.epoch,
+            train=FeatureSplit(feats["train"][key], b.train.labels, b.train.factors),
+            test=FeatureSplit(feats["test"][key], b.test.labels, b.test.factors),
+            seed=opts.seed)
+        for name in metrics:
+            if name in LAYER_METRICS:
+                rows.extend(_row(plan, ckpt, ds, v, layer_view, layer)
+                            for v in _values(registry[name], layer_view, ckpt, ds))
     return rows
+
+
+def _values(spec, view: EpochView, ckpt: PlannedCheckpoint, ds: DownstreamData
+            ) -> list[MetricValue]:
+    try:
+        with metric_threads(view):
+            return list(spec.func(view))
+    except MetricInputError as exc:
+        warnings.warn(f"epoch {ckpt.epoch}: downstream {ds.spec.name}: {spec.name}: {exc}",
+                      stacklevel=3)
+        return [_nan(spec.name, ds, str(exc))]
 
 
 def process_downstream(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamData,
@@ -199,8 +221,7 @@ def process_downstream(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
     if rows is None:
         feats = None
         if ds.problem is None:
-            feats, state = checkpoint_features(plan, ckpt, ds.data, cache, device,
-                                               replace(opts, layers=[]))
+            feats, state = checkpoint_features(plan, ckpt, ds.data, cache, device, opts)
             if stats is not None:
                 stats.features_reused += state is None
                 stats.features_extracted += state is not None
