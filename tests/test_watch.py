@@ -175,3 +175,33 @@ def test_cli_watch_writes_the_report(tmp_path, tiny_shapes_params, capsys):
     assert code == 0
     assert "training finished" in capsys.readouterr().out
     assert report.stat().st_size > 10_000 and "<html" in report.read_text()[:500].lower()
+
+
+def test_a_checkpoint_recorded_during_an_analysis_is_not_missed(tmp_path, monkeypatch):
+    """The final entry lands while the watch is analysing the previous one: the watch must
+    analyse it too before it says training finished (this once ended the watch early)."""
+    from dtprobe.analysis import pipeline
+
+    run = tmp_path / "r"
+    cm.write_manifest(run, cm.create_manifest(run_name="r", model=cm.ModelSpec("small_cnn", 6),
+                                              dataset="shapes", training={"epochs": 2}))
+
+    def record(epoch):
+        f = run / f"e{epoch}.pt"
+        f.write_bytes(bytes([epoch]))
+        cm.record_checkpoint(run, f, epoch=epoch, step=epoch)
+
+    record(0)
+    seen = []
+
+    def fake_analyze(path, **kwargs):
+        epochs = [c.epoch for c in cm.read_manifest(path).checkpoints]
+        seen.append(epochs)
+        if len(seen) == 1:
+            record(2)  # training finishes while this analysis runs
+        return epochs
+
+    monkeypatch.setattr(pipeline, "analyze", fake_analyze)
+    result = watch(run, poll=0.01, idle_timeout=30, log=lambda _: None)
+    assert result == [0, 2]
+    assert seen == [[0], [0, 2]]

@@ -125,7 +125,9 @@ def watch(run_dir: str | os.PathLike[str], *, poll: float = 5.0,
             elif now != pending:
                 last_change = time.monotonic()
             pending = now
-            if now == analysed and run_finished(run_dir):
+            # finished first, then a fresh look: a checkpoint recorded while the last analysis
+            # ran is in that look (entries are only ever added), so it is never missed
+            if analysed is not None and run_finished(run_dir) and snapshot(run_dir) == analysed:
                 log("dtprobe watch: training finished")
                 return results
             if idle_timeout is not None and time.monotonic() - last_change > idle_timeout:
