@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ from typing import Any
 import torch
 
 from dtprobe.analysis.data import EvalData, place_images
-from dtprobe.analysis.epoch_metrics import LAYER_METRICS, _rows, metric_threads
+from dtprobe.analysis.epoch_metrics import LAYER_METRICS, _rows, apply_metric
 from dtprobe.analysis.features import checkpoint_features, verify_checkpoint
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.stores import PartStore
@@ -58,7 +57,7 @@ from dtprobe.analysis.table import note
 from dtprobe.data import load_dataset
 from dtprobe.data.spec import DownstreamSpec, loader_parameters, parse_downstreams
 from dtprobe.data.transfer import SourceInput, prepare_for_source, source_loader_params
-from dtprobe.errors import DtprobeError, MetricInputError
+from dtprobe.errors import DtprobeError
 from dtprobe.extract import FeatureCache, dataset_key
 from dtprobe.metrics.registry import EpochView, FeatureSplit, MetricValue, available_metrics
 from dtprobe.table import DOWNSTREAM_PARAM
@@ -180,7 +179,8 @@ def downstream_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
     rows = []
     for name in metrics:
         rows.extend(_row(plan, ckpt, ds, v, view)
-                    for v in _values(registry[name], view, ckpt, ds))
+                    for v in apply_metric(registry[name], view, ckpt.epoch,
+                                          f"downstream {ds.spec.name}: ", ds.spec.name))
     # layer x epoch transfer: the feature-and-label metrics on each requested layer's outputs
     for layer in opts.layers:
         key = f"layer:{layer}"
@@ -194,19 +194,10 @@ def downstream_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
         for name in metrics:
             if name in LAYER_METRICS:
                 rows.extend(_row(plan, ckpt, ds, v, layer_view, layer)
-                            for v in _values(registry[name], layer_view, ckpt, ds))
+                            for v in apply_metric(registry[name], layer_view, ckpt.epoch,
+                                                  f"downstream {ds.spec.name}: ",
+                                                  ds.spec.name))
     return rows
-
-
-def _values(spec, view: EpochView, ckpt: PlannedCheckpoint, ds: DownstreamData
-            ) -> list[MetricValue]:
-    try:
-        with metric_threads(view):
-            return list(spec.func(view))
-    except MetricInputError as exc:
-        warnings.warn(f"epoch {ckpt.epoch}: downstream {ds.spec.name}: {spec.name}: {exc}",
-                      stacklevel=3)
-        return [_nan(spec.name, ds, str(exc))]
 
 
 def process_downstream(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamData,

@@ -97,7 +97,7 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
         head_weight=weight, head_bias=bias, seed=opts.seed)
     rows = []
     for spec in specs:
-        rows.extend(_rows(plan, ckpt, _apply(spec, view, ckpt.epoch), view))
+        rows.extend(_rows(plan, ckpt, apply_metric(spec, view, ckpt.epoch), view))
     # Layer x epoch: the metrics that depend only on features and labels, on each requested
     # layer's (pooled) outputs; the source head, logits and MI inputs belong to the penultimate.
     layer_specs = [s for s in specs if s.name in LAYER_METRICS]
@@ -111,7 +111,7 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
             test=FeatureSplit(feats["test"][key], b.test.labels, b.test.factors),
             seed=opts.seed)
         for spec in layer_specs:
-            values = _apply(spec, layer_view, ckpt.epoch)
+            values = apply_metric(spec, layer_view, ckpt.epoch)
             for v in values:
                 v.layer = layer
             rows.extend(_rows(plan, ckpt, values, layer_view))
@@ -123,15 +123,20 @@ LAYER_METRICS = frozenset({"probe_accuracy", "knn_accuracy", "class_separation",
                            "twonn", "alpha_req", "cdnv"})
 
 
-def _apply(spec: MetricSpec, view: EpochView, epoch: int) -> list[MetricValue]:
+def apply_metric(spec: MetricSpec, view: EpochView, epoch: int, where: str = "",
+                 task: str = "") -> list[MetricValue]:
+    """``spec``'s rows on ``view``; a :class:`MetricInputError` becomes one NaN row saying why.
+
+    A metric that cannot apply to this checkpoint (e.g. a class missing from a split) must not
+    fail the whole checkpoint. ``where`` and ``task`` place the warning and the NaN row (e.g. a
+    downstream dataset).
+    """
     try:
         with metric_threads(view):
             return list(spec.func(view))
     except MetricInputError as exc:
-        # A metric that cannot apply to this checkpoint (e.g. a class missing from a split)
-        # leaves a NaN row that says why, instead of failing the whole checkpoint.
-        warnings.warn(f"epoch {epoch}: {spec.name}: {exc}", stacklevel=3)
-        return [MetricValue(spec.name, float("nan"), estimator="error",
+        warnings.warn(f"epoch {epoch}: {where}{spec.name}: {exc}", stacklevel=3)
+        return [MetricValue(spec.name, float("nan"), task=task, estimator="error",
                             params={"error": str(exc)})]
 
 
