@@ -75,7 +75,10 @@ _FOLD_CHECK_IMAGES = 4
 
 # --------------------------------------------------------------------------------- helpers
 def _pool(t: torch.Tensor) -> torch.Tensor:
-    # Convolutional maps are summarised by their spatial mean (as in most CKA studies).
+    """One vector per image: convolutional maps (N, C, H, W) are averaged over space, as in most
+    CKA studies; token sequences (N, T, D) of vision transformers over their tokens."""
+    if t.ndim == 3:
+        return t.mean(dim=1)
     return t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t.flatten(1)
 
 

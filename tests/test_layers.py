@@ -103,3 +103,26 @@ def test_cli_layers_lists_modules(runs, capsys):
     out = capsys.readouterr().out
     assert "* features.0" in out and "= embed" in out
     assert np.all([line.startswith("  ") for line in out.splitlines()[1:]])
+
+
+def test_transformer_blocks_are_pooled_over_tokens():
+    timm = pytest.importorskip("timm", reason="timm not installed (pip install 'dtprobe[timm]')")
+    from dtprobe.extract import extract_features
+
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=3, pretrained=False,
+                            img_size=32, patch_size=8)
+    blocks = block_layers(vit, "head")
+    assert "blocks.0" in blocks and "blocks.11" in blocks
+    x = torch.randn(4, 3, 32, 32)
+    out = extract_features(vit, vit.head, x, layers=["blocks.0"], device=torch.device("cpu"),
+                           batch_size=4)
+    captured = {}
+    handle = vit.blocks[0].register_forward_hook(
+        lambda m, i, o: captured.update(tokens=o.detach()))
+    with torch.no_grad():
+        vit.eval()(x)
+    handle.remove()
+    # one embed_dim vector per image: the mean over the 16 patch tokens + class token
+    ref = captured["tokens"].mean(dim=1)
+    assert out["layer:blocks.0"].shape == (4, vit.embed_dim)
+    assert torch.allclose(out["layer:blocks.0"].float(), ref, atol=1e-4)
