@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from dtprobe.analysis.data import EvalData, place_images
-from dtprobe.analysis.epoch_metrics import LAYER_METRICS, _rows, apply_metric
+from dtprobe.analysis.epoch_metrics import LAYER_METRICS, _rows, apply_metric, layer_views
 from dtprobe.analysis.features import checkpoint_features, verify_checkpoint
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.stores import PartStore
@@ -182,15 +182,7 @@ def downstream_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
                     for v in apply_metric(registry[name], view, ckpt.epoch,
                                           f"downstream {ds.spec.name}: ", ds.spec.name))
     # layer x epoch transfer: the feature-and-label metrics on each requested layer's outputs
-    for layer in opts.layers:
-        key = f"layer:{layer}"
-        if key not in feats["train"] or key not in feats["test"]:
-            continue
-        layer_view = EpochView(
-            epoch=ckpt.epoch,
-            train=FeatureSplit(feats["train"][key], b.train.labels, b.train.factors),
-            test=FeatureSplit(feats["test"][key], b.test.labels, b.test.factors),
-            seed=opts.seed)
+    for layer, layer_view in layer_views(feats, b, opts.layers, ckpt.epoch, opts.seed):
         for name in metrics:
             if name in LAYER_METRICS:
                 rows.extend(_row(plan, ckpt, ds, v, layer_view, layer)

@@ -101,21 +101,29 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
     # Layer x epoch: the metrics that depend only on features and labels, on each requested
     # layer's (pooled) outputs; the source head, logits and MI inputs belong to the penultimate.
     layer_specs = [s for s in specs if s.name in LAYER_METRICS]
-    for layer in opts.layers:
-        key = f"layer:{layer}"
-        if not layer_specs or key not in feats["train"] or key not in feats["test"]:
-            continue
-        layer_view = EpochView(
-            epoch=ckpt.epoch,
-            train=FeatureSplit(feats["train"][key], b.train.labels, b.train.factors),
-            test=FeatureSplit(feats["test"][key], b.test.labels, b.test.factors),
-            seed=opts.seed)
+    for layer, layer_view in layer_views(feats, b, opts.layers if layer_specs else (),
+                                         ckpt.epoch, opts.seed):
         for spec in layer_specs:
             values = apply_metric(spec, layer_view, ckpt.epoch)
             for v in values:
                 v.layer = layer
             rows.extend(_rows(plan, ckpt, values, layer_view))
     return rows
+
+
+def layer_views(feats, bundle, layers: Sequence[str], epoch: int, seed: int
+                ) -> Iterator[tuple[str, EpochView]]:
+    """``(layer, view)`` for each of ``layers`` whose pooled outputs were extracted for both
+    splits; the views hold no logits or head (those belong to the penultimate)."""
+    for layer in layers:
+        key = f"layer:{layer}"
+        if key in feats["train"] and key in feats["test"]:
+            yield layer, EpochView(
+                epoch=epoch,
+                train=FeatureSplit(feats["train"][key], bundle.train.labels,
+                                   bundle.train.factors),
+                test=FeatureSplit(feats["test"][key], bundle.test.labels, bundle.test.factors),
+                seed=seed)
 
 
 #: Registered metrics computed per layer with ``--layers`` (functions of features and labels).
