@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 import checkpoints_manifest as cm
+from dtprobe.sweep import run_is_complete
 from dtprobe.training.trainer import TrainConfig, train
 
 # Sized so that both runs train and are analysed on two CPU cores in a few minutes while the
@@ -119,17 +120,9 @@ def conditions(device: str = "cpu") -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def _run_is_complete(run_dir: Path, epochs: int) -> bool:
-    try:
-        manifest = cm.read_manifest(run_dir)
-    except (cm.ManifestError, FileNotFoundError, OSError):
-        return False
-    return any(c.epoch == epochs for c in manifest.checkpoints)
-
-
 def _train_or_resume(cfg: TrainConfig) -> None:
     run_dir = Path(cfg.out)
-    if _run_is_complete(run_dir, cfg.epochs):
+    if run_is_complete(run_dir, cfg.epochs):
         print(f"{run_dir}: already trained, reusing it")
         return
     cfg.resume = (run_dir / "manifest.json").exists()

@@ -40,7 +40,8 @@ SWEEP_FILE = "sweep.json"
 COLUMNS = ("source_accuracy", "class_separation", "transfer")
 
 
-def _run_is_complete(run_dir: Path, epochs: int) -> bool:
+def run_is_complete(run_dir: Path, epochs: int) -> bool:
+    """Whether ``run_dir``'s manifest records the checkpoint of epoch ``epochs`` (the last)."""
     try:
         manifest = cm.read_manifest(run_dir)
     except (cm.ManifestError, FileNotFoundError, OSError):
@@ -51,7 +52,7 @@ def _run_is_complete(run_dir: Path, epochs: int) -> bool:
 def train_or_resume(cfg: TrainConfig) -> Path:
     """Train ``cfg``, continue it if interrupted, or reuse it if complete."""
     run_dir = Path(cfg.out)
-    if _run_is_complete(run_dir, cfg.epochs):
+    if run_is_complete(run_dir, cfg.epochs):
         return run_dir
     return train(replace(cfg, resume=(run_dir / cm.MANIFEST_NAME).exists()))
 
