@@ -713,20 +713,14 @@ def cmd_layers(args: argparse.Namespace) -> int:
     import torch
 
     from dtprobe.analysis.data import prepare_data
-    from dtprobe.analysis.features import build_for_plan, plan_head
+    from dtprobe.analysis.features import plan_layers
     from dtprobe.analysis.plan import plan_run
-    from dtprobe.models import get_arch
-    from dtprobe.models.layers import block_layers, describe_layers, penultimate_source
 
     plan = plan_run(args.run_dir, arch=args.arch, num_classes=args.num_classes,
                     arch_params=_parse_kv(args.arch_param, "--arch-param") or None,
                     dataset=args.dataset, dataset_params=_dataset_params(args) or None)
-    data = prepare_data(plan, torch.device("cpu"))
-    model = build_for_plan(plan, data.bundle.in_channels)
-    head = plan_head(model, plan)
-    described = describe_layers(model, head, data.test_images[:2].float())
-    auto = set(block_layers(model, plan.head or get_arch(plan.arch).head,
-                            penultimate_source(described)))
+    model, described, blocks = plan_layers(plan, prepare_data(plan, torch.device("cpu")))
+    auto = set(blocks)
     containers = {n for n, m in model.named_modules() if n and any(True for _ in m.children())}
     print(f"{plan.arch}: modules with tensor outputs (* = --layers auto; = penultimate: its "
           "output is the penultimate feature)")

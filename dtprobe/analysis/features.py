@@ -68,16 +68,24 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
                           "--arch-param or --dataset") from None
 
 
-def resolve_layers(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> AnalysisOptions:
-    """Replace ``auto`` in ``opts.layers`` by the architecture's block outputs
-    (:func:`dtprobe.models.layers.block_layers`); other names are kept in order."""
-    if "auto" not in opts.layers:
-        return opts
+def plan_layers(plan: RunPlan, data: EvalData
+                ) -> tuple[torch.nn.Module, list[tuple[str, tuple[int, ...], bool]], list[str]]:
+    """The plan's model (random weights), its modules described from one forward pass
+    (:func:`~dtprobe.models.layers.describe_layers`) and the blocks ``--layers auto`` picks."""
     model = build_for_plan(plan, data.bundle.in_channels)
     head = plan_head(model, plan)
     described = describe_layers(model, head, data.test_images[:2].float())
     blocks = block_layers(model, plan.head or get_arch(plan.arch).head,
                           penultimate_source(described))
+    return model, described, blocks
+
+
+def resolve_layers(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> AnalysisOptions:
+    """Replace ``auto`` in ``opts.layers`` by the architecture's block outputs
+    (:func:`dtprobe.models.layers.block_layers`); other names are kept in order."""
+    if "auto" not in opts.layers:
+        return opts
+    _, _, blocks = plan_layers(plan, data)
     layers: list[str] = []
     for name in opts.layers:
         for resolved in (blocks if name == "auto" else [name]):
