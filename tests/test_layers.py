@@ -126,3 +126,15 @@ def test_transformer_blocks_are_pooled_over_tokens():
     ref = captured["tokens"].mean(dim=1)
     assert out["layer:blocks.0"].shape == (4, vit.embed_dim)
     assert torch.allclose(out["layer:blocks.0"].float(), ref, atol=1e-4)
+
+
+def test_downstream_datasets_per_layer(runs):
+    res = analyze(runs / "a", layers=["features.4"], downstream=["digits"],
+                  metrics=["source_accuracy"], downstream_metrics=["knn_accuracy", "logme"],
+                  device="cpu", progress=False, plot=False)
+    t = res.table
+    knn = t[(t["metric"] == "knn_accuracy") & (t["task"] == "digits")]
+    assert set(knn["layer"]) == {"", "features.4"}  # transfer per layer and epoch
+    assert len(knn[knn["layer"] == "features.4"]) == 3
+    # LogME is not a per-layer metric: it stays on the penultimate features
+    assert set(t.loc[(t["metric"] == "logme") & (t["task"] == "digits"), "layer"]) == {""}
