@@ -65,7 +65,13 @@ import numpy as np
 import torch
 
 from dtprobe.errors import ConfigError, MetricInputError
-from dtprobe.metrics._validation import ArrayLike, check_features, ldexp, pow2_rescale
+from dtprobe.metrics._validation import (
+    ArrayLike,
+    check_features,
+    ldexp,
+    pow2_rescale,
+    pow2_scale_exponent,
+)
 from dtprobe.metrics.registry import register_similarity
 
 __all__ = ["linear_cka", "rbf_cka", "cka_matrix", "MinibatchCKA", "CKANull",
@@ -105,8 +111,8 @@ class _Centred:
         self._full: torch.Tensor | None = None
         # CKA is scale-free: divide by an exact power of two near the largest magnitude so that
         # sums of squares of features near 1e+-200 neither overflow nor underflow
-        peak = max(float(raw[c0:c0 + chunk].abs().amax()) for c0 in range(0, self.n, chunk))
-        self.exponent = int(np.frexp(peak)[1]) if 0 < peak < math.inf else 0
+        self.exponent = pow2_scale_exponent(*(raw[c0:c0 + chunk]
+                                              for c0 in range(0, self.n, chunk)))
         if cache:
             full = ldexp(raw.to(device=device, dtype=torch.float64), -self.exponent)
             self.mean = full.mean(dim=0)
