@@ -553,10 +553,9 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
         _check_c(c)
     if patience is not None and int(patience) < 1:
         raise ConfigError(f"patience must be >= 1 or None, got {patience}")
-    if device is None:
-        device = train_x.device if isinstance(train_x, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    dtype = torch.float64 if dtype is None else dtype
+    # float64 by default on every device: each fit is verified in it (float32 does the bulk)
+    device, dtype = _resolve_device_dtype(train_x, device,
+                                          torch.float64 if dtype is None else dtype)
     xtr = check_features(train_x, "train_x", min_samples=3, device=device)
     xte = check_features(test_x, "test_x", min_samples=1, device=device)
     if xtr.shape[1] != xte.shape[1]:
