@@ -22,14 +22,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from dtprobe.errors import ConfigError
+from dtprobe.plotting import _as_table, run_colors
 
 __all__ = ["best_layer", "layer_epoch_matrix", "plot_best_layer", "plot_layer_heatmap"]
 
 PENULTIMATE = "penultimate"
-
-
-def _table(data) -> pd.DataFrame:
-    return data.table if hasattr(data, "table") else data
 
 
 def layer_order(table: pd.DataFrame) -> list[str]:
@@ -49,7 +46,7 @@ def layer_epoch_matrix(data, metric: str = "probe_accuracy", task: str | None = 
     ConfigError
         If the table has no per-layer rows of ``metric`` (analyse with ``--layers auto``).
     """
-    table = _table(data)
+    table = _as_table(data)
     runs = list(dict.fromkeys(table["run"]))
     run = run if run is not None else (runs[0] if runs else None)
     rows = table[(table["metric"] == metric) & (table["run"] == run)
@@ -82,7 +79,7 @@ def best_layer(data, task: str | None = None, run: str | None = None,
 def plot_layer_heatmap(data, metric: str = "probe_accuracy", task: str | None = None,
                        vmin: float | None = None, vmax: float | None = None) -> Figure:
     """One layer x epoch heatmap of ``metric`` per run (shared colour scale, values printed)."""
-    table = _table(data)
+    table = _as_table(data)
     runs = list(dict.fromkeys(table["run"]))
     mats = {r: layer_epoch_matrix(table, metric, task, r) for r in runs
             if ((table["run"] == r) & (table["metric"] == metric) & (table["layer"] != "")).any()}
@@ -117,7 +114,7 @@ def plot_layer_heatmap(data, metric: str = "probe_accuracy", task: str | None = 
 def plot_best_layer(data, task: str | None = None) -> Figure:
     """Best layer to transfer from at each epoch (and its probe accuracy against the
     penultimate's), one line per run."""
-    table = _table(data)
+    table = _as_table(data)
     runs = [r for r in dict.fromkeys(table["run"])
             if ((table["run"] == r) & (table["metric"] == "probe_accuracy")
                 & (table["layer"] != "")).any()]
@@ -126,14 +123,14 @@ def plot_best_layer(data, task: str | None = None) -> Figure:
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, layout="constrained",
                                       figsize=(6.4, 5.2), height_ratios=(1.2, 1))
     names = [PENULTIMATE if n == "" else n for n in layer_order(table)]
-    colors = plt.get_cmap("tab10")
-    for k, run in enumerate(runs):
+    colors = run_colors(runs)  # the same colour per run as every other chart
+    for run in runs:
         best = best_layer(table, task, run)
         pos = [names.index(n) for n in best["layer"]]
-        top.step(best["epoch"], pos, where="mid", marker="o", color=colors(k), label=run)
-        bottom.plot(best["epoch"], best["value"], marker="o", color=colors(k),
+        top.step(best["epoch"], pos, where="mid", marker="o", color=colors[run], label=run)
+        bottom.plot(best["epoch"], best["value"], marker="o", color=colors[run],
                     label=f"{run}: best layer")
-        bottom.plot(best["epoch"], best["penultimate"], marker="s", ls="--", color=colors(k),
+        bottom.plot(best["epoch"], best["penultimate"], marker="s", ls="--", color=colors[run],
                     alpha=0.7, label=f"{run}: penultimate")
     top.set_yticks(range(len(names)), names)
     top.set_ylim(len(names) - 0.5, -0.5)  # input side at the top, every label inside
