@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dtprobe.errors import ConfigError
+
 __all__ = ["run_finished", "snapshot", "watch"]
 
 #: Extensions of checkpoint files followed in a run without a manifest.
@@ -93,12 +95,8 @@ def watch(run_dir: str | os.PathLike[str], *, poll: float = 5.0,
     from dtprobe.analysis.pipeline import analyze
 
     if not float(poll) > 0:
-        from dtprobe.errors import ConfigError
-
         raise ConfigError(f"poll must be > 0 seconds, got {poll}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        from dtprobe.errors import ConfigError
-
         raise ConfigError(f"every must be a positive number of checkpoints, got {every!r}")
     results = None
     analysed: tuple | None = None
