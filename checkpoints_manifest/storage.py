@@ -507,7 +507,8 @@ def append_checkpoint(run_dir: str | os.PathLike[str], entry: CheckpointEntry | 
 
 def entry_for_file(run_dir: str | os.PathLike[str], file: str | os.PathLike[str], *, epoch: int,
                    step: int, metrics: Mapping[str, float] | None = None,
-                   saved_at: float | str | None = None) -> CheckpointEntry:
+                   saved_at: float | str | None = None,
+                   sha256: str | None = None) -> CheckpointEntry:
     """Describe a checkpoint file that lies inside ``run_dir``: relative path, sha256, time.
 
     Parameters
@@ -523,6 +524,9 @@ def entry_for_file(run_dir: str | os.PathLike[str], file: str | os.PathLike[str]
         Training-time numbers to record.
     saved_at : float or str, optional
         Save time; defaults to ``time.time()``.
+    sha256 : str, optional
+        Digest of the bytes the writer wrote, when it has them: the entry is then bound to
+        what was written, and the file is not read back. Default: hash the file.
 
     Returns
     -------
@@ -539,10 +543,15 @@ def entry_for_file(run_dir: str | os.PathLike[str], file: str | os.PathLike[str]
     if rel == ".." or rel.startswith("../") or os.path.isabs(rel):
         raise ManifestError(str(file), f"is not inside the run directory {run_dir}; save "
                                        "checkpoints under the run directory")
-    try:
-        digest = sha256_file(file)
-    except OSError as exc:
-        raise ManifestError(str(file), f"cannot hash it ({exc.strerror or exc})") from None
+    if sha256 is not None:
+        if not os.path.isfile(file):
+            raise ManifestError(str(file), "is missing or not a regular file; write it first")
+        digest = sha256
+    else:
+        try:
+            digest = sha256_file(file)
+        except OSError as exc:
+            raise ManifestError(str(file), f"cannot hash it ({exc.strerror or exc})") from None
     entry = CheckpointEntry(epoch=epoch, step=step, path=rel, sha256=digest,
                             metrics=_numbers(metrics or {}, str(file)),
                             time=time.time() if saved_at is None else saved_at)
@@ -566,8 +575,10 @@ def _numbers(metrics: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 def record_checkpoint(run_dir: str | os.PathLike[str], file: str | os.PathLike[str], *,
                       epoch: int, step: int, metrics: Mapping[str, float] | None = None,
-                      replace: bool = False) -> Manifest:
-    """Hash ``file`` and append its entry to the manifest: :func:`entry_for_file` +
-    :func:`append_checkpoint` in one call (for training scripts)."""
-    entry = entry_for_file(run_dir, file, epoch=epoch, step=step, metrics=metrics)
+                      replace: bool = False, sha256: str | None = None) -> Manifest:
+    """Hash ``file`` (or take the writer's ``sha256`` of the bytes it wrote) and append its
+    entry to the manifest: :func:`entry_for_file` + :func:`append_checkpoint` in one call (for
+    training scripts)."""
+    entry = entry_for_file(run_dir, file, epoch=epoch, step=step, metrics=metrics,
+                           sha256=sha256)
     return append_checkpoint(run_dir, entry, replace=replace)

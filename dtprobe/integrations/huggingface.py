@@ -24,6 +24,7 @@ from typing import Any
 
 import checkpoints_manifest as cm
 from dtprobe.integrations._spec import RunSpec, require
+from dtprobe.integrations.loop import save_and_record
 
 __all__ = ["ManifestCallback"]  # noqa: F822 (built lazily by __getattr__)
 
@@ -53,17 +54,9 @@ class _ManifestCallbackMixin:
         if not (self.save_initial and state.is_world_process_zero and state.global_step == 0
                 and model is not None):
             return
-        from safetensors.torch import save as save_safetensors
-
         run = self._run_dir(args)
-        folder = run / "checkpoint-0"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "model.safetensors"
-        state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        cm.atomic_write_bytes(path, save_safetensors(  # never through a planted link
-            state_dict, metadata={"format": "pt", "step": "0"}))
         self.spec.ensure(run)
-        cm.record_checkpoint(run, path, epoch=0, step=0, replace=True)
+        save_and_record(run, model, run / "checkpoint-0" / "model.safetensors", epoch=0, step=0)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:

@@ -12,6 +12,7 @@ Example
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import checkpoints_manifest as cm
 
-__all__ = ["CheckpointRecorder", "ensure_manifest"]
+__all__ = ["CheckpointRecorder", "ensure_manifest", "save_and_record"]
 
 
 def ensure_manifest(run_dir: str | os.PathLike[str], *, arch: str, num_classes: int,
@@ -84,19 +85,28 @@ class CheckpointRecorder:
         ``epoch`` counts completed epochs (0 = the initialisation, before any update), which is
         what dtprobe's charts put on their x axis. Returns the file's path.
         """
-        from safetensors.torch import save as save_safetensors
-
         ensure_manifest(self.run_dir, arch=self.arch, num_classes=self.num_classes,
                         dataset=self.dataset, arch_params=self.arch_params,
                         penultimate=self.penultimate, training=self.training, seed=self.seed)
-        target = Path(self.run_dir) / self.folder
-        target.mkdir(parents=True, exist_ok=True)
-        path = target / f"epoch_{int(epoch):04d}.safetensors"
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        # Serialised in memory, then written under an unpredictable temporary name and renamed
-        # (never through a planted link): the manifest only ever names complete files.
-        cm.atomic_write_bytes(path, save_safetensors(
-            state, metadata={"epoch": str(int(epoch)), "step": str(int(step))}))
-        cm.record_checkpoint(self.run_dir, path, epoch=int(epoch), step=int(step),
-                             metrics=dict(metrics or {}), replace=True)
+        path = Path(self.run_dir) / self.folder / f"epoch_{int(epoch):04d}.safetensors"
+        save_and_record(self.run_dir, model, path, epoch=epoch, step=step, metrics=metrics)
         return path
+
+
+def save_and_record(run_dir: str | os.PathLike[str], model: Any, path: Path, *, epoch: int,
+                    step: int, metrics: Mapping[str, float] | None = None) -> None:
+    """Write ``model.state_dict()`` as safetensors at ``path`` and record it in the manifest.
+
+    Serialised in memory, written under an unpredictable temporary name and renamed (never
+    through a planted link), and recorded with the digest of the bytes written: the manifest
+    only ever names complete files, and exactly the bytes dtprobe wrote.
+    """
+    from safetensors.torch import save as save_safetensors
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = save_safetensors(state, metadata={"epoch": str(int(epoch)), "step": str(int(step))})
+    cm.atomic_write_bytes(path, data)
+    cm.record_checkpoint(run_dir, path, epoch=int(epoch), step=int(step),
+                         metrics=dict(metrics or {}), replace=True,
+                         sha256=hashlib.sha256(data).hexdigest())
