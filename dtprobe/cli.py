@@ -83,6 +83,18 @@ def _number(text: str, kind: type, what: str, ok) -> int | float:
     return value
 
 
+def _memory_budget(text: str) -> int:
+    """argparse type: a size such as 512M or 8G (see :func:`dtprobe.analysis.memory.parse_size`)."""
+    from dtprobe.analysis.memory import parse_size
+    from dtprobe.errors import ConfigError
+
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(
+            str(exc).removeprefix(f"--memory-budget {text!r}: ")) from None
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return int(_number(text, int, "an integer >= 1", lambda v: v >= 1))
@@ -343,6 +355,18 @@ def _add_analysis_parsers(sub) -> None:
     a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     a.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="images per forward pass during extraction")
+    sc = a.add_argument_group("scale (ImageNet-sized data)")
+    sc.add_argument("--max-samples", type=positive_int, default=None, metavar="N",
+                    help="analyse a stable class-stratified subset of at most N images per "
+                         "split (source and downstream; the same images at every checkpoint, "
+                         "recorded in analysis/samples.json and the rows' params)")
+    sc.add_argument("--image-store", default="auto", metavar="DIR|auto|none",
+                    help="decode folder datasets once into uint8 stores in DIR and stream "
+                         "them per batch (auto: $DTPROBE_IMAGE_STORE or ~/.cache/dtprobe/"
+                         "images; none: decode into memory)")
+    sc.add_argument("--memory-budget", type=_memory_budget, default=None, metavar="SIZE",
+                    help="most memory the analysis may hold, e.g. 512M or 8G (default: 3/4 "
+                         "of available memory); refused up front, with what would fit")
     a.add_argument("--arch", default=None, help="architecture, for runs without a manifest")
     a.add_argument("--arch-param", action="append", metavar="KEY=VALUE",
                    help="architecture parameter, repeatable, for runs without a manifest")
@@ -667,7 +691,9 @@ def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 wait=not args.no_wait, follow_symlinks=args.follow_symlinks,
                 epoch_from=args.epoch_from, weights=args.weights,
                 strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles,
-                downstream=args.downstream, downstream_metrics=args.downstream_metrics)
+                downstream=args.downstream, downstream_metrics=args.downstream_metrics,
+                max_samples=args.max_samples, image_store=args.image_store,
+                memory_budget=args.memory_budget)
 
 
 def _watch(args: argparse.Namespace) -> int:

@@ -50,6 +50,7 @@ from torch import nn
 
 from checkpoints_manifest import atomic_write_bytes, read_regular_file
 from dtprobe import integrity
+from dtprobe.data.pixels import RawImages, is_raw
 from dtprobe.errors import ConfigError
 from dtprobe.models.tap import PenultimateTap
 
@@ -59,6 +60,8 @@ __all__ = ["CACHE_VERSION", "FeatureCache", "auto_batch_size", "cache_key", "dat
 CACHE_VERSION = 1
 
 BatchSize = int | Literal["auto"]
+#: Images to extract from: normalised float tensors, or uint8 pixels normalised on the device.
+Images = torch.Tensor | RawImages
 
 #: Input elements per thread and batch on the CPU: ~1 MiB of float32 pixels per thread keeps
 #: the early activations cache-resident (measured fastest for small_cnn at 32 px: 64-128).
@@ -256,7 +259,7 @@ def inference_model(model: nn.Module, head: nn.Module, layers: Sequence[str] = (
     return fused, fused_head, True
 
 
-def auto_batch_size(images: torch.Tensor, device: torch.device) -> int:
+def auto_batch_size(images: Images, device: torch.device) -> int:
     """Starting batch size for ``batch_size="auto"``.
 
     On the CPU, about ``2**18`` input elements per thread (small batches keep activations in
@@ -279,7 +282,7 @@ def _use_amp(amp: bool | None, device: torch.device) -> bool:
     return bool(amp)
 
 
-def _auto_key(model: nn.Module, images: torch.Tensor, device: torch.device,
+def _auto_key(model: nn.Module, images: Images, device: torch.device,
               layers: Sequence[str]) -> tuple:
     n_params = sum(p.numel() for p in model.parameters())
     return (type(model).__qualname__, n_params, tuple(images.shape[1:]), images.dtype,
@@ -294,19 +297,27 @@ class _Loader:
     """Device batches ``images[start:end]``; on CUDA the next one is copied on a side stream.
 
     Host images that are not pinned are staged through two reusable pinned buffers, so the
-    copy is asynchronous without pinning the whole dataset.
+    copy is asynchronous without pinning the whole dataset. :class:`RawImages` travel as uint8
+    (a quarter of the bytes; read from an image store one batch at a time) and are normalised
+    on the device.
     """
 
-    def __init__(self, images: torch.Tensor, device: torch.device, channels_last: bool):
+    def __init__(self, images: Images, device: torch.device, channels_last: bool):
         self.images, self.device = images, device
         self.channels_last = channels_last
+        self.raw = is_raw(images)
         self.async_copy = device.type == "cuda" and images.device.type == "cpu"
         self.stream = torch.cuda.Stream(device) if self.async_copy else None
         self.staging: list[torch.Tensor | None] = [None, None]
         self.events: list[torch.cuda.Event | None] = [None, None]
         self.turn = 0
 
+    def _host(self, start: int, end: int) -> torch.Tensor:
+        return self.images.raw(start, end) if self.raw else self.images[start:end]
+
     def _format(self, x: torch.Tensor) -> torch.Tensor:
+        if self.raw:
+            x = self.images.normalise(x)
         if self.channels_last and x.ndim == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
@@ -320,20 +331,21 @@ class _Loader:
             self.events[i].synchronize()  # the copy that last read this buffer has finished
         buf = self.staging[i]
         if buf is None or buf.shape[0] < rows:
-            buf = torch.empty((rows, *self.images.shape[1:]), dtype=self.images.dtype,
+            buf = torch.empty((rows, *self.images.shape[1:]),
+                              dtype=torch.uint8 if self.raw else self.images.dtype,
                               pin_memory=True)
             self.staging[i] = buf
         out = buf[:rows]
-        out.copy_(self.images[start:end])
+        out.copy_(self._host(start, end))
         return out
 
     def fetch(self, start: int, end: int):
         """Start bringing ``images[start:end]`` to the device; returns a handle for ``get``."""
         if not self.async_copy:
-            return self._format(self.images[start:end].to(self.device))
+            return self._format(self._host(start, end).to(self.device))
         host = self._stage(start, end)
         with torch.cuda.stream(self.stream):
-            x = self._format(host.to(self.device, non_blocking=True))
+            x = host.to(self.device, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
         self.events[self.turn] = event
@@ -348,7 +360,7 @@ class _Loader:
         current = torch.cuda.current_stream(self.device)
         current.wait_event(event)
         x.record_stream(current)
-        return x
+        return self._format(x)
 
 
 def _batches(n: int, start: int, size: int) -> Iterator[tuple[int, int]]:
@@ -357,7 +369,7 @@ def _batches(n: int, start: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------ extraction
-def extract_features(model: nn.Module, head: nn.Module, images: torch.Tensor, *,
+def extract_features(model: nn.Module, head: nn.Module, images: Images, *,
                      device: torch.device | str, batch_size: BatchSize = "auto",
                      layers: Sequence[str] = (), fold_batchnorm: bool = True,
                      amp: bool | None = None) -> dict[str, torch.Tensor]:
@@ -371,10 +383,11 @@ def extract_features(model: nn.Module, head: nn.Module, images: torch.Tensor, *,
         CUDA is the model itself converted to channels-last (same values).
     head : nn.Module
         Its classification head, whose input is the penultimate representation.
-    images : torch.Tensor, shape (n, ...)
+    images : torch.Tensor, shape (n, ...), or RawImages
         Normalised inputs, on the CPU (pinned when ``device`` is CUDA, for asynchronous
         copies; unpinned tensors are staged through small pinned buffers) or already on
-        ``device``.
+        ``device``; or :class:`~dtprobe.data.pixels.RawImages` (uint8 pixels in memory, on the
+        device or in an image store), moved as uint8 and normalised on ``device``.
     device : torch.device or str
         Where to run.
     batch_size : int or "auto", default "auto"
@@ -465,7 +478,7 @@ def extract_features(model: nn.Module, head: nn.Module, images: torch.Tensor, *,
     return {k: v.cpu() if v.device.type != "cpu" else v for k, v in out.items()}
 
 
-def _run_range(net: nn.Module, taps: _Taps, images: torch.Tensor, size: int,
+def _run_range(net: nn.Module, taps: _Taps, images: Images, size: int,
                device: torch.device, channels_last: bool, out: dict[str, torch.Tensor],
                progress: list[int], amp: bool) -> None:
     """Forward ``images[progress[0]:]`` in batches of ``size`` into preallocated ``out``.

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import matplotlib
 import pytest
@@ -6,6 +7,8 @@ import torch
 
 matplotlib.use("Agg")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# image stores of folder datasets go to a per-session temporary folder, not ~/.cache
+os.environ.setdefault("DTPROBE_IMAGE_STORE", tempfile.mkdtemp(prefix="dtprobe-stores-"))
 torch.set_num_threads(1)
 
 

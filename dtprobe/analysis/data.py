@@ -1,13 +1,27 @@
-"""Data: the evaluation dataset decoded once and reused for every checkpoint."""
+"""Data: the evaluation dataset decoded once and reused for every checkpoint.
+
+Folder datasets are decoded once into an image store (``--image-store``, default
+:func:`dtprobe.data.store.default_store_dir`) and streamed per batch; the others are made in
+memory. ``--max-samples`` keeps a stable subset (:mod:`dtprobe.data.subsets`) and
+``--memory-budget`` is checked here, before the first checkpoint (:mod:`.memory`).
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from dtprobe.analysis.plan import RunPlan
+from dtprobe.analysis.memory import check_budget, default_budget
+from dtprobe.analysis.plan import AnalysisOptions, RunPlan
 from dtprobe.data import DatasetBundle, load_dataset
+from dtprobe.data.pixels import is_raw
+from dtprobe.data.registry import supports_store
+from dtprobe.data.store import default_store_dir
+from dtprobe.data.subsets import sample_ids_digest
 from dtprobe.extract import dataset_key
 
 MAX_MI_INPUTS = 2000  # test images whose flattened pixels are kept as X for I(X;T)
@@ -15,35 +29,98 @@ MAX_MI_INPUTS = 2000  # test images whose flattened pixels are kept as X for I(X
 
 @dataclass
 class EvalData:
-    """The dataset decoded once and reused for every checkpoint."""
+    """The dataset decoded once and reused for every checkpoint.
+
+    ``store`` is the image-store folder (None: in memory), ``budget`` the memory budget in
+    bytes and ``max_samples`` the subset size, which downstream datasets inherit.
+    """
 
     bundle: DatasetBundle
     key: str
-    train_images: torch.Tensor
-    test_images: torch.Tensor
+    train_images: Any
+    test_images: Any
     mi_inputs: torch.Tensor
+    store: Path | None = None
+    budget: int | None = None
+    max_samples: int | None = None
+
+    def samples(self) -> dict[str, Any]:
+        """Size and digest of each split's sample ids (what ``--max-samples`` chose)."""
+        out: dict[str, Any] = {"dataset": self.key}
+        for name, split in (("train", self.bundle.train), ("test", self.bundle.test)):
+            ids = split.sample_ids or []
+            out[name] = {"n": len(split), "sample_ids_sha256": sample_ids_digest(ids)}
+        return out
+
+    @property
+    def samples_tag(self) -> str:
+        """``N_TRAIN+N_TEST:DIGEST`` of both splits, stamped on rows of a subset analysis."""
+        ids = (self.bundle.train.sample_ids or []) + ["|"] + (self.bundle.test.sample_ids or [])
+        return f"{len(self.bundle.train)}+{len(self.bundle.test)}:{sample_ids_digest(ids)}"
 
 
-def place_images(bundle: DatasetBundle, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def resident_bytes(images: Any) -> int:
+    """Host bytes ``images`` hold (0 for an image store or images on a GPU)."""
+    if images.device.type != "cpu":
+        return 0
+    return int(images.nbytes)
+
+
+def place_images(bundle: DatasetBundle, device: torch.device) -> tuple[Any, Any]:
     """The train and test images where extraction reads them fastest."""
     train_images, test_images = bundle.train.images, bundle.test.images
     if device.type == "cuda":
         # Resident on the GPU when they fit in a quarter of free memory (no copies per
-        # checkpoint); pinned host memory otherwise, for overlapped transfers.
+        # checkpoint; uint8 pixels are a quarter the size); pinned host memory otherwise, for
+        # overlapped transfers (an image store is streamed through pinned staging buffers).
         free = torch.cuda.mem_get_info(device)[0]
-        size = train_images.nbytes + test_images.nbytes
-        move = (lambda t: t.to(device)) if size < free // 4 else (lambda t: t.pin_memory())
-        train_images, test_images = move(train_images), move(test_images)
+        size = sum(t.shape.numel() * (1 if is_raw(t) else t.element_size())
+                   for t in (train_images, test_images))
+        if size < free // 4:
+            train_images, test_images = train_images.to(device), test_images.to(device)
+        elif not is_raw(train_images):
+            train_images, test_images = train_images.pin_memory(), test_images.pin_memory()
     return train_images, test_images
 
 
-def prepare_data(plan: RunPlan, device: torch.device) -> EvalData:
-    bundle = load_dataset(plan.dataset, **plan.dataset_params)
+def store_folder(opts: AnalysisOptions, dataset: str) -> Path | None:
+    """Where ``dataset`` is decoded once (``--image-store``), or None to decode into memory."""
+    choice = opts.image_store
+    if choice is None or str(choice).lower() == "none" or not supports_store(dataset):
+        return None
+    return default_store_dir() if str(choice) == "auto" else Path(choice).expanduser()
+
+
+def enforce_budget(data: EvalData, values_per_image: int, what: str) -> int:
+    """:func:`~dtprobe.analysis.memory.check_budget` for ``data`` (see there)."""
+    budget = data.budget if data.budget is not None else default_budget()
+    resident = resident_bytes(data.train_images) + resident_bytes(data.test_images)
+    return check_budget(budget, len(data.bundle.train), len(data.bundle.test), values_per_image,
+                        resident, what, can_store=supports_store(data.bundle.name)
+                        and data.store is None)
+
+
+def prepare_data(plan: RunPlan, device: torch.device,
+                 opts: AnalysisOptions | None = None) -> EvalData:
+    opts = opts or AnalysisOptions()
+    params = dict(plan.dataset_params)
+    if opts.max_samples is not None:
+        params["max_samples"] = opts.max_samples
+    store = store_folder(opts, plan.dataset)
+    bundle = load_dataset(plan.dataset, store=store, **params)
     train_images, test_images = place_images(bundle, device)
     # X for I(X;T): the first test images' pixels; MI adapters pair them with the first rows of
     # the test features, so these must stay the leading rows.
     n_mi = min(MAX_MI_INPUTS, len(bundle.test))
+    mi = bundle.test.images[:n_mi].flatten(1)  # normalised float32 (RawImages normalise)
     return EvalData(bundle, dataset_key(bundle.name, bundle.params), train_images, test_images,
-                    bundle.test.images[:n_mi].flatten(1))
+                    mi, store=store, budget=opts.memory_budget,
+                    max_samples=opts.max_samples)
 
+
+def samples_record(data: EvalData) -> str:
+    """JSON of :meth:`EvalData.samples` plus the ids themselves (``analysis/samples.json``)."""
+    record = data.samples()
+    record["train"]["sample_ids"] = data.bundle.train.sample_ids
+    record["test"]["sample_ids"] = data.bundle.test.sample_ids
+    return json.dumps(record) + "\n"

@@ -55,6 +55,7 @@ from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.stores import PartStore
 from dtprobe.analysis.table import note
 from dtprobe.data import load_dataset
+from dtprobe.data.registry import supports_store
 from dtprobe.data.spec import DownstreamSpec, loader_parameters, parse_downstreams
 from dtprobe.data.transfer import SourceInput, prepare_for_source, source_loader_params
 from dtprobe.errors import DtprobeError
@@ -96,14 +97,18 @@ def load_downstream(spec: DownstreamSpec, source: EvalData,
     """
     target = SourceInput.of(source.bundle)
     params = source_loader_params(loader_parameters(spec.dataset), spec.params, target)
-    bundle = prepare_for_source(load_dataset(spec.dataset, **params), target)
+    if source.max_samples is not None:  # --max-samples applies unless the spec sets its own
+        params.setdefault("max_samples", source.max_samples)
+    store = source.store if supports_store(spec.dataset) else None
+    bundle = prepare_for_source(load_dataset(spec.dataset, store=store, **params), target)
     name = spec.name
     bundle.train.factors = {name: bundle.train.labels}
     bundle.test.factors = {name: bundle.test.labels}
     bundle.factor_classes = {name: bundle.num_classes}
     train_images, test_images = place_images(bundle, device)
     key = f"{dataset_key(bundle.name, bundle.params)}|{target.tag}"
-    data = EvalData(bundle, key, train_images, test_images, torch.empty(0, 0))
+    data = EvalData(bundle, key, train_images, test_images, torch.empty(0, 0), store=store,
+                    budget=source.budget, max_samples=source.max_samples)
     return DownstreamData(spec, data, _problem(spec, bundle.train.labels, bundle.test.labels))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dtprobe import checkpoints as ckpt_io
-from dtprobe.analysis.data import EvalData
+from dtprobe.analysis.data import EvalData, enforce_budget
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.errors import CheckpointError, ConfigError
 from dtprobe.extract import cache_key, extract_features
@@ -60,12 +60,15 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
                           + f"; its blocks are {' '.join(blocks) or '(none found)'}, and "
                           "`dtprobe layers RUN` lists every module")
     try:
-        extract_features(model, head, data.test_images[:2], device=torch.device("cpu"),
-                         batch_size=2)
+        outputs = extract_features(model, head, data.test_images[:2], device=torch.device("cpu"),
+                                   batch_size=2, layers=opts.layers)
     except RuntimeError as exc:
         raise ConfigError(f"{plan.arch} cannot process the {plan.dataset} images "
                           f"({ckpt_io._first_line(str(exc))}); pass a matching --arch / "
                           "--arch-param or --dataset") from None
+    # what one image costs in features, logits and layer outputs, for --memory-budget
+    enforce_budget(data, sum(v[0].numel() for v in outputs.values()),
+                   f"the analysis of {plan.name}")
 
 
 def plan_layers(plan: RunPlan, data: EvalData
@@ -147,7 +150,7 @@ def load_state(plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOptions,
     return load_model(plan, ckpt, in_channels, opts, blob)[1]
 
 
-def _extract(model: torch.nn.Module, head: torch.nn.Module, images: torch.Tensor,
+def _extract(model: torch.nn.Module, head: torch.nn.Module, images: Any,
              ckpt: PlannedCheckpoint, device: torch.device,
              opts: AnalysisOptions) -> dict[str, torch.Tensor]:
     try:

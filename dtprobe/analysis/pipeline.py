@@ -14,7 +14,7 @@ import torch
 
 import checkpoints_manifest as cm
 from dtprobe.analysis.cka import cka_rows, compare_rows
-from dtprobe.analysis.data import EvalData, prepare_data
+from dtprobe.analysis.data import EvalData, prepare_data, samples_record
 from dtprobe.analysis.downstream import analyse_downstream, downstream_specs
 from dtprobe.analysis.epoch_metrics import epoch_metrics, part_key
 from dtprobe.analysis.features import (
@@ -25,6 +25,7 @@ from dtprobe.analysis.features import (
     test_key,
 )
 from dtprobe.analysis.locks import ensure_analysis_dirs, remove_stale_temp_files, run_lock
+from dtprobe.analysis.memory import parse_size
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan, check_plan, plan_run
 from dtprobe.analysis.stores import EpochFeatures, PartStore
 from dtprobe.analysis.table import FAILURE_COLUMNS, finalise_table, note, save_tradeoff_chart
@@ -33,6 +34,7 @@ from dtprobe.errors import DtprobeError
 from dtprobe.extract import FeatureCache
 from dtprobe.metrics.registry import MetricSpec, resolve_metrics
 from dtprobe.progress import tqdm
+from dtprobe.table import DOWNSTREAM_PARAM
 
 
 @dataclass
@@ -99,6 +101,19 @@ def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
     return feats, part
 
 
+def stamp_samples(rows: list[dict[str, Any]], tag: str) -> None:
+    """Add ``"samples": tag`` (sizes and digest of the subset's sample ids) to the ``params``
+    of every row measured on the source images, so that rows of analyses on different subsets
+    can be told apart; downstream rows carry their own dataset's spec instead."""
+    for row in rows:
+        text = row.get("params") or ""
+        if f'"{DOWNSTREAM_PARAM}"' in text:
+            continue
+        params = json.loads(text) if text else {}
+        params["samples"] = tag
+        row["params"] = json.dumps(params, sort_keys=True, default=str)
+
+
 def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec], dist) -> None:
     """Under torchrun: this rank analyses checkpoints rank, rank + world, ... into the shared
     feature cache and part store; rank 0 then merges them into the one table.
@@ -107,7 +122,7 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
     always wait for it, since one rank stopping would leave the others at the barrier)."""
     analysis_dir = plan.run_dir / "analysis"
     with run_lock(analysis_dir, wait=True, shared=True):
-        data = prepare_data(plan, dist.device)
+        data = prepare_data(plan, dist.device, opts)
         opts = resolve_layers(plan, data, opts)
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
         parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
@@ -157,7 +172,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
     with run_lock(analysis_dir, wait=opts.wait):
         t0 = time.perf_counter()
         remove_stale_temp_files(analysis_dir)
-        data = prepare_data(plan, device)
+        data = prepare_data(plan, device, opts)
         opts = resolve_layers(plan, data, opts)
         check_model(plan, data, opts)
         downstream_specs(opts, data)  # a name repeating a source task: refused before any work
@@ -199,6 +214,8 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
                                                       stats)
             rows.extend(ds_rows)
             failures.extend(ds_failures)
+        if data.max_samples is not None:
+            stamp_samples(rows, data.samples_tag)
         table = finalise_table(rows)
         if not table.empty:  # every checkpoint failed: no empty table (an earlier one stays)
             cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
@@ -220,6 +237,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         if opts.progress:
             tqdm.write(f"{plan.name}: {stats.summary()}")
         _write_series_record(plan, analysis_dir / "checkpoints.json")
+        cm.atomic_write_text(analysis_dir / "samples.json", samples_record(data))
         if opts.plot and not table.empty:
             save_tradeoff_chart(table, analysis_dir / "tradeoff.png", epoch_note=plan.epoch_note)
     dist.shutdown()
@@ -266,7 +284,9 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             plot: bool = True, seed: int = 0, wait: bool = True,
             follow_symlinks: bool = False, epoch_from: str = "auto", weights: str = "auto",
             strip_prefix: str | None = None, trust_pickles: bool = False,
-            downstream: Sequence[Any] = (), downstream_metrics: Sequence[str] | None = None):
+            downstream: Sequence[Any] = (), downstream_metrics: Sequence[str] | None = None,
+            max_samples: int | None = None, image_store: str | Path | None = "auto",
+            memory_budget: int | str | None = None):
     """Analyse every checkpoint of the run in ``path``.
 
     Parameters
@@ -305,6 +325,17 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         ``transfer_log_odds_mean`` over the set.
     downstream_metrics : metrics computed on each downstream dataset (default
         :data:`dtprobe.analysis.downstream.DOWNSTREAM_METRICS`).
+    max_samples : keep a stable class-stratified subset of at most this many images per split,
+        of the source and of each downstream dataset (the same images for every checkpoint;
+        :mod:`dtprobe.data.subsets`). Rows then carry ``"samples": "N_TRAIN+N_TEST:DIGEST"``
+        in ``params``, and ``analysis/samples.json`` lists the ids.
+    image_store : where folder datasets are decoded once into uint8 image stores
+        (:mod:`dtprobe.data.store`): ``"auto"`` (``$DTPROBE_IMAGE_STORE``, else
+        ``~/.cache/dtprobe/images``), a folder, or ``None``/``"none"`` to decode into memory.
+    memory_budget : most memory the analysis may hold, in bytes or as ``"512M"``/``"8G"``
+        (default: three quarters of the memory available); an analysis that would exceed it
+        is refused before any work, with the options that would fit
+        (:mod:`dtprobe.analysis.memory`).
 
     Returns
     -------
@@ -341,5 +372,9 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
                            follow_symlinks=follow_symlinks, plan_flags=flags,
                            downstream=parse_downstreams(downstream),
                            downstream_metrics=(list(downstream_metrics)
-                                               if downstream_metrics is not None else None))
+                                               if downstream_metrics is not None else None),
+                           max_samples=max_samples,
+                           image_store=None if image_store is None else str(image_store),
+                           memory_budget=(None if memory_budget is None
+                                          else parse_size(memory_budget)))
     return analyze_plan(plan, opts)

@@ -26,7 +26,7 @@ from checkpoints_manifest.schema import MAX_CLASSES
 from dtprobe import checkpoints as ckpt_io
 from dtprobe.data import load_dataset
 from dtprobe.data.registry import available_datasets
-from dtprobe.errors import ConfigError
+from dtprobe.errors import ConfigError, DatasetError
 from dtprobe.models import get_arch
 
 
@@ -137,6 +137,13 @@ class AnalysisOptions:
     downstream_metrics: list[str] | None = None
     #: The flags given for the analysed run, applied to ``--compare`` runs without a manifest.
     plan_flags: dict[str, Any] = field(default_factory=dict)
+    #: ``--image-store``: "auto" (the default folder, :func:`dtprobe.data.store.default_store_dir`),
+    #: a folder, or None / "none" to decode folder datasets into memory.
+    image_store: str | None = "auto"
+    #: ``--memory-budget`` in bytes (None: :func:`dtprobe.analysis.memory.default_budget`).
+    memory_budget: int | None = None
+    #: ``--max-samples``: a stable class-stratified subset per split (source and downstream).
+    max_samples: int | None = None
 
 
 def _symlink_problem(run_dir: Path, relpath: str, follow_symlinks: bool,
@@ -299,6 +306,7 @@ def _check_call(func: Any, what: str, fix: str, *args: Any, **kwargs: Any) -> No
 #: Largest value of an integer dataset / architecture parameter, by name (default below).
 INT_LIMITS: dict[str, int] = {
     "seed": 2**63 - 1, "n_train": 1_000_000, "n_test": 1_000_000, "max_per_class": 1_000_000,
+    "max_samples": 100_000_000,
     "image_size": 1024, "channels": 64, "in_channels": 64,
 }
 _DEFAULT_INT_LIMIT = 1 << 16
@@ -418,8 +426,19 @@ def check_plan(plan: RunPlan, opts: AnalysisOptions) -> None:
     loader = getattr(data_registry, "_DATASETS", {}).get(plan.dataset)
     data_fix = "fix --dataset-param (or the manifest's dataset.params)"
     if loader is not None:
-        _check_call(loader, f"dataset {plan.dataset!r}", data_fix, **plan.dataset_params)
-        for name, value in plan.dataset_params.items():
+        from dtprobe.data.subsets import check_max_samples
+
+        params = dict(plan.dataset_params)
+        if "store" in params:
+            raise ConfigError(f"dataset {plan.dataset!r}: 'store' is not a dataset parameter; "
+                              "pass --image-store DIR")
+        if "max_samples" in params and "max_samples" not in inspect.signature(loader).parameters:
+            try:  # generic: applied by the registry after loading
+                check_max_samples(plan.dataset, params.pop("max_samples"))
+            except DatasetError as exc:
+                raise ConfigError(f"{exc}; {data_fix}") from None
+        _check_call(loader, f"dataset {plan.dataset!r}", data_fix, **params)
+        for name, value in params.items():
             _check_value(loader, name, value, f"dataset {plan.dataset!r}", data_fix)
         need = _dataset_bytes(plan.dataset_params)
         if need > MAX_DATASET_BYTES:

@@ -15,11 +15,19 @@ import torch
 
 @dataclass
 class Split:
-    """One split: normalised images ``(n, C, H, W)`` float32, source labels, downstream factors."""
+    """One split: images, source labels, downstream factors and stable sample ids.
 
-    images: torch.Tensor
+    ``images`` are normalised float32 ``(n, C, H, W)``, or a
+    :class:`~dtprobe.data.pixels.RawImages` (uint8 pixels in memory or in an image store,
+    normalised when indexed). ``sample_ids`` name each image stably (a folder image's path
+    relative to the dataset root, ``split:index`` for array datasets); ``None`` where a loader
+    does not provide them.
+    """
+
+    images: Any
     labels: torch.Tensor
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
+    sample_ids: list[str] | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -56,7 +56,11 @@ import torch
 import torch.nn.functional as F
 
 from dtprobe.data.base import DatasetBundle, Split
+from dtprobe.data.decode import DECODER_TAG, decode_batches, decode_image
+from dtprobe.data.pixels import RawImages
 from dtprobe.data.registry import register_dataset
+from dtprobe.data.store import ImageStore, open_or_build, store_key
+from dtprobe.data.subsets import check_max_samples, stable_subset
 from dtprobe.errors import DatasetError
 
 __all__ = ["load_cifar10", "load_cifar100", "load_cinic10", "load_imagefolder", "load_stl10"]
@@ -119,48 +123,84 @@ def _to_float(images: np.ndarray, image_size: int | None) -> torch.Tensor:
     return out
 
 
+def _statistics(total: torch.Tensor, total_sq: torch.Tensor, count: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (float64) from sums of intensities (std 0 becomes 1)."""
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(0).sqrt()
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
+
+
+Pixels = np.ndarray | ImageStore
+
+
 def _bundle(
     name: str,
     params: dict[str, Any],
-    train: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray],
+    train: tuple[Pixels, np.ndarray],
+    test: tuple[Pixels, np.ndarray],
     class_names: Sequence[str],
     image_size: int | None,
     factors: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {}),
     factor_classes: dict[str, int] | None = None,
+    sample_ids: tuple[list[str] | None, list[str] | None] = (None, None),
 ) -> DatasetBundle:
-    """Normalise uint8 splits with the train split's per-channel statistics into a bundle."""
-    x_train = _to_float(train[0], image_size)
-    x_test = _to_float(test[0], image_size)
-    total = torch.zeros(3, dtype=torch.float64)
-    total_sq = torch.zeros(3, dtype=torch.float64)
-    for start in range(0, len(x_train), _CHUNK):
-        x = x_train[start:start + _CHUNK].double()
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += x.square().sum(dim=(0, 2, 3))
-    count = x_train.shape[0] * x_train.shape[2] * x_train.shape[3]
-    mean = total / count
-    std = (total_sq / count - mean.square()).clamp_min(0).sqrt()
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    m, s = mean.float()[None, :, None, None], std.float()[None, :, None, None]
-    for x in (x_train, x_test):
-        for start in range(0, len(x), _CHUNK):
-            x[start:start + _CHUNK].sub_(m).div_(s)
+    """Normalise uint8 splits with the train split's per-channel statistics into a bundle.
 
-    def split(x: torch.Tensor, y: np.ndarray, f: dict[str, np.ndarray]) -> Split:
+    Arrays become normalised float32 tensors; image stores (already at their final size)
+    become :class:`RawImages` normalised on use with the same statistics, which the store
+    summed in the same chunks, so both give the same floats.
+    """
+    if isinstance(train[0], ImageStore) and isinstance(test[0], ImageStore):
+        mean, std = _statistics(*train[0].sums)
+        x_train: Any = RawImages(train[0], mean.tolist(), std.tolist())
+        x_test: Any = RawImages(test[0], mean.tolist(), std.tolist())
+    else:
+        x_train = _to_float(np.asarray(train[0]), image_size)
+        x_test = _to_float(np.asarray(test[0]), image_size)
+        total = torch.zeros(3, dtype=torch.float64)
+        total_sq = torch.zeros(3, dtype=torch.float64)
+        for start in range(0, len(x_train), _CHUNK):
+            x = x_train[start:start + _CHUNK].double()
+            total += x.sum(dim=(0, 2, 3))
+            total_sq += x.square().sum(dim=(0, 2, 3))
+        count = x_train.shape[0] * x_train.shape[2] * x_train.shape[3]
+        mean, std = _statistics(total, total_sq, count)
+        m, s = mean.float()[None, :, None, None], std.float()[None, :, None, None]
+        for x in (x_train, x_test):
+            for start in range(0, len(x), _CHUNK):
+                x[start:start + _CHUNK].sub_(m).div_(s)
+
+    def split(x: Any, y: np.ndarray, f: dict[str, np.ndarray], ids: list[str] | None) -> Split:
         return Split(images=x, labels=torch.from_numpy(np.asarray(y, dtype=np.int64)),
                      factors={k: torch.from_numpy(np.asarray(v, dtype=np.int64))
-                              for k, v in f.items()})
+                              for k, v in f.items()}, sample_ids=ids)
 
     return DatasetBundle(
         name=name, params=params,
-        train=split(x_train, train[1], factors[0]),
-        test=split(x_test, test[1], factors[1]),
+        train=split(x_train, train[1], factors[0], sample_ids[0]),
+        test=split(x_test, test[1], factors[1], sample_ids[1]),
         num_classes=len(class_names),
         factor_classes=dict(factor_classes or {}),
         class_names=list(class_names),
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
     )
+
+
+def _with_subset(params: dict[str, Any], max_samples: int | None) -> dict[str, Any]:
+    """``params`` plus ``max_samples`` when set (left out when unset, so that the dataset keys of
+    feature caches written before subsets existed stay valid)."""
+    return params if max_samples is None else {**params, "max_samples": max_samples}
+
+
+def _array_subset(labels: np.ndarray, split: str, max_per_class: int | None,
+                  max_samples: int | None) -> tuple[np.ndarray, list[str]]:
+    """Indices kept of an array split (first ``max_per_class`` per class, then the stable
+    ``max_samples`` subset) and their sample ids ``split:index`` (index in the file)."""
+    keep = _cap_indices(labels, max_per_class)
+    ids = [f"{split}:{i}" for i in keep]
+    chosen = stable_subset(ids, labels[keep], max_samples)
+    return keep[chosen], [ids[i] for i in chosen]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +283,7 @@ def load_cifar10(
     download: bool = False,
     image_size: int | None = None,
     max_per_class: int | None = None,
+    max_samples: int | None = None,
 ) -> DatasetBundle:
     """CIFAR-10 from ``root/cifar-10-batches-py`` (Krizhevsky 2009).
 
@@ -252,6 +293,8 @@ def load_cifar10(
     download : fetch and extract the official archive into ``root`` if files are missing.
     image_size : resize to this side (``None``: keep 32 px).
     max_per_class : keep only the first images of each class in each split (memory cap).
+    max_samples : a stable class-stratified subset of at most this many images per split
+        (:mod:`dtprobe.data.subsets`), after ``max_per_class``.
 
     Returns
     -------
@@ -281,10 +324,13 @@ def load_cifar10(
         if y.size and (y.min() < 0 or y.max() >= len(names)):
             raise DatasetError(f"{name}: labels in {d} outside 0..{len(names) - 1}; "
                                "re-download it with --download")
-    keep_tr, keep_te = _cap_indices(y_tr, max_per_class), _cap_indices(y_te, max_per_class)
-    params = dict(root=str(root_p), image_size=image_size, max_per_class=max_per_class)
+    max_samples = check_max_samples(name, max_samples)
+    keep_tr, ids_tr = _array_subset(y_tr, "train", max_per_class, max_samples)
+    keep_te, ids_te = _array_subset(y_te, "test", max_per_class, max_samples)
+    params = _with_subset(dict(root=str(root_p), image_size=image_size,
+                               max_per_class=max_per_class), max_samples)
     return _bundle(name, params, (x_tr[keep_tr], y_tr[keep_tr]), (x_te[keep_te], y_te[keep_te]),
-                   names, image_size)
+                   names, image_size, sample_ids=(ids_tr, ids_te))
 
 
 @register_dataset("cifar100")
@@ -294,6 +340,7 @@ def load_cifar100(
     coarse: bool = False,
     image_size: int | None = None,
     max_per_class: int | None = None,
+    max_samples: int | None = None,
 ) -> DatasetBundle:
     """CIFAR-100 from ``root/cifar-100-python`` (Krizhevsky 2009).
 
@@ -305,6 +352,8 @@ def load_cifar100(
         otherwise (default) source = the 100 fine classes with factor ``coarse`` (20 classes).
     image_size : resize to this side (``None``: keep 32 px).
     max_per_class : keep only the first images of each source class in each split.
+    max_samples : a stable class-stratified subset of at most this many images per split
+        (:mod:`dtprobe.data.subsets`), after ``max_per_class``.
 
     Returns
     -------
@@ -343,13 +392,15 @@ def load_cifar100(
                                    "re-download it with --download")
     y_tr, y_te, names = labels[src]
     o_tr, o_te, o_names = labels[other]
-    keep_tr, keep_te = _cap_indices(y_tr, max_per_class), _cap_indices(y_te, max_per_class)
-    params = dict(root=str(root_p), coarse=coarse, image_size=image_size,
-                  max_per_class=max_per_class)
+    max_samples = check_max_samples(name, max_samples)
+    keep_tr, ids_tr = _array_subset(y_tr, "train", max_per_class, max_samples)
+    keep_te, ids_te = _array_subset(y_te, "test", max_per_class, max_samples)
+    params = _with_subset(dict(root=str(root_p), coarse=coarse, image_size=image_size,
+                               max_per_class=max_per_class), max_samples)
     return _bundle(name, params, (x_tr[keep_tr], y_tr[keep_tr]), (x_te[keep_te], y_te[keep_te]),
                    names, image_size,
                    factors=({other: o_tr[keep_tr]}, {other: o_te[keep_te]}),
-                   factor_classes={other: len(o_names)})
+                   factor_classes={other: len(o_names)}, sample_ids=(ids_tr, ids_te))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,6 +428,7 @@ def load_stl10(
     download: bool = False,
     image_size: int | None = None,
     max_per_class: int | None = None,
+    max_samples: int | None = None,
 ) -> DatasetBundle:
     """STL-10's labelled splits from ``root/stl10_binary`` (Coates et al. 2011).
 
@@ -386,6 +438,8 @@ def load_stl10(
     download : fetch and extract the official archive (2.6 GB) into ``root`` if missing.
     image_size : resize to this side (``None``: keep 96 px; 32 matches CIFAR models).
     max_per_class : keep only the first images of each class in each split.
+    max_samples : a stable class-stratified subset of at most this many images per split
+        (:mod:`dtprobe.data.subsets`), after ``max_per_class``.
 
     Returns
     -------
@@ -410,10 +464,13 @@ def load_stl10(
         lines = [s.strip() for s in (d / "class_names.txt").read_text().splitlines() if s.strip()]
         if len(lines) == 10:
             names = lines
-    keep_tr, keep_te = _cap_indices(y_tr, max_per_class), _cap_indices(y_te, max_per_class)
-    params = dict(root=str(root_p), image_size=image_size, max_per_class=max_per_class)
+    max_samples = check_max_samples(name, max_samples)
+    keep_tr, ids_tr = _array_subset(y_tr, "train", max_per_class, max_samples)
+    keep_te, ids_te = _array_subset(y_te, "test", max_per_class, max_samples)
+    params = _with_subset(dict(root=str(root_p), image_size=image_size,
+                               max_per_class=max_per_class), max_samples)
     return _bundle(name, params, (x_tr[keep_tr], y_tr[keep_tr]), (x_te[keep_te], y_te[keep_te]),
-                   names, image_size)
+                   names, image_size, sample_ids=(ids_tr, ids_te))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,46 +506,77 @@ def _list_folder(name: str, d: Path, class_to_idx: dict[str, int] | None,
 
 
 def _decode(name: str, paths: Sequence[str], size: int | None) -> np.ndarray:
-    """Decode images to uint8 ``(n, 3, S, S)``: shorter side resized to ``size``, centre crop.
-
-    With ``size=None`` all images must share one size (CINIC-10's 32 x 32).
-    """
-    from PIL import Image, UnidentifiedImageError
-
+    """Decode images to uint8 ``(n, 3, S, S)`` in memory (:func:`dtprobe.data.decode`'s rule,
+    in parallel worker processes). With ``size=None`` all images must share one size."""
     out: np.ndarray | None = None
-    for i, p in enumerate(paths):
-        try:
-            with Image.open(p) as im:
-                if size is not None:
-                    im.draft("RGB", (size, size))  # fast JPEG downscale by a power of two
-                im = im.convert("RGB")
-                if size is not None:
-                    w, h = im.size
-                    scale = size / min(w, h)
-                    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-                    im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-                    left, top = (nw - size) // 2, (nh - size) // 2
-                    im = im.crop((left, top, left + size, top + size))
-                arr = np.asarray(im, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise DatasetError(f"{name}: cannot decode image {p} ({type(err).__name__}: "
-                               f"{err}); remove or replace it") from None
+    start = 0
+    for batch in decode_batches(name, paths, size):
         if out is None:
-            out = np.empty((len(paths), 3, *arr.shape[:2]), dtype=np.uint8)
-        elif arr.shape[:2] != out.shape[2:]:
-            raise DatasetError(f"{name}: {p} is {arr.shape[1]}x{arr.shape[0]}, others are "
-                               f"{out.shape[3]}x{out.shape[2]}; pass image_size to resize")
-        out[i] = arr.transpose(2, 0, 1)
+            out = np.empty((len(paths), *batch.shape[1:]), dtype=np.uint8)
+        elif batch.shape[1:] != out.shape[1:]:
+            raise DatasetError(f"{name}: images near {paths[start]} are {batch.shape[3]}x"
+                               f"{batch.shape[2]}, others are {out.shape[3]}x{out.shape[2]}; "
+                               "pass image_size to resize")
+        out[start:start + len(batch)] = batch
+        start += len(batch)
     assert out is not None
     return out
 
 
-def _folder_split(name: str, d: Path, class_to_idx: dict[str, int] | None, layout: str,
-                  size: int | None, max_per_class: int | None
-                  ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    paths, labels, class_to_idx = _list_folder(name, d, class_to_idx, layout)
-    keep = _cap_indices(labels, max_per_class)
-    return _decode(name, [paths[i] for i in keep], size), labels[keep], class_to_idx
+def _stored(name: str, split: str, root: Path, paths: Sequence[str], size: int | None,
+            store: str | os.PathLike) -> ImageStore:
+    """The split decoded once into an image store (:mod:`dtprobe.data.store`), keyed by the
+    decoder and each file's path, size and modification time."""
+    try:
+        listing = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns)
+                   for p in paths for st in (os.stat(p),)]
+    except OSError as err:
+        raise DatasetError(f"{name}: cannot read {err.filename} ({err.strerror}); the folder "
+                           "changed while listing it, run again") from None
+    shape = (3, size, size) if size is not None else tuple(decode_image(name, paths[0], None).shape)
+    key = store_key(name, DECODER_TAG, size, listing)
+    bar: list[Any] = []
+
+    def start() -> None:
+        from dtprobe.progress import tqdm
+
+        bar.append(tqdm(total=len(paths), unit="img", desc=f"{name}/{split}: decoding once "
+                        "into the image store"))
+
+    try:
+        return open_or_build(store, f"{name}-{split}", key, len(paths), shape,  # type: ignore[arg-type]
+                             lambda: decode_batches(name, paths, size),
+                             progress=lambda k: bar[0].update(k) if bar else None,
+                             on_build=start)
+    finally:
+        for b in bar:
+            b.close()
+
+
+def _folder_split(name: str, root: Path, dirs: Sequence[Path], split: str,
+                  class_to_idx: dict[str, int] | None, layout: str, size: int | None,
+                  max_per_class: int | None, max_samples: int | None,
+                  store: str | os.PathLike | None
+                  ) -> tuple[Pixels, np.ndarray, dict[str, int], list[str]]:
+    """One split of a folder dataset, from the class folders of ``dirs`` (capped at
+    ``max_per_class`` files each, then the stable ``max_samples`` subset of them all): pixels
+    (in memory, or an image store in the folder ``store``), labels, the class index and the
+    sample ids (paths relative to ``root``). Only the chosen files are decoded."""
+    paths: list[str] = []
+    labels_parts = []
+    for d in dirs:
+        found, labels, class_to_idx = _list_folder(name, d, class_to_idx, layout)
+        keep = _cap_indices(labels, max_per_class)
+        paths += [found[i] for i in keep]
+        labels_parts.append(labels[keep])
+    labels = np.concatenate(labels_parts)
+    ids = [os.path.relpath(p, root) for p in paths]
+    keep = stable_subset(ids, labels, max_samples)
+    paths, labels, ids = [paths[i] for i in keep], labels[keep], [ids[i] for i in keep]
+    assert class_to_idx is not None
+    if store is not None:
+        return _stored(name, split, root, paths, size, store), labels, class_to_idx, ids
+    return _decode(name, paths, size), labels, class_to_idx, ids
 
 
 _CINIC_URL = "https://datashare.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz"
@@ -501,6 +589,8 @@ def load_cinic10(
     include_valid: bool = False,
     image_size: int | None = None,
     max_per_class: int | None = None,
+    max_samples: int | None = None,
+    store: str | os.PathLike | None = None,
 ) -> DatasetBundle:
     """CINIC-10 from ``root/{train,valid,test}/<class>/*.png`` (Darlow et al. 2018).
 
@@ -512,6 +602,8 @@ def load_cinic10(
     image_size : resize to this side (``None``: keep 32 px).
     max_per_class : keep only the first files (sorted by name) of each class in each split;
         decoding the full 180 000 images takes minutes and 2.2 GB.
+    max_samples : a stable class-stratified subset of at most this many images per split.
+    store : a folder of image stores: decode once, read per batch (see ``load_imagefolder``).
 
     Returns
     -------
@@ -544,15 +636,16 @@ def load_cinic10(
     if include_valid and not (d / "valid").is_dir():
         raise DatasetError(f"{name}: {d} missing valid/ (expected {layout}); pass "
                            "include_valid=False or re-download")
-    x_tr, y_tr, c2i = _folder_split(name, d / "train", None, layout, image_size, max_per_class)
-    if include_valid:
-        x_va, y_va, _ = _folder_split(name, d / "valid", c2i, layout, image_size, max_per_class)
-        x_tr, y_tr = np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])
-    x_te, y_te, _ = _folder_split(name, d / "test", c2i, layout, image_size, max_per_class)
-    params = dict(root=str(root_p), include_valid=include_valid, image_size=image_size,
-                  max_per_class=max_per_class)
+    max_samples = check_max_samples(name, max_samples)
+    train_dirs = [d / "train", d / "valid"] if include_valid else [d / "train"]
+    x_tr, y_tr, c2i, ids_tr = _folder_split(name, d, train_dirs, "train", None, layout,
+                                            image_size, max_per_class, max_samples, store)
+    x_te, y_te, _, ids_te = _folder_split(name, d, [d / "test"], "test", c2i, layout,
+                                          image_size, max_per_class, max_samples, store)
+    params = _with_subset(dict(root=str(root_p), include_valid=include_valid,
+                               image_size=image_size, max_per_class=max_per_class), max_samples)
     return _bundle(name, params, (x_tr, y_tr), (x_te, y_te), sorted(c2i, key=c2i.get),
-                   image_size)
+                   image_size, sample_ids=(ids_tr, ids_te))
 
 
 @register_dataset("imagefolder")
@@ -561,6 +654,8 @@ def load_imagefolder(
     image_size: int = 64,
     max_per_class: int | None = None,
     test_split: str | None = None,
+    max_samples: int | None = None,
+    store: str | os.PathLike | None = None,
 ) -> DatasetBundle:
     """Any ImageNet-style folder: ``root/train/<class>/*`` and ``root/val/<class>/*``.
 
@@ -572,6 +667,13 @@ def load_imagefolder(
     max_per_class : keep only the first files (sorted by name) of each class in each split.
         Memory is ``n x 3 x image_size^2 x 5`` bytes while loading (uint8 + float32).
     test_split : name of the evaluation folder (``None``: ``val``, else ``test``).
+    max_samples : keep a stable class-stratified subset of at most this many images per split
+        (:mod:`dtprobe.data.subsets`); only those files are decoded.
+    store : a folder of image stores (:mod:`dtprobe.data.store`): each split is decoded once
+        into a uint8 file there and read back per batch (images become
+        :class:`~dtprobe.data.pixels.RawImages`; memory is a batch, not the split). ``None``
+        (default) decodes into memory as float32. Not part of ``params``: the images are the
+        same either way.
 
     Returns
     -------
@@ -593,10 +695,12 @@ def load_imagefolder(
         test_split = next((s for s in ("val", "test") if (root_p / s).is_dir()), "val")
     if not (root_p / test_split).is_dir():
         raise DatasetError(f"{name}: {root_p} missing {test_split}/ (expected {layout}); {fix}")
-    x_tr, y_tr, c2i = _folder_split(name, root_p / "train", None, layout, checked,
-                                    max_per_class)
-    x_te, y_te, _ = _folder_split(name, root_p / test_split, c2i, layout, checked,
-                                  max_per_class)
-    params = dict(root=str(root_p), image_size=checked, max_per_class=max_per_class,
-                  test_split=test_split)
-    return _bundle(name, params, (x_tr, y_tr), (x_te, y_te), sorted(c2i, key=c2i.get), None)
+    max_samples = check_max_samples(name, max_samples)
+    x_tr, y_tr, c2i, ids_tr = _folder_split(name, root_p, [root_p / "train"], "train", None,
+                                            layout, checked, max_per_class, max_samples, store)
+    x_te, y_te, _, ids_te = _folder_split(name, root_p, [root_p / test_split], test_split, c2i,
+                                          layout, checked, max_per_class, max_samples, store)
+    params = _with_subset(dict(root=str(root_p), image_size=checked,
+                               max_per_class=max_per_class, test_split=test_split), max_samples)
+    return _bundle(name, params, (x_tr, y_tr), (x_te, y_te), sorted(c2i, key=c2i.get), None,
+                   sample_ids=(ids_tr, ids_te))

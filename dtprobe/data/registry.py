@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 from collections.abc import Callable
+from dataclasses import replace
 
-from dtprobe.data.base import DatasetBundle
+import torch
+
+from dtprobe.data.base import DatasetBundle, Split
+from dtprobe.data.subsets import check_max_samples, stable_subset
 from dtprobe.errors import DatasetError
 
 _DATASETS: dict[str, Callable[..., DatasetBundle]] = {}
+
+#: Parameters every dataset takes: loaders that do not declare them get them applied here.
+GENERIC_PARAMS = ("max_samples",)
 
 
 def register_dataset(name: str):
@@ -24,9 +33,55 @@ def available_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
-def load_dataset(name: str, **params) -> DatasetBundle:
-    """Load dataset ``name``; ``params`` are its loader's keyword arguments (kept in manifests)."""
+def _accepts(loader: Callable[..., DatasetBundle], name: str) -> bool:
+    return name in inspect.signature(loader).parameters
+
+
+def supports_store(name: str) -> bool:
+    """Whether dataset ``name`` can decode into an image store (folder datasets)."""
+    available_datasets()
+    return name in _DATASETS and _accepts(_DATASETS[name], "store")
+
+
+def _subset_split(split: Split, name: str, max_samples: int) -> Split:
+    ids = split.sample_ids or [f"{name}:{i}" for i in range(len(split))]
+    keep = stable_subset(ids, split.labels.numpy(), max_samples)
+    index = torch.from_numpy(keep)
+    return Split(images=split.images[index], labels=split.labels[index],
+                 factors={k: v[index] for k, v in split.factors.items()},
+                 sample_ids=[ids[i] for i in keep])
+
+
+def _with_ids(split: Split, name: str) -> Split:
+    if split.sample_ids is not None:
+        return split
+    return replace(split, sample_ids=[f"{name}:{i}" for i in range(len(split))])
+
+
+def load_dataset(name: str, store: str | os.PathLike | None = None, **params) -> DatasetBundle:
+    """Load dataset ``name``; ``params`` are its loader's keyword arguments (kept in manifests).
+
+    ``max_samples`` (a stable class-stratified subset per split, :mod:`dtprobe.data.subsets`)
+    is accepted by every dataset: loaders that take it choose before decoding, the others are
+    subset after loading. ``store`` (a folder of image stores, :mod:`dtprobe.data.store`) is
+    passed to loaders that can decode into one and ignored by the others (their images are
+    made in memory); it is not a parameter of the images, so it is not recorded in ``params``.
+    """
     names = available_datasets()
     if name not in _DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(names)}")
-    return _DATASETS[name](**params)
+    loader = _DATASETS[name]
+    if store is not None and _accepts(loader, "store"):
+        params = {**params, "store": store}
+    if "max_samples" in params and not _accepts(loader, "max_samples"):
+        cap = check_max_samples(name, params.pop("max_samples"))
+        bundle = loader(**params)
+        if cap is None:
+            return bundle
+        return replace(bundle, params={**bundle.params, "max_samples": cap},
+                       train=_subset_split(bundle.train, "train", cap),
+                       test=_subset_split(bundle.test, "test", cap))
+    bundle = loader(**params)
+    return replace(bundle, train=_with_ids(bundle.train, "train"),
+                   test=_with_ids(bundle.test, "test"))
+

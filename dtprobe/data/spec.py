@@ -63,7 +63,8 @@ def _value(raw: str) -> Any:
 
 
 def loader_parameters(dataset: str) -> list[str]:
-    """Keyword parameters of the registered loader of ``dataset`` (raises for unknown names)."""
+    """Keyword parameters of the registered loader of ``dataset``, plus the generic ones every
+    dataset takes (``max_samples``); raises for unknown names."""
     from dtprobe.data import registry
 
     names = registry.available_datasets()
@@ -71,8 +72,10 @@ def loader_parameters(dataset: str) -> list[str]:
         raise ConfigError(f"--downstream: unknown dataset {dataset!r}; available: "
                           f"{', '.join(names)}")
     sig = inspect.signature(registry._DATASETS[dataset])
-    return [p.name for p in sig.parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    # ``store`` is where the analysis keeps decoded images, not a property of the dataset
+    names = [p.name for p in sig.parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "store"]
+    return names + [g for g in registry.GENERIC_PARAMS if g not in names]
 
 
 def _check(spec: DownstreamSpec, shown: str) -> DownstreamSpec:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from dtprobe.data.base import DatasetBundle, Split
+from dtprobe.data.pixels import is_raw
 from dtprobe.errors import DatasetError
 
 __all__ = ["LUMA", "SourceInput", "prepare_for_source", "source_loader_params"]
@@ -122,6 +123,16 @@ def prepare_for_source(bundle: DatasetBundle, target: SourceInput) -> DatasetBun
     if len(target.mean) != target.channels or len(target.std) != target.channels:
         raise DatasetError(f"{bundle.name}: the source statistics have {len(target.mean)} "
                            f"channels but its images {target.channels}")
+    if (is_raw(bundle.train.images) and is_raw(bundle.test.images) and c == target.channels
+            and tuple(bundle.train.images.shape[-2:]) == (target.height, target.width)):
+        # uint8 pixels at the source's size: only the normalisation changes (steps 1 and 4 on
+        # the exact intensities, no float copy of the images is made)
+        def restat(s: Split) -> Split:
+            return Split(images=s.images.with_stats(target.mean, target.std),
+                         labels=s.labels.clone(), factors={}, sample_ids=s.sample_ids)
+
+        return replace(bundle, train=restat(bundle.train), test=restat(bundle.test),
+                       factor_classes={}, mean=target.mean, std=target.std)
     mean_in = torch.tensor(bundle.mean, dtype=torch.float32)
     std_in = torch.tensor(bundle.std, dtype=torch.float32)
 
@@ -132,7 +143,7 @@ def prepare_for_source(bundle: DatasetBundle, target: SourceInput) -> DatasetBun
         for start in range(0, n, _CHUNK):
             out[start:start + _CHUNK] = _convert(s.images[start:start + _CHUNK], mean_in,
                                                  std_in, target)
-        return Split(images=out, labels=s.labels.clone(), factors={})
+        return Split(images=out, labels=s.labels.clone(), factors={}, sample_ids=s.sample_ids)
 
     return replace(bundle, train=split(bundle.train), test=split(bundle.test), factor_classes={},
                    mean=target.mean, std=target.std)

@@ -1,0 +1,130 @@
+"""Memory budget of an analysis (``--memory-budget``): what it holds, checked before any work.
+
+An analysis holds, at its peak:
+
+- the evaluation images, when they are in memory (float32 tensors, or uint8 pixels); images
+  read from an image store (:mod:`dtprobe.data.store`) cost one batch;
+- one checkpoint's train and test features (penultimate, logits and each ``--layers`` output,
+  float32) and the test features of up to two more checkpoints (the final one, kept for
+  CKA-to-final, and the previous one);
+- the metrics' working copies of the training features (standardised copies for the probes'
+  solver, class means and scatter), counted as :data:`WORKSPACE_COPIES` copies.
+
+None of these grows with the number of checkpoints, layers kept on disk or downstream datasets
+(one is loaded at a time, and checked the same way). :func:`check_budget` adds them up and
+refuses, with the options that would fit, an analysis that would exceed the budget, instead
+of letting the machine swap or the kernel kill it halfway.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+from dtprobe.errors import ConfigError
+
+__all__ = ["WORKSPACE_COPIES", "check_budget", "default_budget", "estimate_bytes",
+           "format_size", "parse_size"]
+
+#: Working copies of the training features the metrics make at most at once (measured on the
+#: analysis of a 3,000-image folder run: see tests/test_memory_budget.py).
+WORKSPACE_COPIES = 3
+#: Test features of other checkpoints held for the across-epoch metrics (final and previous).
+HELD_CHECKPOINTS = 2
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of a size such as ``512M``, ``8G``, ``1.5GiB`` or ``1048576`` (binary units).
+
+    Raises
+    ------
+    ConfigError
+        Not a positive size (the message shows the accepted forms).
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = _SIZE.match(str(text))
+        if not match:
+            raise ConfigError(f"--memory-budget {text!r}: write a size such as 512M, 8G or "
+                              "1.5G (binary units K, M, G, T)")
+        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value < 1 << 20:
+        raise ConfigError(f"--memory-budget {text!r}: at least 1M is needed")
+    return value
+
+
+def format_size(n: float) -> str:
+    """``n`` bytes as a short human size (``1.5 GiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
+        return None
+
+
+def default_budget() -> int:
+    """Three quarters of the memory available now (8 GiB when it cannot be read)."""
+    available = _available_memory()
+    return int(available * 0.75) if available else 8 << 30
+
+
+def estimate_bytes(n_train: int, n_test: int, values_per_image: int,
+                   resident_image_bytes: int) -> dict[str, int]:
+    """The parts of an analysis's peak memory (see the module docstring), in bytes.
+
+    Parameters
+    ----------
+    n_train, n_test : images per split.
+    values_per_image : floats extracted per image (feature dim + classes + layer dims).
+    resident_image_bytes : bytes of the images held in memory (0 for an image store).
+    """
+    per = 4 * values_per_image
+    train, test = n_train * per, n_test * per
+    return {"images": resident_image_bytes, "features": train + test,
+            "held": HELD_CHECKPOINTS * test, "workspace": WORKSPACE_COPIES * train}
+
+
+def check_budget(budget: int, n_train: int, n_test: int, values_per_image: int,
+                 resident_image_bytes: int, what: str, can_store: bool) -> int:
+    """Raise :class:`ConfigError` if the analysis of ``what`` would hold more than ``budget``.
+
+    Returns the estimated peak in bytes. The message names the largest ``--max-samples`` that
+    would fit and, for folder datasets held in memory, ``--image-store``.
+    """
+    parts = estimate_bytes(n_train, n_test, values_per_image, resident_image_bytes)
+    need = sum(parts.values())
+    if need <= budget:
+        return need
+    per_image_features = need - parts["images"]
+    per_image = per_image_features / max(1, n_train + n_test)
+    if resident_image_bytes:
+        per_image += resident_image_bytes / max(1, n_train + n_test)
+    fits = max(0, math.floor(budget / per_image)) // 2 if per_image else 0
+    fixes = []
+    if resident_image_bytes and can_store:
+        fixes.append("--image-store DIR (decode once to disk, read per batch)")
+    if fits >= 1:
+        fixes.append(f"--max-samples {fits} (a stable subset per split)")
+    fixes.append("a larger --memory-budget")
+    detail = ", ".join(f"{k} {format_size(v)}" for k, v in parts.items() if v)
+    raise ConfigError(f"--memory-budget {format_size(budget)}: {what} needs about "
+                      f"{format_size(need)} ({detail}; {n_train} + {n_test} images); pass "
+                      + " or ".join(fixes))
