@@ -39,10 +39,18 @@ class EvalData:
     key: str
     train_images: Any
     test_images: Any
-    mi_inputs: torch.Tensor
+    mi_inputs: torch.Tensor | None  # None: made on first use (see :meth:`mi`)
     store: Path | None = None
     budget: int | None = None
     max_samples: int | None = None
+
+    def mi(self) -> torch.Tensor:
+        """X for I(X;T): the first test images' pixels, flattened (made once, when an MI
+        metric first asks; MI adapters pair them with the leading rows of the test features)."""
+        if self.mi_inputs is None:
+            n_mi = min(MAX_MI_INPUTS, len(self.bundle.test))
+            self.mi_inputs = self.bundle.test.images[:n_mi].flatten(1).cpu()
+        return self.mi_inputs
 
     def samples(self) -> dict[str, Any]:
         """Size and digest of each split's sample ids (what ``--max-samples`` chose)."""
@@ -91,10 +99,15 @@ def store_folder(opts: AnalysisOptions, dataset: str) -> Path | None:
     return default_store_dir() if str(choice) == "auto" else Path(choice).expanduser()
 
 
-def enforce_budget(data: EvalData, values_per_image: int, what: str) -> int:
-    """:func:`~dtprobe.analysis.memory.check_budget` for ``data`` (see there)."""
+def enforce_budget(data: EvalData, values_per_image: int, what: str,
+                   pixel_inputs: bool = False) -> int:
+    """:func:`~dtprobe.analysis.memory.check_budget` for ``data`` (see there);
+    ``pixel_inputs``: an I(X;T) metric will hold :meth:`EvalData.mi` too."""
     budget = data.budget if data.budget is not None else default_budget()
     resident = resident_bytes(data.train_images) + resident_bytes(data.test_images)
+    if pixel_inputs:
+        resident += min(MAX_MI_INPUTS, len(data.bundle.test)) * 4 * int(
+            torch.Size(data.bundle.test.images.shape[1:]).numel())
     return check_budget(budget, len(data.bundle.train), len(data.bundle.test), values_per_image,
                         resident, what, can_store=supports_store(data.bundle.name)
                         and data.store is None)
@@ -109,12 +122,8 @@ def prepare_data(plan: RunPlan, device: torch.device,
     store = store_folder(opts, plan.dataset)
     bundle = load_dataset(plan.dataset, store=store, **params)
     train_images, test_images = place_images(bundle, device)
-    # X for I(X;T): the first test images' pixels; MI adapters pair them with the first rows of
-    # the test features, so these must stay the leading rows.
-    n_mi = min(MAX_MI_INPUTS, len(bundle.test))
-    mi = bundle.test.images[:n_mi].flatten(1)  # normalised float32 (RawImages normalise)
     return EvalData(bundle, dataset_key(bundle.name, bundle.params), train_images, test_images,
-                    mi, store=store, budget=opts.memory_budget,
+                    None, store=store, budget=opts.memory_budget,
                     max_samples=opts.max_samples)
 
 

@@ -93,7 +93,7 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
         train=FeatureSplit(feats["train"]["features"], b.train.labels, b.train.factors,
                            feats["train"]["logits"]),
         test=FeatureSplit(feats["test"]["features"], b.test.labels, b.test.factors,
-                          feats["test"]["logits"], inputs=data.mi_inputs),
+                          feats["test"]["logits"], inputs=data.mi()),
         head_weight=weight, head_bias=bias, seed=opts.seed)
     rows = []
     for spec in specs:

@@ -67,8 +67,11 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
                           f"({ckpt_io._first_line(str(exc))}); pass a matching --arch / "
                           "--arch-param or --dataset") from None
     # what one image costs in features, logits and layer outputs, for --memory-budget
+    from dtprobe.metrics.registry import resolve_metrics
+
+    pixel_inputs = any(spec.name.startswith("mi_xt") for spec in resolve_metrics(opts.metrics))
     enforce_budget(data, sum(v[0].numel() for v in outputs.values()),
-                   f"the analysis of {plan.name}")
+                   f"the analysis of {plan.name}", pixel_inputs)
 
 
 def plan_layers(plan: RunPlan, data: EvalData

@@ -59,7 +59,13 @@ from dtprobe.data.base import DatasetBundle, Split
 from dtprobe.data.decode import DECODER_TAG, decode_batches, decode_image
 from dtprobe.data.pixels import RawImages
 from dtprobe.data.registry import register_dataset
-from dtprobe.data.store import ImageStore, open_or_build, store_key
+from dtprobe.data.store import (
+    ImageStore,
+    histogram_statistics,
+    open_or_build,
+    pixel_histogram,
+    store_key,
+)
 from dtprobe.data.subsets import check_max_samples, stable_subset
 from dtprobe.errors import DatasetError
 
@@ -123,15 +129,21 @@ def _to_float(images: np.ndarray, image_size: int | None) -> torch.Tensor:
     return out
 
 
-def _statistics(total: torch.Tensor, total_sq: torch.Tensor, count: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std (float64) from sums of intensities (std 0 becomes 1)."""
+Pixels = np.ndarray | ImageStore
+
+
+def _float_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (float64) of float images (resized splits), in chunks."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros(x.shape[1], dtype=torch.float64)
+    for start in range(0, len(x), _CHUNK):
+        chunk = x[start:start + _CHUNK].double()
+        total += chunk.sum(dim=(0, 2, 3))
+        total_sq += chunk.square().sum(dim=(0, 2, 3))
+    count = x.shape[0] * x.shape[2] * x.shape[3]
     mean = total / count
     std = (total_sq / count - mean.square()).clamp_min(0).sqrt()
     return mean, torch.where(std > 0, std, torch.ones_like(std))
-
-
-Pixels = np.ndarray | ImageStore
 
 
 def _bundle(
@@ -148,24 +160,22 @@ def _bundle(
     """Normalise uint8 splits with the train split's per-channel statistics into a bundle.
 
     Arrays become normalised float32 tensors; image stores (already at their final size)
-    become :class:`RawImages` normalised on use with the same statistics, which the store
-    summed in the same chunks, so both give the same floats.
+    become :class:`RawImages` normalised on use. Statistics of images that are not resized
+    come from exact pixel histograms, so both forms give the same floats.
     """
     if isinstance(train[0], ImageStore) and isinstance(test[0], ImageStore):
-        mean, std = _statistics(*train[0].sums)
+        mean, std = histogram_statistics(train[0].histogram)
         x_train: Any = RawImages(train[0], mean.tolist(), std.tolist())
         x_test: Any = RawImages(test[0], mean.tolist(), std.tolist())
     else:
-        x_train = _to_float(np.asarray(train[0]), image_size)
+        pixels = np.asarray(train[0])
+        x_train = _to_float(pixels, image_size)
         x_test = _to_float(np.asarray(test[0]), image_size)
-        total = torch.zeros(3, dtype=torch.float64)
-        total_sq = torch.zeros(3, dtype=torch.float64)
-        for start in range(0, len(x_train), _CHUNK):
-            x = x_train[start:start + _CHUNK].double()
-            total += x.sum(dim=(0, 2, 3))
-            total_sq += x.square().sum(dim=(0, 2, 3))
-        count = x_train.shape[0] * x_train.shape[2] * x_train.shape[3]
-        mean, std = _statistics(total, total_sq, count)
+        if x_train.shape[-2:] == pixels.shape[-2:]:
+            # not resized: exact statistics from the pixel values, as an image store has them
+            mean, std = histogram_statistics(pixel_histogram(pixels))
+        else:
+            mean, std = _float_statistics(x_train)
         m, s = mean.float()[None, :, None, None], std.float()[None, :, None, None]
         for x in (x_train, x_test):
             for start in range(0, len(x), _CHUNK):

@@ -13,7 +13,7 @@ Layout of a store file (little endian)::
     [pixels: n*C*H*W bytes][footer: JSON, UTF-8][footer length: 8 bytes][MAGIC: 8 bytes]
 
 The footer records the key, ``n``, the image shape, the sha256 of the pixel bytes, the
-per-channel sums the split's normalisation statistics are computed from, and an HMAC seal
+per-channel pixel histogram the split's normalisation statistics are computed from, and an HMAC seal
 (:mod:`dtprobe.integrity`, this user's secret key) over all of it.
 
 Trust rules, as for the feature cache:
@@ -52,9 +52,6 @@ __all__ = ["STORE_VERSION", "ImageStore", "default_store_dir", "open_or_build", 
 
 STORE_VERSION = 1
 MAGIC = b"DTPU8ST1"
-#: Rows per chunk of the normalisation statistics; equal to the in-memory loaders' chunk, so
-#: that a stored split's mean and std are the very floats the in-memory path computes.
-STATS_CHUNK = 2048
 _MAX_FOOTER = 1 << 20
 _verified: set[tuple] = set()  # (path, inode, size, mtime_ns) verified in this process
 
@@ -74,11 +71,32 @@ def store_key(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def channel_sums(chunk: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel sum and sum of squares (float64) of ``chunk`` (uint8 ``(m, C, H, W)``) read
-    as float32 intensities in [0, 1], the values the in-memory loaders sum."""
-    x = torch.from_numpy(np.ascontiguousarray(chunk)).float().div_(255).double()
-    return x.sum(dim=(0, 2, 3)), x.square().sum(dim=(0, 2, 3))
+def pixel_histogram(pixels: np.ndarray) -> np.ndarray:
+    """Counts of each value 0..255 per channel, int64 ``(C, 256)``, of uint8 ``(m, C, H, W)``.
+
+    Exact and independent of chunking and order, so a split's statistics
+    (:func:`histogram_statistics`) are the same floats whether it is summed in memory or
+    streamed into a store; the transient memory is a 256-row slice at a time.
+    """
+    channels = pixels.shape[1]
+    hist = np.zeros((channels, 256), dtype=np.int64)
+    for start in range(0, len(pixels), 256):
+        block = pixels[start:start + 256]
+        for c in range(channels):
+            hist[c] += np.bincount(block[:, c].reshape(-1), minlength=256)
+    return hist
+
+
+def histogram_statistics(hist: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (float64) of intensities ``v / 255`` counted in ``hist``
+    (a std of 0 becomes 1, so that normalising never divides by zero)."""
+    h = torch.from_numpy(np.asarray(hist, dtype=np.float64))
+    values = torch.arange(256, dtype=torch.float64) / 255
+    count = h.sum(dim=1)
+    mean = (h * values).sum(dim=1) / count
+    var = ((h * values.square()).sum(dim=1) / count - mean.square()).clamp_min(0)
+    std = var.sqrt()
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
 
 
 class ImageStore:
@@ -89,8 +107,8 @@ class ImageStore:
     path : the file.
     key : its key (:func:`store_key`).
     n, shape : number of images and ``(C, H, W)``.
-    sums : ``(sum, sum_sq, count)`` of the split's intensities per channel (see
-        :func:`channel_sums`), from which loaders derive the normalisation statistics.
+    histogram : counts of each pixel value per channel (:func:`pixel_histogram`), from which
+        loaders derive the normalisation statistics.
     """
 
     def __init__(self, path: Path, footer: dict[str, Any]):
@@ -98,9 +116,7 @@ class ImageStore:
         self.key: str = footer["key"]
         self.n: int = int(footer["n"])
         self.shape: tuple[int, int, int] = tuple(int(v) for v in footer["shape"])  # type: ignore
-        stats = footer["stats"]
-        self.sums = (torch.tensor(stats["sum"], dtype=torch.float64),
-                     torch.tensor(stats["sum_sq"], dtype=torch.float64), int(stats["count"]))
+        self.histogram = np.asarray(footer["histogram"], dtype=np.int64)
         self._fd: int | None = None
 
     @property
@@ -205,16 +221,8 @@ def _build_lock(path: Path) -> Iterator[None]:
 def _write(path: Path, key: str, n: int, shape: tuple[int, int, int],
            batches: Iterable[np.ndarray], progress: Callable[[int], None] | None) -> None:
     digest = hashlib.sha256()
-    total = torch.zeros(shape[0], dtype=torch.float64)
-    total_sq = torch.zeros(shape[0], dtype=torch.float64)
-    pending: list[np.ndarray] = []
-    pending_rows = written = 0
-
-    def add_stats(chunk: np.ndarray) -> None:
-        s, sq = channel_sums(chunk)
-        total.add_(s)
-        total_sq.add_(sq)
-
+    hist = np.zeros((shape[0], 256), dtype=np.int64)
+    written = 0
     with atomic_writer(path, "wb") as fh:
         for batch in batches:
             batch = np.ascontiguousarray(batch, dtype=np.uint8)
@@ -224,24 +232,15 @@ def _write(path: Path, key: str, n: int, shape: tuple[int, int, int],
                                    "in all (a bug: please report it)")
             fh.write(memoryview(batch).cast("B"))
             digest.update(memoryview(batch).cast("B"))
+            hist += pixel_histogram(batch)
             written += len(batch)
-            pending.append(batch)
-            pending_rows += len(batch)
-            while pending_rows >= STATS_CHUNK:  # statistics in the in-memory loaders' chunks
-                joined = np.concatenate(pending)
-                add_stats(joined[:STATS_CHUNK])
-                rest = joined[STATS_CHUNK:]
-                pending, pending_rows = ([rest] if len(rest) else []), len(rest)
             if progress is not None:
                 progress(len(batch))
         if written != n:
             raise DatasetError(f"{path}: decoder gave {written} images, expected {n}")
-        if pending_rows:
-            add_stats(np.concatenate(pending))
         footer = {"format": "dtprobe image store", "version": STORE_VERSION, "key": key,
                   "n": n, "shape": list(shape), "body_sha256": digest.hexdigest(),
-                  "stats": {"sum": total.tolist(), "sum_sq": total_sq.tolist(),
-                            "count": n * shape[1] * shape[2]}}
+                  "histogram": hist.tolist()}
         footer["mac"] = integrity.seal(key, _footer_bytes(footer))
         data = json.dumps(footer).encode()
         fh.write(data)
