@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks import Row, cpu_model, markdown_table, set_threads
 
 BENCHMARKS = ("separation", "cka", "probe", "extraction", "gpu_extraction", "memory", "training",
-              "live", "objectives", "diagnostics", "downstream")
+              "live", "objectives", "diagnostics", "downstream", "feature_dtype")
 
 
 def machine() -> str:

@@ -355,6 +355,11 @@ def _add_analysis_parsers(sub) -> None:
     a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     a.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="images per forward pass during extraction")
+    a.add_argument("--feature-dtype", default="float32",
+                   choices=["float32", "float16", "bfloat16"],
+                   help="precision of the cached features and layer outputs (logits stay "
+                        "float32): half precision halves the cache; metrics still compute in "
+                        "float32/float64 on the rounded values")
     sc = a.add_argument_group("scale (ImageNet-sized data)")
     sc.add_argument("--max-samples", type=positive_int, default=None, metavar="N",
                     help="analyse a stable class-stratified subset of at most N images per "
@@ -686,7 +691,8 @@ def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 arch_params=_parse_kv(args.arch_param, "--arch-param") or None,
                 dataset=args.dataset, dataset_params=_dataset_params(args) or None,
                 pattern=args.pattern, compare=args.compare, layers=args.layers,
-                batch_size=args.batch_size, use_cache=not args.no_cache,
+                batch_size=args.batch_size, feature_dtype=args.feature_dtype,
+                use_cache=not args.no_cache,
                 progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
                 wait=not args.no_wait, follow_symlinks=args.follow_symlinks,
                 epoch_from=args.epoch_from, weights=args.weights,

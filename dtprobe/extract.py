@@ -20,8 +20,9 @@ engine is built so that an analysis costs little more than the forward passes th
   worked is remembered per architecture and image shape), on the CPU a cache-friendly size.
 
 Results are cached under ``RUN_DIR/analysis/features/`` by :class:`FeatureCache`, keyed by
-checkpoint sha256 + dataset + split + layers (+ an optional transform tag), so adding a metric
-or a checkpoint never re-runs the network for what is already there.
+checkpoint sha256 + dataset + split + layers (+ an optional transform tag, which also carries a
+half-precision storage dtype: :func:`feature_dtype_tag`), so adding a metric or a checkpoint
+never re-runs the network for what is already there.
 
 References
 ----------
@@ -54,8 +55,9 @@ from dtprobe.data.pixels import RawImages, is_raw
 from dtprobe.errors import ConfigError
 from dtprobe.models.tap import PenultimateTap
 
-__all__ = ["CACHE_VERSION", "FeatureCache", "auto_batch_size", "cache_key", "dataset_key",
-           "extract_features", "inference_model"]
+__all__ = ["CACHE_VERSION", "FEATURE_DTYPES", "FeatureCache", "auto_batch_size", "cache_key",
+           "dataset_key", "extract_features", "feature_dtype_tag", "for_compute", "for_storage",
+           "inference_model", "resolve_feature_dtype"]
 
 CACHE_VERSION = 1
 
@@ -529,6 +531,57 @@ def cache_key(checkpoint_sha256: str, dataset_key: str, split: str, layers: Sequ
 def dataset_key(name: str, params: dict) -> str:
     """A stable string identifying a dataset (name + its generating parameters)."""
     return f"{name}:{json.dumps(params, sort_keys=True, default=str)}"
+
+
+#: Storage precisions of cached features and layer outputs (``--feature-dtype``).
+FEATURE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                          "bfloat16": torch.bfloat16}
+
+
+def resolve_feature_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``--feature-dtype`` name; :class:`ConfigError` for any other."""
+    if not isinstance(name, str) or name not in FEATURE_DTYPES:
+        raise ConfigError(f"--feature-dtype {name!r}: pass one of {', '.join(FEATURE_DTYPES)}")
+    return FEATURE_DTYPES[name]
+
+
+def feature_dtype_tag(name: str) -> str:
+    """The :func:`cache_key` ``transform`` tag of a storage dtype: empty for float32 (the keys
+    of earlier versions), so that half-precision and float32 features never share a key."""
+    resolve_feature_dtype(name)
+    return "" if name == "float32" else f"dtype={name}"
+
+
+def for_storage(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """``tensors`` as cached with ``--feature-dtype name``: ``features`` and ``layer:*`` in that
+    dtype; ``logits`` stay float32, so that the source accuracy (an argmax, often between
+    near-tied logits) and the logit-based scores (LEEP, NCE) are not changed by storage.
+
+    Raises
+    ------
+    ValueError
+        A finite value does not fit the dtype (float16 overflows beyond 65504).
+    """
+    dtype = resolve_feature_dtype(name)
+    out = {}
+    for key, value in tensors.items():
+        if key == "logits" or not value.is_floating_point() or value.dtype == dtype:
+            out[key] = value
+            continue
+        cast = value.to(dtype)
+        if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(value).all()):
+            peak = float(value.abs().max())
+            raise ValueError(f"{key} reaches |x| = {peak:.3g}, beyond the {name} range "
+                             f"({torch.finfo(dtype).max:.6g})")
+        out[key] = cast
+    return out
+
+
+def for_compute(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cached tensors as the metrics read them: half-precision entries cast to float32 (exact:
+    every float16 and bfloat16 value is a float32 value)."""
+    return {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+            for k, v in tensors.items()}
 
 
 _REQUIRED = ("features", "logits")

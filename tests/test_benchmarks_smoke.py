@@ -61,12 +61,29 @@ def test_reference_implementations_match_dtprobe_on_small_inputs():
 
 
 @pytest.mark.parametrize("name", ["separation", "cka", "probe", "extraction",
-                                  "gpu_extraction"])
+                                  "gpu_extraction", "feature_dtype"])
 def test_quick_in_process_benchmarks_agree(name):
     rows = bench_run.run_all([name], quick=True, log=lambda _m: None)
     _check_rows(rows)
     if name == "gpu_extraction" and not torch.cuda.is_available():
         assert rows[0].skipped and rows[0].met is None
+
+
+def test_gpu_rows_refuses_without_cuda_and_runs_quick_on_cpu(capsys):
+    from benchmarks import gpu_rows
+
+    if not torch.cuda.is_available():
+        assert gpu_rows.main([]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no CUDA device; this script measures GPU rows" in err[0]
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            gpu_rows.run(quick=False)
+    rows = gpu_rows.run(quick=True, log=lambda _m: None)
+    assert [r.kind for r in rows] == ["rate", "speedup", "speedup"]
+    assert all(r.agree_ok for r in rows), [r.agreement for r in rows]
+    assert rows[0].ratio > 0 and rows[2].ratio > 0 and rows[1].ours > 0
+    assert "n used on both devices: 600" in rows[2].note
+    assert "| linear probe, " in markdown_table(rows)
 
 
 def test_row_ratios_goals_and_table():

@@ -146,6 +146,8 @@ def downstream_part_key(ckpt: PlannedCheckpoint, ds: DownstreamData, metrics: Se
               opts.seed, ds.problem]
     if opts.layers:  # per-layer rows depend on the layers extracted
         fields.append(sorted(opts.layers))
+    if opts.feature_dtype != "float32":  # rows of rounded features (float32 keys unchanged)
+        fields.append(f"dtype={opts.feature_dtype}")
     payload = json.dumps(fields)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -153,6 +153,8 @@ def part_key(ckpt: PlannedCheckpoint, data: EvalData, specs: Sequence[MetricSpec
     fields = [PARTS_VERSION, ckpt.cache_digest, data.key, [s.name for s in specs], opts.seed]
     if opts.layers:  # per-layer rows depend on the layers extracted
         fields.append(sorted(opts.layers))
+    if opts.feature_dtype != "float32":  # rows of rounded features (float32 keys unchanged)
+        fields.append(f"dtype={opts.feature_dtype}")
     payload = json.dumps(fields)
     return hashlib.sha256(payload.encode()).hexdigest()
 

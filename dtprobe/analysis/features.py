@@ -16,7 +16,13 @@ from dtprobe import checkpoints as ckpt_io
 from dtprobe.analysis.data import EvalData, enforce_budget
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.errors import CheckpointError, ConfigError
-from dtprobe.extract import cache_key, extract_features
+from dtprobe.extract import (
+    cache_key,
+    extract_features,
+    feature_dtype_tag,
+    for_compute,
+    for_storage,
+)
 from dtprobe.models import build_model, get_arch, head_module
 from dtprobe.models.layers import block_layers, describe_layers, penultimate_source
 
@@ -197,12 +203,13 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
     for split in ("train", "test"):
         # layer outputs of both splits: the per-layer probes fit on train and score on test
         layers = opts.layers
-        key = cache_key(ckpt.cache_digest, data.key, split, layers)
+        key = cache_key(ckpt.cache_digest, data.key, split, layers,
+                        feature_dtype_tag(opts.feature_dtype))
         hit = cache.get(key)
         if hit is None:
             todo.append((split, key, layers))
         else:
-            out[split] = hit
+            out[split] = for_compute(hit)  # metrics compute on float32 (or float64) copies
     state = None
     if todo:
         model, state = load_model(plan, ckpt, data.bundle.in_channels, opts, blob)
@@ -217,12 +224,19 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
             if bad.any():
                 raise CheckpointError(f"{ckpt.path}: {int(bad.sum())} {split} images give NaN/Inf "
                                       "features (diverged run?); this checkpoint is skipped")
+            try:
+                feats = for_storage(feats, opts.feature_dtype)
+            except ValueError as exc:
+                raise CheckpointError(f"{ckpt.path}: {split} {exc}; analyse with "
+                                      "--feature-dtype bfloat16 or float32") from None
             cache.put(key, feats)
-            out[split] = feats
+            # what a later analysis reads back from the cache, so that both give one table
+            out[split] = for_compute(feats)
         del model
     return out, state
 
 
 def test_key(ckpt: PlannedCheckpoint, data: EvalData, opts: AnalysisOptions) -> str:
-    return cache_key(ckpt.cache_digest or str(ckpt.path), data.key, "test", opts.layers)
+    return cache_key(ckpt.cache_digest or str(ckpt.path), data.key, "test", opts.layers,
+                     feature_dtype_tag(opts.feature_dtype))
 

@@ -216,7 +216,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
             failures.extend(ds_failures)
         if data.max_samples is not None:
             stamp_samples(rows, data.samples_tag)
-        table = finalise_table(rows)
+        table = finalise_table(rows, feature_dtype=opts.feature_dtype)
         if not table.empty:  # every checkpoint failed: no empty table (an earlier one stays)
             cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
         cka_path = analysis_dir / "cka_matrix.csv"
@@ -280,7 +280,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             arch_params: dict[str, Any] | None = None, dataset: str | None = None,
             dataset_params: dict[str, Any] | None = None, pattern: str | None = None,
             compare: Sequence[str | Path] = (), layers: Sequence[str] = (),
-            batch_size: int | str = "auto", use_cache: bool = True, progress: bool = True,
+            batch_size: int | str = "auto", feature_dtype: str = "float32",
+            use_cache: bool = True, progress: bool = True,
             plot: bool = True, seed: int = 0, wait: bool = True,
             follow_symlinks: bool = False, epoch_from: str = "auto", weights: str = "auto",
             strip_prefix: str | None = None, trust_pickles: bool = False,
@@ -303,6 +304,11 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         layer and, with ``compare``, CKA between the runs layer by layer. Spatial outputs are
         global-average pooled; rows carry the layer name in ``layer``.
     batch_size : images per forward pass during extraction; ``"auto"`` picks one that fits.
+    feature_dtype : ``"float32"``, ``"float16"`` or ``"bfloat16"``: the precision in which
+        features and layer outputs are cached (logits stay float32). Half precision halves
+        the feature files; every metric still computes on float32/float64 copies, of values
+        rounded to about 3 (float16) or 2 (bfloat16) significant digits. Part of the cache key
+        and recorded in each row's ``params`` (``feature_dtype``) when not float32.
     use_cache : reuse features cached under ``RUN_DIR/analysis/features``.
     progress, plot : progress bar and summary line; ``analysis/tradeoff.png``.
     seed : seed of the stochastic estimators (probe splits, MI estimators).
@@ -366,7 +372,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
     if dataset is None:  # a compared run without a manifest is evaluated on this run's data
         flags.update(dataset=plan.dataset, dataset_params=plan.dataset_params)
     opts = AnalysisOptions(metrics=list(metrics) if metrics else None, device=device,
-                           batch_size=batch_size, layers=list(layers),
+                           batch_size=batch_size, feature_dtype=feature_dtype,
+                           layers=list(layers),
                            compare=[str(c) for c in compare], use_cache=use_cache,
                            progress=progress, plot=plot, seed=seed, wait=wait,
                            follow_symlinks=follow_symlinks, plan_flags=flags,

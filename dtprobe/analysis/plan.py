@@ -27,6 +27,7 @@ from dtprobe import checkpoints as ckpt_io
 from dtprobe.data import load_dataset
 from dtprobe.data.registry import available_datasets
 from dtprobe.errors import ConfigError, DatasetError
+from dtprobe.extract import FEATURE_DTYPES
 from dtprobe.models import get_arch
 
 
@@ -123,6 +124,9 @@ class AnalysisOptions:
     metrics: list[str] | None = None
     device: str = "auto"
     batch_size: int | str = "auto"
+    #: Storage dtype of cached features and layer outputs (dtprobe.extract.FEATURE_DTYPES);
+    #: metrics read them back as float32.
+    feature_dtype: str = "float32"
     layers: list[str] = field(default_factory=list)
     compare: list[str] = field(default_factory=list)
     use_cache: bool = True
@@ -414,6 +418,9 @@ def check_plan(plan: RunPlan, opts: AnalysisOptions) -> None:
                                       or not 1 <= opts.batch_size <= 1 << 20):
         raise ConfigError(f"--batch-size must be 'auto' or an integer in [1, {1 << 20}], got "
                           f"{_show_value(opts.batch_size)}")
+    if opts.feature_dtype not in FEATURE_DTYPES:
+        raise ConfigError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, got "
+                          f"{_show_value(opts.feature_dtype)}")
     if (isinstance(plan.num_classes, bool) or not isinstance(plan.num_classes, int)
             or not 1 <= plan.num_classes <= MAX_CLASSES):
         raise ConfigError(f"--num-classes (or the manifest's model.num_classes) must be an int "

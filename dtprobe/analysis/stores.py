@@ -19,7 +19,7 @@ import checkpoints_manifest as cm
 from dtprobe import integrity
 from dtprobe.analysis.table import COLUMNS
 from dtprobe.errors import DtprobeError
-from dtprobe.extract import FeatureCache
+from dtprobe.extract import FeatureCache, for_compute
 
 #: Largest per-checkpoint part file read back (a real one is a few KiB).
 MAX_PART_BYTES = 16 << 20
@@ -110,7 +110,9 @@ class EpochFeatures(Mapping):
 
     @staticmethod
     def _select(feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in feats.items() if k == "features" or k.startswith("layer:")}
+        # read back from a half-precision cache: float32, as checkpoint_features returns them
+        return for_compute({k: v for k, v in feats.items()
+                            if k == "features" or k.startswith("layer:")})
 
     def add(self, epoch: int, key: str, feats: dict[str, torch.Tensor]) -> None:
         self._keys[epoch] = key
