@@ -369,6 +369,10 @@ def _add_analysis_parsers(sub) -> None:
                     help="decode folder datasets once into uint8 stores in DIR and stream "
                          "them per batch (auto: $DTPROBE_IMAGE_STORE or ~/.cache/dtprobe/"
                          "images; none: decode into memory)")
+    sc.add_argument("--shard", default="auto", choices=["auto", "checkpoints", "images"],
+                    help="under torchrun: split the checkpoints over the ranks, or the images "
+                         "of every checkpoint (auto: images when there are fewer checkpoints "
+                         "than ranks)")
     sc.add_argument("--memory-budget", type=_memory_budget, default=None, metavar="SIZE",
                     help="most memory the analysis may hold, e.g. 512M or 8G (default: 3/4 "
                          "of available memory); refused up front, with what would fit")
@@ -699,7 +703,7 @@ def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles,
                 downstream=args.downstream, downstream_metrics=args.downstream_metrics,
                 max_samples=args.max_samples, image_store=args.image_store,
-                memory_budget=args.memory_budget)
+                memory_budget=args.memory_budget, shard=args.shard)
 
 
 def _watch(args: argparse.Namespace) -> int:

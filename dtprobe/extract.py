@@ -631,6 +631,11 @@ class FeatureCache:
             return None
         return tensors
 
+    def remove(self, key: str) -> None:
+        """Delete the entry ``key`` if present (e.g. part files once their whole is cached)."""
+        self._fresh.discard(key)
+        self._path(key).unlink(missing_ok=True)
+
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         """Store ``tensors`` under ``key`` atomically (temporary file, then rename), sealed."""
         self._fresh.add(key)

@@ -189,6 +189,13 @@ def _outputs_finite(model: torch.nn.Module, images: torch.Tensor, device: torch.
         return True  # it fails for another reason: let that reason be reported
 
 
+def features_key(ckpt: PlannedCheckpoint, data: EvalData, split: str,
+                 opts: AnalysisOptions) -> str:
+    """Cache key of one checkpoint's features on one split (layers and dtype included)."""
+    return cache_key(ckpt.cache_digest, data.key, split, opts.layers,
+                     feature_dtype_tag(opts.feature_dtype))
+
+
 def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, cache: Any,
                         device: torch.device, opts: AnalysisOptions,
                         ) -> tuple[dict[str, dict[str, torch.Tensor]],
@@ -203,9 +210,13 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
     for split in ("train", "test"):
         # layer outputs of both splits: the per-layer probes fit on train and score on test
         layers = opts.layers
-        key = cache_key(ckpt.cache_digest, data.key, split, layers,
-                        feature_dtype_tag(opts.feature_dtype))
+        key = features_key(ckpt, data, split, opts)
         hit = cache.get(key)
+        if hit is None and opts.image_shards > 1:  # written by the ranks of a torchrun launch
+            from dtprobe.analysis.sharding import assemble
+
+            n = len(data.bundle.train if split == "train" else data.bundle.test)
+            hit = assemble(cache, key, n, opts.image_shards)
         if hit is None:
             todo.append((split, key, layers))
         else:

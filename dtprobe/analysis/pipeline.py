@@ -27,6 +27,7 @@ from dtprobe.analysis.features import (
 from dtprobe.analysis.locks import ensure_analysis_dirs, remove_stale_temp_files, run_lock
 from dtprobe.analysis.memory import parse_size
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan, check_plan, plan_run
+from dtprobe.analysis.sharding import extract_share, shard_mode
 from dtprobe.analysis.stores import EpochFeatures, PartStore
 from dtprobe.analysis.table import FAILURE_COLUMNS, finalise_table, note, save_tradeoff_chart
 from dtprobe.data.spec import parse_downstreams
@@ -126,6 +127,16 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
         opts = resolve_layers(plan, data, opts)
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
         parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
+        if opts.image_shards > 1:  # every checkpoint, this rank's rows; rank 0 assembles
+            for ckpt in plan.checkpoints:
+                try:
+                    extract_share(plan, ckpt, data, cache, dist.device, opts, dist.rank,
+                                  dist.world_size)
+                except OSError:
+                    raise
+                except Exception as exc:  # rank 0 meets the same error again and records it
+                    note(f"[rank {dist.rank}] epoch {ckpt.epoch}: {failure_reason(ckpt, exc)}")
+            return
         mine = []
         for ckpt in plan.checkpoints[dist.rank::dist.world_size]:
             try:
@@ -152,6 +163,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
 
     specs = resolve_metrics(opts.metrics)
     check_plan(plan, opts)
+    shard_mode(opts.shard, len(plan.checkpoints), 1)  # a bad --shard: refused before any work
     opts = replace(opts, downstream=parse_downstreams(opts.downstream))
     if opts.downstream_metrics is not None:
         resolve_metrics(list(opts.downstream_metrics))  # unknown names: one line listing all
@@ -159,6 +171,9 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
     dist = init_from_env(opts.device)
     device = dist.device
     analysis_dir = plan.run_dir / "analysis"
+    mode = shard_mode(opts.shard, len(plan.checkpoints), dist.world_size)
+    if dist.enabled and mode == "images":
+        opts = replace(opts, image_shards=dist.world_size)
     if dist.enabled:
         if dist.is_main:
             ensure_analysis_dirs(analysis_dir)
@@ -287,7 +302,7 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             strip_prefix: str | None = None, trust_pickles: bool = False,
             downstream: Sequence[Any] = (), downstream_metrics: Sequence[str] | None = None,
             max_samples: int | None = None, image_store: str | Path | None = "auto",
-            memory_budget: int | str | None = None):
+            memory_budget: int | str | None = None, shard: str = "auto"):
     """Analyse every checkpoint of the run in ``path``.
 
     Parameters
@@ -338,6 +353,10 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
     image_store : where folder datasets are decoded once into uint8 image stores
         (:mod:`dtprobe.data.store`): ``"auto"`` (``$DTPROBE_IMAGE_STORE``, else
         ``~/.cache/dtprobe/images``), a folder, or ``None``/``"none"`` to decode into memory.
+    shard : under torchrun, what the ranks split: ``"checkpoints"`` (rank r analyses
+        checkpoints r, r + W, ...), ``"images"`` (every rank extracts its share of the rows of
+        every checkpoint; rank 0 assembles them) or ``"auto"`` (images when the run has fewer
+        checkpoints than ranks); see :mod:`dtprobe.analysis.sharding`.
     memory_budget : most memory the analysis may hold, in bytes or as ``"512M"``/``"8G"``
         (default: three quarters of the memory available); an analysis that would exceed it
         is refused before any work, with the options that would fit
@@ -380,7 +399,7 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
                            downstream=parse_downstreams(downstream),
                            downstream_metrics=(list(downstream_metrics)
                                                if downstream_metrics is not None else None),
-                           max_samples=max_samples,
+                           max_samples=max_samples, shard=shard,
                            image_store=None if image_store is None else str(image_store),
                            memory_budget=(None if memory_budget is None
                                           else parse_size(memory_budget)))

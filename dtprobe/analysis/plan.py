@@ -148,6 +148,10 @@ class AnalysisOptions:
     memory_budget: int | None = None
     #: ``--max-samples``: a stable class-stratified subset per split (source and downstream).
     max_samples: int | None = None
+    #: ``--shard``: how torchrun ranks split the work (:mod:`dtprobe.analysis.sharding`).
+    shard: str = "auto"
+    #: Ranks whose image shares are assembled from part files (set for ``--shard images``).
+    image_shards: int = 1
 
 
 def _symlink_problem(run_dir: Path, relpath: str, follow_symlinks: bool,

@@ -90,6 +90,9 @@ class ReadThroughCache:
         hit = self.primary.get(key)
         return hit if hit is not None else self.fallback.get(key)
 
+    def remove(self, key: str) -> None:
+        self.primary.remove(key)
+
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         self.primary.put(key, tensors)
 

@@ -118,6 +118,12 @@ class RawImages:
         """The same pixels normalised with other statistics (e.g. a source model's)."""
         return RawImages(self.pixels, mean, std)
 
+    def rows(self, start: int, stop: int) -> RawImages:
+        """Rows ``[start, stop)`` as RawImages (a view: nothing is read or copied)."""
+        if isinstance(self.pixels, ImageStore):
+            return RawImages(self.pixels.rows(start, stop), self.mean, self.std)
+        return RawImages(self.pixels[start:stop], self.mean, self.std)
+
     def in_memory(self) -> RawImages:
         """The same images with the pixels read into a uint8 tensor."""
         if not self.stored:

@@ -32,6 +32,7 @@ sizes and modification times, so editing, adding or removing an image makes a ne
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -117,7 +118,16 @@ class ImageStore:
         self.n: int = int(footer["n"])
         self.shape: tuple[int, int, int] = tuple(int(v) for v in footer["shape"])  # type: ignore
         self.histogram = np.asarray(footer["histogram"], dtype=np.int64)
+        self._first = 0  # first row of the file this object reads (see :meth:`rows`)
         self._fd: int | None = None
+
+    def rows(self, start: int, stop: int) -> ImageStore:
+        """A view of rows ``[start, stop)`` (e.g. one torchrun rank's share), reading the same
+        file; its ``histogram`` stays the whole split's."""
+        start, stop = max(0, start), min(self.n, stop)
+        view = copy.copy(self)
+        view._fd, view._first, view.n = None, self._first + start, max(0, stop - start)
+        return view
 
     @property
     def row_bytes(self) -> int:
@@ -140,7 +150,7 @@ class ImageStore:
         if out is None:
             out = np.empty((rows, *self.shape), dtype=np.uint8)
         view = memoryview(out.reshape(-1)[: rows * self.row_bytes])
-        offset, done = start * self.row_bytes, 0
+        offset, done = (self._first + start) * self.row_bytes, 0
         while done < len(view):
             got = os.preadv(self._file(), [view[done:]], offset + done)
             if got <= 0:
