@@ -22,7 +22,6 @@ from dtprobe.analysis.sharding import extract_share, part_key, row_range, shard_
 from dtprobe.errors import ConfigError
 from dtprobe.extract import FeatureCache
 from dtprobe.training.trainer import TrainConfig, train
-
 from tests.test_image_store import make_folder
 
 METRICS = ["source_accuracy", "class_separation", "rankme", "probe_accuracy"]
