@@ -31,7 +31,7 @@ METRICS = ["source_accuracy", "class_separation", "rankme", "probe_accuracy"]
 def test_row_ranges_tile_the_rows(n, parts):
     ranges = [row_range(n, p, parts) for p in range(parts)]
     assert ranges[0][0] == 0 and ranges[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] for a, b in zip(ranges[:-1], ranges[1:], strict=True))
     sizes = [b - a for a, b in ranges]
     assert max(sizes) - min(sizes) <= 1
 
