@@ -379,3 +379,22 @@ def test_peak_memory_stays_under_the_budget_with_a_store(folder_run, folder, tmp
     assert out.returncode == 0, out.stderr[-2000:]
     peak, _ = (int(v) for v in out.stdout.split())
     assert peak < budget, f"peak {peak / 2**20:.1f} MiB above start, budget 48 MiB"
+
+
+def test_downstream_over_budget_fails_only_that_dataset_and_subsets_are_stamped(folder_run,
+                                                                                folder,
+                                                                                tmp_path):
+    a = _copy(folder_run, tmp_path / "a")
+    # textures is made in memory: 600 images x 3 x 16 x 16 float32 = 1.8 MB > the 1 MiB budget
+    res = analysis.analyze(a, metrics=["source_accuracy"], device="cpu", progress=False,
+                           plot=False, image_store=tmp_path / "stores", memory_budget="1M",
+                           downstream=["textures:n_train=400,n_test=200,max_samples=600",
+                                       f"imagefolder:root={folder},name=again"],
+                           downstream_metrics=["probe_accuracy"], max_samples=24)
+    reasons = list(res.failures["reason"])
+    assert len(reasons) == 1 and "downstream dataset textures" in reasons[0]
+    assert "--memory-budget" in reasons[0] and "--max-samples" in reasons[0]
+    table = _table(a)
+    again = table[table["task"] == "again"]
+    assert len(again) and all(json.loads(p)["samples"].startswith("24+24:")
+                              for p in again["params"])

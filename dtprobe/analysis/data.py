@@ -43,6 +43,8 @@ class EvalData:
     store: Path | None = None
     budget: int | None = None
     max_samples: int | None = None
+    #: Floats extracted per image (features, logits, layers), measured by ``check_model``.
+    values_per_image: int = 0
 
     def mi(self) -> torch.Tensor:
         """X for I(X;T): the first test images' pixels, flattened (made once, when an MI

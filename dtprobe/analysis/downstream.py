@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from dtprobe.analysis.data import EvalData, place_images
+from dtprobe.analysis.data import EvalData, enforce_budget, place_images
 from dtprobe.analysis.epoch_metrics import LAYER_METRICS, _rows, apply_metric, layer_views
 from dtprobe.analysis.features import checkpoint_features, verify_checkpoint
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
@@ -157,6 +157,8 @@ def _row(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamData,
     (row,) = _rows(plan, ckpt, [v], view)
     params = json.loads(row["params"]) if row["params"] else {}
     params[DOWNSTREAM_PARAM] = ds.spec.text
+    if ds.data.max_samples is not None:  # the subset's sizes and ids digest, as source rows
+        params["samples"] = ds.data.samples_tag
     row.update(task=ds.spec.name, layer=layer,
                params=json.dumps(params, sort_keys=True, default=str))
     return row
@@ -292,6 +294,14 @@ def analyse_downstream(plan: RunPlan, checkpoints: Sequence[PlannedCheckpoint],
             note(f"FAILED {reason}; the other datasets are analysed, and the next analysis "
                  "tries it again")
             continue
+        if source.values_per_image:
+            try:  # one downstream dataset in memory at a time, checked like the source
+                enforce_budget(ds.data, source.values_per_image, f"downstream {spec.name}")
+            except DtprobeError as exc:
+                failures.append({"run": plan.name, "epoch": "", "path": spec.text,
+                                 "reason": f"downstream dataset {spec.text}: {exc}"})
+                note(f"FAILED downstream dataset {spec.text}: {exc}")
+                continue
         if ds.problem is not None:
             note(f"{ds.problem}; its rows are NaN")
         parts = DownstreamPartStore(parts_root, spec.name, reuse=opts.use_cache)

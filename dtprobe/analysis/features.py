@@ -76,8 +76,8 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
     from dtprobe.metrics.registry import resolve_metrics
 
     pixel_inputs = any(spec.name.startswith("mi_xt") for spec in resolve_metrics(opts.metrics))
-    enforce_budget(data, sum(v[0].numel() for v in outputs.values()),
-                   f"the analysis of {plan.name}", pixel_inputs)
+    data.values_per_image = sum(v[0].numel() for v in outputs.values())
+    enforce_budget(data, data.values_per_image, f"the analysis of {plan.name}", pixel_inputs)
 
 
 def plan_layers(plan: RunPlan, data: EvalData
