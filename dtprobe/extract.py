@@ -35,12 +35,14 @@ perspective. ECCV 2022.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -313,9 +315,33 @@ class _Loader:
         self.staging: list[torch.Tensor | None] = [None, None]
         self.events: list[torch.cuda.Event | None] = [None, None]
         self.turn = 0
+        self.pool: ThreadPoolExecutor | None = None
+        self.ahead: tuple[tuple[int, int], Future] | None = None
 
     def _host(self, start: int, end: int) -> torch.Tensor:
-        return self.images.raw(start, end) if self.raw else self.images[start:end]
+        if not self.raw:
+            return self.images[start:end]
+        if not self.images.stored:
+            return self.images.raw(start, end)
+        # An image store is read one batch ahead on a thread (pread releases the GIL), so
+        # that disk reads overlap the forward pass instead of adding to it.
+        ahead = self.ahead
+        x = ahead[1].result() if ahead is not None and ahead[0] == (start, end) else \
+            self.images.raw(start, end)
+        n, size = len(self.images), end - start
+        if end < n:
+            nxt = (end, min(n, end + size))
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(1, thread_name_prefix="dtprobe-read")
+            self.ahead = (nxt, self.pool.submit(self.images.raw, *nxt))
+        else:
+            self.ahead = None
+        return x
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
 
     def _format(self, x: torch.Tensor) -> torch.Tensor:
         if self.raw:
@@ -491,7 +517,7 @@ def _run_range(net: nn.Module, taps: _Taps, images: Images, size: int,
     n = int(images.shape[0])
     loader = _Loader(images, device, channels_last)
     ranges = list(_batches(n, progress[0], size))
-    with torch.inference_mode():
+    with torch.inference_mode(), contextlib.closing(loader):
         pending = loader.fetch(*ranges[0])
         for i, (s, e) in enumerate(ranges):
             x = loader.get(pending)

@@ -86,7 +86,7 @@ def plan_layers(plan: RunPlan, data: EvalData
     (:func:`~dtprobe.models.layers.describe_layers`) and the blocks ``--layers auto`` picks."""
     model = build_for_plan(plan, data.bundle.in_channels)
     head = plan_head(model, plan)
-    described = describe_layers(model, head, data.test_images[:2].float())
+    described = describe_layers(model, head, data.test_images[:2].float().cpu())
     blocks = block_layers(model, plan.head or get_arch(plan.arch).head,
                           penultimate_source(described))
     return model, described, blocks
