@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The prepared GPU check, for a session that is lent a device machine (one CUDA GPU):
+#   bash benchmarks/device_check.sh          # ~6 min on one H200; writes logs and tables to $OUT
+# It exercises the CUDA paths CI cannot: the CUDA tests, `dtprobe train` and `dtprobe analyze`
+# on cuda (with downstream datasets), an ImageFolder analysed through the uint8 image store on
+# cuda against the same analysis on the CPU, and the GPU benchmark rows (BENCHMARKS.md,
+# "GPU rows"). DEVICE=cpu runs the same steps on the CPU (a dry run of the script itself; the
+# GPU rows are skipped). Uses the machine's own python3 (torch, pandas, scikit-learn, ...).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+DEVICE="${DEVICE:-cuda}"
+OUT="${OUT:-/tmp/dtprobe-device}"
+WORK="$(mktemp -d /tmp/dtprobe-check-XXXXXX)"
+export DTPROBE_IMAGE_STORE="$WORK/stores"
+mkdir -p "$OUT"
+status=0
+step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, remember failures
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name"
+    if ! timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; then
+        echo "FAILED: $name (see $OUT/$name.log)"
+        status=1
+    fi
+    tail -n 4 "$OUT/$name.log"
+}
+
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$OUT/env.log"
+
+if [ "$DEVICE" = cuda ]; then
+    step cuda_tests 240 python3 -m pytest -q -p no:cacheprovider -k cuda \
+        tests/test_extract.py tests/test_probes.py
+fi
+SIZES=()  # the CPU dry run trains on a small shapes set
+[ "$DEVICE" = cpu ] && SIZES=(--dataset-param n_train=600 --dataset-param n_test=300)
+step train 180 python3 -m dtprobe train --device "$DEVICE" --epochs 4 --save-every 2 \
+    --out "$WORK/run" --no-progress "${SIZES[@]}"
+step analyze 240 python3 -m dtprobe analyze "$WORK/run" --device "$DEVICE" --no-progress \
+    --downstream digits textures --layers auto
+cp "$WORK/run/analysis/metrics.csv" "$OUT/metrics.csv" 2>/dev/null
+
+# The image-store path on the device: the same ImageFolder run analysed on $DEVICE and on the CPU.
+step image_store 300 python3 - "$WORK" "$DEVICE" <<'EOF'
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, "tests")
+from test_image_store import make_folder  # noqa: E402
+
+from dtprobe import analysis  # noqa: E402
+from dtprobe.training.trainer import TrainConfig, train  # noqa: E402
+
+work, device = Path(sys.argv[1]), sys.argv[2]
+data = make_folder(work / "folder", per_class=500 if device != "cpu" else 60, size=72)
+run = work / "frun"
+train(TrainConfig(out=str(run), dataset="imagefolder",
+                  dataset_params={"root": str(data), "image_size": 64}, arch="small_cnn",
+                  epochs=2, batch_size=128, save_every=1, seed=0, device=device,
+                  progress=False))
+metrics = ["source_accuracy", "class_separation", "probe_accuracy", "linear_cka", "rankme"]
+tables = {}
+for dev in (device, "cpu"):
+    res = analysis.analyze(run, metrics=metrics, device=dev, progress=False, plot=False,
+                           use_cache=False, memory_budget="2G")
+    tables[dev] = res.table.drop(columns="run").reset_index(drop=True)
+diff = (tables[device]["value"] - tables["cpu"]["value"]).abs()
+print(f"rows {len(diff)}; max |{device} - cpu| = {diff.max():.3g}")
+print(pd.concat([tables["cpu"][["epoch", "metric", "task"]], diff.rename("absdiff")],
+                axis=1).sort_values("absdiff").tail(5).to_string())
+assert diff.max() < 0.05, "device and CPU analyses disagree"
+EOF
+
+if [ "$DEVICE" = cuda ]; then
+    step gpu_rows 330 python3 -m benchmarks.gpu_rows --json "$OUT/gpu_rows.json"
+fi
+rm -rf "$WORK"
+echo "device check: $([ $status = 0 ] && echo passed || echo FAILED)"
+exit $status
