@@ -402,3 +402,21 @@ def test_downstream_over_budget_fails_only_that_dataset_and_subsets_are_stamped(
     again = table[table["task"] == "again"]
     assert len(again) and all(json.loads(p)["samples"].startswith("24+24:")
                               for p in again["params"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-samples", "0"], "--max-samples"),
+    (["--memory-budget", "lots"], "--memory-budget"),
+    (["--shard", "rows"], "--shard"),
+    (["--image-store", "FILE/stores"], "cannot write the image store"),
+])
+def test_bad_scale_flags_are_one_line(folder_run, tmp_path, capsys, flags, message):
+    from dtprobe.cli import main
+
+    a = _copy(folder_run, tmp_path / "a")
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    flags = [f.replace("FILE", str(tmp_path / "FILE")) for f in flags]
+    code = main(["analyze", str(a), "--device", "cpu", "--no-progress", "--metrics",
+                 "source_accuracy", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) <= 3, err
