@@ -5,8 +5,9 @@ An analysis holds, at its peak:
 - the evaluation images, when they are in memory (float32 tensors, or uint8 pixels); images
   read from an image store (:mod:`dtprobe.data.store`) cost one batch;
 - one checkpoint's train and test features (penultimate, logits and each ``--layers`` output,
-  float32) and the test features of up to two more checkpoints (the final one, kept for
-  CKA-to-final, and the previous one);
+  float32) and the test features of up to three more checkpoints (the final one, kept for
+  CKA-to-final, and the two before the current one,
+  :class:`~dtprobe.analysis.stores.EpochFeatures`);
 - the metrics' working copies of the training features (standardised copies for the probes'
   solver, class means and scatter), counted as :data:`WORKSPACE_COPIES` copies.
 
@@ -30,8 +31,9 @@ __all__ = ["WORKSPACE_COPIES", "check_budget", "default_budget", "estimate_bytes
 #: Working copies of the training features the metrics make at most at once (measured on the
 #: analysis of a 3,000-image folder run: see tests/test_memory_budget.py).
 WORKSPACE_COPIES = 3
-#: Test features of other checkpoints held for the across-epoch metrics (final and previous).
-HELD_CHECKPOINTS = 2
+#: Test features of other checkpoints held for the across-epoch metrics (the final one and
+#: the two most recent before the current one: EpochFeatures keeps three).
+HELD_CHECKPOINTS = 3
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
