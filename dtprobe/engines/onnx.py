@@ -12,8 +12,9 @@ The weights differ between checkpoints, so every checkpoint is exported once: th
 kept for later calls on the same model object while none of its parameters or buffers has
 changed (the train and test splits of one checkpoint share one export). Each call checks the
 session against the eager network on its first :data:`CHECK_IMAGES` images: every output must
-agree to :data:`TOLERANCE` relative to its largest magnitude. When the export fails or the
-outputs disagree, the call returns ``None`` after a warning and the caller extracts eagerly.
+agree to :data:`TOLERANCE` relative to its largest magnitude. When the export fails (the
+architecture is then not tried again in this process) or the outputs disagree, the call returns
+``None`` after a warning and the caller extracts eagerly.
 :func:`export_stats` counts exports and the seconds they cost (export + session creation).
 
 References
@@ -27,9 +28,12 @@ https://github.com/onnx/onnx (operator set 17).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import itertools
+import os
+import sys
 import time
 import warnings
 import weakref
@@ -57,6 +61,9 @@ _INPUT = "images"
 _STATS = {"exports": 0, "export_seconds": 0.0, "reused": 0, "fallbacks": 0}
 #: The last exported network, reused while its model object and weights are unchanged.
 _LAST: dict[str, Any] = {}
+#: Architectures (class, parameter shapes, layers, input shape) whose export failed: later
+#: checkpoints go to the eager engine without trying again.
+_UNEXPORTABLE: set[tuple] = set()
 
 
 def require_onnxruntime():
@@ -80,6 +87,7 @@ def reset_export_stats() -> None:
     """Zero the counters of :func:`export_stats` and forget the kept session."""
     _STATS.update(exports=0, export_seconds=0.0, reused=0, fallbacks=0)
     _LAST.clear()
+    _UNEXPORTABLE.clear()
 
 
 class _Outputs(nn.Module):
@@ -138,10 +146,36 @@ def export_onnx(net: nn.Module, head: nn.Module, layers: Sequence[str],
         # took ~4 s, paid again for every checkpoint.
         kwargs["dynamo"] = False
     buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _native_stdout_silenced():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings; the check decides
         torch.onnx.export(_Outputs(net, head, layers).eval(), (example,), buf, **kwargs)
     return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced():
+    """File descriptor 1 pointed at the null device for the duration.
+
+    The TorchScript exporter leaves its C++ log switched on (torch 2.14) and, when an export
+    fails, writes the whole traced graph to the process's stdout before raising: hundreds of
+    lines for a network, where the caller shows one warning.
+    """
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no stdout to protect
+        yield
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 1)
+        finally:
+            os.close(null)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class OnnxNetwork:
@@ -190,6 +224,12 @@ def _fingerprint(model: nn.Module) -> tuple:
                  for t in itertools.chain(model.parameters(), model.buffers()))
 
 
+def _architecture(model: nn.Module, layers: Sequence[str], probe: torch.Tensor) -> tuple:
+    return (type(model).__module__, type(model).__qualname__,
+            tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()),
+            tuple(layers), tuple(probe.shape[1:]), probe.dtype)
+
+
 def _network(model: nn.Module, head: nn.Module, layers: Sequence[str], probe: torch.Tensor,
              fold_batchnorm: bool) -> OnnxNetwork:
     """The session for ``model``'s current weights: the kept one, or a fresh export."""
@@ -233,7 +273,7 @@ def _fallback(reason: str) -> None:
     _STATS["fallbacks"] += 1
     _LAST.clear()
     warnings.warn(f"engine='onnx': {reason}; extracting with the eager engine instead",
-                  RuntimeWarning, stacklevel=4)
+                  RuntimeWarning, stacklevel=5)  # extract_features' caller
 
 
 def _first_line(text: str, limit: int = 160) -> str:
@@ -241,7 +281,6 @@ def _first_line(text: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
-@torch.no_grad()
 def extract_onnx(model: nn.Module, head: nn.Module, images, *, batch_size: int,
                  layers: Sequence[str] = (), fold_batchnorm: bool = True
                  ) -> dict[str, torch.Tensor] | None:
@@ -280,10 +319,15 @@ def extract_onnx(model: nn.Module, head: nn.Module, images, *, batch_size: int,
         taps.remove()
     if not all(bool(torch.isfinite(v).all()) for v in ref.values()):
         return None  # a diverged checkpoint: the eager path's NaN checks handle it
+    arch = _architecture(model, layers, probe)
+    if arch in _UNEXPORTABLE:
+        _fallback(f"{type(model).__name__} could not be exported (an earlier checkpoint)")
+        return None
     try:
         network = _network(model, head, layers, probe, fold_batchnorm)
         got = network(probe)
     except Exception as exc:  # noqa: BLE001 - any exporter or session failure: run eagerly
+        _UNEXPORTABLE.add(arch)
         _fallback(f"{type(model).__name__} could not be exported or loaded "
                   f"({type(exc).__name__}: {_first_line(str(exc))})")
         return None
