@@ -278,3 +278,17 @@ def test_analysis_with_onnx_engine_matches_eager(ort, tiny_run):
     values = res.table.set_index(["epoch", "metric"])["value"]
     assert values.index.equals(ref.index)
     assert float((values - ref).abs().max()) <= 1e-4
+
+
+def test_weights_written_through_data_are_exported_afresh(ort):
+    torch.manual_seed(0)
+    model = _randomise_bn(build_model("small_cnn", 4, width=8, feature_dim=16))
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    extract_features(model, model.fc, images, device="cpu", batch_size=4, engine="onnx")
+    version = model.fc.weight._version
+    model.fc.weight.data.copy_(torch.randn(4, 16))  # .data: the version counter stays put
+    assert model.fc.weight._version == version
+    got = extract_features(model, model.fc, images, device="cpu", batch_size=4, engine="onnx")
+    assert _stats()["exports"] == 2 and _stats()["fallbacks"] == 0  # no warning either
+    ref = _small_cnn_reference(model, images)
+    _close(got["logits"], ref["logits"])
