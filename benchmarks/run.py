@@ -21,7 +21,8 @@ from pathlib import Path
 from benchmarks import Row, cpu_model, markdown_table, set_threads
 
 BENCHMARKS = ("separation", "cka", "probe", "extraction", "gpu_extraction", "memory", "training",
-              "live", "objectives", "diagnostics", "downstream", "feature_dtype")
+              "live", "objectives", "diagnostics", "downstream", "feature_dtype",
+              "onnx_engine")
 
 
 def machine() -> str:

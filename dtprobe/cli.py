@@ -355,6 +355,10 @@ def _add_analysis_parsers(sub) -> None:
     a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     a.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="images per forward pass during extraction")
+    a.add_argument("--engine", default="eager", choices=["eager", "onnx"],
+                   help="what runs the forward passes: PyTorch (eager), or ONNX Runtime on the "
+                        "CPU (onnx: exported per checkpoint, checked against eager to 1e-4, "
+                        "eager again if it disagrees; pip install 'dtprobe[onnx]')")
     a.add_argument("--feature-dtype", default="float32",
                    choices=["float32", "float16", "bfloat16"],
                    help="precision of the cached features and layer outputs (logits stay "
@@ -696,7 +700,7 @@ def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 dataset=args.dataset, dataset_params=_dataset_params(args) or None,
                 pattern=args.pattern, compare=args.compare, layers=args.layers,
                 batch_size=args.batch_size, feature_dtype=args.feature_dtype,
-                use_cache=not args.no_cache,
+                engine=args.engine, use_cache=not args.no_cache,
                 progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
                 wait=not args.no_wait, follow_symlinks=args.follow_symlinks,
                 epoch_from=args.epoch_from, weights=args.weights,

@@ -54,6 +54,7 @@ from torch import nn
 from checkpoints_manifest import atomic_write_bytes, read_regular_file
 from dtprobe import integrity
 from dtprobe.data.pixels import RawImages, is_raw
+from dtprobe.engines import check_engine, run_engine
 from dtprobe.errors import ConfigError
 from dtprobe.models.tap import PenultimateTap
 
@@ -400,7 +401,7 @@ def _batches(n: int, start: int, size: int) -> Iterator[tuple[int, int]]:
 def extract_features(model: nn.Module, head: nn.Module, images: Images, *,
                      device: torch.device | str, batch_size: BatchSize = "auto",
                      layers: Sequence[str] = (), fold_batchnorm: bool = True,
-                     amp: bool | None = None) -> dict[str, torch.Tensor]:
+                     amp: bool | None = None, engine: str = "eager") -> dict[str, torch.Tensor]:
     """Run ``model`` over ``images`` once and collect its outputs.
 
     Parameters
@@ -434,6 +435,12 @@ def extract_features(model: nn.Module, head: nn.Module, images: Images, *,
         CPU, where float32 keeps the outputs exact to rounding. ``True`` also enables it on
         the CPU: several times faster on CPUs with AMX / AVX-512-BF16 units, at bf16
         precision (about 3 significant digits).
+    engine : {"eager", "onnx"}, default "eager"
+        What runs the forward passes (:mod:`dtprobe.engines`). ``"onnx"``: ONNX Runtime on the
+        CPU, exported from the same folded copy once per checkpoint and checked against the
+        eager network on the first images (to 1e-4 relative) of every call; when the export
+        fails or disagrees, a warning and the eager path. Needs ``device="cpu"``, float32
+        (``amp`` not ``True``) and ``pip install 'dtprobe[onnx]'``.
 
     Returns
     -------
@@ -444,7 +451,8 @@ def extract_features(model: nn.Module, head: nn.Module, images: Images, *,
     Raises
     ------
     ConfigError
-        ``batch_size`` is neither a positive int nor ``"auto"``, or ``images`` is empty.
+        ``batch_size`` is neither a positive int nor ``"auto"``, ``images`` is empty, or
+        ``engine`` is unknown or cannot run here (see :func:`dtprobe.engines.check_engine`).
     RuntimeError
         The model fails on the images (e.g. wrong input shape), or runs out of memory at
         an explicit ``batch_size``.
@@ -461,8 +469,16 @@ def extract_features(model: nn.Module, head: nn.Module, images: Images, *,
         raise ConfigError(f"batch_size={batch_size!r}: pass a positive integer or 'auto'")
     if images.ndim < 1 or images.shape[0] == 0:
         raise ConfigError("extract_features got no images; pass a non-empty (n, ...) tensor")
+    if engine != "eager":
+        check_engine(engine, device, amp)
     n = int(images.shape[0])
     model.eval()
+    if engine != "eager":
+        size = auto_batch_size(images, device) if auto else int(batch_size)
+        out = run_engine(engine, model, head, images, batch_size=max(1, min(size, n)),
+                         layers=layers, fold_batchnorm=fold_batchnorm)
+        if out is not None:
+            return out
     net, net_head = model, head
     channels_last = images.ndim == 4
     if fold_batchnorm:

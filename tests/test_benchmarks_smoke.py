@@ -61,7 +61,7 @@ def test_reference_implementations_match_dtprobe_on_small_inputs():
 
 
 @pytest.mark.parametrize("name", ["separation", "cka", "probe", "extraction",
-                                  "gpu_extraction", "feature_dtype"])
+                                  "gpu_extraction", "feature_dtype", "onnx_engine"])
 def test_quick_in_process_benchmarks_agree(name):
     rows = bench_run.run_all([name], quick=True, log=lambda _m: None)
     _check_rows(rows)

@@ -147,7 +147,8 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
             feats, _ = checkpoint_features(other, c, data, cache, device,
                                            AnalysisOptions(batch_size=opts.batch_size,
                                                            layers=list(opts.layers),
-                                                           feature_dtype=opts.feature_dtype))
+                                                           feature_dtype=opts.feature_dtype,
+                                                           engine=opts.engine))
         except OSError:
             raise  # the environment (disk full, read-only): not this checkpoint's fault
         except Exception as exc:  # noqa: BLE001 - one bad file of the other run is skipped

@@ -164,7 +164,8 @@ def _extract(model: torch.nn.Module, head: torch.nn.Module, images: Any,
              opts: AnalysisOptions) -> dict[str, torch.Tensor]:
     try:
         return extract_features(model, head, images, device=device,
-                                batch_size=opts.batch_size, layers=opts.layers)
+                                batch_size=opts.batch_size, layers=opts.layers,
+                                engine=opts.engine)
     except RuntimeError as exc:
         text = str(exc)
         if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():

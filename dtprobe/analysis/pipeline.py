@@ -296,7 +296,7 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             dataset_params: dict[str, Any] | None = None, pattern: str | None = None,
             compare: Sequence[str | Path] = (), layers: Sequence[str] = (),
             batch_size: int | str = "auto", feature_dtype: str = "float32",
-            use_cache: bool = True, progress: bool = True,
+            engine: str = "eager", use_cache: bool = True, progress: bool = True,
             plot: bool = True, seed: int = 0, wait: bool = True,
             follow_symlinks: bool = False, epoch_from: str = "auto", weights: str = "auto",
             strip_prefix: str | None = None, trust_pickles: bool = False,
@@ -324,6 +324,12 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         the feature files; every metric still computes on float32/float64 copies, of values
         rounded to about 3 (float16) or 2 (bfloat16) significant digits. Part of the cache key
         and recorded in each row's ``params`` (``feature_dtype``) when not float32.
+    engine : ``"eager"`` (PyTorch) or ``"onnx"`` (ONNX Runtime on the CPU; needs
+        ``device="cpu"`` and ``pip install 'dtprobe[onnx]'``): what runs the forward passes of
+        the extraction (:mod:`dtprobe.engines`). The onnx engine exports each checkpoint once
+        and is checked against eager on the first images of every extraction (to 1e-4
+        relative; eager again, with a warning, if it disagrees), so both share the feature
+        cache.
     use_cache : reuse features cached under ``RUN_DIR/analysis/features``.
     progress, plot : progress bar and summary line; ``analysis/tradeoff.png``.
     seed : seed of the stochastic estimators (probe splits, MI estimators).
@@ -392,7 +398,7 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         flags.update(dataset=plan.dataset, dataset_params=plan.dataset_params)
     opts = AnalysisOptions(metrics=list(metrics) if metrics else None, device=device,
                            batch_size=batch_size, feature_dtype=feature_dtype,
-                           layers=list(layers),
+                           engine=engine, layers=list(layers),
                            compare=[str(c) for c in compare], use_cache=use_cache,
                            progress=progress, plot=plot, seed=seed, wait=wait,
                            follow_symlinks=follow_symlinks, plan_flags=flags,

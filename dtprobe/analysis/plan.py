@@ -26,6 +26,7 @@ from checkpoints_manifest.schema import MAX_CLASSES
 from dtprobe import checkpoints as ckpt_io
 from dtprobe.data import load_dataset
 from dtprobe.data.registry import available_datasets
+from dtprobe.engines import ENGINES, check_engine
 from dtprobe.errors import ConfigError, DatasetError
 from dtprobe.extract import FEATURE_DTYPES
 from dtprobe.models import get_arch
@@ -127,6 +128,8 @@ class AnalysisOptions:
     #: Storage dtype of cached features and layer outputs (dtprobe.extract.FEATURE_DTYPES);
     #: metrics read them back as float32.
     feature_dtype: str = "float32"
+    #: What runs the extraction's forward passes (dtprobe.engines.ENGINES): "eager" or "onnx".
+    engine: str = "eager"
     layers: list[str] = field(default_factory=list)
     compare: list[str] = field(default_factory=list)
     use_cache: bool = True
@@ -425,6 +428,13 @@ def check_plan(plan: RunPlan, opts: AnalysisOptions) -> None:
     if opts.feature_dtype not in FEATURE_DTYPES:
         raise ConfigError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, got "
                           f"{_show_value(opts.feature_dtype)}")
+    if opts.engine not in ENGINES:
+        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got "
+                          f"{_show_value(opts.engine)}")
+    if opts.engine != "eager":
+        from dtprobe.devices import resolve_device
+
+        check_engine(opts.engine, resolve_device(opts.device))
     if (isinstance(plan.num_classes, bool) or not isinstance(plan.num_classes, int)
             or not 1 <= plan.num_classes <= MAX_CLASSES):
         raise ConfigError(f"--num-classes (or the manifest's model.num_classes) must be an int "
