@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[test,frameworks]'
+	$(PY) -m pip install -e '.[test,frameworks,onnx]'
 	touch $(STAMP)
 
 install: $(STAMP)
