@@ -18,9 +18,12 @@ has the same nearest neighbours in both.  Huh et al. (2024) use two scores:
 
 Neighbours are found by cosine similarity of L2-normalised rows (the authors'
 convention; ``metric="euclidean"`` is available for mutual k-NN) in row blocks
-of bounded memory, so ``n = 10,000`` never forms an ``n x n`` matrix at once.
-The masked kernels have ``k`` entries per row, so CKNNA is ``O(n k)`` once the
-neighbours are known: no ``n x n`` Gram is formed either.
+of bounded memory (64 MiB of similarities, 1 GiB on a CUDA device), so no
+``n x n`` matrix is formed at any ``n``: memory is ``O(n d)`` (the float64
+features and their normalised copy), time the exact search's ``O(n^2 d)``, on the
+features' device.  The masked kernels have ``k`` entries per row, so CKNNA is
+``O(n k d)`` once the neighbours are known (its kernel values are gathered in
+blocks of pairs): no ``n x n`` Gram is formed either.
 
 Ties: the neighbour sets are ill-defined when the ``k``-th and ``(k+1)``-th
 similarities are equal (duplicate samples, quantised features).  Such rows are
@@ -53,6 +56,9 @@ __all__ = ["mutual_knn", "cknna", "knn_indices", "DEFAULT_TOPK"]
 DEFAULT_TOPK = 10
 #: Bytes of float64 similarity rows one block may hold (as ``dtprobe.metrics.cka``).
 _MEMORY_BUDGET = 64 * 2**20
+#: The same on a CUDA device: at n = 300k, 64 MiB is a block of 27 rows, too few to keep a GPU
+#: busy; 1 GiB gives 447 rows (the budget is fixed, so memory stays O(n d) all the same).
+_CUDA_MEMORY_BUDGET = 2**30
 #: Relative gap below which the k-th and (k+1)-th similarities count as tied.
 _TIE_RTOL = 1e-12
 _METRICS = ("cosine", "euclidean")
@@ -97,7 +103,8 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
         z = x - x.mean(dim=0)  # distances are translation invariant; centring limits cancellation
         sq = (z**2).sum(dim=1)
         neg_sq = -sq[None, :]
-    block = max(1, min(n, _MEMORY_BUDGET // (8 * n)))
+    budget = _CUDA_MEMORY_BUDGET if x.device.type == "cuda" else _MEMORY_BUDGET
+    block = max(1, min(n, budget // (8 * n)))
     out = torch.empty(n, k, dtype=torch.int64, device=x.device)
     ties = 0
     for s in range(0, n, block):
@@ -188,6 +195,17 @@ def mutual_knn(x: ArrayLike, y: ArrayLike, topk: int = DEFAULT_TOPK, *,
     return float(shared.to(torch.float64).mean() / topk)
 
 
+def _pair_values(z: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Kernel values ``z[r_m] . z[c_m]`` of the listed pairs, in blocks of pairs: gathering all
+    ``n k`` pairs at once would hold ``2 k`` copies of the features (50 GB at n = 300k,
+    d = 2048, k = 10)."""
+    out = torch.empty(r.numel(), dtype=z.dtype, device=z.device)
+    step = max(1, _MEMORY_BUDGET // (16 * z.shape[1]))
+    for s in range(0, r.numel(), step):
+        out[s:s + step] = (z[r[s:s + step]] * z[c[s:s + step]]).sum(dim=1)
+    return out
+
+
 def _masked_hsic(rows: torch.Tensor, cols: torch.Tensor, kv: torch.Tensor, lv: torch.Tensor,
                  n: int) -> torch.Tensor:
     """Unbiased HSIC of two sparse n x n matrices with equal support (i, j) and values kv, lv.
@@ -264,17 +282,14 @@ def cknna(x: ArrayLike, y: ArrayLike, topk: int = DEFAULT_TOPK, *,
     ib, tb = knn_indices(b, topk, "inner", name="y")
     _warn_ties("cknna", {"x": ta, "y": tb}, n)
     rows = torch.arange(n, device=a.device)[:, None].expand(n, topk).reshape(-1)
-
-    def values(z: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return (z[r] * z[c]).sum(dim=1)
-
     ca = ia.reshape(-1)
     cb = ib.reshape(-1)
-    self_a = _masked_hsic(rows, ca, values(a, rows, ca), values(a, rows, ca), n)
-    self_b = _masked_hsic(rows, cb, values(b, rows, cb), values(b, rows, cb), n)
+    ka, lb = _pair_values(a, rows, ca), _pair_values(b, rows, cb)
+    self_a = _masked_hsic(rows, ca, ka, ka, n)
+    self_b = _masked_hsic(rows, cb, lb, lb, n)
     both = (ia[:, :, None] == ib[:, None, :]).any(dim=2).reshape(-1)
     r, c = rows[both], ca[both]
-    cross = _masked_hsic(r, c, values(a, r, c), values(b, r, c), n)
+    cross = _masked_hsic(r, c, _pair_values(a, r, c), _pair_values(b, r, c), n)
     if not (float(self_a) > 0 and float(self_b) > 0):
         warnings.warn("cknna: a self-alignment is not positive (too few samples or neighbours "
                       "for the unbiased estimate); returning NaN", RuntimeWarning, stacklevel=2)
