@@ -16,6 +16,9 @@ from dtprobe.errors import MetricInputError
 
 ArrayLike = Any  # numpy.ndarray | torch.Tensor
 
+#: Entries per block of the NaN/Inf check of :func:`check_features`.
+_CHECK_ELEMENTS = 1 << 24
+
 
 def as_numpy(x: ArrayLike) -> np.ndarray:
     """``np.asarray(x)``, copied when it has negative strides (``x[:, ::-1]``), which torch
@@ -61,7 +64,10 @@ def check_features(x: ArrayLike, name: str = "features", *, min_samples: int = 2
                                f"{min_samples}")
     if t.shape[1] == 0:
         raise MetricInputError(f"{name} has no feature columns")
-    finite = torch.isfinite(t).all(dim=1)
+    # in row blocks: a mask of the whole matrix would be n x d bytes (600 MB at 300k x 2048)
+    step = max(1, _CHECK_ELEMENTS // t.shape[1])
+    finite = torch.cat([torch.isfinite(t[s:s + step]).all(dim=1)
+                        for s in range(0, t.shape[0], step)])
     if not bool(finite.all()):
         bad = int((~finite).sum())
         raise MetricInputError(f"{name} contains NaN/Inf in {bad} of {t.shape[0]} rows "
