@@ -79,8 +79,9 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
 
     Parameters
     ----------
-    x : torch.Tensor, shape (n, d), float64
-        Validated features (``check_features``).
+    x : torch.Tensor, shape (n, d)
+        Validated features (``check_features``), float64 or a lower float precision (then
+        upcast here, so the caller need not hold a float64 copy of its own).
     k : int
         Number of neighbours, ``1 <= k <= n - 1`` (one more is looked at to detect ties when
         ``k <= n - 2``).
@@ -95,6 +96,7 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
     """
     n = x.shape[0]
     sq = None
+    x = x.to(torch.float64)
     if metric == "cosine":
         z = _normalised(x, name)
     elif metric == "inner":  # raw inner products (the kernel of CKNNA without normalisation)
@@ -103,9 +105,11 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
         z = x - x.mean(dim=0)  # distances are translation invariant; centring limits cancellation
         sq = (z**2).sum(dim=1)
         neg_sq = -sq[None, :]
-    budget = _CUDA_MEMORY_BUDGET if x.device.type == "cuda" else _MEMORY_BUDGET
+    device = x.device
+    del x  # only z is needed below (the float64 input is not held next to it)
+    budget = _CUDA_MEMORY_BUDGET if device.type == "cuda" else _MEMORY_BUDGET
     block = max(1, min(n, budget // (8 * n)))
-    out = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    out = torch.empty(n, k, dtype=torch.int64, device=device)
     ties = 0
     for s in range(0, n, block):
         e = min(s + block, n)
@@ -114,7 +118,7 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
         else:  # larger is nearer: -||a - b||^2 = 2 a.b - |b|^2 - |a|^2; |a|^2 is constant per
             # row and cannot change its ranking, so one fused addmm gives the score
             score = torch.addmm(neg_sq.expand(e - s, n), z[s:e], z.T, alpha=2.0)
-        rows = torch.arange(e - s, device=x.device)
+        rows = torch.arange(e - s, device=device)
         score[rows, rows + s] = -torch.inf
         vals, idx = torch.topk(score, min(k + 1, n - 1), dim=1)
         out[s:e] = idx[:, :k]
@@ -126,9 +130,10 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
     return out, ties
 
 
-def _pair(x: ArrayLike, y: ArrayLike, topk: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    a = check_features(x, "x", min_samples=3)
-    b = check_features(y, "y", min_samples=3, device=a.device)
+def _pair(x: ArrayLike, y: ArrayLike, topk: int, what: str,
+          dtype: torch.dtype | None = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    a = check_features(x, "x", min_samples=3, dtype=dtype)
+    b = check_features(y, "y", min_samples=3, device=a.device, dtype=dtype)
     if a.shape[0] != b.shape[0]:
         raise MetricInputError(f"x has {a.shape[0]} samples but y has {b.shape[0]}; {what} "
                                "compares representations of the same inputs")
@@ -187,7 +192,9 @@ def mutual_knn(x: ArrayLike, y: ArrayLike, topk: int = DEFAULT_TOPK, *,
     """
     if metric not in _METRICS:
         raise ConfigError(f"metric={metric!r} is not one of {', '.join(_METRICS)}")
-    a, b = _pair(x, y, topk, "mutual_knn")
+    # kept in their own dtype: each search upcasts its side, so at most two float64 copies of
+    # one side (it and its normalised rows) exist at a time
+    a, b = _pair(x, y, topk, "mutual_knn", dtype=None)
     ia, ta = knn_indices(a, topk, metric, name="x")
     ib, tb = knn_indices(b, topk, metric, name="y")
     _warn_ties("mutual_knn", {"x": ta, "y": tb}, a.shape[0])
