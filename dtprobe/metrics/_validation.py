@@ -16,8 +16,9 @@ from dtprobe.errors import MetricInputError
 
 ArrayLike = Any  # numpy.ndarray | torch.Tensor
 
-#: Entries per block of the NaN/Inf check of :func:`check_features`.
-_CHECK_ELEMENTS = 1 << 24
+#: Entries per block of the NaN/Inf check of :func:`check_features` (``isfinite`` holds about
+#: 7 bytes of temporaries per entry: 7 MB per block).
+_CHECK_ELEMENTS = 1 << 20
 
 
 def as_numpy(x: ArrayLike) -> np.ndarray:
@@ -107,9 +108,10 @@ def ldexp(x: torch.Tensor, e: int) -> torch.Tensor:
     """``x * 2**e``, exact for floating ``x`` unless the result leaves the normal range."""
     if e == 0:
         return x
-    # two factors, so that 2**e itself never over- or underflows (|e| may exceed 1023)
+    # two factors, so that 2**e itself never over- or underflows (|e| may exceed 1023); the
+    # second in place, so the result is the only full-size tensor made
     half = e // 2
-    return x * (2.0 ** half) * (2.0 ** (e - half))
+    return torch.mul(x, 2.0 ** half).mul_(2.0 ** (e - half))
 
 
 def pow2_rescale(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:

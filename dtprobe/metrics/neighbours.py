@@ -64,13 +64,13 @@ _TIE_RTOL = 1e-12
 _METRICS = ("cosine", "euclidean")
 
 
-def _normalised(x: torch.Tensor, name: str) -> torch.Tensor:
+def _normalised(x: torch.Tensor, name: str, in_place: bool = False) -> torch.Tensor:
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     zero = int((norms == 0).sum())
     if zero:
         raise MetricInputError(f"{name} has {zero} all-zero row(s); cosine neighbours are "
                                "undefined for them (drop them or use metric='euclidean')")
-    return x / norms
+    return x.div_(norms) if in_place else x / norms
 
 
 def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
@@ -96,13 +96,15 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
     """
     n = x.shape[0]
     sq = None
+    owned = x.dtype != torch.float64  # then the float64 copy below is ours to overwrite
     x = x.to(torch.float64)
     if metric == "cosine":
-        z = _normalised(x, name)
+        z = _normalised(x, name, in_place=owned)
     elif metric == "inner":  # raw inner products (the kernel of CKNNA without normalisation)
         z = x
-    else:
-        z = x - x.mean(dim=0)  # distances are translation invariant; centring limits cancellation
+    else:  # distances are translation invariant; centring limits cancellation
+        mean = x.mean(dim=0)
+        z = x.sub_(mean) if owned else x - mean
         sq = (z**2).sum(dim=1)
         neg_sq = -sq[None, :]
     device = x.device

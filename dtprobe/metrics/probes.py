@@ -38,7 +38,8 @@ from dtprobe.metrics._validation import (
     ArrayLike,
     as_tensor,
     check_features,
-    pow2_rescale,
+    ldexp,
+    pow2_scale_exponent,
     rowwise_pow2_rescale,
 )
 from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
@@ -576,8 +577,10 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
     val_idx_t = torch.as_tensor(val_idx, device=device)
     # A common power-of-two factor is exact and leaves standardised features unchanged, but
     # keeps the variance of features near 1e+-200 from over- or underflowing.
-    xtr, xte = pow2_rescale(xtr, xte)
-    xtr, xte = xtr.to(dtype), xte.to(dtype)
+    # (one side at a time, so that at most one extra copy exists at once)
+    exponent = pow2_scale_exponent(xtr, xte)
+    xtr = ldexp(xtr, -exponent).to(dtype)
+    xte = ldexp(xte, -exponent).to(dtype)
     fast = _sweep_dtype(sweep_dtype, dtype, standardize)
     fit_tol = tol if sweep_tol is None else sweep_tol
 
