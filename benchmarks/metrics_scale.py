@@ -3,7 +3,7 @@
 Every default per-checkpoint metric of ``dtprobe analyze`` (and the two similarity measures
 every analysis computes between checkpoints: linear CKA with its permutation null, and mutual
 k-NN) runs on synthetic Gaussian class clusters at ``n`` and ``4 n`` samples (default 10,000
-and 40,000, ``d = 512``, ``K = 100``), in a fresh Python process per metric. For each size the
+and 40,000, ``d = 512``, ``K = 100``), in a fresh Python process per metric and size. The
 child process
 
 1. builds the data (train and test splits of ``n`` rows each, float32, a linear source head,
@@ -17,9 +17,8 @@ The metric's peak memory is ``VmHWM - RSS before``: what it allocates on top of 
 in ``n`` has memory ratio ~4 between the two sizes (a quadratic one ~16); capped estimators
 (the Renyi MI subsample) stay near 1. Time ratios are measured side by side in the same
 process; kNN-based metrics (TwoNN, mutual k-NN) are exact and ``O(n^2 d)`` in time (~16),
-with memory bounded by blocks. The child runs with a fixed ``MALLOC_MMAP_THRESHOLD_`` so
-that large blocks freed by the first size go back to the kernel and do not hide the second
-size's allocations.
+with memory bounded by blocks. One process per size, so that memory freed by one size and
+kept by the allocator cannot hide the next size's allocations.
 
 ``python -m benchmarks.metrics_scale`` prints the table (about 4 minutes on 2 CPU cores);
 ``--quick`` runs tiny sizes as a smoke test (seconds), ``--metrics`` picks a subset.
@@ -47,8 +46,6 @@ FULL_SIZES, QUICK_SIZES = (10_000, 40_000), (500, 2_000)
 FULL_DIM, QUICK_DIM = 512, 32
 FULL_CLASSES, QUICK_CLASSES = 100, 10
 PIXELS = 192  # flattened "input" width of the I(X;T) rows (an 8 x 8 x 3 image)
-#: Fixed malloc threshold of the child: blocks above it are mmap'ed and unmapped on free.
-_MMAP_THRESHOLD = str(1 << 17)
 
 
 @dataclass
@@ -162,11 +159,13 @@ print("@@" + json.dumps(measure_in_process(sys.argv[1], sizes, int(sys.argv[3]),
 
 
 def measure(name: str, sizes: Sequence[int], d: int, k: int, threads: int) -> list[dict]:
-    """:func:`measure_in_process` in a fresh Python process (its own peak-RSS counter)."""
-    proc = run_python(_CHILD, name, ",".join(str(s) for s in sizes), str(d), str(k),
-                      str(threads), env={"MALLOC_MMAP_THRESHOLD_": _MMAP_THRESHOLD})
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@")][-1]
-    return json.loads(line[2:])
+    """:func:`measure_in_process` in a fresh Python process per size (its own peak counter)."""
+    out = []
+    for n in sizes:
+        proc = run_python(_CHILD, name, str(n), str(d), str(k), str(threads))
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@")][-1]
+        out.extend(json.loads(line[2:]))
+    return out
 
 
 def _fmt_mb(v: float | None) -> str:

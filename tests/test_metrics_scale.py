@@ -51,6 +51,7 @@ def tiny_blocks(monkeypatch):
     monkeypatch.setattr(neighbours, "_MEMORY_BUDGET", 8 * 240 * 9)
     monkeypatch.setattr(collapse, "_MEMORY_BUDGET", 8 * 20 * 13)
     monkeypatch.setattr(cka_mod, "_MEMORY_BUDGET", 8 * 11 * 17)
+    monkeypatch.setattr(cka_mod, "_PERMUTATION_BUDGET", 8 * 10 * 13)
     monkeypatch.setattr(spectrum, "_MEMORY_BUDGET", 8 * 6 * 20)
     monkeypatch.setattr(validation, "_CHECK_ELEMENTS", 30)
 

@@ -84,6 +84,10 @@ _MEMORY_BUDGET = 64 * 2**20
 #: A layer whose centred energy is below this fraction of its raw energy is constant.
 _CONSTANT_RATIO = 1e-24
 _METHODS = ("auto", "features", "gram")
+#: Chunk bytes of the permutation null's passes (one per permutation): smaller chunks than
+#: ``_MEMORY_BUDGET`` stay in the allocator's heap and the caches (n = 40k, d = 512, 20
+#: permutations: 8.7 s against 13.7 s at 64 MiB, and 10.0 s for the unchunked float64 copies).
+_PERMUTATION_BUDGET = 16 * 2**20
 
 
 # --------------------------------------------------------------------------- input handling
@@ -709,7 +713,7 @@ def cka_permutation_null(x: ArrayLike, y: ArrayLike, *, n_permutations: int = DE
     representation's own structure, so the permuted CKA values are what the score would be
     for unrelated representations of the same size.  Only the cross term changes under a
     permutation; the self terms are computed once.  Unless ``n^2 < d1 d2`` (then from the
-    ``n x n`` Grams), every term is accumulated from float64 chunks of ``_MEMORY_BUDGET``
+    ``n x n`` Grams), every term is accumulated from float64 chunks of ``_PERMUTATION_BUDGET``
     bytes (the permuted side's rows gathered chunk by chunk): memory is ``O(d1 d2)`` besides
     the inputs, time ``O(n_permutations n d1 d2)``, on the device of ``x``.
 
@@ -764,7 +768,7 @@ def cka_permutation_null(x: ArrayLike, y: ArrayLike, *, n_permutations: int = DE
                                "compares representations of the same inputs")
     n, d1, d2 = a.shape[0], a.shape[1], b.shape[1]
     use_gram = n * n < d1 * d2  # then the n x n Grams are smaller than one d1 x d2 product
-    chunk = n if use_gram else max(1, min(n, _MEMORY_BUDGET // (8 * (d1 + d2))))
+    chunk = n if use_gram else max(1, min(n, _PERMUTATION_BUDGET // (8 * (d1 + d2))))
     cx, cy = _Centred(a, a.device, use_gram, chunk), _Centred(b, a.device, use_gram, chunk)
     starts = range(0, n, chunk)
     if use_gram:
