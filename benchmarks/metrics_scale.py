@@ -12,6 +12,9 @@ child process
    and reads its current RSS,
 3. runs the metric once (timed) and reads ``VmHWM`` from ``/proc/self/status``.
 
+Before step 2 free heap pages are handed back to the kernel (glibc ``malloc_trim``), so the
+RSS read counts only live memory and pages the metric reuses from the heap count again.
+
 The metric's peak memory is ``VmHWM - RSS before``: what it allocates on top of the inputs.
 ``tracemalloc`` cannot be used: it does not see torch's allocations. A metric that is linear
 in ``n`` has memory ratio ~4 between the two sizes (a quadratic one ~16); capped estimators
@@ -108,6 +111,17 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+def _trim_heap() -> None:
+    """Give free heap pages back to the kernel (glibc ``malloc_trim``), so that the RSS read
+    before a call counts only live memory: pages the call then reuses are counted again."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -132,6 +146,7 @@ def measure_in_process(name: str, sizes: Sequence[int], d: int, k: int) -> list[
     for n in sizes:
         data = make_data(n, d, k)
         gc.collect()
+        _trim_heap()
         ok = _reset_peak()
         before = _status_kb("VmRSS")
         t0 = time.perf_counter()
