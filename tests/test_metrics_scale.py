@@ -285,3 +285,11 @@ def test_metrics_scale_benchmark_quick_measures_peaks():
     assert all(r["seconds"] > 0 for r in got)
     table = metrics_scale.table({"cdnv": got})
     assert "| cdnv |" in table and "memory ratio" in table
+
+
+def test_metrics_scale_quick_cli_runs_children(capsys):
+    from benchmarks import metrics_scale
+
+    assert metrics_scale.main(["--quick", "--metrics", "cdnv"]) == 0
+    out = capsys.readouterr().out
+    assert "| cdnv |" in out and "sizes 500, 2000" in out
