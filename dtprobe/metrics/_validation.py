@@ -16,6 +16,10 @@ from dtprobe.errors import MetricInputError
 
 ArrayLike = Any  # numpy.ndarray | torch.Tensor
 
+#: Entries per block of the NaN/Inf check of :func:`check_features` (``isfinite`` holds about
+#: 7 bytes of temporaries per entry: 7 MB per block).
+_CHECK_ELEMENTS = 1 << 20
+
 
 def as_numpy(x: ArrayLike) -> np.ndarray:
     """``np.asarray(x)``, copied when it has negative strides (``x[:, ::-1]``), which torch
@@ -61,7 +65,10 @@ def check_features(x: ArrayLike, name: str = "features", *, min_samples: int = 2
                                f"{min_samples}")
     if t.shape[1] == 0:
         raise MetricInputError(f"{name} has no feature columns")
-    finite = torch.isfinite(t).all(dim=1)
+    # in row blocks: a mask of the whole matrix would be n x d bytes (600 MB at 300k x 2048)
+    step = max(1, _CHECK_ELEMENTS // t.shape[1])
+    finite = torch.cat([torch.isfinite(t[s:s + step]).all(dim=1)
+                        for s in range(0, t.shape[0], step)])
     if not bool(finite.all()):
         bad = int((~finite).sum())
         raise MetricInputError(f"{name} contains NaN/Inf in {bad} of {t.shape[0]} rows "
@@ -101,9 +108,10 @@ def ldexp(x: torch.Tensor, e: int) -> torch.Tensor:
     """``x * 2**e``, exact for floating ``x`` unless the result leaves the normal range."""
     if e == 0:
         return x
-    # two factors, so that 2**e itself never over- or underflows (|e| may exceed 1023)
+    # two factors, so that 2**e itself never over- or underflows (|e| may exceed 1023); the
+    # second in place, so the result is the only full-size tensor made
     half = e // 2
-    return x * (2.0 ** half) * (2.0 ** (e - half))
+    return torch.mul(x, 2.0 ** half).mul_(2.0 ** (e - half))
 
 
 def pow2_rescale(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:

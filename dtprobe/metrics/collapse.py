@@ -51,7 +51,8 @@ from dtprobe.metrics._validation import (
     as_tensor,
     check_features,
     check_labels,
-    pow2_rescale,
+    ldexp,
+    pow2_scale_exponent,
 )
 from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
 
@@ -66,6 +67,20 @@ DEFAULT_RCOND = 1e-12
 
 # Class means whose spread is below this fraction of the feature scale are "all equal".
 _DEGENERATE_SPREAD = 1e-10
+#: Bytes of float64 work space per block of rows (or of class pairs).  Features are read in
+#: row blocks, each upcast to float64 on its own: no full float64 copy of the features and no
+#: (n x C) matrix is formed, so memory is O(C d) besides the input (n = 300k, d = 2048,
+#: C = 1000 needed about 25 GB before).
+_MEMORY_BUDGET = 64 * 2**20
+
+
+def _steps(total: int, width: int) -> range:
+    """Block starts over ``total`` rows of ``width`` float64 values within the budget."""
+    return range(0, total, _step(width))
+
+
+def _step(width: int) -> int:
+    return max(1, _MEMORY_BUDGET // (8 * max(width, 1)))
 
 
 def _warn(msg: str) -> None:
@@ -136,7 +151,7 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
     during the terminal phase of deep learning training. PNAS 117(40),
     24652-24663 (Figures 2-6 define NC1-NC4).
     """
-    h = check_features(features, "features")
+    h = check_features(features, "features", dtype=None)  # upcast block by block below
     n, d = h.shape
     y, n_classes = check_labels(labels, n, "labels", device=h.device)
     w = b = None
@@ -162,18 +177,27 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
 
     # NC1-NC3 and the nearest-centre rule are scale-free: an exact power-of-two rescaling keeps
     # their squares representable for features near 1e+-200 (the classifier of NC4 sees h as is)
-    h_raw = h
-    (h,) = pow2_rescale(h)
-    counts = torch.bincount(y, minlength=n_classes).to(h.dtype)
-    means = torch.zeros(n_classes, d, dtype=h.dtype, device=h.device)
-    means.index_add_(0, y, h)
+    f64 = torch.float64
+    step = _step(d + 2 * n_classes)
+    starts = range(0, n, step)
+    exponent = pow2_scale_exponent(*(h[s:s + step] for s in starts))
+
+    def scaled(s: int) -> torch.Tensor:
+        return ldexp(h[s:s + step].to(f64), -exponent)
+
+    counts = torch.bincount(y, minlength=n_classes).to(f64)
+    means = torch.zeros(n_classes, d, dtype=f64, device=h.device)
+    scale = 0.0
+    for s in starts:  # pass 1: class sums and the largest row norm
+        block = scaled(s)
+        means.index_add_(0, y[s:s + step], block)
+        scale = max(scale, float(torch.linalg.vector_norm(block, dim=1).max()))
     means /= counts[:, None]
     global_mean = means.mean(dim=0)
     m = (means - global_mean).T  # d x C, centred class means as columns
 
     out: dict[str, float] = {}
     nan = float("nan")
-    scale = float(torch.linalg.vector_norm(h, dim=1).max())
     col_norms = torch.linalg.vector_norm(m, dim=0)
     degenerate = float(col_norms.max()) <= _DEGENERATE_SPREAD * scale
     if degenerate:
@@ -183,12 +207,15 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
         # NC1 through the SVD of M: Sigma_B = (1/C) U S^2 U^T, so
         # tr(Sigma_W Sigma_B^+)/C = sum_j (u_j^T Sigma_W u_j) / s_j^2, and
         # u_j^T Sigma_W u_j = mean_i ((h_i - mu_{y_i}) . u_j)^2.  No d x d matrix is formed.
-        u, s, _ = torch.linalg.svd(m, full_matrices=False)
-        keep = s**2 > rcond * s[0] ** 2
-        u, s = u[:, keep], s[keep]
-        resid_proj = h @ u - (means @ u)[y]  # n x r
-        within = (resid_proj**2).mean(dim=0)
-        out["nc1"] = float((within / s**2).sum())
+        u, sv, _ = torch.linalg.svd(m, full_matrices=False)
+        keep = sv**2 > rcond * sv[0] ** 2
+        u, sv = u[:, keep], sv[keep]
+        centre_proj = means @ u
+        within = torch.zeros(u.shape[1], dtype=f64, device=h.device)
+        for s in starts:  # pass 2: sum over rows of ((h_i - mu_{y_i}) . u_j)^2, block by block
+            resid_proj = scaled(s) @ u - centre_proj[y[s:s + step]]  # block x r
+            within += (resid_proj**2).sum(dim=0)
+        out["nc1"] = float((within / n / sv**2).sum())
 
         out["nc2_equinorm"] = float(col_norms.std(correction=0) / col_norms.mean())
         if float(col_norms.min()) <= _DEGENERATE_SPREAD * float(col_norms.max()):
@@ -201,7 +228,7 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
             out["nc2_equiangularity"] = float(off.std(correction=0))
 
         gram = m.T @ m
-        target = torch.eye(n_classes, dtype=h.dtype, device=h.device) - 1.0 / n_classes
+        target = torch.eye(n_classes, dtype=f64, device=h.device) - 1.0 / n_classes
         target /= math.sqrt(n_classes - 1)  # ||I - 11^T/C||_F = sqrt(C - 1)
         out["nc2_etf_error"] = float(torch.linalg.matrix_norm(
             gram / torch.linalg.matrix_norm(gram) - target))
@@ -215,14 +242,18 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
         else:
             diff = w.T / w_norm - m / torch.linalg.matrix_norm(m)
             out["nc3"] = float((diff**2).sum())
-        logits = h_raw @ w.T
-        if b is not None:
-            logits = logits + b
-        classifier = logits.argmax(dim=1)
-        # argmin_c ||h - mu_c||^2 = argmin_c (||mu_c||^2 - 2 h . mu_c)
-        dist = (means**2).sum(dim=1) - 2.0 * (h @ means.T)
-        ncc = dist.argmin(dim=1)
-        out["nc4"] = float((classifier != ncc).to(h.dtype).mean())
+        mean_sq = (means**2).sum(dim=1)
+        disagree = 0
+        for s in starts:  # the two rules on each row block (no n x C matrix)
+            raw = h[s:s + step].to(f64)
+            logits = raw @ w.T
+            if b is not None:
+                logits = logits + b
+            classifier = logits.argmax(dim=1)
+            # argmin_c ||h - mu_c||^2 = argmin_c (||mu_c||^2 - 2 h . mu_c)
+            dist = mean_sq - 2.0 * (ldexp(raw, -exponent) @ means.T)
+            disagree += int((classifier != dist.argmin(dim=1)).sum())
+        out["nc4"] = disagree / n
     return out
 
 
@@ -248,18 +279,37 @@ DEFAULT_UNIFORMITY_T = 2.0
 def _class_stats(features: ArrayLike, labels: ArrayLike, variances: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Class means (C x d), population variances ``E||h - mu_c||^2`` (C; None unless
-    ``variances``) and counts (C)."""
-    h = check_features(features, "features")
-    y, n_classes = check_labels(labels, h.shape[0], "labels", device=h.device)
-    counts = torch.bincount(y, minlength=n_classes).to(h.dtype)
-    means = torch.zeros(n_classes, h.shape[1], dtype=h.dtype, device=h.device)
-    means.index_add_(0, y, h)
+    ``variances``) and counts (C), float64, from row blocks upcast one at a time."""
+    h = check_features(features, "features", dtype=None)
+    n, d = h.shape
+    y, n_classes = check_labels(labels, n, "labels", device=h.device)
+    f64 = torch.float64
+    step = _step(2 * d)
+    counts = torch.bincount(y, minlength=n_classes).to(f64)
+    means = torch.zeros(n_classes, d, dtype=f64, device=h.device)
+    for s in range(0, n, step):
+        means.index_add_(0, y[s:s + step], h[s:s + step].to(f64))
     means /= counts[:, None]
     if not variances:
         return means, None, counts
-    resid = ((h - means[y]) ** 2).sum(dim=1)
-    var = torch.zeros(n_classes, dtype=h.dtype, device=h.device).index_add_(0, y, resid) / counts
-    return means, var, counts
+    var = torch.zeros(n_classes, dtype=f64, device=h.device)
+    for s in range(0, n, step):  # second pass: deviations from the final means (no cancellation)
+        yb = y[s:s + step]
+        var.index_add_(0, yb, ((h[s:s + step].to(f64) - means[yb]) ** 2).sum(dim=1))
+    return means, var / counts, counts
+
+
+def _pair_sq_dists(points: torch.Tensor) -> torch.Tensor:
+    """``||p_i - p_j||^2`` over the pairs ``i < j`` (row-major order), from the coordinate
+    differences, in blocks of pairs: all pairs at once are ``C^2 / 2`` rows of ``d`` values
+    (8 GB at C = 1000, d = 2048)."""
+    k = points.shape[0]
+    i, j = torch.triu_indices(k, k, offset=1, device=points.device)
+    out = torch.empty(i.numel(), dtype=points.dtype, device=points.device)
+    step = _step(2 * points.shape[1])
+    for s in range(0, i.numel(), step):
+        out[s:s + step] = ((points[i[s:s + step]] - points[j[s:s + step]]) ** 2).sum(dim=1)
+    return out
 
 
 def cdnv(features: ArrayLike, labels: ArrayLike) -> float:
@@ -300,7 +350,7 @@ def cdnv(features: ArrayLike, labels: ArrayLike) -> float:
     var = cast(torch.Tensor, maybe_var)
     k = means.shape[0]
     i, j = torch.triu_indices(k, k, offset=1, device=means.device)
-    dist2 = ((means[i] - means[j]) ** 2).sum(dim=1)
+    dist2 = _pair_sq_dists(means)
     num = var[i] + var[j]
     scale = float((means**2).sum(dim=1).max()) + float(var.max())
     same = dist2 <= 1e-24 * max(scale, torch.finfo(torch.float64).tiny)
@@ -359,10 +409,7 @@ def class_mean_uniformity(features: ArrayLike, labels: ArrayLike, *,
                  "a class mean equals the mean of the class means; its direction is undefined "
                  "(NaN)")
         return float("nan")
-    u = m / norms
-    k = u.shape[0]
-    i, j = torch.triu_indices(k, k, offset=1, device=u.device)
-    d2 = ((u[i] - u[j]) ** 2).sum(dim=1)
+    d2 = _pair_sq_dists(m / norms)
     # log-mean-exp, stable
     return float(torch.logsumexp(-t * d2, dim=0) - math.log(d2.numel()))
 

@@ -22,8 +22,10 @@ Conventions:
   estimator assumes a continuous density.
 * Neighbours are found from squared distances in bounded-memory blocks
   (``n = 10,000`` never forms an ``n x n`` matrix), then the candidate distances
-  are recomputed directly from the coordinate differences in float64, so
-  cancellation in ``|a|^2 + |b|^2 - 2 a.b`` cannot change ``mu``.
+  are recomputed directly from the coordinate differences in float64 (also in row
+  blocks), so cancellation in ``|a|^2 + |b|^2 - 2 a.b`` cannot change ``mu``.
+  Memory is ``O(n d)`` (about two float64 copies of the features); time is
+  ``O(n^2 d)``, the exact neighbour search, on the features' device.
 
 References
 ----------
@@ -53,17 +55,25 @@ __all__ = ["twonn", "DEFAULT_DISCARD_FRACTION"]
 DEFAULT_DISCARD_FRACTION = 0.1
 #: Candidates examined per point before the exact distance recomputation.
 _CANDIDATES = 4
+#: Bytes of float64 coordinate differences one block of the recomputation may hold.
+_MEMORY_BUDGET = 64 * 2**20
 _ESTIMATORS = ("fit", "mle")
 
 
 def _two_nn_ratios(x: torch.Tensor) -> torch.Tensor:
     """``mu_i = r2 / r1`` for every row of duplicate-free float64 ``x``."""
-    k = min(_CANDIDATES, x.shape[0] - 1)
+    n, d = x.shape
+    k = min(_CANDIDATES, n - 1)
     cand, _ = knn_indices(x, k, "euclidean")
-    # Exact distances of the candidates (no cancellation), then the two smallest.
-    dist = torch.linalg.vector_norm(x[cand] - x[:, None, :], dim=2)
-    two = torch.topk(dist, 2, dim=1, largest=False).values
-    return two[:, 1] / two[:, 0]
+    # Exact distances of the candidates (no cancellation), then the two smallest; in row blocks,
+    # since the differences of all rows at once are k copies of x (20 GB at n = 300k, d = 2048)
+    step = max(1, _MEMORY_BUDGET // (8 * k * d))
+    mu = torch.empty(n, dtype=x.dtype, device=x.device)
+    for s in range(0, n, step):
+        dist = torch.linalg.vector_norm(x[cand[s:s + step]] - x[s:s + step, None, :], dim=2)
+        two = torch.topk(dist, 2, dim=1, largest=False).values
+        mu[s:s + step] = two[:, 1] / two[:, 0]
+    return mu
 
 
 def twonn(features: ArrayLike, *, estimator: str = "fit",
@@ -117,6 +127,7 @@ def twonn(features: ArrayLike, *, estimator: str = "fit",
                       "to one copy each (TwoNN assumes distinct points)", RuntimeWarning,
                       stacklevel=2)
         x = unique
+    del unique  # a full copy of the features: not held through the neighbour search
     if x.shape[0] < 3:
         raise MetricInputError(f"features has {x.shape[0]} distinct samples; twonn needs at "
                                "least 3")

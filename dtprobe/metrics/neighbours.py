@@ -18,9 +18,12 @@ has the same nearest neighbours in both.  Huh et al. (2024) use two scores:
 
 Neighbours are found by cosine similarity of L2-normalised rows (the authors'
 convention; ``metric="euclidean"`` is available for mutual k-NN) in row blocks
-of bounded memory, so ``n = 10,000`` never forms an ``n x n`` matrix at once.
-The masked kernels have ``k`` entries per row, so CKNNA is ``O(n k)`` once the
-neighbours are known: no ``n x n`` Gram is formed either.
+of bounded memory (64 MiB of similarities, 1 GiB on a CUDA device), so no
+``n x n`` matrix is formed at any ``n``: memory is ``O(n d)`` (the float64
+features and their normalised copy), time the exact search's ``O(n^2 d)``, on the
+features' device.  The masked kernels have ``k`` entries per row, so CKNNA is
+``O(n k d)`` once the neighbours are known (its kernel values are gathered in
+blocks of pairs): no ``n x n`` Gram is formed either.
 
 Ties: the neighbour sets are ill-defined when the ``k``-th and ``(k+1)``-th
 similarities are equal (duplicate samples, quantised features).  Such rows are
@@ -53,18 +56,21 @@ __all__ = ["mutual_knn", "cknna", "knn_indices", "DEFAULT_TOPK"]
 DEFAULT_TOPK = 10
 #: Bytes of float64 similarity rows one block may hold (as ``dtprobe.metrics.cka``).
 _MEMORY_BUDGET = 64 * 2**20
+#: The same on a CUDA device: at n = 300k, 64 MiB is a block of 27 rows, too few to keep a GPU
+#: busy; 1 GiB gives 447 rows (the budget is fixed, so memory stays O(n d) all the same).
+_CUDA_MEMORY_BUDGET = 2**30
 #: Relative gap below which the k-th and (k+1)-th similarities count as tied.
 _TIE_RTOL = 1e-12
 _METRICS = ("cosine", "euclidean")
 
 
-def _normalised(x: torch.Tensor, name: str) -> torch.Tensor:
+def _normalised(x: torch.Tensor, name: str, in_place: bool = False) -> torch.Tensor:
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     zero = int((norms == 0).sum())
     if zero:
         raise MetricInputError(f"{name} has {zero} all-zero row(s); cosine neighbours are "
                                "undefined for them (drop them or use metric='euclidean')")
-    return x / norms
+    return x.div_(norms) if in_place else x / norms
 
 
 def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
@@ -73,8 +79,9 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
 
     Parameters
     ----------
-    x : torch.Tensor, shape (n, d), float64
-        Validated features (``check_features``).
+    x : torch.Tensor, shape (n, d)
+        Validated features (``check_features``), float64 or a lower float precision (then
+        upcast here, so the caller need not hold a float64 copy of its own).
     k : int
         Number of neighbours, ``1 <= k <= n - 1`` (one more is looked at to detect ties when
         ``k <= n - 2``).
@@ -89,16 +96,22 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
     """
     n = x.shape[0]
     sq = None
+    owned = x.dtype != torch.float64  # then the float64 copy below is ours to overwrite
+    x = x.to(torch.float64)
     if metric == "cosine":
-        z = _normalised(x, name)
+        z = _normalised(x, name, in_place=owned)
     elif metric == "inner":  # raw inner products (the kernel of CKNNA without normalisation)
         z = x
-    else:
-        z = x - x.mean(dim=0)  # distances are translation invariant; centring limits cancellation
+    else:  # distances are translation invariant; centring limits cancellation
+        mean = x.mean(dim=0)
+        z = x.sub_(mean) if owned else x - mean
         sq = (z**2).sum(dim=1)
         neg_sq = -sq[None, :]
-    block = max(1, min(n, _MEMORY_BUDGET // (8 * n)))
-    out = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    device = x.device
+    del x  # only z is needed below (the float64 input is not held next to it)
+    budget = _CUDA_MEMORY_BUDGET if device.type == "cuda" else _MEMORY_BUDGET
+    block = max(1, min(n, budget // (8 * n)))
+    out = torch.empty(n, k, dtype=torch.int64, device=device)
     ties = 0
     for s in range(0, n, block):
         e = min(s + block, n)
@@ -107,7 +120,7 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
         else:  # larger is nearer: -||a - b||^2 = 2 a.b - |b|^2 - |a|^2; |a|^2 is constant per
             # row and cannot change its ranking, so one fused addmm gives the score
             score = torch.addmm(neg_sq.expand(e - s, n), z[s:e], z.T, alpha=2.0)
-        rows = torch.arange(e - s, device=x.device)
+        rows = torch.arange(e - s, device=device)
         score[rows, rows + s] = -torch.inf
         vals, idx = torch.topk(score, min(k + 1, n - 1), dim=1)
         out[s:e] = idx[:, :k]
@@ -119,9 +132,10 @@ def knn_indices(x: torch.Tensor, k: int, metric: str = "cosine", *,
     return out, ties
 
 
-def _pair(x: ArrayLike, y: ArrayLike, topk: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    a = check_features(x, "x", min_samples=3)
-    b = check_features(y, "y", min_samples=3, device=a.device)
+def _pair(x: ArrayLike, y: ArrayLike, topk: int, what: str,
+          dtype: torch.dtype | None = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    a = check_features(x, "x", min_samples=3, dtype=dtype)
+    b = check_features(y, "y", min_samples=3, device=a.device, dtype=dtype)
     if a.shape[0] != b.shape[0]:
         raise MetricInputError(f"x has {a.shape[0]} samples but y has {b.shape[0]}; {what} "
                                "compares representations of the same inputs")
@@ -180,12 +194,25 @@ def mutual_knn(x: ArrayLike, y: ArrayLike, topk: int = DEFAULT_TOPK, *,
     """
     if metric not in _METRICS:
         raise ConfigError(f"metric={metric!r} is not one of {', '.join(_METRICS)}")
-    a, b = _pair(x, y, topk, "mutual_knn")
+    # kept in their own dtype: each search upcasts its side, so at most two float64 copies of
+    # one side (it and its normalised rows) exist at a time
+    a, b = _pair(x, y, topk, "mutual_knn", dtype=None)
     ia, ta = knn_indices(a, topk, metric, name="x")
     ib, tb = knn_indices(b, topk, metric, name="y")
     _warn_ties("mutual_knn", {"x": ta, "y": tb}, a.shape[0])
     shared = (ia[:, :, None] == ib[:, None, :]).any(dim=2).sum(dim=1)
     return float(shared.to(torch.float64).mean() / topk)
+
+
+def _pair_values(z: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Kernel values ``z[r_m] . z[c_m]`` of the listed pairs, in blocks of pairs: gathering all
+    ``n k`` pairs at once would hold ``2 k`` copies of the features (50 GB at n = 300k,
+    d = 2048, k = 10)."""
+    out = torch.empty(r.numel(), dtype=z.dtype, device=z.device)
+    step = max(1, _MEMORY_BUDGET // (16 * z.shape[1]))
+    for s in range(0, r.numel(), step):
+        out[s:s + step] = (z[r[s:s + step]] * z[c[s:s + step]]).sum(dim=1)
+    return out
 
 
 def _masked_hsic(rows: torch.Tensor, cols: torch.Tensor, kv: torch.Tensor, lv: torch.Tensor,
@@ -264,17 +291,14 @@ def cknna(x: ArrayLike, y: ArrayLike, topk: int = DEFAULT_TOPK, *,
     ib, tb = knn_indices(b, topk, "inner", name="y")
     _warn_ties("cknna", {"x": ta, "y": tb}, n)
     rows = torch.arange(n, device=a.device)[:, None].expand(n, topk).reshape(-1)
-
-    def values(z: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return (z[r] * z[c]).sum(dim=1)
-
     ca = ia.reshape(-1)
     cb = ib.reshape(-1)
-    self_a = _masked_hsic(rows, ca, values(a, rows, ca), values(a, rows, ca), n)
-    self_b = _masked_hsic(rows, cb, values(b, rows, cb), values(b, rows, cb), n)
+    ka, lb = _pair_values(a, rows, ca), _pair_values(b, rows, cb)
+    self_a = _masked_hsic(rows, ca, ka, ka, n)
+    self_b = _masked_hsic(rows, cb, lb, lb, n)
     both = (ia[:, :, None] == ib[:, None, :]).any(dim=2).reshape(-1)
     r, c = rows[both], ca[both]
-    cross = _masked_hsic(r, c, values(a, r, c), values(b, r, c), n)
+    cross = _masked_hsic(r, c, _pair_values(a, r, c), _pair_values(b, r, c), n)
     if not (float(self_a) > 0 and float(self_b) > 0):
         warnings.warn("cknna: a self-alignment is not positive (too few samples or neighbours "
                       "for the unbiased estimate); returning NaN", RuntimeWarning, stacklevel=2)

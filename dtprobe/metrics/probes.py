@@ -38,7 +38,8 @@ from dtprobe.metrics._validation import (
     ArrayLike,
     as_tensor,
     check_features,
-    pow2_rescale,
+    ldexp,
+    pow2_scale_exponent,
     rowwise_pow2_rescale,
 )
 from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
@@ -274,23 +275,24 @@ class LinearProbe:
         penalty = 1.0 / (2.0 * C * n)
         # classes along dim 0, samples along dim 1: softmax over a short leading dimension
         # of a contiguous (K, n) block is several times faster than over rows of (n, K)
-        if k_eff == 1:
-            target = yi.to(dtype)[None, :]
-        else:
-            target = torch.zeros(k_eff, n, dtype=dtype, device=device)
-            target[yi, torch.arange(n, device=device)] = 1.0
+        # the labels as indices, not a one-hot (K, n) target: with the logits and their
+        # log-softmax that would be three (K, n) matrices (7 GB at K = 1000, n = 300k)
+        target = yi.to(dtype)[None, :] if k_eff == 1 else None
+        cols = torch.arange(n, device=device)
 
         def loss_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
             # analytic gradient: cheaper than autograd for this two-matmul model
             w, b = theta[:, :d], theta[:, d]
             z = torch.addmm(b[:, None], w, xt)
-            if k_eff == 1:
+            if target is not None:
                 loss = F.binary_cross_entropy_with_logits(z, target)
                 resid = torch.sigmoid(z) - target
             else:
                 logp = torch.log_softmax(z, dim=0)
-                loss = -(logp * target).sum() / n
-                resid = logp.exp_() - target
+                del z
+                loss = -logp[yi, cols].sum() / n
+                resid = logp.exp_()  # softmax - one-hot, in place
+                resid[yi, cols] -= 1.0
             grad = torch.empty_like(theta)
             torch.mm(resid, xt.T, out=grad[:, :d])
             grad[:, :d].add_(w, alpha=2.0 * penalty * n).div_(n)
@@ -575,17 +577,24 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
     val_idx_t = torch.as_tensor(val_idx, device=device)
     # A common power-of-two factor is exact and leaves standardised features unchanged, but
     # keeps the variance of features near 1e+-200 from over- or underflowing.
-    xtr, xte = pow2_rescale(xtr, xte)
-    xtr, xte = xtr.to(dtype), xte.to(dtype)
+    # (one side at a time, so that at most one extra copy exists at once)
+    exponent = pow2_scale_exponent(xtr, xte)
+    xtr = ldexp(xtr, -exponent).to(dtype)
+    xte = ldexp(xte, -exponent).to(dtype)
     fast = _sweep_dtype(sweep_dtype, dtype, standardize)
     fit_tol = tol if sweep_tol is None else sweep_tol
 
-    def prepare(stats_x: torch.Tensor, *xs: torch.Tensor):
-        mean = scale = None
-        if standardize:
-            mean, scale = _standardizer(stats_x)
-            xs = tuple((x - mean) / scale for x in xs)
-        return mean, scale, [x.T.contiguous() for x in xs]
+    def stats(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return _standardizer(x) if standardize else (None, None)
+
+    def transposed(x: torch.Tensor, mean: torch.Tensor | None,
+                   scale: torch.Tensor | None) -> torch.Tensor:
+        """``((x - mean) / scale).T`` written straight into one contiguous (d, m) buffer."""
+        if mean is None or scale is None:
+            return x.T.contiguous()
+        out = torch.empty(x.shape[1], x.shape[0], dtype=x.dtype, device=x.device)
+        torch.sub(x.T, mean[:, None], out=out)
+        return out.div_(scale[:, None])
 
     probe = LinearProbe(grid[0], standardize=standardize, max_iter=max_iter, tol=fit_tol,
                         warm_start=True, device=device, dtype=dtype)
@@ -607,8 +616,13 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
     solutions: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     best_c, best_key, since_best = grid[0], (False, -1.0), 0
     with torch.inference_mode(False), torch.no_grad():
+        # Peak memory: the features, one prepared (transposed) copy and its fast-precision
+        # copy; each sweep matrix is freed before the refit's are made.
         x_fit = xtr[fit_idx_t]
-        mean, scale, (xt_fit, xt_val) = prepare(x_fit, x_fit, xtr[val_idx_t])
+        mean, scale = stats(x_fit)
+        xt_fit = transposed(x_fit, mean, scale)
+        del x_fit
+        xt_val = transposed(xtr[val_idx_t], mean, scale)
         xt_fit_fast = xt_fit.to(fast) if fast != dtype else None
         y_fit, y_val = ytr[fit_idx_t], ytr[val_idx_t]
         for c in grid:
@@ -624,10 +638,15 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
                 since_best += 1
                 if patience is not None and since_best >= patience:
                     break
-        del xt_fit_fast
+        del xt_fit_fast, xt_fit, xt_val
 
         # refit on train + validation, warm-started from the chosen sweep solution
-        mean, scale, (xt_tr, xt_te) = prepare(xtr, xtr, xte)
+        mean, scale = stats(xtr)
+        xt_tr = transposed(xtr, mean, scale)
+        del xtr
+        xt_te = transposed(xte, mean, scale)
+        n_test = int(xte.shape[0])
+        del xte
         probe.set_params(C=best_c, tol=tol)
         probe.coef_, probe.intercept_ = solutions[best_c]
         solve(xt_tr, xt_tr.to(fast) if fast != dtype else None, ytr, mean, scale)
@@ -649,7 +668,7 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
                        train_accuracy=train_acc, n_iter=probe.n_iter_,
                        n_iter_total=n_iter_total, grid=grid,
                        converged=bool(probe.converged_ and sweep_ok[best_c]),
-                       sweep_converged=sweep_ok, n_test=int(xte.shape[0]))
+                       sweep_converged=sweep_ok, n_test=n_test)
 
 
 # ------------------------------------------------------------------------------------------

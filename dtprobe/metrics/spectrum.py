@@ -37,6 +37,50 @@ __all__ = ["rankme", "alpha_req", "numerical_rank", "DEFAULT_RANKME_EPS"]
 
 #: The paper's epsilon added to every normalised singular value.
 DEFAULT_RANKME_EPS = 1e-7
+#: Bytes of float64 rows per block.  A feature matrix larger than this is never copied whole
+#: to float64: its singular values come from a blockwise QR (the R factor of each block stacked
+#: on the previous R), its covariance from Gram blocks, so memory is O(d^2 + block) besides the
+#: input (an SVD of 300k x 2048 features held ~3 float64 copies, 15 GB).
+_MEMORY_BUDGET = 64 * 2**20
+
+
+def _row_step(n: int, d: int) -> int:
+    return max(2 * d, _MEMORY_BUDGET // (8 * max(d, 1)), 1)
+
+
+def _column_means(x: torch.Tensor) -> torch.Tensor:
+    """float64 column means of ``x`` from float64 row blocks."""
+    step = _row_step(*x.shape)
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], step):
+        total += x[s:s + step].to(torch.float64).sum(dim=0)
+    return total / x.shape[0]
+
+
+def _singular_values(x: torch.Tensor, center: bool = False) -> torch.Tensor:
+    """Singular values (descending, float64) of validated ``x`` (n, d), column-centred when
+    ``center``.
+
+    Matrices within ``_MEMORY_BUDGET`` (or not tall) go to one ``svdvals`` in float64; taller
+    ones are reduced block by block to a d x d triangular factor with the same singular values
+    (Householder QR is backward stable, so they agree to float64 rounding of ``sigma_max``,
+    as the SVD itself does).
+    """
+    n, d = x.shape
+    if 8 * n * d <= _MEMORY_BUDGET or n <= 2 * d:
+        z = x.to(torch.float64)
+        return torch.linalg.svdvals(z - z.mean(dim=0) if center else z)
+    mean = _column_means(x) if center else None
+    step = _row_step(n, d)
+    r: torch.Tensor | None = None
+    for s in range(0, n, step):
+        block = x[s:s + step].to(torch.float64)
+        if mean is not None:
+            block = block - mean
+        stacked = block if r is None else torch.cat([r, block])
+        r = torch.linalg.qr(stacked, mode="r").R
+    assert r is not None
+    return torch.linalg.svdvals(r)
 
 
 def rankme(features: ArrayLike, eps: float = DEFAULT_RANKME_EPS) -> float:
@@ -70,8 +114,8 @@ def rankme(features: ArrayLike, eps: float = DEFAULT_RANKME_EPS) -> float:
     Assessing the downstream performance of pretrained self-supervised
     representations by their rank. ICML 2023, Eq. 1.
     """
-    x = check_features(features, "features", min_samples=1)
-    sigma = torch.linalg.svdvals(x)
+    x = check_features(features, "features", min_samples=1, dtype=None)
+    sigma = _singular_values(x)
     total = sigma.sum()
     if float(total) == 0.0:
         warnings.warn("rankme: features are all zero; returning NaN", RuntimeWarning,
@@ -148,10 +192,8 @@ def numerical_rank(features: ArrayLike, *, rtol: float | None = None,
     Golub, G. H., Van Loan, C. F. (2013). Matrix Computations, 4th ed.
     (numerical rank); Garrido et al. (2023) contrast it with RankMe.
     """
-    x = check_features(features, "features", min_samples=1)
-    if center:
-        x = x - x.mean(dim=0)
-    sigma = torch.linalg.svdvals(x)
+    x = check_features(features, "features", min_samples=1, dtype=None)
+    sigma = _singular_values(x, center)
     if float(sigma.max()) == 0.0:
         return 0
     return int((sigma > _rank_tol(sigma, tuple(x.shape), rtol, _input_eps(features))).sum())
@@ -204,12 +246,21 @@ def alpha_req(features: ArrayLike, *, fit_range: tuple[int, int | None] = (1, No
             hi is not None and (not isinstance(hi, int) or hi < lo)):
         raise ConfigError(f"fit_range={fit_range!r} must be (first, last) 1-based ranks with "
                           "1 <= first <= last, or last None")
-    x = check_features(features, "features", min_samples=2)
-    x = x - x.mean(dim=0)
+    x = check_features(features, "features", min_samples=2, dtype=None)
     # Eigenvalues of the smaller Gram (d x d or n x n): 5-10x cheaper than an SVD of x. Their
     # absolute error is ~ max(n, d) eps_64 lambda_max, so only eigenvalues above that (and above
     # the rank threshold, squared) enter the fit.
-    gram = x.T @ x if x.shape[1] <= x.shape[0] else x @ x.T
+    if 8 * x.shape[0] * x.shape[1] <= _MEMORY_BUDGET or x.shape[1] > x.shape[0]:
+        z = x.to(torch.float64)
+        z = z - z.mean(dim=0)
+        gram = z.T @ z if z.shape[1] <= z.shape[0] else z @ z.T
+    else:  # d x d Gram of the centred features from float64 row blocks (no float64 copy)
+        mean = _column_means(x)
+        step = _row_step(*x.shape)
+        gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        for s in range(0, x.shape[0], step):
+            block = x[s:s + step].to(torch.float64) - mean
+            gram.addmm_(block.T, block)
     lam_all = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
     sigma = lam_all.sqrt()
     floor = max(max(x.shape) * float(torch.finfo(torch.float64).eps) * float(lam_all[0]),

@@ -104,6 +104,12 @@ class Variable:
             return Variable(data, True, self.name, int(data.max()) + 1 if data.numel() else 0)
         return Variable(data, False, self.name)
 
+    def upcast(self) -> Variable:
+        """The same variable with continuous data in float64 (see :func:`prepare`)."""
+        if self.discrete or self.data.dtype == torch.float64:
+            return self
+        return Variable(self.data.to(torch.float64), False, self.name)
+
     def one_hot(self) -> torch.Tensor:
         """``(n, C)`` float64 one-hot encoding of a discrete variable."""
         return torch.nn.functional.one_hot(self.data, self.n_classes).to(torch.float64)
@@ -116,8 +122,13 @@ def _is_integer(x: ArrayLike) -> bool:
     return bool(np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_)
 
 
-def prepare(x: ArrayLike, name: str, *, device: torch.device | None = None) -> Variable:
+def prepare(x: ArrayLike, name: str, *, device: torch.device | None = None,
+            upcast: bool = True) -> Variable:
     """Validate one estimator argument and classify it as discrete labels or continuous features.
+
+    With ``upcast=False`` continuous data keep their own float dtype (validated all the same),
+    so that a subsample can be taken before the float64 copy: :meth:`Variable.upcast` then
+    gives the same values as ``upcast=True`` followed by :meth:`Variable.take`.
 
     Raises
     ------
@@ -138,20 +149,29 @@ def prepare(x: ArrayLike, name: str, *, device: torch.device | None = None) -> V
                                "vector, got a scalar")
     if ndim > 2:
         x = x.reshape(x.shape[0], -1)
-    return Variable(check_features(x, name, device=device), False, name)
+    data = check_features(x, name, device=device, dtype=torch.float64 if upcast else None)
+    return Variable(data, False, name)
 
 
-def prepare_pair(a: ArrayLike, b: ArrayLike, *, min_samples: int = 2) -> tuple[Variable, Variable]:
-    """Validate both arguments, put them on a common device and check they have the same rows."""
+def prepare_pair(a: ArrayLike, b: ArrayLike, *, min_samples: int = 2,
+                 max_samples: int | None = None, seed: int = 0) -> tuple[Variable, Variable]:
+    """Validate both arguments, put them on a common device, check they have the same rows and
+    take the seeded subsample of :func:`subsample_index` (the same rows of both).
+
+    Every row is validated, but only the subsample is converted to float64: an estimator
+    capped at 2,000 rows of 300,000 x 2,048 features never makes a 5 GB copy.
+    """
     device = next((x.device for x in (a, b) if isinstance(x, torch.Tensor)), None)
-    va, vb = prepare(a, "a", device=device), prepare(b, "b", device=device)
+    va = prepare(a, "a", device=device, upcast=False)
+    vb = prepare(b, "b", device=device, upcast=False)
     if va.n != vb.n:
         raise MetricInputError(f"a has {va.n} samples but b has {vb.n}; mutual information needs "
                                "paired samples (same rows)")
     if va.n < min_samples:
         raise MetricInputError(f"a and b have {va.n} samples; this estimator needs at least "
                                f"{min_samples}")
-    return va, vb
+    idx = subsample_index(va.n, max_samples, seed)
+    return va.take(idx).upcast(), vb.take(idx).upcast()
 
 
 def subsample_index(n: int, max_samples: int | None, seed: int) -> torch.Tensor | None:

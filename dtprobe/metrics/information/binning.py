@@ -24,7 +24,6 @@ from dtprobe.metrics.information._common import (
     plugin_entropy,
     prepare,
     prepare_pair,
-    subsample_index,
 )
 
 
@@ -113,9 +112,7 @@ def binning_mi(a: ArrayLike, b: ArrayLike, *, n_bins: int = 30, per_dimension: b
     Saxe et al. (2018), "On the information bottleneck theory of deep learning", ICLR.
     """
     _check(n_bins)
-    va, vb = prepare_pair(a, b)
-    idx = subsample_index(va.n, max_samples, seed)
-    va, vb = va.take(idx), vb.take(idx)
+    va, vb = prepare_pair(a, b, max_samples=max_samples, seed=seed)
     params = {"n_bins": n_bins, "per_dimension": per_dimension, "n": va.n, "seed": seed,
               "max_samples": max_samples}
     if (zero := degenerate_result(va, vb, "binning", params)) is not None:

@@ -96,10 +96,10 @@ def kde_entropy(t: ArrayLike, *, noise_var: float = 0.1, bound: str = "upper",
     Kolchinsky & Tracey (2017), "Estimating mixture entropy with pairwise distances", Entropy 19.
     """
     _check(noise_var, bound)
-    v = prepare(t, "t")
+    v = prepare(t, "t", upcast=False)
     if v.discrete:
         raise MetricInputError("t must be continuous (n, d) features, got integer labels")
-    v = v.take(subsample_index(v.n, max_samples, seed))
+    v = v.take(subsample_index(v.n, max_samples, seed)).upcast()
     h_cond = 0.5 * v.dim * math.log(2 * math.pi * math.e * noise_var)
     return h_cond - _mean_log_density(v.data, noise_var, bound)
 
@@ -133,12 +133,10 @@ def kde_mi(a: ArrayLike, b: ArrayLike, *, noise_var: float = 0.1, bound: str = "
     Kolchinsky & Tracey (2017), Entropy 19(7), 361.
     """
     _check(noise_var, bound)
-    va, vb = prepare_pair(a, b)
+    va, vb = prepare_pair(a, b, max_samples=max_samples, seed=seed)
     if va.discrete and vb.discrete:
         raise MetricInputError("kde needs a continuous representation; both a and b are integer "
                                "labels (use estimator='binning' for two label vectors)")
-    idx = subsample_index(va.n, max_samples, seed)
-    va, vb = va.take(idx), vb.take(idx)
     target = "I(T;Y)" if (va.discrete or vb.discrete) else "I(X;T)"
     params = {"noise_var": noise_var, "bound": bound, "n": va.n, "seed": seed,
               "max_samples": max_samples, "quantity": target}

@@ -31,7 +31,6 @@ from dtprobe.metrics.information._common import (
     Variable,
     degenerate_result,
     prepare_pair,
-    subsample_index,
 )
 
 #: Spawn key of the tie-breaking noise stream: its generator is never the one a caller gets from
@@ -132,12 +131,10 @@ def ksg_mi(a: ArrayLike, b: ArrayLike, *, k: int = 3, jitter: float = 1e-10,
         raise MetricInputError(f"k must be a positive integer, got {k!r}")
     if not jitter >= 0:
         raise MetricInputError(f"jitter must be >= 0, got {jitter!r}")
-    va, vb = prepare_pair(a, b, min_samples=k + 1)
+    va, vb = prepare_pair(a, b, min_samples=k + 1, max_samples=max_samples, seed=seed)
     if va.discrete and vb.discrete:
         raise MetricInputError("ksg needs at least one continuous argument; both a and b are "
                                "integer labels (use estimator='binning' for the plug-in MI)")
-    idx = subsample_index(va.n, max_samples, seed)
-    va, vb = va.take(idx), vb.take(idx)
     variant = "ross" if (va.discrete or vb.discrete) else "ksg1"
     params = {"k": k, "jitter": jitter, "variant": variant, "metric": "chebyshev", "n": va.n,
               "seed": seed, "max_samples": max_samples}

@@ -31,7 +31,6 @@ from dtprobe.metrics.information._common import (
     degenerate_result,
     prepare_pair,
     standardize,
-    subsample_index,
 )
 
 
@@ -131,9 +130,7 @@ def mine_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int = 3,
     _check_training(steps, batch_size, lr, hidden, n_layers, n_eval_perms)
     if not 0 < ema_rate <= 1:
         raise MetricInputError(f"ema_rate must be in (0, 1], got {ema_rate!r}")
-    va, vb = prepare_pair(a, b)
-    idx = subsample_index(va.n, max_samples, seed)
-    va, vb = va.take(idx), vb.take(idx)
+    va, vb = prepare_pair(a, b, max_samples=max_samples, seed=seed)
     batch = min(batch_size, va.n)
     params = {"hidden": hidden, "n_layers": n_layers, "steps": steps, "batch_size": batch,
               "lr": lr, "ema_rate": ema_rate, "n_eval_perms": n_eval_perms, "n": va.n,
@@ -225,9 +222,7 @@ def infonce_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int =
     _check_training(steps, batch_size, lr, hidden, n_layers, n_eval_perms)
     if not isinstance(embed_dim, int) or embed_dim < 1:
         raise MetricInputError(f"embed_dim must be a positive integer, got {embed_dim!r}")
-    va, vb = prepare_pair(a, b)
-    idx = subsample_index(va.n, max_samples, seed)
-    va, vb = va.take(idx), vb.take(idx)
+    va, vb = prepare_pair(a, b, max_samples=max_samples, seed=seed)
     batch = min(batch_size, va.n)
     params = {"hidden": hidden, "n_layers": n_layers, "embed_dim": embed_dim, "steps": steps,
               "batch_size": batch, "lr": lr, "n_eval_perms": n_eval_perms, "n": va.n,

@@ -149,8 +149,8 @@ def renyi_entropy(x: ArrayLike, *, alpha: float = 1.01, sigma: float | str = "sc
     divisible kernels", IEEE Trans. Inf. Theory 61(1).
     """
     _check_alpha(alpha)
-    v = prepare(x, "x")
-    v = v.take(subsample_index(v.n, max_samples, seed))
+    v = prepare(x, "x", upcast=False)
+    v = v.take(subsample_index(v.n, max_samples, seed)).upcast()
     return _entropy_of_gram(gram_matrix(v, _resolve(v, sigma, gamma)), alpha)
 
 
@@ -191,9 +191,7 @@ def renyi_mi(a: ArrayLike, b: ArrayLike, *, alpha: float = 1.01, sigma: SigmaSpe
     """
     _check_alpha(alpha)
     rule_a, rule_b = sigma if isinstance(sigma, tuple) else (sigma, sigma)
-    va, vb = prepare_pair(a, b)
-    idx = subsample_index(va.n, max_samples, seed)
-    va, vb = va.take(idx), vb.take(idx)
+    va, vb = prepare_pair(a, b, max_samples=max_samples, seed=seed)
     sa, sb = _resolve(va, rule_a, gamma), _resolve(vb, rule_b, gamma)
     params = {"alpha": alpha, "sigma": list(sigma) if isinstance(sigma, tuple) else sigma,
               "gamma": gamma, "sigma_a": "one-hot" if sa is None else sa,
