@@ -420,3 +420,22 @@ def test_bad_scale_flags_are_one_line(folder_run, tmp_path, capsys, flags, messa
                  "source_accuracy", *flags])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) <= 3, err
+
+
+def test_store_of_native_size_images_refuses_mixed_sizes_on_one_line(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "cinic"
+    for split in ("train", "test"):
+        for c in range(2):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(140):
+                side = 32 if (split, c, i) != ("train", 1, 139) else 30
+                Image.fromarray(np.full((side, side, 3), 40 * c, np.uint8)).save(
+                    d / f"{i:03d}.png")
+    with pytest.raises(DatasetError, match=r"cinic10: .*(images near|c1/139.png is 30x30).* pass image_size") as info:
+        load_dataset("cinic10", root=str(root), store=tmp_path / "s")
+    assert "\n" not in str(info.value) and not list((tmp_path / "s").glob("*.u8"))
+    ok = load_dataset("cinic10", root=str(root), image_size=32, store=tmp_path / "s")
+    assert len(ok.train) == 280 and ok.train.images.shape[-1] == 32

@@ -55,23 +55,29 @@ class _Files(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> np.ndarray | str:
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | str]:
         try:
-            return decode_image(self.name, self.paths[i], self.size)
+            return i, decode_image(self.name, self.paths[i], self.size)
         except DatasetError as err:
-            return str(err)
+            return i, str(err)
 
 
-def _collate(items: list[np.ndarray | str]) -> np.ndarray | str:
-    for item in items:
-        if isinstance(item, str):
-            return item
-    shapes = {item.shape for item in items}
-    if len(shapes) > 1:
-        (a, b) = sorted(shapes)[:2]
-        return (f"images of different sizes ({a[2]}x{a[1]} and {b[2]}x{b[1]}); pass "
-                "image_size to resize")
-    return np.stack(items)
+class _Collate:
+    """Stacks a batch, or returns the one-line reason it cannot (naming the file)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = paths
+
+    def __call__(self, items: list[tuple[int, np.ndarray | str]]) -> np.ndarray | str:
+        for _, item in items:
+            if isinstance(item, str):
+                return item
+        first = items[0][1].shape
+        for i, item in items:
+            if item.shape != first:
+                return (f"{self.paths[i]} is {item.shape[2]}x{item.shape[1]}, others are "
+                        f"{first[2]}x{first[1]}; pass image_size to resize")
+        return np.stack([item for _, item in items])
 
 
 def default_workers() -> int:
@@ -93,7 +99,7 @@ def decode_batches(name: str, paths: Sequence[str], size: int | None,
         workers = 0  # a few images: starting processes costs more than it saves
     loader = torch.utils.data.DataLoader(
         _Files(name, paths, size), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=_collate, prefetch_factor=2 if workers else None,
+        collate_fn=_Collate(paths), prefetch_factor=2 if workers else None,
         persistent_workers=False)
     for batch in loader:
         if isinstance(batch, str):

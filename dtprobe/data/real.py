@@ -533,6 +533,19 @@ def _decode(name: str, paths: Sequence[str], size: int | None) -> np.ndarray:
     return out
 
 
+def _same_size(name: str, batches: Any, paths: Sequence[str], shape: tuple[int, ...]) -> Any:
+    """``batches``, refusing (one line, naming a file) images whose size differs from the
+    first's (``image_size=None`` keeps the files' own size)."""
+    start = 0
+    for batch in batches:
+        if tuple(batch.shape[1:]) != tuple(shape):
+            raise DatasetError(f"{name}: images near {paths[start]} are {batch.shape[3]}x"
+                               f"{batch.shape[2]}, others are {shape[2]}x{shape[1]}; pass "
+                               "image_size to resize")
+        start += len(batch)
+        yield batch
+
+
 def _stored(name: str, split: str, root: Path, paths: Sequence[str], size: int | None,
             store: str | os.PathLike) -> ImageStore:
     """The split decoded once into an image store (:mod:`dtprobe.data.store`), keyed by the
@@ -555,7 +568,8 @@ def _stored(name: str, split: str, root: Path, paths: Sequence[str], size: int |
 
     try:
         return open_or_build(store, f"{name}-{split}", key, len(paths), shape,  # type: ignore[arg-type]
-                             lambda: decode_batches(name, paths, size),
+                             lambda: _same_size(name, decode_batches(name, paths, size), paths,
+                                                shape),
                              progress=lambda k: bar[0].update(k) if bar else None,
                              on_build=start)
     finally:
