@@ -39,3 +39,18 @@ def test_streamed_matrix_equals_one_pass_matrix_for_any_block_size(tmp_path):
     for budget in (2 * per_epoch, 5 * per_epoch, 1 << 30):
         got = streamed_cka_matrix(store, list(range(len(feats))), budget_bytes=budget)
         np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_epoch_features_hold_the_cache_dtype_and_return_float32(tmp_path):
+    from dtprobe.extract import for_compute, for_storage
+
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(1))
+    cached = for_storage({"features": x, "logits": x[:, :2]}, "float16")
+    store = EpochFeatures(FeatureCache(tmp_path), keep=2, dtype="float16")
+    store.cache.put("k", cached)
+    store.add(0, "k", for_compute(cached))  # what checkpoint_features hands over
+    assert store._recent[0]["features"].dtype == torch.float16  # half the memory held
+    got = store[0]["features"]
+    assert got.dtype == torch.float32 and torch.equal(got, cached["features"].float())
+    store.pin(0)
+    assert store.pinned[0]["features"].dtype == torch.float16

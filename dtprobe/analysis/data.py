@@ -102,7 +102,7 @@ def store_folder(opts: AnalysisOptions, dataset: str) -> Path | None:
 
 
 def enforce_budget(data: EvalData, values_per_image: int, what: str,
-                   pixel_inputs: bool = False) -> int:
+                   pixel_inputs: bool = False, held_value_bytes: int = 4) -> int:
     """:func:`~dtprobe.analysis.memory.check_budget` for ``data`` (see there);
     ``pixel_inputs``: an I(X;T) metric will hold :meth:`EvalData.mi` too."""
     budget = data.budget if data.budget is not None else default_budget()
@@ -112,7 +112,7 @@ def enforce_budget(data: EvalData, values_per_image: int, what: str,
             torch.Size(data.bundle.test.images.shape[1:]).numel())
     return check_budget(budget, len(data.bundle.train), len(data.bundle.test), values_per_image,
                         resident, what, can_store=supports_store(data.bundle.name)
-                        and data.store is None)
+                        and data.store is None, held_value_bytes=held_value_bytes)
 
 
 def prepare_data(plan: RunPlan, device: torch.device,

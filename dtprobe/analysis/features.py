@@ -77,7 +77,9 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
 
     pixel_inputs = any(spec.name.startswith("mi_xt") for spec in resolve_metrics(opts.metrics))
     data.values_per_image = sum(v[0].numel() for v in outputs.values())
-    enforce_budget(data, data.values_per_image, f"the analysis of {plan.name}", pixel_inputs)
+    held = 4 if opts.feature_dtype == "float32" else 2  # EpochFeatures holds the cache dtype
+    enforce_budget(data, data.values_per_image, f"the analysis of {plan.name}", pixel_inputs,
+                   held)
 
 
 def plan_layers(plan: RunPlan, data: EvalData

@@ -89,7 +89,7 @@ def default_budget() -> int:
 
 
 def estimate_bytes(n_train: int, n_test: int, values_per_image: int,
-                   resident_image_bytes: int) -> dict[str, int]:
+                   resident_image_bytes: int, held_value_bytes: int = 4) -> dict[str, int]:
     """The parts of an analysis's peak memory (see the module docstring), in bytes.
 
     Parameters
@@ -97,21 +97,27 @@ def estimate_bytes(n_train: int, n_test: int, values_per_image: int,
     n_train, n_test : images per split.
     values_per_image : floats extracted per image (feature dim + classes + layer dims).
     resident_image_bytes : bytes of the images held in memory (0 for an image store).
+    held_value_bytes : bytes per value of the other checkpoints' held test features (2 with
+        ``--feature-dtype float16``/``bfloat16``; logits are counted at that size too, a slight
+        underestimate when there are many classes).
     """
     per = 4 * values_per_image
     train, test = n_train * per, n_test * per
     return {"images": resident_image_bytes, "features": train + test,
-            "held": HELD_CHECKPOINTS * test, "workspace": WORKSPACE_COPIES * train}
+            "held": HELD_CHECKPOINTS * n_test * held_value_bytes * values_per_image,
+            "workspace": WORKSPACE_COPIES * train}
 
 
 def check_budget(budget: int, n_train: int, n_test: int, values_per_image: int,
-                 resident_image_bytes: int, what: str, can_store: bool) -> int:
+                 resident_image_bytes: int, what: str, can_store: bool,
+                 held_value_bytes: int = 4) -> int:
     """Raise :class:`ConfigError` if the analysis of ``what`` would hold more than ``budget``.
 
     Returns the estimated peak in bytes. The message names the largest ``--max-samples`` that
     would fit and, for folder datasets held in memory, ``--image-store``.
     """
-    parts = estimate_bytes(n_train, n_test, values_per_image, resident_image_bytes)
+    parts = estimate_bytes(n_train, n_test, values_per_image, resident_image_bytes,
+                           held_value_bytes)
     need = sum(parts.values())
     if need <= budget:
         return need

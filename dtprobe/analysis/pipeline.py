@@ -196,7 +196,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         rows: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
         analysed: list[PlannedCheckpoint] = []
-        test_feats = EpochFeatures(cache)
+        test_feats = EpochFeatures(cache, dtype=opts.feature_dtype)
         # The final checkpoint goes first so that it can stay pinned for CKA-to-final.
         order = plan.checkpoints[-1:] + plan.checkpoints[:-1]
         bar = tqdm(order, desc=f"analyze {plan.name}", unit="ckpt", disable=not opts.progress)

@@ -19,7 +19,7 @@ import checkpoints_manifest as cm
 from dtprobe import integrity
 from dtprobe.analysis.table import COLUMNS
 from dtprobe.errors import DtprobeError
-from dtprobe.extract import FeatureCache, for_compute
+from dtprobe.extract import FeatureCache, for_compute, for_storage
 
 #: Largest per-checkpoint part file read back (a real one is a few KiB).
 MAX_PART_BYTES = 16 << 20
@@ -104,25 +104,26 @@ class EpochFeatures(Mapping):
     analysis does not grow with the number of checkpoints.
     """
 
-    def __init__(self, cache: FeatureCache, keep: int = 3):
+    def __init__(self, cache: FeatureCache, keep: int = 3, dtype: str = "float32"):
         self.cache = cache
         self.keep = keep
+        self.dtype = dtype
         self._keys: dict[int, str] = {}
         self._recent: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self.pinned: dict[int, dict[str, torch.Tensor]] = {}
 
-    @staticmethod
-    def _select(feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # read back from a half-precision cache: float32, as checkpoint_features returns them
-        return for_compute({k: v for k, v in feats.items()
-                            if k == "features" or k.startswith("layer:")})
+    def _select(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # held in the cache's storage dtype (half the memory with --feature-dtype float16:
+        # re-rounding values read from a half-precision cache is exact), float32 when read
+        return for_storage({k: v for k, v in feats.items()
+                            if k == "features" or k.startswith("layer:")}, self.dtype)
 
     def add(self, epoch: int, key: str, feats: dict[str, torch.Tensor]) -> None:
         self._keys[epoch] = key
         self._remember(epoch, self._select(feats))
 
     def pin(self, epoch: int) -> None:
-        self.pinned[epoch] = self[epoch]
+        self.pinned[epoch] = self._held(epoch)
 
     def _remember(self, epoch: int, feats: dict[str, torch.Tensor]) -> None:
         self._recent[epoch] = feats
@@ -131,6 +132,10 @@ class EpochFeatures(Mapping):
             self._recent.popitem(last=False)
 
     def __getitem__(self, epoch: int) -> dict[str, torch.Tensor]:
+        """float32 features of ``epoch`` (as checkpoint_features returns them)."""
+        return for_compute(self._held(epoch))
+
+    def _held(self, epoch: int) -> dict[str, torch.Tensor]:
         if epoch in self.pinned:
             return self.pinned[epoch]
         if epoch in self._recent:
