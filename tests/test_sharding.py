@@ -69,15 +69,17 @@ def test_shares_assemble_to_the_single_process_features(folder_run, tmp_path, st
     key = features_key(ckpt, data, "test", opts)
     n = len(data.bundle.test)
     assert cache.get(key) is None and cache.get(part_key(key, 2, 3, n)) is not None
-    sharded, _ = checkpoint_features(plan, ckpt, data, cache, torch.device("cpu"),
-                                     replace(opts, image_shards=3))
+    sharded, state = checkpoint_features(plan, ckpt, data, cache, torch.device("cpu"),
+                                         replace(opts, image_shards=3))
+    assert state is None  # assembled from the shares: the network did not run again
     single, _ = checkpoint_features(plan, ckpt, data, FeatureCache(tmp_path / "single"),
                                     torch.device("cpu"), opts)
     for split in ("train", "test"):
         for name, value in single[split].items():
             torch.testing.assert_close(sharded[split][name], value, rtol=1e-5, atol=1e-6)
     assert cache.get(key) is not None  # assembled and cached whole, parts removed
-    assert cache.get(part_key(key, 0, 3, n)) is None
+    assert all(cache.get(part_key(key, p, 3, n)) is None for p in range(3))
+    assert len(list((tmp_path / "shared").glob("*.safetensors"))) == 2
 
 
 def test_missing_share_is_extracted_by_rank_zero(folder_run, tmp_path):
@@ -108,12 +110,18 @@ def test_torchrun_image_sharding_equals_single_process(folder_run, tmp_path):
     sharded_dir, single_dir = tmp_path / "sharded", tmp_path / "single"
     for d in (sharded_dir, single_dir):
         shutil.copytree(folder_run, d, ignore=shutil.ignore_patterns("analysis"))
+    ds = "textures:n_train=120,n_test=60,image_size=16"
     _torchrun("analyze", str(sharded_dir), "--device", "cpu", "--no-progress", "--shard",
-              "images", "--image-store", str(tmp_path / "stores"), "--metrics", *METRICS)
+              "images", "--image-store", str(tmp_path / "stores"), "--metrics", *METRICS,
+              "--downstream", ds, "--downstream-metrics", "probe_accuracy", "knn_accuracy")
     analysis.analyze(single_dir, metrics=METRICS, device="cpu", progress=False, plot=False,
-                     image_store=tmp_path / "stores")
+                     image_store=tmp_path / "stores", downstream=[ds],
+                     downstream_metrics=["probe_accuracy", "knn_accuracy"])
     got = pd.read_csv(sharded_dir / "analysis" / "metrics.csv", keep_default_na=False)
     want = pd.read_csv(single_dir / "analysis" / "metrics.csv", keep_default_na=False)
     pd.testing.assert_frame_equal(got.drop(columns="run"), want.drop(columns="run"),
                                   rtol=1e-5)
+    assert set(got["task"]) >= {"textures"}
     assert not list((sharded_dir / "analysis" / "features").glob("*.tmp"))
+    # every share was assembled (parts removed): 2 checkpoints x 2 splits x 2 datasets
+    assert len(list((sharded_dir / "analysis" / "features").glob("*.safetensors"))) == 8

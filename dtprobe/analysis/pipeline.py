@@ -15,7 +15,7 @@ import torch
 import checkpoints_manifest as cm
 from dtprobe.analysis.cka import cka_rows, compare_rows
 from dtprobe.analysis.data import EvalData, prepare_data, samples_record
-from dtprobe.analysis.downstream import analyse_downstream, downstream_specs
+from dtprobe.analysis.downstream import analyse_downstream, downstream_specs, load_downstream
 from dtprobe.analysis.epoch_metrics import epoch_metrics, part_key
 from dtprobe.analysis.features import (
     check_model,
@@ -115,6 +115,19 @@ def stamp_samples(rows: list[dict[str, Any]], tag: str) -> None:
         row["params"] = json.dumps(params, sort_keys=True, default=str)
 
 
+def _extract_shares(plan: RunPlan, data: EvalData, cache: FeatureCache, opts: AnalysisOptions,
+                    dist) -> None:
+    """This rank's rows of every checkpoint's images of ``data`` into part files."""
+    for ckpt in plan.checkpoints:
+        try:
+            extract_share(plan, ckpt, data, cache, dist.device, opts, dist.rank,
+                          dist.world_size)
+        except OSError:
+            raise  # the environment (disk full, read-only): not this checkpoint's fault
+        except Exception as exc:  # rank 0 meets the same error again and records it
+            note(f"[rank {dist.rank}] epoch {ckpt.epoch}: {failure_reason(ckpt, exc)}")
+
+
 def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec], dist) -> None:
     """Under torchrun: this rank analyses checkpoints rank, rank + world, ... into the shared
     feature cache and part store; rank 0 then merges them into the one table.
@@ -128,14 +141,15 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
         cache = FeatureCache(analysis_dir / "features", opts.use_cache)
         parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
         if opts.image_shards > 1:  # every checkpoint, this rank's rows; rank 0 assembles
-            for ckpt in plan.checkpoints:
-                try:
-                    extract_share(plan, ckpt, data, cache, dist.device, opts, dist.rank,
-                                  dist.world_size)
-                except OSError:
-                    raise
-                except Exception as exc:  # rank 0 meets the same error again and records it
-                    note(f"[rank {dist.rank}] epoch {ckpt.epoch}: {failure_reason(ckpt, exc)}")
+            _extract_shares(plan, data, cache, opts, dist)
+            for spec in downstream_specs(opts, data) if opts.downstream else []:
+                try:  # each downstream dataset, one at a time, likewise
+                    ds = load_downstream(spec, data, dist.device)
+                except DtprobeError:
+                    continue  # rank 0 meets it again and records it
+                if ds.problem is None:
+                    _extract_shares(plan, ds.data, cache, opts, dist)
+                del ds
             return
         mine = []
         for ckpt in plan.checkpoints[dist.rank::dist.world_size]:

@@ -85,6 +85,8 @@ def extract_share(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, cache:
     cached already, whole or as this part)."""
     from dtprobe.analysis import features as feats_mod
 
+    # verified first: the cache keys are the file's checked sha256, as rank 0 will compute them
+    blob = feats_mod.read_checkpoint(plan, ckpt, opts)
     todo = []
     for split, images in (("train", data.train_images), ("test", data.test_images)):
         key = feats_mod.features_key(ckpt, data, split, opts)
@@ -94,7 +96,8 @@ def extract_share(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, cache:
             todo.append((split, image_rows(images, *row_range(n, part, parts)), pk))
     if not todo:
         return
-    model, _ = feats_mod.load_model(plan, ckpt, data.bundle.in_channels, opts)
+    model, _ = feats_mod.load_model(plan, ckpt, data.bundle.in_channels, opts, blob)
+    del blob
     model = model.to(device)
     head = feats_mod.plan_head(model, plan)
     for split, images, pk in todo:
