@@ -192,6 +192,24 @@ def _outputs_finite(model: torch.nn.Module, images: torch.Tensor, device: torch.
         return True  # it fails for another reason: let that reason be reported
 
 
+def extract_for_cache(model: torch.nn.Module, head: torch.nn.Module, images: Any,
+                      ckpt: PlannedCheckpoint, split: str, device: torch.device,
+                      opts: AnalysisOptions) -> dict[str, torch.Tensor]:
+    """Outputs of ``model`` on ``images`` as the feature cache stores them (``--feature-dtype``),
+    refusing NaN/Inf features (a diverged run) and values beyond the dtype's range with a
+    one-line :class:`CheckpointError`."""
+    feats = _extract(model, head, images, ckpt, device, opts)
+    bad = ~torch.isfinite(feats["features"]).all(dim=1)
+    if bad.any():
+        raise CheckpointError(f"{ckpt.path}: {int(bad.sum())} {split} images give NaN/Inf "
+                              "features (diverged run?); this checkpoint is skipped")
+    try:
+        return for_storage(feats, opts.feature_dtype)
+    except ValueError as exc:
+        raise CheckpointError(f"{ckpt.path}: {split} {exc}; analyse with "
+                              "--feature-dtype bfloat16 or float32") from None
+
+
 def features_key(ckpt: PlannedCheckpoint, data: EvalData, split: str,
                  opts: AnalysisOptions) -> str:
     """Cache key of one checkpoint's features on one split (layers and dtype included)."""
@@ -232,17 +250,8 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
         head = plan_head(model, plan)
         for split, key, layers in todo:
             images = data.train_images if split == "train" else data.test_images
-            feats = _extract(model, head, images, ckpt, device,
-                             replace(opts, layers=layers))
-            bad = ~torch.isfinite(feats["features"]).all(dim=1)
-            if bad.any():
-                raise CheckpointError(f"{ckpt.path}: {int(bad.sum())} {split} images give NaN/Inf "
-                                      "features (diverged run?); this checkpoint is skipped")
-            try:
-                feats = for_storage(feats, opts.feature_dtype)
-            except ValueError as exc:
-                raise CheckpointError(f"{ckpt.path}: {split} {exc}; analyse with "
-                                      "--feature-dtype bfloat16 or float32") from None
+            feats = extract_for_cache(model, head, images, ckpt, split, device,
+                                      replace(opts, layers=layers))
             cache.put(key, feats)
             # what a later analysis reads back from the cache, so that both give one table
             out[split] = for_compute(feats)

@@ -21,9 +21,16 @@ from typing import Any
 import torch
 
 from dtprobe.analysis.data import EvalData
+from dtprobe.analysis.features import (
+    extract_for_cache,
+    features_key,
+    load_model,
+    plan_head,
+    read_checkpoint,
+)
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.data.pixels import is_raw
-from dtprobe.errors import CheckpointError, ConfigError
+from dtprobe.errors import ConfigError
 
 __all__ = ["SHARD_MODES", "assemble", "extract_share", "part_key", "row_range",
            "shard_mode"]
@@ -83,33 +90,21 @@ def extract_share(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, cache:
                   device: torch.device, opts: AnalysisOptions, part: int, parts: int) -> None:
     """Extract this rank's rows of both splits of ``ckpt`` into part files (skipping what is
     cached already, whole or as this part)."""
-    from dtprobe.analysis import features as feats_mod
-
     # verified first: the cache keys are the file's checked sha256, as rank 0 will compute them
-    blob = feats_mod.read_checkpoint(plan, ckpt, opts)
+    blob = read_checkpoint(plan, ckpt, opts)
     todo = []
     for split, images in (("train", data.train_images), ("test", data.test_images)):
-        key = feats_mod.features_key(ckpt, data, split, opts)
+        key = features_key(ckpt, data, split, opts)
         n = len(images)
         pk = part_key(key, part, parts, n)
         if cache.get(key) is None and cache.get(pk) is None:
             todo.append((split, image_rows(images, *row_range(n, part, parts)), pk))
     if not todo:
         return
-    model, _ = feats_mod.load_model(plan, ckpt, data.bundle.in_channels, opts, blob)
+    model, _ = load_model(plan, ckpt, data.bundle.in_channels, opts, blob)
     del blob
     model = model.to(device)
-    head = feats_mod.plan_head(model, plan)
+    head = plan_head(model, plan)
     for split, images, pk in todo:
-        if len(images) == 0:
-            continue
-        out = feats_mod._extract(model, head, images, ckpt, device, opts)
-        if not torch.isfinite(out["features"]).all():
-            raise CheckpointError(f"{ckpt.path}: {split} images give NaN/Inf features "
-                                  "(diverged run?); this checkpoint is skipped")
-        try:
-            stored = feats_mod.for_storage(out, opts.feature_dtype)
-        except ValueError as exc:
-            raise CheckpointError(f"{ckpt.path}: {split} {exc}; analyse with "
-                                  "--feature-dtype bfloat16 or float32") from None
-        cache.put(pk, stored)
+        if len(images):
+            cache.put(pk, extract_for_cache(model, head, images, ckpt, split, device, opts))
