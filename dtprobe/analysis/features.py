@@ -17,6 +17,7 @@ from dtprobe.analysis.data import EvalData, enforce_budget
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.errors import CheckpointError, ConfigError
 from dtprobe.extract import (
+    FEATURE_DTYPES,
     cache_key,
     extract_features,
     feature_dtype_tag,
@@ -77,7 +78,7 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
 
     pixel_inputs = any(spec.name.startswith("mi_xt") for spec in resolve_metrics(opts.metrics))
     data.values_per_image = sum(v[0].numel() for v in outputs.values())
-    held = 4 if opts.feature_dtype == "float32" else 2  # EpochFeatures holds the cache dtype
+    held = FEATURE_DTYPES[opts.feature_dtype].itemsize  # EpochFeatures holds the cache dtype
     enforce_budget(data, data.values_per_image, f"the analysis of {plan.name}", pixel_inputs,
                    held)
 

@@ -121,10 +121,8 @@ def check_budget(budget: int, n_train: int, n_test: int, values_per_image: int,
     need = sum(parts.values())
     if need <= budget:
         return need
-    per_image_features = need - parts["images"]
-    per_image = per_image_features / max(1, n_train + n_test)
-    if resident_image_bytes:
-        per_image += resident_image_bytes / max(1, n_train + n_test)
+    per_image = need / max(1, n_train + n_test)
+    # --max-samples N caps each split: about 2N images in all
     fits = max(0, math.floor(budget / per_image)) // 2 if per_image else 0
     fixes = []
     if resident_image_bytes and can_store:

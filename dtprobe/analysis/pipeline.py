@@ -177,7 +177,6 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
 
     specs = resolve_metrics(opts.metrics)
     check_plan(plan, opts)
-    shard_mode(opts.shard, len(plan.checkpoints), 1)  # a bad --shard: refused before any work
     opts = replace(opts, downstream=parse_downstreams(opts.downstream))
     if opts.downstream_metrics is not None:
         resolve_metrics(list(opts.downstream_metrics))  # unknown names: one line listing all

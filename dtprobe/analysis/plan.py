@@ -428,13 +428,20 @@ def check_plan(plan: RunPlan, opts: AnalysisOptions) -> None:
     if opts.feature_dtype not in FEATURE_DTYPES:
         raise ConfigError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, got "
                           f"{_show_value(opts.feature_dtype)}")
-    if opts.engine not in ENGINES:
-        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got "
-                          f"{_show_value(opts.engine)}")
-    if opts.engine != "eager":
+    if opts.engine != "eager":  # check_engine also refuses unknown names, in one line
         from dtprobe.devices import resolve_device
 
-        check_engine(opts.engine, resolve_device(opts.device))
+        check_engine(opts.engine, resolve_device(opts.device) if opts.engine in ENGINES
+                     else None)
+    from dtprobe.analysis.sharding import SHARD_MODES
+    from dtprobe.data.subsets import check_max_samples
+
+    if opts.shard not in SHARD_MODES:
+        raise ConfigError(f"--shard {opts.shard!r}: choose one of {', '.join(SHARD_MODES)}")
+    try:
+        check_max_samples("--max-samples", opts.max_samples)
+    except DatasetError as exc:
+        raise ConfigError(str(exc)) from None
     if (isinstance(plan.num_classes, bool) or not isinstance(plan.num_classes, int)
             or not 1 <= plan.num_classes <= MAX_CLASSES):
         raise ConfigError(f"--num-classes (or the manifest's model.num_classes) must be an int "
@@ -447,8 +454,6 @@ def check_plan(plan: RunPlan, opts: AnalysisOptions) -> None:
     loader = getattr(data_registry, "_DATASETS", {}).get(plan.dataset)
     data_fix = "fix --dataset-param (or the manifest's dataset.params)"
     if loader is not None:
-        from dtprobe.data.subsets import check_max_samples
-
         params = dict(plan.dataset_params)
         if "store" in params:
             raise ConfigError(f"dataset {plan.dataset!r}: 'store' is not a dataset parameter; "
