@@ -8,6 +8,7 @@ memory. ``--max-samples`` keeps a stable subset (:mod:`dtprobe.data.subsets`) an
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ class EvalData:
             out[name] = {"n": len(split), "sample_ids_sha256": sample_ids_digest(ids)}
         return out
 
-    @property
+    @functools.cached_property
     def samples_tag(self) -> str:
         """``N_TRAIN+N_TEST:DIGEST`` of both splits, stamped on rows of a subset analysis."""
         ids = (self.bundle.train.sample_ids or []) + ["|"] + (self.bundle.test.sample_ids or [])

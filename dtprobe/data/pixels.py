@@ -40,6 +40,7 @@ class RawImages:
         self.pixels = pixels
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ tensor-like surface
     @property
@@ -109,8 +110,12 @@ class RawImages:
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """float32 ``(x / 255 - mean) / std`` of uint8 ``x``, on ``x``'s device."""
-        m = torch.tensor(self.mean, dtype=torch.float32, device=x.device)[None, :, None, None]
-        s = torch.tensor(self.std, dtype=torch.float32, device=x.device)[None, :, None, None]
+        stats = self._stats.get(x.device)
+        if stats is None:  # made once per device: no host-to-device copy per batch
+            stats = tuple(torch.tensor(v, dtype=torch.float32, device=x.device)[None, :, None, None]
+                          for v in (self.mean, self.std))
+            self._stats[x.device] = stats
+        m, s = stats
         return x.float().div_(255).sub_(m).div_(s)
 
     # ------------------------------------------------------------------------- variants

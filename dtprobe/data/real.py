@@ -520,25 +520,23 @@ def _decode(name: str, paths: Sequence[str], size: int | None) -> np.ndarray:
     in parallel worker processes). With ``size=None`` all images must share one size."""
     out: np.ndarray | None = None
     start = 0
-    for batch in decode_batches(name, paths, size):
+    for batch in _same_size(name, decode_batches(name, paths, size), paths):
         if out is None:
             out = np.empty((len(paths), *batch.shape[1:]), dtype=np.uint8)
-        elif batch.shape[1:] != out.shape[1:]:
-            raise DatasetError(f"{name}: images near {paths[start]} are {batch.shape[3]}x"
-                               f"{batch.shape[2]}, others are {out.shape[3]}x{out.shape[2]}; "
-                               "pass image_size to resize")
         out[start:start + len(batch)] = batch
         start += len(batch)
     assert out is not None
     return out
 
 
-def _same_size(name: str, batches: Any, paths: Sequence[str], shape: tuple[int, ...]) -> Any:
-    """``batches``, refusing (one line, naming a file) images whose size differs from the
-    first's (``image_size=None`` keeps the files' own size)."""
+def _same_size(name: str, batches: Any, paths: Sequence[str],
+               shape: tuple[int, ...] | None = None) -> Any:
+    """``batches``, refusing (one line, naming a file) images whose size differs from
+    ``shape`` (default: the first batch's; ``image_size=None`` keeps the files' own size)."""
     start = 0
     for batch in batches:
-        if tuple(batch.shape[1:]) != tuple(shape):
+        shape = tuple(batch.shape[1:]) if shape is None else tuple(shape)
+        if tuple(batch.shape[1:]) != shape:
             raise DatasetError(f"{name}: images near {paths[start]} are {batch.shape[3]}x"
                                f"{batch.shape[2]}, others are {shape[2]}x{shape[1]}; pass "
                                "image_size to resize")

@@ -43,13 +43,12 @@ def supports_store(name: str) -> bool:
     return name in _DATASETS and _accepts(_DATASETS[name], "store")
 
 
-def _subset_split(split: Split, name: str, max_samples: int) -> Split:
-    ids = split.sample_ids or [f"{name}:{i}" for i in range(len(split))]
-    keep = stable_subset(ids, split.labels.numpy(), max_samples)
+def _subset_split(split: Split, max_samples: int) -> Split:
+    keep = stable_subset(split.sample_ids, split.labels.numpy(), max_samples)
     index = torch.from_numpy(keep)
     return Split(images=split.images[index], labels=split.labels[index],
                  factors={k: v[index] for k, v in split.factors.items()},
-                 sample_ids=[ids[i] for i in keep])
+                 sample_ids=[split.sample_ids[i] for i in keep])
 
 
 def _with_ids(split: Split, name: str) -> Split:
@@ -73,15 +72,12 @@ def load_dataset(name: str, store: str | os.PathLike | None = None, **params) ->
     loader = _DATASETS[name]
     if store is not None and _accepts(loader, "store"):
         params = {**params, "store": store}
+    cap = None
     if "max_samples" in params and not _accepts(loader, "max_samples"):
         cap = check_max_samples(name, params.pop("max_samples"))
-        bundle = loader(**params)
-        if cap is None:
-            return bundle
-        return replace(bundle, params={**bundle.params, "max_samples": cap},
-                       train=_subset_split(bundle.train, "train", cap),
-                       test=_subset_split(bundle.test, "test", cap))
     bundle = loader(**params)
-    return replace(bundle, train=_with_ids(bundle.train, "train"),
-                   test=_with_ids(bundle.test, "test"))
-
+    train, test = _with_ids(bundle.train, "train"), _with_ids(bundle.test, "test")
+    if cap is None:
+        return replace(bundle, train=train, test=test)
+    return replace(bundle, params={**bundle.params, "max_samples": cap},
+                   train=_subset_split(train, cap), test=_subset_split(test, cap))

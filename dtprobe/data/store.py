@@ -168,9 +168,6 @@ class ImageStore:
         with contextlib.suppress(Exception):
             self.close()
 
-    def __getstate__(self) -> dict[str, Any]:  # a worker process opens its own descriptor
-        return {**self.__dict__, "_fd": None}
-
 
 # ------------------------------------------------------------------------------------- reading
 def _footer_bytes(footer: dict[str, Any]) -> bytes:
