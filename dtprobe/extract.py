@@ -469,11 +469,10 @@ def extract_features(model: nn.Module, head: nn.Module, images: Images, *,
         raise ConfigError(f"batch_size={batch_size!r}: pass a positive integer or 'auto'")
     if images.ndim < 1 or images.shape[0] == 0:
         raise ConfigError("extract_features got no images; pass a non-empty (n, ...) tensor")
-    if engine != "eager":
-        check_engine(engine, device, amp)
     n = int(images.shape[0])
     model.eval()
     if engine != "eager":
+        check_engine(engine, device, amp)
         size = auto_batch_size(images, device) if auto else int(batch_size)
         out = run_engine(engine, model, head, images, batch_size=max(1, min(size, n)),
                          layers=layers, fold_batchnorm=fold_batchnorm)

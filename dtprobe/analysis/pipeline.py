@@ -29,7 +29,13 @@ from dtprobe.analysis.memory import parse_size
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan, check_plan, plan_run
 from dtprobe.analysis.sharding import extract_share, shard_mode
 from dtprobe.analysis.stores import EpochFeatures, PartStore
-from dtprobe.analysis.table import FAILURE_COLUMNS, finalise_table, note, save_tradeoff_chart
+from dtprobe.analysis.table import (
+    FAILURE_COLUMNS,
+    finalise_table,
+    note,
+    save_tradeoff_chart,
+    with_setting,
+)
 from dtprobe.data.spec import parse_downstreams
 from dtprobe.errors import DtprobeError
 from dtprobe.extract import FeatureCache
@@ -107,12 +113,8 @@ def stamp_samples(rows: list[dict[str, Any]], tag: str) -> None:
     of every row measured on the source images, so that rows of analyses on different subsets
     can be told apart; downstream rows carry their own dataset's spec instead."""
     for row in rows:
-        text = row.get("params") or ""
-        if f'"{DOWNSTREAM_PARAM}"' in text:
-            continue
-        params = json.loads(text) if text else {}
-        params["samples"] = tag
-        row["params"] = json.dumps(params, sort_keys=True, default=str)
+        if f'"{DOWNSTREAM_PARAM}"' not in (row.get("params") or ""):
+            row["params"] = with_setting(row.get("params"), "samples", tag)
 
 
 def _extract_shares(plan: RunPlan, data: EvalData, cache: FeatureCache, opts: AnalysisOptions,

@@ -26,7 +26,7 @@ def finalise_table(rows: list[dict[str, Any]], feature_dtype: str = "float32") -
     """The sorted table of ``rows``; a ``feature_dtype`` other than float32 (``--feature-dtype``)
     is recorded in every row's ``params``, as the setting the values were computed with."""
     if feature_dtype != "float32":
-        rows = [{**r, "params": _with_setting(r.get("params"), "feature_dtype", feature_dtype)}
+        rows = [{**r, "params": with_setting(r.get("params"), "feature_dtype", feature_dtype)}
                 for r in rows]
     # normalize_table also brings rows of parts cached by older versions to the current schema
     table = normalize_table(pd.DataFrame(rows, columns=COLUMNS), source="analysis rows")
@@ -34,7 +34,7 @@ def finalise_table(rows: list[dict[str, Any]], feature_dtype: str = "float32") -
                                       kind="stable").reset_index(drop=True)
 
 
-def _with_setting(params: Any, key: str, value: Any) -> str:
+def with_setting(params: Any, key: str, value: Any) -> str:
     """A row's ``params`` JSON text with ``key`` set to ``value``."""
     doc = json.loads(params) if isinstance(params, str) and params else {}
     return json.dumps({**doc, key: value}, sort_keys=True, default=str)
