@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import Row, markdown_table
+from checkpoints_manifest import atomic_write_text
 
 REFUSAL = "no CUDA device; this script measures GPU rows (--quick runs a CPU smoke test)"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -274,8 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{time.perf_counter() - t0:.0f} s on {gpu}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
     if args.json:
-        args.json.write_text(json.dumps({"gpu": gpu, "rows": [r.to_dict() for r in rows]},
-                                        indent=2))
+        atomic_write_text(args.json, json.dumps(
+            {"gpu": gpu, "rows": [r.to_dict() for r in rows]}, indent=2))
     return 0 if all(r.agree_ok for r in rows) else 1
 
 

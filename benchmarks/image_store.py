@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checkpoints_manifest import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,7 +59,7 @@ def make_folder(root: Path, images: int, size: int, classes: int = 10) -> Path:
             img[..., c % 3] = 60 + 18 * c
             img = np.clip(img + rng.integers(0, 90, img.shape, dtype=np.int64), 0, 255)
             Image.fromarray(img.astype(np.uint8)).save(d / f"{i:06d}.jpg", quality=90)
-    marker.write_text("ok\n")
+    atomic_write_text(marker, "ok\n")
     return root
 
 
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"features of the two decoders correlate at {corr:.4f}; workers {workers}; "
           f"threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
     return 0 if corr > 0.9 else 1
 
 
