@@ -6,7 +6,7 @@ embedded ``shapes`` data for every checkpoint of a ``small_cnn`` series (weights
 both cases).
 
 - dtprobe: the images are decoded and normalised once; per checkpoint
-  ``dtprobe.extract.extract_features`` (inference mode, BatchNorm folded into the convs,
+  ``dtprobe.features.extract.extract_features`` (inference mode, BatchNorm folded into the convs,
   channels-last, preallocated outputs, ``batch_size="auto"``).
 - naive: what analysis scripts usually do: a ``torch.utils.data.DataLoader`` over a
   ``Dataset`` whose ``__getitem__`` normalises each image, and a torchvision
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks import Row, timed
 from dtprobe.data import load_dataset
-from dtprobe.extract import auto_batch_size, extract_features
+from dtprobe.features.extract import auto_batch_size, extract_features
 from dtprobe.models import build_model
 
 TOLERANCE = 1e-4  # max abs difference relative to the largest absolute output

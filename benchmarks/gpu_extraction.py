@@ -22,7 +22,7 @@ import time
 import torch
 
 from benchmarks import Row
-from dtprobe.extract import extract_features
+from dtprobe.features.extract import extract_features
 from dtprobe.models import build_model
 
 TOLERANCE = 5e-2  # bf16 outputs, relative to the largest absolute value

@@ -3,7 +3,7 @@
 ``python -m benchmarks.gpu_rows`` needs one CUDA device and finishes in a few minutes:
 
 (a) ResNet-50 (torchvision architecture, random weights, nothing downloaded) at 224 px, bf16:
-    images per second of :func:`dtprobe.extract.extract_features` over synthetic uint8 images
+    images per second of :func:`dtprobe.features.extract.extract_features` over synthetic uint8 images
     normalised once on the host (pinned; ImageNet mean and std), against a pure ``model(x)``
     loop under bf16 autocast on one batch already resident on the GPU, at the same batch size.
     The ratio is the fraction of the network's own rate the engine keeps (copies, BatchNorm
@@ -100,7 +100,7 @@ def _pure_forward_rate(model: torch.nn.Module, x: torch.Tensor, n_batches: int,
 
 def extraction_row(device: torch.device, sizes: Sizes) -> Row:
     """Row (a): extract_features vs the pure forward loop, ResNet-50, same batch size."""
-    from dtprobe.extract import extract_features, inference_model
+    from dtprobe.features.extract import extract_features, inference_model
     from dtprobe.models import build_model
 
     n, batch = sizes.batch * sizes.n_batches, sizes.batch

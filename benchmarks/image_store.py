@@ -11,7 +11,7 @@ once under ``--folder``), then, side by side in one run:
    Normalize, read by a ``DataLoader`` with one worker per core, forward pass per batch;
 2. **decode once** (dtprobe): the first analysis builds the uint8 store (its cost is reported
    on its own), then every checkpoint streams it through
-   :func:`dtprobe.extract.extract_features`;
+   :func:`dtprobe.features.extract.extract_features`;
 3. **peak memory**: the store path in a fresh process at 1/4 and all of the images (the same
    folder, ``max_samples``), as the peak resident memory above the process's start (VmHWM
    after a reset): it must not grow with the number of images.
@@ -103,7 +103,7 @@ def per_checkpoint_decode(folder: Path, models, size: int, workers: int,
 def decode_once(folder: Path, models, size: int, store: Path) -> tuple[float, float, torch.Tensor]:
     """(seconds to build the store, seconds for all checkpoints from it, first features)."""
     from dtprobe.data import load_dataset
-    from dtprobe.extract import extract_features
+    from dtprobe.features.extract import extract_features
     from dtprobe.models import head_module
 
     t0 = time.perf_counter()
@@ -127,7 +127,7 @@ def peak_rss(folder: Path, size: int, store: Path, max_samples: int | None) -> i
         sys.path.insert(0, {str(ROOT)!r})
         import torch
         from dtprobe.data import load_dataset
-        from dtprobe.extract import extract_features
+        from dtprobe.features.extract import extract_features
         from dtprobe.models import build_model, head_module
         kw = dict(root={str(folder)!r}, image_size={size}, store={str(store)!r})
         if {max_samples!r} is not None:

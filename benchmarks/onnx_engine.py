@@ -12,7 +12,7 @@ The setting of :mod:`benchmarks.extraction` (a seeded ``small_cnn`` series, embe
 
 Eager and onnx load each checkpoint file once and extract both splits from it, as
 ``dtprobe analyze`` does (the onnx engine exports once per checkpoint, not per split). The
-export cost (export + session creation, from :func:`dtprobe.engines.onnx.export_stats`) is
+export cost (export + session creation, from :func:`dtprobe.features.engines.onnx.export_stats`) is
 reported per checkpoint. The outputs must agree to float rounding.
 """
 
@@ -33,7 +33,7 @@ from benchmarks.extraction import (
     naive_extract,
 )
 from dtprobe.data import load_dataset
-from dtprobe.extract import auto_batch_size, extract_features
+from dtprobe.features.extract import auto_batch_size, extract_features
 from dtprobe.models import build_model
 
 NAME = "extraction of E checkpoints (CPU, float32, engine onnx)"
@@ -65,7 +65,7 @@ def run(quick: bool = False) -> list[Row]:
         note = "skipped: onnxruntime is not installed (pip install 'dtprobe[onnx]')"
         return [Row(name=NAME, sizes=sizes, goal=2, skipped=True, note=note),
                 Row(name=VS_EAGER, sizes=sizes, skipped=True, note=note)]
-    from dtprobe.engines.onnx import export_stats, reset_export_stats
+    from dtprobe.features.engines.onnx import export_stats, reset_export_stats
 
     mean = torch.tensor(bundle.mean)[None, :, None, None]
     std = torch.tensor(bundle.std)[None, :, None, None]

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dtprobe import compat
+
+compat.install()  # old module paths (dtprobe.extract, dtprobe.layouts, ...) keep importing
+
 __version__ = "0.1.0"
 __all__ = ["analyze", "compare", "load_results", "train", "TrainConfig", "Results"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from dtprobe.analysis import analyze
-    from dtprobe.results import Results, compare, load_results
+    from dtprobe.results.core import Results, compare, load_results
     from dtprobe.training.trainer import TrainConfig, train
 
-_LAZY = {"analyze": "dtprobe.analysis", "compare": "dtprobe.results",
-         "load_results": "dtprobe.results", "Results": "dtprobe.results",
+_LAZY = {"analyze": "dtprobe.analysis", "compare": "dtprobe.results.core",
+         "load_results": "dtprobe.results.core", "Results": "dtprobe.results.core",
          "train": "dtprobe.training.trainer", "TrainConfig": "dtprobe.training.trainer"}
 
 

@@ -636,7 +636,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _check_train_args(args)
     check_metric_names(args.metrics)
     from dtprobe.errors import ConfigError
-    from dtprobe.sweep import run_sweep
+    from dtprobe.training.sweep import run_sweep
 
     per_objective: dict[str, dict[str, Any]] = {}
     for item in args.param or []:
@@ -790,8 +790,8 @@ def _failure_summary(failures, stats, out: Path) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     check_output_dir(args.tensorboard, "--tensorboard")
-    from dtprobe.export import export_tensorboard
-    from dtprobe.results import load_results
+    from dtprobe.results.core import load_results
+    from dtprobe.results.export import export_tensorboard
 
     n = export_tensorboard(load_results(args.runs), args.tensorboard, x=args.x)
     print(f"{n} scalars written to {args.tensorboard} (tensorboard --logdir {args.tensorboard})")
@@ -800,9 +800,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
-    from dtprobe.plotting import save_all_figures
-    from dtprobe.results import load_results
-    from dtprobe.sweep import expand_sweeps
+    from dtprobe.plotting.charts import save_all_figures
+    from dtprobe.results.core import load_results
+    from dtprobe.training.sweep import expand_sweeps
 
     paths = save_all_figures(load_results(expand_sweeps(args.runs)), args.out,
                              formats=tuple(args.format))
@@ -813,9 +813,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     check_output_file(args.output, "-o/--output")
-    from dtprobe.report import write_report
-    from dtprobe.results import load_results
-    from dtprobe.sweep import expand_sweeps
+    from dtprobe.results.core import load_results
+    from dtprobe.results.report import write_report
+    from dtprobe.training.sweep import expand_sweeps
 
     out = write_report(load_results(expand_sweeps(args.runs)), args.output)
     print(f"report written to {out}")

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 import checkpoints_manifest as cm
-from dtprobe.sweep import run_is_complete
+from dtprobe.training.sweep import run_is_complete
 from dtprobe.training.trainer import TrainConfig, train
 
 # Sized so that both runs train and are analysed on two CPU cores in a few minutes while the
@@ -138,7 +138,7 @@ def demo_table(results, names: dict[str, str] | None = None) -> str:
 
     Parameters
     ----------
-    results : :class:`dtprobe.results.Results` of the demo's runs.
+    results : :class:`dtprobe.results.core.Results` of the demo's runs.
     names : run name -> label shown in the first column (default: upper-case run name).
     """
     summary = results.summary()
@@ -245,9 +245,9 @@ def run_demo(out: Path, epochs: int = DEMO_EPOCHS, seed: int = 0, device: str = 
 def _run(out: Path, epochs: int, seed: int, device: str, quick: bool, fresh: bool,
          progress: bool = True):
     from dtprobe.analysis import analyze
-    from dtprobe.plotting import save_all_figures
-    from dtprobe.report import write_report
-    from dtprobe.results import compare
+    from dtprobe.plotting.charts import save_all_figures
+    from dtprobe.results.core import compare
+    from dtprobe.results.report import write_report
 
     if fresh and out.exists():
         shutil.rmtree(out)

@@ -8,6 +8,26 @@ status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(text: str, limit: int = 160) -> str:
+    """The first non-blank line of ``text``, cut to ``limit`` characters.
+
+    What a one-line user error quotes of a library's (often multi-line) exception message.
+
+    Parameters
+    ----------
+    text : str
+        A message, e.g. ``str(exc)``.
+    limit : int
+        Longest result; a longer line ends in ``"..."``.
+
+    Returns
+    -------
+    str
+    """
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class DtprobeError(Exception):
     """Base class for user-facing errors: the message says what is wrong and how to fix it."""
 

@@ -1,7 +1,7 @@
 """The tidy metrics table: its columns, how each metric is presented, and pure helpers on it.
 
 A leaf module (it imports nothing else of dtprobe but :mod:`dtprobe.errors`), so that
-:mod:`dtprobe.results`, :mod:`dtprobe.plotting`, :mod:`dtprobe.report` and :mod:`dtprobe.analysis`
+:mod:`dtprobe.results.core`, :mod:`dtprobe.plotting.charts`, :mod:`dtprobe.results.report` and :mod:`dtprobe.analysis`
 share one schema without importing each other.
 """
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from dtprobe.analysis import EpochFeatures, streamed_cka_matrix
-from dtprobe.extract import FeatureCache
+from dtprobe.features.extract import FeatureCache
 from dtprobe.metrics import cka_matrix
 
 
@@ -42,7 +42,7 @@ def test_streamed_matrix_equals_one_pass_matrix_for_any_block_size(tmp_path):
 
 
 def test_epoch_features_hold_the_cache_dtype_and_return_float32(tmp_path):
-    from dtprobe.extract import for_compute, for_storage
+    from dtprobe.features.extract import for_compute, for_storage
 
     x = torch.randn(50, 6, generator=torch.Generator().manual_seed(1))
     cached = for_storage({"features": x, "logits": x[:, :2]}, "float16")

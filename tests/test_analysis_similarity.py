@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dtprobe import analysis
-from dtprobe.analysis.cka import cka_rows
+from dtprobe.analysis.similarity import cka_rows
 from dtprobe.metrics import cka_permutation_null, svcca
 from dtprobe.metrics.registry import available_metrics
 from dtprobe.training.trainer import TrainConfig, train
@@ -86,7 +86,7 @@ def test_report_on_two_real_runs_lists_interval_comparisons(runs, tmp_path):
     import matplotlib.pyplot as plt
 
     import dtprobe
-    from dtprobe.report import render_report
+    from dtprobe.results.report import render_report
 
     a, b = runs
     for run in runs:

@@ -36,6 +36,7 @@ from torch import nn
 
 import checkpoints_manifest as cm
 from dtprobe import checkpoints as ck
+from dtprobe.checkpoints import reader
 from dtprobe.cli import main
 from dtprobe.errors import CheckpointError, ConfigError
 from dtprobe.models import build_model
@@ -197,14 +198,14 @@ def _unreadable(run_dir, e, monkeypatch):
     # root reads any file: make opening this one fail as it would for a user.
     from dtprobe import checkpoints as ckpt_io
 
-    real_open = ckpt_io._open_checkpoint
+    real_open = reader._open_checkpoint
 
     def guarded_open(file):
         if Path(file) == path:
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file)
 
-    monkeypatch.setattr(ckpt_io, "_open_checkpoint", guarded_open)
+    monkeypatch.setattr(reader, "_open_checkpoint", guarded_open)
 
 
 PER_CHECKPOINT = [

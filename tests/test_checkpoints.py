@@ -22,7 +22,7 @@ from torch import nn
 
 import checkpoints_manifest as cm
 from dtprobe import checkpoints as ck
-from dtprobe import layouts
+from dtprobe.checkpoints import layouts
 from dtprobe.errors import CheckpointError, ConfigError, DtprobeError
 
 

@@ -1,4 +1,4 @@
-"""Tests of contrastive temporal coding (dtprobe.training.ctc / memory_bank).
+"""Tests of contrastive temporal coding (dtprobe.training.objectives.ctc / memory_bank).
 
 Every loss is checked in float64 against a slow re-computation written from the definitions
 (Wu et al. 2018 instance discrimination; Tian et al. 2020 CRD binary NCE) with explicit loops.
@@ -19,8 +19,8 @@ from scipy import stats
 from torch import nn
 
 from dtprobe.errors import CheckpointError, ConfigError
-from dtprobe.training.ctc import PRESETS, CTCConfig, CTCObjective
-from dtprobe.training.memory_bank import (
+from dtprobe.training.objectives.ctc import PRESETS, CTCConfig, CTCObjective
+from dtprobe.training.objectives.memory_bank import (
     OtherClassSampler,
     all_gather_rows,
     crd_nce_loss,

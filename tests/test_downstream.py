@@ -33,7 +33,7 @@ from dtprobe.data import load_dataset
 from dtprobe.data.spec import DownstreamSpec, parse_downstream, parse_downstreams
 from dtprobe.data.transfer import LUMA, SourceInput, prepare_for_source
 from dtprobe.errors import ConfigError
-from dtprobe.extract import FeatureCache, cache_key
+from dtprobe.features.extract import FeatureCache, cache_key
 from dtprobe.results import kendall_tau, load_results, score_rank_correlation
 from dtprobe.training.trainer import TrainConfig, train
 

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from dtprobe.export import export_tensorboard, scalar_tag
+from dtprobe.results.export import export_tensorboard, scalar_tag
 from dtprobe.results import Results
 
 event_accumulator = pytest.importorskip(

@@ -1,4 +1,4 @@
-"""Tests for the extraction engine and feature cache (dtprobe.extract).
+"""Tests for the extraction engine and feature cache (dtprobe.features.extract).
 
 Every engine output is compared with a manual forward pass of the original, unfolded model,
 written out here module by module.
@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dtprobe import extract
+from dtprobe.features import extract
 from dtprobe.errors import ConfigError
-from dtprobe.extract import (
+from dtprobe.features.extract import (
     FeatureCache,
     auto_batch_size,
     cache_key,

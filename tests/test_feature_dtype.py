@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dtprobe import analysis, extract
+from dtprobe import analysis
+from dtprobe.features import extract
 from dtprobe.cli import main
 from dtprobe.errors import ConfigError
-from dtprobe.extract import (
+from dtprobe.features.extract import (
     FeatureCache,
     cache_key,
     feature_dtype_tag,

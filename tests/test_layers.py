@@ -11,7 +11,7 @@ from dtprobe.analysis import analyze
 from dtprobe.cli import main
 from dtprobe.data import load_dataset
 from dtprobe.errors import ConfigError
-from dtprobe.layer_plots import best_layer, layer_epoch_matrix, plot_best_layer, plot_layer_heatmap
+from dtprobe.plotting.layer_charts import best_layer, layer_epoch_matrix, plot_best_layer, plot_layer_heatmap
 from dtprobe.metrics.separation import class_separation
 from dtprobe.models import head_module
 from dtprobe.models.layers import block_layers, describe_layers, penultimate_source
@@ -107,7 +107,7 @@ def test_cli_layers_lists_modules(runs, capsys):
 
 def test_transformer_blocks_are_pooled_over_tokens():
     timm = pytest.importorskip("timm", reason="timm not installed (pip install 'dtprobe[timm]')")
-    from dtprobe.extract import extract_features
+    from dtprobe.features.extract import extract_features
 
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=3, pretrained=False,
                             img_size=32, patch_size=8)

@@ -1,4 +1,4 @@
-"""Framework checkpoint layouts and epoch conventions (dtprobe.layouts), on small files."""
+"""Framework checkpoint layouts and epoch conventions (dtprobe.checkpoints.layouts), on small files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from dtprobe import checkpoints as ck
-from dtprobe import layouts
+from dtprobe.checkpoints import layouts
 from dtprobe.errors import CheckpointError, ConfigError
 
 W = {"w": torch.zeros(2)}

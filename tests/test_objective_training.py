@@ -17,7 +17,7 @@ import torch
 import checkpoints_manifest as cm
 from dtprobe.cli import main
 from dtprobe.errors import TrainingDivergedError
-from dtprobe.training.memory_bank import OtherClassSampler
+from dtprobe.training.objectives.memory_bank import OtherClassSampler
 from dtprobe.training.objectives import available_objectives
 from dtprobe.training.trainer import TrainConfig, reference_schedule, train
 
@@ -74,7 +74,7 @@ def test_trex_manifest_says_features_are_taken_before_the_projector(tmp_path):
 
 
 def test_trex_multicrop_forwards_local_crops(tmp_path, monkeypatch):
-    from dtprobe.training import trex
+    from dtprobe.training.objectives import trex
 
     shapes = []
     original = trex.TReX.forward
@@ -92,7 +92,7 @@ def test_trex_multicrop_forwards_local_crops(tmp_path, monkeypatch):
 
 
 def test_sweep_helpers_on_a_synthetic_table(tmp_path):
-    from dtprobe.sweep import expand_sweeps, final_metrics, kornblith_check, summarize
+    from dtprobe.training.sweep import expand_sweeps, final_metrics, kornblith_check, summarize
 
     rows = [("source_accuracy", "", 0.5), ("class_separation", "", 0.2),
             ("probe_accuracy", "colour", 0.8), ("probe_accuracy", "size", 0.6)]
@@ -180,7 +180,7 @@ def test_exploding_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path, caps
 
 
 def test_nan_loss_names_last_good_checkpoint(tmp_path, monkeypatch):
-    import dtprobe.training.kornblith as kornblith
+    import dtprobe.training.objectives.kornblith as kornblith
 
     calls = {"n": 0}
     original = kornblith.label_smoothing_loss

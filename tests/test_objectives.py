@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtprobe.errors import ConfigError
-from dtprobe.training.contrastive import nt_xent_loss, supcon_loss
-from dtprobe.training.kornblith import (
+from dtprobe.training.objectives.contrastive import nt_xent_loss, supcon_loss
+from dtprobe.training.objectives.kornblith import (
     cosine_logits,
     label_smoothing_loss,
     logit_norm_loss,
@@ -25,7 +25,7 @@ from dtprobe.training.objectives import (
     available_objectives,
     build_objective,
 )
-from dtprobe.training.trex import Projector, prototype_logits
+from dtprobe.training.objectives.trex import Projector, prototype_logits
 
 B, K, D = 7, 4, 5
 

@@ -1,4 +1,4 @@
-"""The ONNX Runtime extraction engine (``engine="onnx"``, dtprobe.engines.onnx, issue 14).
+"""The ONNX Runtime extraction engine (``engine="onnx"``, dtprobe.features.engines.onnx, issue 14).
 
 Outputs are compared with forward passes of the original, unfolded networks written out here
 module by module (and with the eager engine); the tests that run ONNX Runtime skip cleanly
@@ -18,7 +18,7 @@ from dtprobe import analysis
 from dtprobe.cli import main
 from dtprobe.data.pixels import RawImages
 from dtprobe.errors import ConfigError
-from dtprobe.extract import extract_features
+from dtprobe.features.extract import extract_features
 from dtprobe.models import build_model
 from dtprobe.training.trainer import TrainConfig, train
 
@@ -29,7 +29,7 @@ MISSING = "--engine onnx needs onnxruntime: pip install 'dtprobe[onnx]'"
 def ort():
     """onnxruntime, with the engine's counters and kept session reset."""
     module = pytest.importorskip("onnxruntime")
-    from dtprobe.engines import onnx as engine
+    from dtprobe.features.engines import onnx as engine
 
     engine.reset_export_stats()
     yield module
@@ -37,7 +37,7 @@ def ort():
 
 
 def _stats() -> dict:
-    from dtprobe.engines.onnx import export_stats
+    from dtprobe.features.engines.onnx import export_stats
 
     return export_stats()
 

@@ -1,4 +1,4 @@
-"""Tests of dtprobe.report: one self-contained HTML file that renders in a real browser."""
+"""Tests of dtprobe.results.report: one self-contained HTML file that renders in a real browser."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from test_plotting import CHART_METRICS  # noqa: E402
 from test_results import cka_matrix, manifest, synthetic_table  # noqa: E402
 
 from dtprobe.errors import ConfigError  # noqa: E402
-from dtprobe.report import render_report, write_report  # noqa: E402
+from dtprobe.results.report import render_report, write_report  # noqa: E402
 from dtprobe.results import Results  # noqa: E402
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -128,7 +128,7 @@ def test_report_layout_and_run_comparison(report):
 
 
 def test_settings_print_with_few_digits():
-    from dtprobe.report import _setting_text
+    from dtprobe.results.report import _setting_text
 
     assert _setting_text(0.0031622776601683794) == "0.003162"
     assert _setting_text([0.001, 0.0031622776601683794, 10.0]) == "[0.001, 0.003162, 10.0]"

@@ -32,12 +32,13 @@ import torch
 import checkpoints_manifest as cm
 from checkpoints_manifest import storage
 from dtprobe import checkpoints as ck
+from dtprobe.checkpoints import reader
 from dtprobe.analysis import AnalysisOptions, analyze_plan, plan_run
 from dtprobe.analysis.plan import check_plan
-from dtprobe.analysis.stores import PartStore
+from dtprobe.analysis.resume import PartStore
 from dtprobe.cli import main
 from dtprobe.errors import CheckpointError, ConfigError
-from dtprobe.extract import FeatureCache
+from dtprobe.features.extract import FeatureCache
 from dtprobe.training.trainer import TrainConfig, train
 
 TINY = {"n_train": 240, "n_test": 120, "image_size": 16}
@@ -269,7 +270,7 @@ def test_file_swapped_right_after_it_was_read_is_analysed_as_verified(run, tmp_p
     run_dir = _copy(run, tmp_path)
     shutil.rmtree(run_dir / "analysis", ignore_errors=True)
     swapped = []
-    real_read = ck._read_all
+    real_read = reader._read_all
 
     def read_then_swap(fd, path, limit):
         data = real_read(fd, path, limit)
@@ -279,7 +280,7 @@ def test_file_swapped_right_after_it_was_read_is_analysed_as_verified(run, tmp_p
             swapped.append(True)
         return data
 
-    monkeypatch.setattr(ck, "_read_all", read_then_swap)
+    monkeypatch.setattr(reader, "_read_all", read_then_swap)
     assert main(["analyze", str(run_dir), *RUN_ARGS]) == 0
     assert swapped
     pd.testing.assert_frame_equal(_values(_table(run_dir)), _values(run["table"]))
@@ -295,7 +296,7 @@ def test_file_swapped_during_the_analysis_fails_instead_of_mixing_weights(run, t
         entry["sha256"] = None  # nothing recorded: only the analysis's own digest protects it
     (run_dir / "manifest.json").write_text(json.dumps(doc))
     calls = []
-    real_read = ck._read_all
+    real_read = reader._read_all
 
     def swap_on_second_read(fd, path, limit):
         if Path(path) == _ckpt(run_dir, 1):
@@ -306,7 +307,7 @@ def test_file_swapped_during_the_analysis_fails_instead_of_mixing_weights(run, t
                 return data
         return real_read(fd, path, limit)
 
-    monkeypatch.setattr(ck, "_read_all", swap_on_second_read)
+    monkeypatch.setattr(reader, "_read_all", swap_on_second_read)
     code = main(["analyze", str(run_dir), *RUN_ARGS])
     err = capsys.readouterr().err
     assert code == 1 and "FAILED epoch 1" in err and "does not match" in err
@@ -435,10 +436,10 @@ def test_any_unexpected_exception_is_a_failure_row(run, tmp_path, capsys, monkey
 def test_tensor_checks_catch_inconsistent_storage():
     t = torch.zeros(4)
     view = t.as_strided((2, 2), (2, 1), 0)
-    assert ck._tensor_problem(view) is None
-    assert ck._tensor_problem(t[1:].view(3)) is None
-    assert "stride-0" in ck._tensor_problem(torch.zeros(1).expand(2**13, 2**12))
-    assert ck._tensor_problem(torch.zeros(0)) is None
+    assert reader._tensor_problem(view) is None
+    assert reader._tensor_problem(t[1:].view(3)) is None
+    assert "stride-0" in reader._tensor_problem(torch.zeros(1).expand(2**13, 2**12))
+    assert reader._tensor_problem(torch.zeros(0)) is None
 
 
 # =========================================================================== 4. hostile manifests

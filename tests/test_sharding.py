@@ -20,7 +20,7 @@ from dtprobe.analysis.features import checkpoint_features, features_key
 from dtprobe.analysis.plan import AnalysisOptions, plan_run
 from dtprobe.analysis.sharding import extract_share, part_key, row_range, shard_mode
 from dtprobe.errors import ConfigError
-from dtprobe.extract import FeatureCache
+from dtprobe.features.extract import FeatureCache
 from dtprobe.training.trainer import TrainConfig, train
 from tests.test_image_store import make_folder
 

@@ -1,4 +1,4 @@
-"""The exact-fit search for a model's weights inside checkpoints (dtprobe.state_dict)."""
+"""The exact-fit search for a model's weights inside checkpoints (dtprobe.checkpoints.state_dict)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dtprobe import checkpoints as ck
-from dtprobe import state_dict as sd
+from dtprobe.checkpoints import state_dict as sd
 from dtprobe.errors import CheckpointError
 from dtprobe.models import build_model, get_arch, guess_arch
 from dtprobe.models.ctc_resnext import CTCResNeXt

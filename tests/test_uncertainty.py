@@ -9,9 +9,9 @@ import pandas as pd
 from matplotlib.collections import PolyCollection
 
 from dtprobe.plotting import plot_cka_to_final, plot_metrics, plot_tradeoff_over_epochs
-from dtprobe.report import render_report
+from dtprobe.results.report import render_report
 from dtprobe.results import Results
-from dtprobe.uncertainty import chance_level, intervals, run_differences
+from dtprobe.results.uncertainty import chance_level, intervals, run_differences
 
 
 def _table() -> pd.DataFrame:

@@ -13,7 +13,7 @@ per-epoch metrics and the across-epoch CKA, and writes ``RUN_DIR/analysis/``:
 Reliability (the checkpoints are often someone else's files, analysed on shared machines where
 jobs get killed):
 
-- checkpoints load only through :mod:`dtprobe.checkpoints` (``weights_only`` or safetensors),
+- checkpoints load only through :mod:`dtprobe.checkpoints.reader` (``weights_only`` or safetensors),
   each read once into memory: the sha256 of that buffer is verified against the manifest and
   the tensors are built from the same buffer; the file actually opened must lie inside the run
   directory (symbolic links out of it only with ``follow_symlinks``), and tensors are validated
@@ -24,7 +24,7 @@ jobs get killed):
   read-only) stop the analysis with one line instead;
 - features (``analysis/features/``) and per-checkpoint rows (``analysis/parts/``) are written
   atomically (unpredictable temporary names, never through a planted link) and sealed with an
-  HMAC bound to their key (:mod:`dtprobe.integrity`), so an analysis killed at any moment (even
+  HMAC bound to their key (:mod:`dtprobe.features.integrity`), so an analysis killed at any moment (even
   ``SIGKILL``) resumes where it stopped, recomputes only what is missing and ends with the same
   table, and a forged entry is recomputed; ``use_cache=False`` reuses neither;
 - ``analysis/`` and its folders must be real folders inside the run;
@@ -39,14 +39,13 @@ The modules follow the data flow:
 - :mod:`~dtprobe.analysis.features`: one checkpoint verified, loaded safely, features extracted
   once into the feature cache;
 - :mod:`~dtprobe.analysis.epoch_metrics`: the registered per-epoch metrics as tidy rows;
-- :mod:`~dtprobe.analysis.cka`: across-epoch (and across-run) linear CKA, streamed;
-- :mod:`~dtprobe.analysis.table`: rows -> ``metrics.csv`` and the trade-off chart;
-- :mod:`~dtprobe.analysis.locks` and :mod:`~dtprobe.analysis.stores`: the run lock and the
+- :mod:`~dtprobe.analysis.similarity`: across-epoch (and across-run) linear CKA, streamed;
+- :mod:`~dtprobe.analysis.rows`: rows -> ``metrics.csv`` and the trade-off chart;
+- :mod:`~dtprobe.analysis.locks` and :mod:`~dtprobe.analysis.resume`: the run lock and the
   stores that make an analysis resumable with flat memory;
 - :mod:`~dtprobe.analysis.pipeline`: :func:`analyze` tying them together (also per torchrun rank).
 """
 
-from dtprobe.analysis.cka import streamed_cka_matrix
 from dtprobe.analysis.data import MAX_MI_INPUTS, EvalData, prepare_data
 from dtprobe.analysis.epoch_metrics import PARTS_VERSION
 from dtprobe.analysis.features import check_model
@@ -59,8 +58,9 @@ from dtprobe.analysis.plan import (
     check_plan,
     plan_run,
 )
-from dtprobe.analysis.stores import EpochFeatures, PartStore, ReadThroughCache
-from dtprobe.analysis.table import COLUMNS, FAILURE_COLUMNS
+from dtprobe.analysis.resume import EpochFeatures, PartStore, ReadThroughCache
+from dtprobe.analysis.rows import COLUMNS, FAILURE_COLUMNS
+from dtprobe.analysis.similarity import streamed_cka_matrix
 
 __all__ = [
     "AnalysisOptions",

@@ -52,14 +52,14 @@ from dtprobe.analysis.data import EvalData, enforce_budget, place_images
 from dtprobe.analysis.epoch_metrics import LAYER_METRICS, _rows, apply_metric, layer_views
 from dtprobe.analysis.features import checkpoint_features, verify_checkpoint
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
-from dtprobe.analysis.stores import PartStore
-from dtprobe.analysis.table import note
+from dtprobe.analysis.resume import PartStore
+from dtprobe.analysis.rows import note
 from dtprobe.data import load_dataset
 from dtprobe.data.registry import supports_store
 from dtprobe.data.spec import DownstreamSpec, loader_parameters, parse_downstreams
 from dtprobe.data.transfer import SourceInput, prepare_for_source, source_loader_params
 from dtprobe.errors import DtprobeError
-from dtprobe.extract import FeatureCache, dataset_key
+from dtprobe.features.extract import FeatureCache, dataset_key
 from dtprobe.metrics.registry import EpochView, FeatureSplit, MetricValue, available_metrics
 from dtprobe.table import DOWNSTREAM_PARAM
 

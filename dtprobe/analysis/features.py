@@ -1,6 +1,6 @@
 """Features: verify and load one checkpoint safely, extract its features once (cached).
 
-Checkpoints load only through :mod:`dtprobe.checkpoints` (``weights_only`` or safetensors), from
+Checkpoints load only through :mod:`dtprobe.checkpoints.reader` (``weights_only`` or safetensors), from
 the very bytes whose sha256 was verified; NaN/Inf features or a model that does not fit the data
 fail only that checkpoint, with a one-line :class:`CheckpointError`.
 """
@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
-from dtprobe import checkpoints as ckpt_io
 from dtprobe.analysis.data import EvalData, enforce_budget
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
-from dtprobe.errors import CheckpointError, ConfigError
-from dtprobe.extract import (
+from dtprobe.checkpoints import reader as ckpt_io
+from dtprobe.checkpoints.fitting import load_weights
+from dtprobe.errors import CheckpointError, ConfigError, first_line
+from dtprobe.features.extract import (
     FEATURE_DTYPES,
     cache_key,
     extract_features,
@@ -71,7 +72,7 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
                                    batch_size=2, layers=opts.layers)
     except RuntimeError as exc:
         raise ConfigError(f"{plan.arch} cannot process the {plan.dataset} images "
-                          f"({ckpt_io._first_line(str(exc))}); pass a matching --arch / "
+                          f"({first_line(str(exc))}); pass a matching --arch / "
                           "--arch-param or --dataset") from None
     # what one image costs in features, logits and layer outputs, for --memory-budget
     from dtprobe.metrics.registry import resolve_metrics
@@ -138,7 +139,7 @@ def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int, opts: A
                ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The model with this checkpoint's weights, and those weights under the model's names.
 
-    The weights are searched for in the file (:func:`dtprobe.checkpoints.load_weights`, with
+    The weights are searched for in the file (:func:`dtprobe.checkpoints.reader.load_weights`, with
     the plan's ``--weights``/``--strip-prefix``/``--trust-pickles``); what was taken is
     recorded in ``ckpt.loaded``.
     """
@@ -147,7 +148,7 @@ def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int, opts: A
     loaded = ckpt_io.load_checkpoint(ckpt.path, finite=False, data=blob,
                                      trust_pickles=plan.load.trust_pickles)
     model = build_for_plan(plan, in_channels)
-    chosen = ckpt_io.load_weights(model, loaded, ckpt.path, weights=plan.load.weights,
+    chosen = load_weights(model, loaded, ckpt.path, weights=plan.load.weights,
                                   strip_prefix=plan.load.strip_prefix,
                                   key_maps=get_arch(plan.arch).key_maps, arch=plan.arch)
     ckpt.loaded = {**chosen.record(), "trusted_pickle": loaded.trusted}
@@ -179,7 +180,7 @@ def _extract(model: torch.nn.Module, head: torch.nn.Module, images: Any,
             raise CheckpointError(f"{ckpt.path}: the images give NaN/Inf outputs (diverged "
                                   "run?); this checkpoint is skipped") from None
         raise CheckpointError(f"{ckpt.path}: the model failed on the images "
-                              f"({ckpt_io._first_line(text)}); check --arch / --arch-param "
+                              f"({first_line(text)}); check --arch / --arch-param "
                               "against this checkpoint") from None
 
 

@@ -7,7 +7,7 @@ An analysis holds, at its peak:
 - one checkpoint's train and test features (penultimate, logits and each ``--layers`` output,
   float32) and the test features of up to three more checkpoints (the final one, kept for
   CKA-to-final, and the two before the current one,
-  :class:`~dtprobe.analysis.stores.EpochFeatures`);
+  :class:`~dtprobe.analysis.resume.EpochFeatures`);
 - the metrics' working copies of the training features (standardised copies for the probes'
   solver, class means and scatter), counted as :data:`WORKSPACE_COPIES` copies.
 

@@ -13,7 +13,6 @@ import pandas as pd
 import torch
 
 import checkpoints_manifest as cm
-from dtprobe.analysis.cka import cka_rows, compare_rows
 from dtprobe.analysis.data import EvalData, prepare_data, samples_record
 from dtprobe.analysis.downstream import analyse_downstream, downstream_specs, load_downstream
 from dtprobe.analysis.epoch_metrics import epoch_metrics, part_key
@@ -27,20 +26,21 @@ from dtprobe.analysis.features import (
 from dtprobe.analysis.locks import ensure_analysis_dirs, remove_stale_temp_files, run_lock
 from dtprobe.analysis.memory import parse_size
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan, check_plan, plan_run
-from dtprobe.analysis.sharding import extract_share, shard_mode
-from dtprobe.analysis.stores import EpochFeatures, PartStore
-from dtprobe.analysis.table import (
+from dtprobe.analysis.resume import EpochFeatures, PartStore
+from dtprobe.analysis.rows import (
     FAILURE_COLUMNS,
     finalise_table,
     note,
     save_tradeoff_chart,
     with_setting,
 )
+from dtprobe.analysis.sharding import extract_share, shard_mode
+from dtprobe.analysis.similarity import cka_rows, compare_rows
 from dtprobe.data.spec import parse_downstreams
 from dtprobe.errors import DtprobeError
-from dtprobe.extract import FeatureCache
+from dtprobe.features.extract import FeatureCache
 from dtprobe.metrics.registry import MetricSpec, resolve_metrics
-from dtprobe.progress import tqdm
+from dtprobe.runtime.progress import tqdm
 from dtprobe.table import DOWNSTREAM_PARAM
 
 
@@ -168,14 +168,14 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
 
 
 def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
-    """Analyse a resolved run; returns a :class:`dtprobe.results.Results` (``None`` on ranks > 0
+    """Analyse a resolved run; returns a :class:`dtprobe.results.core.Results` (``None`` on ranks > 0
     of a torchrun launch, where rank 0 writes the merged table).
 
     ``results.stats`` (:class:`AnalysisStats`) says how much was computed afresh and how much
     reused from an earlier, possibly interrupted, analysis.
     """
-    from dtprobe.results import Results
-    from dtprobe.training.distributed import init_from_env
+    from dtprobe.results.core import Results
+    from dtprobe.runtime.distributed import init_from_env
 
     specs = resolve_metrics(opts.metrics)
     check_plan(plan, opts)
@@ -341,7 +341,7 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         and recorded in each row's ``params`` (``feature_dtype``) when not float32.
     engine : ``"eager"`` (PyTorch) or ``"onnx"`` (ONNX Runtime on the CPU; needs
         ``device="cpu"`` and ``pip install 'dtprobe[onnx]'``): what runs the forward passes of
-        the extraction (:mod:`dtprobe.engines`). The onnx engine exports each checkpoint once
+        the extraction (:mod:`dtprobe.features.engines`). The onnx engine exports each checkpoint once
         and is checked against eager on the first images of every extraction (to 1e-4
         relative; eager again, with a warning, if it disagrees), so both share the feature
         cache.
@@ -353,9 +353,9 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
     follow_symlinks : accept checkpoint files reached through symbolic links that lead out of
         the run directory (e.g. checkpoints on scratch storage); refused by default.
     epoch_from : for runs without a manifest: ``"auto"``, ``"name"``, ``"metadata"`` or
-        ``"order"`` (see :mod:`dtprobe.layouts`).
+        ``"order"`` (see :mod:`dtprobe.checkpoints.layouts`).
     weights : ``"auto"``, ``"raw"``, ``"ema"`` or the key/prefix holding the weights;
-        strip_prefix : keep only keys with this prefix (see :mod:`dtprobe.state_dict`).
+        strip_prefix : keep only keys with this prefix (see :mod:`dtprobe.checkpoints.state_dict`).
     trust_pickles : opt-in to unpickle files the safe loader refuses (only for trusted files);
         recorded in ``analysis/checkpoints.json``.
     downstream : transfer datasets, as specs ``"DATASET[:KEY=VALUE,...]"`` (e.g. ``"digits"``,

@@ -23,12 +23,12 @@ import torch
 
 import checkpoints_manifest as cm
 from checkpoints_manifest.schema import MAX_CLASSES
-from dtprobe import checkpoints as ckpt_io
+from dtprobe.checkpoints.series import infer_run
 from dtprobe.data import load_dataset
 from dtprobe.data.registry import available_datasets
-from dtprobe.engines import ENGINES, check_engine
-from dtprobe.errors import ConfigError, DatasetError
-from dtprobe.extract import FEATURE_DTYPES
+from dtprobe.errors import ConfigError, DatasetError, first_line
+from dtprobe.features.engines import ENGINES, check_engine
+from dtprobe.features.extract import FEATURE_DTYPES
 from dtprobe.models import get_arch
 
 
@@ -43,8 +43,8 @@ class PlannedCheckpoint:
     ``cache_digest`` combines it with ``variant``, the non-default weight choice such as
     ``--weights ema``, so that cached features of two choices never mix.
     ``source_epoch``/``epoch_basis`` say where ``epoch`` came from for runs without a manifest
-    (:mod:`dtprobe.layouts`); ``loaded`` records which weights of the file were loaded
-    (:meth:`dtprobe.state_dict.Candidate.record`).
+    (:mod:`dtprobe.checkpoints.layouts`); ``loaded`` records which weights of the file were loaded
+    (:meth:`dtprobe.checkpoints.state_dict.Candidate.record`).
     """
 
     epoch: int
@@ -99,7 +99,7 @@ class RunPlan:
 @dataclass(frozen=True)
 class LoadOptions:
     """How weights are taken from each file (``--weights``, ``--strip-prefix``,
-    ``--trust-pickles``; see :func:`dtprobe.checkpoints.load_weights`)."""
+    ``--trust-pickles``; see :func:`dtprobe.checkpoints.reader.load_weights`)."""
 
     weights: str = "auto"
     strip_prefix: str | None = None
@@ -125,10 +125,10 @@ class AnalysisOptions:
     metrics: list[str] | None = None
     device: str = "auto"
     batch_size: int | str = "auto"
-    #: Storage dtype of cached features and layer outputs (dtprobe.extract.FEATURE_DTYPES);
+    #: Storage dtype of cached features and layer outputs (dtprobe.features.extract.FEATURE_DTYPES);
     #: metrics read them back as float32.
     feature_dtype: str = "float32"
-    #: What runs the extraction's forward passes (dtprobe.engines.ENGINES): "eager" or "onnx".
+    #: What runs the extraction's forward passes (dtprobe.features.engines.ENGINES): "eager" or "onnx".
     engine: str = "eager"
     layers: list[str] = field(default_factory=list)
     compare: list[str] = field(default_factory=list)
@@ -164,7 +164,7 @@ def _symlink_problem(run_dir: Path, relpath: str, follow_symlinks: bool,
 
     A pre-screen while planning (one ``realpath`` per entry, so that a manifest of 100,000
     checkpoints plans in about a second); the file actually opened is checked again when it is
-    read (:func:`dtprobe.checkpoints.read_checkpoint_bytes`), so a link swapped in after
+    read (:func:`dtprobe.checkpoints.reader.read_checkpoint_bytes`), so a link swapped in after
     planning is caught too. ``base`` is ``realpath(run_dir)`` and ``real_dir`` a (cached)
     ``realpath`` for the folders, both supplied by the caller so that they are computed once.
     """
@@ -226,14 +226,14 @@ def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int |
     follow_symlinks : accept checkpoints whose symbolic links lead out of the run directory
         (e.g. to scratch storage). Without it such a checkpoint is refused (reported as failed).
     epoch_from : for runs without a manifest, where epochs come from: ``"auto"``, ``"name"``,
-        ``"metadata"`` or ``"order"`` (:mod:`dtprobe.layouts`).
+        ``"metadata"`` or ``"order"`` (:mod:`dtprobe.checkpoints.layouts`).
     weights, strip_prefix, trust_pickles : which weights to take from each file
         (:class:`LoadOptions`).
 
     Without a manifest, the layout of the framework that wrote the run is recognised
-    (:mod:`dtprobe.layouts`), and the architecture and class count come from the flags, else
+    (:mod:`dtprobe.checkpoints.layouts`), and the architecture and class count come from the flags, else
     from the files' records, else from the weights' names and shapes
-    (:func:`dtprobe.checkpoints.infer_run`); only ``--dataset`` is always needed.
+    (:func:`dtprobe.checkpoints.reader.infer_run`); only ``--dataset`` is always needed.
 
     Returns
     -------
@@ -283,7 +283,7 @@ def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int |
                        "epoch = as recorded in manifest.json (dtprobe: epochs completed, "
                        "0 = initialisation)", ["manifest"], "manifest")
     # Links are checked per checkpoint below, so that one bad link fails only its checkpoint.
-    run = ckpt_io.infer_run(run_dir, pattern=pattern, epoch_from=epoch_from, arch=arch,
+    run = infer_run(run_dir, pattern=pattern, epoch_from=epoch_from, arch=arch,
                             num_classes=num_classes, arch_params=arch_params,
                             trust_pickles=load.trust_pickles)
     missing = [flag for flag, val in (("--arch", run.arch), ("--num-classes", run.num_classes),
@@ -408,7 +408,7 @@ def _count_parameters(plan: RunPlan, kwargs: dict[str, Any]) -> int | None:
             model = build_model(plan.arch, plan.num_classes, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"architecture {plan.arch!r}: cannot be built with these options "
-                          f"({ckpt_io._first_line(str(exc), 120)}); fix --arch-param (or the "
+                          f"({first_line(str(exc), 120)}); fix --arch-param (or the "
                           "manifest's model.kwargs)") from None
     except Exception:  # noqa: BLE001 - an architecture that cannot be built on meta: skip
         return None
@@ -429,7 +429,7 @@ def check_plan(plan: RunPlan, opts: AnalysisOptions) -> None:
         raise ConfigError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, got "
                           f"{_show_value(opts.feature_dtype)}")
     if opts.engine != "eager":  # check_engine also refuses unknown names, in one line
-        from dtprobe.devices import resolve_device
+        from dtprobe.runtime.devices import resolve_device
 
         check_engine(opts.engine, resolve_device(opts.device) if opts.engine in ENGINES
                      else None)

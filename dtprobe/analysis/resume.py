@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 import checkpoints_manifest as cm
-from dtprobe import integrity
-from dtprobe.analysis.table import COLUMNS
+from dtprobe.analysis.rows import COLUMNS
 from dtprobe.errors import DtprobeError
-from dtprobe.extract import FeatureCache, for_compute, for_storage
+from dtprobe.features import integrity
+from dtprobe.features.extract import FeatureCache, for_compute, for_storage
 
 #: Largest per-checkpoint part file read back (a real one is a few KiB).
 MAX_PART_BYTES = 16 << 20
@@ -31,7 +31,7 @@ class PartStore:
     """Per-checkpoint metric rows as small JSON files, reused when their key and seal match.
 
     Each file is written atomically (unpredictable temporary name, fsync, rename), so a file
-    that exists is complete. It carries a seal (:mod:`dtprobe.integrity`: an HMAC of its rows
+    that exists is complete. It carries a seal (:mod:`dtprobe.features.integrity`: an HMAC of its rows
     bound to its key, with this user's secret key), so an edited, forged or foreign part is
     recomputed, never reported; so is one that cannot be read, is not a regular file of
     bounded size or does not hold the expected structure. ``reuse=False`` (``--no-cache``)

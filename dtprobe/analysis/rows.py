@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 import checkpoints_manifest as cm
-from dtprobe.progress import tqdm
+from dtprobe.runtime.progress import tqdm
 from dtprobe.table import TABLE_COLUMNS, normalize_table
 
 COLUMNS = list(TABLE_COLUMNS)
@@ -44,7 +44,7 @@ def save_tradeoff_chart(table: pd.DataFrame, path: Path, epoch_note: str = "") -
     """The trade-off chart; ``epoch_note`` (what epoch 0 means for the run) is printed under it."""
     import matplotlib.pyplot as plt
 
-    from dtprobe.plotting import plot_tradeoff_over_epochs
+    from dtprobe.plotting.charts import plot_tradeoff_over_epochs
 
     fig = plot_tradeoff_over_epochs(table).figure
     if epoch_note:

@@ -21,10 +21,10 @@ import torch
 from dtprobe.analysis.data import EvalData
 from dtprobe.analysis.features import checkpoint_features
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
-from dtprobe.analysis.stores import EpochFeatures, ReadThroughCache
-from dtprobe.analysis.table import note
+from dtprobe.analysis.resume import EpochFeatures, ReadThroughCache
+from dtprobe.analysis.rows import note
 from dtprobe.errors import DtprobeError
-from dtprobe.extract import FeatureCache, dataset_key
+from dtprobe.features.extract import FeatureCache, dataset_key
 from dtprobe.metrics import cka_matrix, cka_permutation_null
 from dtprobe.metrics.registry import MetricSpec
 

@@ -4,7 +4,7 @@
 from the framework's own records. Layouts, searched in this order (see :data:`LAYOUTS`):
 
 1. **Flat names** in the run directory or its ``checkpoints/`` folder: the names of
-   :data:`dtprobe.checkpoints.KNOWN_NAMINGS` (CTC reference code ``ckpt_epoch_{e}.pth``,
+   :data:`dtprobe.checkpoints.reader.KNOWN_NAMINGS` (CTC reference code ``ckpt_epoch_{e}.pth``,
    Lightning ``epoch={e}-step={s}.ckpt`` and ``epoch={e}-val_acc=0.71.ckpt``, timm
    ``checkpoint-{e}.pth.tar``, torchvision ``model_{e}.pth``, dtprobe ``epoch_{e}.pt``,
    ``epoch_003.ckpt`` ...).
@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dtprobe.checkpoints import reader
+from dtprobe.checkpoints.naming import KNOWN_PATTERNS, is_temporary_name
 from dtprobe.errors import CheckpointError, ConfigError
 
 EPOCH_SOURCES = ("auto", "name", "metadata", "order")
@@ -127,7 +129,6 @@ def peek(path: Path, trust_pickles: bool = False) -> dict[str, Any]:
     load, which reports them per checkpoint. ``trust_pickles`` (the user's ``--trust-pickles``)
     unpickles in full a file the safe loader refuses.
     """
-    from dtprobe import checkpoints as ckpt_io
 
     try:
         header = _safetensors_header(path)
@@ -143,7 +144,7 @@ def peek(path: Path, trust_pickles: bool = False) -> dict[str, Any]:
 
         import torch
 
-        with ckpt_io._allow_data_only_globals(), warnings.catch_warnings():
+        with reader.allow_data_only_globals(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -195,7 +196,7 @@ def _trainer_state(folder: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ discovery
-def _walk(run_dir: Path) -> list[str]:
+def walk_files(run_dir: Path) -> list[str]:
     """Relative POSIX paths of files below ``run_dir`` (bounded depth and count)."""
     found: list[str] = []
 
@@ -227,9 +228,8 @@ _HF = re.compile(r"(?:.*/)?checkpoint-(?P<step>\d+)/(?P<file>[^/]+)")
 _ACCELERATE = re.compile(r"(?:.*/)?checkpoint_(?P<index>\d+)/(?P<file>[^/]+)")
 
 
-def _nested(run_dir: Path, names: list[str]) -> list[Found]:
+def nested_checkpoints(run_dir: Path, names: list[str]) -> list[Found]:
     """Framework folders below the run directory (step 2 of the module docstring)."""
-    from dtprobe import checkpoints as ckpt_io
 
     lightning = [Found(n, "lightning", "lightning_logs/version_N/checkpoints/epoch={epoch}*.ckpt",
                        int(m.group("epoch")), _int(m.group("step")))
@@ -248,7 +248,7 @@ def _nested(run_dir: Path, names: list[str]) -> list[Found]:
     by_folder: dict[str, list[Found]] = {}
     for n in names:
         folder, _, base = n.rpartition("/")
-        if not folder or folder.count("/") > 2 or ckpt_io.is_temporary_name(base):
+        if not folder or folder.count("/") > 2 or is_temporary_name(base):
             continue
         hit = flat_match(base)
         if hit is not None:
@@ -304,9 +304,8 @@ EXTRA_NAMINGS: tuple[str, ...] = tuple(t for t, _, _ in _EXTRA_NAMES)
 
 def flat_match(base: str) -> tuple[str, int, int | None, str] | None:
     """``(naming, number, step, layout)`` of a flat checkpoint file name, or None."""
-    from dtprobe import checkpoints as ckpt_io
 
-    for template, regex in ckpt_io._KNOWN:
+    for template, regex in KNOWN_PATTERNS:
         m = regex.fullmatch(base)
         if m is not None:
             step = m.groupdict().get("step")
@@ -552,8 +551,8 @@ def model_hints(source: Any, checkpoint: Path) -> ModelHints:
 
 def guess_from_keys(source: Any, in_channels: tuple[int, ...] = (3, 1)) -> ModelHints:
     """Recognise a registered architecture from the weights' names and shapes alone."""
+    from dtprobe.checkpoints.state_dict import candidates
     from dtprobe.models import guess_arch
-    from dtprobe.state_dict import candidates
 
     found = candidates(source)
     has_raw = any(not c.ema for c in found)

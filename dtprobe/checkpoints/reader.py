@@ -17,9 +17,9 @@ Checkpoints saved as ``{"model": state_dict, "epoch": e, ...}`` (or under
 ``state_dict``, ``net``, ``model_state_dict``, ``module``), with DDP
 ``module.``, ``torch.compile`` ``_orig_mod.`` or Lightning ``model.`` key prefixes, load like
 plain state dicts. Where the model is known, :func:`load_weights` searches the file for the
-weights that fit it exactly (:mod:`dtprobe.state_dict`: any nesting key or wrapper prefix,
+weights that fit it exactly (:mod:`dtprobe.checkpoints.state_dict`: any nesting key or wrapper prefix,
 EMA or raw weights). Runs without a manifest are found by their framework's layout and file
-names (:func:`infer_checkpoint_series`, :mod:`dtprobe.layouts`).
+names (:func:`infer_checkpoint_series`, :mod:`dtprobe.checkpoints.layouts`).
 
 Files whose pickle references classes (e.g. Lightning ``hyper_parameters`` holding modules)
 are refused; ``trust_pickles=True`` (``--trust-pickles``) is the explicit opt-in that unpickles
@@ -52,29 +52,21 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import checkpoints_manifest
-from dtprobe import layouts
-from dtprobe.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from dtprobe.checkpoints.state_dict import BOOKKEEPING_KEYS, tensor_dicts
+from dtprobe.errors import CheckpointError, UnsafeCheckpointError, first_line
 
 __all__ = [
-    "KNOWN_NAMINGS",
     "PREFIXES",
-    "TEMP_SUFFIXES",
     "WRAPPER_KEYS",
-    "CheckpointSeries",
-    "InferredCheckpoint",
     "LoadedCheckpoint",
     "ALLOWED_DTYPES",
     "CheckpointBytes",
     "check_finite",
     "check_tensors",
-    "infer_checkpoint_series",
-    "is_temporary_name",
     "load_checkpoint",
-    "load_into_model",
-    "load_weights",
     "load_state_dict",
     "read_checkpoint_bytes",
     "read_checkpoint_meta",
@@ -86,31 +78,9 @@ __all__ = [
 #: Keys under which training scripts nest the model's state dict, tried in this order.
 WRAPPER_KEYS: tuple[str, ...] = ("model", "state_dict", "net", "model_state_dict", "module")
 #: Key prefixes stripped when *every* key carries them (DDP, Lightning, torch.compile), without a
-#: model to fit; :func:`load_weights` searches every prefix (:mod:`dtprobe.state_dict`).
+#: model to fit; :func:`load_weights` searches every prefix (:mod:`dtprobe.checkpoints.state_dict`).
 PREFIXES: tuple[str, ...] = ("module.", "model.", "_orig_mod.")
 
-#: File-name schemes recognised by :func:`infer_checkpoint_series` (``{epoch}``/``{step}`` are
-#: decimal numbers, ``*`` any characters except ``/``).
-KNOWN_NAMINGS: tuple[str, ...] = (
-    "ckpt_epoch_{epoch}.pth",                  # CTC / CRD / SupCon research code
-    "epoch={epoch}-step={step}.ckpt",          # PyTorch Lightning ModelCheckpoint
-    "epoch={epoch}-step={step}-v*.ckpt",       # Lightning's de-duplicated names
-    "checkpoint_{epoch}.pt",
-    "checkpoint-{epoch}.pth.tar",
-    "model_{epoch}.pth",
-    "epoch_{epoch}.pt",                        # dtprobe's own trainer
-    "ckpt_epoch_{epoch}.safetensors",
-    "epoch={epoch}-step={step}.safetensors",
-    "checkpoint_{epoch}.safetensors",
-    "checkpoint-{epoch}.safetensors",
-    "model_{epoch}.safetensors",
-    "epoch_{epoch}.safetensors",
-)
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".bin", ".safetensors", ".pkl", ".pickle")
-_SUBDIR = "checkpoints"
-#: File-name endings of partial or temporary files (an interrupted writer's leftovers).
-TEMP_SUFFIXES: tuple[str, ...] = (".tmp", ".temp", ".part", ".partial", ".incomplete", ".swp",
-                                  "~")
 _FIX = "re-save it with torch.save(model.state_dict(), path) (or as .safetensors)"
 _TRUST = "or, if you trust this file and the code it names, pass --trust-pickles"
 _UNSAFE_MARKERS = ("Unsupported global", "Can only create new object", "unrecognized function",
@@ -245,18 +215,14 @@ def _data_only_globals() -> list[Any]:
 
 
 @contextlib.contextmanager
-def _allow_data_only_globals() -> Iterator[None]:
+def allow_data_only_globals() -> Iterator[None]:
+    """Context in which ``torch.load(weights_only=True)`` also builds the data-only classes."""
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     if safe_globals is None:  # torch < 2.5: only torch's own allowlist
         yield
         return
     with safe_globals(_data_only_globals()):
         yield
-
-
-def _first_line(text: str, limit: int = 160) -> str:
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 #: A checkpoint file larger than this is refused unread (it is read into memory once, so that
@@ -459,7 +425,7 @@ def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
     text = str(exc)
     if "WeightsUnpickler error:" in text:  # skip torch's generic preamble
         text = text.split("WeightsUnpickler error:", 1)[1]
-    reason = _first_line(text, 200)
+    reason = first_line(text, 200)
     reason = reason.split(". ", 1)[0]  # torch appends paragraphs of advice after the cause
     what = f"{type(exc).__name__}: {reason}" if reason else f"it ends early, {type(exc).__name__}"
     return CheckpointError(f"{path}: cannot read the checkpoint (truncated or corrupt file? "
@@ -506,7 +472,7 @@ def _torch_load(data: bytes, path: Path) -> Any:
     if unknown is not None:
         raise unknown
     try:
-        with _allow_data_only_globals(), warnings.catch_warnings():
+        with allow_data_only_globals(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4 ..."
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except MemoryError:
@@ -663,8 +629,6 @@ def _plain(value: Any, depth: int = 0) -> Any:
 
 
 def _strip_prefixes(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], tuple[str, ...]]:
-    from dtprobe.state_dict import BOOKKEEPING_KEYS
-
     # Counters such as AveragedModel's ``n_averaged`` are not weights and carry no prefix.
     state = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in BOOKKEEPING_KEYS}
     stripped: list[str] = []
@@ -695,10 +659,8 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any], tu
     state = {k: v for k, v in current.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if not state:
         # Weights under another key (e.g. only ``model_ema``): the first tensor mapping found
-        # by the documented search of dtprobe.state_dict.
-        from dtprobe.state_dict import _tensor_dicts
-
-        found = _tensor_dicts(top)
+        # by the documented search of dtprobe.checkpoints.state_dict.
+        found = tensor_dicts(top)
         if found:
             where, state = found[0]
             chain = list(where)
@@ -751,7 +713,7 @@ def _trusted_torch_load(data: bytes, path: Path) -> Any:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except (ImportError, AttributeError) as exc:
         raise CheckpointError(f"{path}: --trust-pickles: the file needs code that cannot be "
-                              f"imported ({_first_line(str(exc))}); run from the folder of the "
+                              f"imported ({first_line(str(exc))}); run from the folder of the "
                               "training code or add it to PYTHONPATH") from None
     except Exception as exc:  # noqa: BLE001 - any failure of the user's pickle is theirs
         raise _corrupt(path, exc) from None
@@ -858,558 +820,3 @@ def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         As :func:`load_checkpoint` (NaN/Inf weights are not checked here).
     """
     return load_checkpoint(path, finite=False).meta
-
-
-def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
-    if not missing or not unexpected:
-        return ""
-    heads = {key.split(".", 1)[0] for key in unexpected if "." in key}
-    if len(heads) == 1:
-        prefix = heads.pop() + "."
-        if {key[len(prefix):] for key in unexpected} >= set(missing):
-            return f"; the checkpoint keys carry an extra prefix {prefix!r}"
-    return ""
-
-
-def _key_list(keys: list[str], limit: int = 3) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def load_weights(model: nn.Module, loaded: LoadedCheckpoint, path: str | os.PathLike[str], *,
-                 weights: str = "auto", strip_prefix: str | None = None,
-                 key_maps: tuple[Any, ...] = (), arch: str | None = None,
-                 finite: bool = True) -> Any:
-    """Find the weights in ``loaded`` that fit ``model`` exactly and load them.
-
-    The search over nesting keys, bookkeeping entries, prefixes and the architecture's key
-    renames is :func:`dtprobe.state_dict.resolve`'s (documented there); a candidate is taken
-    only when every key and shape fits.
-
-    Parameters
-    ----------
-    model : nn.Module
-        Freshly built model.
-    loaded : LoadedCheckpoint
-        From :func:`load_checkpoint`.
-    path : path-like
-        The file, for messages.
-    weights : {"auto", "raw", "ema"} or str
-        ``--weights``: which weights to take.
-    strip_prefix : str, optional
-        ``--strip-prefix``: keep only keys with this prefix, removed.
-    key_maps : tuple of KeyMap
-        The architecture's rename maps.
-    arch : str, optional
-        The architecture's name, for messages.
-    finite : bool, default True
-        Refuse chosen weights that contain NaN/Inf.
-
-    Returns
-    -------
-    dtprobe.state_dict.Candidate
-        What was loaded and from where (``.record()`` for the results).
-
-    Raises
-    ------
-    CheckpointError
-        Nothing fits (the message names the keys found and the flag that fixes it), or the
-        chosen weights hold NaN/Inf.
-    """
-    from dtprobe.state_dict import resolve
-
-    source = loaded.source if loaded.source is not None else loaded.state_dict
-    chosen = resolve(source, model, path, weights=weights, strip_prefix=strip_prefix,
-                     key_maps=key_maps, arch=arch)
-    check_tensors(chosen.state, path)  # e.g. EMA weights, not the default reading checked above
-    if finite:
-        check_finite(chosen.state, path)
-    load_into_model(model, chosen.state, path)
-    return chosen
-
-
-def load_into_model(model: nn.Module, state_dict: Mapping[str, Tensor],
-                    path: str | os.PathLike[str]) -> None:
-    """Load ``state_dict`` into ``model`` strictly, with a one-line error when it does not fit.
-
-    Missing ``*.num_batches_tracked`` BatchNorm counters (absent from old
-    checkpoints) are tolerated; every other missing or unexpected key and every
-    shape mismatch is an error.
-
-    Parameters
-    ----------
-    model : nn.Module
-        Freshly built model (architecture and number of classes from the manifest or flags).
-    state_dict : mapping of str to Tensor
-        Weights from :func:`load_state_dict`.
-    path : path-like
-        The checkpoint file, for the error message.
-
-    Raises
-    ------
-    CheckpointError
-        Naming the file, the first few offending keys and the fix
-        ("pass the right --arch / --num-classes").
-    """
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model "
-                  f"{tuple(expected[k].shape)})"
-                  for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            parts.append(f"shape mismatch: {_key_list(mismatched, 2)}")
-        if missing:
-            parts.append(f"missing keys: {_key_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_key_list(unexpected)}")
-        raise CheckpointError(f"{path}: weights do not fit the {type(model).__name__} that was "
-                              f"built ({'; '.join(parts)}{_prefix_hint(missing, unexpected)}); "
-                              "pass the right --arch / --num-classes (and architecture options)")
-    full = dict(state_dict)
-    for key, value in expected.items():
-        full.setdefault(key, value)  # only num_batches_tracked can be absent here
-    try:
-        model.load_state_dict(full, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model ({_first_line(str(exc))}); "
-                              "pass the right --arch / --num-classes") from None
-
-
-# --------------------------------------------------------------------------------- inference
-@dataclass(frozen=True)
-class InferredCheckpoint:
-    """One checkpoint found by file name.
-
-    Attributes
-    ----------
-    epoch : int
-        Epochs completed (0 = initialisation) where the layout's convention is known
-        (Lightning's ``epoch=3`` is 4 here), else the number as written; see
-        :mod:`dtprobe.layouts` and ``epoch_basis``.
-    step : int or None
-        Global step from the name or the framework's records, where known.
-    path : Path
-        ``run_dir / relpath``.
-    relpath : str
-        Path relative to the run directory, with forward slashes.
-    naming : str
-        The naming scheme that matched, e.g. ``"ckpt_epoch_{epoch}.pth"``.
-    layout : str
-        The :data:`dtprobe.layouts.LAYOUTS` entry (``"lightning"``, ``"hf_trainer"`` ...).
-    source_epoch : float or None
-        The framework's own epoch number (name or records), before conversion.
-    epoch_basis : str
-        Where ``epoch`` came from: ``"name"``, ``"metadata"`` or ``"order"``.
-    """
-
-    epoch: int
-    step: int | None
-    path: Path
-    relpath: str = ""
-    naming: str = ""
-    layout: str = "generic"
-    source_epoch: float | None = None
-    epoch_basis: str = "name"
-
-
-class CheckpointSeries(list):
-    """The checkpoints of a run, sorted by epoch (a ``list`` of :class:`InferredCheckpoint`).
-
-    Attributes
-    ----------
-    run_dir : Path
-        The run directory searched.
-    ignored : list of str
-        Checkpoint-like files (``.pt``, ``.pth``, ``.ckpt`` ...) that match no
-        naming, such as ``last.ckpt`` or ``best.pth``.
-    message : str
-        When nothing matched: which files were found and how to fix it; else ``""``.
-    epoch_note : str
-        What the epoch numbers mean for this run (what epoch 0 is), for tables and charts.
-    """
-
-    def __init__(self, items: list[InferredCheckpoint], run_dir: Path, ignored: list[str],
-                 message: str = "", epoch_note: str = ""):
-        super().__init__(items)
-        self.run_dir = run_dir
-        self.ignored = ignored
-        self.message = message
-        self.epoch_note = epoch_note
-
-    @property
-    def layouts(self) -> list[str]:
-        """Layouts present (:data:`dtprobe.layouts.LAYOUTS`), in order of first appearance."""
-        return list(dict.fromkeys(c.layout for c in self))
-
-    @property
-    def namings(self) -> list[str]:
-        """Naming schemes present, in order of first appearance."""
-        return list(dict.fromkeys(c.naming for c in self))
-
-
-def _template_regex(template: str, what: str) -> re.Pattern[str]:
-    """Compile a file-name template with ``{epoch}``/``{step}`` and glob wildcards to a regex."""
-    out: list[str] = []
-    seen: set[str] = set()
-    i = 0
-    while i < len(template):
-        ch = template[i]
-        if ch == "{":
-            end = template.find("}", i)
-            name = template[i + 1:end] if end > 0 else ""
-            if name not in ("epoch", "step") or name in seen:
-                raise ConfigError(f"{what} {template!r}: only one {{epoch}} and at most one "
-                                  "{step} placeholder are allowed (write braces nowhere else)")
-            seen.add(name)
-            out.append(f"(?P<{name}>[0-9]+)")
-            i = end + 1
-        elif ch == "}":
-            raise ConfigError(f"{what} {template!r}: unmatched '}}'")
-        elif ch == "*":
-            out.append("[^/]*")
-            i += 1
-        elif ch == "?":
-            out.append("[^/]")
-            i += 1
-        elif ch == "[" and (end := template.find("]", i + 2)) > 0:
-            body = template[i + 1:end]
-            negate = body.startswith("!")
-            body = body[1:] if negate else body
-            out.append("[" + ("^" if negate else "") + body.replace("\\", "\\\\") + "]")
-            i = end + 1
-        else:
-            out.append(re.escape(ch))
-            i += 1
-    if "epoch" not in seen:
-        raise ConfigError(f"{what} {template!r} has no {{epoch}} placeholder; e.g. "
-                          "--pattern 'weights_{epoch}.pt'")
-    try:
-        return re.compile("".join(out))
-    except re.error as exc:
-        raise ConfigError(f"{what} {template!r}: invalid wildcard ({exc})") from None
-
-
-_KNOWN = [(t, _template_regex(t, "naming")) for t in KNOWN_NAMINGS]
-
-
-def is_temporary_name(name: str) -> bool:
-    """Whether a file name is a writer's temporary or partial file, never a checkpoint.
-
-    Hidden names (``.epoch_3.pt.123.tmp``, written before an atomic rename) and names
-    ending in one of :data:`TEMP_SUFFIXES` (or holding ``.tmp.``) are what a process killed
-    while saving leaves behind; file-name inference skips them even when ``--pattern``
-    would match.
-
-    Parameters
-    ----------
-    name : str
-        A file name or a relative path (only the last component is looked at).
-
-    Returns
-    -------
-    bool
-    """
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    lower = base.lower()
-    return base.startswith(".") or lower.endswith(TEMP_SUFFIXES) or ".tmp." in lower
-
-
-def _list_files(root: Path, depth: int) -> list[str]:
-    """Relative POSIX paths of files under ``root`` at exactly ``depth`` directory levels."""
-    found: list[str] = []
-
-    def walk(directory: Path, prefix: str, level: int) -> None:
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            return
-        for entry in entries:
-            try:
-                if level == depth:
-                    if entry.is_file():
-                        found.append(prefix + entry.name)
-                elif entry.is_dir():
-                    walk(Path(entry.path), f"{prefix}{entry.name}/", level + 1)
-            except OSError:
-                continue
-
-    walk(root, "", 0)
-    return found
-
-
-def _candidates(run_dir: Path, pattern: str | None) -> tuple[list[str], list[tuple[str, Any]]]:
-    names, namings = _all_candidates(run_dir, pattern)
-    return [n for n in names if not is_temporary_name(n)], namings
-
-
-def _all_candidates(run_dir: Path,
-                    pattern: str | None) -> tuple[list[str], list[tuple[str, Any]]]:
-    if pattern is None:
-        names = _list_files(run_dir, 0) + [f"{_SUBDIR}/{n}" for n in
-                                            _list_files(run_dir / _SUBDIR, 0)]
-        return names, _KNOWN
-    text = pattern.replace("\\", "/")
-    if text.startswith("/") or ".." in text.split("/") or re.match(r"[A-Za-z]:", text):
-        raise ConfigError(f"--pattern {pattern!r}: must be relative to the run directory "
-                          "without '..'")
-    regex = _template_regex(text, "--pattern")
-    depth = text.count("/")
-    names = _list_files(run_dir, depth)
-    if depth == 0:
-        names += [f"{_SUBDIR}/{n}" for n in _list_files(run_dir / _SUBDIR, 0)]
-    return names, [(text, regex)]
-
-
-def _match(relpath: str, namings: list[tuple[str, Any]], subdir_ok: bool
-           ) -> tuple[str, re.Match[str]] | None:
-    name = relpath.split("/", 1)[1] if subdir_ok and relpath.startswith(_SUBDIR + "/") else None
-    for template, regex in namings:
-        for candidate in (relpath, name):
-            if candidate is not None and (m := regex.fullmatch(candidate)) is not None:
-                return template, m
-    return None
-
-
-def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None = None, *,
-                            allow_empty: bool = False, allow_symlinks: bool = False,
-                            epoch_from: str = "auto",
-                            trust_pickles: bool = False) -> CheckpointSeries:
-    """Find a run's checkpoints from its framework's layout and file names (no manifest).
-
-    Looks in ``run_dir`` and ``run_dir/checkpoints`` for the names in
-    :data:`KNOWN_NAMINGS` (``ckpt_epoch_{epoch}.pth`` of the CTC reference code,
-    Lightning's ``epoch={epoch}-step={step}.ckpt`` (also with metric suffixes),
-    ``checkpoint_{epoch}.pt``, ``checkpoint-{epoch}.pth.tar``, ``model_{epoch}.pth``,
-    ``epoch_{epoch}.pt``, ``epoch_003.ckpt`` and the same with ``.safetensors``), then, when
-    none is there, in the framework folders below it (Lightning ``lightning_logs/version_N/
-    checkpoints/``, Hugging Face ``checkpoint-STEP/``, accelerate ``checkpoints/checkpoint_I/``,
-    timm's experiment folder): the list and the epoch conventions are in
-    :mod:`dtprobe.layouts`. Temporary and partial files left by an interrupted writer
-    (:func:`is_temporary_name`) are never taken for checkpoints.
-
-    Parameters
-    ----------
-    run_dir : path-like
-        The run directory.
-    pattern : str, optional
-        Use only this naming: a glob (``*``, ``?``, ``[...]``) relative to
-        ``run_dir`` with an ``{epoch}`` and optionally a ``{step}`` placeholder,
-        e.g. ``"weights/ep{epoch}.pt"``. Without ``/`` it is also tried in
-        ``run_dir/checkpoints``. Its numbers are taken as written.
-    allow_empty : bool, default False
-        Return an empty series (with the explanation in ``.message``) instead
-        of raising when nothing matches.
-    allow_symlinks : bool, default False
-        Accept files whose symbolic links point outside ``run_dir``.
-    epoch_from : {"auto", "name", "metadata", "order"}, default "auto"
-        Where epochs come from (:func:`dtprobe.layouts.assign_epochs`).
-    trust_pickles : bool, default False
-        Read the records of files the safe loader refuses (``--trust-pickles``).
-
-    Returns
-    -------
-    CheckpointSeries
-        Sorted by epoch; non-matching checkpoint-like files are listed in ``.ignored``;
-        ``.epoch_note`` says what epoch 0 means.
-
-    Raises
-    ------
-    CheckpointError
-        If two files give the same epoch (two namings, or two files of one
-        naming), if a file resolves outside the run directory, or (unless
-        ``allow_empty``) if nothing matches; the message says how to fix it.
-    ConfigError
-        If ``pattern`` or ``epoch_from`` is malformed.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run directory")
-    names, namings = _candidates(run_dir, pattern)
-    found: list[layouts.Found] = []
-    ignored: list[str] = []
-    for rel in names:
-        hit = _match(rel, namings, subdir_ok=pattern is None or "/" not in pattern)
-        extra = None
-        if hit is None and pattern is None:
-            extra = layouts.flat_match(rel.rsplit("/", 1)[-1])
-        if hit is None and extra is None:
-            if rel.lower().endswith(_CHECKPOINT_SUFFIXES):
-                ignored.append(rel)
-            continue
-        if hit is not None:
-            template, m = hit
-            step = m.groupdict().get("step")
-            layout = "generic" if pattern else layouts.naming_layout(template)
-            found.append(layouts.Found(rel, layout, template, int(m.group("epoch")),
-                                       None if step is None else int(step)))
-        else:
-            template, number, step_number, layout = extra
-            found.append(layouts.Found(rel, layout, template, number, step_number))
-    if not found and pattern is None and not ignored:
-        deep = [n for n in layouts._walk(run_dir) if not is_temporary_name(n)]
-        found = layouts._nested(run_dir, deep)
-    for item in found:
-        item.meta = layouts.peek(run_dir / item.relpath, trust_pickles)
-        if pattern is None:
-            item.layout = layouts.refine(item, run_dir)
-    assigned, note = layouts.assign_epochs(found, run_dir, epoch_from)
-    by_epoch: dict[int, list[InferredCheckpoint]] = {}
-    for a in assigned:
-        item = InferredCheckpoint(
-            epoch=a.epoch, step=a.step,
-            path=resolve_inside(run_dir, a.found.relpath, allow_symlinks=allow_symlinks),
-            relpath=a.found.relpath, naming=a.found.naming, layout=a.found.layout,
-            source_epoch=a.source_epoch, epoch_basis=a.basis)
-        by_epoch.setdefault(item.epoch, []).append(item)
-    for epoch, items in sorted(by_epoch.items()):
-        if len(items) > 1:
-            files = ", ".join(f"{c.relpath} [{c.naming}]" for c in items[:4])
-            raise CheckpointError(
-                f"{run_dir}: ambiguous checkpoint series: epoch {epoch} has {len(items)} files "
-                f"({files}); keep one file per epoch, pass --pattern {items[0].naming!r} to use "
-                "one naming, or write a manifest that lists the files "
-                "(see checkpoints_manifest/README.md)")
-    series = [items[0] for _, items in sorted(by_epoch.items())]
-    message = "" if series else _nothing_found(run_dir, names, ignored, pattern)
-    if message and not allow_empty:
-        raise CheckpointError(message)
-    return CheckpointSeries(series, run_dir, ignored, message, note if series else "")
-
-
-def _suggest_pattern(relpath: str) -> str:
-    """A ``--pattern`` for files named like ``relpath``: its last number becomes ``{epoch}``."""
-    folder, _, base = relpath.rpartition("/")
-    numbers = list(re.finditer(r"[0-9]+", base))
-    if not numbers:
-        return (folder + "/" if folder else "") + "NAME_{epoch}.pth"
-    last = numbers[-1]
-    templ = base[:last.start()] + "{epoch}" + base[last.end():]
-    return (folder + "/" if folder else "") + templ
-
-
-def _nothing_found(run_dir: Path, names: list[str], ignored: list[str],
-                   pattern: str | None) -> str:
-    wanted = repr(pattern) if pattern else "a known checkpoint naming (" + ", ".join(
-        KNOWN_NAMINGS[:6]) + ", ...)"
-    if not ignored and not pattern:
-        # Checkpoints one folder down (other than checkpoints/) are a common layout.
-        deeper = [n for n in _list_files(run_dir, 1) if not n.startswith(_SUBDIR + "/")
-                  and n.lower().endswith(_CHECKPOINT_SUFFIXES) and not is_temporary_name(n)]
-        deeper += [n for n in _list_files(run_dir, 2) if n.lower().endswith(_CHECKPOINT_SUFFIXES)
-                   and not is_temporary_name(n)]
-        if deeper:
-            listing = ", ".join(deeper[:4]) + (f" (+{len(deeper) - 4} more)"
-                                               if len(deeper) > 4 else "")
-            return (f"{run_dir}: no checkpoint files of a known layout (see dtprobe/layouts.py), "
-                    f"but found {listing}; pass --pattern '{_suggest_pattern(deeper[0])}' "
-                    "describing their names (or --epoch-from order), or write a manifest "
-                    "(see checkpoints_manifest/README.md)")
-    shown = ignored or names
-    if shown:
-        listing = ", ".join(shown[:6]) + (f" (+{len(shown) - 6} more)" if len(shown) > 6 else "")
-        numbered = next((n for n in shown if re.search(r"[0-9]", n.rsplit("/", 1)[-1])), None)
-        suggestion = _suggest_pattern(numbered) if numbered else "NAME_{epoch}.pth"
-        return (f"{run_dir}: found files {listing} but none matches {wanted}; pass "
-                f"--pattern '{suggestion}' describing your file names, or write a manifest "
-                "(see checkpoints_manifest/README.md)")
-    where = f"{run_dir} or {run_dir / _SUBDIR}" if not pattern or "/" not in pattern else run_dir
-    return (f"{where}: no checkpoint files matching {wanted}; point to the run directory that "
-            "holds the checkpoints, or pass --pattern")
-
-
-# ------------------------------------------------------------------------- whole-run inference
-@dataclass
-class InferredRun:
-    """A run without a manifest: its checkpoints and how to rebuild its model.
-
-    Attributes
-    ----------
-    series : CheckpointSeries
-        The checkpoints, with epochs and steps (:mod:`dtprobe.layouts`).
-    arch, num_classes, arch_kwargs : the model, from the flags, else from the files' records
-        (:func:`dtprobe.layouts.model_hints`), else recognised from the weights' names and
-        shapes (:func:`dtprobe.layouts.guess_from_keys`); ``arch``/``num_classes`` are None
-        when nothing says them.
-    origin : str
-        Where the architecture came from (``"flags"``, ``"Lightning hyper_parameters"`` ...).
-    """
-
-    series: CheckpointSeries
-    arch: str | None
-    num_classes: int | None
-    arch_kwargs: dict[str, Any]
-    origin: str
-
-
-def infer_run(run_dir: str | os.PathLike[str], *, pattern: str | None = None,
-              epoch_from: str = "auto", arch: str | None = None,
-              num_classes: int | None = None, arch_params: Mapping[str, Any] | None = None,
-              trust_pickles: bool = False) -> InferredRun:
-    """Series and model of a manifest-free run; flags given override what the files say.
-
-    The last readable checkpoint is read (safely; ``trust_pickles`` as in
-    :func:`load_checkpoint`) when the architecture or class count is not given. A refusal to
-    unpickle is raised (it names ``--trust-pickles``): the run's files cannot be read either.
-
-    Raises
-    ------
-    CheckpointError
-        As :func:`infer_checkpoint_series`, or the last checkpoint is refused or unreadable
-        while the flags leave the model unknown.
-    """
-    series = infer_checkpoint_series(run_dir, pattern=pattern, allow_symlinks=True,
-                                     epoch_from=epoch_from, trust_pickles=trust_pickles)
-    kwargs = dict(arch_params or {})
-    if arch is not None and num_classes is not None:
-        return InferredRun(series, arch, num_classes, kwargs, "flags")
-    loaded = None
-    for item in reversed(series):  # the last file that reads (a damaged one fails later alone)
-        try:
-            loaded = load_checkpoint(item.path, finite=False, trust_pickles=trust_pickles)
-        except UnsafeCheckpointError:
-            raise
-        except CheckpointError:
-            continue
-        last = item.path
-        break
-    if loaded is None:
-        return InferredRun(series, arch, num_classes, kwargs, "flags")
-    hints = layouts.model_hints(loaded.source, last)
-    if arch is None and hints.arch is None:
-        guessed = layouts.guess_from_keys(loaded.source)
-        if guessed.arch is not None:
-            hints = layouts.ModelHints(guessed.arch, hints.num_classes or guessed.num_classes,
-                                       guessed.kwargs, guessed.origin)
-    if hints.num_classes is None and (arch or hints.arch):
-        hints = layouts.ModelHints(hints.arch, _head_classes(loaded, arch or hints.arch),
-                                   hints.kwargs, hints.origin)
-    origin = "flags" if arch is not None and num_classes is not None else hints.origin
-    merged = {**(hints.kwargs if arch is None else {}), **kwargs}
-    return InferredRun(series, arch or hints.arch, num_classes or hints.num_classes, merged,
-                       origin or "flags")
-
-
-def _head_classes(loaded: LoadedCheckpoint, arch: str | None) -> int | None:
-    """Rows of the head weight (``<head>.weight`` under any prefix) of a named architecture."""
-    from dtprobe.models import get_arch
-    from dtprobe.models.registry import AUTO_HEAD
-
-    if arch is None:
-        return None
-    try:
-        head = get_arch(arch).head
-    except Exception:  # noqa: BLE001 - an unknown name is reported when the plan is checked
-        return None
-    if head == AUTO_HEAD:
-        return None
-    suffix = f"{head}.weight"
-    from dtprobe.state_dict import candidates
-
-    for candidate in candidates(loaded.source):
-        weight = candidate.state.get(suffix)
-        if weight is not None and weight.dim() == 2:
-            return int(weight.shape[0])
-    return None

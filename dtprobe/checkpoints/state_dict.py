@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from dtprobe.errors import CheckpointError
 
 __all__ = ["BOOKKEEPING_KEYS", "EMA_KEYS", "NESTING_KEYS", "SKIPPED_KEYS", "Candidate",
-           "candidates", "resolve"]
+           "candidates", "key_list", "resolve", "tensor_dicts"]
 
 #: Keys that hold the raw weights, tried first, in this order.
 RAW_KEYS: tuple[str, ...] = ("model", "state_dict", "net", "model_state_dict", "module",
@@ -107,7 +107,7 @@ def _is_ema_name(name: str) -> bool:
     return bool(_EMA_TOKEN.search(name.rstrip(".")))
 
 
-def _tensor_dicts(obj: Mapping[Any, Any]) -> list[tuple[tuple[str, ...], dict[str, Tensor]]]:
+def tensor_dicts(obj: Mapping[Any, Any]) -> list[tuple[tuple[str, ...], dict[str, Tensor]]]:
     """``(nesting path, str -> Tensor entries)`` of ``obj`` and the mappings below it."""
     found: list[tuple[tuple[str, ...], dict[str, Tensor]]] = []
 
@@ -164,7 +164,7 @@ def candidates(obj: Any, *, strip_prefix: str | None = None,
         return []
     out: list[Candidate] = []
     seen: set[tuple[str, ...]] = set()
-    for where, tensors in _tensor_dicts(obj):
+    for where, tensors in tensor_dicts(obj):
         ema_here = any(_is_ema_name(w) for w in where)
         bookkeeping = [k for k in tensors if k.rsplit(".", 1)[-1] in BOOKKEEPING_KEYS]
         state = {k: v for k, v in tensors.items() if k not in bookkeeping}
@@ -207,7 +207,8 @@ def _chosen(candidate: Candidate, weights: str) -> bool:
     return weights.rstrip(".") in names
 
 
-def _key_list(keys: Sequence[str], limit: int = 3) -> str:
+def key_list(keys: Sequence[str], limit: int = 3) -> str:
+    """The first ``limit`` keys, comma-separated, and how many more (for one-line errors)."""
     shown = ", ".join(keys[:limit])
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -284,11 +285,11 @@ def _diagnose(obj: Any, found: list[Candidate], expected: Mapping[str, Tensor],
     missing, unexpected, shapes = _mismatch(best.state, expected)
     parts = []
     if shapes:
-        parts.append(f"shape mismatch: {_key_list(shapes, 2)}")
+        parts.append(f"shape mismatch: {key_list(shapes, 2)}")
     if missing:
-        parts.append(f"missing keys: {_key_list(missing)}")
+        parts.append(f"missing keys: {key_list(missing)}")
     if unexpected:
-        parts.append(f"unexpected keys: {_key_list(unexpected)}")
+        parts.append(f"unexpected keys: {key_list(unexpected)}")
     hint = _fix_hint(found, missing, unexpected, shapes)
     return (f"top-level keys {top}; {len(found)} candidate readings tried, closest: "
             f"{best.describe()} ({'; '.join(parts)}); {hint}")
@@ -316,3 +317,4 @@ def _fix_hint(found: list[Candidate], missing: list[str], unexpected: list[str],
         return (f"the keys carry an extra prefix {prefix!r}: pass --strip-prefix {prefix}"
                 " (or the right --arch)")
     return "pass the right --arch / --num-classes, or --strip-prefix / --weights naming the weights"
+

@@ -559,7 +559,7 @@ def _stored(name: str, split: str, root: Path, paths: Sequence[str], size: int |
     bar: list[Any] = []
 
     def start() -> None:
-        from dtprobe.progress import tqdm
+        from dtprobe.runtime.progress import tqdm
 
         bar.append(tqdm(total=len(paths), unit="img", desc=f"{name}/{split}: decoding once "
                         "into the image store"))

@@ -14,7 +14,7 @@ Layout of a store file (little endian)::
 
 The footer records the key, ``n``, the image shape, the sha256 of the pixel bytes, the
 per-channel pixel histogram the split's normalisation statistics are computed from, and an HMAC seal
-(:mod:`dtprobe.integrity`, this user's secret key) over all of it.
+(:mod:`dtprobe.features.integrity`, this user's secret key) over all of it.
 
 Trust rules, as for the feature cache:
 
@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 from checkpoints_manifest import atomic_writer, remove_stale_temp_files
-from dtprobe import integrity
 from dtprobe.errors import DatasetError
+from dtprobe.features import integrity
 
 __all__ = ["STORE_VERSION", "ImageStore", "default_store_dir", "open_or_build", "store_key"]
 

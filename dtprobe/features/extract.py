@@ -52,10 +52,10 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from checkpoints_manifest import atomic_write_bytes, read_regular_file
-from dtprobe import integrity
 from dtprobe.data.pixels import RawImages, is_raw
-from dtprobe.engines import check_engine, run_engine
 from dtprobe.errors import ConfigError
+from dtprobe.features import integrity
+from dtprobe.features.engines import check_engine, run_engine
 from dtprobe.models.tap import PenultimateTap
 
 __all__ = ["CACHE_VERSION", "FEATURE_DTYPES", "FeatureCache", "auto_batch_size", "cache_key",
@@ -436,7 +436,7 @@ def extract_features(model: nn.Module, head: nn.Module, images: Images, *,
         the CPU: several times faster on CPUs with AMX / AVX-512-BF16 units, at bf16
         precision (about 3 significant digits).
     engine : {"eager", "onnx"}, default "eager"
-        What runs the forward passes (:mod:`dtprobe.engines`). ``"onnx"``: ONNX Runtime on the
+        What runs the forward passes (:mod:`dtprobe.features.engines`). ``"onnx"``: ONNX Runtime on the
         CPU, exported from the same folded copy once per checkpoint and checked against the
         eager network on the first images (to 1e-4 relative) of every call; when the export
         fails or disagrees, a warning and the eager path. Needs ``device="cpu"``, float32
@@ -452,7 +452,7 @@ def extract_features(model: nn.Module, head: nn.Module, images: Images, *,
     ------
     ConfigError
         ``batch_size`` is neither a positive int nor ``"auto"``, ``images`` is empty, or
-        ``engine`` is unknown or cannot run here (see :func:`dtprobe.engines.check_engine`).
+        ``engine`` is unknown or cannot run here (see :func:`dtprobe.features.engines.check_engine`).
     RuntimeError
         The model fails on the images (e.g. wrong input shape), or runs out of memory at
         an explicit ``batch_size``.
@@ -636,7 +636,7 @@ class FeatureCache:
     written atomically under an unpredictable temporary name, then renamed
     (:func:`checkpoints_manifest.atomic_writer`), so a reader never sees a partial file and a
     link planted in the folder is never written through. Each file is sealed
-    (:mod:`dtprobe.integrity`: an HMAC of its tensors bound to its key, with this user's secret
+    (:mod:`dtprobe.features.integrity`: an HMAC of its tensors bound to its key, with this user's secret
     key), and read back only as a regular file of bounded size; a torn, foreign, forged or
     inconsistent file (missing ``features``/``logits``, rows that disagree) is a cache miss,
     never an error and never a result.

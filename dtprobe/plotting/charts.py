@@ -1,7 +1,7 @@
 """Charts of the discriminability-transferability trade-off over a training run.
 
 Every function takes the tidy results table (a DataFrame or a
-:class:`dtprobe.results.Results`), an optional matplotlib ``ax`` to draw into, and returns
+:class:`dtprobe.results.core.Results`), an optional matplotlib ``ax`` to draw into, and returns
 the Axes (or the Figure, for multi-panel charts). Nothing calls ``plt.show()``; in a
 notebook the figure displays itself. All charts share one style: seaborn's "whitegrid"
 with the colour-blind-safe "colorblind" palette for runs and tasks and the perceptually
@@ -24,12 +24,8 @@ References
 
 from __future__ import annotations
 
-import contextlib
-import io
-import re
 import textwrap
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import matplotlib as mpl
@@ -37,16 +33,21 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from cycler import cycler
 from matplotlib.axes import Axes
-from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-import checkpoints_manifest as cm
 from dtprobe.errors import ConfigError
+from dtprobe.plotting.style import (
+    EPOCH_CMAP,
+    LINESTYLES,
+    MARKERS,
+    run_colors,
+    style,
+    task_colors,
+)
 from dtprobe.table import (
     downstream_mask,
     downstream_tasks,
@@ -59,71 +60,13 @@ from dtprobe.table import (
     sort_metrics,
 )
 
-if TYPE_CHECKING:  # pragma: no cover  (type only: plotting never imports dtprobe.results)
-    from dtprobe.results import Results
+if TYPE_CHECKING:  # pragma: no cover  (type only: plotting never imports dtprobe.results.core)
+    from dtprobe.results.core import Results
 
-EPOCH_CMAP = "viridis"
-"""Colormap for epochs (trajectories) and CKA values: perceptually uniform, colour-blind safe."""
-
-_LINESTYLES: tuple[Any, ...] = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
-
-
-def palette(n: int) -> list[tuple[float, float, float]]:
-    """``n`` colours from seaborn's colour-blind-safe palette (cycled beyond ten)."""
-    base = sns.color_palette("colorblind")
-    return [tuple(base[i % len(base)]) for i in range(n)]
-
-
-def run_colors(runs: Sequence[str]) -> dict[str, tuple[float, float, float]]:
-    """A fixed colour per run, in order: the same run gets the same colour in every chart."""
-    return dict(zip(runs, palette(len(runs)), strict=True))
-
-
-TASK_PALETTE: tuple[str, ...] = ("#4477AA", "#EE6677", "#228833", "#AA3377", "#66CCEE",
-                                 "#CCBB44", "#BBBBBB")
-"""Paul Tol's "bright" scheme, reordered so the first four differ most: colour-blind safe and
-distinct in print (the seaborn entries after the runs' gave two near-identical oranges)."""
-
-
-def task_colors(tasks: Sequence[str]) -> dict[str, tuple[float, float, float]]:
-    """A distinct colour per downstream task from :data:`TASK_PALETTE` (cycled beyond seven)."""
-    rgb = [mpl.colors.to_rgb(c) for c in TASK_PALETTE]
-    return {t: rgb[i % len(rgb)] for i, t in enumerate(tasks)}
-
-
-def _rc() -> dict[str, Any]:
-    rc: dict[str, Any] = {}
-    rc.update(sns.axes_style("whitegrid"))
-    rc.update(sns.plotting_context("notebook", font_scale=0.85))
-    rc.update({
-        "axes.prop_cycle": cycler(color=palette(10)),
-        "axes.titlesize": 11,
-        "axes.titleweight": "bold",
-        "axes.labelsize": 10,
-        "legend.fontsize": 9,
-        "legend.title_fontsize": 9,
-        "grid.linewidth": 0.6,
-        "lines.linewidth": 1.8,
-        "savefig.dpi": 150,
-        "image.cmap": EPOCH_CMAP,
-        "figure.constrained_layout.w_pad": 0.08,
-        "figure.constrained_layout.h_pad": 0.08,
-    })
-    return rc
-
-
-@contextlib.contextmanager
-def style() -> Iterator[None]:
-    """Context manager applying dtprobe's chart style (does not change global rcParams)."""
-    with mpl.rc_context(_rc()):
-        yield
-
-
-def _as_table(data: pd.DataFrame | Results) -> pd.DataFrame:
+def as_table(data: pd.DataFrame | Results) -> pd.DataFrame:
     """The normalised tidy table of a Results object, or of a bare DataFrame."""
     # A Results object is recognised by its normalised ``table`` (duck typing keeps plotting
-    # below dtprobe.results in the import graph).
+    # below dtprobe.results.core in the import graph).
     if not isinstance(data, pd.DataFrame) and isinstance(getattr(data, "table", None),
                                                          pd.DataFrame):
         return data.table
@@ -231,7 +174,7 @@ def _interval_bands(ax: Axes, rows: pd.DataFrame, color: Any, metric: str) -> bo
     """Shade the intervals stored in the rows' params: ``ci_low``/``ci_high`` in the series'
     colour, and for CKA rows the permutation null (``null_mean`` to ``null_q95``) in grey.
     Returns whether a chance band was drawn."""
-    from dtprobe.uncertainty import chance_level, intervals
+    from dtprobe.results.uncertainty import chance_level, intervals
 
     ci = intervals(rows)
     if not ci.empty:
@@ -247,13 +190,14 @@ def _interval_bands(ax: Axes, rows: pd.DataFrame, color: Any, metric: str) -> bo
     return True
 
 
-def _tasks(table: pd.DataFrame, metric: str) -> list[str]:
+def metric_tasks(table: pd.DataFrame, metric: str) -> list[str]:
+    """The downstream tasks with rows of ``metric``, sorted (empty task excluded)."""
     return sorted(t for t in table.loc[table["metric"] == metric, "task"].unique() if t)
 
 
 def _metric_label(table: pd.DataFrame, metric: str, task: str | None) -> str:
     label = metric_info(metric).label
-    tasks = _tasks(table, metric)
+    tasks = metric_tasks(table, metric)
     if task is None:  # the mean of _series: the source's own tasks when it has any
         own = [t for t in tasks if t not in set(downstream_tasks(table))]
         tasks = own or tasks
@@ -297,7 +241,7 @@ def _trajectory(ax: Axes, data: pd.DataFrame, runs: Sequence[str], *, norm: Norm
         d = data[data["run"] == run].sort_values("epoch")
         if d.empty:
             continue
-        marker = _MARKERS[i % len(_MARKERS)]
+        marker = MARKERS[i % len(MARKERS)]
         color = colors[run]
         ax.plot(d["x"], d["y"], color=color, lw=1.6, alpha=0.85, zorder=2)
         ax.scatter(d["x"], d["y"], c=cmap(norm(d["epoch"].to_numpy())), marker=marker, s=size,
@@ -355,7 +299,7 @@ def plot_tradeoff(table: pd.DataFrame | Results, x: str = "source_accuracy",
 
     Parameters
     ----------
-    table : tidy results table or :class:`~dtprobe.results.Results`.
+    table : tidy results table or :class:`~dtprobe.results.core.Results`.
     x, y : metric names for the axes (default source accuracy vs downstream probe accuracy,
         the trade-off of Kornblith et al. 2021 and Cui et al. 2022).
     task : downstream task of a tasked ``y`` (or ``x``); ``None`` averages over the tasks
@@ -368,9 +312,9 @@ def plot_tradeoff(table: pd.DataFrame | Results, x: str = "source_accuracy",
         Points are coloured by epoch (colorbar "epoch"); a ring marks each run's first epoch
         and a star its last, so cross-entropy and CTC runs read in one picture.
     """
-    table = _as_table(table)
-    xt = task if task is not None and _tasks(table, x) else None
-    yt = task if task is not None and _tasks(table, y) else None
+    table = as_table(table)
+    xt = task if task is not None and metric_tasks(table, x) else None
+    yt = task if task is not None and metric_tasks(table, y) else None
     if task is not None and xt is None and yt is None:
         raise ConfigError(f"task={task!r} given but neither {x!r} nor {y!r} has tasks")
     data = _paired(table, x, y, x_task=xt, y_task=yt)
@@ -421,8 +365,8 @@ def _plane_chance(ax: Axes, table: pd.DataFrame, x: str, y: str, xt: str | None,
 def plot_tradeoff_by_task(table: pd.DataFrame | Results, x: str = "source_accuracy",
                           y: str = "probe_accuracy", ncols: int = 2) -> Figure:
     """:func:`plot_tradeoff` once per downstream task, small multiples with a shared colorbar."""
-    table = _as_table(table)
-    tasks = _tasks(table, y)
+    table = as_table(table)
+    tasks = metric_tasks(table, y)
     if not tasks:
         raise ConfigError(f"metric {y!r} has no tasks; use plot_tradeoff instead")
     ncols = max(1, min(ncols, len(tasks)))
@@ -511,7 +455,7 @@ def plot_metrics(table: pd.DataFrame | Results, metrics: Sequence[str] | None = 
 
     Parameters
     ----------
-    table : tidy results table or :class:`~dtprobe.results.Results`.
+    table : tidy results table or :class:`~dtprobe.results.core.Results`.
     metrics : metric names to draw (default: all non-layer-wise metrics present, in display
         order). A metric measured with several estimators gets one panel per estimator.
     ax : Axes to draw into, one per panel (a single Axes if there is one panel); a new
@@ -529,7 +473,7 @@ def plot_metrics(table: pd.DataFrame | Results, metrics: Sequence[str] | None = 
         any positive metric spanning more than 100x) uses a log axis; epoch ticks fall on
         checkpoint epochs, the last included.
     """
-    table = _as_table(table)
+    table = as_table(table)
     keys = _panel_keys(table, metrics)
     if not keys:
         raise ConfigError("no finite metric values to plot in the results table")
@@ -537,8 +481,8 @@ def plot_metrics(table: pd.DataFrame | Results, metrics: Sequence[str] | None = 
     colors = run_colors(runs)
     base = table[table["layer"] == ""]
     task_tables = [m for m, _ in keys if m != "cka_to_run"]
-    all_tasks = sorted({t for m in task_tables for t in _tasks(base, m)})
-    styles = {t: (_LINESTYLES[i % len(_LINESTYLES)], _MARKERS[i % len(_MARKERS)])
+    all_tasks = sorted({t for m in task_tables for t in metric_tasks(base, m)})
+    styles = {t: (LINESTYLES[i % len(LINESTYLES)], MARKERS[i % len(MARKERS)])
               for i, t in enumerate(all_tasks)}
     n = len(keys)
     with style():
@@ -635,7 +579,7 @@ def plot_information_plane(table: pd.DataFrame | Results, estimator: str | None 
         the value of matrix-based Renyi estimates; Goldfeld et al. 2019 explain why such
         numbers measure clustering at a scale, not the true mutual information).
     """
-    table = _as_table(table)
+    table = as_table(table)
     xt_rows = _require(table, "mi_xt", "information plane")
     ty_rows = _require(table, "mi_ty", "information plane")
     ex = sorted(xt_rows["estimator"].unique())
@@ -761,7 +705,7 @@ def plot_cka_to_final(table: pd.DataFrame | Results, ax: Axes | None = None) -> 
     -------
     Axes
     """
-    table = _as_table(table)
+    table = as_table(table)
     rows = _require(table, "cka_to_final", "CKA-to-final chart")
     rows = rows[rows["task"] == ""]
     runs = _runs(rows)
@@ -788,7 +732,7 @@ def plot_cka_to_final(table: pd.DataFrame | Results, ax: Axes | None = None) -> 
             named = [lay for lay in layers if lay]
             shades = sns.color_palette("crest", len(named)) if named else []
             lcol = dict(zip(named, shades, strict=True)) | {"": (0.0, 0.0, 0.0)}
-            styles = {r: _LINESTYLES[i % len(_LINESTYLES)] for i, r in enumerate(runs)}
+            styles = {r: LINESTYLES[i % len(LINESTYLES)] for i, r in enumerate(runs)}
             for run in runs:
                 for layer in layers:
                     g = rows[(rows["run"] == run) & (rows["layer"] == layer)]
@@ -827,16 +771,16 @@ def plot_tradeoff_over_epochs(table: pd.DataFrame | Results, ax: Axes | None = N
     -------
     Axes
     """
-    table = _as_table(table)
+    table = as_table(table)
     has_src = (table["metric"] == source).any()
     has_probe = (table["metric"] == probe).any()
     if not has_src and not has_probe:
         _require(table, source, "trade-off chart")
     base = table[(table["layer"] == "") & np.isfinite(table["value"])]
     runs = _runs(base[base["metric"].isin([source, probe])])
-    tasks = _tasks(base, probe)
+    tasks = metric_tasks(base, probe)
     tcol = task_colors(tasks)
-    styles = {r: _LINESTYLES[i % len(_LINESTYLES)] for i, r in enumerate(runs)}
+    styles = {r: LINESTYLES[i % len(LINESTYLES)] for i, r in enumerate(runs)}
     with style():
         ax = _new_axes(ax, (7.6, 4.6))
         for run in runs:
@@ -895,7 +839,7 @@ def plot_transfer_tradeoff(table: pd.DataFrame | Results, dataset: str | None = 
 
     Parameters
     ----------
-    table : tidy results table or :class:`~dtprobe.results.Results` with downstream rows
+    table : tidy results table or :class:`~dtprobe.results.core.Results` with downstream rows
         (``dtprobe analyze --downstream``).
     dataset : a downstream dataset's name, or ``None`` for the aggregate
         (``transfer_accuracy_mean``, Kornblith et al. 2021's mean over transfer datasets).
@@ -906,7 +850,7 @@ def plot_transfer_tradeoff(table: pd.DataFrame | Results, dataset: str | None = 
     -------
     Axes
     """
-    table = _as_table(table)
+    table = as_table(table)
     names = downstream_tasks(table)
     if not names:
         raise ConfigError("no downstream-dataset rows in the results; run `dtprobe analyze RUN "
@@ -924,117 +868,3 @@ def plot_transfer_tradeoff(table: pd.DataFrame | Results, dataset: str | None = 
     ax.set_ylabel(f"linear-probe accuracy on {dataset}  [0, 1]")
     ax.set_title(f"Discriminability vs transfer to {dataset}")
     return ax
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
-
-
-def iter_figures(results: Results | pd.DataFrame,
-                 cka: Mapping[str, pd.DataFrame] | None = None
-                 ) -> Iterator[tuple[str, str, Figure]]:
-    """Yield ``(name, caption, figure)`` for every chart the available metrics allow.
-
-    Charts whose metrics are absent are skipped. The caller owns (and should close) each
-    figure. Names are unique and a chart has the same name wherever it is written:
-    ``tradeoff`` (accuracies over epochs, also ``RUN_DIR/analysis/tradeoff.png``),
-    ``tradeoff_plane``, ``tradeoff_plane_by_task``, ``metrics``,
-    ``information_plane[_<estimator>]``, ``cka_to_final``, ``temporal_cka``.
-    """
-    table = _as_table(results)
-    if cka is None:
-        cka = getattr(results, "cka_matrices", {}) or {}
-    finite = table[np.isfinite(table["value"])]
-    present = set(finite.loc[finite["layer"] == "", "metric"])
-    if {"source_accuracy", "transfer_accuracy_mean"} <= present:
-        names = downstream_tasks(finite)
-        yield ("tradeoff_transfer", "Source accuracy against the mean linear-probe accuracy on "
-               f"the downstream datasets ({', '.join(names)}): transfer to other images.",
-               plot_transfer_tradeoff(table).figure)
-    if present & {"source_accuracy", "probe_accuracy"}:
-        yield ("tradeoff", "Source and downstream probe accuracy against epoch; triangles mark "
-               "where each probe peaked, dotted lines the chance levels.",
-               plot_tradeoff_over_epochs(table).figure)
-    if {"source_accuracy", "probe_accuracy"} <= present:
-        yield ("tradeoff_plane", "Source accuracy (discriminability) against downstream "
-               "linear-probe accuracy (transferability, mean over tasks), one trajectory per "
-               "run.", plot_tradeoff(table).figure)
-        if len(_tasks(finite, "probe_accuracy")) > 1:
-            yield ("tradeoff_plane_by_task", "The same trade-off plane for each downstream task.",
-                   plot_tradeoff_by_task(table))
-    if present:
-        yield ("metrics", "Every metric against epoch (colour = run, line style = task).",
-               plot_metrics(table))
-    if {"mi_xt", "mi_ty"} <= present:
-        ex = set(finite.loc[finite["metric"] == "mi_xt", "estimator"])
-        ey = set(finite.loc[finite["metric"] == "mi_ty", "estimator"])
-        common = sorted(ex & ey)
-        if len(common) > 1:
-            for est in common:
-                yield (f"information_plane_{_slug(est or 'default')}",
-                       f"Information plane ({est} estimator).",
-                       plot_information_plane(table, estimator=est).figure)
-        elif common or (len(ex) == 1 and len(ey) == 1):
-            yield ("information_plane", "Information plane: I(X;T) against I(T;Y).",
-                   plot_information_plane(table).figure)
-    if "cka_to_final" in set(finite["metric"]):
-        yield ("cka_to_final", "Linear CKA of each epoch's features to the final epoch's.",
-               plot_cka_to_final(table).figure)
-    layered = set(finite.loc[finite["layer"] != "", "metric"])
-    if layered & {"probe_accuracy", "cka_to_final"}:
-        from dtprobe import layer_plots  # layer x epoch charts (analyse with --layers auto)
-
-        if "probe_accuracy" in layered:
-            yield ("layer_probe_heatmap", "Downstream linear-probe accuracy (mean over tasks) "
-                   "of each layer's pooled features at each epoch: where and when "
-                   "transferability is lost.", layer_plots.plot_layer_heatmap(table))
-            yield ("best_layer", "The layer whose features transfer best at each epoch, and "
-                   "its probe accuracy against the penultimate layer's.",
-                   layer_plots.plot_best_layer(table))
-        if "cka_to_final" in layered:
-            yield ("layer_cka_to_final_heatmap", "Linear CKA of each layer to the same layer at "
-                   "the final epoch: which layers are still changing.",
-                   layer_plots.plot_layer_heatmap(table, "cka_to_final", vmin=0.0, vmax=1.0))
-    usable = {r: m for r, m in cka.items() if isinstance(m, pd.DataFrame) and not m.empty}
-    if usable:
-        yield ("temporal_cka", "Temporal linear CKA between every pair of epochs "
-               "(colour scale fixed to [0, 1]).", plot_cka_grid(usable))
-
-
-def save_all_figures(results: Results | pd.DataFrame, out_dir: str | Path,
-                     formats: Sequence[str] = ("png",)) -> list[Path]:
-    """Write every chart the available metrics allow to ``out_dir``.
-
-    Parameters
-    ----------
-    results : :class:`~dtprobe.results.Results` (or a bare table, then without CKA heatmaps).
-    out_dir : directory, created if needed.
-    formats : file formats understood by matplotlib, e.g. ``("png", "pdf", "svg")``.
-
-    Returns
-    -------
-    list of Path
-        The files written, ``<out_dir>/<chart>.<format>``; charts whose metrics are missing
-        are skipped, not errors.
-    """
-    supported = set(FigureCanvasBase.get_supported_filetypes())
-    formats = [f.lower().lstrip(".") for f in formats]
-    bad = [f for f in formats if f not in supported]
-    if bad:
-        raise ConfigError(f"unsupported figure format(s) {', '.join(bad)}; choose from "
-                          f"{', '.join(sorted(supported))}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for name, _caption, fig in iter_figures(results):
-        try:
-            with style():
-                for fmt in formats:
-                    path = out / f"{name}.{fmt}"
-                    buf = io.BytesIO()  # rendered in memory, written atomically (no link followed)
-                    fig.savefig(buf, format=fmt)
-                    cm.atomic_write_bytes(path, buf.getvalue())
-                    written.append(path)
-        finally:
-            plt.close(fig)
-    return written

@@ -22,7 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from dtprobe.errors import ConfigError
-from dtprobe.plotting import _as_table, run_colors
+from dtprobe.plotting.charts import as_table, run_colors
 
 __all__ = ["best_layer", "layer_epoch_matrix", "plot_best_layer", "plot_layer_heatmap"]
 
@@ -46,7 +46,7 @@ def layer_epoch_matrix(data, metric: str = "probe_accuracy", task: str | None = 
     ConfigError
         If the table has no per-layer rows of ``metric`` (analyse with ``--layers auto``).
     """
-    table = _as_table(data)
+    table = as_table(data)
     runs = list(dict.fromkeys(table["run"]))
     run = run if run is not None else (runs[0] if runs else None)
     rows = table[(table["metric"] == metric) & (table["run"] == run)
@@ -79,7 +79,7 @@ def best_layer(data, task: str | None = None, run: str | None = None,
 def plot_layer_heatmap(data, metric: str = "probe_accuracy", task: str | None = None,
                        vmin: float | None = None, vmax: float | None = None) -> Figure:
     """One layer x epoch heatmap of ``metric`` per run (shared colour scale, values printed)."""
-    table = _as_table(data)
+    table = as_table(data)
     runs = list(dict.fromkeys(table["run"]))
     mats = {r: layer_epoch_matrix(table, metric, task, r) for r in runs
             if ((table["run"] == r) & (table["metric"] == metric) & (table["layer"] != "")).any()}
@@ -114,7 +114,7 @@ def plot_layer_heatmap(data, metric: str = "probe_accuracy", task: str | None = 
 def plot_best_layer(data, task: str | None = None) -> Figure:
     """Best layer to transfer from at each epoch (and its probe accuracy against the
     penultimate's), one line per run."""
-    table = _as_table(data)
+    table = as_table(data)
     runs = [r for r in dict.fromkeys(table["run"])
             if ((table["run"] == r) & (table["metric"] == "probe_accuracy")
                 & (table["layer"] != "")).any()]

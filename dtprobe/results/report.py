@@ -35,7 +35,7 @@ import pandas as pd
 import checkpoints_manifest as cm
 from dtprobe import __version__
 from dtprobe.errors import ConfigError
-from dtprobe.results import Results
+from dtprobe.results.core import Results
 from dtprobe.table import metric_info, parse_params
 
 _CSS = """
@@ -240,7 +240,7 @@ def _findings(results: Results) -> str:
 
 def _uncertainty(results: Results) -> str:
     """Which run differences exceed their intervals; which CKA scores do not exceed chance."""
-    from dtprobe.uncertainty import chance_level, intervals, run_differences
+    from dtprobe.results.uncertainty import chance_level, intervals, run_differences
 
     table = results.table
     parts = []
@@ -474,7 +474,7 @@ def _transfer_section(results: Results) -> str:
 def _charts(results: Results, dpi: int) -> tuple[str, list[tuple[str, str]]]:
     import matplotlib.pyplot as plt
 
-    from dtprobe.plotting import iter_figures, style  # matplotlib only when charts are drawn
+    from dtprobe.plotting.charts import iter_figures, style  # matplotlib only when charts are drawn
 
     blocks = []
     toc = []
@@ -503,7 +503,7 @@ def render_report(results: Results, title: str | None = None, dpi: int = 110) ->
         results = Results(results)
     if not isinstance(results, Results):
         raise ConfigError(f"write_report needs a Results object, got {type(results).__name__}; "
-                          f"use dtprobe.results.load_results(run_dir)")
+                          f"use dtprobe.results.core.load_results(run_dir)")
     runs = results.runs
     title = title or ("dtprobe report: " + (" vs ".join(runs) if runs else "no runs"))
     epochs = results.epochs()
@@ -547,7 +547,7 @@ def write_report(results: Results, out_html: str | Path, title: str | None = Non
 
     Parameters
     ----------
-    results : :class:`~dtprobe.results.Results` (e.g. from :func:`~dtprobe.results.compare`).
+    results : :class:`~dtprobe.results.core.Results` (e.g. from :func:`~dtprobe.results.core.compare`).
     out_html : path of the HTML file; parent directories are created. Written atomically.
     title : page title (default ``"dtprobe report: <run> vs <run>"``).
     dpi : resolution of the embedded PNG charts.

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dtprobe.devices import resolve_device
+from dtprobe.runtime.devices import resolve_device
 
 
 @dataclass
@@ -75,3 +75,50 @@ def autocast(device: torch.device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# distributed helpers
+# --------------------------------------------------------------------------------------------
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def distributed_rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (rows along dim 0) from every rank, in rank order.
+
+    Ranks may hold different numbers of rows (e.g. a short last batch): sizes are exchanged
+    first and the payload is padded to the largest. Without an initialised process group the
+    input is returned unchanged. The result carries no gradient.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        ``(n, ...)`` rows on this rank (on the device the backend expects, CUDA for NCCL).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(sum of n over ranks, ...)``.
+    """
+    tensor = tensor.detach()
+    if not is_distributed():
+        return tensor
+    world = dist.get_world_size()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    largest = max(counts)
+    padded = tensor.new_zeros((largest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)], dim=0)

@@ -9,7 +9,7 @@ standard deviation over seeds) and ``figures/``:
 * ``sweep_accuracy_vs_transfer``: final source accuracy vs mean downstream probe accuracy,
   one point per objective with error bars across seeds (Kornblith et al. 2021, Fig. 1);
 * ``sweep_separation_vs_transfer``: class separation R^2 vs transfer (their Fig. 4);
-* the per-epoch trade-off charts of all runs together (:func:`dtprobe.plotting.save_all_figures`).
+* the per-epoch trade-off charts of all runs together (:func:`dtprobe.plotting.charts.save_all_figures`).
 
 Re-running a sweep reuses finished runs and cached analyses and continues interrupted ones.
 ``dtprobe report SWEEP_DIR`` and ``dtprobe plot SWEEP_DIR`` take the sweep directory.
@@ -142,7 +142,7 @@ def plot_sweep(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
     """The two Kornblith charts: source accuracy vs transfer, class separation vs transfer."""
     import matplotlib.pyplot as plt
 
-    from dtprobe.plotting import palette, style
+    from dtprobe.plotting.charts import palette, style
 
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = palette(len(summary))
@@ -185,8 +185,8 @@ def run_sweep(configs: Mapping[tuple[str, int], TrainConfig], out: Path, *,
         No runs, or an objective that is not registered (checked before anything trains).
     """
     from dtprobe.analysis import analyze
-    from dtprobe.plotting import save_all_figures
-    from dtprobe.results import compare
+    from dtprobe.plotting.charts import save_all_figures
+    from dtprobe.results.core import compare
     from dtprobe.training.objectives import get_objective
 
     if not configs:

@@ -1,7 +1,7 @@
 """The bundled trainer: writes a checkpoint series plus a manifest, with any registered objective.
 
 Runs made with the same seed differ only in the objective (``--objective``, see
-:mod:`dtprobe.training.objectives`): the data order, augmentation, optimiser (SGD with momentum)
+:mod:`dtprobe.training.objectives.base`): the data order, augmentation, optimiser (SGD with momentum)
 and schedule are identical, which the CTC paper's reference code did not guarantee. An
 objective that needs a second view of each image (SupCon, SimCLR joints) or extra crops
 (t-ReX multi-crop) gets them from its own generator, so its first view is still the one
@@ -39,17 +39,17 @@ import torch
 from torch import nn
 
 import checkpoints_manifest as cm
-from dtprobe import checkpoints as ckpt_io
+from dtprobe.checkpoints import reader as ckpt_io
 from dtprobe.data import DatasetBundle, load_dataset
-from dtprobe.devices import resolve_device
-from dtprobe.errors import CheckpointError, ConfigError, TrainingDivergedError
+from dtprobe.errors import CheckpointError, ConfigError, TrainingDivergedError, first_line
 from dtprobe.models import build_model, get_arch, head_module
 from dtprobe.models.tap import PenultimateTap, penultimate_features
-from dtprobe.progress import tqdm
-from dtprobe.training import distributed as dist_utils
+from dtprobe.runtime import distributed as dist_utils
+from dtprobe.runtime.devices import resolve_device
+from dtprobe.runtime.progress import tqdm
 from dtprobe.training.augment import contrastive_view, shift_flip
-from dtprobe.training.objectives import Objective, ObjectiveContext
 from dtprobe.training.objectives import build_objective as build_registered_objective
+from dtprobe.training.objectives.base import Objective, ObjectiveContext
 
 RESUME_FILE = "resume_state.pt"
 _RESUME_KEYS = ("epoch", "step", "model", "optimizer", "objective", "torch_rng", "entry")
@@ -392,7 +392,7 @@ class Trainer:
             return int(state["epoch"]) + 1
         except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"{state_path}: the resume state does not fit this run "
-                              f"({type(exc).__name__}: {ckpt_io._first_line(str(exc), 120)}); "
+                              f"({type(exc).__name__}: {first_line(str(exc), 120)}); "
                               "restore it or train into a new --out") from None
 
     # -------------------------------------------------------------- training

@@ -5,7 +5,7 @@ engine     what runs the forward passes
 =========  =====================================================================================
 eager      PyTorch itself, on the BatchNorm-folded inference copy (the default; CPU and CUDA)
 onnx       ONNX Runtime's CPU provider, on an ONNX export of the same folded copy
-           (:mod:`dtprobe.engines.onnx`; ``pip install 'dtprobe[onnx]'``)
+           (:mod:`dtprobe.features.engines.onnx`; ``pip install 'dtprobe[onnx]'``)
 =========  =====================================================================================
 
 Every engine returns what the eager path returns (``features``, ``logits``, ``layer:<name>``).
@@ -43,7 +43,7 @@ def check_engine(engine: str, device: torch.device | str | None = None,
         raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "eager":
         return
-    from dtprobe.engines import onnx as onnx_engine
+    from dtprobe.features.engines import onnx as onnx_engine
 
     onnx_engine.require_onnxruntime()
     if device is not None and torch.device(device).type != "cpu":
@@ -58,9 +58,9 @@ def run_engine(engine: str, model: nn.Module, head: nn.Module, images, *,
                batch_size: int, layers: Sequence[str], fold_batchnorm: bool
                ) -> dict[str, torch.Tensor] | None:
     """Outputs of ``model`` over ``images`` computed by ``engine`` (see
-    :func:`dtprobe.engines.onnx.extract_onnx`), or ``None`` when the caller must run the eager
+    :func:`dtprobe.features.engines.onnx.extract_onnx`), or ``None`` when the caller must run the eager
     path instead (a warning says why)."""
-    from dtprobe.engines import onnx as onnx_engine
+    from dtprobe.features.engines import onnx as onnx_engine
 
     if engine != "onnx":  # check_engine ran first; nothing else reaches here
         raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")

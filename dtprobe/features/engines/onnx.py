@@ -1,7 +1,7 @@
 """ONNX Runtime engine for CPU feature extraction (``extract_features(..., engine="onnx")``).
 
 The network is exported from the same inference copy the eager engine runs (eval-mode
-BatchNorm folded into the convolutions, :func:`dtprobe.extract.inference_model`), wrapped in a
+BatchNorm folded into the convolutions, :func:`dtprobe.features.extract.inference_model`), wrapped in a
 module whose outputs are ``(logits, penultimate features, *pooled layer outputs)``, so that the
 graph needs no hooks. The export (``torch.onnx.export``, TorchScript tracer, batch axis
 dynamic) is kept in memory and run by an ``onnxruntime.InferenceSession`` on the CPU provider
@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from dtprobe.data.pixels import is_raw
-from dtprobe.errors import ConfigError
+from dtprobe.errors import ConfigError, first_line
 
 __all__ = ["CHECK_IMAGES", "TOLERANCE", "OnnxNetwork", "export_onnx", "export_stats",
            "extract_onnx", "require_onnxruntime", "reset_export_stats"]
@@ -102,7 +102,7 @@ class _Outputs(nn.Module):
         self.layers = list(layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from dtprobe.extract import _Taps
+        from dtprobe.features.extract import _Taps
 
         taps = _Taps(self.net, self.head[0], self.layers)
         try:
@@ -125,7 +125,7 @@ def export_onnx(net: nn.Module, head: nn.Module, layers: Sequence[str],
     net : the network to export (in eval mode, on the CPU), e.g. an inference copy.
     head : its classification head; the features are the head's input, flattened.
     layers : dotted module names whose outputs are added, pooled as in
-        :func:`dtprobe.extract.extract_features`.
+        :func:`dtprobe.features.extract.extract_features`.
     example : a CPU batch of input images to trace with.
 
     Returns
@@ -203,7 +203,7 @@ class OnnxNetwork:
         self.names = _output_names(layers)
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Outputs of one CPU batch, keyed as :func:`dtprobe.extract.extract_features` keys
+        """Outputs of one CPU batch, keyed as :func:`dtprobe.features.extract.extract_features` keys
         them."""
         try:
             arrays = self.session.run(None, {_INPUT: x.detach().contiguous().numpy()})
@@ -251,7 +251,7 @@ def _kept(model: nn.Module, head: nn.Module, layers: Sequence[str], probe: torch
 def _network(model: nn.Module, head: nn.Module, layers: Sequence[str], probe: torch.Tensor,
              fold_batchnorm: bool) -> OnnxNetwork:
     """The session for ``model``'s current weights: the kept one, or a fresh export."""
-    from dtprobe.extract import inference_model
+    from dtprobe.features.extract import inference_model
 
     network = _kept(model, head, layers, probe, fold_batchnorm)
     if network is not None:
@@ -293,11 +293,6 @@ def _fallback(reason: str) -> None:
                   RuntimeWarning, stacklevel=5)  # extract_features' caller
 
 
-def _first_line(text: str, limit: int = 160) -> str:
-    line = (text.strip().splitlines() or [""])[0]
-    return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
 def extract_onnx(model: nn.Module, head: nn.Module, images, *, batch_size: int,
                  layers: Sequence[str] = (), fold_batchnorm: bool = True
                  ) -> dict[str, torch.Tensor] | None:
@@ -322,7 +317,7 @@ def extract_onnx(model: nn.Module, head: nn.Module, images, *, batch_size: int,
         :data:`TOLERANCE`, and also (silently) when the eager network fails on those images
         or gives NaN/Inf there, so that the caller's eager path reports what it reports.
     """
-    from dtprobe.extract import _Taps
+    from dtprobe.features.extract import _Taps
 
     n = int(images.shape[0])
     probe = _host_batch(images, 0, min(n, CHECK_IMAGES))
@@ -348,7 +343,7 @@ def extract_onnx(model: nn.Module, head: nn.Module, images, *, batch_size: int,
         except Exception as exc:  # noqa: BLE001 - any exporter or session failure: run eagerly
             _UNEXPORTABLE.add(arch)
             _fallback(f"{type(model).__name__} could not be exported or loaded "
-                      f"({type(exc).__name__}: {_first_line(str(exc))})")
+                      f"({type(exc).__name__}: {first_line(str(exc))})")
             return None
         worst, where = _disagreement(ref, got)
         if worst <= TOLERANCE or not reused:

@@ -1,26 +1,13 @@
-"""Training objectives: the base class, the build context and the registry.
+"""The objective base class, its build context, and the parameter checks families share.
 
-The trainer is objective-agnostic. An objective is an ``nn.Module`` that maps one batch
-(images, penultimate features, logits, labels, dataset indices; for two-view objectives the
-second view's features and logits as well) to a total loss and a dict of named loss terms for
-logging. Its ``state_dict`` holds everything needed to resume (memory banks, projectors,
-snapshots). Adding an objective is one decorated factory in its family module::
-
-    @register_objective("label_smoothing", paper="Szegedy et al. 2016; Kornblith et al. 2021",
-                        defaults={"alpha": 0.1})
-    def _label_smoothing(ctx: ObjectiveContext, alpha: float) -> Objective: ...
-
-Families: :mod:`dtprobe.training.kornblith` (the 9 objectives of Kornblith et al. 2021,
-Table 1), :mod:`dtprobe.training.contrastive` (SupCon and the joint SimCLR objectives of Islam
-et al. 2021), :mod:`dtprobe.training.trex` (t-ReX and t-ReX*, Sariyildiz et al. 2023) and
-:mod:`dtprobe.training.ctc` (CTC, Cui et al. 2022).
+A leaf of :mod:`dtprobe.training.objectives`: it imports neither the registry nor a family
+(the package docstring says how an objective is added).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtprobe.errors import ConfigError
+from dtprobe.runtime.distributed import is_distributed
 
 
 class Objective(nn.Module):
@@ -69,7 +57,7 @@ class Objective(nn.Module):
 
     def all_reduce_gradients(self) -> None:
         """Average the objective's own parameters' gradients over ranks (they live outside DDP)."""
-        if not (dist.is_available() and dist.is_initialized()):
+        if not is_distributed():  # the one "am I distributed" test (runtime.distributed)
             return
         world = dist.get_world_size()
         for p in self.trainable_parameters():
@@ -82,13 +70,6 @@ class Objective(nn.Module):
                 **views: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         ce = F.cross_entropy(logits.float(), labels)
         return ce, {"ce": float(ce.detach())}
-
-
-class CrossEntropyObjective(Objective):
-    """Softmax cross-entropy on the source labels (the baseline every objective is compared with).
-
-    ``L = -log softmax(z)_y`` with ``z = W h + b`` (Kornblith et al. 2021, Table 1, "Softmax").
-    """
 
 
 @dataclass
@@ -123,83 +104,6 @@ class ObjectiveContext:
     head_name: str = "fc"
 
 
-@dataclass(frozen=True)
-class ObjectiveSpec:
-    """A registered objective: its factory, the paper it comes from and its default parameters."""
-
-    name: str
-    factory: Callable[..., Objective]
-    paper: str
-    defaults: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-
-
-_OBJECTIVES: dict[str, ObjectiveSpec] = {}
-
-
-def register_objective(name: str, *, paper: str, description: str = ""):
-    """Register ``factory(ctx, **params) -> Objective`` as objective ``name``.
-
-    The factory's keyword defaults are the objective's documented defaults (shown by
-    ``dtprobe list`` and recorded in the manifest).
-    """
-
-    def decorator(factory: Callable[..., Objective]) -> Callable[..., Objective]:
-        sig = inspect.signature(factory)
-        defaults = {k: p.default for k, p in list(sig.parameters.items())[1:]
-                    if p.default is not inspect.Parameter.empty}
-        doc = description or (factory.__doc__ or "").strip().splitlines()[0]
-        _OBJECTIVES[name] = ObjectiveSpec(name, factory, paper, defaults, doc)
-        return factory
-
-    return decorator
-
-
-def _load_families() -> None:
-    # Importing a family module registers its objectives.
-    from dtprobe.training import contrastive, ctc, kornblith, trex  # noqa: F401, I001
-
-
-def available_objectives() -> dict[str, ObjectiveSpec]:
-    """Every registered objective by name."""
-    _load_families()
-    order = ["objectives", "kornblith", "contrastive", "trex", "ctc"]
-
-    def rank(spec: ObjectiveSpec) -> int:
-        family = spec.factory.__module__.rsplit(".", 1)[-1]
-        return order.index(family) if family in order else len(order)
-
-    return {s.name: s for s in sorted(_OBJECTIVES.values(), key=rank)}
-
-
-def get_objective(name: str) -> ObjectiveSpec:
-    specs = available_objectives()
-    if name not in specs:
-        raise ConfigError(f"unknown --objective {name!r}; available: {', '.join(specs)}")
-    return specs[name]
-
-
-def build_objective(name: str, ctx: ObjectiveContext, params: dict[str, Any] | None = None
-                    ) -> Objective:
-    """Build objective ``name`` with ``params`` overriding its defaults.
-
-    Raises
-    ------
-    ConfigError
-        Unknown objective or parameter, or a parameter out of range.
-    """
-    spec = get_objective(name)
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(spec.defaults))
-    if unknown:
-        valid = ", ".join(f"{k}={v}" for k, v in spec.defaults.items()) or "none"
-        raise ConfigError(f"--objective-param {', '.join(unknown)}: not a parameter of {name} "
-                          f"(valid, with defaults: {valid})")
-    objective = spec.factory(ctx, **{**spec.defaults, **params})
-    objective.name = name
-    return objective.to(ctx.device)
-
-
 def check_positive(objective: str, **values: float) -> None:
     """One-line :class:`ConfigError` for a non-positive or non-finite hyperparameter."""
     for key, value in values.items():
@@ -225,9 +129,3 @@ def safe_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     norm = x.norm(dim=-1, keepdim=True)
     ok = norm > eps
     return torch.where(ok, x / torch.where(ok, norm, torch.ones_like(norm)), torch.zeros_like(x))
-
-
-@register_objective("ce", paper="Kornblith et al. 2021 (softmax baseline)",
-                    description="softmax cross-entropy (the baseline)")
-def _ce(ctx: ObjectiveContext) -> Objective:
-    return CrossEntropyObjective()

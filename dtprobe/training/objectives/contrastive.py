@@ -44,12 +44,12 @@ from torch import nn
 
 from dtprobe.errors import ConfigError
 from dtprobe.training.augment import CONTRASTIVE_VIEW
-from dtprobe.training.objectives import (
+from dtprobe.training.objectives.base import (
     Objective,
     ObjectiveContext,
     check_positive,
-    register_objective,
 )
+from dtprobe.training.objectives.registry import register_objective
 
 PAPER = "Islam et al. 2021"
 MIN_TAU = 1e-3  # below this exp(1/tau) overflows float32 for cosine 1 (e^1000)

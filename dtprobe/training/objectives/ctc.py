@@ -64,7 +64,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtprobe.errors import CheckpointError, ConfigError
-from dtprobe.training.memory_bank import (
+from dtprobe.training.objectives.base import Objective, ObjectiveContext
+from dtprobe.training.objectives.memory_bank import (
     OtherClassSampler,
     all_gather_rows,
     crd_nce_loss,
@@ -76,7 +77,7 @@ from dtprobe.training.memory_bank import (
     momentum_update,
     random_unit_bank,
 )
-from dtprobe.training.objectives import Objective
+from dtprobe.training.objectives.registry import register_objective
 
 __all__ = ["CTCConfig", "CTCObjective", "PRESETS"]
 
@@ -398,16 +399,6 @@ class CTCObjective(Objective):
             self._write_banks("bank_current", "bank_snapshot", indices, v1, v2, momentum=0.0)
         self._banks_refreshed = True
 
-    def all_reduce_gradients(self) -> None:
-        """Average the projectors' gradients over ranks (no-op when not distributed)."""
-        if not is_distributed():
-            return
-        world = dist.get_world_size()
-        for p in self.trainable_parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad.div_(world)
-
     def forward(self, *, images: torch.Tensor, features: torch.Tensor, logits: torch.Tensor,
                 labels: torch.Tensor, indices: torch.Tensor,
                 epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -597,8 +588,6 @@ class CTCObjective(Objective):
 # ------------------------------------------------------------------------------ registry
 
 def _register() -> None:
-    from dtprobe.training.objectives import ObjectiveContext, register_objective
-
     @register_objective("ctc", paper="Cui et al. 2022 (contrastive temporal coding)")
     def _ctc(ctx: ObjectiveContext, preset: str = "transferability",
              stage_two_epoch: int | None = None, alpha: float | None = None,

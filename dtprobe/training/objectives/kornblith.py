@@ -43,14 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtprobe.training.objectives import (
+from dtprobe.training.objectives.base import (
     Objective,
     ObjectiveContext,
     check_positive,
     check_range,
-    register_objective,
     safe_normalize,
 )
+from dtprobe.training.objectives.registry import register_objective
 
 PAPER = "Kornblith et al. 2021, Table 1"
 

@@ -43,14 +43,14 @@ from torch import nn
 
 from dtprobe.errors import ConfigError
 from dtprobe.training.augment import random_resized_crop
-from dtprobe.training.memory_bank import all_gather_rows
-from dtprobe.training.objectives import (
+from dtprobe.training.objectives.base import (
     Objective,
     ObjectiveContext,
     check_positive,
-    register_objective,
     safe_normalize,
 )
+from dtprobe.training.objectives.memory_bank import all_gather_rows
+from dtprobe.training.objectives.registry import register_objective
 
 PAPER = "Sariyildiz et al. 2023"
 

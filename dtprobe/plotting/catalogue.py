@@ -1,0 +1,152 @@
+"""The chart catalogue: every chart the available metrics allow (:func:`iter_figures`), and writing
+them all to files (:func:`save_all_figures`, also behind ``dtprobe plot`` and the report).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.figure import Figure
+
+import checkpoints_manifest as cm
+from dtprobe.errors import ConfigError
+from dtprobe.plotting import layer_charts as layer_plots
+from dtprobe.plotting.charts import (
+    as_table,
+    metric_tasks,
+    plot_cka_grid,
+    plot_cka_to_final,
+    plot_information_plane,
+    plot_metrics,
+    plot_tradeoff,
+    plot_tradeoff_by_task,
+    plot_tradeoff_over_epochs,
+    plot_transfer_tradeoff,
+)
+from dtprobe.plotting.style import style
+from dtprobe.table import downstream_tasks
+
+if TYPE_CHECKING:  # pragma: no cover  (type only: plotting never imports dtprobe.results)
+    from dtprobe.results.core import Results
+
+__all__ = ["iter_figures", "save_all_figures"]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
+
+
+def iter_figures(results: Results | pd.DataFrame,
+                 cka: Mapping[str, pd.DataFrame] | None = None
+                 ) -> Iterator[tuple[str, str, Figure]]:
+    """Yield ``(name, caption, figure)`` for every chart the available metrics allow.
+
+    Charts whose metrics are absent are skipped. The caller owns (and should close) each
+    figure. Names are unique and a chart has the same name wherever it is written:
+    ``tradeoff`` (accuracies over epochs, also ``RUN_DIR/analysis/tradeoff.png``),
+    ``tradeoff_plane``, ``tradeoff_plane_by_task``, ``metrics``,
+    ``information_plane[_<estimator>]``, ``cka_to_final``, ``temporal_cka``.
+    """
+    table = as_table(results)
+    if cka is None:
+        cka = getattr(results, "cka_matrices", {}) or {}
+    finite = table[np.isfinite(table["value"])]
+    present = set(finite.loc[finite["layer"] == "", "metric"])
+    if {"source_accuracy", "transfer_accuracy_mean"} <= present:
+        names = downstream_tasks(finite)
+        yield ("tradeoff_transfer", "Source accuracy against the mean linear-probe accuracy on "
+               f"the downstream datasets ({', '.join(names)}): transfer to other images.",
+               plot_transfer_tradeoff(table).figure)
+    if present & {"source_accuracy", "probe_accuracy"}:
+        yield ("tradeoff", "Source and downstream probe accuracy against epoch; triangles mark "
+               "where each probe peaked, dotted lines the chance levels.",
+               plot_tradeoff_over_epochs(table).figure)
+    if {"source_accuracy", "probe_accuracy"} <= present:
+        yield ("tradeoff_plane", "Source accuracy (discriminability) against downstream "
+               "linear-probe accuracy (transferability, mean over tasks), one trajectory per "
+               "run.", plot_tradeoff(table).figure)
+        if len(metric_tasks(finite, "probe_accuracy")) > 1:
+            yield ("tradeoff_plane_by_task", "The same trade-off plane for each downstream task.",
+                   plot_tradeoff_by_task(table))
+    if present:
+        yield ("metrics", "Every metric against epoch (colour = run, line style = task).",
+               plot_metrics(table))
+    if {"mi_xt", "mi_ty"} <= present:
+        ex = set(finite.loc[finite["metric"] == "mi_xt", "estimator"])
+        ey = set(finite.loc[finite["metric"] == "mi_ty", "estimator"])
+        common = sorted(ex & ey)
+        if len(common) > 1:
+            for est in common:
+                yield (f"information_plane_{_slug(est or 'default')}",
+                       f"Information plane ({est} estimator).",
+                       plot_information_plane(table, estimator=est).figure)
+        elif common or (len(ex) == 1 and len(ey) == 1):
+            yield ("information_plane", "Information plane: I(X;T) against I(T;Y).",
+                   plot_information_plane(table).figure)
+    if "cka_to_final" in set(finite["metric"]):
+        yield ("cka_to_final", "Linear CKA of each epoch's features to the final epoch's.",
+               plot_cka_to_final(table).figure)
+    layered = set(finite.loc[finite["layer"] != "", "metric"])
+    if layered & {"probe_accuracy", "cka_to_final"}:
+        if "probe_accuracy" in layered:
+            yield ("layer_probe_heatmap", "Downstream linear-probe accuracy (mean over tasks) "
+                   "of each layer's pooled features at each epoch: where and when "
+                   "transferability is lost.", layer_plots.plot_layer_heatmap(table))
+            yield ("best_layer", "The layer whose features transfer best at each epoch, and "
+                   "its probe accuracy against the penultimate layer's.",
+                   layer_plots.plot_best_layer(table))
+        if "cka_to_final" in layered:
+            yield ("layer_cka_to_final_heatmap", "Linear CKA of each layer to the same layer at "
+                   "the final epoch: which layers are still changing.",
+                   layer_plots.plot_layer_heatmap(table, "cka_to_final", vmin=0.0, vmax=1.0))
+    usable = {r: m for r, m in cka.items() if isinstance(m, pd.DataFrame) and not m.empty}
+    if usable:
+        yield ("temporal_cka", "Temporal linear CKA between every pair of epochs "
+               "(colour scale fixed to [0, 1]).", plot_cka_grid(usable))
+
+
+def save_all_figures(results: Results | pd.DataFrame, out_dir: str | Path,
+                     formats: Sequence[str] = ("png",)) -> list[Path]:
+    """Write every chart the available metrics allow to ``out_dir``.
+
+    Parameters
+    ----------
+    results : :class:`~dtprobe.results.core.Results` (or a bare table, then without CKA heatmaps).
+    out_dir : directory, created if needed.
+    formats : file formats understood by matplotlib, e.g. ``("png", "pdf", "svg")``.
+
+    Returns
+    -------
+    list of Path
+        The files written, ``<out_dir>/<chart>.<format>``; charts whose metrics are missing
+        are skipped, not errors.
+    """
+    supported = set(FigureCanvasBase.get_supported_filetypes())
+    formats = [f.lower().lstrip(".") for f in formats]
+    bad = [f for f in formats if f not in supported]
+    if bad:
+        raise ConfigError(f"unsupported figure format(s) {', '.join(bad)}; choose from "
+                          f"{', '.join(sorted(supported))}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name, _caption, fig in iter_figures(results):
+        try:
+            with style():
+                for fmt in formats:
+                    path = out / f"{name}.{fmt}"
+                    buf = io.BytesIO()  # rendered in memory, written atomically (no link followed)
+                    fig.savefig(buf, format=fmt)
+                    cm.atomic_write_bytes(path, buf.getvalue())
+                    written.append(path)
+        finally:
+            plt.close(fig)
+    return written
