@@ -23,7 +23,7 @@ from dtprobe.data.pixels import is_raw
 from dtprobe.data.registry import supports_store
 from dtprobe.data.store import default_store_dir
 from dtprobe.data.subsets import sample_ids_digest
-from dtprobe.features.extract import dataset_key
+from dtprobe.features.cache import dataset_key
 
 MAX_MI_INPUTS = 2000  # test images whose flattened pixels are kept as X for I(X;T)
 

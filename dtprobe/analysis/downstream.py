@@ -59,7 +59,7 @@ from dtprobe.data.registry import supports_store
 from dtprobe.data.spec import DownstreamSpec, loader_parameters, parse_downstreams
 from dtprobe.data.transfer import SourceInput, prepare_for_source, source_loader_params
 from dtprobe.errors import DtprobeError
-from dtprobe.features.extract import FeatureCache, dataset_key
+from dtprobe.features.cache import FeatureCache, dataset_key
 from dtprobe.metrics.registry import EpochView, FeatureSplit, MetricValue, available_metrics
 from dtprobe.table import DOWNSTREAM_PARAM
 

@@ -14,6 +14,7 @@ import torch
 
 from dtprobe.analysis.data import EvalData, enforce_budget
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
+from dtprobe.analysis.shares import assemble
 from dtprobe.checkpoints import reader as ckpt_io
 from dtprobe.checkpoints.fitting import load_weights
 from dtprobe.errors import CheckpointError, ConfigError, first_line
@@ -236,8 +237,6 @@ def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, 
         key = features_key(ckpt, data, split, opts)
         hit = cache.get(key)
         if hit is None and opts.image_shards > 1:  # written by the ranks of a torchrun launch
-            from dtprobe.analysis.sharding import assemble
-
             n = len(data.bundle.train if split == "train" else data.bundle.test)
             hit = assemble(cache, key, n, opts.image_shards)
         if hit is None:

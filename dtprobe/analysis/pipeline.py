@@ -38,7 +38,7 @@ from dtprobe.analysis.sharding import extract_share, shard_mode
 from dtprobe.analysis.similarity import cka_rows, compare_rows
 from dtprobe.data.spec import parse_downstreams
 from dtprobe.errors import DtprobeError
-from dtprobe.features.extract import FeatureCache
+from dtprobe.features.cache import FeatureCache
 from dtprobe.metrics.registry import MetricSpec, resolve_metrics
 from dtprobe.runtime.progress import tqdm
 from dtprobe.table import DOWNSTREAM_PARAM

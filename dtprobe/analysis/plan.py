@@ -23,12 +23,13 @@ import torch
 
 import checkpoints_manifest as cm
 from checkpoints_manifest.schema import MAX_CLASSES
+from dtprobe.analysis.shares import SHARD_MODES
 from dtprobe.checkpoints.series import infer_run
 from dtprobe.data import load_dataset
 from dtprobe.data.registry import available_datasets
 from dtprobe.errors import ConfigError, DatasetError, first_line
+from dtprobe.features.cache import FEATURE_DTYPES
 from dtprobe.features.engines import ENGINES, check_engine
-from dtprobe.features.extract import FEATURE_DTYPES
 from dtprobe.models import get_arch
 
 
@@ -433,7 +434,6 @@ def check_plan(plan: RunPlan, opts: AnalysisOptions) -> None:
 
         check_engine(opts.engine, resolve_device(opts.device) if opts.engine in ENGINES
                      else None)
-    from dtprobe.analysis.sharding import SHARD_MODES
     from dtprobe.data.subsets import check_max_samples
 
     if opts.shard not in SHARD_MODES:

@@ -19,7 +19,7 @@ import checkpoints_manifest as cm
 from dtprobe.analysis.rows import COLUMNS
 from dtprobe.errors import DtprobeError
 from dtprobe.features import integrity
-from dtprobe.features.extract import FeatureCache, for_compute, for_storage
+from dtprobe.features.cache import FeatureCache, for_compute, for_storage
 
 #: Largest per-checkpoint part file read back (a real one is a few KiB).
 MAX_PART_BYTES = 16 << 20

@@ -14,8 +14,6 @@ checkpoints otherwise; ``--shard images`` / ``--shard checkpoints`` force one.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 import torch
@@ -29,62 +27,17 @@ from dtprobe.analysis.features import (
     read_checkpoint,
 )
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
-from dtprobe.data.pixels import is_raw
-from dtprobe.errors import ConfigError
+from dtprobe.analysis.shares import (  # noqa: F401  (re-exported: this module's former names)
+    SHARD_MODES,
+    assemble,
+    image_rows,
+    part_key,
+    row_range,
+    shard_mode,
+)
 
 __all__ = ["SHARD_MODES", "assemble", "extract_share", "part_key", "row_range",
            "shard_mode"]
-
-SHARD_MODES = ("auto", "checkpoints", "images")
-
-
-def shard_mode(choice: str, checkpoints: int, world_size: int) -> str:
-    """``"images"`` or ``"checkpoints"`` for ``--shard choice`` (see the module docstring)."""
-    if choice not in SHARD_MODES:
-        raise ConfigError(f"--shard {choice!r}: choose one of {', '.join(SHARD_MODES)}")
-    if choice == "auto":
-        return "images" if world_size > 1 and checkpoints < world_size else "checkpoints"
-    return choice
-
-
-def row_range(n: int, part: int, parts: int) -> tuple[int, int]:
-    """Rows ``[start, stop)`` of share ``part`` of ``parts`` (sizes differ by at most one)."""
-    return n * part // parts, n * (part + 1) // parts
-
-
-def part_key(key: str, part: int, parts: int, n: int) -> str:
-    """Cache key of share ``part`` of ``parts`` of the ``n`` rows cached under ``key``."""
-    text = json.dumps(["rows", key, part, parts, n])
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def image_rows(images: Any, start: int, stop: int) -> Any:
-    """Rows ``[start, stop)`` of a float tensor or :class:`RawImages`, as a view."""
-    return images.rows(start, stop) if is_raw(images) else images[start:stop]
-
-
-def assemble(cache: Any, key: str, n: int, parts: int) -> dict[str, torch.Tensor] | None:
-    """The whole of ``key`` from its ``parts`` part files (cached under ``key`` and the parts
-    removed), or None when a part is missing or does not fit (then the caller extracts)."""
-    pieces = []
-    for part in range(parts):
-        start, stop = row_range(n, part, parts)
-        if stop == start:
-            continue  # more ranks than rows: an empty share writes nothing
-        hit = cache.get(part_key(key, part, parts, n))
-        if hit is None or int(hit["features"].shape[0]) != stop - start:
-            return None
-        pieces.append(hit)
-    if not pieces:
-        return None
-    if set(pieces[0]) != set().union(*pieces):
-        return None
-    whole = {name: torch.cat([p[name] for p in pieces]) for name in pieces[0]}
-    cache.put(key, whole)
-    for part in range(parts):
-        cache.remove(part_key(key, part, parts, n))
-    return whole
-
 
 def extract_share(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, cache: Any,
                   device: torch.device, opts: AnalysisOptions, part: int, parts: int) -> None:

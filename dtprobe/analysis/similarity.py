@@ -24,7 +24,7 @@ from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.resume import EpochFeatures, ReadThroughCache
 from dtprobe.analysis.rows import note
 from dtprobe.errors import DtprobeError
-from dtprobe.features.extract import FeatureCache, dataset_key
+from dtprobe.features.cache import FeatureCache, dataset_key
 from dtprobe.metrics import cka_matrix, cka_permutation_null
 from dtprobe.metrics.registry import MetricSpec
 

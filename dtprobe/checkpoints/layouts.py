@@ -173,10 +173,10 @@ def _safetensors_header(path: Path, limit: int = 100 * 2**20) -> dict[str, Any] 
     if len(text) != size or not text.startswith(b"{"):
         return None
     try:
-        header = json.loads(text)
+        header, _ = reader.split_safetensors(head + text)
     except (ValueError, RecursionError):
         return None
-    return header if isinstance(header, dict) else None
+    return header
 
 
 def _number(value: Any) -> float | None:

@@ -72,6 +72,7 @@ __all__ = [
     "read_checkpoint_meta",
     "resolve_inside",
     "safe_torch_load",
+    "split_safetensors",
     "verify_sha256",
 ]
 
@@ -508,13 +509,40 @@ def _is_safetensors(data: bytes, path: Path) -> bool:
     return path.suffix == ".safetensors" and bool(data)  # let safetensors say what is wrong
 
 
-def _safetensors_header(data: bytes) -> dict[str, Any]:
+def split_safetensors(data: bytes) -> tuple[dict[str, Any], memoryview]:
+    """Header and tensor bytes of safetensors content: the one reader of the format's header.
+
+    The format is an 8-byte little-endian header length, that many bytes of JSON (an object:
+    tensor name -> dtype, shape and offsets, plus an optional ``__metadata__`` of strings), then
+    the tensor bytes. Used for checkpoints, the feature cache and checkpoint peeking.
+
+    Parameters
+    ----------
+    data : bytes
+        The content, or (to read the header alone) its first ``8 + header length`` bytes.
+
+    Returns
+    -------
+    header : dict
+    body : memoryview
+        The bytes after the header.
+
+    Raises
+    ------
+    ValueError
+        Truncated content, or a header that is not a JSON object.
+    """
     size = int.from_bytes(data[:8], "little")
     if len(data) < 8 or size > len(data) - 8:
         raise ValueError(f"header of {size} bytes in a file of {len(data)} bytes")
     header = json.loads(data[8:8 + size])
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
+    return header, memoryview(data)[8 + size:]
+
+
+def _safetensors_header(data: bytes) -> dict[str, Any]:
+    header, _ = split_safetensors(data)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise ValueError("__metadata__ is not a JSON object")

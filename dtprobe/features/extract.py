@@ -36,33 +36,33 @@ perspective. ECCV 2022.
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
-import json
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from checkpoints_manifest import atomic_write_bytes, read_regular_file
 from dtprobe.data.pixels import RawImages, is_raw
 from dtprobe.errors import ConfigError
-from dtprobe.features import integrity
+from dtprobe.features.cache import (  # noqa: F401  (re-exported: dtprobe.extract's names)
+    CACHE_VERSION,
+    FEATURE_DTYPES,
+    FeatureCache,
+    cache_key,
+    dataset_key,
+    feature_dtype_tag,
+    for_compute,
+    for_storage,
+    resolve_feature_dtype,
+)
 from dtprobe.features.engines import check_engine, run_engine
-from dtprobe.models.tap import PenultimateTap
+from dtprobe.features.prepare import Taps, inference_model
 
 __all__ = ["CACHE_VERSION", "FEATURE_DTYPES", "FeatureCache", "auto_batch_size", "cache_key",
            "dataset_key", "extract_features", "feature_dtype_tag", "for_compute", "for_storage",
            "inference_model", "resolve_feature_dtype"]
-
-CACHE_VERSION = 1
 
 BatchSize = int | Literal["auto"]
 #: Images to extract from: normalised float tensors, or uint8 pixels normalised on the device.
@@ -79,189 +79,6 @@ _CUDA_MAX_BATCH = 4096
 _AUTO_BATCH: dict[tuple, int] = {}
 #: Images used to check a BatchNorm-folded copy against the original network.
 _FOLD_CHECK_IMAGES = 4
-
-
-# --------------------------------------------------------------------------------- helpers
-def _pool(t: torch.Tensor) -> torch.Tensor:
-    """One vector per image: convolutional maps (N, C, H, W) are averaged over space, as in most
-    CKA studies; token sequences (N, T, D) of vision transformers over their tokens."""
-    if t.ndim == 3:
-        return t.mean(dim=1)
-    return t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t.flatten(1)
-
-
-class _Taps:
-    """Penultimate tap on ``head`` plus pooled forward hooks on ``layers`` of ``net``."""
-
-    def __init__(self, net: nn.Module, head: nn.Module, layers: Sequence[str]):
-        self.tap = PenultimateTap(head)
-        self.captured: dict[str, torch.Tensor] = {}
-        self.handles = []
-        try:
-            for name in layers:
-                module = net.get_submodule(name)
-                self.handles.append(module.register_forward_hook(
-                    lambda _m, _a, out, name=name: self.captured.__setitem__(name, _pool(out))))
-        except BaseException:
-            self.remove()
-            raise
-
-    def run(self, net: nn.Module, x: torch.Tensor, device: torch.device,
-            amp: bool = False) -> dict[str, torch.Tensor]:
-        self.captured.clear()
-        self.tap.features = None
-        if amp:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                logits = net(x)
-        else:
-            logits = net(x)
-        if self.tap.features is None:
-            raise RuntimeError("the head module was not called in forward(); pass the module "
-                               "whose input is the penultimate layer")
-        outs = {"features": self.tap.features, "logits": logits}
-        outs.update({f"layer:{k}": v for k, v in self.captured.items()})
-        return outs
-
-    def remove(self) -> None:
-        self.tap.remove()
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-def _module_name(model: nn.Module, module: nn.Module) -> str | None:
-    for name, m in model.named_modules():
-        if m is module:
-            return name
-    return None
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def _close(ref: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> bool:
-    if ref.keys() != new.keys():
-        return False
-    for key, a in ref.items():
-        b = new[key]
-        if a.shape != b.shape:
-            return False
-        a, b = a.float(), b.float()
-        scale = float(a.abs().max()) if a.numel() else 0.0
-        # Folding changes rounding only (~1e-6 relative in float32; TF32 convolutions on CUDA
-        # give ~1e-3); a structural difference is O(1) of the output's scale.
-        if not torch.allclose(a, b, rtol=1e-2, atol=1e-2 * scale + 1e-6):
-            return False
-    return True
-
-
-_CONV_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
-
-
-class _Tracer(torch.fx.Tracer):
-    """``torch.fx`` tracer that keeps the head and the hooked layers as opaque leaf calls, so
-    their hooks still fire in the traced copy."""
-
-    def __init__(self, leaves: set[str]):
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (module_qualified_name in self.leaves
-                or super().is_leaf_module(m, module_qualified_name))
-
-
-def _fold_batchnorm(model: nn.Module, leaves: set[str]) -> tuple[nn.Module, int]:
-    """Trace a deep copy of ``model`` and fold every eval BatchNorm into the conv feeding it.
-
-    A pair is folded only when the conv's output feeds nothing but the BatchNorm, the conv
-    module is called once, the BatchNorm tracks running statistics, and neither is a leaf
-    (a hooked layer or the head). Returns the traced copy and the number of folded pairs.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    copy_ = copy.deepcopy(model)
-    graph = _Tracer(leaves).trace(copy_)
-    modules = dict(copy_.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    folded = 0
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not node.args:
-            continue
-        src = node.args[0]
-        if not isinstance(src, torch.fx.Node) or src.op != "call_module":
-            continue
-        conv, bn = modules.get(src.target), modules.get(node.target)
-        if (type(conv) not in _CONV_BN or type(bn) is not _CONV_BN[type(conv)]
-                or len(src.users) != 1 or calls[src.target] != 1
-                or not bn.track_running_stats or bn.running_mean is None
-                or src.target in leaves or node.target in leaves):
-            continue
-        parent_name, _, attr = src.target.rpartition(".")
-        parent = copy_.get_submodule(parent_name) if parent_name else copy_
-        setattr(parent, attr, fuse_conv_bn_eval(conv, bn))
-        node.replace_all_uses_with(src)
-        graph.erase_node(node)
-        folded += 1
-    return torch.fx.GraphModule(copy_, graph), folded
-
-
-@torch.no_grad()
-def inference_model(model: nn.Module, head: nn.Module, layers: Sequence[str] = (),
-                    probe: torch.Tensor | None = None) -> tuple[nn.Module, nn.Module, bool]:
-    """An inference copy of ``model`` with eval-mode BatchNorm folded into preceding convs.
-
-    Folding ``y = gamma (W x + b - mu) / sqrt(var + eps) + beta`` into one convolution with
-    weight ``W gamma / sqrt(var + eps)`` removes a full pass over every activation map; the
-    result equals the original up to float rounding.
-
-    Parameters
-    ----------
-    model : the network, in eval mode and on its device (not modified).
-    head : its classification head (a submodule of ``model``).
-    layers : dotted module names whose outputs will be hooked; they stay callable modules.
-    probe : a few input images on the model's device; the folded copy is used only if its
-        logits, penultimate features and layer outputs match the original's on them.
-
-    Returns
-    -------
-    (net, net_head, folded) : the network to run, its head module, and whether folding took
-    place. Without foldable BatchNorm, with a head outside ``model``, a network ``torch.fx``
-    cannot trace, or any disagreement on ``probe``, this is ``(model, head, False)``.
-    """
-    name = _module_name(model, head)
-    if not name or not _has_batchnorm(model) or model.training:
-        return model, head, False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fused, count = _fold_batchnorm(model, {name, *layers})
-        if count == 0:
-            return model, head, False
-        fused_head = fused.get_submodule(name)
-        for layer in layers:
-            fused.get_submodule(layer)
-    except Exception:  # untraceable control flow, a layer lost by tracing, ...
-        return model, head, False
-    fused.eval()
-    if probe is not None:
-        device = probe.device
-        outs = []
-        for net, hd in ((model, head), (fused, fused_head)):
-            taps = _Taps(net, hd, layers)
-            try:
-                outs.append(taps.run(net, probe, device, amp=False))
-            except Exception:
-                return model, head, False
-            finally:
-                taps.remove()
-        if not _close(*outs):
-            return model, head, False
-    return fused, fused_head, True
 
 
 def auto_batch_size(images: Images, device: torch.device) -> int:
@@ -498,7 +315,7 @@ def extract_features(model: nn.Module, head: nn.Module, images: Images, *,
         size = int(batch_size)
     size = first = max(1, min(size, n))
 
-    taps = _Taps(net, net_head, layers)
+    taps = Taps(net, net_head, layers)
     out: dict[str, torch.Tensor] = {}
     progress = [0]  # rows completed
     try:
@@ -521,7 +338,7 @@ def extract_features(model: nn.Module, head: nn.Module, images: Images, *,
     return {k: v.cpu() if v.device.type != "cpu" else v for k, v in out.items()}
 
 
-def _run_range(net: nn.Module, taps: _Taps, images: Images, size: int,
+def _run_range(net: nn.Module, taps: Taps, images: Images, size: int,
                device: torch.device, channels_last: bool, out: dict[str, torch.Tensor],
                progress: list[int], amp: bool) -> None:
     """Forward ``images[progress[0]:]`` in batches of ``size`` into preallocated ``out``.
@@ -547,171 +364,3 @@ def _run_range(net: nn.Module, taps: _Taps, images: Images, size: int,
                     out[name] = buf
                 buf[s:e].copy_(val, non_blocking=True)
             progress[0] = e
-
-
-# ----------------------------------------------------------------------------------- cache
-def cache_key(checkpoint_sha256: str, dataset_key: str, split: str, layers: Sequence[str],
-              transform: str = "") -> str:
-    """Key of one checkpoint's features on one dataset split.
-
-    Parameters
-    ----------
-    checkpoint_sha256 : digest of the checkpoint file (or another unique id of its weights).
-    dataset_key : :func:`dataset_key` of the evaluation data.
-    split : ``"train"`` or ``"test"``.
-    layers : extra layers extracted (order does not matter).
-    transform : optional tag of any input transform not captured by ``dataset_key``; the
-        empty default leaves the key as in earlier versions, so existing caches stay valid.
-    """
-    parts: list = [CACHE_VERSION, checkpoint_sha256, dataset_key, split, sorted(layers)]
-    if transform:
-        parts.append(transform)
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
-
-
-def dataset_key(name: str, params: dict) -> str:
-    """A stable string identifying a dataset (name + its generating parameters)."""
-    return f"{name}:{json.dumps(params, sort_keys=True, default=str)}"
-
-
-#: Storage precisions of cached features and layer outputs (``--feature-dtype``).
-FEATURE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
-                                          "bfloat16": torch.bfloat16}
-
-
-def resolve_feature_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a ``--feature-dtype`` name; :class:`ConfigError` for any other."""
-    if not isinstance(name, str) or name not in FEATURE_DTYPES:
-        raise ConfigError(f"--feature-dtype {name!r}: pass one of {', '.join(FEATURE_DTYPES)}")
-    return FEATURE_DTYPES[name]
-
-
-def feature_dtype_tag(name: str) -> str:
-    """The :func:`cache_key` ``transform`` tag of a storage dtype: empty for float32 (the keys
-    of earlier versions), so that half-precision and float32 features never share a key."""
-    resolve_feature_dtype(name)
-    return "" if name == "float32" else f"dtype={name}"
-
-
-def for_storage(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    """``tensors`` as cached with ``--feature-dtype name``: ``features`` and ``layer:*`` in that
-    dtype; ``logits`` stay float32, so that the source accuracy (an argmax, often between
-    near-tied logits) and the logit-based scores (LEEP, NCE) are not changed by storage.
-
-    Raises
-    ------
-    ValueError
-        A finite value does not fit the dtype (float16 overflows beyond 65504).
-    """
-    dtype = resolve_feature_dtype(name)
-    out = {}
-    for key, value in tensors.items():
-        if key == "logits" or not value.is_floating_point() or value.dtype == dtype:
-            out[key] = value
-            continue
-        cast = value.to(dtype)
-        if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(value).all()):
-            peak = float(value.abs().max())
-            raise ValueError(f"{key} reaches |x| = {peak:.3g}, beyond the {name} range "
-                             f"({torch.finfo(dtype).max:.6g})")
-        out[key] = cast
-    return out
-
-
-def for_compute(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cached tensors as the metrics read them: half-precision entries cast to float32 (exact:
-    every float16 and bfloat16 value is a float32 value)."""
-    return {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
-            for k, v in tensors.items()}
-
-
-_REQUIRED = ("features", "logits")
-
-
-class FeatureCache:
-    """Safetensors files under ``root`` keyed by :func:`cache_key` (no pickle involved).
-
-    ``reuse=False`` ignores existing entries (they are recomputed and overwritten); features are
-    always written, because the across-epoch metrics stream them back from disk. Files are
-    written atomically under an unpredictable temporary name, then renamed
-    (:func:`checkpoints_manifest.atomic_writer`), so a reader never sees a partial file and a
-    link planted in the folder is never written through. Each file is sealed
-    (:mod:`dtprobe.features.integrity`: an HMAC of its tensors bound to its key, with this user's secret
-    key), and read back only as a regular file of bounded size; a torn, foreign, forged or
-    inconsistent file (missing ``features``/``logits``, rows that disagree) is a cache miss,
-    never an error and never a result.
-    """
-
-    def __init__(self, root: Path | str, reuse: bool = True):
-        self.root = Path(root)
-        self.reuse = reuse
-        self._fresh: set[str] = set()
-
-    def _path(self, key: str) -> Path:
-        return self.root / f"{key}.safetensors"
-
-    def __contains__(self, key: str) -> bool:
-        return self.get(key) is not None
-
-    def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        """The cached tensors of ``key``, or ``None`` (absent, ignored, torn, forged, foreign)."""
-        path = self._path(key)
-        if not self.reuse and key not in self._fresh:
-            return None
-        try:
-            data = read_regular_file(path, MAX_CACHE_BYTES, "feature file")
-            if not _sealed(key, data):
-                return None
-            tensors = load_safetensors(data)
-        except Exception:  # absent, torn, foreign or forged: a cache miss, never an error
-            return None
-        if any(k not in tensors for k in _REQUIRED):
-            return None
-        n = tensors["features"].shape[0] if tensors["features"].ndim else -1
-        if any(t.ndim == 0 or t.shape[0] != n for t in tensors.values()):
-            return None
-        return tensors
-
-    def remove(self, key: str) -> None:
-        """Delete the entry ``key`` if present (e.g. part files once their whole is cached)."""
-        self._fresh.discard(key)
-        self._path(key).unlink(missing_ok=True)
-
-    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Store ``tensors`` under ``key`` atomically (temporary file, then rename), sealed."""
-        self._fresh.add(key)
-        self.root.mkdir(parents=True, exist_ok=True)
-        contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        # The seal covers the tensor entries and bytes, which adding metadata leaves unchanged.
-        header, body = _split(save_safetensors(contiguous))
-        mac = integrity.seal(key, _canonical(header), body)
-        atomic_write_bytes(self._path(key), save_safetensors(
-            contiguous, metadata={"dtprobe_key": key, "dtprobe_mac": mac}))
-
-
-#: Largest feature file read back (features of a few hundred thousand images).
-MAX_CACHE_BYTES = 16 << 30
-
-
-def _split(data: bytes) -> tuple[dict, memoryview]:
-    """Header (JSON object) and tensor bytes of safetensors content."""
-    size = int.from_bytes(data[:8], "little")
-    if len(data) < 8 or size > len(data) - 8:
-        raise ValueError("truncated safetensors header")
-    header = json.loads(data[8:8 + size])
-    if not isinstance(header, dict):
-        raise ValueError("safetensors header is not an object")
-    return header, memoryview(data)[8 + size:]
-
-
-def _canonical(header: dict) -> bytes:
-    """The tensor entries of a header (names, dtypes, shapes, offsets), metadata left out."""
-    return json.dumps({k: v for k, v in header.items() if k != "__metadata__"},
-                      sort_keys=True).encode()
-
-
-def _sealed(key: str, data: bytes) -> bool:
-    header, body = _split(data)
-    meta = header.get("__metadata__") or {}
-    return (isinstance(meta, dict) and meta.get("dtprobe_key") == key
-            and integrity.verify(key, meta.get("dtprobe_mac"), _canonical(header), body))

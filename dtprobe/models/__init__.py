@@ -2,8 +2,10 @@
 
 from dtprobe.models import (  # noqa: F401  (registration)
     ctc_resnext,
+    hf_models,
     resnext_cifar,
     small_cnn,
+    timm_models,
     torchvision_resnet,
 )
 from dtprobe.models.registry import (

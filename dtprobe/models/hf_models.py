@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from dtprobe.errors import ConfigError
-from dtprobe.models.registry import AUTO_HEAD, ArchSpec
+from dtprobe.models.registry import AUTO_HEAD, ArchSpec, register_arch_prefix
 
 PREFIX = "hf:"
 
@@ -50,3 +50,7 @@ def hf_arch(name: str) -> ArchSpec:
         return model
 
     return ArchSpec(name, builder, AUTO_HEAD, f"transformers model from {folder}/config.json")
+
+
+# Not cached: the folder's config.json may change between runs.
+register_arch_prefix(PREFIX, hf_arch, cache=False)

@@ -78,6 +78,27 @@ class ArchSpec:
 
 
 _ARCHS: dict[str, ArchSpec] = {}
+#: ``prefix -> (resolver, cache)``: name schemes (``timm:``, ``hf:``) resolved by a back-end
+#: module, registered when :mod:`dtprobe.models` imports it (this module imports none of them).
+_PREFIX_RESOLVERS: dict[str, tuple[Callable[[str], ArchSpec], bool]] = {}
+
+
+def register_arch_prefix(prefix: str, resolver: Callable[[str], ArchSpec], *,
+                         cache: bool = True) -> None:
+    """Resolve every ``--arch`` name starting with ``prefix`` with ``resolver(name)``.
+
+    Parameters
+    ----------
+    prefix : str
+        E.g. ``"timm:"``.
+    resolver : callable
+        ``resolver(name) -> ArchSpec``; raises :class:`~dtprobe.errors.ConfigError` when the
+        name cannot be built (back-end missing, unknown model).
+    cache : bool
+        Keep the spec for later look-ups of the same name (not for specs read from files that
+        may change between runs).
+    """
+    _PREFIX_RESOLVERS[prefix] = (resolver, cache)
 
 
 def register_arch(name: str, *, head: str, description: str = "",
@@ -178,15 +199,12 @@ def get_arch(name: str) -> ArchSpec:
         if spec.deprecated:
             warnings.warn(spec.deprecated, FutureWarning, stacklevel=2)
         return spec
-    if name.startswith("timm:"):
-        from dtprobe.models.timm_models import timm_arch
-
-        _ARCHS[name] = timm_arch(name)
-        return _ARCHS[name]
-    if name.startswith("hf:"):
-        from dtprobe.models.hf_models import hf_arch
-
-        return hf_arch(name)
+    for prefix, (resolver, cache) in _PREFIX_RESOLVERS.items():
+        if name.startswith(prefix):
+            spec = resolver(name)
+            if cache:
+                _ARCHS[name] = spec
+            return spec
     if name.startswith("torchvision:"):
         _ARCHS[name] = _torchvision_arch(name)
         return _ARCHS[name]

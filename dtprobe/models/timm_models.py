@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from dtprobe.errors import ConfigError
-from dtprobe.models.registry import ArchSpec
+from dtprobe.models.registry import ArchSpec, register_arch_prefix
 
 PREFIX = "timm:"
 
@@ -34,3 +34,6 @@ def timm_arch(name: str) -> ArchSpec:
     head = probe.pretrained_cfg.get("classifier", "fc") if hasattr(probe, "pretrained_cfg") \
         else "fc"
     return ArchSpec(name, builder, head, f"timm model {model_name}")
+
+
+register_arch_prefix(PREFIX, timm_arch)

@@ -28,15 +28,17 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 import checkpoints_manifest as cm
 from dtprobe import __version__
 from dtprobe.errors import ConfigError
-from dtprobe.results.core import Results
 from dtprobe.table import metric_info, parse_params
+
+if TYPE_CHECKING:  # pragma: no cover  (type only: the report never imports dtprobe.results.core)
+    from dtprobe.results.core import Results
 
 _CSS = """
 :root { --fg: #1d2327; --muted: #5b6670; --line: #d9dee3; --head: #f3f5f7; --accent: #0173b2;
@@ -499,11 +501,14 @@ def _charts(results: Results, dpi: int) -> tuple[str, list[tuple[str, str]]]:
 
 def render_report(results: Results, title: str | None = None, dpi: int = 110) -> str:
     """Return the report as one HTML string (see :func:`write_report`)."""
-    if isinstance(results, pd.DataFrame):
-        results = Results(results)
-    if not isinstance(results, Results):
+    # Duck-typed, so that this module stays above dtprobe.results.core without importing it
+    # (Results.write_report is the front-end that imports this module on call).
+    if not all(hasattr(results, a) for a in ("table", "runs", "epochs", "sources")):
+        hint = ("wrap the table: dtprobe.results.Results(table)"
+                if isinstance(results, pd.DataFrame) else
+                "use dtprobe.results.load_results(run_dir)")
         raise ConfigError(f"write_report needs a Results object, got {type(results).__name__}; "
-                          f"use dtprobe.results.core.load_results(run_dir)")
+                          f"{hint}")
     runs = results.runs
     title = title or ("dtprobe report: " + (" vs ".join(runs) if runs else "no runs"))
     epochs = results.epochs()

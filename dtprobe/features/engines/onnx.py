@@ -47,6 +47,7 @@ from torch import nn
 
 from dtprobe.data.pixels import is_raw
 from dtprobe.errors import ConfigError, first_line
+from dtprobe.features.prepare import Taps, inference_model
 
 __all__ = ["CHECK_IMAGES", "TOLERANCE", "OnnxNetwork", "export_onnx", "export_stats",
            "extract_onnx", "require_onnxruntime", "reset_export_stats"]
@@ -102,9 +103,7 @@ class _Outputs(nn.Module):
         self.layers = list(layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from dtprobe.features.extract import _Taps
-
-        taps = _Taps(self.net, self.head[0], self.layers)
+        taps = Taps(self.net, self.head[0], self.layers)
         try:
             outs = taps.run(self.net, x, x.device)
         finally:
@@ -251,8 +250,6 @@ def _kept(model: nn.Module, head: nn.Module, layers: Sequence[str], probe: torch
 def _network(model: nn.Module, head: nn.Module, layers: Sequence[str], probe: torch.Tensor,
              fold_batchnorm: bool) -> OnnxNetwork:
     """The session for ``model``'s current weights: the kept one, or a fresh export."""
-    from dtprobe.features.extract import inference_model
-
     network = _kept(model, head, layers, probe, fold_batchnorm)
     if network is not None:
         _STATS["reused"] += 1
@@ -317,11 +314,9 @@ def extract_onnx(model: nn.Module, head: nn.Module, images, *, batch_size: int,
         :data:`TOLERANCE`, and also (silently) when the eager network fails on those images
         or gives NaN/Inf there, so that the caller's eager path reports what it reports.
     """
-    from dtprobe.features.extract import _Taps
-
     n = int(images.shape[0])
     probe = _host_batch(images, 0, min(n, CHECK_IMAGES))
-    taps = _Taps(model, head, layers)
+    taps = Taps(model, head, layers)
     try:
         with torch.inference_mode():
             ref = taps.run(model, probe, probe.device)
