@@ -20,7 +20,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,7 +43,8 @@ LOCK_TIMEOUT_S = 120.0
 #: checkpoint, so this holds tens of thousands of checkpoints).
 MAX_MANIFEST_BYTES = 32 << 20
 _CHUNK = 1 << 20
-_TMP_SUFFIX = ".tmp"
+#: Ending of every temporary file the atomic writers create (``.NAME.<random>.tmp``).
+TEMP_SUFFIX = ".tmp"
 _DEFAULT_MODE = 0o644
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _mkstemp = tempfile.mkstemp  # O_CREAT | O_EXCL | O_NOFOLLOW, random name (indirection for tests)
@@ -263,6 +264,57 @@ def _tmp_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
+def is_own_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary file of the atomic writers (``.NAME.<random>.tmp``).
+
+    The test for folders shared with other programs (a run directory): a user's ``notes.tmp``
+    is not ours.
+    """
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is any temporary name a dtprobe writer ever used: ``*.tmp`` or
+    ``*.tmp.*`` (earlier versions wrote ``NAME.<pid>.tmp``, not hidden).
+
+    The test for folders that only dtprobe writes (``analysis/``, its ``parts``/``features``).
+    """
+    return name.endswith(TEMP_SUFFIX) or TEMP_SUFFIX + "." in name
+
+
+def remove_temp_files(directories: Iterable[str | os.PathLike[str]],
+                      is_temp: Callable[[str], bool] = is_own_temp_name) -> list[Path]:
+    """Delete the regular files (never through a link) named ``is_temp`` in ``directories``.
+
+    The one clean-up of what writers killed between writing and renaming leave behind. Call it
+    only while no other process can be writing there (under the folder's lock).
+
+    Parameters
+    ----------
+    directories : folders to clean (missing or unreadable ones are skipped).
+    is_temp : which names are temporary: :func:`is_own_temp_name` (default; shared folders)
+        or :func:`is_temp_name` (folders only dtprobe writes).
+
+    Returns
+    -------
+    list of Path
+        The files removed.
+    """
+    removed: list[Path] = []
+    for directory in directories:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            if is_temp(entry.name):
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False):
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+    return removed
+
+
 def remove_stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:
     """Delete temporary files that :func:`atomic_write_text` left for ``path`` when its writer
     was killed between writing and renaming (``.NAME.<random>.tmp`` beside ``path``).
@@ -271,19 +323,9 @@ def remove_stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:
     :func:`manifest_lock`). Returns the files removed.
     """
     path = Path(path)
-    removed = []
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        return removed
     prefix = _tmp_prefix(path)
-    for entry in entries:
-        if entry.name.startswith(prefix) and entry.name.endswith(_TMP_SUFFIX):
-            with contextlib.suppress(OSError):
-                if entry.is_file(follow_symlinks=False):
-                    os.unlink(entry.path)
-                    removed.append(Path(entry.path))
-    return removed
+    return remove_temp_files([path.parent],
+                             lambda name: name.startswith(prefix) and is_own_temp_name(name))
 
 
 @contextlib.contextmanager
@@ -322,7 +364,7 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", *,
             file_mode = st.st_mode & 0o777 if stat.S_ISREG(st.st_mode) else _DEFAULT_MODE
         except FileNotFoundError:
             file_mode = _DEFAULT_MODE
-    fd, tmp = _mkstemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
+    fd, tmp = _mkstemp(prefix=_tmp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         if mode == "w":
             fh = os.fdopen(fd, "w", encoding=encoding or "utf-8", errors=errors or "strict",

@@ -662,11 +662,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _check_analyze_args(args: argparse.Namespace) -> None:
     from dtprobe.errors import ConfigError
     from dtprobe.names import check_metric_names, check_name
+    from dtprobe.table import ANALYSIS_DIR
 
     check_name(args.dataset, "dataset", "--dataset")
     check_name(args.arch, "architecture", "--arch")
     check_metric_names(args.metrics)
-    analysis = Path(args.run_dir) / "analysis"
+    analysis = Path(args.run_dir) / ANALYSIS_DIR
     if analysis.parent.is_dir():  # a missing run is reported by the analysis itself
         try:
             check_output_dir(analysis, "RUN_DIR")
@@ -722,9 +723,11 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _finish_analyze(args: argparse.Namespace, results) -> int:
+    from dtprobe.table import ANALYSIS_DIR
+
     if results is None:  # a torchrun rank > 0: rank 0 merged and reports
         return 0
-    out = Path(args.run_dir) / "analysis"
+    out = Path(args.run_dir) / ANALYSIS_DIR
     stats = getattr(results, "stats", None)
     failed = len(results.failures)
     total = stats.checkpoints if stats is not None else None

@@ -125,7 +125,7 @@ def _train_or_resume(cfg: TrainConfig) -> None:
     if run_is_complete(run_dir, cfg.epochs):
         print(f"{run_dir}: already trained, reusing it")
         return
-    cfg.resume = (run_dir / "manifest.json").exists()
+    cfg.resume = (run_dir / cm.MANIFEST_NAME).exists()
     train(cfg)
 
 

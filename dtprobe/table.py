@@ -17,6 +17,22 @@ import pandas as pd
 
 from dtprobe.errors import ConfigError, DtprobeError
 
+# ------------------------------------------------------------------ files of an analysis
+#: Folder of a run that holds its analysis; the files and folders below live in it.
+ANALYSIS_DIR = "analysis"
+#: The tidy table (:data:`TABLE_COLUMNS`).
+METRICS_FILE = "metrics.csv"
+#: Epoch x epoch linear CKA matrix.
+CKA_FILE = "cka_matrix.csv"
+#: Checkpoints that could not be analysed (:data:`FAILURE_COLUMNS`).
+FAILURES_FILE = "failures.csv"
+#: Columns of :data:`FAILURES_FILE`.
+FAILURE_COLUMNS: tuple[str, ...] = ("run", "epoch", "path", "reason")
+#: Per-checkpoint metric rows, reused when their key matches.
+PARTS_DIR = "parts"
+#: The sealed feature cache.
+FEATURES_DIR = "features"
+
 TABLE_COLUMNS: tuple[str, ...] = (
     "run", "epoch", "step", "metric", "task", "layer", "other_run", "value", "estimator",
     "params", "diagnostics",

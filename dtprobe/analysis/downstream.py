@@ -38,7 +38,6 @@ References
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -49,7 +48,13 @@ from typing import Any
 import torch
 
 from dtprobe.analysis.data import EvalData, enforce_budget, place_images
-from dtprobe.analysis.epoch_metrics import LAYER_METRICS, _rows, apply_metric, layer_views
+from dtprobe.analysis.epoch_metrics import (
+    LAYER_METRICS,
+    apply_metric,
+    layer_views,
+    metric_rows,
+    rows_key,
+)
 from dtprobe.analysis.features import checkpoint_features, verify_checkpoint
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.resume import PartStore
@@ -142,19 +147,15 @@ class DownstreamPartStore(PartStore):
 
 def downstream_part_key(ckpt: PlannedCheckpoint, ds: DownstreamData, metrics: Sequence[str],
                         opts: AnalysisOptions) -> str:
-    fields = [DOWNSTREAM_VERSION, ckpt.cache_digest, ds.data.key, ds.spec.text, list(metrics),
-              opts.seed, ds.problem]
-    if opts.layers:  # per-layer rows depend on the layers extracted
-        fields.append(sorted(opts.layers))
-    if opts.feature_dtype != "float32":  # rows of rounded features (float32 keys unchanged)
-        fields.append(f"dtype={opts.feature_dtype}")
-    payload = json.dumps(fields)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """Key of the rows of downstream dataset ``ds`` on ``ckpt`` (the one recipe,
+    :func:`~dtprobe.analysis.epoch_metrics.rows_key`)."""
+    return rows_key(DOWNSTREAM_VERSION, ckpt,
+                    [ds.data.key, ds.spec.text, list(metrics), opts.seed, ds.problem], opts)
 
 
 def _row(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamData,
          v: MetricValue, view: EpochView | None = None, layer: str = "") -> dict[str, Any]:
-    (row,) = _rows(plan, ckpt, [v], view)
+    (row,) = metric_rows(plan, ckpt, [v], view)
     params = json.loads(row["params"]) if row["params"] else {}
     params[DOWNSTREAM_PARAM] = ds.spec.text
     if ds.data.max_samples is not None:  # the subset's sizes and ids digest, as source rows

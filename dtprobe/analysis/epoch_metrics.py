@@ -47,8 +47,10 @@ def _chance(view: EpochView, metric: str, task: str) -> float | None:
     return chance_level(view.test.factors.get(task)) if view.test.factors else None
 
 
-def _rows(plan: RunPlan, ckpt: PlannedCheckpoint, values,
-          view: EpochView | None = None) -> list[dict[str, Any]]:
+def metric_rows(plan: RunPlan, ckpt: PlannedCheckpoint, values,
+                view: EpochView | None = None) -> list[dict[str, Any]]:
+    """Table rows of ``values`` (:class:`MetricValue`) measured on ``ckpt`` of ``plan``: settings and
+    computed diagnostics split, the chance level of an accuracy added from ``view``."""
     rows = []
     for v in values:
         settings, diagnostics = split_params(v.params)
@@ -97,7 +99,7 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
         head_weight=weight, head_bias=bias, seed=opts.seed)
     rows = []
     for spec in specs:
-        rows.extend(_rows(plan, ckpt, apply_metric(spec, view, ckpt.epoch), view))
+        rows.extend(metric_rows(plan, ckpt, apply_metric(spec, view, ckpt.epoch), view))
     # Layer x epoch: the metrics that depend only on features and labels, on each requested
     # layer's (pooled) outputs; the source head, logits and MI inputs belong to the penultimate.
     layer_specs = [s for s in specs if s.name in LAYER_METRICS]
@@ -107,7 +109,7 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
             values = apply_metric(spec, layer_view, ckpt.epoch)
             for v in values:
                 v.layer = layer
-            rows.extend(_rows(plan, ckpt, values, layer_view))
+            rows.extend(metric_rows(plan, ckpt, values, layer_view))
     return rows
 
 
@@ -148,13 +150,34 @@ def apply_metric(spec: MetricSpec, view: EpochView, epoch: int, where: str = "",
                             params={"error": str(exc)})]
 
 
+def rows_key(version: int, ckpt: PlannedCheckpoint, fields: Sequence[Any],
+             opts: AnalysisOptions) -> str:
+    """The one recipe for the key of a checkpoint's stored rows (a part file is reused only
+    when its key matches): the rows' format ``version``, the checkpoint's verified digest, what
+    the rows are of (``fields``, the seed among them), then the options every row depends on.
+
+    Parameters
+    ----------
+    version : the format version of the part files (bumped when rows change meaning).
+    ckpt : the checkpoint (its ``cache_digest``).
+    fields : JSON-serialisable, e.g. the data key, the metric names and the seed.
+    opts : the analysis options (layers extracted, feature dtype).
+
+    Returns
+    -------
+    str
+        A sha256 hex digest.
+    """
+    key = [version, ckpt.cache_digest, *fields]
+    if opts.layers:  # per-layer rows depend on the layers extracted
+        key.append(sorted(opts.layers))
+    if opts.feature_dtype != "float32":  # rows of rounded features (float32 keys unchanged)
+        key.append(f"dtype={opts.feature_dtype}")
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
 def part_key(ckpt: PlannedCheckpoint, data: EvalData, specs: Sequence[MetricSpec],
              opts: AnalysisOptions) -> str:
-    fields = [PARTS_VERSION, ckpt.cache_digest, data.key, [s.name for s in specs], opts.seed]
-    if opts.layers:  # per-layer rows depend on the layers extracted
-        fields.append(sorted(opts.layers))
-    if opts.feature_dtype != "float32":  # rows of rounded features (float32 keys unchanged)
-        fields.append(f"dtype={opts.feature_dtype}")
-    payload = json.dumps(fields)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """Key of the source-metric rows of ``ckpt`` (:func:`rows_key`)."""
+    return rows_key(PARTS_VERSION, ckpt, [data.key, [s.name for s in specs], opts.seed], opts)
 

@@ -13,7 +13,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import checkpoints_manifest as cm
 from dtprobe.errors import ConfigError, RunBusyError
+from dtprobe.table import FEATURES_DIR, PARTS_DIR
 
 LOCK_FILE = ".lock"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -135,7 +137,7 @@ def ensure_analysis_dirs(analysis_dir: Path) -> None:
         (read-only run directory).
     """
     base = os.path.realpath(analysis_dir.parent)
-    for folder in (analysis_dir, analysis_dir / "features", analysis_dir / "parts"):
+    for folder in (analysis_dir, analysis_dir / FEATURES_DIR, analysis_dir / PARTS_DIR):
         if os.path.islink(folder) and not _inside(os.path.realpath(folder), base):
             raise ConfigError(f"{folder}: is a symbolic link to {os.path.realpath(folder)}, "
                               "outside the run; dtprobe writes analysis results only inside the "
@@ -150,10 +152,6 @@ def ensure_analysis_dirs(analysis_dir: Path) -> None:
             raise ConfigError(f"{folder}: is not a folder inside the run; remove it and re-run")
 
 
-def _is_temp(name: str) -> bool:
-    return name.endswith(".tmp") or ".tmp." in name
-
-
 def remove_stale_temp_files(analysis_dir: Path) -> int:
     """Delete temporary files that a killed analysis left in ``analysis_dir`` and its
     ``parts``/``features`` folders (every file is written to a ``*.tmp`` name first and renamed,
@@ -164,16 +162,7 @@ def remove_stale_temp_files(analysis_dir: Path) -> int:
     int
         The number of files removed.
     """
-    removed = 0
-    for directory in (analysis_dir, analysis_dir / "parts", analysis_dir / "features"):
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            if _is_temp(entry.name) and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-                    removed += 1
-    return removed
+    # only dtprobe writes here: any temporary name it ever used (cm.is_temp_name)
+    folders = (analysis_dir, analysis_dir / PARTS_DIR, analysis_dir / FEATURES_DIR)
+    return len(cm.remove_temp_files(folders, cm.is_temp_name))
 

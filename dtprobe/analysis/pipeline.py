@@ -41,7 +41,15 @@ from dtprobe.errors import DtprobeError
 from dtprobe.features.cache import FeatureCache
 from dtprobe.metrics.registry import MetricSpec, resolve_metrics
 from dtprobe.runtime.progress import tqdm
-from dtprobe.table import DOWNSTREAM_PARAM
+from dtprobe.table import (
+    ANALYSIS_DIR,
+    CKA_FILE,
+    DOWNSTREAM_PARAM,
+    FAILURES_FILE,
+    FEATURES_DIR,
+    METRICS_FILE,
+    PARTS_DIR,
+)
 
 
 @dataclass
@@ -136,12 +144,12 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
 
     The ranks hold the run's lock shared (another analysis of the run waits for them; they
     always wait for it, since one rank stopping would leave the others at the barrier)."""
-    analysis_dir = plan.run_dir / "analysis"
+    analysis_dir = plan.run_dir / ANALYSIS_DIR
     with run_lock(analysis_dir, wait=True, shared=True):
         data = prepare_data(plan, dist.device, opts)
         opts = resolve_layers(plan, data, opts)
-        cache = FeatureCache(analysis_dir / "features", opts.use_cache)
-        parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
+        cache = FeatureCache(analysis_dir / FEATURES_DIR, opts.use_cache)
+        parts = PartStore(analysis_dir / PARTS_DIR, reuse=opts.use_cache)
         if opts.image_shards > 1:  # every checkpoint, this rank's rows; rank 0 assembles
             _extract_shares(plan, data, cache, opts, dist)
             for spec in downstream_specs(opts, data) if opts.downstream else []:
@@ -163,7 +171,7 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
             except Exception as exc:  # rank 0 meets the same error again and records it
                 note(f"[rank {dist.rank}] epoch {ckpt.epoch}: {failure_reason(ckpt, exc)}")
         if opts.downstream:  # failures are recorded by rank 0, which meets them again
-            analyse_downstream(plan, mine, data, cache, analysis_dir / "parts", dist.device,
+            analyse_downstream(plan, mine, data, cache, analysis_dir / PARTS_DIR, dist.device,
                                opts)
 
 
@@ -185,7 +193,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
     others = [_plan_other(o, opts) for o in opts.compare]
     dist = init_from_env(opts.device)
     device = dist.device
-    analysis_dir = plan.run_dir / "analysis"
+    analysis_dir = plan.run_dir / ANALYSIS_DIR
     mode = shard_mode(opts.shard, len(plan.checkpoints), dist.world_size)
     if dist.enabled and mode == "images":
         opts = replace(opts, image_shards=dist.world_size)
@@ -206,8 +214,8 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         opts = resolve_layers(plan, data, opts)
         check_model(plan, data, opts)
         downstream_specs(opts, data)  # a name repeating a source task: refused before any work
-        cache = FeatureCache(analysis_dir / "features", opts.use_cache)
-        parts = PartStore(analysis_dir / "parts", reuse=opts.use_cache)
+        cache = FeatureCache(analysis_dir / FEATURES_DIR, opts.use_cache)
+        parts = PartStore(analysis_dir / PARTS_DIR, reuse=opts.use_cache)
         rows: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
         analysed: list[PlannedCheckpoint] = []
@@ -240,7 +248,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         if opts.downstream:
             analysed.sort(key=lambda c: c.epoch)
             ds_rows, ds_failures = analyse_downstream(plan, analysed, data, cache,
-                                                      analysis_dir / "parts", device, opts,
+                                                      analysis_dir / PARTS_DIR, device, opts,
                                                       stats)
             rows.extend(ds_rows)
             failures.extend(ds_failures)
@@ -248,13 +256,13 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
             stamp_samples(rows, data.samples_tag)
         table = finalise_table(rows, feature_dtype=opts.feature_dtype)
         if not table.empty:  # every checkpoint failed: no empty table (an earlier one stays)
-            cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
-        cka_path = analysis_dir / "cka_matrix.csv"
+            cm.atomic_write_text(analysis_dir / METRICS_FILE, table.to_csv(index=False))
+        cka_path = analysis_dir / CKA_FILE
         if not matrix.empty:
             cm.atomic_write_text(cka_path, matrix.to_csv())
         elif cka_path.exists():
             cka_path.unlink()
-        failure_path = analysis_dir / "failures.csv"
+        failure_path = analysis_dir / FAILURES_FILE
         failure_table = pd.DataFrame(failures, columns=FAILURE_COLUMNS)
         if failures:
             cm.atomic_write_text(failure_path, failure_table.to_csv(index=False))

@@ -12,10 +12,9 @@ import pandas as pd
 
 import checkpoints_manifest as cm
 from dtprobe.runtime.progress import tqdm
-from dtprobe.table import TABLE_COLUMNS, normalize_table
+from dtprobe.table import FAILURE_COLUMNS, TABLE_COLUMNS, normalize_table  # noqa: F401
 
 COLUMNS = list(TABLE_COLUMNS)
-FAILURE_COLUMNS = ["run", "epoch", "path", "reason"]
 
 
 def note(message: str) -> None:

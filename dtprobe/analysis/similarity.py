@@ -27,6 +27,7 @@ from dtprobe.errors import DtprobeError
 from dtprobe.features.cache import FeatureCache, dataset_key
 from dtprobe.metrics import cka_matrix, cka_permutation_null
 from dtprobe.metrics.registry import MetricSpec
+from dtprobe.table import ANALYSIS_DIR, FEATURES_DIR
 
 
 def streamed_cka_matrix(store: Mapping[int, dict[str, torch.Tensor]], epochs: list[int],
@@ -136,8 +137,8 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
                                                                         plan.dataset_params):
         # Compare on this run's data: the other model is evaluated on the same images.
         other.dataset, other.dataset_params = plan.dataset, plan.dataset_params
-    cache = ReadThroughCache(FeatureCache(plan.run_dir / "analysis" / "features", opts.use_cache),
-                             FeatureCache(other.run_dir / "analysis" / "features", opts.use_cache))
+    cache = ReadThroughCache(FeatureCache(plan.run_dir / ANALYSIS_DIR / FEATURES_DIR, opts.use_cache),
+                             FeatureCache(other.run_dir / ANALYSIS_DIR / FEATURES_DIR, opts.use_cache))
     rows = []
     steps = {c.epoch: c.step for c in plan.checkpoints}
     for c in other.checkpoints:

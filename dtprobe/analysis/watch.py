@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dtprobe.errors import ConfigError
+from dtprobe.table import ANALYSIS_DIR
 
 __all__ = ["run_finished", "snapshot", "watch"]
 
@@ -41,7 +42,7 @@ def snapshot(run_dir: str | os.PathLike[str]) -> tuple:
                                      for c in manifest.checkpoints)
     files = []
     for root, dirs, names in os.walk(run):
-        dirs[:] = [d for d in dirs if d != "analysis" and not d.startswith(".")]
+        dirs[:] = [d for d in dirs if d != ANALYSIS_DIR and not d.startswith(".")]
         for name in names:
             if name.endswith(_CHECKPOINT_SUFFIXES) and not name.startswith("."):
                 path = Path(root) / name

@@ -48,11 +48,12 @@ from typing import Any
 from dtprobe.checkpoints import reader
 from dtprobe.checkpoints.naming import KNOWN_PATTERNS, is_temporary_name
 from dtprobe.errors import CheckpointError, ConfigError
+from dtprobe.table import ANALYSIS_DIR
 
 EPOCH_SOURCES = ("auto", "name", "metadata", "order")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.bin", "model.pt",
                 "model.pth", "diffusion_pytorch_model.safetensors")
-_SKIP_DIRS = {"analysis", ".git", "__pycache__", "wandb", "tensorboard", "logs_tb", "runs_tb"}
+_SKIP_DIRS = {ANALYSIS_DIR, ".git", "__pycache__", "wandb", "tensorboard", "logs_tb", "runs_tb"}
 _MAX_DEPTH, _MAX_ENTRIES = 5, 20000
 
 

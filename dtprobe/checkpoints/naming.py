@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import checkpoints_manifest as cm
 from dtprobe.errors import ConfigError
 
 #: File-name schemes recognised by :func:`infer_checkpoint_series` (``{epoch}``/``{step}`` are
@@ -101,4 +102,4 @@ def is_temporary_name(name: str) -> bool:
     """
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     lower = base.lower()
-    return base.startswith(".") or lower.endswith(TEMP_SUFFIXES) or ".tmp." in lower
+    return base.startswith(".") or lower.endswith(TEMP_SUFFIXES) or cm.is_temp_name(lower)

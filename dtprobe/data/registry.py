@@ -33,6 +33,12 @@ def available_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
+def dataset_loader(name: str) -> Callable[..., DatasetBundle]:
+    """The loader registered as ``name`` (a ``KeyError`` for an unregistered name)."""
+    available_datasets()
+    return _DATASETS[name]
+
+
 def _accepts(loader: Callable[..., DatasetBundle], name: str) -> bool:
     return name in inspect.signature(loader).parameters
 

@@ -71,7 +71,7 @@ def loader_parameters(dataset: str) -> list[str]:
     if dataset not in names:
         raise ConfigError(f"--downstream: unknown dataset {dataset!r}; available: "
                           f"{', '.join(names)}")
-    sig = inspect.signature(registry._DATASETS[dataset])
+    sig = inspect.signature(registry.dataset_loader(dataset))
     # ``store`` is where the analysis keeps decoded images, not a property of the dataset
     names = [p.name for p in sig.parameters.values()
              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "store"]

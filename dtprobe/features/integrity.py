@@ -24,6 +24,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+import checkpoints_manifest as cm
+
 _KEY_BYTES = 32
 _lock = threading.Lock()
 _cached: dict[str, bytes] = {}
@@ -61,7 +63,7 @@ def _create_key(path: Path) -> bytes | None:
     process created first (``os.link`` fails if the name exists)."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".cache-key.", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=".cache-key.", suffix=cm.TEMP_SUFFIX, dir=path.parent)
     except OSError:
         return None
     try:

@@ -55,7 +55,7 @@ import torch
 from dtprobe.errors import ConfigError, MetricInputError
 from dtprobe.metrics._validation import ArrayLike, check_features
 from dtprobe.metrics.registry import register_similarity
-from dtprobe.metrics.spectrum import _input_eps, _rank_tol
+from dtprobe.metrics.spectrum import input_eps, rank_tol
 
 __all__ = ["svcca", "pwcca", "canonical_correlations", "DEFAULT_SVCCA_KEEP"]
 
@@ -91,7 +91,7 @@ def _basis(raw: ArrayLike, name: str, rtol: float | None, keep: float | None,
     if float(s.max()) == 0.0:
         raise MetricInputError(f"{name} is constant (zero after centring); CCA needs variance "
                                "in at least one direction")
-    r = int((s > _rank_tol(s, tuple(x.shape), rtol, _input_eps(raw))).sum())
+    r = int((s > rank_tol(s, tuple(x.shape), rtol, input_eps(raw))).sum())
     if keep is not None:
         energy = torch.cumsum(s[:r] ** 2, dim=0)
         r = min(r, int((energy < keep * energy[-1]).sum()) + 1)

@@ -134,7 +134,7 @@ def _rankme_metric(view: EpochView) -> list[MetricValue]:
                                 "singular_values": "raw_uncentred"})]
 
 
-def _rank_tol(sigma: torch.Tensor, shape: tuple[int, int], rtol: float | None,
+def rank_tol(sigma: torch.Tensor, shape: tuple[int, int], rtol: float | None,
               eps: float) -> float:
     """Absolute singular-value threshold ``rtol * sigma_max``.
 
@@ -150,7 +150,7 @@ def _rank_tol(sigma: torch.Tensor, shape: tuple[int, int], rtol: float | None,
     return float(sigma.max()) * rtol if sigma.numel() else 0.0
 
 
-def _input_eps(features: ArrayLike) -> float:
+def input_eps(features: ArrayLike) -> float:
     """Machine epsilon of the input's own float dtype (float64 for integers)."""
     dtype = getattr(features, "dtype", None)
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
@@ -196,7 +196,7 @@ def numerical_rank(features: ArrayLike, *, rtol: float | None = None,
     sigma = _singular_values(x, center)
     if float(sigma.max()) == 0.0:
         return 0
-    return int((sigma > _rank_tol(sigma, tuple(x.shape), rtol, _input_eps(features))).sum())
+    return int((sigma > rank_tol(sigma, tuple(x.shape), rtol, input_eps(features))).sum())
 
 
 def alpha_req(features: ArrayLike, *, fit_range: tuple[int, int | None] = (1, None),
@@ -264,7 +264,7 @@ def alpha_req(features: ArrayLike, *, fit_range: tuple[int, int | None] = (1, No
     lam_all = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
     sigma = lam_all.sqrt()
     floor = max(max(x.shape) * float(torch.finfo(torch.float64).eps) * float(lam_all[0]),
-                _rank_tol(sigma, tuple(x.shape), rtol, _input_eps(features)) ** 2)
+                rank_tol(sigma, tuple(x.shape), rtol, input_eps(features)) ** 2)
     kept = sigma[lam_all > floor] if float(lam_all[0]) > 0 else sigma[:0]
     last = kept.numel() if hi is None else min(hi, kept.numel())
     if last - lo + 1 < 2:
@@ -286,7 +286,7 @@ def alpha_req(features: ArrayLike, *, fit_range: tuple[int, int | None] = (1, No
 def _alpha_req_metric(view: EpochView) -> list[MetricValue]:
     """alpha-ReQ and numerical rank of the test-split features (one SVD each)."""
     feats = view.test.features
-    eps = _input_eps(feats)
+    eps = input_eps(feats)
     return [MetricValue("alpha_req", alpha_req(feats), estimator="agrawal2022_ols_loglog",
                         params={"split": "test", "fit_range": [1, None], "centred": True,
                                 "rtol": "default", "input_eps": eps}),

@@ -38,13 +38,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+import checkpoints_manifest as cm
 from dtprobe.errors import ConfigError, DtprobeError
 from dtprobe.table import (  # noqa: F401  (re-exported: the schema's home is dtprobe.table)
+    ANALYSIS_DIR,
+    CKA_FILE,
     COLUMN_DOCS,
     DIAGNOSTIC_KEYS,
     DOWNSTREAM_PARAM,
+    FAILURE_COLUMNS,
+    FAILURES_FILE,
     METRIC_INFO,
     METRIC_ORDER,
+    METRICS_FILE,
     TABLE_COLUMNS,
     MetricInfo,
     downstream_mask,
@@ -64,12 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-ANALYSIS_DIR = "analysis"
-METRICS_FILE = "metrics.csv"
-CKA_FILE = "cka_matrix.csv"
-MANIFEST_FILE = "manifest.json"
-FAILURES_FILE = "failures.csv"
-FAILURE_COLUMNS = ("run", "epoch", "path", "reason")
+MANIFEST_FILE = cm.MANIFEST_NAME
 
 
 def _column_name(metric: str, task: str, layer: str, estimator: str, multi_estimator: bool,

@@ -59,10 +59,8 @@ def train_or_resume(cfg: TrainConfig) -> Path:
 
 def _write_index(out: Path, runs: list[dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{SWEEP_FILE}.tmp"
-    tmp.write_text(json.dumps({"format": "dtprobe-sweep", "version": 1, "runs": runs},
-                              indent=2))
-    tmp.replace(out / SWEEP_FILE)
+    cm.atomic_write_text(out / SWEEP_FILE, json.dumps(
+        {"format": "dtprobe-sweep", "version": 1, "runs": runs}, indent=2))
 
 
 def read_sweep(path: str | Path) -> list[dict[str, Any]]:

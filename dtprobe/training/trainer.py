@@ -486,7 +486,7 @@ class Trainer:
         if cfg.resume and self._can_resume():
             start = self._try_resume()
         elif self.dist.is_main:
-            if (self.out / "manifest.json").exists() and not cfg.resume:
+            if (self.out / cm.MANIFEST_NAME).exists() and not cfg.resume:
                 raise ConfigError(f"{self.out}/manifest.json exists; pass --resume to continue "
                                   "that run or choose another --out")
             self.out.mkdir(parents=True, exist_ok=True)
@@ -602,19 +602,8 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     """Delete temporary files that writers killed mid-save left in ``run_dir`` and
     ``run_dir/checkpoints`` (hidden ``.NAME.PID.tmp`` files; a kill can never leave a partial
     checkpoint, resume state, log or manifest under its real name). Returns what was removed."""
-    removed: list[Path] = []
-    for directory in (run_dir, run_dir / "checkpoints"):
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            if (entry.name.startswith(".") and entry.name.endswith(".tmp")
-                    and entry.is_file(follow_symlinks=False)):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-                    removed.append(Path(entry.path))
-    return removed
+    # a run directory is shared with the user's files: only the atomic writers' own names
+    return cm.remove_temp_files([run_dir, run_dir / "checkpoints"], cm.is_own_temp_name)
 
 
 def train(cfg: TrainConfig) -> Path:
