@@ -803,7 +803,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
-    from dtprobe.plotting.charts import save_all_figures
+    from dtprobe.plotting import save_all_figures
     from dtprobe.results.core import load_results
     from dtprobe.training.sweep import expand_sweeps
 

@@ -245,7 +245,7 @@ def run_demo(out: Path, epochs: int = DEMO_EPOCHS, seed: int = 0, device: str = 
 def _run(out: Path, epochs: int, seed: int, device: str, quick: bool, fresh: bool,
          progress: bool = True):
     from dtprobe.analysis import analyze
-    from dtprobe.plotting.charts import save_all_figures
+    from dtprobe.plotting import save_all_figures
     from dtprobe.results.core import compare
     from dtprobe.results.report import write_report
 

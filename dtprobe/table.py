@@ -132,9 +132,12 @@ METRIC_INFO: dict[str, MetricInfo] = {
 }
 """Presentation facts for the metrics ``dtprobe analyze`` writes; unknown metrics get defaults."""
 
-# Similarity measures between epochs/runs (dtprobe.metrics.registry.register_similarity):
-# label, range, and whether larger means more similar (distances: smaller is more similar).
-_SIMILARITY_INFO = {
+#: Similarity measures between epochs/runs: ``name -> (label, range, higher_is_similar)``
+#: (distances: smaller is more similar). The one declaration of a measure's direction:
+#: :func:`dtprobe.metrics.registry.register_similarity` reads it from here, and every row of the
+#: measure records it. ``linear_cka`` writes the ``cka_to_*`` rows declared above.
+SIMILARITY_INFO: dict[str, tuple[str, str, bool]] = {
+    "linear_cka": ("linear CKA", "[0, 1]", True),
     "debiased_cka": ("debiased CKA", "\u2264 1", True),
     "mutual_knn": ("mutual k-NN", "[0, 1]", True),
     "cknna": ("CKNNA", "\u2264 1", True),
@@ -144,7 +147,9 @@ _SIMILARITY_INFO = {
     "svcca": ("SVCCA", "[0, 1]", True),
     "pwcca": ("PWCCA", "[0, 1]", True),
 }
-for _name, (_label, _range, _higher) in _SIMILARITY_INFO.items():
+for _name, (_label, _range, _higher) in SIMILARITY_INFO.items():
+    if _name == "linear_cka":
+        continue  # its rows keep their names (cka_to_final ...), declared above
     for _suffix, _what in (("to_final", "to final epoch"), ("to_previous", "to previous epoch"),
                            ("to_run", "to other run")):
         METRIC_INFO[f"{_name}_{_suffix}"] = MetricInfo(f"{_label} {_what}", _range, _higher)
@@ -154,6 +159,13 @@ METRIC_ORDER: tuple[str, ...] = tuple(METRIC_INFO)
 
 _ESTIMATOR_UNITS = {"renyi": "bits", "binning": "bits", "mine": "nats", "kde": "nats",
                     "infonce": "nats"}
+
+
+def similarity_rows(name: str) -> tuple[str, ...]:
+    """The row metrics a similarity measure writes (``<name>_to_final``, ``_to_previous``,
+    ``_to_run``; ``cka_to_*`` for ``linear_cka``)."""
+    stem = "cka" if name == "linear_cka" else name
+    return tuple(f"{stem}_{suffix}" for suffix in ("to_final", "to_previous", "to_run"))
 
 
 def metric_info(metric: str) -> MetricInfo:

@@ -196,7 +196,6 @@ def _unreadable(run_dir, e, monkeypatch):
         path.chmod(0)
         return
     # root reads any file: make opening this one fail as it would for a user.
-    from dtprobe import checkpoints as ckpt_io
 
     real_open = reader._open_checkpoint
 

@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from dtprobe.results.export import export_tensorboard, scalar_tag
 from dtprobe.results import Results
+from dtprobe.results.export import export_tensorboard, scalar_tag
 
 event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator",

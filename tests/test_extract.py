@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dtprobe.features import extract
 from dtprobe.errors import ConfigError
+from dtprobe.features import extract
 from dtprobe.features.extract import (
     FeatureCache,
     auto_batch_size,

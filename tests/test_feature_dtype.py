@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 
 from dtprobe import analysis
-from dtprobe.features import extract
 from dtprobe.cli import main
 from dtprobe.errors import ConfigError
+from dtprobe.features import extract
 from dtprobe.features.extract import (
     FeatureCache,
     cache_key,

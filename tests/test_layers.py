@@ -11,11 +11,16 @@ from dtprobe.analysis import analyze
 from dtprobe.cli import main
 from dtprobe.data import load_dataset
 from dtprobe.errors import ConfigError
-from dtprobe.plotting.layer_charts import best_layer, layer_epoch_matrix, plot_best_layer, plot_layer_heatmap
 from dtprobe.metrics.separation import class_separation
 from dtprobe.models import head_module
 from dtprobe.models.layers import block_layers, describe_layers, penultimate_source
 from dtprobe.models.registry import build_model
+from dtprobe.plotting.layer_charts import (
+    best_layer,
+    layer_epoch_matrix,
+    plot_best_layer,
+    plot_layer_heatmap,
+)
 from dtprobe.training.trainer import TrainConfig, train
 
 ARCH = {"width": 8, "feature_dim": 16}

@@ -17,8 +17,8 @@ import torch
 import checkpoints_manifest as cm
 from dtprobe.cli import main
 from dtprobe.errors import TrainingDivergedError
-from dtprobe.training.objectives.memory_bank import OtherClassSampler
 from dtprobe.training.objectives import available_objectives
+from dtprobe.training.objectives.memory_bank import OtherClassSampler
 from dtprobe.training.trainer import TrainConfig, reference_schedule, train
 
 TINY_DATA = {"n_train": 120, "n_test": 60, "image_size": 16}

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtprobe.errors import ConfigError
+from dtprobe.training.objectives import (
+    ObjectiveContext,
+    available_objectives,
+    build_objective,
+)
 from dtprobe.training.objectives.contrastive import nt_xent_loss, supcon_loss
 from dtprobe.training.objectives.kornblith import (
     cosine_logits,
@@ -19,11 +24,6 @@ from dtprobe.training.objectives.kornblith import (
     logit_norm_loss,
     sigmoid_loss,
     squared_error_loss,
-)
-from dtprobe.training.objectives import (
-    ObjectiveContext,
-    available_objectives,
-    build_objective,
 )
 from dtprobe.training.objectives.trex import Projector, prototype_logits
 

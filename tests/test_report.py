@@ -21,8 +21,8 @@ from test_plotting import CHART_METRICS  # noqa: E402
 from test_results import cka_matrix, manifest, synthetic_table  # noqa: E402
 
 from dtprobe.errors import ConfigError  # noqa: E402
-from dtprobe.results.report import render_report, write_report  # noqa: E402
 from dtprobe.results import Results  # noqa: E402
+from dtprobe.results.report import render_report, write_report  # noqa: E402
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",

@@ -32,10 +32,10 @@ import torch
 import checkpoints_manifest as cm
 from checkpoints_manifest import storage
 from dtprobe import checkpoints as ck
-from dtprobe.checkpoints import reader
 from dtprobe.analysis import AnalysisOptions, analyze_plan, plan_run
 from dtprobe.analysis.plan import check_plan
 from dtprobe.analysis.resume import PartStore
+from dtprobe.checkpoints import reader
 from dtprobe.cli import main
 from dtprobe.errors import CheckpointError, ConfigError
 from dtprobe.features.extract import FeatureCache

@@ -9,8 +9,8 @@ import pandas as pd
 from matplotlib.collections import PolyCollection
 
 from dtprobe.plotting import plot_cka_to_final, plot_metrics, plot_tradeoff_over_epochs
-from dtprobe.results.report import render_report
 from dtprobe.results import Results
+from dtprobe.results.report import render_report
 from dtprobe.results.uncertainty import chance_level, intervals, run_differences
 
 

@@ -43,7 +43,7 @@ def save_tradeoff_chart(table: pd.DataFrame, path: Path, epoch_note: str = "") -
     """The trade-off chart; ``epoch_note`` (what epoch 0 means for the run) is printed under it."""
     import matplotlib.pyplot as plt
 
-    from dtprobe.plotting.charts import plot_tradeoff_over_epochs
+    from dtprobe.plotting import plot_tradeoff_over_epochs
 
     fig = plot_tradeoff_over_epochs(table).figure
     if epoch_note:

@@ -224,7 +224,7 @@ def pwcca(x: ArrayLike, y: ArrayLike, *, weight_by: str = "x",
     return float((alpha / alpha.sum() * rho).sum())
 
 
-@register_similarity("svcca", higher_is_similar=True,
+@register_similarity("svcca",
                      invariances=("sample_permutation", "translation", "orthogonal",
                                   "isotropic_scaling"),
                      params={"keep": DEFAULT_SVCCA_KEEP, "rtol": "default"},
@@ -233,7 +233,7 @@ def _svcca_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
     return svcca(x, y, DEFAULT_SVCCA_KEEP)
 
 
-@register_similarity("pwcca", higher_is_similar=True,
+@register_similarity("pwcca",
                      invariances=("sample_permutation", "translation", "isotropic_scaling",
                                   "neuron_permutation", "invertible_linear_of_y"),
                      params={"weight_by": "x", "rtol": "default"},

@@ -824,7 +824,7 @@ def cka_permutation_null(x: ArrayLike, y: ArrayLike, *, n_permutations: int = DE
 _CKA_INVARIANCES = ("sample_permutation", "translation", "orthogonal", "isotropic_scaling")
 
 
-@register_similarity("linear_cka", higher_is_similar=True, invariances=_CKA_INVARIANCES,
+@register_similarity("linear_cka", invariances=_CKA_INVARIANCES,
                      params={"kernel": "linear", "debiased": False},
                      description="linear CKA (Kornblith et al. 2019); always computed as "
                                  "cka_to_final/previous/run with a permutation null")
@@ -832,7 +832,7 @@ def _linear_cka_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
     return linear_cka(x, y)
 
 
-@register_similarity("debiased_cka", higher_is_similar=True, invariances=_CKA_INVARIANCES,
+@register_similarity("debiased_cka", invariances=_CKA_INVARIANCES,
                      params={"kernel": "linear", "debiased": True},
                      description="debiased linear CKA (Song et al. 2012 HSIC); use for small n")
 def _debiased_cka_similarity(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -258,6 +258,7 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
 
 
 @register_metric("neural_collapse", default=True,
+                 rows=("nc1", "nc2_equinorm", "nc2_equiangularity", "nc2_etf_error", "nc3", "nc4"),
                  description="neural collapse NC1-NC4 (Papyan et al. 2020) on train features")
 def _neural_collapse_metric(view: EpochView) -> list[MetricValue]:
     """NC1-NC4 on the training split, as Papyan et al. (2020) measure them."""
@@ -418,7 +419,7 @@ def _warn_fn(fn: str, msg: str) -> None:
     warnings.warn(f"{fn}: {msg}", RuntimeWarning, stacklevel=3)
 
 
-@register_metric("cdnv", default=True,
+@register_metric("cdnv", default=True, rows=("cdnv", "class_mean_uniformity"),
                  description="CDNV (Galanti et al. 2022) and hyperspherical uniformity of class "
                              "means (Wang & Isola 2020) on train features")
 def _cdnv_metric(view: EpochView) -> list[MetricValue]:

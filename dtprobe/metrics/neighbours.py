@@ -306,7 +306,7 @@ def cknna(x: ArrayLike, y: ArrayLike, topk: int = DEFAULT_TOPK, *,
     return float(cross / torch.sqrt(self_a * self_b))
 
 
-@register_similarity("mutual_knn", higher_is_similar=True, default=True,
+@register_similarity("mutual_knn", default=True,
                      invariances=("sample_permutation", "orthogonal", "isotropic_scaling"),
                      params={"topk": DEFAULT_TOPK, "metric": "cosine"},
                      description="mutual k-NN alignment, k=10 cosine (Huh et al. 2024)")
@@ -314,7 +314,7 @@ def _mutual_knn_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
     return mutual_knn(x, y, DEFAULT_TOPK)
 
 
-@register_similarity("cknna", higher_is_similar=True,
+@register_similarity("cknna",
                      invariances=("sample_permutation", "orthogonal", "isotropic_scaling"),
                      params={"topk": DEFAULT_TOPK, "normalize": True, "hsic": "unbiased"},
                      description="CKNNA, k=10 (Huh et al. 2024)")

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from dtprobe.errors import ConfigError
+from dtprobe.table import SIMILARITY_INFO, similarity_rows
 
 
 @dataclass
@@ -119,6 +120,9 @@ INVARIANCES = ("sample_permutation", "translation", "orthogonal", "isotropic_sca
 
 @dataclass(frozen=True)
 class MetricSpec:
+    """A registered metric: its adapter, whether it runs by default, and the table rows it
+    writes (whose presentation facts, :data:`dtprobe.table.METRIC_INFO`, must exist)."""
+
     name: str
     func: MetricFn
     default: bool
@@ -126,33 +130,41 @@ class MetricSpec:
     #: Set for similarity measures between representations (computed between epochs, runs
     #: and layers by the analysis, not per checkpoint): direction and invariances.
     similarity: SimilaritySpec | None = None
+    #: The ``metric`` names of the rows it writes.
+    rows: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, MetricSpec] = {}
 
 
-def register_metric(name: str, *, default: bool = False,
-                    description: str = "") -> Callable[[MetricFn], MetricFn]:
-    """Register ``func`` as analysis metric ``name`` (selected with ``--metrics name``)."""
+def register_metric(name: str, *, default: bool = False, description: str = "",
+                    rows: tuple[str, ...] | None = None) -> Callable[[MetricFn], MetricFn]:
+    """Register ``func`` as analysis metric ``name`` (selected with ``--metrics name``).
+
+    ``rows`` names the ``metric`` of the rows it writes (default: ``(name,)``); each needs its
+    presentation facts in :data:`dtprobe.table.METRIC_INFO` (a test checks every one).
+    """
 
     def decorator(func: MetricFn) -> MetricFn:
         if name in _REGISTRY and _REGISTRY[name].func is not func:
             raise ValueError(f"metric {name!r} registered twice")
         doc = description or (func.__doc__ or "").strip()
-        _REGISTRY[name] = MetricSpec(name, func, default, doc)
+        _REGISTRY[name] = MetricSpec(name, func, default, doc, rows=tuple(rows or (name,)))
         return func
 
     return decorator
 
 
-def register_similarity(name: str, *, higher_is_similar: bool, invariances: tuple[str, ...],
-                        default: bool = False, description: str = "",
-                        params: dict[str, Any] | None = None
+def register_similarity(name: str, *, invariances: tuple[str, ...],
+                        higher_is_similar: bool | None = None, default: bool = False,
+                        description: str = "", params: dict[str, Any] | None = None
                         ) -> Callable[[SimilarityFn], SimilarityFn]:
     """Register ``func(x, y) -> float`` as similarity measure ``name``.
 
-    Every measure must say whether larger values mean more similar and which transformations
-    it ignores; ``dtprobe list`` and every results-table row show both.  The analysis
+    Every measure says which transformations it ignores, and (once, in
+    :data:`dtprobe.table.SIMILARITY_INFO`, with its label and range) whether larger values mean
+    more similar; ``dtprobe list`` and every results-table row show both. A measure registered
+    from outside dtprobe passes ``higher_is_similar`` instead.  The analysis
     compares each checkpoint with the final and the previous one and with ``--compare`` runs
     (rows ``<name>_to_final``, ``<name>_to_previous``, ``<name>_to_run``); selecting it with
     ``--metrics name`` adds no per-checkpoint rows.
@@ -161,6 +173,14 @@ def register_similarity(name: str, *, higher_is_similar: bool, invariances: tupl
     if unknown:
         raise ValueError(f"similarity {name!r}: unknown invariance(s) {unknown}; "
                          f"use {', '.join(INVARIANCES)}")
+    declared = SIMILARITY_INFO[name][2] if name in SIMILARITY_INFO else None
+    if declared is None and higher_is_similar is None:
+        raise ValueError(f"similarity {name!r}: say whether higher is more similar "
+                         "(higher_is_similar=, or its entry in dtprobe.table.SIMILARITY_INFO)")
+    if declared is not None and higher_is_similar not in (None, declared):
+        raise ValueError(f"similarity {name!r}: higher_is_similar={higher_is_similar} "
+                         f"contradicts dtprobe.table.SIMILARITY_INFO ({declared})")
+    higher_is_similar = declared if declared is not None else higher_is_similar
 
     def decorator(func: SimilarityFn) -> SimilarityFn:
         if name in _REGISTRY and (_REGISTRY[name].similarity is None
@@ -168,7 +188,8 @@ def register_similarity(name: str, *, higher_is_similar: bool, invariances: tupl
             raise ValueError(f"metric {name!r} registered twice")
         sim = SimilaritySpec(func, higher_is_similar, tuple(invariances), dict(params or {}))
         doc = description or (func.__doc__ or "").strip()
-        _REGISTRY[name] = MetricSpec(name, _no_epoch_rows, default, doc, similarity=sim)
+        _REGISTRY[name] = MetricSpec(name, _no_epoch_rows, default, doc, similarity=sim,
+                                     rows=similarity_rows(name))
         return func
 
     return decorator

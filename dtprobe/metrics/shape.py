@@ -139,15 +139,15 @@ def angular_shape_metric(x: ArrayLike, y: ArrayLike) -> float:
 _SHAPE_INVARIANCES = ("sample_permutation", "translation", "orthogonal", "isotropic_scaling")
 
 
-@register_similarity("procrustes_distance", higher_is_similar=False,
-                     invariances=_SHAPE_INVARIANCES, params={"normalised": "unit_frobenius"},
+@register_similarity("procrustes_distance", invariances=_SHAPE_INVARIANCES,
+                     params={"normalised": "unit_frobenius"},
                      description="orthogonal Procrustes shape distance (Williams et al. 2021)")
 def _procrustes_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
     return procrustes_distance(x, y)
 
 
-@register_similarity("angular_shape_metric", higher_is_similar=False,
-                     invariances=_SHAPE_INVARIANCES, params={"unit": "radians"},
+@register_similarity("angular_shape_metric", invariances=_SHAPE_INVARIANCES,
+                     params={"unit": "radians"},
                      description="angular Procrustes shape metric (Williams et al. 2021)")
 def _angular_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
     return angular_shape_metric(x, y)

@@ -280,7 +280,7 @@ def alpha_req(features: ArrayLike, *, fit_range: tuple[int, int | None] = (1, No
     return float(-slope)
 
 
-@register_metric("alpha_req", default=True,
+@register_metric("alpha_req", default=True, rows=("alpha_req", "numerical_rank"),
                  description="alpha-ReQ eigenspectrum decay (Agrawal et al. 2022) and numerical "
                              "rank of test features")
 def _alpha_req_metric(view: EpochView) -> list[MetricValue]:

@@ -476,7 +476,7 @@ def _transfer_section(results: Results) -> str:
 def _charts(results: Results, dpi: int) -> tuple[str, list[tuple[str, str]]]:
     import matplotlib.pyplot as plt
 
-    from dtprobe.plotting.charts import iter_figures, style  # matplotlib only when charts are drawn
+    from dtprobe.plotting import iter_figures, style  # matplotlib only when charts are drawn
 
     blocks = []
     toc = []

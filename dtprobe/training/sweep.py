@@ -140,7 +140,7 @@ def plot_sweep(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
     """The two Kornblith charts: source accuracy vs transfer, class separation vs transfer."""
     import matplotlib.pyplot as plt
 
-    from dtprobe.plotting.charts import palette, style
+    from dtprobe.plotting import palette, style
 
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = palette(len(summary))
@@ -183,7 +183,7 @@ def run_sweep(configs: Mapping[tuple[str, int], TrainConfig], out: Path, *,
         No runs, or an objective that is not registered (checked before anything trains).
     """
     from dtprobe.analysis import analyze
-    from dtprobe.plotting.charts import save_all_figures
+    from dtprobe.plotting import save_all_figures
     from dtprobe.results.core import compare
     from dtprobe.training.objectives import get_objective
 

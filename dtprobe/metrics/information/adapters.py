@@ -58,7 +58,7 @@ def _register(name: str, quantity: str, estimator: Callable[..., Any], settings:
 
     adapter.__name__ = adapter.__qualname__ = f"_{name}"
     adapter.__doc__ = description
-    register_metric(name, default=default, description=description)(adapter)
+    register_metric(name, default=default, description=description, rows=(metric,))(adapter)
 
 
 _RENYI = {"alpha": 1.01, "sigma": "scott", "max_samples": DEFAULT_SAMPLES}
