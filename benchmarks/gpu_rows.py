@@ -3,7 +3,8 @@
 ``python -m benchmarks.gpu_rows`` needs one CUDA device and finishes in a few minutes:
 
 (a) ResNet-50 (torchvision architecture, random weights, nothing downloaded) at 224 px, bf16:
-    images per second of :func:`dtprobe.features.extract.extract_features` over synthetic uint8 images
+    images per second of :func:`dtprobe.features.extract.extract_features` over synthetic uint8
+    images
     normalised once on the host (pinned; ImageNet mean and std), against a pure ``model(x)``
     loop under bf16 autocast on one batch already resident on the GPU, at the same batch size.
     The ratio is the fraction of the network's own rate the engine keeps (copies, BatchNorm

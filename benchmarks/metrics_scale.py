@@ -91,7 +91,8 @@ def _entry(name: str) -> Callable[[Data], object]:
     from dtprobe.metrics import cka_permutation_null
     from dtprobe.metrics.registry import available_metrics
 
-    if name == "linear_cka_null":  # cka_to_final / cka_to_previous rows (dtprobe.analysis.similarity)
+    # cka_to_final / cka_to_previous rows (dtprobe.analysis.similarity)
+    if name == "linear_cka_null":
         return lambda data: cka_permutation_null(data.view.test.features, data.other)
     spec = available_metrics()[name]
     if spec.similarity is not None:

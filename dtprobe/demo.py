@@ -138,7 +138,7 @@ def demo_table(results, names: dict[str, str] | None = None) -> str:
 
     Parameters
     ----------
-    results : :class:`dtprobe.results.core.Results` of the demo's runs.
+    results : :class:`dtprobe.results.Results` of the demo's runs.
     names : run name -> label shown in the first column (default: upper-case run name).
     """
     summary = results.summary()

@@ -1,8 +1,8 @@
 """The tidy metrics table: its columns, how each metric is presented, and pure helpers on it.
 
 A leaf module (it imports nothing else of dtprobe but :mod:`dtprobe.errors`), so that
-:mod:`dtprobe.results.core`, :mod:`dtprobe.plotting.charts`, :mod:`dtprobe.results.report` and :mod:`dtprobe.analysis`
-share one schema without importing each other.
+:mod:`dtprobe.results`, :mod:`dtprobe.plotting` and :mod:`dtprobe.analysis` share one schema
+without importing each other.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Framework checkpoint layouts and epoch conventions (dtprobe.checkpoints.layouts), on small files."""
+"""Framework checkpoint layouts and epoch conventions (dtprobe.checkpoints.layouts), on small
+files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The exact-fit search for a model's weights inside checkpoints (dtprobe.checkpoints.state_dict)."""
+"""The exact-fit search for a model's weights inside checkpoints
+(dtprobe.checkpoints.state_dict)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ jobs get killed):
   read-only) stop the analysis with one line instead;
 - features (``analysis/features/``) and per-checkpoint rows (``analysis/parts/``) are written
   atomically (unpredictable temporary names, never through a planted link) and sealed with an
-  HMAC bound to their key (:mod:`dtprobe.features.integrity`), so an analysis killed at any moment (even
+  HMAC bound to their key (:mod:`dtprobe.features.integrity`), so an analysis killed at any moment
+  (even
   ``SIGKILL``) resumes where it stopped, recomputes only what is missing and ends with the same
   table, and a forged entry is recomputed; ``use_cache=False`` reuses neither;
 - ``analysis/`` and its folders must be real folders inside the run;

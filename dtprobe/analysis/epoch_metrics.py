@@ -49,7 +49,8 @@ def _chance(view: EpochView, metric: str, task: str) -> float | None:
 
 def metric_rows(plan: RunPlan, ckpt: PlannedCheckpoint, values,
                 view: EpochView | None = None) -> list[dict[str, Any]]:
-    """Table rows of ``values`` (:class:`MetricValue`) measured on ``ckpt`` of ``plan``: settings and
+    """Table rows of ``values`` (:class:`MetricValue`) measured on ``ckpt`` of ``plan``: settings
+    and
     computed diagnostics split, the chance level of an accuracy added from ``view``."""
     rows = []
     for v in values:

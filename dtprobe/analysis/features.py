@@ -1,6 +1,7 @@
 """Features: verify and load one checkpoint safely, extract its features once (cached).
 
-Checkpoints load only through :mod:`dtprobe.checkpoints.reader` (``weights_only`` or safetensors), from
+Checkpoints load only through :mod:`dtprobe.checkpoints.reader` (``weights_only`` or safetensors),
+from
 the very bytes whose sha256 was verified; NaN/Inf features or a model that does not fit the data
 fail only that checkpoint, with a one-line :class:`CheckpointError`.
 """
@@ -140,7 +141,7 @@ def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int, opts: A
                ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The model with this checkpoint's weights, and those weights under the model's names.
 
-    The weights are searched for in the file (:func:`dtprobe.checkpoints.reader.load_weights`, with
+    The weights are searched for in the file (:func:`dtprobe.checkpoints.load_weights`, with
     the plan's ``--weights``/``--strip-prefix``/``--trust-pickles``); what was taken is
     recorded in ``ckpt.loaded``.
     """

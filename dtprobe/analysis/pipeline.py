@@ -176,7 +176,7 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
 
 
 def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
-    """Analyse a resolved run; returns a :class:`dtprobe.results.core.Results` (``None`` on ranks > 0
+    """Analyse a resolved run; returns a :class:`dtprobe.results.Results` (``None`` on ranks > 0
     of a torchrun launch, where rank 0 writes the merged table).
 
     ``results.stats`` (:class:`AnalysisStats`) says how much was computed afresh and how much
@@ -349,7 +349,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         and recorded in each row's ``params`` (``feature_dtype``) when not float32.
     engine : ``"eager"`` (PyTorch) or ``"onnx"`` (ONNX Runtime on the CPU; needs
         ``device="cpu"`` and ``pip install 'dtprobe[onnx]'``): what runs the forward passes of
-        the extraction (:mod:`dtprobe.features.engines`). The onnx engine exports each checkpoint once
+        the extraction (:mod:`dtprobe.features.engines`). The onnx engine exports each checkpoint
+        once
         and is checked against eager on the first images of every extraction (to 1e-4
         relative; eager again, with a warning, if it disagrees), so both share the feature
         cache.

@@ -100,7 +100,7 @@ class RunPlan:
 @dataclass(frozen=True)
 class LoadOptions:
     """How weights are taken from each file (``--weights``, ``--strip-prefix``,
-    ``--trust-pickles``; see :func:`dtprobe.checkpoints.reader.load_weights`)."""
+    ``--trust-pickles``; see :func:`dtprobe.checkpoints.load_weights`)."""
 
     weights: str = "auto"
     strip_prefix: str | None = None
@@ -129,7 +129,8 @@ class AnalysisOptions:
     #: Storage dtype of cached features and layer outputs (dtprobe.features.extract.FEATURE_DTYPES);
     #: metrics read them back as float32.
     feature_dtype: str = "float32"
-    #: What runs the extraction's forward passes (dtprobe.features.engines.ENGINES): "eager" or "onnx".
+    #: What runs the extraction's forward passes (dtprobe.features.engines.ENGINES): "eager" or
+    #: "onnx".
     engine: str = "eager"
     layers: list[str] = field(default_factory=list)
     compare: list[str] = field(default_factory=list)
@@ -165,7 +166,7 @@ def _symlink_problem(run_dir: Path, relpath: str, follow_symlinks: bool,
 
     A pre-screen while planning (one ``realpath`` per entry, so that a manifest of 100,000
     checkpoints plans in about a second); the file actually opened is checked again when it is
-    read (:func:`dtprobe.checkpoints.reader.read_checkpoint_bytes`), so a link swapped in after
+    read (:func:`dtprobe.checkpoints.read_checkpoint_bytes`), so a link swapped in after
     planning is caught too. ``base`` is ``realpath(run_dir)`` and ``real_dir`` a (cached)
     ``realpath`` for the folders, both supplied by the caller so that they are computed once.
     """
@@ -232,9 +233,10 @@ def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int |
         (:class:`LoadOptions`).
 
     Without a manifest, the layout of the framework that wrote the run is recognised
-    (:mod:`dtprobe.checkpoints.layouts`), and the architecture and class count come from the flags, else
+    (:mod:`dtprobe.checkpoints.layouts`), and the architecture and class count come from the
+    flags, else
     from the files' records, else from the weights' names and shapes
-    (:func:`dtprobe.checkpoints.reader.infer_run`); only ``--dataset`` is always needed.
+    (:func:`dtprobe.checkpoints.infer_run`); only ``--dataset`` is always needed.
 
     Returns
     -------

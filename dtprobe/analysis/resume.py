@@ -31,7 +31,8 @@ class PartStore:
     """Per-checkpoint metric rows as small JSON files, reused when their key and seal match.
 
     Each file is written atomically (unpredictable temporary name, fsync, rename), so a file
-    that exists is complete. It carries a seal (:mod:`dtprobe.features.integrity`: an HMAC of its rows
+    that exists is complete. It carries a seal (:mod:`dtprobe.features.integrity`: an HMAC of its
+    rows
     bound to its key, with this user's secret key), so an edited, forged or foreign part is
     recomputed, never reported; so is one that cannot be read, is not a regular file of
     bounded size or does not hold the expected structure. ``reuse=False`` (``--no-cache``)

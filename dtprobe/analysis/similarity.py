@@ -137,8 +137,9 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
                                                                         plan.dataset_params):
         # Compare on this run's data: the other model is evaluated on the same images.
         other.dataset, other.dataset_params = plan.dataset, plan.dataset_params
-    cache = ReadThroughCache(FeatureCache(plan.run_dir / ANALYSIS_DIR / FEATURES_DIR, opts.use_cache),
-                             FeatureCache(other.run_dir / ANALYSIS_DIR / FEATURES_DIR, opts.use_cache))
+    cache = ReadThroughCache(
+        FeatureCache(plan.run_dir / ANALYSIS_DIR / FEATURES_DIR, opts.use_cache),
+        FeatureCache(other.run_dir / ANALYSIS_DIR / FEATURES_DIR, opts.use_cache))
     rows = []
     steps = {c.epoch: c.step for c in plan.checkpoints}
     for c in other.checkpoints:

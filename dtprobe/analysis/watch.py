@@ -84,7 +84,7 @@ def watch(run_dir: str | os.PathLike[str], *, poll: float = 5.0,
     report : also rewrite this HTML report after each update.
     every : analyse once this many new checkpoints are complete (and always once training
         finished), to bound the analysis cost of a run that saves often.
-    on_update : called with the :class:`~dtprobe.results.core.Results` of each update.
+    on_update : called with the :class:`~dtprobe.results.Results` of each update.
     log : where one-line progress messages go.
     **analyze_kwargs : passed to :func:`dtprobe.analysis.analyze` (``metrics``, ``device`` ...).
 

@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from dtprobe.checkpoints.reader import LoadedCheckpoint, check_finite, check_tensors
-from dtprobe.checkpoints.state_dict import key_list, resolve
+from dtprobe.checkpoints.state_dict import mismatch_message, resolve
 from dtprobe.errors import CheckpointError, first_line
 
 __all__ = ["load_into_model", "load_weights"]
@@ -35,7 +35,8 @@ def load_weights(model: nn.Module, loaded: LoadedCheckpoint, path: str | os.Path
     """Find the weights in ``loaded`` that fit ``model`` exactly and load them.
 
     The search over nesting keys, bookkeeping entries, prefixes and the architecture's key
-    renames is :func:`dtprobe.checkpoints.state_dict.resolve`'s (documented there); a candidate is taken
+    renames is :func:`dtprobe.checkpoints.state_dict.resolve`'s (documented there); a candidate is
+    taken
     only when every key and shape fits.
 
     Parameters
@@ -109,15 +110,9 @@ def load_into_model(model: nn.Module, state_dict: Mapping[str, Tensor],
                   f"{tuple(expected[k].shape)})"
                   for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            parts.append(f"shape mismatch: {key_list(mismatched, 2)}")
-        if missing:
-            parts.append(f"missing keys: {key_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {key_list(unexpected)}")
+        parts = mismatch_message(missing, unexpected, mismatched)
         raise CheckpointError(f"{path}: weights do not fit the {type(model).__name__} that was "
-                              f"built ({'; '.join(parts)}{_prefix_hint(missing, unexpected)}); "
+                              f"built ({parts}{_prefix_hint(missing, unexpected)}); "
                               "pass the right --arch / --num-classes (and architecture options)")
     full = dict(state_dict)
     for key, value in expected.items():

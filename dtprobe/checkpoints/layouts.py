@@ -4,7 +4,7 @@
 from the framework's own records. Layouts, searched in this order (see :data:`LAYOUTS`):
 
 1. **Flat names** in the run directory or its ``checkpoints/`` folder: the names of
-   :data:`dtprobe.checkpoints.reader.KNOWN_NAMINGS` (CTC reference code ``ckpt_epoch_{e}.pth``,
+   :data:`dtprobe.checkpoints.KNOWN_NAMINGS` (CTC reference code ``ckpt_epoch_{e}.pth``,
    Lightning ``epoch={e}-step={s}.ckpt`` and ``epoch={e}-val_acc=0.71.ckpt``, timm
    ``checkpoint-{e}.pth.tar``, torchvision ``model_{e}.pth``, dtprobe ``epoch_{e}.pt``,
    ``epoch_003.ckpt`` ...).

@@ -17,7 +17,8 @@ Checkpoints saved as ``{"model": state_dict, "epoch": e, ...}`` (or under
 ``state_dict``, ``net``, ``model_state_dict``, ``module``), with DDP
 ``module.``, ``torch.compile`` ``_orig_mod.`` or Lightning ``model.`` key prefixes, load like
 plain state dicts. Where the model is known, :func:`load_weights` searches the file for the
-weights that fit it exactly (:mod:`dtprobe.checkpoints.state_dict`: any nesting key or wrapper prefix,
+weights that fit it exactly (:mod:`dtprobe.checkpoints.state_dict`: any nesting key or wrapper
+prefix,
 EMA or raw weights). Runs without a manifest are found by their framework's layout and file
 names (:func:`infer_checkpoint_series`, :mod:`dtprobe.checkpoints.layouts`).
 

@@ -47,7 +47,8 @@ class InferredCheckpoint:
     naming : str
         The naming scheme that matched, e.g. ``"ckpt_epoch_{epoch}.pth"``.
     layout : str
-        The :data:`dtprobe.checkpoints.layouts.LAYOUTS` entry (``"lightning"``, ``"hf_trainer"`` ...).
+        The :data:`dtprobe.checkpoints.layouts.LAYOUTS` entry (``"lightning"``, ``"hf_trainer"``
+        ...).
     source_epoch : float or None
         The framework's own epoch number (name or records), before conversion.
     epoch_basis : str
@@ -90,7 +91,8 @@ class CheckpointSeries(list):
 
     @property
     def layouts(self) -> list[str]:
-        """Layouts present (:data:`dtprobe.checkpoints.layouts.LAYOUTS`), in order of first appearance."""
+        """Layouts present (:data:`dtprobe.checkpoints.layouts.LAYOUTS`), in order of first
+        appearance."""
         return list(dict.fromkeys(c.layout for c in self))
 
     @property
@@ -147,7 +149,8 @@ def _all_candidates(run_dir: Path,
 
 def _match(relpath: str, namings: list[tuple[str, Any]], subdir_ok: bool
            ) -> tuple[str, re.Match[str]] | None:
-    name = relpath.split("/", 1)[1] if subdir_ok and relpath.startswith(CHECKPOINT_SUBDIR + "/") else None
+    in_subdir = subdir_ok and relpath.startswith(CHECKPOINT_SUBDIR + "/")
+    name = relpath.split("/", 1)[1] if in_subdir else None
     for template, regex in namings:
         for candidate in (relpath, name):
             if candidate is not None and (m := regex.fullmatch(candidate)) is not None:
@@ -285,7 +288,8 @@ def _nothing_found(run_dir: Path, names: list[str], ignored: list[str],
         if deeper:
             listing = ", ".join(deeper[:4]) + (f" (+{len(deeper) - 4} more)"
                                                if len(deeper) > 4 else "")
-            return (f"{run_dir}: no checkpoint files of a known layout (see dtprobe/checkpoints/layouts.py), "
+            return (f"{run_dir}: no checkpoint files of a known layout "
+                    "(see dtprobe/checkpoints/layouts.py), "
                     f"but found {listing}; pass --pattern '{_suggest_pattern(deeper[0])}' "
                     "describing their names (or --epoch-from order), or write a manifest "
                     "(see checkpoints_manifest/README.md)")
@@ -297,7 +301,8 @@ def _nothing_found(run_dir: Path, names: list[str], ignored: list[str],
         return (f"{run_dir}: found files {listing} but none matches {wanted}; pass "
                 f"--pattern '{suggestion}' describing your file names, or write a manifest "
                 "(see checkpoints_manifest/README.md)")
-    where = f"{run_dir} or {run_dir / CHECKPOINT_SUBDIR}" if not pattern or "/" not in pattern else run_dir
+    where = (f"{run_dir} or {run_dir / CHECKPOINT_SUBDIR}" if not pattern or "/" not in pattern
+             else run_dir)
     return (f"{where}: no checkpoint files matching {wanted}; point to the run directory that "
             "holds the checkpoints, or pass --pattern")
 
@@ -312,8 +317,10 @@ class InferredRun:
     series : CheckpointSeries
         The checkpoints, with epochs and steps (:mod:`dtprobe.checkpoints.layouts`).
     arch, num_classes, arch_kwargs : the model, from the flags, else from the files' records
-        (:func:`dtprobe.checkpoints.layouts.model_hints`), else recognised from the weights' names and
-        shapes (:func:`dtprobe.checkpoints.layouts.guess_from_keys`); ``arch``/``num_classes`` are None
+        (:func:`dtprobe.checkpoints.layouts.model_hints`), else recognised from the weights' names
+        and
+        shapes (:func:`dtprobe.checkpoints.layouts.guess_from_keys`); ``arch``/``num_classes`` are
+        None
         when nothing says them.
     origin : str
         Where the architecture came from (``"flags"``, ``"Lightning hyper_parameters"`` ...).

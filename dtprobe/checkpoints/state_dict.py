@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from dtprobe.errors import CheckpointError
 
 __all__ = ["BOOKKEEPING_KEYS", "EMA_KEYS", "NESTING_KEYS", "SKIPPED_KEYS", "Candidate",
-           "candidates", "key_list", "resolve", "tensor_dicts"]
+           "candidates", "key_list", "mismatch_message", "resolve", "tensor_dicts"]
 
 #: Keys that hold the raw weights, tried first, in this order.
 RAW_KEYS: tuple[str, ...] = ("model", "state_dict", "net", "model_state_dict", "module",
@@ -213,6 +213,20 @@ def key_list(keys: Sequence[str], limit: int = 3) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def mismatch_message(missing: Sequence[str], unexpected: Sequence[str],
+                     shapes: Sequence[str]) -> str:
+    """How weights differ from a model, in one line: shape mismatches, missing and unexpected
+    keys (the first few of each)."""
+    parts = []
+    if shapes:
+        parts.append(f"shape mismatch: {key_list(shapes, 2)}")
+    if missing:
+        parts.append(f"missing keys: {key_list(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {key_list(unexpected)}")
+    return "; ".join(parts)
+
+
 def resolve(obj: Any, model: nn.Module, path: Any, *, weights: str = "auto",
             strip_prefix: str | None = None, key_maps: Sequence[Any] = (),
             arch: str | None = None) -> Candidate:
@@ -283,16 +297,9 @@ def _diagnose(obj: Any, found: list[Candidate], expected: Mapping[str, Tensor],
 
     best = min(found, key=distance)
     missing, unexpected, shapes = _mismatch(best.state, expected)
-    parts = []
-    if shapes:
-        parts.append(f"shape mismatch: {key_list(shapes, 2)}")
-    if missing:
-        parts.append(f"missing keys: {key_list(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {key_list(unexpected)}")
     hint = _fix_hint(found, missing, unexpected, shapes)
     return (f"top-level keys {top}; {len(found)} candidate readings tried, closest: "
-            f"{best.describe()} ({'; '.join(parts)}); {hint}")
+            f"{best.describe()} ({mismatch_message(missing, unexpected, shapes)}); {hint}")
 
 
 def _fix_hint(found: list[Candidate], missing: list[str], unexpected: list[str],

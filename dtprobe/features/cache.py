@@ -107,7 +107,8 @@ class FeatureCache:
     written atomically under an unpredictable temporary name, then renamed
     (:func:`checkpoints_manifest.atomic_writer`), so a reader never sees a partial file and a
     link planted in the folder is never written through. Each file is sealed
-    (:mod:`dtprobe.features.integrity`: an HMAC of its tensors bound to its key, with this user's secret
+    (:mod:`dtprobe.features.integrity`: an HMAC of its tensors bound to its key, with this user's
+    secret
     key), and read back only as a regular file of bounded size; a torn, foreign, forged or
     inconsistent file (missing ``features``/``logits``, rows that disagree) is a cache miss,
     never an error and never a result.

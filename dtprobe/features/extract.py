@@ -253,7 +253,8 @@ def extract_features(model: nn.Module, head: nn.Module, images: Images, *,
         the CPU: several times faster on CPUs with AMX / AVX-512-BF16 units, at bf16
         precision (about 3 significant digits).
     engine : {"eager", "onnx"}, default "eager"
-        What runs the forward passes (:mod:`dtprobe.features.engines`). ``"onnx"``: ONNX Runtime on the
+        What runs the forward passes (:mod:`dtprobe.features.engines`). ``"onnx"``: ONNX Runtime
+        on the
         CPU, exported from the same folded copy once per checkpoint and checked against the
         eager network on the first images (to 1e-4 relative) of every call; when the export
         fails or disagrees, a warning and the eager path. Needs ``device="cpu"``, float32
@@ -269,7 +270,8 @@ def extract_features(model: nn.Module, head: nn.Module, images: Images, *,
     ------
     ConfigError
         ``batch_size`` is neither a positive int nor ``"auto"``, ``images`` is empty, or
-        ``engine`` is unknown or cannot run here (see :func:`dtprobe.features.engines.check_engine`).
+        ``engine`` is unknown or cannot run here (see
+        :func:`dtprobe.features.engines.check_engine`).
     RuntimeError
         The model fails on the images (e.g. wrong input shape), or runs out of memory at
         an explicit ``batch_size``.

@@ -119,7 +119,7 @@ def save_all_figures(results: Results | pd.DataFrame, out_dir: str | Path,
 
     Parameters
     ----------
-    results : :class:`~dtprobe.results.core.Results` (or a bare table, then without CKA heatmaps).
+    results : :class:`~dtprobe.results.Results` (or a bare table, then without CKA heatmaps).
     out_dir : directory, created if needed.
     formats : file formats understood by matplotlib, e.g. ``("png", "pdf", "svg")``.
 

@@ -1,7 +1,7 @@
 """Charts of the discriminability-transferability trade-off over a training run.
 
 Every function takes the tidy results table (a DataFrame or a
-:class:`dtprobe.results.core.Results`), an optional matplotlib ``ax`` to draw into, and returns
+:class:`dtprobe.results.Results`), an optional matplotlib ``ax`` to draw into, and returns
 the Axes (or the Figure, for multi-panel charts). Nothing calls ``plt.show()``; in a
 notebook the figure displays itself. All charts share one style: seaborn's "whitegrid"
 with the colour-blind-safe "colorblind" palette for runs and tasks and the perceptually
@@ -299,7 +299,7 @@ def plot_tradeoff(table: pd.DataFrame | Results, x: str = "source_accuracy",
 
     Parameters
     ----------
-    table : tidy results table or :class:`~dtprobe.results.core.Results`.
+    table : tidy results table or :class:`~dtprobe.results.Results`.
     x, y : metric names for the axes (default source accuracy vs downstream probe accuracy,
         the trade-off of Kornblith et al. 2021 and Cui et al. 2022).
     task : downstream task of a tasked ``y`` (or ``x``); ``None`` averages over the tasks
@@ -455,7 +455,7 @@ def plot_metrics(table: pd.DataFrame | Results, metrics: Sequence[str] | None = 
 
     Parameters
     ----------
-    table : tidy results table or :class:`~dtprobe.results.core.Results`.
+    table : tidy results table or :class:`~dtprobe.results.Results`.
     metrics : metric names to draw (default: all non-layer-wise metrics present, in display
         order). A metric measured with several estimators gets one panel per estimator.
     ax : Axes to draw into, one per panel (a single Axes if there is one panel); a new
@@ -839,7 +839,7 @@ def plot_transfer_tradeoff(table: pd.DataFrame | Results, dataset: str | None = 
 
     Parameters
     ----------
-    table : tidy results table or :class:`~dtprobe.results.core.Results` with downstream rows
+    table : tidy results table or :class:`~dtprobe.results.Results` with downstream rows
         (``dtprobe analyze --downstream``).
     dataset : a downstream dataset's name, or ``None`` for the aggregate
         (``transfer_accuracy_mean``, Kornblith et al. 2021's mean over transfer datasets).

@@ -14,7 +14,7 @@ Cui et al. (2022) in one picture.
 
 Example
 -------
->>> from dtprobe.results.core import compare
+>>> from dtprobe.results import compare
 >>> res = compare(["runs/ce", "runs/ctc"])           # doctest: +SKIP
 >>> res.wide("ce")[["source_accuracy", "probe_accuracy[colour]"]]  # doctest: +SKIP
 >>> res.summary()                                      # doctest: +SKIP
@@ -40,30 +40,22 @@ import pandas as pd
 
 import checkpoints_manifest as cm
 from dtprobe.errors import ConfigError, DtprobeError
-from dtprobe.table import (  # noqa: F401  (re-exported: the schema's home is dtprobe.table)
+from dtprobe.table import (
     ANALYSIS_DIR,
     CKA_FILE,
-    COLUMN_DOCS,
-    DIAGNOSTIC_KEYS,
-    DOWNSTREAM_PARAM,
     FAILURE_COLUMNS,
     FAILURES_FILE,
-    METRIC_INFO,
     METRIC_ORDER,
     METRICS_FILE,
     TABLE_COLUMNS,
-    MetricInfo,
     downstream_mask,
     downstream_tasks,
     estimator_settings,
-    estimator_unit,
     metric_info,
     natural_key,
     normalize_table,
     parse_params,
-    sort_layers,
     sort_metrics,
-    split_params,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -360,20 +352,20 @@ class Results:
     # ------------------------------------------------------------------ plots
     def plot_tradeoff(self, x: str = "source_accuracy", y: str = "probe_accuracy",
                       task: str | None = None, ax: Axes | None = None) -> Axes:
-        """Discriminability vs transferability; see :func:`dtprobe.plotting.charts.plot_tradeoff`."""
+        """Discriminability vs transferability; see :func:`dtprobe.plotting.plot_tradeoff`."""
         from dtprobe import plotting
 
         return plotting.plot_tradeoff(self._table, x=x, y=y, task=task, ax=ax)
 
     def plot_metrics(self, metrics: Sequence[str] | None = None, ax: Any = None) -> Figure:
-        """Small multiples of metrics against epoch; see :func:`dtprobe.plotting.charts.plot_metrics`."""
+        """Small multiples of metrics against epoch; see :func:`dtprobe.plotting.plot_metrics`."""
         from dtprobe import plotting
 
         return plotting.plot_metrics(self._table, metrics=metrics, ax=ax)
 
     def plot_information_plane(self, estimator: str | None = None,
                                ax: Axes | None = None) -> Axes:
-        """I(X;T) vs I(T;Y); see :func:`dtprobe.plotting.charts.plot_information_plane`."""
+        """I(X;T) vs I(T;Y); see :func:`dtprobe.plotting.plot_information_plane`."""
         from dtprobe import plotting
 
         return plotting.plot_information_plane(self._table, estimator=estimator, ax=ax)
@@ -390,7 +382,7 @@ class Results:
         return plotting.plot_cka_grid(self._cka)
 
     def plot_cka_to_final(self, ax: Axes | None = None) -> Axes:
-        """CKA of every epoch to the final one; see :func:`dtprobe.plotting.charts.plot_cka_to_final`."""
+        """CKA of every epoch to the final one; see :func:`dtprobe.plotting.plot_cka_to_final`."""
         from dtprobe import plotting
 
         return plotting.plot_cka_to_final(self._table, ax=ax)
@@ -402,7 +394,7 @@ class Results:
         return plotting.plot_tradeoff_over_epochs(self._table, ax=ax)
 
     def save_figures(self, out_dir: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-        """Write every available chart; see :func:`dtprobe.plotting.charts.save_all_figures`."""
+        """Write every available chart; see :func:`dtprobe.plotting.save_all_figures`."""
         from dtprobe import plotting
 
         return plotting.save_all_figures(self, out_dir, formats=formats)

@@ -27,7 +27,7 @@ def export_tensorboard(results, log_dir: str | os.PathLike[str], *, x: str = "au
 
     Parameters
     ----------
-    results : a :class:`dtprobe.results.core.Results` (``dtprobe.load_results(RUN)``).
+    results : a :class:`dtprobe.results.Results` (``dtprobe.load_results(RUN)``).
     log_dir : event-file directory (one sub-folder per run when results hold several runs).
     x : ``"step"``, ``"epoch"`` or ``"auto"`` (steps when every row has one).
     """

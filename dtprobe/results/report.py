@@ -552,7 +552,7 @@ def write_report(results: Results, out_html: str | Path, title: str | None = Non
 
     Parameters
     ----------
-    results : :class:`~dtprobe.results.core.Results` (e.g. from :func:`~dtprobe.results.core.compare`).
+    results : :class:`~dtprobe.results.Results` (e.g. from :func:`~dtprobe.results.compare`).
     out_html : path of the HTML file; parent directories are created. Written atomically.
     title : page title (default ``"dtprobe report: <run> vs <run>"``).
     dpi : resolution of the embedded PNG charts.

@@ -9,7 +9,7 @@ standard deviation over seeds) and ``figures/``:
 * ``sweep_accuracy_vs_transfer``: final source accuracy vs mean downstream probe accuracy,
   one point per objective with error bars across seeds (Kornblith et al. 2021, Fig. 1);
 * ``sweep_separation_vs_transfer``: class separation R^2 vs transfer (their Fig. 4);
-* the per-epoch trade-off charts of all runs together (:func:`dtprobe.plotting.charts.save_all_figures`).
+* the per-epoch trade-off charts of all runs together (:func:`dtprobe.plotting.save_all_figures`).
 
 Re-running a sweep reuses finished runs and cached analyses and continues interrupted ones.
 ``dtprobe report SWEEP_DIR`` and ``dtprobe plot SWEEP_DIR`` take the sweep directory.

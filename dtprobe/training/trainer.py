@@ -1,7 +1,8 @@
 """The bundled trainer: writes a checkpoint series plus a manifest, with any registered objective.
 
 Runs made with the same seed differ only in the objective (``--objective``, see
-:mod:`dtprobe.training.objectives.base`): the data order, augmentation, optimiser (SGD with momentum)
+:mod:`dtprobe.training.objectives.base`): the data order, augmentation, optimiser (SGD with
+momentum)
 and schedule are identical, which the CTC paper's reference code did not guarantee. An
 objective that needs a second view of each image (SupCon, SimCLR joints) or extra crops
 (t-ReX multi-crop) gets them from its own generator, so its first view is still the one
@@ -28,7 +29,6 @@ import csv
 import hashlib
 import io
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -578,15 +578,6 @@ def check_writable(run_dir: Path) -> None:
 
 class _Probe(Exception):
     """Raised inside the write probe so that nothing is renamed into place."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> str:

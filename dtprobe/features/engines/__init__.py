@@ -58,7 +58,8 @@ def run_engine(engine: str, model: nn.Module, head: nn.Module, images, *,
                batch_size: int, layers: Sequence[str], fold_batchnorm: bool
                ) -> dict[str, torch.Tensor] | None:
     """Outputs of ``model`` over ``images`` computed by ``engine`` (see
-    :func:`dtprobe.features.engines.onnx.extract_onnx`), or ``None`` when the caller must run the eager
+    :func:`dtprobe.features.engines.onnx.extract_onnx`), or ``None`` when the caller must run the
+    eager
     path instead (a warning says why)."""
     from dtprobe.features.engines import onnx as onnx_engine
 

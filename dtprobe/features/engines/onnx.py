@@ -1,7 +1,8 @@
 """ONNX Runtime engine for CPU feature extraction (``extract_features(..., engine="onnx")``).
 
 The network is exported from the same inference copy the eager engine runs (eval-mode
-BatchNorm folded into the convolutions, :func:`dtprobe.features.extract.inference_model`), wrapped in a
+BatchNorm folded into the convolutions, :func:`dtprobe.features.extract.inference_model`), wrapped
+in a
 module whose outputs are ``(logits, penultimate features, *pooled layer outputs)``, so that the
 graph needs no hooks. The export (``torch.onnx.export``, TorchScript tracer, batch axis
 dynamic) is kept in memory and run by an ``onnxruntime.InferenceSession`` on the CPU provider
