@@ -18,19 +18,8 @@ from matplotlib.figure import Figure
 
 import checkpoints_manifest as cm
 from dtprobe.errors import ConfigError
+from dtprobe.plotting import charts
 from dtprobe.plotting import layer_charts as layer_plots
-from dtprobe.plotting.charts import (
-    as_table,
-    metric_tasks,
-    plot_cka_grid,
-    plot_cka_to_final,
-    plot_information_plane,
-    plot_metrics,
-    plot_tradeoff,
-    plot_tradeoff_by_task,
-    plot_tradeoff_over_epochs,
-    plot_transfer_tradeoff,
-)
 from dtprobe.plotting.style import style
 from dtprobe.table import downstream_tasks
 
@@ -55,7 +44,7 @@ def iter_figures(results: Results | pd.DataFrame,
     ``tradeoff_plane``, ``tradeoff_plane_by_task``, ``metrics``,
     ``information_plane[_<estimator>]``, ``cka_to_final``, ``temporal_cka``.
     """
-    table = as_table(results)
+    table = charts.as_table(results)
     if cka is None:
         cka = getattr(results, "cka_matrices", {}) or {}
     finite = table[np.isfinite(table["value"])]
@@ -64,21 +53,21 @@ def iter_figures(results: Results | pd.DataFrame,
         names = downstream_tasks(finite)
         yield ("tradeoff_transfer", "Source accuracy against the mean linear-probe accuracy on "
                f"the downstream datasets ({', '.join(names)}): transfer to other images.",
-               plot_transfer_tradeoff(table).figure)
+               charts.plot_transfer_tradeoff(table).figure)
     if present & {"source_accuracy", "probe_accuracy"}:
         yield ("tradeoff", "Source and downstream probe accuracy against epoch; triangles mark "
                "where each probe peaked, dotted lines the chance levels.",
-               plot_tradeoff_over_epochs(table).figure)
+               charts.plot_tradeoff_over_epochs(table).figure)
     if {"source_accuracy", "probe_accuracy"} <= present:
         yield ("tradeoff_plane", "Source accuracy (discriminability) against downstream "
                "linear-probe accuracy (transferability, mean over tasks), one trajectory per "
-               "run.", plot_tradeoff(table).figure)
-        if len(metric_tasks(finite, "probe_accuracy")) > 1:
+               "run.", charts.plot_tradeoff(table).figure)
+        if len(charts.metric_tasks(finite, "probe_accuracy")) > 1:
             yield ("tradeoff_plane_by_task", "The same trade-off plane for each downstream task.",
-                   plot_tradeoff_by_task(table))
+                   charts.plot_tradeoff_by_task(table))
     if present:
         yield ("metrics", "Every metric against epoch (colour = run, line style = task).",
-               plot_metrics(table))
+               charts.plot_metrics(table))
     if {"mi_xt", "mi_ty"} <= present:
         ex = set(finite.loc[finite["metric"] == "mi_xt", "estimator"])
         ey = set(finite.loc[finite["metric"] == "mi_ty", "estimator"])
@@ -87,13 +76,13 @@ def iter_figures(results: Results | pd.DataFrame,
             for est in common:
                 yield (f"information_plane_{_slug(est or 'default')}",
                        f"Information plane ({est} estimator).",
-                       plot_information_plane(table, estimator=est).figure)
+                       charts.plot_information_plane(table, estimator=est).figure)
         elif common or (len(ex) == 1 and len(ey) == 1):
             yield ("information_plane", "Information plane: I(X;T) against I(T;Y).",
-                   plot_information_plane(table).figure)
+                   charts.plot_information_plane(table).figure)
     if "cka_to_final" in set(finite["metric"]):
         yield ("cka_to_final", "Linear CKA of each epoch's features to the final epoch's.",
-               plot_cka_to_final(table).figure)
+               charts.plot_cka_to_final(table).figure)
     layered = set(finite.loc[finite["layer"] != "", "metric"])
     if layered & {"probe_accuracy", "cka_to_final"}:
         if "probe_accuracy" in layered:
@@ -110,7 +99,7 @@ def iter_figures(results: Results | pd.DataFrame,
     usable = {r: m for r, m in cka.items() if isinstance(m, pd.DataFrame) and not m.empty}
     if usable:
         yield ("temporal_cka", "Temporal linear CKA between every pair of epochs "
-               "(colour scale fixed to [0, 1]).", plot_cka_grid(usable))
+               "(colour scale fixed to [0, 1]).", charts.plot_cka_grid(usable))
 
 
 def save_all_figures(results: Results | pd.DataFrame, out_dir: str | Path,
