@@ -26,11 +26,10 @@ TINY_ARCH = {"width": 4, "feature_dim": 8}
 SMALL_PARAMS = {"trex": {"hidden": 16}, "trex_star": {"hidden": 16, "bank_size": 48},
                 "supcon": {"proj_dim": 8}, "ce_simclr": {"proj_dim": 8},
                 "supcon_simclr": {"proj_dim": 8},
-                "ctc": {"stage_two_epoch": 1, "nce_k": 8, "proj_dim": 8},
-                "squared_error": {"scale": 0.04}}
+                "ctc": {"stage_two_epoch": 1, "nce_k": 8, "proj_dim": 8}}
 TERMS = {"ce": {"ce"}, "label_smoothing": {"label_smoothing"}, "sigmoid": {"sigmoid"},
-         "extra_l2": {"ce", "final_l2"}, "dropout": {"ce"},
-         "logit_penalty": {"ce", "logit_sq_norm"},
+         "extra_l2": {"ce", "final_l2_loss"}, "dropout": {"ce"},
+         "logit_penalty": {"ce", "half_logit_sq_norm"},
          "logit_norm": {"logit_norm"}, "cosine_softmax": {"cosine_softmax"},
          "squared_error": {"squared_error"}, "supcon": {"supcon", "probe_ce"},
          "ce_simclr": {"ce", "simclr"}, "supcon_simclr": {"supcon", "probe_ce", "simclr"},

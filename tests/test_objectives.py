@@ -1,5 +1,6 @@
 """Objective losses against float64 references written from the papers' formulas (values and
-gradients), degenerate inputs, and the registry."""
+gradients), degenerate inputs, and the registry. The Kornblith et al. (2021) losses are also
+checked against their authors' TensorFlow formulas in ``test_objectives_reference.py``."""
 
 from __future__ import annotations
 
@@ -68,14 +69,14 @@ def ref_label_smoothing(z, y, a):
     for i in range(len(y)):
         lp = _log_softmax_row(z[i])
         total = total - sum(((1 - a) * (k == int(y[i])) + a / K) * lp[k] for k in range(K))
-    return total / len(y)
+    return total / len(y) / (1 - a)  # the authors weight it by 1 / (1 - a)
 
 
 def ref_sigmoid(z, y):
     total = 0
     for i in range(len(y)):
         for k in range(K):
-            s = 1 / (1 + torch.exp(-z[i, k]))
+            s = 1 / (1 + torch.exp(-(z[i, k] - math.log(K))))  # the authors' -log K shift
             t = 1.0 if k == int(y[i]) else 0.0
             total = total - (t * torch.log(s) + (1 - t) * torch.log(1 - s))
     return total / len(y)
@@ -86,12 +87,12 @@ def ref_logit_norm(z, y, tau):
     return ref_ce(torch.stack(rows), y)
 
 
-def ref_cosine(h, w, y, tau):
+def ref_cosine(h, w, b, y, tau):
+    """Class weights normalised, features not, bias kept (the authors' final layer)."""
     rows = []
     for i in range(len(y)):
-        hn = torch.sqrt(sum(v * v for v in h[i]))
-        rows.append(torch.stack([sum(h[i, d] * w[k, d] for d in range(h.shape[1]))
-                                 / (hn * torch.sqrt(sum(v * v for v in w[k]))) / tau
+        rows.append(torch.stack([(sum(h[i, d] * w[k, d] for d in range(h.shape[1]))
+                                  / torch.sqrt(sum(v * v for v in w[k])) + b[k]) / tau
                                  for k in range(w.shape[0])]))
     return ref_ce(torch.stack(rows), y)
 
@@ -104,7 +105,7 @@ def ref_squared(z, y, kappa, m, scale):
                 total = total + kappa * (z[i, k] - m) ** 2
             else:
                 total = total + z[i, k] ** 2
-    return scale * total / K / len(y)
+    return scale * total / len(y)  # no division by K (the authors' form)
 
 
 def _sim(a, b):
@@ -162,19 +163,23 @@ def test_cosine_softmax_matches_reference_and_zero_norm_is_documented_value():
     g = torch.Generator().manual_seed(3)
     h = torch.randn(B, D, generator=g, dtype=torch.float64)
     w = torch.randn(K, D, generator=g, dtype=torch.float64)
+    b = torch.randn(K, generator=g, dtype=torch.float64)
     _, y = _data()
-    _close(lambda x: F.cross_entropy(cosine_logits(x, w, 0.05), y),
-           lambda x: ref_cosine(x, w, y, 0.05), h)
-    _close(lambda x: F.cross_entropy(cosine_logits(h, x, 0.05), y),
-           lambda x: ref_cosine(h, x, y, 0.05), w)
-    h0 = h.clone()
-    h0[0] = 0  # a dead ReLU embedding
-    h0.requires_grad_(True)
-    loss = F.cross_entropy(cosine_logits(h0, w, 0.05), y)
+    _close(lambda x: F.cross_entropy(cosine_logits(x, w, b, 0.05), y),
+           lambda x: ref_cosine(x, w, b, y, 0.05), h)
+    _close(lambda x: F.cross_entropy(cosine_logits(h, x, b, 0.05), y),
+           lambda x: ref_cosine(h, x, b, y, 0.05), w)
+    _close(lambda x: F.cross_entropy(cosine_logits(h, w, x, 0.05), y),
+           lambda x: ref_cosine(h, w, x, y, 0.05), b)
+    w0 = w.clone()
+    w0[1] = 0  # a class weight that decayed to zero
+    w0.requires_grad_(True)
+    loss = F.cross_entropy(cosine_logits(h, w0, b, 0.05), y)
     loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(h0.grad).all()
-    assert torch.equal(h0.grad[0], torch.zeros(D, dtype=torch.float64))
-    assert torch.equal(cosine_logits(h0, w, 0.05)[0], torch.zeros(K, dtype=torch.float64))
+    assert torch.isfinite(loss) and torch.isfinite(w0.grad).all()
+    assert torch.equal(w0.grad[1], torch.zeros(D, dtype=torch.float64))
+    torch.testing.assert_close(cosine_logits(h, w0, b, 0.05)[:, 1].detach(),
+                               (b[1] / 0.05).expand(B))
 
 
 def test_squared_error_matches_reference():
@@ -213,19 +218,19 @@ def test_extra_l2_and_logit_penalty_match_reference():
     loss, terms = _call(obj, h, y)
     (g_ours,) = torch.autograd.grad(loss, w)
     z = ctx.head(h)
-    ref = ref_ce(z, y) + 8e-4 * sum(float(v) ** 2 for v in w.detach().flatten())
+    ref = ref_ce(z, y) + 8e-4 * sum(float(v) ** 2 for v in w.detach().flatten()) / 2
     assert float(loss) == pytest.approx(float(ref), rel=1e-10)
     w_ref = w.detach().clone().requires_grad_(True)
-    ref_t = ref_ce(h @ w_ref.T + ctx.head.bias.detach(), y) + 8e-4 * (w_ref ** 2).sum()
+    ref_t = ref_ce(h @ w_ref.T + ctx.head.bias.detach(), y) + 8e-4 * (w_ref ** 2).sum() / 2
     (g_ref,) = torch.autograd.grad(ref_t, w_ref)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-12)
-    assert set(terms) == {"ce", "final_l2"}
+    assert set(terms) == {"ce", "final_l2_loss"}
 
     obj = build_objective("logit_penalty", ctx)
     z = torch.randn(B, K, dtype=torch.float64)
     _close(lambda x: obj(images=None, features=h, logits=x, labels=y, indices=None,
                          epoch=1)[0],
-           lambda x: ref_ce(x, y) + 6e-4 * sum((x[i] ** 2).sum() for i in range(B)) / B, z)
+           lambda x: ref_ce(x, y) + 6e-4 * sum((x[i] ** 2).sum() for i in range(B)) / B / 2, z)
 
 
 def test_dropout_keeps_expected_fraction_and_is_ce_at_eval():
@@ -260,11 +265,12 @@ def test_cosine_softmax_export_makes_argmax_the_cosine_prediction():
     torch.testing.assert_close(pred, obj.eval_logits(h, None).argmax(1))
 
 
-def test_sigmoid_initialises_bias_to_minus_log_k():
+def test_sigmoid_leaves_the_head_alone():
+    """The authors shift the logits inside the loss; the head's initialisation is untouched."""
     ctx = _ctx()
+    before = ctx.head.bias.detach().clone()
     build_objective("sigmoid", ctx)
-    torch.testing.assert_close(ctx.head.bias.detach(),
-                               torch.full((K,), -math.log(K), dtype=torch.float64))
+    assert torch.equal(ctx.head.bias.detach(), before)
 
 
 # -------------------------------------------------------------------- contrastive losses
@@ -358,7 +364,7 @@ def test_prototype_logits_match_reference():
 KORNBLITH_DEFAULTS = {"label_smoothing": {"alpha": 0.1}, "extra_l2": {"lam": 8e-4},
                       "dropout": {"keep_prob": 0.7}, "logit_penalty": {"beta": 6e-4},
                       "logit_norm": {"tau": 0.04}, "cosine_softmax": {"tau": 0.05},
-                      "squared_error": {"kappa": 9.0, "M": 60.0, "scale": 10.0}}
+                      "squared_error": {"kappa": "auto", "M": "auto", "scale": "auto"}}
 
 
 def test_registry_has_every_objective_with_paper_defaults():
