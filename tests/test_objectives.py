@@ -26,7 +26,7 @@ from dtprobe.training.objectives import (
     available_objectives,
     build_objective,
 )
-from dtprobe.training.trex import Projector, prototype_logits
+from dtprobe.training.trex import Projector
 
 B, K, D = 7, 4, 5
 
@@ -331,32 +331,97 @@ def test_trex_projector_structure():
     torch.testing.assert_close(p(h), p(h * 7.0))  # L2-normalised input
 
 
-def test_prototype_logits_match_reference():
-    g = torch.Generator().manual_seed(8)
-    z = torch.randn(5, 3, generator=g, dtype=torch.float64)
-    y = torch.tensor([0, 1, 1, 0, 1])
-    bank = torch.randn(6, 3, generator=g, dtype=torch.float64)
-    bank_y = torch.tensor([0, 0, 1, -1, 1, -1])  # -1: empty slots
+def _trex_ctx(seed=0, n=10, k=3, d=6):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, d), nn.ReLU(), nn.Linear(d, k)).double()
 
-    def ref(zz):
-        rows = []
-        for i in range(len(zz)):
-            row = []
-            for k in range(3):
-                members = [bank[j] for j in range(6) if int(bank_y[j]) == k]
-                members += [zz[j] for j in range(len(zz)) if int(y[j]) == k]
-                if not members:
-                    row.append(zz[i, 0] * 0)
-                    continue
-                c = sum(members) / len(members)
-                row.append(_sim(zz[i], c) / (torch.sqrt(_sim(zz[i], zz[i]))
-                                             * torch.sqrt(_sim(c, c))) / 0.1)
-            rows.append(torch.stack(row))
-        return F.cross_entropy(torch.stack(rows), y)
+    def feature_fn(m, x):
+        return m[1](m[0](x))
 
-    _close(lambda x: F.cross_entropy(prototype_logits(x, y, bank, bank_y, 3, 0.1), y), ref, z)
-    logits = prototype_logits(z, y, bank, bank_y, 3, 0.1)
-    assert torch.equal(logits[:, 2], torch.zeros(5, dtype=torch.float64))  # class 2: no rows
+    return ObjectiveContext(model=model, head=model[2], feature_dim=d, num_classes=k,
+                            num_samples=n, train_labels=torch.arange(n) % k,
+                            device=torch.device("cpu"), seed=seed, feature_fn=feature_fn,
+                            head_name="2")
+
+
+def _authors_l2norm(x):
+    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def test_trex_star_step_equals_authors_memory_and_ema():
+    """naver/trex ``trex.py``: class weights = L2-normalised per-class sums of the memory;
+    logits = normalize(g(h)) @ weights.T / tau (no gradient through the weights); then the EMA
+    copy (momentum m) is updated and its projector output on the global crop is enqueued at the
+    pointer, truncated at the end of the memory, the pointer wrapping to 0."""
+    ctx = _trex_ctx()
+    obj = build_objective("trex_star", ctx, {"hidden": 8, "layers": 2, "out_dim": 5,
+                                             "bank_size": 13, "local_crops": 0, "ema": 0.9})
+    obj.train()
+    obj.double()
+    obj.bank_ptr.fill_(9)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    h = ctx.feature_fn(ctx.model, x).requires_grad_(True)
+    memory, memory_y = obj.bank.clone(), obj.bank_labels.clone()
+    shadow = [p.detach().clone() for p in (*obj.model_ema.parameters(),
+                                            *obj.projector_ema.parameters())]
+    live = [p.detach().clone() for p in (*ctx.model.parameters(), *obj.projector.parameters())]
+    import copy as _copy
+    proj_ref = _copy.deepcopy(obj.projector)
+
+    loss, terms = obj(images=x, features=h, logits=ctx.head(h), labels=y,
+                      indices=torch.arange(6), epoch=1)
+
+    w = torch.zeros(3, 5, dtype=torch.float64).index_add(0, memory_y, memory)
+    w = _authors_l2norm(w)
+    logits = _authors_l2norm(proj_ref(h)) @ w.T / 0.1
+    ref = F.cross_entropy(logits, y) + F.cross_entropy(ctx.head(h.detach()), y)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    g1 = torch.autograd.grad(loss, h, retain_graph=True)[0]
+    g2 = torch.autograd.grad(ref, h)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+    # EMA update, then the EMA forward of the global crop fills slots 9..12 (4 of 6 rows).
+    expected = [0.9 * s_ + 0.1 * l_ for s_, l_ in zip(shadow, live, strict=True)]
+    got = [p.detach() for p in (*obj.model_ema.parameters(), *obj.projector_ema.parameters())]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    z_ema = obj.projector_ema(ctx.feature_fn(obj.model_ema, x)).detach()
+    torch.testing.assert_close(obj.bank[9:13], z_ema[:4])
+    assert torch.equal(obj.bank[:9], memory[:9])
+    assert torch.equal(obj.bank_labels[9:13], y[:4]) and int(obj.bank_ptr) == 0
+
+
+def test_trex_cosine_classifier_is_bias_free_and_multicrop_is_one_ce():
+    """The trainable t-ReX: ``normalize(g(h)) @ normalize(W).T / tau``; with crops the projector
+    runs once on all crops' features and one CE is taken with the labels repeated."""
+    ctx = _trex_ctx(1)
+    obj = build_objective("trex", ctx, {"hidden": 8, "layers": 3, "out_dim": 5,
+                                        "local_crops": 2})
+    obj.double().train()
+    assert obj.classifier.bias is None and len(obj.projector.mlp) == 9
+    h = torch.randn(4, 6, dtype=torch.float64)
+    h2, h3 = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    loss, _ = obj(images=None, features=h, labels=y, features2=h2, features3=h3,
+                  logits2=None, logits3=None)
+    z = obj.projector(torch.cat([h, h2, h3]))
+    logits = _authors_l2norm(z) @ _authors_l2norm(obj.classifier.weight).T / 0.1
+    ref = F.cross_entropy(logits, y.repeat(3)) + F.cross_entropy(ctx.head(h), y)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+
+
+def test_trex_defaults_are_the_authors_script():
+    specs = available_objectives()
+    for name in ("trex", "trex_star"):
+        d = specs[name].defaults
+        assert (d["hidden"], d["layers"], d["out_dim"], d["tau"], d["local_crops"]) == \
+            (2048, 3, 256, 0.1, 8)
+    assert specs["trex_star"].defaults["bank_size"] == 8192
+    assert specs["trex_star"].defaults["ema"] == 0.999
+    p = Projector(64, hidden=512, layers=1, out_dim=32)
+    w = p.mlp[0].weight
+    assert abs(float(w.std()) - 0.02) < 0.002 and float(w.abs().max()) < 0.1
+    assert torch.equal(p.mlp[0].bias, torch.zeros(512))
 
 
 # ---------------------------------------------------------------------------- registry
