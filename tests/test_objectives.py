@@ -319,6 +319,95 @@ def test_supcon_one_class_batch_and_temperature_extremes_are_finite():
         build_objective("ce_simclr", _ctx(), {"tau": 0.0})
 
 
+# ------------------------------------------------------- Islam et al.'s released objectives
+
+def _authors_islam_step(obj, ctx, h, x2, y, mode, tau=0.07, weight=0.5, m=0.9):
+    """One training step of asrafulashiq/transfer_broad written out: momentum update of the key
+    encoder (k = m k + (1 - m) q), keys normalize(mlp_k(enc_k(x2))); MoCo InfoNCE (positive
+    q.k, negatives the queue before enqueueing, target 0); enqueue at the pointer (modulo);
+    queue SupCon after enqueueing: -sum_{same label} log_softmax(q @ queue / T) / (count +
+    1e-5), batch mean."""
+    import copy as _copy
+
+    model_k, heads_k = _copy.deepcopy(obj.model_k), _copy.deepcopy(obj.heads_k)
+    with torch.no_grad():
+        for live, key in ((ctx.model, model_k), (obj.heads, heads_k)):
+            for p, q in zip(live.parameters(), key.parameters(), strict=True):
+                q.copy_(q * m + p * (1 - m))
+    queues = {k[6:]: v.clone() for k, v in obj.named_buffers() if k.startswith("queue_")
+              and k not in ("queue_labels", "queue_ptr")}
+    qlab = obj.queue_labels.clone()
+    ptr = int(obj.queue_ptr)
+    hk = ctx.feature_fn(model_k, x2)
+    loss = 0
+    q = {k: _authors_l2norm(mlp(h)) for k, mlp in obj.heads.items()}
+    k = {key: _authors_l2norm(mlp(hk)).detach() for key, mlp in heads_k.items()}
+    if "ssl" in q:
+        lpos = (q["ssl"] * k["ssl"]).sum(1, keepdim=True)
+        lneg = q["ssl"] @ queues["ssl"].clone().T  # the queue before enqueueing
+        loss = loss + weight * F.cross_entropy(torch.cat([lpos, lneg], 1) / tau,
+                                               torch.zeros(len(y), dtype=torch.long))
+    idx = [(ptr + i) % len(qlab) for i in range(len(y))]
+    for key in queues:
+        queues[key][idx] = k[key]
+    qlab[idx] = y
+    if "sup" in q:
+        logits = q["sup"] @ queues["sup"].T / tau
+        mask = (y[:, None] == qlab[None, :]).double()
+        per = -(torch.log_softmax(logits, -1) * mask).sum(-1) / (mask.sum(-1) + 1e-5)
+        loss = loss + per.mean()
+    if mode == "ce_ssl":
+        loss = loss + F.cross_entropy(ctx.head(h), y)
+    else:
+        loss = loss + F.cross_entropy(ctx.head(h.detach()), y)
+    return loss, queues, qlab
+
+
+@pytest.mark.parametrize("mode", ["supcon", "ce_ssl", "supcon_ssl"])
+def test_islam_objectives_equal_the_authors_step(mode):
+    ctx = _trex_ctx(2)
+    obj = build_objective(f"islam_{mode}", ctx, {"queue_size": 9, "momentum": 0.9,
+                                                   "proj_dim": 4})
+    obj.double().train()
+    obj.queue_ptr.fill_(6)
+    obj.queue_labels[:4] = torch.tensor([0, 1, 2, 1])  # some labelled keys already
+    x, x2 = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 2, 1])
+    h = ctx.feature_fn(ctx.model, x).detach().requires_grad_(True)
+    ref, queues, qlab = _authors_islam_step(obj, ctx, h, x2, y, mode)
+    loss, terms = obj(images=x, features=h, logits=ctx.head(h), labels=y, indices=None,
+                      epoch=1, images2=x2, features2=None, logits2=None)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    g1 = torch.autograd.grad(loss, h, retain_graph=True)[0]
+    g2 = torch.autograd.grad(ref, h)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+    for key, want in queues.items():
+        torch.testing.assert_close(getattr(obj, f"queue_{key}"), want.detach())
+    assert torch.equal(obj.queue_labels, qlab) and int(obj.queue_ptr) == (6 + 5) % 9
+    assert set(terms) >= ({"supcon"} if "sup" in mode else set()) | (
+        {"moco"} if "ssl" in mode else set())
+
+
+def test_supcon_matches_hobbitlong_reference_at_base_temperature():
+    """HobbitLong/SupContrast ``losses.py`` (Khosla et al.'s reference code), contrast_mode
+    'all', two views: logits over all 2B views without self, positives = same label, mean
+    log-probability over positives, times -(T / base_T); dtprobe's in-batch ``supcon`` equals
+    it at T = base_T (its default 0.1 with base_T 0.1)."""
+    e1, e2 = _views(9)
+    y = torch.tensor([0, 1, 0, 2, 1, 0])
+    feats = torch.stack([e1, e2], 1)  # [bsz, n_views, d]
+    contrast = torch.cat(torch.unbind(feats, 1), 0)
+    mask = (y[:, None] == y[None, :]).double().repeat(2, 2)
+    logits = contrast @ contrast.T / 0.1
+    logits = logits - logits.max(1, keepdim=True).values
+    not_self = 1 - torch.eye(12, dtype=torch.float64)
+    mask = mask * not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True) + 1e-9)
+    ref = (-(0.1 / 0.1) * (mask * log_prob).sum(1) / mask.sum(1)).view(2, 6).mean()
+    # (their +1e-9 inside the log moves the value by ~1e-8 relative)
+    assert float(supcon_loss(e1, e2, y, 0.1)) == pytest.approx(float(ref), rel=1e-7)
+
+
 # ------------------------------------------------------------------------------ t-ReX
 
 def test_trex_projector_structure():
@@ -436,7 +525,8 @@ def test_registry_has_every_objective_with_paper_defaults():
     specs = available_objectives()
     expected = {"ce", "label_smoothing", "sigmoid", "extra_l2", "dropout", "logit_penalty",
                 "logit_norm", "cosine_softmax", "squared_error", "supcon", "ce_simclr",
-                "supcon_simclr", "trex", "trex_star", "ctc"}
+                "supcon_simclr", "trex", "trex_star", "ctc", "islam_supcon", "islam_ce_ssl",
+                "islam_supcon_ssl"}
     assert expected <= set(specs)
     for name, defaults in KORNBLITH_DEFAULTS.items():
         assert {k: specs[name].defaults[k] for k in defaults} == defaults

@@ -487,9 +487,11 @@ class Trainer:
                 features = tap.features.float()
                 views: dict[str, torch.Tensor] = {}
                 for v, view in enumerate(extra, start=2):
+                    view = view.to(self.device)
                     with dist_utils.autocast(self.device):
-                        views[f"logits{v}"] = self.ddp_model(view.to(self.device)).float()
+                        views[f"logits{v}"] = self.ddp_model(view).float()
                     views[f"features{v}"] = tap.features.float()
+                    views[f"images{v}"] = view  # for momentum (key) encoders
                 loss, terms = self.objective(images=x, features=features,
                                              logits=logits.float(), labels=y,
                                              indices=idx.to(self.device), epoch=epoch, **views)
