@@ -1,5 +1,15 @@
 """Supervised and self-supervised contrastive objectives, as compared by Islam et al. (2021).
 
+Two families. ``islam_supcon``, ``islam_ce_ssl`` and ``islam_supcon_ssl`` (:class:`IslamMoCo`)
+are the objectives as Islam et al.'s released code (asrafulashiq/transfer_broad, ``system/``)
+computes them: MoCo-style, with a momentum key encoder (0.999), a queue of 64,000 keys,
+temperature 0.07, Linear-ReLU-Linear projections to 128-d, and the self-supervised term
+weighted 0.5. ``supcon``, ``ce_simclr`` and ``supcon_simclr`` (below) are the in-batch
+definitions of Khosla et al. and SimCLR, which the paper's text names but its code does not
+use; ``supcon`` equals the reference ``SupConLoss`` of HobbitLong/SupContrast (Khosla et al.'s
+PyTorch code) when its ``base_temperature`` equals the temperature (with their default
+``base_temperature = 0.07`` their loss is dtprobe's times ``tau / 0.07``).
+
 * ``supcon``: SupCon (Khosla et al. 2020, the ``L_out`` form) on two views; the encoder is
   trained by SupCon alone and a linear classifier is fitted on the *frozen* (detached) features,
   which is Islam et al.'s protocol for SupCon. dtprobe fits that classifier online, during the
@@ -145,7 +155,7 @@ def _check(name: str, tau: float, proj_dim: int) -> None:
                           "integer >= 1")
 
 
-@register_objective("supcon", paper=f"Khosla et al. 2020; {PAPER}")
+@register_objective("supcon", paper="Khosla et al. 2020 (in-batch; HobbitLong/SupContrast)")
 def _supcon(ctx: ObjectiveContext, tau: float = 0.1, proj_dim: int = 128) -> Objective:
     """SupCon on two views; linear classifier on the frozen features"""
     _check("supcon", tau, proj_dim)
@@ -153,7 +163,8 @@ def _supcon(ctx: ObjectiveContext, tau: float = 0.1, proj_dim: int = 128) -> Obj
                               proj_dim=int(proj_dim))
 
 
-@register_objective("ce_simclr", paper=f"Chen et al. 2020; {PAPER}")
+@register_objective("ce_simclr", paper="Chen et al. 2020 (in-batch NT-Xent; Islam et al.'s "
+                    "code uses MoCo: islam_ce_ssl)")
 def _ce_simclr(ctx: ObjectiveContext, weight: float = 1.0, tau: float = 0.1,
                proj_dim: int = 128) -> Objective:
     """CE + weight * SimCLR NT-Xent on two views"""
@@ -163,7 +174,8 @@ def _ce_simclr(ctx: ObjectiveContext, weight: float = 1.0, tau: float = 0.1,
                               proj_dim=int(proj_dim))
 
 
-@register_objective("supcon_simclr", paper=PAPER)
+@register_objective("supcon_simclr", paper="Khosla et al. 2020 + Chen et al. 2020 (in-batch; "
+                    "Islam et al.'s code: islam_supcon_ssl)")
 def _supcon_simclr(ctx: ObjectiveContext, weight: float = 1.0, tau: float = 0.1,
                    proj_dim: int = 128) -> Objective:
     """SupCon + weight * SimCLR NT-Xent on two views; linear classifier on frozen features"""

@@ -305,12 +305,17 @@ def _cosine_softmax(ctx: ObjectiveContext, tau: float = 0.05) -> Objective:
     return CosineSoftmax(ctx.head, ctx.head_name, tau=tau)
 
 
-@register_objective("squared_error", paper=f"Hui & Belkin 2021; {PAPER}")
+@register_objective("squared_error", paper=f"Hui & Belkin 2021; {PAPER}",
+                    description="scale * (kappa (z_y - M)^2 + sum_{k != y} z_k^2); auto: 1, 1, "
+                                "1/K below 100 classes, else the authors' 9, 60, 10")
 def _squared_error(ctx: ObjectiveContext, kappa: float | str = "auto",
                    M: float | str = "auto", scale: float | str = "auto",  # noqa: N803
                    ) -> Objective:
-    """scale * (kappa (z_y - M)^2 + sum_{k != y} z_k^2); auto: Hui & Belkin's rule for K (the
-    authors' 9, 60, 10 from K >= 100; 1, 1, 1/K below)"""
+    """The authors' rescaled squared error with ``K``-derived defaults.
+
+    ``auto`` is Hui & Belkin's rule (see the module docstring): the authors' ImageNet values
+    from :data:`SQUARED_ERROR_MANY_CLASSES` classes on, no rescaling and a mean over the ``K``
+    outputs below."""
     derived = squared_error_defaults(ctx.num_classes)
     given = {"kappa": kappa, "M": M, "scale": scale}
     values = {k: derived[k] if v == "auto" else v for k, v in given.items()}

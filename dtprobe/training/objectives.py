@@ -10,10 +10,13 @@ snapshots). Adding an objective is one decorated factory in its family module::
                         defaults={"alpha": 0.1})
     def _label_smoothing(ctx: ObjectiveContext, alpha: float) -> Objective: ...
 
-Families: :mod:`dtprobe.training.kornblith` (the 9 objectives of Kornblith et al. 2021,
-Table 1), :mod:`dtprobe.training.contrastive` (SupCon and the joint SimCLR objectives of Islam
-et al. 2021), :mod:`dtprobe.training.trex` (t-ReX and t-ReX*, Sariyildiz et al. 2023) and
-:mod:`dtprobe.training.ctc` (CTC, Cui et al. 2022).
+Families: :mod:`dtprobe.training.kornblith` (the 9 objectives of Kornblith et al. 2021, as
+their released code computes them), :mod:`dtprobe.training.contrastive` (Islam et al. 2021's
+MoCo-based objectives as their code computes them, and the in-batch SupCon / SimCLR joints),
+:mod:`dtprobe.training.trex` (t-ReX and t-ReX*, Sariyildiz et al. 2023, as their code) and
+:mod:`dtprobe.training.ctc` (CTC, Cui et al. 2022). Training facts that are not a loss (weight
+decay convention, head initialisation, EMA checkpoints) are named recipes:
+:mod:`dtprobe.training.recipes`.
 """
 
 from __future__ import annotations
