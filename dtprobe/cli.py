@@ -266,8 +266,8 @@ def _add_train_args(t: argparse.ArgumentParser, sweep: bool = False) -> None:
                    help="images per optimiser step (split over ranks under torchrun)")
     t.add_argument("--lr", type=positive_float, default=0.05, help="peak SGD learning rate")
     t.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum")
-    t.add_argument("--weight-decay", type=nonnegative_float, default=5e-4,
-                   help="SGD weight decay")
+    t.add_argument("--weight-decay", type=nonnegative_float, default=None,
+                   help="SGD weight decay (default 5e-4, or the --recipe's value)")
     t.add_argument("--warmup-epochs", type=nonnegative_int, default=1,
                    help="epochs of linear learning-rate warm-up before the cosine decay")
     t.add_argument("--augment", default="auto", choices=["auto", "none", "crop", "crop-flip"],
@@ -293,6 +293,12 @@ def _add_train_args(t: argparse.ArgumentParser, sweep: bool = False) -> None:
                          help="training objective (see `dtprobe list`); default ce")
         obj.add_argument("--objective-param", action="append", metavar="KEY=VALUE",
                          help="objective hyperparameter, repeatable (e.g. alpha=0.2)")
+    obj.add_argument("--recipe", default=None, choices=["kornblith2021"],
+                     help="a paper's training facts for any objective; kornblith2021: weight "
+                          "decay 8e-5 as l2_loss on non-BatchNorm non-bias parameters, head "
+                          "N(0, 0.01), checkpoints hold the EMA of the weights")
+    obj.add_argument("--recipe-param", action="append", metavar="KEY=VALUE",
+                     help="recipe parameter, repeatable (ema_decay=0.9999)")
     obj.add_argument("--schedule", default="default", choices=["default", "reference"],
                      help="default: warm-up + one cosine; reference: the CTC code's two-phase "
                           "schedule (cosine to S, restart at 0.1 lr), for every objective")
@@ -532,7 +538,8 @@ def _train_config(args: argparse.Namespace, *, objective: str | None = None,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, augment=args.augment,
         save_every=args.save_every, seed=args.seed if seed is None else seed,
         device=args.device, objective=name, objective_params=params,
-        ctc=ctc if name == "ctc" else {}, schedule=args.schedule,
+        ctc=ctc if name == "ctc" else {}, schedule=args.schedule, recipe=args.recipe,
+        recipe_params=_parse_kv(args.recipe_param, "--recipe-param"),
         switch_epoch=args.switch_epoch, stage1_weight_decay=args.stage1_weight_decay,
         resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
 

@@ -27,15 +27,22 @@ SMALL_PARAMS = {"trex": {"hidden": 16}, "trex_star": {"hidden": 16, "bank_size":
                 "supcon": {"proj_dim": 8}, "ce_simclr": {"proj_dim": 8},
                 "supcon_simclr": {"proj_dim": 8},
                 "ctc": {"stage_two_epoch": 1, "nce_k": 8, "proj_dim": 8},
-                "squared_error": {"scale": 0.04}}
+                "islam_supcon": {"queue_size": 64, "proj_dim": 8},
+                "islam_ce_ssl": {"queue_size": 64, "proj_dim": 8},
+                "islam_supcon_ssl": {"queue_size": 64, "proj_dim": 8}}
 TERMS = {"ce": {"ce"}, "label_smoothing": {"label_smoothing"}, "sigmoid": {"sigmoid"},
-         "extra_l2": {"ce", "final_l2"}, "dropout": {"ce"},
-         "logit_penalty": {"ce", "logit_sq_norm"},
+         "extra_l2": {"ce", "final_l2_loss"}, "dropout": {"ce"},
+         "logit_penalty": {"ce", "half_logit_sq_norm"},
          "logit_norm": {"logit_norm"}, "cosine_softmax": {"cosine_softmax"},
          "squared_error": {"squared_error"}, "supcon": {"supcon", "probe_ce"},
          "ce_simclr": {"ce", "simclr"}, "supcon_simclr": {"supcon", "probe_ce", "simclr"},
          "trex": {"projector_ce", "probe_ce"}, "trex_star": {"projector_ce", "probe_ce"},
+         "islam_supcon": {"supcon", "probe_ce"}, "islam_ce_ssl": {"ce", "moco"},
+         "islam_supcon_ssl": {"supcon", "moco", "probe_ce"},
          "ctc": {"ce", "nce"}}
+
+
+AUTHORS_SE = {"kappa": 9.0, "M": 60.0, "scale": 10.0}  # Kornblith et al.'s ImageNet values
 
 
 def _cfg(out, objective="ce", **kw) -> TrainConfig:
@@ -164,7 +171,7 @@ def test_resume_is_bit_exact(tmp_path, name):
 def test_exploding_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path, capsys):
     out = tmp_path / "se"
     with pytest.raises(TrainingDivergedError) as info:
-        train(_cfg(out, "squared_error", objective_params={}))  # paper values at K = 6
+        train(_cfg(out, "squared_error", objective_params=AUTHORS_SE))  # ImageNet values, K = 6
     msg = str(info.value)
     assert "\n" not in msg
     assert "epoch 1" in msg and "squared_error" in msg and "epoch_0000.pt" in msg
@@ -172,6 +179,8 @@ def test_exploding_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path, caps
     assert [c.epoch for c in manifest.checkpoints] == [0]
     assert cm.sha256_file(out / manifest.checkpoints[0].path) == manifest.checkpoints[0].sha256
     code = main(["train", "--out", str(tmp_path / "cli"), "--objective", "squared_error",
+                 "--objective-param", "kappa=9", "--objective-param", "M=60",
+                 "--objective-param", "scale=10",
                  "--epochs", "2", "--batch-size", "32", "--no-progress", "--device", "cpu",
                  *sum((["--dataset-param", f"{k}={v}"] for k, v in TINY_DATA.items()), []),
                  *sum((["--arch-param", f"{k}={v}"] for k, v in TINY_ARCH.items()), [])])
@@ -332,3 +341,161 @@ def test_objectives_benchmark_quick_rows():
     assert {r.name.split()[2] for r in rows} >= {"supcon", "trex_star", "ctc"}
     for row in rows:
         assert row.agree_ok and row.ours > 0 and row.base > 0 and row.ratio > 0
+
+
+# ------------------------------------------------------- every objective with its defaults
+
+# Only the sizes tied to the data set are shrunk: CTC's stage switch (its 16,384 other-class
+# negatives are capped with a warning, tested in test_ctc) and the Islam et al. queues, which
+# start as random keys: until real keys fill a queue the contrastive loss rises as its
+# negatives get harder, so the 64,000-key default queue would not fill in 360 images.
+TINY_ONLY = {"ctc": {"stage_two_epoch": 2}, "islam_supcon": {"queue_size": 64},
+             "islam_ce_ssl": {"queue_size": 64}, "islam_supcon_ssl": {"queue_size": 64}}
+
+
+def _train_losses(out, column: str = "train_loss") -> list[float]:
+    return pd.read_csv(out / "train_log.csv")[column].tolist()
+
+
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_every_objective_trains_with_its_defaults(tmp_path, name):
+    """Fast smoke version: the registered defaults (no SMALL_PARAMS), tiny data, 3 epochs:
+    every epoch's loss is finite and the last is below the first."""
+    cfg = _cfg(tmp_path / name, name, epochs=3, objective_params=dict(TINY_ONLY.get(name, {})),
+               lr=0.05)
+    out = train(cfg)
+    assert all(math.isfinite(v) for v in _train_losses(out)), _train_losses(out)
+    # CTC's total gains its NCE term at the stage switch; its CE term is comparable throughout.
+    losses = _train_losses(out, "train_ce" if name == "ctc" else "train_loss")
+    # A queue objective's first epoch still scores against random keys (see TINY_ONLY).
+    first = 1 if name.startswith("islam_") else 0
+    assert losses[-1] < losses[first], losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_every_objective_trains_on_the_embedded_default(tmp_path, name):
+    """``dtprobe train --objective NAME`` with the default data, model, lr and batch size (the
+    embedded ``shapes``, 6,000 images at 32 px, ``small_cnn``): the first 3 epochs do not diverge
+    and the loss falls."""
+    out = train(TrainConfig(out=str(tmp_path / name), objective=name, epochs=30, stop_after=3,
+                            device="cpu", progress=False))
+    losses = _train_losses(out)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses
+    assert losses[-1] < losses[0], losses
+
+
+# ------------------------------------------------------------- the kornblith2021 recipe
+
+def test_recipe_decays_non_norm_non_bias_parameters_as_l2_loss(tmp_path):
+    from dtprobe.training.trainer import Trainer
+
+    trainer = Trainer(_cfg(tmp_path / "r", "cosine_softmax", recipe="kornblith2021", epochs=1))
+    trainer._setup()
+    decayed_group, kept_group = trainer.optimizer.param_groups
+    assert decayed_group["weight_decay"] == 8e-5 and kept_group["weight_decay"] == 0.0
+    names = dict(trainer.model.named_parameters())
+    decayed = {n for n, p in names.items() if any(p is q for q in decayed_group["params"])}
+    kept = {n for n, p in names.items() if any(p is q for q in kept_group["params"])}
+    bn = {n for n, m in trainer.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    for n in names:
+        owner = n.rsplit(".", 1)[0]
+        is_norm_or_bias = owner in bn or n.endswith(".bias")
+        assert (n in kept) == is_norm_or_bias and (n in decayed) != is_norm_or_bias, n
+    assert "fc.weight" in decayed and "fc.bias" in kept  # cosine softmax's raw kernel decays
+    assert trainer.decayed_names == sorted(decayed, key=list(names).index)
+
+    # One SGD step equals a step on loss + wd * l2_loss(decayed) without optimiser decay.
+    model = trainer.model
+    x = trainer.bundle.train.images[:16]
+    y = trainer.bundle.train.labels[:16]
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    trainer.optimizer.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    trainer.optimizer.step()
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    for n, p in model.named_parameters():
+        # d/dw [wd * ||w||^2 / 2] = wd * w, only for decayed variables (tf.nn.l2_loss).
+        g = grads[n] + (8e-5 * ref[n] if n in decayed else 0.0)
+        torch.testing.assert_close(p.detach(), ref[n] - lr * g, rtol=1e-6, atol=1e-7)
+
+
+def test_recipe_initialises_the_head_from_normal_001(tmp_path):
+    from dtprobe.training.trainer import Trainer
+
+    trainer = Trainer(_cfg(tmp_path / "r", "ce", recipe="kornblith2021", epochs=1,
+                           arch_params={"width": 4, "feature_dim": 256}))
+    trainer._setup()
+    w = trainer.head.weight.detach()
+    assert w.numel() == 6 * 256
+    assert abs(float(w.mean())) < 0.002 and abs(float(w.std()) - 0.01) < 0.001
+    assert torch.equal(trainer.head.bias.detach(), torch.zeros(6))
+
+
+def test_weight_ema_follows_tensorflows_num_updates_rule():
+    from dtprobe.training.recipes import WeightEMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEMA(model, decay=0.95, num_updates=True)
+    shadow = {k: v.clone().double() for k, v in model.state_dict().items()}
+    for t in range(1, 40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(5, 3))  # moves the BatchNorm statistics too
+        ema.update(model, t)
+        d = min(0.95, (1 + t) / (10 + t))
+        for k, v in model.state_dict().items():
+            shadow[k] = d * shadow[k] + (1 - d) * v.double() if v.is_floating_point() \
+                else v.double()
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v.double(), shadow[k], rtol=1e-5, atol=1e-6)
+
+
+def test_recipe_checkpoints_hold_the_ema_and_the_manifest_records_it(tmp_path):
+    from dtprobe.training.trainer import Trainer
+
+    trainer = Trainer(_cfg(tmp_path / "r", "sigmoid", recipe="kornblith2021", epochs=2,
+                           recipe_params={"ema_decay": 0.9}))
+    out = trainer.fit()
+    manifest = cm.read_manifest(out)
+    saved = torch.load(out / manifest.checkpoints[-1].path, weights_only=True)["model"]
+    want = trainer.objective.export_model_state(trainer.ema.state_dict())
+    raw = trainer.objective.export_model_state(trainer.model.state_dict())
+    assert saved.keys() == want.keys()
+    for k in saved:
+        assert torch.equal(saved[k], want[k]), k
+    assert not torch.equal(saved["fc.weight"], raw["fc.weight"])  # not the trained weights
+    resume = torch.load(out / "resume_state.pt", weights_only=True)
+    assert torch.equal(resume["model"]["fc.weight"], trainer.model.state_dict()["fc.weight"])
+    record = manifest.training
+    assert record["recipe"] == "kornblith2021" and record["weight_decay"] == 8e-5
+    resolved = record["recipe_resolved"]
+    assert resolved["ema_decay"] == 0.9 and resolved["head_init_std"] == 0.01
+    assert "fc.weight" in resolved["decayed_parameters"]
+    assert "fc.bias" not in resolved["decayed_parameters"]
+    log = pd.read_csv(out / "train_log.csv")
+    assert {"test_acc", "test_acc_raw"} <= set(log.columns)
+    # bit-exact resume carries the EMA
+    part = _cfg(tmp_path / "part", "sigmoid", recipe="kornblith2021", epochs=2, stop_after=1,
+                recipe_params={"ema_decay": 0.9})
+    train(part)
+    train(replace(part, stop_after=None, resume=True))
+    again = torch.load(tmp_path / "part" / "checkpoints" / "epoch_0002.pt",
+                       weights_only=True)["model"]
+    for k in saved:
+        assert torch.equal(saved[k], again[k]), k
+
+
+def test_recipe_errors_are_one_line(tmp_path):
+    from dtprobe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown --recipe 'nope'"):
+        train(_cfg(tmp_path / "a", recipe="nope"))
+    with pytest.raises(ConfigError, match="ema_decay=1.5"):
+        train(_cfg(tmp_path / "b", recipe="kornblith2021", recipe_params={"ema_decay": 1.5}))
+    with pytest.raises(ConfigError, match="needs --recipe"):
+        train(_cfg(tmp_path / "c", recipe_params={"ema_decay": 0.5}))

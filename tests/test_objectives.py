@@ -1,5 +1,6 @@
 """Objective losses against float64 references written from the papers' formulas (values and
-gradients), degenerate inputs, and the registry."""
+gradients), degenerate inputs, and the registry. The Kornblith et al. (2021) losses are also
+checked against their authors' TensorFlow formulas in ``test_objectives_reference.py``."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dtprobe.training.objectives.kornblith import (
     sigmoid_loss,
     squared_error_loss,
 )
-from dtprobe.training.objectives.trex import Projector, prototype_logits
+from dtprobe.training.objectives.trex import Projector
 
 B, K, D = 7, 4, 5
 
@@ -68,14 +69,14 @@ def ref_label_smoothing(z, y, a):
     for i in range(len(y)):
         lp = _log_softmax_row(z[i])
         total = total - sum(((1 - a) * (k == int(y[i])) + a / K) * lp[k] for k in range(K))
-    return total / len(y)
+    return total / len(y) / (1 - a)  # the authors weight it by 1 / (1 - a)
 
 
 def ref_sigmoid(z, y):
     total = 0
     for i in range(len(y)):
         for k in range(K):
-            s = 1 / (1 + torch.exp(-z[i, k]))
+            s = 1 / (1 + torch.exp(-(z[i, k] - math.log(K))))  # the authors' -log K shift
             t = 1.0 if k == int(y[i]) else 0.0
             total = total - (t * torch.log(s) + (1 - t) * torch.log(1 - s))
     return total / len(y)
@@ -86,12 +87,12 @@ def ref_logit_norm(z, y, tau):
     return ref_ce(torch.stack(rows), y)
 
 
-def ref_cosine(h, w, y, tau):
+def ref_cosine(h, w, b, y, tau):
+    """Class weights normalised, features not, bias kept (the authors' final layer)."""
     rows = []
     for i in range(len(y)):
-        hn = torch.sqrt(sum(v * v for v in h[i]))
-        rows.append(torch.stack([sum(h[i, d] * w[k, d] for d in range(h.shape[1]))
-                                 / (hn * torch.sqrt(sum(v * v for v in w[k]))) / tau
+        rows.append(torch.stack([(sum(h[i, d] * w[k, d] for d in range(h.shape[1]))
+                                  / torch.sqrt(sum(v * v for v in w[k])) + b[k]) / tau
                                  for k in range(w.shape[0])]))
     return ref_ce(torch.stack(rows), y)
 
@@ -104,7 +105,7 @@ def ref_squared(z, y, kappa, m, scale):
                 total = total + kappa * (z[i, k] - m) ** 2
             else:
                 total = total + z[i, k] ** 2
-    return scale * total / K / len(y)
+    return scale * total / len(y)  # no division by K (the authors' form)
 
 
 def _sim(a, b):
@@ -162,19 +163,23 @@ def test_cosine_softmax_matches_reference_and_zero_norm_is_documented_value():
     g = torch.Generator().manual_seed(3)
     h = torch.randn(B, D, generator=g, dtype=torch.float64)
     w = torch.randn(K, D, generator=g, dtype=torch.float64)
+    b = torch.randn(K, generator=g, dtype=torch.float64)
     _, y = _data()
-    _close(lambda x: F.cross_entropy(cosine_logits(x, w, 0.05), y),
-           lambda x: ref_cosine(x, w, y, 0.05), h)
-    _close(lambda x: F.cross_entropy(cosine_logits(h, x, 0.05), y),
-           lambda x: ref_cosine(h, x, y, 0.05), w)
-    h0 = h.clone()
-    h0[0] = 0  # a dead ReLU embedding
-    h0.requires_grad_(True)
-    loss = F.cross_entropy(cosine_logits(h0, w, 0.05), y)
+    _close(lambda x: F.cross_entropy(cosine_logits(x, w, b, 0.05), y),
+           lambda x: ref_cosine(x, w, b, y, 0.05), h)
+    _close(lambda x: F.cross_entropy(cosine_logits(h, x, b, 0.05), y),
+           lambda x: ref_cosine(h, x, b, y, 0.05), w)
+    _close(lambda x: F.cross_entropy(cosine_logits(h, w, x, 0.05), y),
+           lambda x: ref_cosine(h, w, x, y, 0.05), b)
+    w0 = w.clone()
+    w0[1] = 0  # a class weight that decayed to zero
+    w0.requires_grad_(True)
+    loss = F.cross_entropy(cosine_logits(h, w0, b, 0.05), y)
     loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(h0.grad).all()
-    assert torch.equal(h0.grad[0], torch.zeros(D, dtype=torch.float64))
-    assert torch.equal(cosine_logits(h0, w, 0.05)[0], torch.zeros(K, dtype=torch.float64))
+    assert torch.isfinite(loss) and torch.isfinite(w0.grad).all()
+    assert torch.equal(w0.grad[1], torch.zeros(D, dtype=torch.float64))
+    torch.testing.assert_close(cosine_logits(h, w0, b, 0.05)[:, 1].detach(),
+                               (b[1] / 0.05).expand(B))
 
 
 def test_squared_error_matches_reference():
@@ -213,19 +218,19 @@ def test_extra_l2_and_logit_penalty_match_reference():
     loss, terms = _call(obj, h, y)
     (g_ours,) = torch.autograd.grad(loss, w)
     z = ctx.head(h)
-    ref = ref_ce(z, y) + 8e-4 * sum(float(v) ** 2 for v in w.detach().flatten())
+    ref = ref_ce(z, y) + 8e-4 * sum(float(v) ** 2 for v in w.detach().flatten()) / 2
     assert float(loss) == pytest.approx(float(ref), rel=1e-10)
     w_ref = w.detach().clone().requires_grad_(True)
-    ref_t = ref_ce(h @ w_ref.T + ctx.head.bias.detach(), y) + 8e-4 * (w_ref ** 2).sum()
+    ref_t = ref_ce(h @ w_ref.T + ctx.head.bias.detach(), y) + 8e-4 * (w_ref ** 2).sum() / 2
     (g_ref,) = torch.autograd.grad(ref_t, w_ref)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-12)
-    assert set(terms) == {"ce", "final_l2"}
+    assert set(terms) == {"ce", "final_l2_loss"}
 
     obj = build_objective("logit_penalty", ctx)
     z = torch.randn(B, K, dtype=torch.float64)
     _close(lambda x: obj(images=None, features=h, logits=x, labels=y, indices=None,
                          epoch=1)[0],
-           lambda x: ref_ce(x, y) + 6e-4 * sum((x[i] ** 2).sum() for i in range(B)) / B, z)
+           lambda x: ref_ce(x, y) + 6e-4 * sum((x[i] ** 2).sum() for i in range(B)) / B / 2, z)
 
 
 def test_dropout_keeps_expected_fraction_and_is_ce_at_eval():
@@ -260,11 +265,12 @@ def test_cosine_softmax_export_makes_argmax_the_cosine_prediction():
     torch.testing.assert_close(pred, obj.eval_logits(h, None).argmax(1))
 
 
-def test_sigmoid_initialises_bias_to_minus_log_k():
+def test_sigmoid_leaves_the_head_alone():
+    """The authors shift the logits inside the loss; the head's initialisation is untouched."""
     ctx = _ctx()
+    before = ctx.head.bias.detach().clone()
     build_objective("sigmoid", ctx)
-    torch.testing.assert_close(ctx.head.bias.detach(),
-                               torch.full((K,), -math.log(K), dtype=torch.float64))
+    assert torch.equal(ctx.head.bias.detach(), before)
 
 
 # -------------------------------------------------------------------- contrastive losses
@@ -313,6 +319,95 @@ def test_supcon_one_class_batch_and_temperature_extremes_are_finite():
         build_objective("ce_simclr", _ctx(), {"tau": 0.0})
 
 
+# ------------------------------------------------------- Islam et al.'s released objectives
+
+def _authors_islam_step(obj, ctx, h, x2, y, mode, tau=0.07, weight=0.5, m=0.9):
+    """One training step of asrafulashiq/transfer_broad written out: momentum update of the key
+    encoder (k = m k + (1 - m) q), keys normalize(mlp_k(enc_k(x2))); MoCo InfoNCE (positive
+    q.k, negatives the queue before enqueueing, target 0); enqueue at the pointer (modulo);
+    queue SupCon after enqueueing: -sum_{same label} log_softmax(q @ queue / T) / (count +
+    1e-5), batch mean."""
+    import copy as _copy
+
+    model_k, heads_k = _copy.deepcopy(obj.model_k), _copy.deepcopy(obj.heads_k)
+    with torch.no_grad():
+        for live, key in ((ctx.model, model_k), (obj.heads, heads_k)):
+            for p, q in zip(live.parameters(), key.parameters(), strict=True):
+                q.copy_(q * m + p * (1 - m))
+    queues = {k[6:]: v.clone() for k, v in obj.named_buffers() if k.startswith("queue_")
+              and k not in ("queue_labels", "queue_ptr")}
+    qlab = obj.queue_labels.clone()
+    ptr = int(obj.queue_ptr)
+    hk = ctx.feature_fn(model_k, x2)
+    loss = 0
+    q = {k: _authors_l2norm(mlp(h)) for k, mlp in obj.heads.items()}
+    k = {key: _authors_l2norm(mlp(hk)).detach() for key, mlp in heads_k.items()}
+    if "ssl" in q:
+        lpos = (q["ssl"] * k["ssl"]).sum(1, keepdim=True)
+        lneg = q["ssl"] @ queues["ssl"].clone().T  # the queue before enqueueing
+        loss = loss + weight * F.cross_entropy(torch.cat([lpos, lneg], 1) / tau,
+                                               torch.zeros(len(y), dtype=torch.long))
+    idx = [(ptr + i) % len(qlab) for i in range(len(y))]
+    for key in queues:
+        queues[key][idx] = k[key]
+    qlab[idx] = y
+    if "sup" in q:
+        logits = q["sup"] @ queues["sup"].T / tau
+        mask = (y[:, None] == qlab[None, :]).double()
+        per = -(torch.log_softmax(logits, -1) * mask).sum(-1) / (mask.sum(-1) + 1e-5)
+        loss = loss + per.mean()
+    if mode == "ce_ssl":
+        loss = loss + F.cross_entropy(ctx.head(h), y)
+    else:
+        loss = loss + F.cross_entropy(ctx.head(h.detach()), y)
+    return loss, queues, qlab
+
+
+@pytest.mark.parametrize("mode", ["supcon", "ce_ssl", "supcon_ssl"])
+def test_islam_objectives_equal_the_authors_step(mode):
+    ctx = _trex_ctx(2)
+    obj = build_objective(f"islam_{mode}", ctx, {"queue_size": 9, "momentum": 0.9,
+                                                   "proj_dim": 4})
+    obj.double().train()
+    obj.queue_ptr.fill_(6)
+    obj.queue_labels[:4] = torch.tensor([0, 1, 2, 1])  # some labelled keys already
+    x, x2 = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 2, 1])
+    h = ctx.feature_fn(ctx.model, x).detach().requires_grad_(True)
+    ref, queues, qlab = _authors_islam_step(obj, ctx, h, x2, y, mode)
+    loss, terms = obj(images=x, features=h, logits=ctx.head(h), labels=y, indices=None,
+                      epoch=1, images2=x2, features2=None, logits2=None)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    g1 = torch.autograd.grad(loss, h, retain_graph=True)[0]
+    g2 = torch.autograd.grad(ref, h)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+    for key, want in queues.items():
+        torch.testing.assert_close(getattr(obj, f"queue_{key}"), want.detach())
+    assert torch.equal(obj.queue_labels, qlab) and int(obj.queue_ptr) == (6 + 5) % 9
+    assert set(terms) >= ({"supcon"} if "sup" in mode else set()) | (
+        {"moco"} if "ssl" in mode else set())
+
+
+def test_supcon_matches_hobbitlong_reference_at_base_temperature():
+    """HobbitLong/SupContrast ``losses.py`` (Khosla et al.'s reference code), contrast_mode
+    'all', two views: logits over all 2B views without self, positives = same label, mean
+    log-probability over positives, times -(T / base_T); dtprobe's in-batch ``supcon`` equals
+    it at T = base_T (its default 0.1 with base_T 0.1)."""
+    e1, e2 = _views(9)
+    y = torch.tensor([0, 1, 0, 2, 1, 0])
+    feats = torch.stack([e1, e2], 1)  # [bsz, n_views, d]
+    contrast = torch.cat(torch.unbind(feats, 1), 0)
+    mask = (y[:, None] == y[None, :]).double().repeat(2, 2)
+    logits = contrast @ contrast.T / 0.1
+    logits = logits - logits.max(1, keepdim=True).values
+    not_self = 1 - torch.eye(12, dtype=torch.float64)
+    mask = mask * not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True) + 1e-9)
+    ref = (-(0.1 / 0.1) * (mask * log_prob).sum(1) / mask.sum(1)).view(2, 6).mean()
+    # (their +1e-9 inside the log moves the value by ~1e-8 relative)
+    assert float(supcon_loss(e1, e2, y, 0.1)) == pytest.approx(float(ref), rel=1e-7)
+
+
 # ------------------------------------------------------------------------------ t-ReX
 
 def test_trex_projector_structure():
@@ -325,32 +420,97 @@ def test_trex_projector_structure():
     torch.testing.assert_close(p(h), p(h * 7.0))  # L2-normalised input
 
 
-def test_prototype_logits_match_reference():
-    g = torch.Generator().manual_seed(8)
-    z = torch.randn(5, 3, generator=g, dtype=torch.float64)
-    y = torch.tensor([0, 1, 1, 0, 1])
-    bank = torch.randn(6, 3, generator=g, dtype=torch.float64)
-    bank_y = torch.tensor([0, 0, 1, -1, 1, -1])  # -1: empty slots
+def _trex_ctx(seed=0, n=10, k=3, d=6):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, d), nn.ReLU(), nn.Linear(d, k)).double()
 
-    def ref(zz):
-        rows = []
-        for i in range(len(zz)):
-            row = []
-            for k in range(3):
-                members = [bank[j] for j in range(6) if int(bank_y[j]) == k]
-                members += [zz[j] for j in range(len(zz)) if int(y[j]) == k]
-                if not members:
-                    row.append(zz[i, 0] * 0)
-                    continue
-                c = sum(members) / len(members)
-                row.append(_sim(zz[i], c) / (torch.sqrt(_sim(zz[i], zz[i]))
-                                             * torch.sqrt(_sim(c, c))) / 0.1)
-            rows.append(torch.stack(row))
-        return F.cross_entropy(torch.stack(rows), y)
+    def feature_fn(m, x):
+        return m[1](m[0](x))
 
-    _close(lambda x: F.cross_entropy(prototype_logits(x, y, bank, bank_y, 3, 0.1), y), ref, z)
-    logits = prototype_logits(z, y, bank, bank_y, 3, 0.1)
-    assert torch.equal(logits[:, 2], torch.zeros(5, dtype=torch.float64))  # class 2: no rows
+    return ObjectiveContext(model=model, head=model[2], feature_dim=d, num_classes=k,
+                            num_samples=n, train_labels=torch.arange(n) % k,
+                            device=torch.device("cpu"), seed=seed, feature_fn=feature_fn,
+                            head_name="2")
+
+
+def _authors_l2norm(x):
+    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def test_trex_star_step_equals_authors_memory_and_ema():
+    """naver/trex ``trex.py``: class weights = L2-normalised per-class sums of the memory;
+    logits = normalize(g(h)) @ weights.T / tau (no gradient through the weights); then the EMA
+    copy (momentum m) is updated and its projector output on the global crop is enqueued at the
+    pointer, truncated at the end of the memory, the pointer wrapping to 0."""
+    ctx = _trex_ctx()
+    obj = build_objective("trex_star", ctx, {"hidden": 8, "layers": 2, "out_dim": 5,
+                                             "bank_size": 13, "local_crops": 0, "ema": 0.9})
+    obj.train()
+    obj.double()
+    obj.bank_ptr.fill_(9)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    h = ctx.feature_fn(ctx.model, x).requires_grad_(True)
+    memory, memory_y = obj.bank.clone(), obj.bank_labels.clone()
+    shadow = [p.detach().clone() for p in (*obj.model_ema.parameters(),
+                                            *obj.projector_ema.parameters())]
+    live = [p.detach().clone() for p in (*ctx.model.parameters(), *obj.projector.parameters())]
+    import copy as _copy
+    proj_ref = _copy.deepcopy(obj.projector)
+
+    loss, terms = obj(images=x, features=h, logits=ctx.head(h), labels=y,
+                      indices=torch.arange(6), epoch=1)
+
+    w = torch.zeros(3, 5, dtype=torch.float64).index_add(0, memory_y, memory)
+    w = _authors_l2norm(w)
+    logits = _authors_l2norm(proj_ref(h)) @ w.T / 0.1
+    ref = F.cross_entropy(logits, y) + F.cross_entropy(ctx.head(h.detach()), y)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    g1 = torch.autograd.grad(loss, h, retain_graph=True)[0]
+    g2 = torch.autograd.grad(ref, h)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+    # EMA update, then the EMA forward of the global crop fills slots 9..12 (4 of 6 rows).
+    expected = [0.9 * s_ + 0.1 * l_ for s_, l_ in zip(shadow, live, strict=True)]
+    got = [p.detach() for p in (*obj.model_ema.parameters(), *obj.projector_ema.parameters())]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    z_ema = obj.projector_ema(ctx.feature_fn(obj.model_ema, x)).detach()
+    torch.testing.assert_close(obj.bank[9:13], z_ema[:4])
+    assert torch.equal(obj.bank[:9], memory[:9])
+    assert torch.equal(obj.bank_labels[9:13], y[:4]) and int(obj.bank_ptr) == 0
+
+
+def test_trex_cosine_classifier_is_bias_free_and_multicrop_is_one_ce():
+    """The trainable t-ReX: ``normalize(g(h)) @ normalize(W).T / tau``; with crops the projector
+    runs once on all crops' features and one CE is taken with the labels repeated."""
+    ctx = _trex_ctx(1)
+    obj = build_objective("trex", ctx, {"hidden": 8, "layers": 3, "out_dim": 5,
+                                        "local_crops": 2})
+    obj.double().train()
+    assert obj.classifier.bias is None and len(obj.projector.mlp) == 9
+    h = torch.randn(4, 6, dtype=torch.float64)
+    h2, h3 = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    loss, _ = obj(images=None, features=h, labels=y, features2=h2, features3=h3,
+                  logits2=None, logits3=None)
+    z = obj.projector(torch.cat([h, h2, h3]))
+    logits = _authors_l2norm(z) @ _authors_l2norm(obj.classifier.weight).T / 0.1
+    ref = F.cross_entropy(logits, y.repeat(3)) + F.cross_entropy(ctx.head(h), y)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+
+
+def test_trex_defaults_are_the_authors_script():
+    specs = available_objectives()
+    for name in ("trex", "trex_star"):
+        d = specs[name].defaults
+        assert (d["hidden"], d["layers"], d["out_dim"], d["tau"], d["local_crops"]) == \
+            (2048, 3, 256, 0.1, 8)
+    assert specs["trex_star"].defaults["bank_size"] == 8192
+    assert specs["trex_star"].defaults["ema"] == 0.999
+    p = Projector(64, hidden=512, layers=1, out_dim=32)
+    w = p.mlp[0].weight
+    assert abs(float(w.std()) - 0.02) < 0.002 and float(w.abs().max()) < 0.1
+    assert torch.equal(p.mlp[0].bias, torch.zeros(512))
 
 
 # ---------------------------------------------------------------------------- registry
@@ -358,14 +518,15 @@ def test_prototype_logits_match_reference():
 KORNBLITH_DEFAULTS = {"label_smoothing": {"alpha": 0.1}, "extra_l2": {"lam": 8e-4},
                       "dropout": {"keep_prob": 0.7}, "logit_penalty": {"beta": 6e-4},
                       "logit_norm": {"tau": 0.04}, "cosine_softmax": {"tau": 0.05},
-                      "squared_error": {"kappa": 9.0, "M": 60.0, "scale": 10.0}}
+                      "squared_error": {"kappa": "auto", "M": "auto", "scale": "auto"}}
 
 
 def test_registry_has_every_objective_with_paper_defaults():
     specs = available_objectives()
     expected = {"ce", "label_smoothing", "sigmoid", "extra_l2", "dropout", "logit_penalty",
                 "logit_norm", "cosine_softmax", "squared_error", "supcon", "ce_simclr",
-                "supcon_simclr", "trex", "trex_star", "ctc"}
+                "supcon_simclr", "trex", "trex_star", "ctc", "islam_supcon", "islam_ce_ssl",
+                "islam_supcon_ssl"}
     assert expected <= set(specs)
     for name, defaults in KORNBLITH_DEFAULTS.items():
         assert {k: specs[name].defaults[k] for k in defaults} == defaults

@@ -26,6 +26,6 @@ def test_objectives_notebook_executes(tmp_path):
               if "image/png" in o.get("data", {})]
     assert len(images) >= 3, "the notebook should display the two sweep charts and the curves"
     summary = pd.read_csv(tmp_path / "runs" / "objectives" / "sweep_summary.csv")
-    assert list(summary["objective"]) == ["ce", "label_smoothing", "cosine_softmax", "supcon"]
+    assert list(summary["objective"]) == ["ce", "label_smoothing", "sigmoid", "supcon"]
     assert (summary["seeds"] == 2).all()
     assert summary[["source_accuracy", "class_separation", "transfer"]].notna().all().all()

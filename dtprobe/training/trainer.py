@@ -25,6 +25,7 @@ optimiser step with one line naming the epoch, the objective and the last good c
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import hashlib
 import io
@@ -50,8 +51,10 @@ from dtprobe.runtime.progress import tqdm
 from dtprobe.training.augment import contrastive_view, shift_flip
 from dtprobe.training.objectives import build_objective as build_registered_objective
 from dtprobe.training.objectives.base import Objective, ObjectiveContext
+from dtprobe.training.recipes import WeightEMA, get_recipe, init_head, split_decay
 
 RESUME_FILE = "resume_state.pt"
+DEFAULT_WEIGHT_DECAY = 5e-4
 _RESUME_KEYS = ("epoch", "step", "model", "optimizer", "objective", "torch_rng", "entry")
 
 
@@ -68,7 +71,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float | None = None  # None: the recipe's value, else 5e-4
     warmup_epochs: int = 1
     augment: str = "auto"
     save_every: int = 2
@@ -78,6 +81,8 @@ class TrainConfig:
     objective_params: dict[str, Any] = field(default_factory=dict)
     ctc: dict[str, Any] = field(default_factory=dict)
     schedule: str = "default"
+    recipe: str | None = None
+    recipe_params: dict[str, Any] = field(default_factory=dict)
     switch_epoch: int | None = None
     stage1_weight_decay: float | None = None
     max_loss: float = 1e8
@@ -203,6 +208,7 @@ class Trainer:
         self.dist = dist_utils.init_from_env(cfg.device)
         self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
         self.out = Path(cfg.out)
+        self.recipe = get_recipe(cfg.recipe, cfg.recipe_params)
         torch.manual_seed(cfg.seed)
         try:
             self.bundle = load_dataset(cfg.dataset, **cfg.dataset_params)
@@ -220,14 +226,26 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.head = head_module(self.model, cfg.arch)
         self.head_name = spec.head
+        if self.recipe is not None and self.recipe.head_init_std is not None:
+            init_head(self.head, self.recipe.head_init_std)  # global RNG, seeded above
         self.objective = build_objective(cfg, self.bundle, self.model, self.device)
         self.train_params = (list(self.model.parameters())
                              + list(self.objective.trainable_parameters()))
         if cfg.schedule not in ("default", "reference"):
             raise ConfigError(f"--schedule {cfg.schedule!r}: choose 'default' or 'reference'")
         self.switch_epoch = self._switch_epoch()
-        self.optimizer = torch.optim.SGD(self.train_params, lr=cfg.lr, momentum=cfg.momentum,
+        self.decayed_names: list[str] | None = None
+        if self.recipe is not None and self.recipe.decay_excludes_norm_and_bias:
+            decayed, kept, self.decayed_names = split_decay([self.model, self.objective])
+            groups = [{"params": decayed, "decay": True}, {"params": kept, "decay": False,
+                                                            "weight_decay": 0.0}]
+        else:
+            groups = [{"params": self.train_params, "decay": True}]
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=self._weight_decay(1))
+        self.ema = (WeightEMA(self.model, self.recipe.ema_decay, self.recipe.ema_num_updates)
+                    if self.recipe is not None and self.recipe.ema_decay is not None else None)
+        self._eval_model: nn.Module | None = None
         self.ddp_model = self.dist.wrap(self.model)
         n = len(self.bundle.train)
         self.per_rank_batch = max(1, cfg.batch_size // self.dist.world_size)
@@ -257,7 +275,13 @@ class Trainer:
         cfg = self.cfg
         if self.switch_epoch is not None and epoch <= self.switch_epoch:
             return 1e-3 if cfg.stage1_weight_decay is None else cfg.stage1_weight_decay
-        return cfg.weight_decay
+        return self._base_weight_decay()
+
+    def _base_weight_decay(self) -> float:
+        """``weight_decay``, else the recipe's, else :data:`DEFAULT_WEIGHT_DECAY`."""
+        if self.cfg.weight_decay is not None:
+            return self.cfg.weight_decay
+        return self.recipe.weight_decay if self.recipe is not None else DEFAULT_WEIGHT_DECAY
 
     def _lr(self) -> float:
         cfg = self.cfg
@@ -305,7 +329,12 @@ class Trainer:
             record["schedule_resolved"] = {
                 "switch_epoch": self.switch_epoch, "warmup_epochs": 0,
                 "stage1": {"lr": self.cfg.lr, "weight_decay": self._weight_decay(1)},
-                "stage2": {"lr": 0.1 * self.cfg.lr, "weight_decay": self.cfg.weight_decay}}
+                "stage2": {"lr": 0.1 * self.cfg.lr, "weight_decay": self._base_weight_decay()}}
+        record["weight_decay"] = self._base_weight_decay()
+        if self.recipe is not None:
+            record["recipe_resolved"] = {**self.recipe.resolved(),
+                                         "weight_decay": self._base_weight_decay(),
+                                         "decayed_parameters": self.decayed_names}
         record["world_size"] = self.dist.world_size
         return record
 
@@ -318,6 +347,25 @@ class Trainer:
             training=self._training_record(), seed=self.cfg.seed))
 
     # ----------------------------------------------------------- checkpoints
+    def _checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The weights written for the analysis: the EMA shadow under a recipe with EMA."""
+        return self.ema.state_dict() if self.ema is not None else self.model.state_dict()
+
+    def _evaluate(self) -> dict[str, float]:
+        """``test_acc`` of the weights the checkpoint holds (plus ``test_acc_raw``, the trained
+        weights, when the checkpoint holds their EMA)."""
+        images, labels = self.bundle.test.images, self.bundle.test.labels
+        raw = evaluate_accuracy(self.model, images, labels, self.device,
+                                objective=self.objective, head=self.head)
+        if self.ema is None:
+            return {"test_acc": raw}
+        if self._eval_model is None:
+            self._eval_model = copy.deepcopy(self.model)
+        # The exported state makes the plain head's argmax the objective's prediction.
+        self._eval_model.load_state_dict(self.objective.export_model_state(self.ema.state_dict()))
+        ema = evaluate_accuracy(self._eval_model, images, labels, self.device)
+        return {"test_acc": ema, "test_acc_raw": raw}
+
     def _save(self, epoch: int, metrics: dict[str, float]) -> None:
         """Checkpoint file, then resume state, then manifest entry: a kill between any two steps
         leaves a run that ``--resume`` continues and a manifest that names only complete files."""
@@ -328,7 +376,7 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Hash the bytes written, not the file read back (which another process could swap).
         digest = _atomic_torch_save(
-            {"model": self.objective.export_model_state(self.model.state_dict()),
+            {"model": self.objective.export_model_state(self._checkpoint_state()),
              "epoch": epoch, "step": self.step}, path)
         entry = cm.CheckpointEntry(epoch=epoch, step=self.step, path=rel,
                                    sha256=digest, metrics=metrics, time=time.time())
@@ -339,6 +387,7 @@ class Trainer:
             "objective": self.objective.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "entry": entry.to_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }, self.out / RESUME_FILE)
         cm.append_checkpoint(self.out, entry, replace=True)
 
@@ -387,6 +436,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             if len(state["objective"]):
                 self.objective.load_state_dict(state["objective"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
             torch.set_rng_state(state["torch_rng"].cpu())
             self.step = int(state["step"])
             return int(state["epoch"]) + 1
@@ -402,7 +453,8 @@ class Trainer:
         self.objective.train()
         wd = self._weight_decay(epoch)  # the reference schedule resets it at the switch
         for group in self.optimizer.param_groups:
-            group["weight_decay"] = wd
+            if group.get("decay", True):  # the recipe's no-decay group stays at 0
+                group["weight_decay"] = wd
         self.ddp_model.train()
         gen = _epoch_generator(cfg.seed, epoch)
         order = torch.randperm(len(bundle.train), generator=gen)
@@ -435,9 +487,11 @@ class Trainer:
                 features = tap.features.float()
                 views: dict[str, torch.Tensor] = {}
                 for v, view in enumerate(extra, start=2):
+                    view = view.to(self.device)
                     with dist_utils.autocast(self.device):
-                        views[f"logits{v}"] = self.ddp_model(view.to(self.device)).float()
+                        views[f"logits{v}"] = self.ddp_model(view).float()
                     views[f"features{v}"] = tap.features.float()
+                    views[f"images{v}"] = view  # for momentum (key) encoders
                 loss, terms = self.objective(images=x, features=features,
                                              logits=logits.float(), labels=y,
                                              indices=idx.to(self.device), epoch=epoch, **views)
@@ -458,6 +512,8 @@ class Trainer:
                     self._diverged(epoch, "gradient norm", grad_norm, terms)
                 self.optimizer.step()
                 self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.model, self.step)
                 k = len(idx)
                 seen += k
                 correct += int((logits.argmax(1) == y).sum())
@@ -491,18 +547,13 @@ class Trainer:
                                   "that run or choose another --out")
             self.out.mkdir(parents=True, exist_ok=True)
             self._new_manifest()
-            test_acc = evaluate_accuracy(self.model, self.bundle.test.images,
-                                         self.bundle.test.labels, self.device,
-                                         objective=self.objective, head=self.head)
-            self._save(0, {"test_acc": test_acc})
+            self._save(0, self._evaluate())
         self.dist.barrier()
         log_path = self.out / "train_log.csv"
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.perf_counter()
             metrics = self._run_epoch(epoch)
-            metrics["test_acc"] = evaluate_accuracy(self.model, self.bundle.test.images,
-                                                    self.bundle.test.labels, self.device,
-                                                    objective=self.objective, head=self.head)
+            metrics.update(self._evaluate())
             metrics["epoch_seconds"] = time.perf_counter() - t0
             if self.dist.is_main:
                 _append_log(log_path, epoch, metrics)

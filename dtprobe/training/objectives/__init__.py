@@ -16,9 +16,13 @@ snapshots). Adding an objective is one decorated factory in its family module::
   (imports no family);
 - families, registered by importing them here (as :mod:`dtprobe.data` and :mod:`dtprobe.models`
   do): :mod:`~.cross_entropy` (the softmax baseline), :mod:`~.kornblith` (the 9 objectives of
-  Kornblith et al. 2021, Table 1), :mod:`~.contrastive` (SupCon and the joint SimCLR
-  objectives of Islam et al. 2021), :mod:`~.trex` (t-ReX and t-ReX*, Sariyildiz et al. 2023),
+  Kornblith et al. 2021, as their released code computes them), :mod:`~.contrastive` (Islam et
+  al. 2021's MoCo-based objectives as their code computes them, and the in-batch SupCon /
+  SimCLR joints), :mod:`~.trex` (t-ReX and t-ReX*, Sariyildiz et al. 2023, as their code),
   :mod:`~.ctc` (CTC, Cui et al. 2022; memory banks in :mod:`~.memory_bank`).
+
+Training facts that are not a loss (weight-decay convention, head initialisation, EMA
+checkpoints) are named recipes: :mod:`dtprobe.training.recipes`.
 
 ``dtprobe.training.objectives`` (formerly one module) keeps its names: they are re-exported here.
 """

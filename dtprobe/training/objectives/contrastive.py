@@ -1,5 +1,15 @@
 """Supervised and self-supervised contrastive objectives, as compared by Islam et al. (2021).
 
+Two families. ``islam_supcon``, ``islam_ce_ssl`` and ``islam_supcon_ssl`` (:class:`IslamMoCo`)
+are the objectives as Islam et al.'s released code (asrafulashiq/transfer_broad, ``system/``)
+computes them: MoCo-style, with a momentum key encoder (0.999), a queue of 64,000 keys,
+temperature 0.07, Linear-ReLU-Linear projections to 128-d, and the self-supervised term
+weighted 0.5. ``supcon``, ``ce_simclr`` and ``supcon_simclr`` (below) are the in-batch
+definitions of Khosla et al. and SimCLR, which the paper's text names but its code does not
+use; ``supcon`` equals the reference ``SupConLoss`` of HobbitLong/SupContrast (Khosla et al.'s
+PyTorch code) when its ``base_temperature`` equals the temperature (with their default
+``base_temperature = 0.07`` their loss is dtprobe's times ``tau / 0.07``).
+
 * ``supcon``: SupCon (Khosla et al. 2020, the ``L_out`` form) on two views; the encoder is
   trained by SupCon alone and a linear classifier is fitted on the *frozen* (detached) features,
   which is Islam et al.'s protocol for SupCon. dtprobe fits that classifier online, during the
@@ -38,11 +48,14 @@ References
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dtprobe.errors import ConfigError
+from dtprobe.runtime.distributed import all_gather_rows
 from dtprobe.training.augment import CONTRASTIVE_VIEW
 from dtprobe.training.objectives.base import (
     Objective,
@@ -142,7 +155,7 @@ def _check(name: str, tau: float, proj_dim: int) -> None:
                           "integer >= 1")
 
 
-@register_objective("supcon", paper=f"Khosla et al. 2020; {PAPER}")
+@register_objective("supcon", paper="Khosla et al. 2020 (in-batch; HobbitLong/SupContrast)")
 def _supcon(ctx: ObjectiveContext, tau: float = 0.1, proj_dim: int = 128) -> Objective:
     """SupCon on two views; linear classifier on the frozen features"""
     _check("supcon", tau, proj_dim)
@@ -150,7 +163,8 @@ def _supcon(ctx: ObjectiveContext, tau: float = 0.1, proj_dim: int = 128) -> Obj
                               proj_dim=int(proj_dim))
 
 
-@register_objective("ce_simclr", paper=f"Chen et al. 2020; {PAPER}")
+@register_objective("ce_simclr", paper="Chen et al. 2020 (in-batch NT-Xent; Islam et al.'s "
+                    "code uses MoCo: islam_ce_ssl)")
 def _ce_simclr(ctx: ObjectiveContext, weight: float = 1.0, tau: float = 0.1,
                proj_dim: int = 128) -> Objective:
     """CE + weight * SimCLR NT-Xent on two views"""
@@ -160,7 +174,8 @@ def _ce_simclr(ctx: ObjectiveContext, weight: float = 1.0, tau: float = 0.1,
                               proj_dim=int(proj_dim))
 
 
-@register_objective("supcon_simclr", paper=PAPER)
+@register_objective("supcon_simclr", paper="Khosla et al. 2020 + Chen et al. 2020 (in-batch; "
+                    "Islam et al.'s code: islam_supcon_ssl)")
 def _supcon_simclr(ctx: ObjectiveContext, weight: float = 1.0, tau: float = 0.1,
                    proj_dim: int = 128) -> Objective:
     """SupCon + weight * SimCLR NT-Xent on two views; linear classifier on frozen features"""
@@ -168,3 +183,179 @@ def _supcon_simclr(ctx: ObjectiveContext, weight: float = 1.0, tau: float = 0.1,
     check_positive("supcon_simclr", weight=weight)
     return TwoViewContrastive(ctx, base="supcon", simclr_weight=weight, tau=tau,
                               proj_dim=int(proj_dim))
+
+
+# ------------------------------------------------------------- Islam et al.'s released code
+
+ISLAM_CODE = ("Islam et al. 2021, asrafulashiq/transfer_broad (system/system_moco_mit.py, "
+              "system_base_plus_moco.py, system_supervised_mean2.py)")
+
+
+def islam_mlp(feature_dim: int, out_dim: int = 128) -> nn.Sequential:
+    """The authors' projection: Linear(d, d), ReLU, Linear(d, 128) (hidden width = d)."""
+    return nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(),
+                         nn.Linear(feature_dim, out_dim))
+
+
+def queue_supcon_loss(q: torch.Tensor, queue: torch.Tensor, queue_labels: torch.Tensor,
+                      labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """Islam et al.'s supervised contrastive loss against a queue of keys.
+
+    ``logits = q @ queue.T / tau`` over every queue entry; the positives of anchor ``i`` are
+    the entries with its label; ``loss_i = -sum_{p} log softmax(logits_i)_p / (|P(i)| + 1e-5)``,
+    mean over anchors (``q`` and ``queue`` rows L2-normalised).
+    """
+    logp = F.log_softmax(q @ queue.T / tau, dim=1)
+    mask = (labels[:, None] == queue_labels[None, :]).to(logp.dtype)
+    return (-(logp * mask).sum(1) / (mask.sum(1) + 1e-5)).mean()
+
+
+def moco_infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
+                      tau: float) -> torch.Tensor:
+    """MoCo's InfoNCE: the positive ``q_i . k_i`` against every queue entry, CE with target 0."""
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / tau
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+class IslamMoCo(Objective):
+    """Islam et al.'s three objectives, as their released code computes them.
+
+    ``mode``:
+
+    * ``"supcon"`` (their SupCon, ``system_moco_mit.py``): keys from a momentum copy of the
+      network + projection (m = 0.999, updated before the key forward) are enqueued first, then
+      :func:`queue_supcon_loss` of the queries against the whole queue;
+    * ``"ce_ssl"`` (CE + self-supervised, ``system_base_plus_moco.py``): CE of the model's own
+      head on the query view's features + ``weight`` x MoCo-v2 InfoNCE (positive: the key of
+      the other view; negatives: the whole queue, read before the batch is enqueued);
+    * ``"supcon_ssl"`` (SupCon + self-supervised, ``system_supervised_mean2.py``): two
+      projections; ``weight`` x InfoNCE on the first (queue read before enqueueing) + the queue
+      SupCon on the second (after enqueueing).
+
+    The queue starts as random unit rows labelled ``-1`` (never a positive). View 1 (the
+    query) is the view every dtprobe objective sees; view 2 (the key) is the contrastive view.
+    For ``supcon`` and ``supcon_ssl`` the model's head ``fc`` is a linear classifier trained
+    online on the detached features (``probe_ce``).
+    """
+
+    views = 2
+
+    def __init__(self, ctx: ObjectiveContext, *, mode: str, tau: float, weight: float,
+                 queue_size: int, momentum: float, proj_dim: int):
+        super().__init__()
+        object.__setattr__(self, "_head", ctx.head)
+        object.__setattr__(self, "_model", ctx.model)
+        object.__setattr__(self, "_feature_fn", ctx.feature_fn)
+        self.mode, self.tau, self.weight, self.momentum = mode, float(tau), float(weight), \
+            float(momentum)
+        heads = {"supcon": ["sup"], "ce_ssl": ["ssl"], "supcon_ssl": ["ssl", "sup"]}[mode]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed + 7919)
+            self.heads = nn.ModuleDict({h: islam_mlp(ctx.feature_dim, proj_dim) for h in heads})
+            for h in heads:
+                q = F.normalize(torch.randn(queue_size, proj_dim), dim=1)
+                self.register_buffer(f"queue_{h}", q)
+        self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.model_k = copy.deepcopy(ctx.model)
+        self.heads_k = copy.deepcopy(self.heads)
+        for p in [*self.model_k.parameters(), *self.heads_k.parameters()]:
+            p.requires_grad_(False)
+        self.hparams = {"tau": tau, "weight": weight if mode != "supcon" else None,
+                        "queue_size": queue_size, "momentum": momentum, "proj_dim": proj_dim,
+                        "views": 2, "view2_augmentation": dict(CONTRASTIVE_VIEW),
+                        "source": ISLAM_CODE,
+                        "classifier": ("the model's head, by CE" if mode == "ce_ssl" else
+                                       "linear head on detached features, trained online")}
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        for live, key in ((self._model, self.model_k), (self.heads, self.heads_k)):
+            for p, q in zip(live.parameters(), key.parameters(), strict=True):
+                q.mul_(self.momentum).add_(p.detach(), alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        labels = all_gather_rows(labels)
+        n = len(self.queue_labels)
+        idx = (int(self.queue_ptr) + torch.arange(len(labels), device=labels.device)) % n
+        for h, k in keys.items():
+            buf = getattr(self, f"queue_{h}")
+            buf[idx] = all_gather_rows(k).to(buf.dtype)
+        self.queue_labels[idx] = labels
+        self.queue_ptr.fill_((int(self.queue_ptr) + len(labels)) % n)
+
+    def forward(self, *, features, logits, labels, images2, **_):
+        q = {h: F.normalize(m(features), dim=1) for h, m in self.heads.items()}
+        with torch.no_grad():
+            if self.training:
+                self._momentum_update()
+            hk = self._feature_fn(self.model_k, images2).to(features.dtype)
+            k = {h: F.normalize(m(hk), dim=1) for h, m in self.heads_k.items()}
+        terms: dict[str, float] = {}
+        loss = features.new_zeros(())
+        if "ssl" in q:  # MoCo reads the queue before this batch is enqueued
+            ssl = moco_infonce_loss(q["ssl"], k["ssl"], self.queue_ssl.detach().clone(),
+                                    self.tau)
+            loss = loss + self.weight * ssl
+            terms["moco"] = float(ssl.detach())
+        if self.training:
+            self._enqueue(k, labels)
+        if "sup" in q:  # the supervised term reads it after (its positives include the keys)
+            sup = queue_supcon_loss(q["sup"], self.queue_sup.detach().clone(),
+                                    self.queue_labels.clone(), labels, self.tau)
+            loss = loss + sup
+            terms["supcon"] = float(sup.detach())
+        if self.mode == "ce_ssl":
+            ce = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits,
+                                 labels)
+            loss = loss + ce
+            terms["ce"] = float(ce.detach())
+        else:
+            head_out = self._head(features.detach())
+            probe = F.cross_entropy(head_out if head_out.dtype == torch.float64
+                                    else head_out.float(), labels)
+            loss = loss + probe
+            terms["probe_ce"] = float(probe.detach())
+        return loss, terms
+
+
+def _islam(ctx: ObjectiveContext, name: str, mode: str, tau: float, weight: float,
+           queue_size: int, momentum: float, proj_dim: int) -> Objective:
+    _check(name, tau, proj_dim)
+    check_positive(name, weight=weight)
+    if int(queue_size) != queue_size or queue_size < 1:
+        raise ConfigError(f"--objective-param queue_size={queue_size!r} for {name} must be an "
+                          "integer >= 1")
+    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+        raise ConfigError(f"--objective-param momentum={momentum!r} for {name} must lie in "
+                          "[0, 1)")
+    if ctx.feature_fn is None:
+        raise ConfigError(f"{name} needs the trainer's feature function (train it with "
+                          "dtprobe train)")
+    return IslamMoCo(ctx, mode=mode, tau=tau, weight=weight, queue_size=int(queue_size),
+                     momentum=float(momentum), proj_dim=int(proj_dim))
+
+
+@register_objective("islam_supcon", paper=f"{PAPER} (released code)")
+def _islam_supcon(ctx: ObjectiveContext, tau: float = 0.07, queue_size: int = 64000,
+                  momentum: float = 0.999, proj_dim: int = 128) -> Objective:
+    """Islam et al.'s SupCon: queries against a queue of momentum-encoder keys"""
+    return _islam(ctx, "islam_supcon", "supcon", tau, 1.0, queue_size, momentum, proj_dim)
+
+
+@register_objective("islam_ce_ssl", paper=f"{PAPER} (released code)")
+def _islam_ce_ssl(ctx: ObjectiveContext, weight: float = 0.5, tau: float = 0.07,
+                  queue_size: int = 64000, momentum: float = 0.999,
+                  proj_dim: int = 128) -> Objective:
+    """Islam et al.'s CE + weight * MoCo-v2 (momentum encoder, queue)"""
+    return _islam(ctx, "islam_ce_ssl", "ce_ssl", tau, weight, queue_size, momentum, proj_dim)
+
+
+@register_objective("islam_supcon_ssl", paper=f"{PAPER} (released code)")
+def _islam_supcon_ssl(ctx: ObjectiveContext, weight: float = 0.5, tau: float = 0.07,
+                      queue_size: int = 64000, momentum: float = 0.999,
+                      proj_dim: int = 128) -> Objective:
+    """Islam et al.'s queue SupCon + weight * MoCo-v2, two projections"""
+    return _islam(ctx, "islam_supcon_ssl", "supcon_ssl", tau, weight, queue_size, momentum,
+                  proj_dim)

@@ -1,41 +1,49 @@
-"""t-ReX and t-ReX* (Sariyildiz et al. 2023): supervised training through an expendable projector.
+"""t-ReX and t-ReX* (Sariyildiz et al. 2023), as the authors' released code trains them.
 
 The projector ``g`` maps the penultimate features ``h`` to the space where the classification
-loss is computed: ``g(h) = Linear_256,nobias([Linear_d, BatchNorm, GELU] x L (L2norm(h)))``;
-it is thrown away after training. The analysed features are ``h``, taken *before* the projector
-(recorded in the manifest as ``analysed_features``), which is what makes the projector
-"expendable": the source-task pressure is absorbed by ``g`` and ``h`` keeps more transferable
-information.
+loss is computed and is thrown away after training: ``g(h) = Linear_256,nobias([Linear_2048,
+BatchNorm1d, GELU] x 3 (L2norm(h)))``, every Linear initialised ``trunc_normal(std=0.02)`` with
+zero bias. The analysed features are ``h``, taken *before* the projector (recorded in the
+manifest as ``analysed_features``).
 
-* ``trex``: CE of a cosine classifier on the projector output,
-  ``logits_k = cos(g(h), w_k) / tau``, with learned class weights ``w_k``.
-* ``trex_star``: the class weights are replaced by *prototypes* computed on the fly from a
-  memory bank of the latest ``bank_size`` projector outputs with their labels (a FIFO queue);
-  ``c_k = mean of the bank entries of class k and of the batch's own embeddings of class k``;
-  the batch's embeddings carry the gradient, the bank is detached. A class with no entry yet
-  scores 0.
-* Multi-crop (optional, ``local_crops=N``): ``N`` extra random-resized crops of scale
-  ``(0.05, 0.4)`` at half the image side pass through the network and the projector and add
-  their CE, averaged with the global view's (t-ReX's multi-crop, scaled to small images).
+* ``trex`` (the authors' ``memory_size=0``): CE of a bias-free cosine classifier on the projector
+  output, ``logits = normalize(g(h)) @ normalize(W).T / tau`` (``W`` a ``Linear(256, K,
+  bias=False)`` with PyTorch's default initialisation).
+* ``trex_star`` (the authors' training-script default, ``memory_size=8192``): the class weights
+  are the L2-normalised per-class sums (equivalently means) of a memory of projector outputs;
+  ``logits = normalize(g(h)) @ weights.T / tau``. The weights carry no gradient. After the
+  logits are computed, the memory is filled (FIFO, a batch that overflows the end is truncated
+  and the pointer wraps to 0) with the projector outputs of the *global* crop computed by an
+  exponential-moving-average copy of the network and projector (momentum 0.999 per step, updated
+  just before that forward, no gradient, in training mode as the authors' copy is). The memory
+  starts as ``randn`` rows with uniformly random labels, as the authors'.
+* Multi-crop (``local_crops``, default 8 as in the authors' script): extra random-resized crops
+  of area scale ``(0.05, 0.25)`` at ``96/224`` of the image side (at least 8 px) pass through the
+  network; the projector runs once on the features of all crops together (its BatchNorm sees
+  them in one batch, as the authors' ``MultiCropWrapper``) and one CE is taken over all crops
+  with the labels repeated.
 
-The model's own head ``fc`` is not part of the objective: it is fitted on the detached features
-``h`` (term ``probe_ce``, no gradient reaches the encoder), so every checkpoint's source accuracy
-is that of a linear classifier of the analysed features.
-
-Defaults (hidden width 2048, ``L = 1``, output 256, ``tau = 0.1``, bank 8192) follow the paper's
-description of the projector (and DESIGN.md); ``tau`` and the bank size are dtprobe's defaults
-where the paper's values could not be checked here. The paper's projector input is ``h`` after
-global pooling of a ResNet-50; here it is whatever the architecture's head receives. Under DDP the
-projector's BatchNorm keeps per-rank running statistics (unused: the projector is expendable) and
-the bank is filled with the embeddings all-gathered from every rank.
+Differences from the authors' recipe, kept on purpose: the global crop is the view every other
+dtprobe objective sees (the source-task augmentation; the authors' global crop is a
+RandomResizedCrop of scale 0.25-1 with colour jitter, blur and solarisation), so runs compare
+objectives on identical data; the local crops are crop + flip only. The model's own head
+``fc`` is fitted on the detached features ``h`` (term ``probe_ce``, no gradient reaches the
+encoder), so every checkpoint's source accuracy is that of a linear classifier of the analysed
+features. Optimiser, schedule and weight decay are the trainer's (the authors': SGD 0.1 x
+batch/256, 10 warm-up epochs, cosine to 1e-6, weight decay 1e-4 on non-bias non-norm
+parameters, 100 epochs). Under DDP the memory is filled with the embeddings all-gathered from
+every rank, as the authors'.
 
 References
 ----------
 .. [1] M. B. Sariyildiz, Y. Kalantidis, K. Alahari, D. Larlus, "No Reason for No Supervision:
-   Improved Generalization in Supervised Models", ICLR 2023.
+   Improved Generalization in Supervised Models", ICLR 2023; code: https://github.com/naver/trex
+   (``trex.py``, ``main.py``, ``multi_crop.py``).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +61,20 @@ from dtprobe.training.objectives.memory_bank import all_gather_rows
 from dtprobe.training.objectives.registry import register_objective
 
 PAPER = "Sariyildiz et al. 2023"
+LOCAL_SCALE = (0.05, 0.25)
+LOCAL_SIDE = 96 / 224  # the authors' local crops: 96 px on 224 px images
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 at least (half-precision outputs widened, float64 kept)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 class Projector(nn.Module):
-    """``L2norm -> [Linear(hidden), BatchNorm1d, GELU] x layers -> Linear(out_dim, bias=False)``."""
+    """``L2norm -> [Linear(hidden), BatchNorm1d, GELU] x layers -> Linear(out_dim, bias=False)``,
+    Linear layers initialised ``trunc_normal(std=0.02)``, biases 0 (the authors' ``Projector``)."""
 
-    def __init__(self, in_dim: int, hidden: int = 2048, layers: int = 1, out_dim: int = 256):
+    def __init__(self, in_dim: int, hidden: int = 2048, layers: int = 3, out_dim: int = 256):
         super().__init__()
         blocks: list[nn.Module] = []
         d = in_dim
@@ -67,24 +83,27 @@ class Projector(nn.Module):
             d = hidden
         self.mlp = nn.Sequential(*blocks)
         self.out = nn.Linear(d, out_dim, bias=False)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.out(self.mlp(safe_normalize(h)))
 
 
-def prototype_logits(z: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor,
-                     bank_labels: torch.Tensor, num_classes: int, tau: float) -> torch.Tensor:
-    """``cos(z_i, c_k) / tau`` with ``c_k`` the mean of the bank rows (labels ``>= 0``) and batch
-    rows of class ``k``; classes with no row give 0. Gradient flows through ``z`` (twice: as
-    query and through its own class's prototype)."""
-    valid = bank_labels >= 0
-    rows = torch.cat([bank[valid].detach(), z])
-    ys = torch.cat([bank_labels[valid], labels])
-    sums = torch.zeros(num_classes, z.shape[1], dtype=z.dtype, device=z.device)
-    sums = sums.index_add(0, ys, rows)
-    counts = torch.bincount(ys, minlength=num_classes).clamp(min=1).to(z.dtype)
-    protos = sums / counts[:, None]
-    return safe_normalize(z) @ safe_normalize(protos).T / tau
+def memory_class_weights(memory: torch.Tensor, memory_labels: torch.Tensor,
+                         num_classes: int) -> torch.Tensor:
+    """L2-normalised per-class sums of the memory rows (a class with no row gives 0)."""
+    sums = torch.zeros(num_classes, memory.shape[1], dtype=memory.dtype, device=memory.device)
+    sums.index_add_(0, memory_labels, memory)
+    return safe_normalize(sums)
+
+
+def cosine_classifier_logits(z: torch.Tensor, weights: torch.Tensor, tau: float) -> torch.Tensor:
+    """``normalize(z) @ normalize(weights).T / tau`` (bias-free)."""
+    return safe_normalize(z) @ safe_normalize(weights).T / tau
 
 
 class TReX(Objective):
@@ -93,69 +112,88 @@ class TReX(Objective):
     analysed_features = "penultimate, BEFORE the t-ReX projector (the projector is discarded)"
 
     def __init__(self, ctx: ObjectiveContext, *, prototypes: bool, hidden: int, layers: int,
-                 out_dim: int, tau: float, bank_size: int, local_crops: int):
+                 out_dim: int, tau: float, bank_size: int, local_crops: int, ema: float):
         super().__init__()
         object.__setattr__(self, "_head", ctx.head)
+        object.__setattr__(self, "_model", ctx.model)
+        object.__setattr__(self, "_feature_fn", ctx.feature_fn)
         self.prototypes = prototypes
         self.num_classes = ctx.num_classes
         self.tau = float(tau)
         self.local_crops = int(local_crops)
+        self.ema = float(ema)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed + 104729)
             self.projector = Projector(ctx.feature_dim, hidden, layers, out_dim)
-            if not prototypes:
-                self.classifier = nn.Parameter(torch.randn(ctx.num_classes, out_dim) * 0.01)
+            if prototypes:
+                self.register_buffer("bank", torch.randn(bank_size, out_dim))
+                self.register_buffer("bank_labels",
+                                     torch.randint(0, ctx.num_classes, (bank_size,)))
+            else:
+                self.classifier = nn.Linear(out_dim, ctx.num_classes, bias=False)
         if prototypes:
-            self.register_buffer("bank", torch.zeros(bank_size, out_dim))
-            self.register_buffer("bank_labels", torch.full((bank_size,), -1, dtype=torch.long))
             self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
+            # The EMA copy of network + projector that fills the memory (no gradient).
+            self.model_ema = copy.deepcopy(ctx.model)
+            self.projector_ema = copy.deepcopy(self.projector)
+            for p in [*self.model_ema.parameters(), *self.projector_ema.parameters()]:
+                p.requires_grad_(False)
         self.views = 1 + self.local_crops
         self.hparams = {"hidden": hidden, "layers": layers, "out_dim": out_dim, "tau": tau,
-                        "classifier": "prototypes from a memory bank" if prototypes
-                        else "cosine classifier on the projector output",
+                        "classifier": "class weights from a memory of EMA projector outputs"
+                        if prototypes else "bias-free cosine classifier on the projector output",
                         "bank_size": bank_size if prototypes else None,
+                        "ema": ema if prototypes else None,
                         "local_crops": local_crops,
-                        "local_crop": {"scale": (0.05, 0.4), "size": "image_side // 2"}
+                        "local_crop": {"scale": list(LOCAL_SCALE), "side": "96/224 of the image"}
                         if local_crops else None,
                         "analysed_features": self.analysed_features,
                         "model_head": "linear classifier on detached features, trained online"}
 
     def extra_views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        size = max(8, images.shape[-1] // 2)
-        return [random_resized_crop(images, generator, (0.05, 0.4), (3 / 4, 4 / 3), size=size)
+        size = max(8, round(images.shape[-1] * LOCAL_SIDE))
+        return [random_resized_crop(images, generator, LOCAL_SCALE, (3 / 4, 4 / 3), size=size)
                 for _ in range(self.local_crops)]
 
-    def _logits(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _logits(self, z: torch.Tensor) -> torch.Tensor:
         if self.prototypes:
-            return prototype_logits(z, labels, self.bank, self.bank_labels, self.num_classes,
-                                    self.tau)
-        return safe_normalize(z) @ safe_normalize(self.classifier).T / self.tau
+            weights = memory_class_weights(self.bank, self.bank_labels, self.num_classes)
+            return cosine_classifier_logits(z, weights.to(z.dtype), self.tau)
+        return cosine_classifier_logits(z, self.classifier.weight, self.tau)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        pairs = [(self._model, self.model_ema), (self.projector, self.projector_ema)]
+        for live, shadow in pairs:
+            for p, q in zip(live.parameters(), shadow.parameters(), strict=True):
+                q.mul_(self.ema).add_(p.detach(), alpha=1.0 - self.ema)
 
     @torch.no_grad()
     def _enqueue(self, z: torch.Tensor, labels: torch.Tensor) -> None:
         z, labels = all_gather_rows(z.detach()), all_gather_rows(labels)
         n = len(self.bank)
-        z, labels = z[-n:], labels[-n:]
-        idx = (self.bank_ptr + torch.arange(len(z), device=z.device)) % n
-        self.bank[idx] = z.to(self.bank.dtype)
-        self.bank_labels[idx] = labels
-        self.bank_ptr.copy_((self.bank_ptr + len(z)) % n)
+        ptr = int(self.bank_ptr)
+        take = min(len(z), n - ptr)  # the authors truncate a batch that overflows the end
+        self.bank[ptr:ptr + take] = z[:take].to(self.bank.dtype)
+        self.bank_labels[ptr:ptr + take] = labels[:take]
+        self.bank_ptr.fill_((ptr + take) % n)
 
-    def forward(self, *, features, labels, **views):
-        z = self.projector(features)
-        ce = F.cross_entropy(self._logits(z, labels).float(), labels)
-        crops = [views[k] for k in sorted(views) if k.startswith("features") and k != "features"]
-        for h in crops:
-            ce = ce + F.cross_entropy(self._logits(self.projector(h), labels).float(), labels)
-        ce = ce / (1 + len(crops))
-        probe = F.cross_entropy(self._head(features.detach()).float(), labels)
+    def forward(self, *, images, features, labels, **views):
+        names = [k for k in views if k.startswith("features") and k[8:].isdigit()]
+        crops = [views[k] for k in sorted(names, key=lambda k: int(k[8:]))]
+        z = self.projector(torch.cat([features, *crops]))
+        ce = F.cross_entropy(_wide(self._logits(z)), labels.repeat(1 + len(crops)))
+        probe = F.cross_entropy(_wide(self._head(features.detach())), labels)
         if self.prototypes and self.training:
-            self._enqueue(z, labels)
+            self._update_ema()
+            with torch.no_grad():
+                z_ema = self.projector_ema(self._feature_fn(self.model_ema, images))
+            self._enqueue(z_ema, labels)
         return ce + probe, {"projector_ce": float(ce.detach()), "probe_ce": float(probe.detach())}
 
 
 def _make(ctx: ObjectiveContext, name: str, prototypes: bool, hidden: int, layers: int,
-          out_dim: int, tau: float, bank_size: int, local_crops: int) -> Objective:
+          out_dim: int, tau: float, bank_size: int, local_crops: int, ema: float) -> Objective:
     check_positive(name, tau=tau)
     for key, value, low in (("hidden", hidden, 1), ("layers", layers, 0),
                             ("out_dim", out_dim, 1), ("bank_size", bank_size, 1),
@@ -163,20 +201,27 @@ def _make(ctx: ObjectiveContext, name: str, prototypes: bool, hidden: int, layer
         if int(value) != value or value < low:
             raise ConfigError(f"--objective-param {key}={value!r} for {name} must be an integer "
                               f">= {low}")
+    if not (isinstance(ema, (int, float)) and 0 <= ema < 1):
+        raise ConfigError(f"--objective-param ema={ema!r} for {name} must lie in [0, 1)")
+    if prototypes and ctx.feature_fn is None:
+        raise ConfigError(f"{name} needs the trainer's feature function (train it with "
+                          "dtprobe train)")
     return TReX(ctx, prototypes=prototypes, hidden=int(hidden), layers=int(layers),
                 out_dim=int(out_dim), tau=tau, bank_size=int(bank_size),
-                local_crops=int(local_crops))
+                local_crops=int(local_crops), ema=float(ema))
 
 
 @register_objective("trex", paper=PAPER)
-def _trex(ctx: ObjectiveContext, hidden: int = 2048, layers: int = 1, out_dim: int = 256,
-          tau: float = 0.1, local_crops: int = 0) -> Objective:
-    """CE through an expendable projector (features analysed before it)"""
-    return _make(ctx, "trex", False, hidden, layers, out_dim, tau, 1, local_crops)
+def _trex(ctx: ObjectiveContext, hidden: int = 2048, layers: int = 3, out_dim: int = 256,
+          tau: float = 0.1, local_crops: int = 8) -> Objective:
+    """CE of a cosine classifier through an expendable projector (features analysed before it)"""
+    return _make(ctx, "trex", False, hidden, layers, out_dim, tau, 1, local_crops, 0.0)
 
 
 @register_objective("trex_star", paper=PAPER)
-def _trex_star(ctx: ObjectiveContext, hidden: int = 2048, layers: int = 1, out_dim: int = 256,
-               tau: float = 0.1, bank_size: int = 8192, local_crops: int = 0) -> Objective:
-    """t-ReX*: projector + class prototypes from a memory bank"""
-    return _make(ctx, "trex_star", True, hidden, layers, out_dim, tau, bank_size, local_crops)
+def _trex_star(ctx: ObjectiveContext, hidden: int = 2048, layers: int = 3, out_dim: int = 256,
+               tau: float = 0.1, bank_size: int = 8192, local_crops: int = 8,
+               ema: float = 0.999) -> Objective:
+    """t-ReX*: projector + class weights from a memory of EMA projector outputs"""
+    return _make(ctx, "trex_star", True, hidden, layers, out_dim, tau, bank_size, local_crops,
+                 ema)
