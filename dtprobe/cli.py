@@ -728,7 +728,9 @@ def _finish_analyze(args: argparse.Namespace, results) -> int:
     stats = getattr(results, "stats", None)
     failed = len(results.failures)
     total = stats.checkpoints if stats is not None else None
-    if failed and (results.table.empty or (total is not None and failed >= total)):
+    # downstream failures (a dataset, or one checkpoint on one dataset) are not checkpoints lost
+    lost = total - stats.analysed if stats is not None else failed
+    if failed and (results.table.empty or (total is not None and lost >= total)):
         # nothing was analysed: no summary, no chart named, no "the others were analysed"
         print(f"dtprobe analyze: {_failure_summary(results.failures, stats, out)}",
               file=sys.stderr)
@@ -776,9 +778,15 @@ def _failure_summary(failures, stats, out: Path) -> str:
     """One line: how many checkpoints failed; when all did, for one reason, that reason."""
     total = stats.checkpoints if stats is not None else None
     where = f"{out / 'failures.csv'}"
-    if total is None or len(failures) < total:
-        return (f"{len(failures)} of {total if total is not None else '?'} checkpoint(s) failed "
-                f"(each reason above and in {where}); the others were analysed")
+    lost = total - stats.analysed if stats is not None else len(failures)
+    if total is None or lost < total:
+        downstream = len(failures) - lost
+        what = [f"{lost} of {total if total is not None else '?'} checkpoint(s) failed"] \
+            if lost else []
+        what += [f"{downstream} downstream dataset or checkpoint x dataset failure(s)"] \
+            if downstream else []
+        return (f"{'; '.join(what)} (each reason above and in {where}); the others were "
+                "analysed")
     # Reasons name each file's own paths; the same cause is the same text without them.
     reasons = {re.sub(r"/\S*", "", str(r)) for r in failures["reason"]}
     if len(reasons) == 1:
@@ -887,6 +895,9 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
     start = time.perf_counter()
+    from dtprobe.isolation import set_debug
+
+    set_debug(args.debug)  # tracebacks of failures contained to one checkpoint or dataset too
     try:
         code = COMMANDS[args.command](args)
     except (DtprobeError, ManifestError) as exc:

@@ -136,7 +136,7 @@ def peek(path: Path, trust_pickles: bool = False) -> dict[str, Any]:
             for key, value in (header.get("__metadata__") or {}).items():
                 try:
                     out[key] = json.loads(value)
-                except (TypeError, ValueError, RecursionError):
+                except Exception:  # any class: metadata that is not JSON stays text
                     out[key] = value
             return out
         import warnings
@@ -173,7 +173,7 @@ def _safetensors_header(path: Path, limit: int = 100 * 2**20) -> dict[str, Any] 
         return None
     try:
         header = json.loads(text)
-    except (ValueError, RecursionError):
+    except Exception:  # any class (RecursionError, MemoryError ...): not a safetensors file
         return None
     return header if isinstance(header, dict) else None
 
@@ -181,7 +181,7 @@ def _safetensors_header(path: Path, limit: int = 100 * 2**20) -> dict[str, Any] 
 def _number(value: Any) -> float | None:
     try:
         number = float(value.item() if hasattr(value, "item") else value)
-    except (TypeError, ValueError, RuntimeError):
+    except Exception:  # any class (OverflowError of 10**400 ...): no number
         return None
     return number if math.isfinite(number) else None
 
@@ -189,7 +189,7 @@ def _number(value: Any) -> float | None:
 def _trainer_state(folder: Path) -> dict[str, Any]:
     try:
         state = json.loads((folder / "trainer_state.json").read_text())
-    except (OSError, ValueError):
+    except Exception:  # any class (a nesting RecursionError ...): no hints from it
         return {}
     return state if isinstance(state, dict) else {}
 
@@ -541,7 +541,7 @@ def model_hints(source: Any, checkpoint: Path) -> ModelHints:
     if config.is_file():
         try:
             data = json.loads(config.read_text())
-        except (OSError, ValueError):
+        except Exception:  # any class (a nesting RecursionError ...): no hints from it
             data = {}
         if isinstance(data, dict) and data.get("model_type"):
             labels = data.get("id2label")

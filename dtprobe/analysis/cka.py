@@ -23,8 +23,8 @@ from dtprobe.analysis.features import checkpoint_features
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.stores import EpochFeatures, ReadThroughCache
 from dtprobe.analysis.table import note
-from dtprobe.errors import DtprobeError
 from dtprobe.extract import FeatureCache, dataset_key
+from dtprobe.isolation import contain
 from dtprobe.metrics import cka_matrix, cka_permutation_null
 from dtprobe.metrics.registry import MetricSpec
 
@@ -81,9 +81,10 @@ def _similarity_rows(base: dict[str, Any], suffix: str, x: torch.Tensor, y: torc
         try:
             value = float(sim.func(x, y))
             estimator = spec.name
-        except DtprobeError as exc:
+        except Exception as exc:  # any class: this measure's row only (dtprobe.isolation)
             value, estimator = float("nan"), "error"
-            params["error"] = str(exc)
+            failure = contain(exc, spec.name, "its row is NaN")
+            params["error"] = str(exc) if failure.expected else failure.reason
         rows.append({**base, "metric": f"{spec.name}_{suffix}", "value": value,
                      "estimator": estimator, "params": json.dumps(params, default=str)})
     return rows
@@ -149,11 +150,9 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
                                                            layers=list(opts.layers),
                                                            feature_dtype=opts.feature_dtype,
                                                            engine=opts.engine))
-        except OSError:
-            raise  # the environment (disk full, read-only): not this checkpoint's fault
-        except Exception as exc:  # noqa: BLE001 - one bad file of the other run is skipped
-            reason = exc if isinstance(exc, DtprobeError) else repr(exc)
-            note(f"compare: skipping {c.path}: {reason}")
+        except Exception as exc:  # any class: one bad file of the other run is skipped
+            note(f"compare: skipping {c.path}: "
+                 f"{contain(exc, str(c.path), 'this epoch is not compared').reason}")
             continue
         mine = test_feats[c.epoch]
         # the penultimate, then each requested layer both runs have (Kornblith et al. 2021

@@ -208,7 +208,7 @@ def _open_verified(path: Path, key: str) -> ImageStore | None:
                 return None
             _verified.add(stamp)
         return ImageStore(path, footer)
-    except (OSError, ValueError, KeyError, TypeError):
+    except Exception:  # torn, truncated, forged or foreign (any class): rebuilt, never used
         return None
     finally:
         os.close(fd)
