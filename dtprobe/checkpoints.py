@@ -296,10 +296,15 @@ def _opened_path(fd: int) -> str | None:
         return None
 
 
+#: Who recorded the digest a ``--trust-pickles`` file must still have when it is loaded.
+PLANNED_DIGEST = "the bytes read while planning (--trust-pickles)"
+
+
 def read_checkpoint_bytes(path: str | os.PathLike[str], *, expected_sha256: str | None = None,
                           run_dir: str | os.PathLike[str] | None = None,
                           allow_symlinks: bool = False,
-                          limit: int | None = None) -> CheckpointBytes:
+                          limit: int | None = None,
+                          recorded_by: str = "the manifest") -> CheckpointBytes:
     """Read a checkpoint file once into memory and hash those bytes.
 
     Parameters
@@ -316,6 +321,8 @@ def read_checkpoint_bytes(path: str | os.PathLike[str], *, expected_sha256: str 
         Accept a file reached through symbolic links that lead out of ``run_dir``.
     limit : int, optional
         Largest size read (default :data:`MAX_CHECKPOINT_BYTES`).
+    recorded_by : str
+        Who recorded ``expected_sha256``, for the mismatch message.
 
     Returns
     -------
@@ -366,7 +373,7 @@ def read_checkpoint_bytes(path: str | os.PathLike[str], *, expected_sha256: str 
         os.close(fd)
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256.lower():
-        raise CheckpointError(f"{path}: sha256 {digest[:12]}... does not match the manifest "
+        raise CheckpointError(f"{path}: sha256 {digest[:12]}... does not match {recorded_by} "
                               f"({expected_sha256.lower()[:12]}...); the file changed after it "
                               "was recorded or is corrupt: restore it or re-record its entry")
     return CheckpointBytes(path, data, digest)
@@ -1013,6 +1020,7 @@ class InferredCheckpoint:
     layout: str = "generic"
     source_epoch: float | None = None
     epoch_basis: str = "name"
+    sha256: str | None = None  # with trust_pickles: digest of the bytes planned from
 
 
 class CheckpointSeries(list):
@@ -1252,7 +1260,10 @@ def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None
         deep = [n for n in layouts._walk(run_dir) if not is_temporary_name(n)]
         found = layouts._nested(run_dir, deep)
     for item in found:
-        item.meta = layouts.peek(run_dir / item.relpath, trust_pickles)
+        if trust_pickles:  # read once, hashed: the load must see these bytes (see peek_bytes)
+            item.meta, item.sha256 = layouts.peek_bytes(run_dir / item.relpath)
+        else:
+            item.meta = layouts.peek(run_dir / item.relpath)
         if pattern is None:
             item.layout = layouts.refine(item, run_dir)
     assigned, note = layouts.assign_epochs(found, run_dir, epoch_from)
@@ -1262,7 +1273,7 @@ def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None
             epoch=a.epoch, step=a.step,
             path=resolve_inside(run_dir, a.found.relpath, allow_symlinks=allow_symlinks),
             relpath=a.found.relpath, naming=a.found.naming, layout=a.found.layout,
-            source_epoch=a.source_epoch, epoch_basis=a.basis)
+            source_epoch=a.source_epoch, epoch_basis=a.basis, sha256=a.found.sha256)
         by_epoch.setdefault(item.epoch, []).append(item)
     for epoch, items in sorted(by_epoch.items()):
         if len(items) > 1:
@@ -1368,7 +1379,10 @@ def infer_run(run_dir: str | os.PathLike[str], *, pattern: str | None = None,
     loaded = None
     for item in reversed(series):  # the last file that reads (a damaged one fails later alone)
         try:
-            loaded = load_checkpoint(item.path, finite=False, trust_pickles=trust_pickles)
+            blob = read_checkpoint_bytes(item.path, expected_sha256=item.sha256,
+                                         recorded_by=PLANNED_DIGEST)
+            loaded = load_checkpoint(item.path, finite=False, trust_pickles=trust_pickles,
+                                     data=blob)
         except UnsafeCheckpointError:
             raise
         except CheckpointError:
