@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import math
 import os
 import re
@@ -85,14 +84,14 @@ def _number(text: str, kind: type, what: str, ok) -> int | float:
 
 def _memory_budget(text: str) -> int:
     """argparse type: a size such as 512M or 8G (see :func:`dtprobe.analysis.memory.parse_size`)."""
-    from dtprobe.analysis.memory import parse_size
+    from dtprobe.analysis.memory import parse_size, shown_size
     from dtprobe.errors import ConfigError
 
     try:
         return parse_size(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(
-            str(exc).removeprefix(f"--memory-budget {text!r}: ")) from None
+            str(exc).removeprefix(f"--memory-budget {shown_size(text)}: ")) from None
 
 
 def positive_int(text: str) -> int:
@@ -182,6 +181,7 @@ def check_output_file(path: str | os.PathLike[str], option: str) -> None:
 
 def _parse_kv(items: list[str] | None, flag: str) -> dict[str, Any]:
     """``["n_train=600", "noise=0.1"]`` -> typed dict (JSON literals where they parse)."""
+    from dtprobe.data.spec import json_value
     from dtprobe.errors import ConfigError
 
     out: dict[str, Any] = {}
@@ -189,10 +189,7 @@ def _parse_kv(items: list[str] | None, flag: str) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+        out[key] = json_value(raw)
     return out
 
 
@@ -577,6 +574,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dtprobe.training.trainer import train
 
     cfg = _train_config(args)
+    from dtprobe.training.objectives import check_objective_params
+
+    check_objective_params(cfg.objective, cfg.objective_params)  # before any data is loaded
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
     watcher = _start_watcher(Path(args.out), args.analyze_every) if (
         args.analyze_every and rank0) else None
@@ -637,13 +637,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_metric_names(args.metrics)
     from dtprobe.errors import ConfigError
     from dtprobe.sweep import run_sweep
+    from dtprobe.training.objectives import check_objective_params, get_objective
 
+    for name in args.objectives:  # names and parameters checked before anything trains
+        get_objective(name)
     per_objective: dict[str, dict[str, Any]] = {}
     for item in args.param or []:
         if ":" not in item:
             raise ConfigError(f"--param expects OBJECTIVE:KEY=VALUE, got {item!r}")
         name, kv = item.split(":", 1)
+        if name not in args.objectives:
+            raise ConfigError(f"--param {item!r}: {name!r} is not one of the swept --objectives "
+                              f"({', '.join(args.objectives)})")
         per_objective.setdefault(name, {}).update(_parse_kv([kv], "--param"))
+    for name, params in per_objective.items():
+        check_objective_params(name, params)
     configs = {(name, seed): _train_config(args, objective=name,
                                             objective_params=per_objective.get(name, {}),
                                             out=str(Path(args.out) / f"{name}-seed{seed}"),

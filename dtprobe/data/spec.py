@@ -25,7 +25,8 @@ from typing import Any
 
 from dtprobe.errors import ConfigError
 
-__all__ = ["DownstreamSpec", "loader_parameters", "parse_downstream", "parse_downstreams"]
+__all__ = ["DownstreamSpec", "json_value", "loader_parameters", "parse_downstream",
+           "parse_downstreams"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -55,10 +56,14 @@ def _format(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _value(raw: str) -> Any:
+def json_value(raw: str) -> Any:
+    """``raw`` as a JSON literal where it is one (``500``, ``true``, ``[1, 2]``), else the text
+    itself: the rule of every ``KEY=VALUE`` option. Any failure to parse (also a nesting
+    ``RecursionError`` or an integer beyond Python's digit limit) keeps the text, which the
+    parameter's own check then refuses on one line if it must be a number."""
     try:
         return json.loads(raw)
-    except json.JSONDecodeError:
+    except Exception:  # any class: not a JSON literal
         return raw
 
 
@@ -134,7 +139,7 @@ def parse_downstream(spec: str | DownstreamSpec | Mapping[str, Any]) -> Downstre
         elif key in params:
             raise ConfigError(f"--downstream {text!r}: parameter {key!r} given twice")
         else:
-            params[key] = _value(raw)
+            params[key] = json_value(raw)
     return _check(DownstreamSpec(dataset.strip(), params, name), repr(text))
 
 
