@@ -342,7 +342,8 @@ def _add_analysis_parsers(sub) -> None:
                    help="also analyse these modules' outputs (pooled), layer x epoch: probes, "
                         "class separation, RankMe, CKA to final and between runs; 'auto' = the "
                         "architecture's blocks (`dtprobe layers RUN` lists them)")
-    a.add_argument("--downstream", nargs="+", default=[], metavar="SPEC",
+    # extend: `--downstream A --downstream B` analyses both (a second flag used to drop A)
+    a.add_argument("--downstream", nargs="+", action="extend", default=[], metavar="SPEC",
                    help="transfer datasets DATASET[:KEY=VALUE,...], e.g. digits textures "
                         "cinic10:root=/data/cinic10 imagefolder:root=/data/pets,name=pets; "
                         "probes and transferability scores per checkpoint on each")

@@ -182,3 +182,12 @@ def test_sweep_settings_are_checked_before_training(capsys, tmp_path_factory, mo
         for (name, _seed), cfg in configs.items():
             assert name in objectives
             json.dumps(cfg.objective_params)
+
+
+def test_repeated_downstream_flags_add_up():
+    from dtprobe.cli import build_parser
+
+    args = build_parser().parse_args(["analyze", "run", "--downstream", "digits", "--downstream",
+                                      "textures", "imagefolder:root=/x"])
+    assert args.downstream == ["digits", "textures", "imagefolder:root=/x"]
+    assert build_parser().parse_args(["analyze", "run"]).downstream == []
