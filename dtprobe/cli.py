@@ -181,8 +181,8 @@ def check_output_file(path: str | os.PathLike[str], option: str) -> None:
 
 def _parse_kv(items: list[str] | None, flag: str) -> dict[str, Any]:
     """``["n_train=600", "noise=0.1"]`` -> typed dict (JSON literals where they parse)."""
-    from dtprobe.data.spec import json_value
     from dtprobe.errors import ConfigError
+    from dtprobe.literals import json_value
 
     out: dict[str, Any] = {}
     for item in items or []:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtprobe.errors import ConfigError
+from dtprobe.literals import json_value
 
 __all__ = ["DownstreamSpec", "json_value", "loader_parameters", "parse_downstream",
            "parse_downstreams"]
@@ -54,17 +55,6 @@ class DownstreamSpec:
 
 def _format(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def json_value(raw: str) -> Any:
-    """``raw`` as a JSON literal where it is one (``500``, ``true``, ``[1, 2]``), else the text
-    itself: the rule of every ``KEY=VALUE`` option. Any failure to parse (also a nesting
-    ``RecursionError`` or an integer beyond Python's digit limit) keeps the text, which the
-    parameter's own check then refuses on one line if it must be a number."""
-    try:
-        return json.loads(raw)
-    except Exception:  # any class: not a JSON literal
-        return raw
 
 
 def loader_parameters(dataset: str) -> list[str]:
