@@ -22,6 +22,7 @@ from dtprobe.errors import ConfigError, DtprobeError
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
+FUZZ_CLI = settings(FUZZ, max_examples=80)  # each example runs the whole command line
 #: JSON-ish values as a user types them: numbers of any size, nesting, junk.
 _ATOMS = st.one_of(
     st.integers().map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
@@ -103,7 +104,7 @@ def _cli(capsys, argv: list[str]) -> int:
     return code
 
 
-@FUZZ
+@FUZZ_CLI
 @given(st.one_of(st.text(max_size=12), st.integers().map(str), st.just("9" * 5000)),
        st.one_of(_SIZES, st.just("auto")))
 def test_scale_options_on_the_command_line(capsys, tmp_path_factory, max_samples, budget):
@@ -157,7 +158,7 @@ def test_objective_params_build_or_are_one_line(objective_context, case):
         _one_line(exc)
 
 
-@FUZZ
+@FUZZ_CLI
 @given(st.lists(st.one_of(st.text(max_size=16),
                           st.builds(lambda o, k, v: f"{o}:{k}={v}",
                                     st.sampled_from(["ce", "supcon", "nosuch", "", "ce "]),
