@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import math
 import os
 import re
@@ -85,14 +84,14 @@ def _number(text: str, kind: type, what: str, ok) -> int | float:
 
 def _memory_budget(text: str) -> int:
     """argparse type: a size such as 512M or 8G (see :func:`dtprobe.analysis.memory.parse_size`)."""
-    from dtprobe.analysis.memory import parse_size
+    from dtprobe.analysis.memory import parse_size, shown_size
     from dtprobe.errors import ConfigError
 
     try:
         return parse_size(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(
-            str(exc).removeprefix(f"--memory-budget {text!r}: ")) from None
+            str(exc).removeprefix(f"--memory-budget {shown_size(text)}: ")) from None
 
 
 def positive_int(text: str) -> int:
@@ -183,16 +182,14 @@ def check_output_file(path: str | os.PathLike[str], option: str) -> None:
 def _parse_kv(items: list[str] | None, flag: str) -> dict[str, Any]:
     """``["n_train=600", "noise=0.1"]`` -> typed dict (JSON literals where they parse)."""
     from dtprobe.errors import ConfigError
+    from dtprobe.literals import json_value
 
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
             raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+        out[key] = json_value(raw)
     return out
 
 
@@ -351,7 +348,8 @@ def _add_analysis_parsers(sub) -> None:
                    help="also analyse these modules' outputs (pooled), layer x epoch: probes, "
                         "class separation, RankMe, CKA to final and between runs; 'auto' = the "
                         "architecture's blocks (`dtprobe layers RUN` lists them)")
-    a.add_argument("--downstream", nargs="+", default=[], metavar="SPEC",
+    # extend: `--downstream A --downstream B` analyses both (a second flag used to drop A)
+    a.add_argument("--downstream", nargs="+", action="extend", default=[], metavar="SPEC",
                    help="transfer datasets DATASET[:KEY=VALUE,...], e.g. digits textures "
                         "cinic10:root=/data/cinic10 imagefolder:root=/data/pets,name=pets; "
                         "probes and transferability scores per checkpoint on each")
@@ -584,6 +582,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dtprobe.training.trainer import train
 
     cfg = _train_config(args)
+    from dtprobe.training.objectives import check_objective_params
+
+    check_objective_params(cfg.objective, cfg.objective_params)  # before any data is loaded
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
     watcher = _start_watcher(Path(args.out), args.analyze_every) if (
         args.analyze_every and rank0) else None
@@ -643,14 +644,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _check_train_args(args)
     check_metric_names(args.metrics)
     from dtprobe.errors import ConfigError
+    from dtprobe.training.objectives import check_objective_params, get_objective
     from dtprobe.training.sweep import run_sweep
 
+    for name in args.objectives:  # names and parameters checked before anything trains
+        get_objective(name)
     per_objective: dict[str, dict[str, Any]] = {}
     for item in args.param or []:
         if ":" not in item:
             raise ConfigError(f"--param expects OBJECTIVE:KEY=VALUE, got {item!r}")
         name, kv = item.split(":", 1)
+        if name not in args.objectives:
+            raise ConfigError(f"--param {item!r}: {name!r} is not one of the swept --objectives "
+                              f"({', '.join(args.objectives)})")
         per_objective.setdefault(name, {}).update(_parse_kv([kv], "--param"))
+    for name, params in per_objective.items():
+        check_objective_params(name, params)
     configs = {(name, seed): _train_config(args, objective=name,
                                             objective_params=per_objective.get(name, {}),
                                             out=str(Path(args.out) / f"{name}-seed{seed}"),
@@ -738,7 +747,9 @@ def _finish_analyze(args: argparse.Namespace, results) -> int:
     stats = getattr(results, "stats", None)
     failed = len(results.failures)
     total = stats.checkpoints if stats is not None else None
-    if failed and (results.table.empty or (total is not None and failed >= total)):
+    # downstream failures (a dataset, or one checkpoint on one dataset) are not checkpoints lost
+    lost = total - stats.analysed if stats is not None else failed
+    if failed and (results.table.empty or (total is not None and lost >= total)):
         # nothing was analysed: no summary, no chart named, no "the others were analysed"
         print(f"dtprobe analyze: {_failure_summary(results.failures, stats, out)}",
               file=sys.stderr)
@@ -786,9 +797,15 @@ def _failure_summary(failures, stats, out: Path) -> str:
     """One line: how many checkpoints failed; when all did, for one reason, that reason."""
     total = stats.checkpoints if stats is not None else None
     where = f"{out / 'failures.csv'}"
-    if total is None or len(failures) < total:
-        return (f"{len(failures)} of {total if total is not None else '?'} checkpoint(s) failed "
-                f"(each reason above and in {where}); the others were analysed")
+    lost = total - stats.analysed if stats is not None else len(failures)
+    if total is None or lost < total:
+        downstream = len(failures) - lost
+        what = [f"{lost} of {total if total is not None else '?'} checkpoint(s) failed"] \
+            if lost else []
+        what += [f"{downstream} downstream dataset or checkpoint x dataset failure(s)"] \
+            if downstream else []
+        return (f"{'; '.join(what)} (each reason above and in {where}); the others were "
+                "analysed")
     # Reasons name each file's own paths; the same cause is the same text without them.
     reasons = {re.sub(r"/\S*", "", str(r)) for r in failures["reason"]}
     if len(reasons) == 1:
@@ -897,6 +914,9 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
     start = time.perf_counter()
+    from dtprobe.runtime.isolation import set_debug
+
+    set_debug(args.debug)  # tracebacks of failures contained to one checkpoint or dataset too
     try:
         code = COMMANDS[args.command](args)
     except (DtprobeError, ManifestError) as exc:

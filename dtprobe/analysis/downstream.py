@@ -21,10 +21,11 @@ are in memory at a time (memory flat in the number of datasets and of checkpoint
 of reading each checkpoint file once more per dataset. Rows go to ``analysis/parts`` like the
 source rows (one atomic JSON file per checkpoint and dataset), so a killed analysis resumes.
 
-A dataset that cannot be loaded (missing or malformed on disk) is reported on one line and
-recorded as a failure with an empty epoch; the source metrics and every other dataset are still
-analysed, and the next analysis tries it again. A dataset with one class, or too few images for
-the probe, gives NaN rows whose ``params["error"]`` says why.
+A dataset that cannot be loaded (missing or malformed on disk, or any other exception
+while loading it: :mod:`dtprobe.runtime.isolation`) is reported on one line and recorded as a
+failure with an empty epoch; the source metrics and every other dataset are still analysed,
+and the next analysis tries it again. A dataset with one class, or too few images for the probe,
+gives NaN rows whose ``params["error"]`` says why.
 
 References
 ----------
@@ -51,6 +52,7 @@ from dtprobe.analysis.data import EvalData, enforce_budget, place_images
 from dtprobe.analysis.epoch_metrics import (
     LAYER_METRICS,
     apply_metric,
+    cacheable,
     layer_views,
     metric_rows,
     rows_key,
@@ -63,9 +65,9 @@ from dtprobe.data import load_dataset
 from dtprobe.data.registry import supports_store
 from dtprobe.data.spec import DownstreamSpec, loader_parameters, parse_downstreams
 from dtprobe.data.transfer import SourceInput, prepare_for_source, source_loader_params
-from dtprobe.errors import DtprobeError
 from dtprobe.features.cache import FeatureCache, dataset_key
 from dtprobe.metrics.registry import EpochView, FeatureSplit, MetricValue, available_metrics
+from dtprobe.runtime.isolation import contain
 from dtprobe.table import DOWNSTREAM_PARAM
 
 DOWNSTREAM_METRICS: tuple[str, ...] = ("probe_accuracy", "knn_accuracy", "logme", "h_score",
@@ -219,7 +221,8 @@ def process_downstream(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
                 stats.features_reused += state is None
                 stats.features_extracted += state is not None
         rows = downstream_metrics(plan, ckpt, ds, feats, metrics, opts)
-        parts.put(ckpt.epoch, key, rows)
+        if cacheable(rows):  # a metric's unexpected failure is tried again next time
+            parts.put(ckpt.epoch, key, rows)
         if stats is not None:
             stats.metrics_computed += 1
     elif stats is not None:
@@ -288,29 +291,25 @@ def analyse_downstream(plan: RunPlan, checkpoints: Sequence[PlannedCheckpoint],
     for spec in specs:
         try:
             ds = load_downstream(spec, source, device)
-        except DtprobeError as exc:
-            reason = f"downstream dataset {spec.text}: {exc}"
+            if source.values_per_image:  # one downstream dataset in memory at a time, checked
+                enforce_budget(ds.data, source.values_per_image, f"downstream {spec.name}")
+        except Exception as exc:  # any class: one dataset must not end the analysis
+            reason = (f"downstream dataset {spec.text}: "
+                      f"{contain(exc, '', 'this dataset is skipped').reason}")
             failures.append({"run": plan.name, "epoch": "", "path": spec.text,
                              "reason": reason})
             note(f"FAILED {reason}; the other datasets are analysed, and the next analysis "
                  "tries it again")
             continue
-        if source.values_per_image:
-            try:  # one downstream dataset in memory at a time, checked like the source
-                enforce_budget(ds.data, source.values_per_image, f"downstream {spec.name}")
-            except DtprobeError as exc:
-                failures.append({"run": plan.name, "epoch": "", "path": spec.text,
-                                 "reason": f"downstream dataset {spec.text}: {exc}"})
-                note(f"FAILED downstream dataset {spec.text}: {exc}")
-                continue
         if ds.problem is not None:
             note(f"{ds.problem}; its rows are NaN")
         parts = DownstreamPartStore(parts_root, spec.name, reuse=opts.use_cache)
         for ckpt in checkpoints:
             try:
                 rows.extend(process_downstream(plan, ckpt, ds, cache, parts, device, opts, stats))
-            except DtprobeError as exc:
-                reason = f"downstream {spec.name}: {exc}"
+            except Exception as exc:  # any class: this checkpoint on this dataset only
+                reason = (f"downstream {spec.name}: "
+                          f"{contain(exc, str(ckpt.path), 'skipped on this dataset').reason}")
                 failures.append({"run": plan.name, "epoch": ckpt.epoch, "path": str(ckpt.path),
                                  "reason": reason})
                 note(f"FAILED epoch {ckpt.epoch}: {reason}")

@@ -13,9 +13,9 @@ import torch
 
 from dtprobe.analysis.data import EvalData
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
-from dtprobe.errors import MetricInputError
 from dtprobe.metrics.registry import EpochView, FeatureSplit, MetricSpec, MetricValue
 from dtprobe.models import get_arch
+from dtprobe.runtime.isolation import contain
 from dtprobe.table import split_params
 
 PARTS_VERSION = 2  # 2: params split into params + diagnostics, chance levels recorded
@@ -136,19 +136,33 @@ LAYER_METRICS = frozenset({"probe_accuracy", "knn_accuracy", "class_separation",
 
 def apply_metric(spec: MetricSpec, view: EpochView, epoch: int, where: str = "",
                  task: str = "") -> list[MetricValue]:
-    """``spec``'s rows on ``view``; a :class:`MetricInputError` becomes one NaN row saying why.
+    """``spec``'s rows on ``view``; a metric that fails becomes one NaN row saying why.
 
-    A metric that cannot apply to this checkpoint (e.g. a class missing from a split) must not
-    fail the whole checkpoint. ``where`` and ``task`` place the warning and the NaN row (e.g. a
-    downstream dataset).
+    A metric that cannot apply to this checkpoint (e.g. a class missing from a split:
+    :class:`~dtprobe.errors.MetricInputError`), or that fails in any other way (any exception
+    class, see :mod:`dtprobe.runtime.isolation`), must not cost the checkpoint's other metrics. A
+    failure no check foresaw also records ``diagnostics["exception"]`` (its class), and the
+    checkpoint's rows are then not cached (:func:`cacheable`): the next analysis computes that
+    metric again. ``where`` and ``task`` place the warning and the NaN row (e.g. a downstream
+    dataset).
     """
     try:
         with metric_threads(view):
             return list(spec.func(view))
-    except MetricInputError as exc:
-        warnings.warn(f"epoch {epoch}: {where}{spec.name}: {exc}", stacklevel=3)
-        return [MetricValue(spec.name, float("nan"), task=task, estimator="error",
-                            params={"error": str(exc)})]
+    except Exception as exc:
+        failure = contain(exc, f"epoch {epoch}: {where}{spec.name}", "its rows are NaN")
+        reason = str(exc) if failure.expected else failure.reason
+    warnings.warn(f"epoch {epoch}: {where}{spec.name}: {reason}" if failure.expected else reason,
+                  stacklevel=3)
+    return [MetricValue(spec.name, float("nan"), task=task, estimator="error",
+                        params={"error": reason},
+                        diagnostics={} if failure.expected else {"exception": failure.exception})]
+
+
+def cacheable(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether rows may be stored as a part: none holds a failure no check foresaw (see
+    :func:`apply_metric`), which the next analysis should try again."""
+    return not any('"exception":' in (r.get("diagnostics") or "") for r in rows)
 
 
 def rows_key(version: int, ckpt: PlannedCheckpoint, fields: Sequence[Any],

@@ -124,9 +124,10 @@ def read_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint,
     """
     if ckpt.error is not None:
         raise CheckpointError(ckpt.error)
-    blob = ckpt_io.read_checkpoint_bytes(ckpt.path, expected_sha256=ckpt.digest or ckpt.sha256,
-                                         run_dir=plan.run_dir,
-                                         allow_symlinks=opts.follow_symlinks)
+    blob = ckpt_io.read_checkpoint_bytes(
+        ckpt.path, expected_sha256=ckpt.digest or ckpt.sha256, run_dir=plan.run_dir,
+        allow_symlinks=opts.follow_symlinks,
+        recorded_by=ckpt.sha256_from if ckpt.sha256 else "the bytes this analysis read before")
     ckpt.digest = blob.sha256
     return blob
 

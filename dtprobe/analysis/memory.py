@@ -35,7 +35,14 @@ WORKSPACE_COPIES = 3
 #: the two most recent before the current one: EpochFeatures keeps three).
 HELD_CHECKPOINTS = 3
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE | re.ASCII)
+MAX_BUDGET = 1 << 60  # 1024 TiB: beyond it, a typo
+
+
+def shown_size(text: str | int) -> str:
+    """``text`` as the errors of :func:`parse_size` quote it (long input shortened)."""
+    text = str(text)
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 def parse_size(text: str | int) -> int:
@@ -51,11 +58,15 @@ def parse_size(text: str | int) -> int:
     else:
         match = _SIZE.match(str(text))
         if not match:
-            raise ConfigError(f"--memory-budget {text!r}: write a size such as 512M, 8G or "
-                              "1.5G (binary units K, M, G, T)")
-        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+            raise ConfigError(f"--memory-budget {shown_size(text)}: write a size such as 512M, "
+                              "8G or 1.5G (binary units K, M, G, T)")
+        number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+        value = int(number) if number <= MAX_BUDGET else MAX_BUDGET + 1  # no inf -> int
     if value < 1 << 20:
-        raise ConfigError(f"--memory-budget {text!r}: at least 1M is needed")
+        raise ConfigError(f"--memory-budget {shown_size(text)}: at least 1M is needed")
+    if value > MAX_BUDGET:
+        raise ConfigError(f"--memory-budget {shown_size(text)}: larger than any machine's "
+                          "memory (at most 1024T); write a size such as 512M, 8G or 1.5G")
     return value
 
 

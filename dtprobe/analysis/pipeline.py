@@ -15,7 +15,7 @@ import torch
 import checkpoints_manifest as cm
 from dtprobe.analysis.data import EvalData, prepare_data, samples_record
 from dtprobe.analysis.downstream import analyse_downstream, downstream_specs, load_downstream
-from dtprobe.analysis.epoch_metrics import epoch_metrics, part_key
+from dtprobe.analysis.epoch_metrics import cacheable, epoch_metrics, part_key
 from dtprobe.analysis.features import (
     check_model,
     checkpoint_features,
@@ -37,9 +37,9 @@ from dtprobe.analysis.rows import (
 from dtprobe.analysis.sharding import extract_share, shard_mode
 from dtprobe.analysis.similarity import cka_rows, compare_rows
 from dtprobe.data.spec import parse_downstreams
-from dtprobe.errors import DtprobeError
 from dtprobe.features.cache import FeatureCache
 from dtprobe.metrics.registry import MetricSpec, resolve_metrics
+from dtprobe.runtime.isolation import contain
 from dtprobe.runtime.progress import tqdm
 from dtprobe.table import (
     ANALYSIS_DIR,
@@ -78,18 +78,14 @@ class AnalysisStats:
 
 
 def failure_reason(ckpt: PlannedCheckpoint, exc: Exception) -> str:
-    """The one-line failures.csv reason for an exception raised while handling ``ckpt``.
+    """The one-line failures.csv reason for an exception raised while handling ``ckpt``
+    (raised again if it is not this checkpoint's failure: see :mod:`dtprobe.runtime.isolation`).
 
     A :class:`DtprobeError` already names the file and the fix; anything else (an unexpected
     failure deep in torch or a metric, on content no check foresaw) is still only this
     checkpoint's failure: the others are analysed."""
-    if isinstance(exc, DtprobeError):
-        return " ".join(str(exc).split())
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= 200 else text[:197] + "..."
-    return (f"{ckpt.path}: unexpected {type(exc).__name__} while analysing it"
-            f"{f' ({text})' if text else ''}; this checkpoint is skipped (re-save it, or report "
-            "the file if it is a plain state dict)")
+    return contain(exc, str(ckpt.path), "this checkpoint is skipped (re-save it, or report the "
+                   "file if it is a plain state dict)").reason
 
 
 def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
@@ -109,7 +105,8 @@ def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
         if state is None:
             state = load_state(plan, ckpt, opts, in_channels=data.bundle.in_channels)
         part = epoch_metrics(plan, ckpt, feats, data, specs, opts, state)
-        parts.put(ckpt.epoch, key, part)
+        if cacheable(part):  # a metric's unexpected failure is tried again next time
+            parts.put(ckpt.epoch, key, part)
         stats.metrics_computed += 1
     else:
         stats.metrics_reused += 1
@@ -132,8 +129,6 @@ def _extract_shares(plan: RunPlan, data: EvalData, cache: FeatureCache, opts: An
         try:
             extract_share(plan, ckpt, data, cache, dist.device, opts, dist.rank,
                           dist.world_size)
-        except OSError:
-            raise  # the environment (disk full, read-only): not this checkpoint's fault
         except Exception as exc:  # rank 0 meets the same error again and records it
             note(f"[rank {dist.rank}] epoch {ckpt.epoch}: {failure_reason(ckpt, exc)}")
 
@@ -155,8 +150,9 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
             for spec in downstream_specs(opts, data) if opts.downstream else []:
                 try:  # each downstream dataset, one at a time, likewise
                     ds = load_downstream(spec, data, dist.device)
-                except DtprobeError:
-                    continue  # rank 0 meets it again and records it
+                except Exception as exc:  # rank 0 meets it again and records it
+                    contain(exc, f"downstream dataset {spec.text}")
+                    continue
                 if ds.problem is None:
                     _extract_shares(plan, ds.data, cache, opts, dist)
                 del ds
@@ -166,8 +162,6 @@ def _run_shard(plan: RunPlan, opts: AnalysisOptions, specs: Sequence[MetricSpec]
             try:
                 process_checkpoint(plan, ckpt, data, cache, parts, specs, dist.device, opts)
                 mine.append(ckpt)
-            except OSError:
-                raise  # the environment (disk full, read-only): not this checkpoint's fault
             except Exception as exc:  # rank 0 meets the same error again and records it
                 note(f"[rank {dist.rank}] epoch {ckpt.epoch}: {failure_reason(ckpt, exc)}")
         if opts.downstream:  # failures are recorded by rank 0, which meets them again
@@ -228,9 +222,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
             try:
                 feats, part = process_checkpoint(plan, ckpt, data, cache, parts, specs, device,
                                                  opts, stats)
-            except OSError:
-                raise  # the environment (disk full, read-only): not this checkpoint's fault
-            except Exception as exc:  # noqa: BLE001 - one bad file must not end the analysis
+            except Exception as exc:  # one bad file must not end the analysis (any class)
                 reason = failure_reason(ckpt, exc)
                 failures.append({"run": plan.name, "epoch": ckpt.epoch, "path": str(ckpt.path),
                                  "reason": reason})

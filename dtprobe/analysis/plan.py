@@ -24,6 +24,7 @@ import torch
 import checkpoints_manifest as cm
 from checkpoints_manifest.schema import MAX_CLASSES
 from dtprobe.analysis.shares import SHARD_MODES
+from dtprobe.checkpoints.reader import PLANNED_DIGEST
 from dtprobe.checkpoints.series import infer_run
 from dtprobe.data import load_dataset
 from dtprobe.data.registry import available_datasets
@@ -37,7 +38,8 @@ from dtprobe.models import get_arch
 class PlannedCheckpoint:
     """One checkpoint of the series.
 
-    ``sha256`` is the digest the manifest recorded (verified before use), ``error`` a reason
+    ``sha256`` is the digest the manifest recorded (verified before use; without a manifest,
+    with ``--trust-pickles``, that of the bytes the plan was read from), ``error`` a reason
     found while planning why the file must not be used (e.g. a symbolic link out of the run
     directory): the checkpoint is then reported as failed and the others are analysed.
     ``digest`` is the file's actual sha256 once it was checked in this analysis;
@@ -58,6 +60,7 @@ class PlannedCheckpoint:
     source_epoch: float | None = None
     epoch_basis: str = "manifest"
     loaded: dict[str, Any] | None = None
+    sha256_from: str = "the manifest"  # who recorded ``sha256`` (--trust-pickles: planning)
 
     @property
     def cache_digest(self) -> str | None:
@@ -297,7 +300,9 @@ def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int |
         raise ConfigError(f"{run_dir} has no manifest.json{said}; pass {' '.join(missing)} to "
                           "say how to rebuild the model and which data to use (or write a "
                           "manifest: see checkpoints_manifest/README.md)")
-    entries = [PlannedCheckpoint(c.epoch, c.step, Path(c.path),
+    entries = [PlannedCheckpoint(c.epoch, c.step, Path(c.path), sha256=c.sha256,
+                                 sha256_from="the manifest" if c.sha256 is None
+                                 else PLANNED_DIGEST,
                                  error=_symlink_problem(run_dir, c.relpath, follow_symlinks),
                                  variant=load.variant, source_epoch=c.source_epoch,
                                  epoch_basis=c.epoch_basis)

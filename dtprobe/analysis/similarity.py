@@ -23,10 +23,10 @@ from dtprobe.analysis.features import checkpoint_features
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.resume import EpochFeatures, ReadThroughCache
 from dtprobe.analysis.rows import note
-from dtprobe.errors import DtprobeError
 from dtprobe.features.cache import FeatureCache, dataset_key
 from dtprobe.metrics import cka_matrix, cka_permutation_null
 from dtprobe.metrics.registry import MetricSpec
+from dtprobe.runtime.isolation import contain
 from dtprobe.table import ANALYSIS_DIR, FEATURES_DIR
 
 
@@ -69,7 +69,7 @@ def _cka_with_null(x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[float, 
     return res.score, res.as_params()
 
 
-def _similarity_rows(base: dict[str, Any], suffix: str, x: torch.Tensor, y: torch.Tensor,
+def similarity_measure_rows(base: dict[str, Any], suffix: str, x: torch.Tensor, y: torch.Tensor,
                      similarities: Sequence[MetricSpec], extra: dict[str, Any]
                      ) -> list[dict[str, Any]]:
     """One row per selected similarity measure between ``x`` and ``y`` (NaN row on bad input)."""
@@ -82,9 +82,10 @@ def _similarity_rows(base: dict[str, Any], suffix: str, x: torch.Tensor, y: torc
         try:
             value = float(sim.func(x, y))
             estimator = spec.name
-        except DtprobeError as exc:
+        except Exception as exc:  # any class: this measure's row only (dtprobe.runtime.isolation)
             value, estimator = float("nan"), "error"
-            params["error"] = str(exc)
+            failure = contain(exc, spec.name, "its row is NaN")
+            params["error"] = str(exc) if failure.expected else failure.reason
         rows.append({**base, "metric": f"{spec.name}_{suffix}", "value": value,
                      "estimator": estimator, "params": json.dumps(params, default=str)})
     return rows
@@ -120,7 +121,7 @@ def cka_rows(plan: RunPlan, epochs: list[PlannedCheckpoint],
                              "estimator": "linear_cka",
                              "params": json.dumps({**params, **null,
                                                    "reference_epoch": ref.epoch})})
-                rows.extend(_similarity_rows(base, suffix, x, y, similarities,
+                rows.extend(similarity_measure_rows(base, suffix, x, y, similarities,
                                              {"reference_epoch": ref.epoch}))
     names = [c.epoch for c in ok]
     matrix = streamed_cka_matrix(test_feats, names)
@@ -151,11 +152,9 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
                                                            layers=list(opts.layers),
                                                            feature_dtype=opts.feature_dtype,
                                                            engine=opts.engine))
-        except OSError:
-            raise  # the environment (disk full, read-only): not this checkpoint's fault
-        except Exception as exc:  # noqa: BLE001 - one bad file of the other run is skipped
-            reason = exc if isinstance(exc, DtprobeError) else repr(exc)
-            note(f"compare: skipping {c.path}: {reason}")
+        except Exception as exc:  # any class: one bad file of the other run is skipped
+            note(f"compare: skipping {c.path}: "
+                 f"{contain(exc, str(c.path), 'this epoch is not compared').reason}")
             continue
         mine = test_feats[c.epoch]
         # the penultimate, then each requested layer both runs have (Kornblith et al. 2021
@@ -175,7 +174,7 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
                                                "other_run_dir": str(other.run_dir),
                                                "higher_is_similar": True, **null})})
             if key == "features":  # the opt-in similarity measures on the penultimate only
-                rows.extend(_similarity_rows(base, "to_run", x, y, similarities,
+                rows.extend(similarity_measure_rows(base, "to_run", x, y, similarities,
                                              {"other_run_dir": str(other.run_dir)}))
     return rows
 

@@ -36,6 +36,7 @@ folder name, with the layout's offset), ``"metadata"`` (the framework's records:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -43,11 +44,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from dtprobe.checkpoints import reader
 from dtprobe.checkpoints.naming import KNOWN_PATTERNS, is_temporary_name
-from dtprobe.errors import CheckpointError, ConfigError
+from dtprobe.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from dtprobe.table import ANALYSIS_DIR
 
 EPOCH_SOURCES = ("auto", "name", "metadata", "order")
@@ -119,63 +120,93 @@ class Found:
     number: int | None = None
     step: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None  # of the bytes ``meta`` came from (peek_bytes)
 
 
 # --------------------------------------------------------------------------- reading records
-def peek(path: Path, trust_pickles: bool = False) -> dict[str, Any]:
+def peek(path: Path) -> dict[str, Any]:
     """Plain metadata of a checkpoint without reading its tensors (``{}`` when unreadable).
 
     ``torch.save`` files are opened with ``weights_only=True`` and ``mmap=True`` (tensor data
     stays on disk); safetensors files by their JSON header only. Errors are left to the real
-    load, which reports them per checkpoint. ``trust_pickles`` (the user's ``--trust-pickles``)
-    unpickles in full a file the safe loader refuses.
+    load, which reports them per checkpoint. With ``--trust-pickles``, :func:`peek_bytes`
+    reads instead.
     """
 
     try:
-        header = _safetensors_header(path)
+        with open(path, "rb") as fh:
+            header = _safetensors_header(fh)
         if header is not None:
-            out: dict[str, Any] = {}
-            for key, value in (header.get("__metadata__") or {}).items():
-                try:
-                    out[key] = json.loads(value)
-                except (TypeError, ValueError, RecursionError):
-                    out[key] = value
-            return out
+            return _header_metadata(header)
         import warnings
 
         import torch
 
         with reader.allow_data_only_globals(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception:
-                if not trust_pickles:
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - any failure is reported by the real load later
         return {}
+    return _metadata(obj)
+
+
+def _header_metadata(header: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in (header.get("__metadata__") or {}).items():
+        try:
+            out[key] = json.loads(value)
+        except Exception:  # any class: metadata that is not JSON stays text
+            out[key] = value
+    return out
+
+
+def peek_bytes(path: Path) -> tuple[dict[str, Any], str | None]:
+    """:func:`peek` for ``--trust-pickles``: the file is read once into memory and hashed, and
+    its metadata comes from those bytes (unpickled in full only when the safe loader refuses
+    them); returns ``(metadata, sha256)``, ``({}, None)`` when unreadable.
+
+    The analysis then loads the file only if it still has this digest, so the metadata that
+    planned the series (its epochs) and the weights analysed come from the same bytes, and a
+    file rewritten in between fails alone instead of being unpickled under another file's plan.
+    """
+    try:
+        blob = reader.read_checkpoint_bytes(path)
+    except Exception:  # any class: reported by the real load later
+        return {}, None
+    try:
+        header = _safetensors_header(io.BytesIO(blob.data))
+        if header is not None:
+            return _header_metadata(header), blob.sha256
+        try:
+            obj = reader.torch_load_bytes(blob.data, path)
+        except UnsafeCheckpointError:
+            obj = reader.trusted_torch_load_bytes(blob.data, path)
+    except Exception:  # any class: reported by the real load later (same digest)
+        return {}, blob.sha256
+    return _metadata(obj), blob.sha256
+
+
+def _metadata(obj: Any) -> dict[str, Any]:
     if not isinstance(obj, Mapping):
         return {}
     return {k: v for k, v in obj.items() if isinstance(k, str)}
 
 
-def _safetensors_header(path: Path, limit: int = 100 * 2**20) -> dict[str, Any] | None:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), or None
-    when the file is not one; only the header is read."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            return None
-        size = int.from_bytes(head, "little")
-        if not 2 <= size <= limit:
-            return None
-        text = fh.read(size)
+def _safetensors_header(fh: BinaryIO, limit: int = 100 * 2**20) -> dict[str, Any] | None:
+    """The JSON header of safetensors content (8-byte little-endian length, then JSON) read
+    from ``fh``, or None when it is not one; only the header is read."""
+    head = fh.read(8)
+    if len(head) < 8:
+        return None
+    size = int.from_bytes(head, "little")
+    if not 2 <= size <= limit:
+        return None
+    text = fh.read(size)
     if len(text) != size or not text.startswith(b"{"):
         return None
     try:
         header, _ = reader.split_safetensors(head + text)
-    except (ValueError, RecursionError):
+    except Exception:  # any class (RecursionError, MemoryError ...): not a safetensors file
         return None
     return header
 
@@ -183,7 +214,7 @@ def _safetensors_header(path: Path, limit: int = 100 * 2**20) -> dict[str, Any] 
 def _number(value: Any) -> float | None:
     try:
         number = float(value.item() if hasattr(value, "item") else value)
-    except (TypeError, ValueError, RuntimeError):
+    except Exception:  # any class (OverflowError of 10**400 ...): no number
         return None
     return number if math.isfinite(number) else None
 
@@ -191,7 +222,7 @@ def _number(value: Any) -> float | None:
 def _trainer_state(folder: Path) -> dict[str, Any]:
     try:
         state = json.loads((folder / "trainer_state.json").read_text())
-    except (OSError, ValueError):
+    except Exception:  # any class (a nesting RecursionError ...): no hints from it
         return {}
     return state if isinstance(state, dict) else {}
 
@@ -541,7 +572,7 @@ def model_hints(source: Any, checkpoint: Path) -> ModelHints:
     if config.is_file():
         try:
             data = json.loads(config.read_text())
-        except (OSError, ValueError):
+        except Exception:  # any class (a nesting RecursionError ...): no hints from it
             data = {}
         if isinstance(data, dict) and data.get("model_type"):
             labels = data.get("id2label")

@@ -264,10 +264,15 @@ def _opened_path(fd: int) -> str | None:
         return None
 
 
+#: Who recorded the digest a ``--trust-pickles`` file must still have when it is loaded.
+PLANNED_DIGEST = "the bytes read while planning (--trust-pickles)"
+
+
 def read_checkpoint_bytes(path: str | os.PathLike[str], *, expected_sha256: str | None = None,
                           run_dir: str | os.PathLike[str] | None = None,
                           allow_symlinks: bool = False,
-                          limit: int | None = None) -> CheckpointBytes:
+                          limit: int | None = None,
+                          recorded_by: str = "the manifest") -> CheckpointBytes:
     """Read a checkpoint file once into memory and hash those bytes.
 
     Parameters
@@ -284,6 +289,8 @@ def read_checkpoint_bytes(path: str | os.PathLike[str], *, expected_sha256: str 
         Accept a file reached through symbolic links that lead out of ``run_dir``.
     limit : int, optional
         Largest size read (default :data:`MAX_CHECKPOINT_BYTES`).
+    recorded_by : str
+        Who recorded ``expected_sha256``, for the mismatch message.
 
     Returns
     -------
@@ -334,7 +341,7 @@ def read_checkpoint_bytes(path: str | os.PathLike[str], *, expected_sha256: str 
         os.close(fd)
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256.lower():
-        raise CheckpointError(f"{path}: sha256 {digest[:12]}... does not match the manifest "
+        raise CheckpointError(f"{path}: sha256 {digest[:12]}... does not match {recorded_by} "
                               f"({expected_sha256.lower()[:12]}...); the file changed after it "
                               "was recorded or is corrupt: restore it or re-record its entry")
     return CheckpointBytes(path, data, digest)
@@ -468,7 +475,7 @@ def _unknown_format(path: Path, data: bytes) -> CheckpointError | None:
                            f"{_FIX}")
 
 
-def _torch_load(data: bytes, path: Path) -> Any:
+def torch_load_bytes(data: bytes, path: Path) -> Any:
     """``torch.load(..., weights_only=True)`` of the bytes already read (never the path again)."""
     unknown = _unknown_format(path, data)
     if unknown is not None:
@@ -492,7 +499,7 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
     corrupt file, missing).
     """
     blob = read_checkpoint_bytes(path)
-    return _torch_load(blob.data, blob.path)
+    return torch_load_bytes(blob.data, blob.path)
 
 
 def _is_safetensors(data: bytes, path: Path) -> bool:
@@ -734,7 +741,7 @@ def check_finite(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str])
                               "run?); drop this checkpoint from the series or retrain")
 
 
-def _trusted_torch_load(data: bytes, path: Path) -> Any:
+def trusted_torch_load_bytes(data: bytes, path: Path) -> Any:
     """Full unpickling, only for ``trust_pickles=True``: the file's classes are imported and run."""
     try:
         with warnings.catch_warnings():
@@ -795,11 +802,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True,
     else:
         trusted = False
         try:
-            source = _torch_load(blob.data, path)
+            source = torch_load_bytes(blob.data, path)
         except UnsafeCheckpointError:
             if not trust_pickles:
                 raise
-            source, trusted = _trusted_torch_load(blob.data, path), True  # explicit opt-in
+            source, trusted = trusted_torch_load_bytes(blob.data, path), True  # explicit opt-in
         state, meta, chain = _unwrap(source, path)
     check_tensors(state, path)
     state, stripped = _strip_prefixes(state)

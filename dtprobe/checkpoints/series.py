@@ -23,7 +23,13 @@ from dtprobe.checkpoints.naming import (
     is_temporary_name,
     template_regex,
 )
-from dtprobe.checkpoints.reader import LoadedCheckpoint, load_checkpoint, resolve_inside
+from dtprobe.checkpoints.reader import (
+    PLANNED_DIGEST,
+    LoadedCheckpoint,
+    load_checkpoint,
+    read_checkpoint_bytes,
+    resolve_inside,
+)
 from dtprobe.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 
 
@@ -63,6 +69,7 @@ class InferredCheckpoint:
     layout: str = "generic"
     source_epoch: float | None = None
     epoch_basis: str = "name"
+    sha256: str | None = None  # with trust_pickles: digest of the bytes planned from
 
 
 class CheckpointSeries(list):
@@ -237,7 +244,10 @@ def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None
         deep = [n for n in layouts.walk_files(run_dir) if not is_temporary_name(n)]
         found = layouts.nested_checkpoints(run_dir, deep)
     for item in found:
-        item.meta = layouts.peek(run_dir / item.relpath, trust_pickles)
+        if trust_pickles:  # read once, hashed: the load must see these bytes (see peek_bytes)
+            item.meta, item.sha256 = layouts.peek_bytes(run_dir / item.relpath)
+        else:
+            item.meta = layouts.peek(run_dir / item.relpath)
         if pattern is None:
             item.layout = layouts.refine(item, run_dir)
     assigned, note = layouts.assign_epochs(found, run_dir, epoch_from)
@@ -247,7 +257,7 @@ def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None
             epoch=a.epoch, step=a.step,
             path=resolve_inside(run_dir, a.found.relpath, allow_symlinks=allow_symlinks),
             relpath=a.found.relpath, naming=a.found.naming, layout=a.found.layout,
-            source_epoch=a.source_epoch, epoch_basis=a.basis)
+            source_epoch=a.source_epoch, epoch_basis=a.basis, sha256=a.found.sha256)
         by_epoch.setdefault(item.epoch, []).append(item)
     for epoch, items in sorted(by_epoch.items()):
         if len(items) > 1:
@@ -357,7 +367,10 @@ def infer_run(run_dir: str | os.PathLike[str], *, pattern: str | None = None,
     loaded = None
     for item in reversed(series):  # the last file that reads (a damaged one fails later alone)
         try:
-            loaded = load_checkpoint(item.path, finite=False, trust_pickles=trust_pickles)
+            blob = read_checkpoint_bytes(item.path, expected_sha256=item.sha256,
+                                         recorded_by=PLANNED_DIGEST)
+            loaded = load_checkpoint(item.path, finite=False, trust_pickles=trust_pickles,
+                                     data=blob)
         except UnsafeCheckpointError:
             raise
         except CheckpointError:

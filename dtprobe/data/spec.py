@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtprobe.errors import ConfigError
+from dtprobe.literals import json_value
 
-__all__ = ["DownstreamSpec", "loader_parameters", "parse_downstream", "parse_downstreams"]
+__all__ = ["DownstreamSpec", "json_value", "loader_parameters", "parse_downstream",
+           "parse_downstreams"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -53,13 +55,6 @@ class DownstreamSpec:
 
 def _format(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def _value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
 
 
 def loader_parameters(dataset: str) -> list[str]:
@@ -134,7 +129,7 @@ def parse_downstream(spec: str | DownstreamSpec | Mapping[str, Any]) -> Downstre
         elif key in params:
             raise ConfigError(f"--downstream {text!r}: parameter {key!r} given twice")
         else:
-            params[key] = _value(raw)
+            params[key] = json_value(raw)
     return _check(DownstreamSpec(dataset.strip(), params, name), repr(text))
 
 

@@ -23,7 +23,9 @@ Trust rules, as for the feature cache:
   torchrun ranks) build it once; a build killed at any point leaves at most the temporary file,
   which is never opened as a store and is removed by the next build;
 - opening verifies the seal and the sha256 of every pixel byte (once per process and file
-  version); a torn, foreign, forged or stale file is rebuilt, never used.
+  version); a torn, foreign, forged or stale file is rebuilt, never used;
+- the folder must be this user's and not writable by others (:func:`check_store_folder`), and
+  the build lock is opened without following links.
 
 The key (:func:`store_key`) covers the decoder and its parameters and the source files' paths,
 sizes and modification times, so editing, adding or removing an image makes a new store.
@@ -208,7 +210,7 @@ def _open_verified(path: Path, key: str) -> ImageStore | None:
                 return None
             _verified.add(stamp)
         return ImageStore(path, footer)
-    except (OSError, ValueError, KeyError, TypeError):
+    except Exception:  # torn, truncated, forged or foreign (any class): rebuilt, never used
         return None
     finally:
         os.close(fd)
@@ -217,7 +219,10 @@ def _open_verified(path: Path, key: str) -> ImageStore | None:
 # ------------------------------------------------------------------------------------- writing
 @contextlib.contextmanager
 def _build_lock(path: Path) -> Iterator[None]:
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    # O_NOFOLLOW: a link planted at the lock's name is refused (ELOOP), never followed to
+    # create or open a file elsewhere
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -255,6 +260,24 @@ def _write(path: Path, key: str, n: int, shape: tuple[int, int, int],
         fh.write(MAGIC)
 
 
+def check_store_folder(folder: Path) -> None:
+    """Refuse (one-line :class:`DatasetError`) a store folder other users could write into or
+    redirect: one owned by another user, writable by others, or reached through a symbolic link
+    that another user owns. Such a user could not forge a store (the seal needs this user's key)
+    but could plant links at the names of files still to be written, or replace stores."""
+    fix = ("pass --image-store DIR with a private folder of yours (or --image-store none to "
+           "decode into memory)")
+    if folder.is_symlink() and folder.lstat().st_uid != os.geteuid():
+        raise DatasetError(f"image store folder {folder} is a symbolic link owned by another "
+                           f"user; {fix}")
+    st = folder.stat()
+    if st.st_uid != os.geteuid():
+        raise DatasetError(f"image store folder {folder} belongs to another user; {fix}")
+    if st.st_mode & stat.S_IWOTH:
+        raise DatasetError(f"image store folder {folder} is writable by other users (mode "
+                           f"{stat.S_IMODE(st.st_mode):o}); chmod o-w it, or {fix}")
+
+
 def open_or_build(directory: str | os.PathLike, name: str, key: str, n: int,
                   shape: tuple[int, int, int], make_batches: Callable[[], Iterable[np.ndarray]],
                   progress: Callable[[int], None] | None = None,
@@ -283,11 +306,17 @@ def open_or_build(directory: str | os.PathLike, name: str, key: str, n: int,
     """
     folder = Path(directory).expanduser()
     path = folder / f"{name}-{key}.u8"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot write the image store in {folder} ({exc.strerror or exc}); "
+                           "pass --image-store DIR with a writable folder, or --image-store "
+                           "none to decode into memory") from None
+    check_store_folder(folder)
     store = _open_verified(path, key)
     if store is not None:
         return store
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         with _build_lock(path):
             store = _open_verified(path, key)  # built by another process while we waited
             if store is not None:

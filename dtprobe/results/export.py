@@ -4,13 +4,25 @@
 (tag ``dtprobe/METRIC[/TASK][/LAYER]``) so the trade-off sits next to the run's loss curves.
 The x axis is the checkpoint's optimiser step when every row has one (it lines up with the
 training logs), else the epoch; rows with a NaN value are skipped.
+
+TensorBoard's writer opens its event file by name and would write through a symbolic link
+planted there; so the events are written into a private temporary folder first and each file
+is then placed with :func:`checkpoints_manifest.atomic_writer` (a fresh, unpredictable
+temporary name, renamed into place: a link at the name is replaced, never followed), like
+every other file dtprobe writes. A run name that is not a plain file name (``..``, ``a/b``: a
+hand-edited table) becomes one, so no event file lands outside ``log_dir``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
+
+import checkpoints_manifest as cm
 
 __all__ = ["export_tensorboard", "scalar_tag"]
 
@@ -19,6 +31,22 @@ def scalar_tag(metric: str, task: str = "", layer: str = "", estimator: str = ""
     """TensorBoard tag of one series: ``dtprobe/metric[/task][/layer][/estimator]``."""
     parts = ["dtprobe", metric] + [p for p in (task, layer, estimator) if p]
     return "/".join(str(p).replace(" ", "_") for p in parts)
+
+
+def _folder_name(run: str) -> str:
+    """``run`` as one plain path component (never ``.``, ``..`` or containing a separator)."""
+    name = re.sub(r"[^\w.+=@-]", "_", str(run))
+    return name if name.strip(".") else f"run_{name}"
+
+
+def _place(private: Path, target: Path) -> None:
+    """Every event file written under ``private``, placed atomically at the same relative
+    path under ``target`` (folders created; links at the file names replaced)."""
+    for src in sorted(p for p in private.rglob("*") if p.is_file()):
+        dst = target / src.relative_to(private)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as fh, cm.atomic_writer(dst, "wb") as out:
+            shutil.copyfileobj(fh, out)
 
 
 def export_tensorboard(results, log_dir: str | os.PathLike[str], *, x: str = "auto") -> int:
@@ -53,8 +81,9 @@ def export_tensorboard(results, log_dir: str | os.PathLike[str], *, x: str = "au
         use_step = x == "step" or (x == "auto" and have_steps)
         if x == "step" and not have_steps:
             raise ConfigError(f"run {run!r} has rows without a step; export with x='epoch'")
-        target = Path(log_dir) / run if len(runs) > 1 else Path(log_dir)
-        writer = SummaryWriter(log_dir=str(target))
+        target = Path(log_dir) / _folder_name(run) if len(runs) > 1 else Path(log_dir)
+        private = Path(tempfile.mkdtemp(prefix="dtprobe-tensorboard-"))  # mode 0700, ours
+        writer = SummaryWriter(log_dir=str(private))
         try:
             for r in rows.itertuples(index=False):
                 value = float(r.value)
@@ -67,6 +96,9 @@ def export_tensorboard(results, log_dir: str | os.PathLike[str], *, x: str = "au
                 task = r.task or (f"vs_{r.other_run}" if getattr(r, "other_run", "") else "")
                 writer.add_scalar(scalar_tag(r.metric, task, r.layer, est), value, position)
                 written += 1
+            writer.close()
+            _place(private, target)
         finally:
             writer.close()
+            shutil.rmtree(private, ignore_errors=True)
     return written

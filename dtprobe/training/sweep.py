@@ -22,6 +22,7 @@ Transferable Features?", NeurIPS 2021.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -58,7 +59,7 @@ def train_or_resume(cfg: TrainConfig) -> Path:
 
 
 def _write_index(out: Path, runs: list[dict[str, Any]]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # atomic, never through a link (random temp name)
     cm.atomic_write_text(out / SWEEP_FILE, json.dumps(
         {"format": "dtprobe-sweep", "version": 1, "runs": runs}, indent=2))
 
@@ -165,7 +166,9 @@ def plot_sweep(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
             ax.legend(fontsize=7, loc="best")
             for fmt in formats:
                 path = out_dir / f"{name}.{fmt}"
-                fig.savefig(path, format=fmt)
+                buf = io.BytesIO()  # rendered in memory, written atomically (no link followed)
+                fig.savefig(buf, format=fmt)
+                cm.atomic_write_bytes(path, buf.getvalue())
                 written.append(path)
             plt.close(fig)
     return written
@@ -219,9 +222,9 @@ def run_sweep(configs: Mapping[tuple[str, int], TrainConfig], out: Path, *,
     for col in COLUMNS:
         if col not in runs:
             runs[col] = np.nan
-    runs.to_csv(out / "sweep_runs.csv", index=False)
+    cm.atomic_write_text(out / "sweep_runs.csv", runs.to_csv(index=False))
     summary = summarize(runs)
-    summary.to_csv(out / "sweep_summary.csv", index=False)
+    cm.atomic_write_text(out / "sweep_summary.csv", summary.to_csv(index=False))
     if plot:
         plot_sweep(summary, out / "figures")
         if trained:

@@ -71,7 +71,15 @@ _UNEXPORTABLE: set[tuple] = set()
 
 
 def require_onnxruntime():
-    """The ``onnxruntime`` module, or a one-line :class:`ConfigError` saying how to install it."""
+    """The ``onnxruntime`` module, or a one-line :class:`ConfigError` saying how to install it.
+
+    ONNX Runtime's telemetry (1.2x on Linux) writes, when the module is imported, a session file
+    ``$TMPDIR/.ses`` opened with ``O_CREAT | O_TRUNC`` and no ``O_NOFOLLOW`` (a link planted
+    there in a shared ``/tmp`` is written through) and a database under ``~/.cache/Microsoft``;
+    dtprobe writes nothing outside the run except through its atomic writer, so the import is
+    made with ``ORT_DISABLE_TELEMETRY=1`` (an explicit setting of yours is kept).
+    """
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         import onnxruntime
     except ImportError:

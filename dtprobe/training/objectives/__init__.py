@@ -48,6 +48,7 @@ from dtprobe.training.objectives.registry import (
     ObjectiveSpec,
     available_objectives,
     build_objective,
+    check_objective_params,
     get_objective,
     register_objective,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "ObjectiveSpec",
     "available_objectives",
     "build_objective",
+    "check_objective_params",
     "check_positive",
     "check_range",
     "get_objective",

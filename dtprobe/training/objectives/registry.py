@@ -8,6 +8,7 @@ and :mod:`dtprobe.models` do).
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,12 +77,64 @@ def build_objective(name: str, ctx: ObjectiveContext, params: dict[str, Any] | N
         Unknown objective or parameter, or a parameter out of range.
     """
     spec = get_objective(name)
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(spec.defaults))
-    if unknown:
-        valid = ", ".join(f"{k}={v}" for k, v in spec.defaults.items()) or "none"
-        raise ConfigError(f"--objective-param {', '.join(unknown)}: not a parameter of {name} "
-                          f"(valid, with defaults: {valid})")
+    params = check_objective_params(name, params)
     objective = spec.factory(ctx, **{**spec.defaults, **params})
     objective.name = name
     return objective.to(ctx.device)
+
+
+#: Every integer parameter of an objective is a size or a count (projection widths, bank sizes,
+#: epochs): bounded here; each factory checks its own finer range.
+_INT_LIMIT = 2**31 - 1
+_KINDS = {"bool": "true or false", "int": f"an integer in [0, {_INT_LIMIT}]",
+          "float": "a finite number", "str": "text", "None": "null"}
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind == "None":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return (isinstance(value, int) and not isinstance(value, bool)
+                and 0 <= value <= _INT_LIMIT)
+    if kind == "float":
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
+    return isinstance(value, str)
+
+
+def _param_kinds(spec: ObjectiveSpec, key: str) -> list[str]:
+    """The simple types a factory parameter takes, from its annotation (``float | None``) or,
+    without one, its default's type; empty when the annotation is anything else."""
+    param = inspect.signature(spec.factory).parameters[key]
+    note = param.annotation
+    if note is inspect.Parameter.empty:
+        default = spec.defaults[key]
+        note = "None" if default is None else type(default).__name__
+    kinds = [k.strip() for k in (note if isinstance(note, str) else
+                                 getattr(note, "__name__", str(note))).split("|")]
+    return kinds if all(k in _KINDS for k in kinds) else []
+
+
+def check_objective_params(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """``params`` of objective ``name``, checked before anything is built: every key is one
+    of its parameters and every value has a type the factory declares (a bool for a bool, an
+    integer for an int, a finite number for a float, text for a str, null where ``None`` is
+    allowed; integers are sizes or counts, so in ``[0, 2**31 - 1]``). The factory then checks
+    its finer ranges. One-line :class:`ConfigError` otherwise."""
+    spec = get_objective(name)
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(spec.defaults), key=str)
+    if unknown:
+        valid = ", ".join(f"{k}={v}" for k, v in spec.defaults.items()) or "none"
+        raise ConfigError(f"--objective-param {', '.join(map(str, unknown))}: not a parameter "
+                          f"of {name} (valid, with defaults: {valid})")
+    for key, value in params.items():
+        kinds = _param_kinds(spec, key)
+        if kinds and not any(_fits(value, k) for k in kinds):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ConfigError(f"--objective-param {key}={shown} for {name} must be "
+                              f"{' or '.join(_KINDS[k] for k in kinds)} "
+                              f"(default {spec.defaults[key]!r})")
+    return params
