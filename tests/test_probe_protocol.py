@@ -63,7 +63,7 @@ CASES = [  # (n_train, n_test, d, K, separation, standardize)
     (80, 150, 120, 2, 0.6, True),     # n < d
     (800, 300, 6, 3, 0.8, True),      # n >> d
     (500, 300, 20, 2, 0.25, True),    # binary, overlapping
-    (600, 300, 8, 100, 2.0, True),    # 100 classes
+    (3000, 500, 4, 100, 0.8, True),   # 100 classes (overlapping: K d << n, not separable)
     (400, 200, 8, 4, 0.7, False),     # not standardised
 ]
 
