@@ -396,6 +396,11 @@ def _add_analysis_parsers(sub) -> None:
     a.add_argument("--no-plot", action="store_true", help="do not write analysis/tradeoff.png")
     a.add_argument("--seed", type=nonnegative_int, default=0,
                    help="seed of the probes' splits and the estimators' subsampling")
+    a.add_argument("--probe-protocol", default="kornblith2019", choices=["kornblith2019", "short"],
+                   help="linear probe: 'kornblith2019' is the papers' protocol (45 values of C "
+                        "in [1e-6, 1e5], full sweep, stratified validation split, refit on "
+                        "train + validation); 'short' sweeps 9 values in [1e-3, 10] and stops "
+                        "after 3 without improvement (faster; recorded in every row's params)")
     a.add_argument("--no-wait", action="store_true",
                    help="if another analysis of this run is in progress, stop with 'run is busy' "
                         "instead of waiting for it")
@@ -719,7 +724,8 @@ def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 batch_size=args.batch_size, feature_dtype=args.feature_dtype,
                 engine=args.engine, use_cache=not args.no_cache,
                 progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
-                wait=not args.no_wait, follow_symlinks=args.follow_symlinks,
+                probe_protocol=args.probe_protocol, wait=not args.no_wait,
+                follow_symlinks=args.follow_symlinks,
                 epoch_from=args.epoch_from, weights=args.weights,
                 strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles,
                 downstream=args.downstream, downstream_metrics=args.downstream_metrics,

@@ -74,7 +74,7 @@ DOWNSTREAM_METRICS: tuple[str, ...] = ("probe_accuracy", "knn_accuracy", "logme"
                                        "transrate", "gbc", "leep", "nce")
 """Metrics computed per checkpoint and downstream dataset (registered adapters, one task)."""
 
-DOWNSTREAM_VERSION = 1
+DOWNSTREAM_VERSION = 2  # 2: the linear probe's default is the papers' 45-value protocol
 LOG_ODDS_CLIP = 1e-4  # accuracies are clipped to [clip, 1 - clip] before the log-odds
 MIN_TRAIN_PER_CLASS = 2  # one image to fit and one to validate the probe's C
 
@@ -186,7 +186,7 @@ def downstream_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
                            feats["train"]["logits"]),
         test=FeatureSplit(feats["test"]["features"], b.test.labels, b.test.factors,
                           feats["test"]["logits"]),
-        seed=opts.seed)
+        seed=opts.seed, probe_protocol=opts.probe_protocol)
     registry = available_metrics()
     rows = []
     for name in metrics:
@@ -194,7 +194,8 @@ def downstream_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
                     for v in apply_metric(registry[name], view, ckpt.epoch,
                                           f"downstream {ds.spec.name}: ", ds.spec.name))
     # layer x epoch transfer: the feature-and-label metrics on each requested layer's outputs
-    for layer, layer_view in layer_views(feats, b, opts.layers, ckpt.epoch, opts.seed):
+    for layer, layer_view in layer_views(feats, b, opts.layers, ckpt.epoch, opts.seed,
+                                         opts.probe_protocol):
         for name in metrics:
             if name in LAYER_METRICS:
                 rows.extend(_row(plan, ckpt, ds, v, layer_view, layer)

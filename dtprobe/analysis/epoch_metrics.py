@@ -18,7 +18,8 @@ from dtprobe.models import get_arch
 from dtprobe.runtime.isolation import contain
 from dtprobe.table import split_params
 
-PARTS_VERSION = 2  # 2: params split into params + diagnostics, chance levels recorded
+PARTS_VERSION = 3  # 2: params split into params + diagnostics, chance levels recorded;
+# 3: the linear probe's default is the papers' 45-value protocol
 
 
 def _head_params(plan: RunPlan, state: dict[str, torch.Tensor],
@@ -97,7 +98,8 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
                            feats["train"]["logits"]),
         test=FeatureSplit(feats["test"]["features"], b.test.labels, b.test.factors,
                           feats["test"]["logits"], inputs=data.mi()),
-        head_weight=weight, head_bias=bias, seed=opts.seed)
+        head_weight=weight, head_bias=bias, seed=opts.seed,
+        probe_protocol=opts.probe_protocol)
     rows = []
     for spec in specs:
         rows.extend(metric_rows(plan, ckpt, apply_metric(spec, view, ckpt.epoch), view))
@@ -105,7 +107,7 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
     # layer's (pooled) outputs; the source head, logits and MI inputs belong to the penultimate.
     layer_specs = [s for s in specs if s.name in LAYER_METRICS]
     for layer, layer_view in layer_views(feats, b, opts.layers if layer_specs else (),
-                                         ckpt.epoch, opts.seed):
+                                         ckpt.epoch, opts.seed, opts.probe_protocol):
         for spec in layer_specs:
             values = apply_metric(spec, layer_view, ckpt.epoch)
             for v in values:
@@ -114,8 +116,8 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
     return rows
 
 
-def layer_views(feats, bundle, layers: Sequence[str], epoch: int, seed: int
-                ) -> Iterator[tuple[str, EpochView]]:
+def layer_views(feats, bundle, layers: Sequence[str], epoch: int, seed: int,
+                probe_protocol: str = "kornblith2019") -> Iterator[tuple[str, EpochView]]:
     """``(layer, view)`` for each of ``layers`` whose pooled outputs were extracted for both
     splits; the views hold no logits or head (those belong to the penultimate)."""
     for layer in layers:
@@ -126,7 +128,7 @@ def layer_views(feats, bundle, layers: Sequence[str], epoch: int, seed: int
                 train=FeatureSplit(feats["train"][key], bundle.train.labels,
                                    bundle.train.factors),
                 test=FeatureSplit(feats["test"][key], bundle.test.labels, bundle.test.factors),
-                seed=seed)
+                seed=seed, probe_protocol=probe_protocol)
 
 
 #: Registered metrics computed per layer with ``--layers`` (functions of features and labels).
@@ -176,7 +178,7 @@ def rows_key(version: int, ckpt: PlannedCheckpoint, fields: Sequence[Any],
     version : the format version of the part files (bumped when rows change meaning).
     ckpt : the checkpoint (its ``cache_digest``).
     fields : JSON-serialisable, e.g. the data key, the metric names and the seed.
-    opts : the analysis options (layers extracted, feature dtype).
+    opts : the analysis options (layers extracted, feature dtype, probe protocol).
 
     Returns
     -------
@@ -188,6 +190,8 @@ def rows_key(version: int, ckpt: PlannedCheckpoint, fields: Sequence[Any],
         key.append(sorted(opts.layers))
     if opts.feature_dtype != "float32":  # rows of rounded features (float32 keys unchanged)
         key.append(f"dtype={opts.feature_dtype}")
+    if opts.probe_protocol != "kornblith2019":  # the default protocol's keys carry no tag
+        key.append(f"probe={opts.probe_protocol}")
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 

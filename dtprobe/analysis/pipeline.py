@@ -312,8 +312,9 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             compare: Sequence[str | Path] = (), layers: Sequence[str] = (),
             batch_size: int | str = "auto", feature_dtype: str = "float32",
             engine: str = "eager", use_cache: bool = True, progress: bool = True,
-            plot: bool = True, seed: int = 0, wait: bool = True,
-            follow_symlinks: bool = False, epoch_from: str = "auto", weights: str = "auto",
+            plot: bool = True, seed: int = 0, probe_protocol: str = "kornblith2019",
+            wait: bool = True, follow_symlinks: bool = False, epoch_from: str = "auto",
+            weights: str = "auto",
             strip_prefix: str | None = None, trust_pickles: bool = False,
             downstream: Sequence[Any] = (), downstream_metrics: Sequence[str] | None = None,
             max_samples: int | None = None, image_store: str | Path | None = "auto",
@@ -349,6 +350,9 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
     use_cache : reuse features cached under ``RUN_DIR/analysis/features``.
     progress, plot : progress bar and summary line; ``analysis/tradeoff.png``.
     seed : seed of the stochastic estimators (probe splits, MI estimators).
+    probe_protocol : the linear probe's protocol: ``"kornblith2019"`` (default; 45 values of
+        C in [1e-6, 1e5], full sweep, refit) or ``"short"`` (9 values in [1e-3, 10], early
+        stop; faster).  See :data:`dtprobe.metrics.probes.PROBE_PROTOCOLS`.
     wait : if another process is analysing the run, wait for it (default) instead of raising
         :class:`RunBusyError`.
     follow_symlinks : accept checkpoint files reached through symbolic links that lead out of
@@ -416,7 +420,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
                            batch_size=batch_size, feature_dtype=feature_dtype,
                            engine=engine, layers=list(layers),
                            compare=[str(c) for c in compare], use_cache=use_cache,
-                           progress=progress, plot=plot, seed=seed, wait=wait,
+                           progress=progress, plot=plot, seed=seed,
+                           probe_protocol=probe_protocol, wait=wait,
                            follow_symlinks=follow_symlinks, plan_flags=flags,
                            downstream=parse_downstreams(downstream),
                            downstream_metrics=(list(downstream_metrics)

@@ -141,6 +141,9 @@ class AnalysisOptions:
     progress: bool = True
     plot: bool = True
     seed: int = 0
+    #: Linear-probe protocol (dtprobe.metrics.probes.PROBE_PROTOCOLS): "kornblith2019" (the
+    #: papers' 45-value sweep, default) or "short" (9 values, early stop).
+    probe_protocol: str = "kornblith2019"
     wait: bool = True
     follow_symlinks: bool = False
     # Downstream datasets (spec strings, mappings or DownstreamSpec; see dtprobe.data.spec) and

@@ -106,42 +106,49 @@ class _Tracer(torch.fx.Tracer):
                 or super().is_leaf_module(m, module_qualified_name))
 
 
-def _fold_batchnorm(model: nn.Module, leaves: set[str]) -> tuple[nn.Module, int]:
-    """Trace a deep copy of ``model`` and fold every eval BatchNorm into the conv feeding it.
+def _fold_batchnorm(model: nn.Module, head: str, keep: set[str]) -> tuple[nn.Module, int]:
+    """Fold every eval BatchNorm into the conv feeding it, in a deep copy of the eager model.
 
-    A pair is folded only when the conv's output feeds nothing but the BatchNorm, the conv
-    module is called once, the BatchNorm tracks running statistics, and neither is a leaf
-    (a hooked layer or the head). Returns the traced copy and the number of folded pairs.
+    ``torch.fx`` traces the network (only the head kept opaque) to find the pairs: a pair is
+    folded when the conv's output feeds nothing but the BatchNorm, each module is called
+    once, the BatchNorm tracks running statistics, and the conv is not in ``keep`` (a
+    requested layer whose own, pre-BatchNorm output must stay exact).  The copy keeps the
+    module tree (the conv replaced by the folded conv, the BatchNorm by ``nn.Identity``), so
+    forward hooks on any module still fire, and the set of folded pairs does not depend on
+    which other layers are hooked: the penultimate features are computed by the same
+    arithmetic whatever ``--layers`` asks for.  Returns the copy and the number of folded
+    pairs.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    copy_ = copy.deepcopy(model)
-    graph = _Tracer(leaves).trace(copy_)
-    modules = dict(copy_.named_modules())
+    graph = _Tracer({head}).trace(model)
+    modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    folded = 0
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not node.args:
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
         src = node.args[0]
         if not isinstance(src, torch.fx.Node) or src.op != "call_module":
             continue
         conv, bn = modules.get(src.target), modules.get(node.target)
         if (type(conv) not in _CONV_BN or type(bn) is not _CONV_BN[type(conv)]
-                or len(src.users) != 1 or calls[src.target] != 1
+                or len(src.users) != 1 or calls[src.target] != 1 or calls[node.target] != 1
                 or not bn.track_running_stats or bn.running_mean is None
-                or src.target in leaves or node.target in leaves):
+                or src.target in keep or head in (src.target, node.target)):
             continue
-        parent_name, _, attr = src.target.rpartition(".")
-        parent = copy_.get_submodule(parent_name) if parent_name else copy_
-        setattr(parent, attr, fuse_conv_bn_eval(conv, bn))
-        node.replace_all_uses_with(src)
-        graph.erase_node(node)
-        folded += 1
-    return torch.fx.GraphModule(copy_, graph), folded
+        pairs.append((src.target, node.target))
+    copy_ = copy.deepcopy(model)
+    for conv_name, bn_name in pairs:
+        conv, bn = copy_.get_submodule(conv_name), copy_.get_submodule(bn_name)
+        fused = fuse_conv_bn_eval(conv, bn)
+        for name, module in ((conv_name, fused), (bn_name, nn.Identity())):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(copy_.get_submodule(parent_name) if parent_name else copy_, attr, module)
+    return copy_, len(pairs)
 
 
 @torch.no_grad()
@@ -151,15 +158,18 @@ def inference_model(model: nn.Module, head: nn.Module, layers: Sequence[str] = (
 
     Folding ``y = gamma (W x + b - mu) / sqrt(var + eps) + beta`` into one convolution with
     weight ``W gamma / sqrt(var + eps)`` removes a full pass over every activation map; the
-    result equals the original up to float rounding.
+    result equals the original up to float rounding.  Which pairs are folded, and whether
+    the copy is used, do not depend on ``layers`` (except that a requested conv keeps its
+    own output): a checkpoint's penultimate features are the same numbers whatever other
+    layers are extracted with them.
 
     Parameters
     ----------
     model : the network, in eval mode and on its device (not modified).
     head : its classification head (a submodule of ``model``).
-    layers : dotted module names whose outputs will be hooked; they stay callable modules.
+    layers : dotted module names whose outputs will be hooked.
     probe : a few input images on the model's device; the folded copy is used only if its
-        logits, penultimate features and layer outputs match the original's on them.
+        logits and penultimate features match the original's on them.
 
     Returns
     -------
@@ -173,20 +183,22 @@ def inference_model(model: nn.Module, head: nn.Module, layers: Sequence[str] = (
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fused, count = _fold_batchnorm(model, {name, *layers})
+            fused, count = _fold_batchnorm(model, name, set(layers))
         if count == 0:
             return model, head, False
         fused_head = fused.get_submodule(name)
         for layer in layers:
             fused.get_submodule(layer)
-    except Exception:  # untraceable control flow, a layer lost by tracing, ...
+    except Exception:  # untraceable control flow, ...
         return model, head, False
     fused.eval()
     if probe is not None:
         device = probe.device
         outs = []
+        # checked on the logits and penultimate features only, so that the decision does
+        # not depend on the layers requested (a wrong fold shows in the logits)
         for net, hd in ((model, head), (fused, fused_head)):
-            taps = Taps(net, hd, layers)
+            taps = Taps(net, hd, ())
             try:
                 outs.append(taps.run(net, probe, device, amp=False))
             except Exception:

@@ -58,6 +58,8 @@ class EpochView:
     head_weight: torch.Tensor | None = None
     head_bias: torch.Tensor | None = None
     seed: int = 0
+    #: Named linear-probe protocol (``dtprobe.metrics.probes.PROBE_PROTOCOLS``).
+    probe_protocol: str = "kornblith2019"
 
 
 @dataclass
