@@ -8,6 +8,7 @@ share one schema without importing each other.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -133,6 +134,19 @@ for _name, (_label, _range, _higher) in _SIMILARITY_INFO.items():
                            ("to_run", "to other run")):
         METRIC_INFO[f"{_name}_{_suffix}"] = MetricInfo(f"{_label} {_what}", _range, _higher)
 
+# Few-shot transfer (dtprobe.metrics.fewshot): one metric per classifier and shot count.
+_FEWSHOT_LABELS = {"ridge": "ridge", "ncm": "nearest-class-mean"}
+_FEWSHOT_NAME = re.compile(r"fewshot_(ridge|ncm)_(\d+)shot")
+
+
+def _fewshot_info(classifier: str, shots: int) -> MetricInfo:
+    return MetricInfo(f"{shots}-shot {_FEWSHOT_LABELS[classifier]} accuracy", "[0, 1]")
+
+
+for _clf in _FEWSHOT_LABELS:
+    for _k in (1, 5, 10, 25):
+        METRIC_INFO[f"fewshot_{_clf}_{_k}shot"] = _fewshot_info(_clf, _k)
+
 METRIC_ORDER: tuple[str, ...] = tuple(METRIC_INFO)
 """Canonical display order: discriminability first, then transferability, similarity, collapse."""
 
@@ -142,7 +156,12 @@ _ESTIMATOR_UNITS = {"renyi": "bits", "binning": "bits", "mine": "nats", "kde": "
 
 def metric_info(metric: str) -> MetricInfo:
     """Return the :class:`MetricInfo` of ``metric`` (a generic one for unknown names)."""
-    return METRIC_INFO.get(metric, MetricInfo(metric.replace("_", " ")))
+    if metric in METRIC_INFO:
+        return METRIC_INFO[metric]
+    few = _FEWSHOT_NAME.fullmatch(metric)
+    if few:  # a shot count other than the defaults (--fewshot-shots)
+        return _fewshot_info(few.group(1), int(few.group(2)))
+    return MetricInfo(metric.replace("_", " "))
 
 
 def estimator_unit(estimator: str, params: Mapping[str, Any] | None = None) -> str:

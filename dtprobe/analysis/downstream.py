@@ -8,6 +8,8 @@ transfer metrics are computed on them:
 
 - the Kornblith-protocol linear probe (``probe_accuracy``: the dataset's official train/test
   split, validation carved from train) and the weighted kNN probe (``knn_accuracy``);
+- few-shot transfer (``fewshot_ridge``, ``fewshot_ncm``: k images per class drawn from the
+  training split by sample-id hash, several draws; :mod:`dtprobe.metrics.fewshot`);
 - the transferability scores LogME, H-score, TransRate, GBC (features) and LEEP, NCE (the source
   head's outputs on the target images), on the target's training split.
 
@@ -49,7 +51,14 @@ from typing import Any
 import torch
 
 from dtprobe.analysis.data import EvalData, enforce_budget, place_images
-from dtprobe.analysis.epoch_metrics import LAYER_METRICS, _rows, apply_metric, layer_views
+from dtprobe.analysis.epoch_metrics import (
+    LAYER_METRICS,
+    _rows,
+    apply_metric,
+    layer_views,
+    metric_options,
+    option_key_fields,
+)
 from dtprobe.analysis.features import checkpoint_features, verify_checkpoint
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.stores import PartStore
@@ -60,11 +69,13 @@ from dtprobe.data.spec import DownstreamSpec, loader_parameters, parse_downstrea
 from dtprobe.data.transfer import SourceInput, prepare_for_source, source_loader_params
 from dtprobe.errors import DtprobeError
 from dtprobe.extract import FeatureCache, dataset_key
+from dtprobe.metrics.fewshot import row_metric_names
 from dtprobe.metrics.registry import EpochView, FeatureSplit, MetricValue, available_metrics
 from dtprobe.table import DOWNSTREAM_PARAM
 
-DOWNSTREAM_METRICS: tuple[str, ...] = ("probe_accuracy", "knn_accuracy", "logme", "h_score",
-                                       "transrate", "gbc", "leep", "nce")
+DOWNSTREAM_METRICS: tuple[str, ...] = ("probe_accuracy", "knn_accuracy", "fewshot_ridge",
+                                       "fewshot_ncm", "logme", "h_score", "transrate", "gbc",
+                                       "leep", "nce")
 """Metrics computed per checkpoint and downstream dataset (registered adapters, one task)."""
 
 DOWNSTREAM_VERSION = 1
@@ -148,6 +159,7 @@ def downstream_part_key(ckpt: PlannedCheckpoint, ds: DownstreamData, metrics: Se
         fields.append(sorted(opts.layers))
     if opts.feature_dtype != "float32":  # rows of rounded features (float32 keys unchanged)
         fields.append(f"dtype={opts.feature_dtype}")
+    fields.extend(option_key_fields(opts))
     payload = json.dumps(fields)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -175,15 +187,16 @@ def downstream_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
     """Rows of ``metrics`` for one checkpoint's features on one downstream dataset."""
     if ds.problem is not None or feats is None:
         reason = ds.problem or "no features"
-        return [_row(plan, ckpt, ds, _nan(m, ds, reason)) for m in metrics]
+        return [_row(plan, ckpt, ds, _nan(name, ds, reason)) for m in metrics
+                for name in row_metric_names(m, metric_options(opts))]
     b = ds.data.bundle
     view = EpochView(
         epoch=ckpt.epoch,
         train=FeatureSplit(feats["train"]["features"], b.train.labels, b.train.factors,
-                           feats["train"]["logits"]),
+                           feats["train"]["logits"], sample_ids=b.train.sample_ids),
         test=FeatureSplit(feats["test"]["features"], b.test.labels, b.test.factors,
-                          feats["test"]["logits"]),
-        seed=opts.seed)
+                          feats["test"]["logits"], sample_ids=b.test.sample_ids),
+        seed=opts.seed, options=metric_options(opts))
     registry = available_metrics()
     rows = []
     for name in metrics:
@@ -191,7 +204,8 @@ def downstream_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
                     for v in apply_metric(registry[name], view, ckpt.epoch,
                                           f"downstream {ds.spec.name}: ", ds.spec.name))
     # layer x epoch transfer: the feature-and-label metrics on each requested layer's outputs
-    for layer, layer_view in layer_views(feats, b, opts.layers, ckpt.epoch, opts.seed):
+    for layer, layer_view in layer_views(feats, b, opts.layers, ckpt.epoch, opts.seed,
+                                         view.options):
         for name in metrics:
             if name in LAYER_METRICS:
                 rows.extend(_row(plan, ckpt, ds, v, layer_view, layer)

@@ -94,7 +94,9 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
                            feats["train"]["logits"]),
         test=FeatureSplit(feats["test"]["features"], b.test.labels, b.test.factors,
                           feats["test"]["logits"], inputs=data.mi()),
-        head_weight=weight, head_bias=bias, seed=opts.seed)
+        head_weight=weight, head_bias=bias, seed=opts.seed, options=metric_options(opts))
+    view.train.sample_ids = b.train.sample_ids
+    view.test.sample_ids = b.test.sample_ids
     rows = []
     for spec in specs:
         rows.extend(_rows(plan, ckpt, apply_metric(spec, view, ckpt.epoch), view))
@@ -102,7 +104,7 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
     # layer's (pooled) outputs; the source head, logits and MI inputs belong to the penultimate.
     layer_specs = [s for s in specs if s.name in LAYER_METRICS]
     for layer, layer_view in layer_views(feats, b, opts.layers if layer_specs else (),
-                                         ckpt.epoch, opts.seed):
+                                         ckpt.epoch, opts.seed, view.options):
         for spec in layer_specs:
             values = apply_metric(spec, layer_view, ckpt.epoch)
             for v in values:
@@ -111,8 +113,8 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
     return rows
 
 
-def layer_views(feats, bundle, layers: Sequence[str], epoch: int, seed: int
-                ) -> Iterator[tuple[str, EpochView]]:
+def layer_views(feats, bundle, layers: Sequence[str], epoch: int, seed: int,
+                options: dict[str, Any] | None = None) -> Iterator[tuple[str, EpochView]]:
     """``(layer, view)`` for each of ``layers`` whose pooled outputs were extracted for both
     splits; the views hold no logits or head (those belong to the penultimate)."""
     for layer in layers:
@@ -121,14 +123,32 @@ def layer_views(feats, bundle, layers: Sequence[str], epoch: int, seed: int
             yield layer, EpochView(
                 epoch=epoch,
                 train=FeatureSplit(feats["train"][key], bundle.train.labels,
-                                   bundle.train.factors),
-                test=FeatureSplit(feats["test"][key], bundle.test.labels, bundle.test.factors),
-                seed=seed)
+                                   bundle.train.factors, sample_ids=bundle.train.sample_ids),
+                test=FeatureSplit(feats["test"][key], bundle.test.labels, bundle.test.factors,
+                                  sample_ids=bundle.test.sample_ids),
+                seed=seed, options=dict(options or {}))
+
+
+def metric_options(opts: AnalysisOptions) -> dict[str, Any]:
+    """The analysis settings metrics read from ``EpochView.options``."""
+    return {"fewshot_shots": tuple(int(k) for k in opts.fewshot_shots),
+            "fewshot_draws": int(opts.fewshot_draws)}
+
+
+def option_key_fields(opts: AnalysisOptions) -> list[str]:
+    """Part-key fields of the metric settings that differ from their defaults (so that keys
+    of analyses with default settings are unchanged)."""
+    default = AnalysisOptions()
+    fields = []
+    if tuple(opts.fewshot_shots) != tuple(default.fewshot_shots) \
+            or opts.fewshot_draws != default.fewshot_draws:
+        fields.append(f"fewshot={list(opts.fewshot_shots)}x{opts.fewshot_draws}")
+    return fields
 
 
 #: Registered metrics computed per layer with ``--layers`` (functions of features and labels).
 LAYER_METRICS = frozenset({"probe_accuracy", "knn_accuracy", "class_separation", "rankme",
-                           "twonn", "alpha_req", "cdnv"})
+                           "twonn", "alpha_req", "cdnv", "fewshot_ridge", "fewshot_ncm"})
 
 
 def apply_metric(spec: MetricSpec, view: EpochView, epoch: int, where: str = "",
@@ -155,6 +175,7 @@ def part_key(ckpt: PlannedCheckpoint, data: EvalData, specs: Sequence[MetricSpec
         fields.append(sorted(opts.layers))
     if opts.feature_dtype != "float32":  # rows of rounded features (float32 keys unchanged)
         fields.append(f"dtype={opts.feature_dtype}")
+    fields.extend(option_key_fields(opts))
     payload = json.dumps(fields)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -317,7 +317,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             strip_prefix: str | None = None, trust_pickles: bool = False,
             downstream: Sequence[Any] = (), downstream_metrics: Sequence[str] | None = None,
             max_samples: int | None = None, image_store: str | Path | None = "auto",
-            memory_budget: int | str | None = None, shard: str = "auto"):
+            memory_budget: int | str | None = None, shard: str = "auto",
+            fewshot_shots: Sequence[int] = (1, 5, 10, 25), fewshot_draws: int = 5):
     """Analyse every checkpoint of the run in ``path``.
 
     Parameters
@@ -382,6 +383,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         (default: three quarters of the memory available); an analysis that would exceed it
         is refused before any work, with the options that would fit
         (:mod:`dtprobe.analysis.memory`).
+    fewshot_shots, fewshot_draws : images per class and seeded draws of the few-shot metrics
+        (``fewshot_ridge``, ``fewshot_ncm``; :mod:`dtprobe.metrics.fewshot`).
 
     Returns
     -------
@@ -423,5 +426,7 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
                            max_samples=max_samples, shard=shard,
                            image_store=None if image_store is None else str(image_store),
                            memory_budget=(None if memory_budget is None
-                                          else parse_size(memory_budget)))
+                                          else parse_size(memory_budget)),
+                           fewshot_shots=tuple(int(k) for k in fewshot_shots),
+                           fewshot_draws=int(fewshot_draws))
     return analyze_plan(plan, opts)

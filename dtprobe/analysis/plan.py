@@ -155,6 +155,10 @@ class AnalysisOptions:
     shard: str = "auto"
     #: Ranks whose image shares are assembled from part files (set for ``--shard images``).
     image_shards: int = 1
+    #: ``--fewshot-shots`` / ``--fewshot-draws``: settings of the few-shot metrics
+    #: (:mod:`dtprobe.metrics.fewshot`; defaults equal its FEWSHOT_SHOTS and FEWSHOT_DRAWS).
+    fewshot_shots: tuple[int, ...] = (1, 5, 10, 25)
+    fewshot_draws: int = 5
 
 
 def _symlink_problem(run_dir: Path, relpath: str, follow_symlinks: bool,

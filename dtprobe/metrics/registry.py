@@ -38,6 +38,7 @@ class FeatureSplit:
     factors : downstream task name -> (n,) int64 labels on the same images.
     logits : (n, C) source-head outputs of the checkpoint, or None.
     inputs : (n, p) flattened, normalised input pixels (a subset may be used), or None.
+    sample_ids : stable id of each sample (:mod:`dtprobe.data.subsets`), or None.
     """
 
     features: torch.Tensor
@@ -45,11 +46,16 @@ class FeatureSplit:
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None
     inputs: torch.Tensor | None = None
+    sample_ids: list[str] | None = None
 
 
 @dataclass
 class EpochView:
-    """Everything a per-checkpoint metric may use."""
+    """Everything a per-checkpoint metric may use.
+
+    ``options`` holds analysis settings a metric may read (``fewshot_shots``,
+    ``fewshot_draws``); a metric reading one must record it in its rows' params.
+    """
 
     epoch: int
     train: FeatureSplit
@@ -57,6 +63,7 @@ class EpochView:
     head_weight: torch.Tensor | None = None
     head_bias: torch.Tensor | None = None
     seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
