@@ -106,6 +106,7 @@ METRIC_INFO: dict[str, MetricInfo] = {
     "gbc": MetricInfo("GBC (Bhattacharyya)", "\u2264 0"),
     "leep": MetricInfo("LEEP", "\u2264 0"),
     "nce": MetricInfo("NCE (\u2212H(Y|Z))", "\u2264 0"),
+    "finetune_accuracy": MetricInfo("fine-tuned accuracy", "[0, 1]"),
     "transfer_accuracy_mean": MetricInfo("mean downstream-dataset probe accuracy", "[0, 1]"),
     "transfer_log_odds_mean": MetricInfo("mean downstream log-odds (t-ReX)", "log(p / (1 - p))"),
     "nleep": MetricInfo("NLEEP", "\u2264 0"),

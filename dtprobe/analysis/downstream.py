@@ -60,6 +60,7 @@ from dtprobe.analysis.epoch_metrics import (
     option_key_fields,
 )
 from dtprobe.analysis.features import checkpoint_features, verify_checkpoint
+from dtprobe.analysis.finetune import FineTunePartStore, finetune_rows
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.stores import PartStore
 from dtprobe.analysis.table import note
@@ -319,9 +320,14 @@ def analyse_downstream(plan: RunPlan, checkpoints: Sequence[PlannedCheckpoint],
         if ds.problem is not None:
             note(f"{ds.problem}; its rows are NaN")
         parts = DownstreamPartStore(parts_root, spec.name, reuse=opts.use_cache)
+        tuned = FineTunePartStore(parts_root, spec.name, reuse=opts.use_cache)
         for ckpt in checkpoints:
             try:
                 rows.extend(process_downstream(plan, ckpt, ds, cache, parts, device, opts, stats))
+                if opts.finetune:  # opt-in: a training run per checkpoint and dataset
+                    rows.extend(finetune_rows(
+                        plan, ckpt, ds, source.bundle.in_channels, tuned, device, opts,
+                        lambda v, c=ckpt, d=ds: _row(plan, c, d, v)))
             except DtprobeError as exc:
                 reason = f"downstream {spec.name}: {exc}"
                 failures.append({"run": plan.name, "epoch": ckpt.epoch, "path": str(ckpt.path),

@@ -318,7 +318,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             downstream: Sequence[Any] = (), downstream_metrics: Sequence[str] | None = None,
             max_samples: int | None = None, image_store: str | Path | None = "auto",
             memory_budget: int | str | None = None, shard: str = "auto",
-            fewshot_shots: Sequence[int] = (1, 5, 10, 25), fewshot_draws: int = 5):
+            fewshot_shots: Sequence[int] = (1, 5, 10, 25), fewshot_draws: int = 5,
+            finetune: bool = False):
     """Analyse every checkpoint of the run in ``path``.
 
     Parameters
@@ -385,6 +386,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         (:mod:`dtprobe.analysis.memory`).
     fewshot_shots, fewshot_draws : images per class and seeded draws of the few-shot metrics
         (``fewshot_ridge``, ``fewshot_ncm``; :mod:`dtprobe.metrics.fewshot`).
+    finetune : also fine-tune the whole network of every checkpoint on every downstream
+        dataset (fixed recipe, :mod:`dtprobe.training.finetune`): ``finetune_accuracy`` rows.
 
     Returns
     -------
@@ -428,5 +431,5 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
                            memory_budget=(None if memory_budget is None
                                           else parse_size(memory_budget)),
                            fewshot_shots=tuple(int(k) for k in fewshot_shots),
-                           fewshot_draws=int(fewshot_draws))
+                           fewshot_draws=int(fewshot_draws), finetune=bool(finetune))
     return analyze_plan(plan, opts)

@@ -159,6 +159,9 @@ class AnalysisOptions:
     #: (:mod:`dtprobe.metrics.fewshot`; defaults equal its FEWSHOT_SHOTS and FEWSHOT_DRAWS).
     fewshot_shots: tuple[int, ...] = (1, 5, 10, 25)
     fewshot_draws: int = 5
+    #: ``--finetune``: also fine-tune every checkpoint on every downstream dataset
+    #: (:mod:`dtprobe.analysis.finetune`).
+    finetune: bool = False
 
 
 def _symlink_problem(run_dir: Path, relpath: str, follow_symlinks: bool,
