@@ -1,0 +1,149 @@
+"""Fine-tuning per checkpoint (dtprobe.training.finetune, dtprobe.analysis.finetune): the recipe
+against a plain loop written from its description, the learning-rate choice, divergence, and
+the analysis rows (stored as parts, reused, resumed after a loss)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dtprobe.training.augment import shift_flip
+from dtprobe.training.finetune import FINETUNE_RECIPE, finetune
+
+
+class _Net(nn.Module):
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def _data(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.randn(n, 3, 8, 8, generator=g) + y[:, None, None, None] * 1.5
+    return x, y
+
+
+RECIPE = {"epochs": 2, "batch_size": 8, "lr_grid": (0.02, 0.1)}
+
+
+def _reference(model, x, y, xt, yt, lr, gen_seed, fit, val):
+    """The recipe, written out: zero head, SGD(0.9, wd 5e-4), per-step cosine to 0, random
+    shift (1/8 padding), BatchNorm in train mode; scored in eval mode."""
+    m = copy.deepcopy(model).double()
+    m.fc = nn.Linear(4, 2).double()
+    nn.init.zeros_(m.fc.weight)
+    nn.init.zeros_(m.fc.bias)
+    opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(gen_seed)
+    total = math.ceil(len(fit) / 8) * 2
+    step = 0
+    m.train()
+    for _ in range(2):
+        order = torch.as_tensor(fit)[torch.randperm(len(fit), generator=g)]
+        for s in range(0, len(order), 8):
+            rows = order[s:s + 8]
+            xb = shift_flip(x[rows], "crop", g).double()
+            for group in opt.param_groups:
+                group["lr"] = lr * (1 + math.cos(math.pi * step / total)) / 2
+            loss = F.cross_entropy(m(xb), y[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    m.eval()
+    with torch.no_grad():
+        val_acc = float((m(x[val].double()).argmax(1) == y[val]).double().mean())
+        test_acc = float((m(xt.double()).argmax(1) == yt).double().mean())
+    return val_acc, test_acc
+
+
+def test_finetune_equals_the_recipe_written_out_and_leaves_the_model_alone():
+    from dtprobe.metrics.probes import stratified_split
+
+    torch.manual_seed(0)
+    model = _Net()
+    before = copy.deepcopy(model.state_dict())
+    x, y = _data(60, 1)
+    xt, yt = _data(40, 2)
+    res = finetune(model, "fc", x, y, xt, yt, seed=3, recipe=RECIPE)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    fit, val = stratified_split(y.numpy(), 0.2, seed=3)
+    assert (res.n_train, res.n_val, res.n_test) == (len(fit), len(val), 40)
+    for i, lr in enumerate(RECIPE["lr_grid"]):
+        val_acc, test_acc = _reference(model, x, y, xt, yt, lr, 3 * 1000 + i, fit, val)
+        assert res.val_accuracy[lr] == pytest.approx(val_acc, abs=1 / len(val) + 1e-9)
+        assert res.test_by_lr[lr] == pytest.approx(test_acc, abs=1.5 / 40)
+    best = max(RECIPE["lr_grid"], key=lambda lr: (res.val_accuracy[lr], -lr))
+    assert res.best_lr == best and res.test_accuracy == res.test_by_lr[best]
+    assert res.test_accuracy > 0.8  # the two classes are separable: fine-tuning learns them
+    again = finetune(model, "fc", x, y, xt, yt, seed=3, recipe=RECIPE)
+    assert again.test_by_lr == res.test_by_lr  # seeded
+
+
+def test_a_diverging_rate_is_dropped_and_all_diverging_is_one_line():
+    torch.manual_seed(0)
+    model = _Net()
+    x, y = _data(40, 1)
+    res = finetune(model, "fc", x, y, x, y, recipe={**RECIPE, "lr_grid": (0.05, 1e9)})
+    assert res.diverged == [1e9] and res.best_lr == 0.05 and np.isfinite(res.test_accuracy)
+    bad = finetune(model, "fc", x, y, x, y, recipe={**RECIPE, "lr_grid": (1e9, 1e10)})
+    assert np.isnan(bad.test_accuracy) and bad.best_lr is None
+    assert "diverged" in bad.error and "\n" not in bad.error
+    from dtprobe.errors import MetricInputError
+
+    with pytest.raises(MetricInputError, match="1 class"):
+        finetune(model, "fc", x, torch.zeros_like(y), x, y, recipe=RECIPE)
+
+
+def test_analysis_finetune_rows_are_stored_reused_and_resumed(tmp_path, monkeypatch):
+    from dtprobe import analysis
+    from dtprobe.analysis import finetune as ft
+    from dtprobe.training.trainer import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), dataset="shapes",
+                      dataset_params={"n_train": 120, "n_test": 60, "image_size": 16},
+                      arch="small_cnn", arch_params={"width": 4, "feature_dim": 16}, epochs=1,
+                      batch_size=64, save_every=1, seed=0, device="cpu", progress=False))
+    calls = []
+    real = ft.finetune
+
+    def short(*args, **kw):
+        calls.append(1)
+        return real(*args, **{**kw, "recipe": {"epochs": 1, "lr_grid": (0.01,)}})
+
+    monkeypatch.setattr(ft, "finetune", short)
+    kw = dict(metrics=["source_accuracy"], device="cpu", progress=False, plot=False,
+              downstream=["textures:n_train=60,n_test=30"], downstream_metrics=["fewshot_ncm"],
+              fewshot_shots=(1,), finetune=True)
+    res = analysis.analyze(run, **kw)
+    rows = res.table[res.table["metric"] == "finetune_accuracy"]
+    assert sorted(rows["epoch"]) == [0, 1] and rows["value"].notna().all()
+    assert set(rows["task"]) == {"textures"} and len(calls) == 2
+    params = json.loads(rows["params"].iloc[0])
+    assert params["momentum"] == FINETUNE_RECIPE["momentum"] and params["downstream"]
+    diag = json.loads(rows["diagnostics"].iloc[0])
+    assert diag["best_lr"] == 0.01 and "chance" in diag and diag["device"] == "cpu"
+    csv = (run / "analysis" / "metrics.csv").read_bytes()
+    analysis.analyze(run, **kw)
+    assert len(calls) == 2  # finished fine-tunes are not redone
+    assert (run / "analysis" / "metrics.csv").read_bytes() == csv
+    (run / "analysis" / "parts" / "epoch_000001.finetune-textures.json").unlink()  # a kill
+    again = analysis.analyze(run, **kw)
+    assert len(calls) == 3  # only the lost one again, to the same values (its time differs)
+    redone = again.table[again.table["metric"] == "finetune_accuracy"]
+    assert list(redone["value"]) == list(rows["value"])
