@@ -363,6 +363,28 @@ def downstream_mask(table: pd.DataFrame) -> pd.Series:
     return maybe & params.where(maybe, "").map(lambda p: DOWNSTREAM_PARAM in parse_params(p))
 
 
+def transfer_protocols(table: pd.DataFrame) -> dict[str, str]:
+    """``protocol -> metric`` of the transfer protocols present in ``table``: ``"linear"``
+    (``probe_accuracy``), ``"few-shot"`` (the 10-shot ridge row when present, else the ridge
+    row with the most shots, else nearest class mean) and ``"fine-tuned"``
+    (``finetune_accuracy``), in that order."""
+    if table.empty:
+        return {}
+    present = set(table["metric"].unique())
+    out: dict[str, str] = {}
+    if "probe_accuracy" in present:
+        out["linear"] = "probe_accuracy"
+    for clf in ("ridge", "ncm"):
+        shots = sorted(int(m.group(2)) for m in map(_FEWSHOT_NAME.fullmatch, present)
+                       if m and m.group(1) == clf)
+        if shots:
+            out["few-shot"] = f"fewshot_{clf}_{10 if 10 in shots else shots[-1]}shot"
+            break
+    if "finetune_accuracy" in present:
+        out["fine-tuned"] = "finetune_accuracy"
+    return out
+
+
 def downstream_tasks(table: pd.DataFrame) -> list[str]:
     """Names of the downstream datasets in ``table`` (their ``task`` values), sorted."""
     if table.empty or "params" not in table.columns:

@@ -147,3 +147,61 @@ def test_analysis_finetune_rows_are_stored_reused_and_resumed(tmp_path, monkeypa
     assert len(calls) == 3  # only the lost one again, to the same values (its time differs)
     redone = again.table[again.table["metric"] == "finetune_accuracy"]
     assert list(redone["value"]) == list(rows["value"])
+
+
+def _proto_table():
+    """Two runs on one downstream dataset under three protocols (made-up values)."""
+    import pandas as pd
+
+    curves = {("ce", "probe_accuracy"): [0.9, 0.8, 0.7],
+              ("ce", "fewshot_ridge_10shot"): [0.6, 0.7, 0.5],
+              ("ce", "fewshot_ridge_1shot"): [0.3, 0.3, 0.2],
+              ("ce", "finetune_accuracy"): [0.95, 0.96, 0.97],
+              ("ls", "probe_accuracy"): [0.9, 0.85, 0.8],
+              ("ls", "fewshot_ridge_10shot"): [0.7, 0.6, 0.5],
+              ("ls", "finetune_accuracy"): [0.97, 0.95, 0.9]}
+    rows = []
+    for (run, metric), values in curves.items():
+        for epoch, v in zip((0, 4, 8), values, strict=True):
+            diag = {"chance": 0.1}
+            if metric.startswith("fewshot"):
+                diag.update(ci_low=v - 0.02, ci_high=v + 0.02)
+            rows.append({"run": run, "epoch": epoch, "step": epoch, "metric": metric,
+                         "task": "digits", "layer": "", "other_run": "", "value": v,
+                         "estimator": "", "params": json.dumps({"downstream": "digits"}),
+                         "diagnostics": json.dumps(diag)})
+        rows.append({"run": run, "epoch": 8, "step": 8, "metric": "source_accuracy",
+                     "task": "", "layer": "", "other_run": "", "value": 0.9, "estimator": "",
+                     "params": "", "diagnostics": ""})
+    return pd.DataFrame(rows)
+
+
+def test_protocol_peaks_chart_and_report_say_whether_the_best_epoch_agrees(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from dtprobe.plotting import iter_figures, plot_transfer_protocols
+    from dtprobe.report import render_report
+    from dtprobe.results import Results, protocol_peaks
+
+    table = _proto_table()
+    peaks = protocol_peaks(table).set_index(["run", "protocol"])
+    assert peaks.loc[("ce", "few-shot"), "metric"] == "fewshot_ridge_10shot"  # 10 shots shown
+    assert peaks.loc[("ce", "linear"), "best_epoch"] == 0
+    assert peaks.loc[("ce", "few-shot"), "best_epoch"] == 4
+    assert peaks.loc[("ce", "fine-tuned"), "best_epoch"] == 8
+    assert peaks.loc[("ce", "fine-tuned"), "drop"] == pytest.approx(0.0)
+    assert peaks.loc[("ls", "linear"), "drop"] == pytest.approx(0.1)
+    assert not peaks.loc["ce", "same_best_epoch"].any()  # 0, 4, 8
+    assert peaks.loc["ls", "same_best_epoch"].all()  # epoch 0 under all three
+    fig = plot_transfer_protocols(table)
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["digits"]
+    plt.close(fig)
+    names = []
+    for name, _, f in iter_figures(Results(table)):
+        names.append(name)
+        plt.close(f)
+    assert "transfer_protocols" in names
+    html = render_report(Results(table))
+    assert "Is the epoch of best transfer the same under every protocol?" in html
+    assert "ce on digits: different epochs (linear 0, few-shot 4, fine-tuned 8)" in html
+    assert "ls on digits: the same epoch under every protocol" in html
