@@ -188,8 +188,10 @@ def test_bad_input_one_class_or_too_few_images_per_class():
         fewshot_accuracy(x, np.zeros(30, dtype=int), x, y, shots=(1,))
     bad = x.copy()
     bad[3, 1] = np.nan
-    with pytest.raises(MetricInputError, match="NaN/Inf"):
+    with pytest.raises(MetricInputError, match="training features contain NaN/Inf"):
         fewshot_accuracy(bad, y, x, y, shots=(1,))
+    with pytest.raises(MetricInputError, match="test features contain NaN/Inf"):
+        fewshot_accuracy(x, y, torch.from_numpy(bad), y, shots=(1,))
 
 
 def _view(x, y, xt, yt, task="colour", **options):

@@ -357,7 +357,8 @@ def fewshot_accuracy(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike,
     check_labels(labels, n, "few-shot training labels")  # one class: one line
     if test_labels.size == 0:
         raise MetricInputError("few-shot: the test split is empty")
-    check_features(test_x[:1], "few-shot test features", min_samples=1)
+    _check_finite(train_x, "few-shot training features")
+    _check_finite(test_x, "few-shot test features")
     ids = list(sample_ids) if sample_ids is not None else [f"train:{i}" for i in range(n)]
     if len(ids) != n:
         raise MetricInputError(f"few-shot: {len(ids)} sample ids for {n} training samples")
@@ -392,6 +393,17 @@ def fewshot_accuracy(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike,
                 clf, int(k), float(np.mean(accs)), accs, low, high, len(picks[0]),
                 int(test_labels.size), digests, alphas, chosen, edge)
     return out
+
+
+def _check_finite(x: ArrayLike, name: str) -> None:
+    """One-line error for NaN/Inf in ``x``, checked in row blocks (no float64 copy of it)."""
+    for start in range(0, int(x.shape[0]), _PREDICT_ROWS):
+        block = x[start:start + _PREDICT_ROWS]
+        ok = bool(torch.isfinite(block).all()) if isinstance(block, torch.Tensor) \
+            else bool(np.isfinite(np.asarray(block, dtype=np.float64)).all())
+        if not ok:
+            raise MetricInputError(f"{name} contain NaN/Inf (diverged checkpoint?); drop or fix "
+                                   "those rows first")
 
 
 def _take(x: Any, p: np.ndarray) -> Any:
