@@ -235,9 +235,12 @@ def test_downstream_analysis_writes_fewshot_rows_and_reuses_them(tmp_path):
     kw = dict(metrics=["source_accuracy"], device="cpu", progress=False, plot=False,
               downstream=["textures:n_train=80,n_test=40"],
               downstream_metrics=["fewshot_ridge", "fewshot_ncm"], fewshot_shots=(1, 5),
-              fewshot_draws=2)
+              fewshot_draws=2, layers=["auto"])
     res = analysis.analyze(run, **kw)
     t = res.table[res.table["task"] == "textures"]
+    layered = t[t["layer"] != ""]  # --layers: the same rows on each block's pooled outputs
+    assert len(layered) and set(layered["metric"]) == set(t["metric"])
+    t = t[t["layer"] == ""]
     assert sorted(t["metric"].unique()) == sorted(
         fewshot_metric_name(c, k) for c in ("ridge", "ncm") for k in (1, 5))
     assert sorted(t["epoch"].unique()) == [0, 1] and t["value"].notna().all()
