@@ -92,6 +92,11 @@ def finetune_rows(plan: RunPlan, ckpt: PlannedCheckpoint, ds: Any, in_channels: 
                            ds.data.test_images, b.test.labels, seed=opts.seed, device=device)
         except MetricInputError as exc:
             value = _value(ds, opts, error=str(exc))
+        except RuntimeError as exc:  # e.g. out of memory: a NaN row now, retried next time
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            reason = f"fine-tune failed ({first}); the next analysis tries it again"
+            note(f"epoch {ckpt.epoch}: downstream {ds.spec.name}: {reason}")
+            return [row_fn(_value(ds, opts, error=reason))]
         else:
             value = _value(ds, opts, res, device=str(device))
             if res.error is not None:
