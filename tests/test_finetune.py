@@ -148,6 +148,21 @@ def test_analysis_finetune_rows_are_stored_reused_and_resumed(tmp_path, monkeypa
     redone = again.table[again.table["metric"] == "finetune_accuracy"]
     assert list(redone["value"]) == list(rows["value"])
 
+    def oom(*args, **kw):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nmore text")
+
+    monkeypatch.setattr(ft, "finetune", oom)
+    (run / "analysis" / "parts" / "epoch_000000.finetune-textures.json").unlink()
+    failed = analysis.analyze(run, **kw).table
+    failed = failed[(failed["metric"] == "finetune_accuracy") & (failed["epoch"] == 0)]
+    assert failed["value"].isna().all()
+    assert "fine-tune failed (CUDA out of memory. Tried to allocate 2 GiB)" in \
+        json.loads(failed["diagnostics"].iloc[0])["error"]
+    monkeypatch.setattr(ft, "finetune", short)
+    retried = analysis.analyze(run, **kw).table  # not stored: tried again
+    assert len(calls) == 4 and retried.loc[retried["metric"] == "finetune_accuracy",
+                                           "value"].notna().all()
+
 
 def _proto_table():
     """Two runs on one downstream dataset under three protocols (made-up values)."""
