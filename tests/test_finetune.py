@@ -36,7 +36,7 @@ def _data(n: int, seed: int):
     return x, y
 
 
-RECIPE = {"epochs": 2, "batch_size": 8, "lr_grid": (0.02, 0.1)}
+RECIPE = {"epochs": 2, "batch_size": 8, "lr_grid": (0.02, 0.1), "head_init": "zeros"}
 
 
 def _reference(model, x, y, xt, yt, lr, gen_seed, fit, val):
@@ -94,11 +94,38 @@ def test_finetune_equals_the_recipe_written_out_and_leaves_the_model_alone():
     assert again.test_by_lr == res.test_by_lr  # seeded
 
 
+def test_lp_ft_head_is_the_ridge_probe_of_the_frozen_features():
+    """The LP-FT head, folded back to raw features, gives the ridge classifier's decision
+    function (scikit-learn's RidgeClassifier on the standardised frozen features)."""
+    from sklearn.linear_model import RidgeClassifier
+
+    from dtprobe.training.finetune import _probe_head, _replace_head
+
+    torch.manual_seed(0)
+    model = _Net(classes=5)
+    x, _ = _data(50, 4)
+    y = torch.arange(50) % 3
+    head = _replace_head(model, "fc", 3)
+    idx = np.arange(50)
+    acc = _probe_head(model, head, x, y, idx, torch.device("cpu"))
+    with torch.no_grad():
+        feats = F.relu(model.bn(model.conv(x))).mean(dim=(2, 3)).double().numpy()
+        out = model(x).double().numpy()
+    from dtprobe.metrics.fewshot import FewShotRidge
+
+    ridge = FewShotRidge().fit(feats, y.numpy())
+    xs = (feats - feats.mean(axis=0)) / (feats.std(axis=0) + 1e-5)
+    ref = RidgeClassifier(alpha=ridge.alpha_).fit(xs, y.numpy())
+    np.testing.assert_allclose(out, ref.decision_function(xs), atol=1e-4)
+    assert acc == pytest.approx(ref.score(xs, y.numpy()))
+
+
 def test_a_diverging_rate_is_dropped_and_all_diverging_is_one_line():
     torch.manual_seed(0)
     model = _Net()
     x, y = _data(40, 1)
-    res = finetune(model, "fc", x, y, x, y, recipe={**RECIPE, "lr_grid": (0.05, 1e9)})
+    res = finetune(model, "fc", x, y, x, y, recipe={**RECIPE, "lr_grid": (0.05, 1e9),
+                                                    "head_init": "ridge"})
     assert res.diverged == [1e9] and res.best_lr == 0.05 and np.isfinite(res.test_accuracy)
     bad = finetune(model, "fc", x, y, x, y, recipe={**RECIPE, "lr_grid": (1e9, 1e10)})
     assert np.isnan(bad.test_accuracy) and bad.best_lr is None

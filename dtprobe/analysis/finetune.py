@@ -58,6 +58,7 @@ def _value(ds: Any, opts: AnalysisOptions, res: Any = None, error: str | None = 
                                                      res.val_accuracy.items()},
             "test_accuracy_by_lr": {str(k): v for k, v in res.test_by_lr.items()},
             "diverged_lrs": res.diverged, "n_train": res.n_train, "n_val": res.n_val,
+            "head_train_accuracy": res.head_train_accuracy,
             "n_test": res.n_test, "steps": res.steps, "seconds": round(res.seconds, 3),
             "device": device}
     if res.error is not None:

@@ -3,13 +3,19 @@
 The second finding of Kornblith et al. (2021) is that the source loss matters little once the
 whole network is fine-tuned; Islam et al. (2021) report fine-tuning next to linear and few-shot
 transfer. :func:`finetune` measures it for one checkpoint: the source model (its weights as
-loaded), its classification head replaced by a zero-initialised linear layer for the target
-classes (as BiT), every weight trained.
+loaded), its classification head replaced by a linear layer for the target classes set to the
+closed-form ridge classifier of the frozen features (the linear-probe step of LP-FT, Kumar et al.
+2022), then every weight trained.
 
 The recipe (:data:`FINETUNE_RECIPE`, recorded in every row's ``params``) is fixed, short enough
 for a CPU at the embedded default's sizes:
 
 - a stratified validation split (20%, seeded) is carved from the target's training split;
+- the new head is the ridge classifier (penalty by leave-one-out) of the frozen penultimate
+  features of the rest (eval mode), so the short schedule starts from the linear probe's
+  solution instead of spending its steps on a zero head (measured on the embedded default: with a
+  zero head, 4 epochs at these rates left digits near chance, 0.18-0.34, against 0.81-0.90 for
+  the frozen linear probe); ``head_init="zeros"`` gives BiT's zero head;
 - for each learning rate of a small grid, train on the rest with SGD (momentum 0.9, weight
   decay 5e-4), batch 64, a per-step cosine schedule from the learning rate to 0 over
   ``epochs`` epochs, no warm-up; BatchNorm in train mode while training, eval mode to score;
@@ -33,7 +39,9 @@ References
    contrastive learning", ICCV 2021 (linear, fine-tuning and few-shot transfer).
 .. [3] S. Kornblith, J. Shlens, Q. V. Le, "Do better ImageNet models transfer better?",
    CVPR 2019 (fine-tuning with a learning-rate grid chosen on a validation split).
-.. [4] A. Kolesnikov et al., "Big Transfer (BiT)", ECCV 2020 (zero-initialised new head).
+.. [4] A. Kumar, A. Raghunathan, R. Jones, T. Ma, P. Liang, "Fine-tuning can distort pretrained
+   features and underperform out-of-distribution", ICLR 2022 (LP-FT: linear probe, then
+   fine-tune).
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ FINETUNE_RECIPE: dict[str, Any] = {
     "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
     "epochs": 4, "batch_size": 64, "lr_grid": (0.003, 0.01, 0.03),
     "schedule": "cosine per step to 0, no warm-up", "val_fraction": 0.2,
-    "augment": "crop", "head_init": "zeros", "batchnorm": "train mode",
+    "augment": "crop", "head_init": "ridge on frozen features (LP-FT)", "batchnorm": "train mode",
     "selection": "best validation accuracy (ties: smaller lr); no refit",
 }
 #: A loss above this (or NaN/Inf) stops the fine-tune at that learning rate as diverged.
@@ -86,6 +94,7 @@ class FineTuneResult:
     steps: int = 0
     seconds: float = 0.0
     error: str | None = None
+    head_train_accuracy: float = float("nan")  # the LP-FT head before fine-tuning
 
 
 def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +114,39 @@ def _replace_head(model: nn.Module, head: str, n_classes: int) -> nn.Linear:
     parent_name, _, leaf = head.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
     return new
+
+
+@torch.no_grad()
+def _probe_head(model: nn.Module, head: nn.Linear, images: Any, labels: torch.Tensor,
+                index: np.ndarray, device: torch.device) -> float:
+    """Set ``head`` to the closed-form ridge classifier of the frozen features of ``index``
+    (penalty by leave-one-out, :class:`~dtprobe.metrics.fewshot.FewShotRidge`), folded back to
+    raw features: the linear-probe step of LP-FT (Kumar et al. 2022). Returns its training
+    accuracy."""
+    from dtprobe.metrics.fewshot import FewShotRidge
+    from dtprobe.models.tap import penultimate_features
+
+    model.eval()
+    feats = []
+    for start in range(0, len(index), _EVAL_BATCH):
+        rows = torch.as_tensor(index[start:start + _EVAL_BATCH])
+        feats.append(penultimate_features(model, head, images[rows].to(device, torch.float32))
+                     .double().cpu())
+    x = torch.cat(feats)
+    y = labels[torch.as_tensor(index)]
+    ridge = FewShotRidge().fit(x, y)
+    coef = torch.as_tensor(ridge.coef_ / ridge.scale_[:, None])  # (d, C) on raw features
+    bias = torch.as_tensor(ridge.intercept_) - torch.as_tensor(ridge.mean_) @ coef
+    # ridge.classes_ are 0..C-1 here (labels re-indexed by the caller); a class absent from
+    # the fit split keeps a zero row, i.e. never wins
+    weight = torch.zeros_like(head.weight, dtype=torch.float64)
+    full_bias = torch.full_like(head.bias, -1.0, dtype=torch.float64)
+    cls = torch.as_tensor(ridge.classes_).long()
+    weight[cls] = coef.T
+    full_bias[cls] = bias
+    head.weight.copy_(weight.to(head.weight))
+    head.bias.copy_(full_bias.to(head.bias))
+    return float(ridge.score(x, y))
 
 
 @torch.no_grad()
@@ -160,8 +202,8 @@ def finetune(model: nn.Module, head: str, train_images: Any, train_labels: torch
     Parameters
     ----------
     model : the source network with its checkpoint's weights; not modified (copied per rate).
-    head : dotted name of its classification head (an ``nn.Linear``), replaced by a
-        zero-initialised one for the target's classes.
+    head : dotted name of its classification head (an ``nn.Linear``), replaced by one for the
+        target's classes (the ridge probe of the frozen features, or zeros).
     train_images, test_images : normalised ``(n, C, H, W)`` tensors or indexable image sets
         (:class:`~dtprobe.data.pixels.RawImages`), prepared for the source model.
     train_labels, test_labels : int64 target classes.
@@ -194,7 +236,10 @@ def finetune(model: nn.Module, head: str, train_images: Any, train_labels: torch
     fit_idx, val_idx = _split(y_train.numpy(), float(rec["val_fraction"]), seed)
     test_idx = np.arange(len(y_test))
     base = copy.deepcopy(model).to(device)
-    _replace_head(base, head, int(classes.numel()))
+    new_head = _replace_head(base, head, int(classes.numel()))
+    probe_acc = float("nan")
+    if rec["head_init"] != "zeros":
+        probe_acc = _probe_head(base, new_head, train_images, y_train, fit_idx, device)
     start_state = copy.deepcopy(base.state_dict())
     val_acc: dict[float, float] = {}
     test_acc: dict[float, float] = {}
@@ -214,7 +259,7 @@ def finetune(model: nn.Module, head: str, train_images: Any, train_labels: torch
         test_acc[lr] = _accuracy(base, test_images, y_test, test_idx, device)
     ok = [lr for lr in val_acc if lr not in diverged]
     result = FineTuneResult(float("nan"), None, val_acc, test_acc, diverged, len(fit_idx),
-                            len(val_idx), len(test_idx), steps)
+                            len(val_idx), len(test_idx), steps, head_train_accuracy=probe_acc)
     if not ok:
         result.error = (f"fine-tune diverged (NaN/Inf or loss > {MAX_LOSS:g}) at every learning "
                         f"rate {list(rec['lr_grid'])}; the checkpoint or the recipe's rates are "
