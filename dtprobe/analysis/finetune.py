@@ -22,7 +22,7 @@ from dtprobe.analysis.features import load_model
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.stores import PartStore
 from dtprobe.analysis.table import note
-from dtprobe.errors import MetricInputError
+from dtprobe.errors import ConfigError, MetricInputError
 from dtprobe.metrics.registry import MetricValue
 from dtprobe.models import head_name
 from dtprobe.training.finetune import FINETUNE_RECIPE, finetune
@@ -42,15 +42,26 @@ class FineTunePartStore(PartStore):
         return self.root / f"epoch_{epoch:06d}.finetune-{self.name}.json"
 
 
+def recipe(opts: AnalysisOptions) -> dict[str, Any]:
+    """The fine-tune recipe of this analysis: :data:`FINETUNE_RECIPE` with
+    ``opts.finetune_recipe``'s entries replaced (unknown keys refused)."""
+    extra = dict(opts.finetune_recipe or {})
+    unknown = sorted(set(extra) - set(FINETUNE_RECIPE))
+    if unknown:
+        raise ConfigError(f"finetune_recipe: unknown key(s) {', '.join(unknown)}; the recipe has "
+                          f"{', '.join(FINETUNE_RECIPE)}")
+    return {**FINETUNE_RECIPE, **extra}
+
+
 def finetune_key(ckpt: PlannedCheckpoint, ds: Any, opts: AnalysisOptions) -> str:
     fields = [FINETUNE_VERSION, ckpt.cache_digest, ds.data.key, ds.spec.text,
-              json.dumps(FINETUNE_RECIPE, sort_keys=True, default=str), opts.seed, ds.problem]
+              json.dumps(recipe(opts), sort_keys=True, default=str), opts.seed, ds.problem]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
 def _value(ds: Any, opts: AnalysisOptions, res: Any = None, error: str | None = None,
            device: str = "") -> MetricValue:
-    params = {**FINETUNE_RECIPE, "seed": opts.seed}
+    params = {**recipe(opts), "seed": opts.seed}
     if error is not None:
         return MetricValue(FINETUNE_METRIC, float("nan"), task=ds.spec.name, estimator="error",
                            params=params, diagnostics={"error": error})
@@ -90,7 +101,8 @@ def finetune_rows(plan: RunPlan, ckpt: PlannedCheckpoint, ds: Any, in_channels: 
         b = ds.data.bundle
         try:
             res = finetune(model, head, ds.data.train_images, b.train.labels,
-                           ds.data.test_images, b.test.labels, seed=opts.seed, device=device)
+                           ds.data.test_images, b.test.labels, seed=opts.seed, device=device,
+                           recipe=recipe(opts))
         except MetricInputError as exc:
             value = _value(ds, opts, error=str(exc))
         except RuntimeError as exc:  # e.g. out of memory: a NaN row now, retried next time

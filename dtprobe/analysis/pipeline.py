@@ -319,7 +319,7 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             max_samples: int | None = None, image_store: str | Path | None = "auto",
             memory_budget: int | str | None = None, shard: str = "auto",
             fewshot_shots: Sequence[int] = (1, 5, 10, 25), fewshot_draws: int = 5,
-            finetune: bool = False):
+            finetune: bool = False, finetune_recipe: dict[str, Any] | None = None):
     """Analyse every checkpoint of the run in ``path``.
 
     Parameters
@@ -388,6 +388,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         (``fewshot_ridge``, ``fewshot_ncm``; :mod:`dtprobe.metrics.fewshot`).
     finetune : also fine-tune the whole network of every checkpoint on every downstream
         dataset (fixed recipe, :mod:`dtprobe.training.finetune`): ``finetune_accuracy`` rows.
+    finetune_recipe : entries of that recipe to replace (e.g. ``{"lr_grid": (0.01,)}`` on a
+        slow CPU); recorded in the rows' params.
 
     Returns
     -------
@@ -431,5 +433,6 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
                            memory_budget=(None if memory_budget is None
                                           else parse_size(memory_budget)),
                            fewshot_shots=tuple(int(k) for k in fewshot_shots),
-                           fewshot_draws=int(fewshot_draws), finetune=bool(finetune))
+                           fewshot_draws=int(fewshot_draws), finetune=bool(finetune),
+                           finetune_recipe=dict(finetune_recipe) if finetune_recipe else None)
     return analyze_plan(plan, opts)

@@ -162,6 +162,9 @@ class AnalysisOptions:
     #: ``--finetune``: also fine-tune every checkpoint on every downstream dataset
     #: (:mod:`dtprobe.analysis.finetune`).
     finetune: bool = False
+    #: Entries of the fine-tune recipe replaced (None: FINETUNE_RECIPE as it is); recorded in
+    #: the rows' params and their part keys.
+    finetune_recipe: dict[str, Any] | None = None
 
 
 def _symlink_problem(run_dir: Path, relpath: str, follow_symlinks: bool,

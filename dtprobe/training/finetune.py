@@ -11,6 +11,8 @@ The recipe (:data:`FINETUNE_RECIPE`, recorded in every row's ``params``) is fixe
 for a CPU at the embedded default's sizes:
 
 - a stratified validation split (20%, seeded) is carved from the target's training split;
+- BatchNorm statistics are re-estimated on the images of the rest (one pass; at epoch 0 the
+  stored statistics are the initial 0/1 and a head fitted on them explodes in train mode);
 - the new head is the ridge classifier (penalty by leave-one-out) of the frozen penultimate
   features of the rest (eval mode), so the short schedule starts from the linear probe's
   solution instead of spending its steps on a zero head (measured on the embedded default: with a
@@ -66,7 +68,8 @@ FINETUNE_RECIPE: dict[str, Any] = {
     "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
     "epochs": 4, "batch_size": 64, "lr_grid": (0.003, 0.01, 0.03),
     "schedule": "cosine per step to 0, no warm-up", "val_fraction": 0.2,
-    "augment": "crop", "head_init": "ridge on frozen features (LP-FT)", "batchnorm": "train mode",
+    "augment": "crop", "head_init": "ridge on frozen features (LP-FT)",
+    "batchnorm": "statistics re-estimated on the fit split, then train mode",
     "selection": "best validation accuracy (ties: smaller lr); no refit",
 }
 #: A loss above this (or NaN/Inf) stops the fine-tune at that learning rate as diverged.
@@ -114,6 +117,30 @@ def _replace_head(model: nn.Module, head: str, n_classes: int) -> nn.Linear:
     parent_name, _, leaf = head.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
     return new
+
+
+@torch.no_grad()
+def _recalibrate_batchnorm(model: nn.Module, images: Any, index: np.ndarray,
+                           device: torch.device) -> None:
+    """Re-estimate every BatchNorm's running statistics on the target images ``index`` (a
+    cumulative average over one pass in train mode): the source's statistics (or, at epoch 0,
+    the initial 0/1) do not describe the target, and the probe head is fitted on eval-mode
+    features that must match what train-mode BatchNorm then computes."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the pass
+    model.train()
+    try:
+        for start in range(0, len(index), _EVAL_BATCH):
+            rows = torch.as_tensor(index[start:start + _EVAL_BATCH])
+            model(images[rows].to(device, torch.float32))
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
 
 
 @torch.no_grad()
@@ -239,6 +266,7 @@ def finetune(model: nn.Module, head: str, train_images: Any, train_labels: torch
     new_head = _replace_head(base, head, int(classes.numel()))
     probe_acc = float("nan")
     if rec["head_init"] != "zeros":
+        _recalibrate_batchnorm(base, train_images, fit_idx, device)
         probe_acc = _probe_head(base, new_head, train_images, y_train, fit_idx, device)
     start_state = copy.deepcopy(base.state_dict())
     val_acc: dict[float, float] = {}
