@@ -247,3 +247,14 @@ def test_protocol_peaks_chart_and_report_say_whether_the_best_epoch_agrees(tmp_p
     assert "Is the epoch of best transfer the same under every protocol?" in html
     assert "ce on digits: different epochs (linear 0, few-shot 4, fine-tuned 8)" in html
     assert "ls on digits: the same epoch under every protocol" in html
+
+
+def test_recipe_entries_are_replaceable_recorded_and_checked():
+    from dtprobe.analysis.finetune import recipe
+    from dtprobe.analysis.plan import AnalysisOptions
+    from dtprobe.errors import ConfigError
+
+    assert recipe(AnalysisOptions()) == FINETUNE_RECIPE
+    assert recipe(AnalysisOptions(finetune_recipe={"lr_grid": (0.01,)}))["lr_grid"] == (0.01,)
+    with pytest.raises(ConfigError, match="unknown key.*lr; the recipe has"):
+        recipe(AnalysisOptions(finetune_recipe={"lr": 0.1}))
