@@ -14,10 +14,11 @@ for a CPU at the embedded default's sizes:
 - BatchNorm statistics are re-estimated on the images of the rest (one pass; at epoch 0 the
   stored statistics are the initial 0/1 and a head fitted on them explodes in train mode);
 - the new head is the ridge classifier (penalty by leave-one-out) of the frozen penultimate
-  features of the rest (eval mode), so the short schedule starts from the linear probe's
-  solution instead of spending its steps on a zero head (measured on the embedded default: with a
-  zero head, 4 epochs at these rates left digits near chance, 0.18-0.34, against 0.81-0.90 for
-  the frozen linear probe); ``head_init="zeros"`` gives BiT's zero head;
+  features of the rest (eval mode, not standardised), so the short schedule starts from the
+  linear probe's solution instead of spending its steps on a zero head (measured on the
+  embedded default: with a zero head, 4 epochs at these rates left digits near chance,
+  0.18-0.34, against 0.81-0.90 for the frozen linear probe); ``head_init="zeros"`` gives BiT's
+  zero head;
 - for each learning rate of a small grid, train on the rest with SGD (momentum 0.9, weight
   decay 5e-4), batch 64, a per-step cosine schedule from the learning rate to 0 over
   ``epochs`` epochs, no warm-up; BatchNorm in train mode while training, eval mode to score;
@@ -68,7 +69,7 @@ FINETUNE_RECIPE: dict[str, Any] = {
     "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
     "epochs": 4, "batch_size": 64, "lr_grid": (0.003, 0.01, 0.03),
     "schedule": "cosine per step to 0, no warm-up", "val_fraction": 0.2,
-    "augment": "crop", "head_init": "ridge on frozen features (LP-FT)",
+    "augment": "crop", "head_init": "ridge on raw frozen features (LP-FT)",
     "batchnorm": "statistics re-estimated on the fit split, then train mode",
     "selection": "best validation accuracy (ties: smaller lr); no refit",
 }
@@ -161,7 +162,10 @@ def _probe_head(model: nn.Module, head: nn.Linear, images: Any, labels: torch.Te
                      .double().cpu())
     x = torch.cat(feats)
     y = labels[torch.as_tensor(index)]
-    ridge = FewShotRidge().fit(x, y)
+    # raw features (no per-feature standardisation): a near-constant feature, standardised and
+    # folded back, gets a weight of ~1/std that blows up once the features move (measured: some
+    # fine-tunes collapsed to chance from such a head)
+    ridge = FewShotRidge(standardize=False).fit(x, y)
     coef = torch.as_tensor(ridge.coef_ / ridge.scale_[:, None])  # (d, C) on raw features
     bias = torch.as_tensor(ridge.intercept_) - torch.as_tensor(ridge.mean_) @ coef
     # ridge.classes_ are 0..C-1 here (labels re-indexed by the caller); a class absent from
