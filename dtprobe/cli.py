@@ -355,7 +355,18 @@ def _add_analysis_parsers(sub) -> None:
                         "probes and transferability scores per checkpoint on each")
     a.add_argument("--downstream-metrics", nargs="+", default=None, metavar="METRIC",
                    help="metrics computed on each downstream dataset (default: probe_accuracy "
-                        "knn_accuracy logme h_score transrate gbc leep nce)")
+                        "knn_accuracy fewshot_ridge fewshot_ncm logme h_score transrate gbc "
+                        "leep nce)")
+    a.add_argument("--fewshot-shots", nargs="+", type=positive_int, default=[1, 5, 10, 25],
+                   metavar="K", help="images per class of the few-shot metrics (fewshot_ridge, "
+                                     "fewshot_ncm; default 1 5 10 25)")
+    a.add_argument("--fewshot-draws", type=positive_int, default=5, metavar="N",
+                   help="seeded draws of the shots per few-shot count (default 5)")
+    a.add_argument("--finetune", action="store_true",
+                   help="also fine-tune the whole network of every checkpoint on every "
+                        "downstream dataset (fixed recipe: SGD 0.9, 4-epoch cosine, lr grid "
+                        "0.003/0.01/0.03 chosen on a 20%% validation split; costs about 12 "
+                        "epochs over the dataset per checkpoint); finetune_accuracy rows")
     a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     a.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="images per forward pass during extraction")
@@ -730,7 +741,9 @@ def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles,
                 downstream=args.downstream, downstream_metrics=args.downstream_metrics,
                 max_samples=args.max_samples, image_store=args.image_store,
-                memory_budget=args.memory_budget, shard=args.shard)
+                memory_budget=args.memory_budget, shard=args.shard,
+                fewshot_shots=args.fewshot_shots, fewshot_draws=args.fewshot_draws,
+                finetune=args.finetune)
 
 
 def _watch(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ without importing each other.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +122,7 @@ METRIC_INFO: dict[str, MetricInfo] = {
     "gbc": MetricInfo("GBC (Bhattacharyya)", "\u2264 0"),
     "leep": MetricInfo("LEEP", "\u2264 0"),
     "nce": MetricInfo("NCE (\u2212H(Y|Z))", "\u2264 0"),
+    "finetune_accuracy": MetricInfo("fine-tuned accuracy", "[0, 1]"),
     "transfer_accuracy_mean": MetricInfo("mean downstream-dataset probe accuracy", "[0, 1]"),
     "transfer_log_odds_mean": MetricInfo("mean downstream log-odds (t-ReX)", "log(p / (1 - p))"),
     "nleep": MetricInfo("NLEEP", "\u2264 0"),
@@ -154,6 +156,19 @@ for _name, (_label, _range, _higher) in SIMILARITY_INFO.items():
                            ("to_run", "to other run")):
         METRIC_INFO[f"{_name}_{_suffix}"] = MetricInfo(f"{_label} {_what}", _range, _higher)
 
+# Few-shot transfer (dtprobe.metrics.fewshot): one metric per classifier and shot count.
+_FEWSHOT_LABELS = {"ridge": "ridge", "ncm": "nearest-class-mean"}
+_FEWSHOT_NAME = re.compile(r"fewshot_(ridge|ncm)_(\d+)shot")
+
+
+def _fewshot_info(classifier: str, shots: int) -> MetricInfo:
+    return MetricInfo(f"{shots}-shot {_FEWSHOT_LABELS[classifier]} accuracy", "[0, 1]")
+
+
+for _clf in _FEWSHOT_LABELS:
+    for _k in (1, 5, 10, 25):
+        METRIC_INFO[f"fewshot_{_clf}_{_k}shot"] = _fewshot_info(_clf, _k)
+
 METRIC_ORDER: tuple[str, ...] = tuple(METRIC_INFO)
 """Canonical display order: discriminability first, then transferability, similarity, collapse."""
 
@@ -170,7 +185,12 @@ def similarity_rows(name: str) -> tuple[str, ...]:
 
 def metric_info(metric: str) -> MetricInfo:
     """Return the :class:`MetricInfo` of ``metric`` (a generic one for unknown names)."""
-    return METRIC_INFO.get(metric, MetricInfo(metric.replace("_", " ")))
+    if metric in METRIC_INFO:
+        return METRIC_INFO[metric]
+    few = _FEWSHOT_NAME.fullmatch(metric)
+    if few:  # a shot count other than the defaults (--fewshot-shots)
+        return _fewshot_info(few.group(1), int(few.group(2)))
+    return MetricInfo(metric.replace("_", " "))
 
 
 def estimator_unit(estimator: str, params: Mapping[str, Any] | None = None) -> str:
@@ -369,6 +389,28 @@ def downstream_mask(table: pd.DataFrame) -> pd.Series:
     params = table["params"].astype(str)
     maybe = params.str.contains(f'"{DOWNSTREAM_PARAM}"', regex=False)
     return maybe & params.where(maybe, "").map(lambda p: DOWNSTREAM_PARAM in parse_params(p))
+
+
+def transfer_protocols(table: pd.DataFrame) -> dict[str, str]:
+    """``protocol -> metric`` of the transfer protocols present in ``table``: ``"linear"``
+    (``probe_accuracy``), ``"few-shot"`` (the 10-shot ridge row when present, else the ridge
+    row with the most shots, else nearest class mean) and ``"fine-tuned"``
+    (``finetune_accuracy``), in that order."""
+    if table.empty:
+        return {}
+    present = set(table["metric"].unique())
+    out: dict[str, str] = {}
+    if "probe_accuracy" in present:
+        out["linear"] = "probe_accuracy"
+    for clf in ("ridge", "ncm"):
+        shots = sorted(int(m.group(2)) for m in map(_FEWSHOT_NAME.fullmatch, present)
+                       if m and m.group(1) == clf)
+        if shots:
+            out["few-shot"] = f"fewshot_{clf}_{10 if 10 in shots else shots[-1]}shot"
+            break
+    if "finetune_accuracy" in present:
+        out["fine-tuned"] = "finetune_accuracy"
+    return out
 
 
 def downstream_tasks(table: pd.DataFrame) -> list[str]:

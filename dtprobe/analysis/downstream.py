@@ -8,6 +8,8 @@ transfer metrics are computed on them:
 
 - the Kornblith-protocol linear probe (``probe_accuracy``: the dataset's official train/test
   split, validation carved from train) and the weighted kNN probe (``knn_accuracy``);
+- few-shot transfer (``fewshot_ridge``, ``fewshot_ncm``: k images per class drawn from the
+  training split by sample-id hash, several draws; :mod:`dtprobe.metrics.fewshot`);
 - the transferability scores LogME, H-score, TransRate, GBC (features) and LEEP, NCE (the source
   head's outputs on the target images), on the target's training split.
 
@@ -54,10 +56,12 @@ from dtprobe.analysis.epoch_metrics import (
     apply_metric,
     cacheable,
     layer_views,
+    metric_options,
     metric_rows,
     rows_key,
 )
 from dtprobe.analysis.features import checkpoint_features, verify_checkpoint
+from dtprobe.analysis.finetune import FineTunePartStore, finetune_rows
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.resume import PartStore
 from dtprobe.analysis.rows import note
@@ -66,12 +70,14 @@ from dtprobe.data.registry import supports_store
 from dtprobe.data.spec import DownstreamSpec, loader_parameters, parse_downstreams
 from dtprobe.data.transfer import SourceInput, prepare_for_source, source_loader_params
 from dtprobe.features.cache import FeatureCache, dataset_key
+from dtprobe.metrics.fewshot import row_metric_names
 from dtprobe.metrics.registry import EpochView, FeatureSplit, MetricValue, available_metrics
 from dtprobe.runtime.isolation import contain
 from dtprobe.table import DOWNSTREAM_PARAM
 
-DOWNSTREAM_METRICS: tuple[str, ...] = ("probe_accuracy", "knn_accuracy", "logme", "h_score",
-                                       "transrate", "gbc", "leep", "nce")
+DOWNSTREAM_METRICS: tuple[str, ...] = ("probe_accuracy", "knn_accuracy", "fewshot_ridge",
+                                       "fewshot_ncm", "logme", "h_score", "transrate", "gbc",
+                                       "leep", "nce")
 """Metrics computed per checkpoint and downstream dataset (registered adapters, one task)."""
 
 DOWNSTREAM_VERSION = 2  # 2: the linear probe's default is the papers' 45-value protocol
@@ -178,15 +184,16 @@ def downstream_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
     """Rows of ``metrics`` for one checkpoint's features on one downstream dataset."""
     if ds.problem is not None or feats is None:
         reason = ds.problem or "no features"
-        return [_row(plan, ckpt, ds, _nan(m, ds, reason)) for m in metrics]
+        return [_row(plan, ckpt, ds, _nan(name, ds, reason)) for m in metrics
+                for name in row_metric_names(m, metric_options(opts))]
     b = ds.data.bundle
     view = EpochView(
         epoch=ckpt.epoch,
         train=FeatureSplit(feats["train"]["features"], b.train.labels, b.train.factors,
-                           feats["train"]["logits"]),
+                           feats["train"]["logits"], sample_ids=b.train.sample_ids),
         test=FeatureSplit(feats["test"]["features"], b.test.labels, b.test.factors,
-                          feats["test"]["logits"]),
-        seed=opts.seed, probe_protocol=opts.probe_protocol)
+                          feats["test"]["logits"], sample_ids=b.test.sample_ids),
+        seed=opts.seed, probe_protocol=opts.probe_protocol, options=metric_options(opts))
     registry = available_metrics()
     rows = []
     for name in metrics:
@@ -195,7 +202,7 @@ def downstream_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
                                           f"downstream {ds.spec.name}: ", ds.spec.name))
     # layer x epoch transfer: the feature-and-label metrics on each requested layer's outputs
     for layer, layer_view in layer_views(feats, b, opts.layers, ckpt.epoch, opts.seed,
-                                         opts.probe_protocol):
+                                         opts.probe_protocol, view.options):
         for name in metrics:
             if name in LAYER_METRICS:
                 rows.extend(_row(plan, ckpt, ds, v, layer_view, layer)
@@ -305,9 +312,14 @@ def analyse_downstream(plan: RunPlan, checkpoints: Sequence[PlannedCheckpoint],
         if ds.problem is not None:
             note(f"{ds.problem}; its rows are NaN")
         parts = DownstreamPartStore(parts_root, spec.name, reuse=opts.use_cache)
+        tuned = FineTunePartStore(parts_root, spec.name, reuse=opts.use_cache)
         for ckpt in checkpoints:
             try:
                 rows.extend(process_downstream(plan, ckpt, ds, cache, parts, device, opts, stats))
+                if opts.finetune:  # opt-in: a training run per checkpoint and dataset
+                    rows.extend(finetune_rows(
+                        plan, ckpt, ds, source.bundle.in_channels, tuned, device, opts,
+                        lambda v, c=ckpt, d=ds: _row(plan, c, d, v)))
             except Exception as exc:  # any class: this checkpoint on this dataset only
                 reason = (f"downstream {spec.name}: "
                           f"{contain(exc, str(ckpt.path), 'skipped on this dataset').reason}")

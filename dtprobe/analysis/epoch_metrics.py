@@ -99,7 +99,9 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
         test=FeatureSplit(feats["test"]["features"], b.test.labels, b.test.factors,
                           feats["test"]["logits"], inputs=data.mi()),
         head_weight=weight, head_bias=bias, seed=opts.seed,
-        probe_protocol=opts.probe_protocol)
+        probe_protocol=opts.probe_protocol, options=metric_options(opts))
+    view.train.sample_ids = b.train.sample_ids
+    view.test.sample_ids = b.test.sample_ids
     rows = []
     for spec in specs:
         rows.extend(metric_rows(plan, ckpt, apply_metric(spec, view, ckpt.epoch), view))
@@ -107,7 +109,8 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
     # layer's (pooled) outputs; the source head, logits and MI inputs belong to the penultimate.
     layer_specs = [s for s in specs if s.name in LAYER_METRICS]
     for layer, layer_view in layer_views(feats, b, opts.layers if layer_specs else (),
-                                         ckpt.epoch, opts.seed, opts.probe_protocol):
+                                         ckpt.epoch, opts.seed, opts.probe_protocol,
+                                         view.options):
         for spec in layer_specs:
             values = apply_metric(spec, layer_view, ckpt.epoch)
             for v in values:
@@ -117,7 +120,8 @@ def epoch_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, feats, data: EvalData,
 
 
 def layer_views(feats, bundle, layers: Sequence[str], epoch: int, seed: int,
-                probe_protocol: str = "kornblith2019") -> Iterator[tuple[str, EpochView]]:
+                probe_protocol: str = "kornblith2019",
+                options: dict[str, Any] | None = None) -> Iterator[tuple[str, EpochView]]:
     """``(layer, view)`` for each of ``layers`` whose pooled outputs were extracted for both
     splits; the views hold no logits or head (those belong to the penultimate)."""
     for layer in layers:
@@ -126,14 +130,32 @@ def layer_views(feats, bundle, layers: Sequence[str], epoch: int, seed: int,
             yield layer, EpochView(
                 epoch=epoch,
                 train=FeatureSplit(feats["train"][key], bundle.train.labels,
-                                   bundle.train.factors),
-                test=FeatureSplit(feats["test"][key], bundle.test.labels, bundle.test.factors),
-                seed=seed, probe_protocol=probe_protocol)
+                                   bundle.train.factors, sample_ids=bundle.train.sample_ids),
+                test=FeatureSplit(feats["test"][key], bundle.test.labels, bundle.test.factors,
+                                  sample_ids=bundle.test.sample_ids),
+                seed=seed, probe_protocol=probe_protocol, options=dict(options or {}))
+
+
+def metric_options(opts: AnalysisOptions) -> dict[str, Any]:
+    """The analysis settings metrics read from ``EpochView.options``."""
+    return {"fewshot_shots": tuple(int(k) for k in opts.fewshot_shots),
+            "fewshot_draws": int(opts.fewshot_draws)}
+
+
+def option_key_fields(opts: AnalysisOptions) -> list[str]:
+    """Part-key fields of the metric settings that differ from their defaults (so that keys
+    of analyses with default settings are unchanged)."""
+    default = AnalysisOptions()
+    fields = []
+    if tuple(opts.fewshot_shots) != tuple(default.fewshot_shots) \
+            or opts.fewshot_draws != default.fewshot_draws:
+        fields.append(f"fewshot={list(opts.fewshot_shots)}x{opts.fewshot_draws}")
+    return fields
 
 
 #: Registered metrics computed per layer with ``--layers`` (functions of features and labels).
 LAYER_METRICS = frozenset({"probe_accuracy", "knn_accuracy", "class_separation", "rankme",
-                           "twonn", "alpha_req", "cdnv"})
+                           "twonn", "alpha_req", "cdnv", "fewshot_ridge", "fewshot_ncm"})
 
 
 def apply_metric(spec: MetricSpec, view: EpochView, epoch: int, where: str = "",
@@ -178,7 +200,8 @@ def rows_key(version: int, ckpt: PlannedCheckpoint, fields: Sequence[Any],
     version : the format version of the part files (bumped when rows change meaning).
     ckpt : the checkpoint (its ``cache_digest``).
     fields : JSON-serialisable, e.g. the data key, the metric names and the seed.
-    opts : the analysis options (layers extracted, feature dtype, probe protocol).
+    opts : the analysis options (layers extracted, feature dtype, probe protocol, few-shot
+        settings).
 
     Returns
     -------
@@ -192,6 +215,7 @@ def rows_key(version: int, ckpt: PlannedCheckpoint, fields: Sequence[Any],
         key.append(f"dtype={opts.feature_dtype}")
     if opts.probe_protocol != "kornblith2019":  # the default protocol's keys carry no tag
         key.append(f"probe={opts.probe_protocol}")
+    key.extend(option_key_fields(opts))
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 

@@ -318,7 +318,9 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             strip_prefix: str | None = None, trust_pickles: bool = False,
             downstream: Sequence[Any] = (), downstream_metrics: Sequence[str] | None = None,
             max_samples: int | None = None, image_store: str | Path | None = "auto",
-            memory_budget: int | str | None = None, shard: str = "auto"):
+            memory_budget: int | str | None = None, shard: str = "auto",
+            fewshot_shots: Sequence[int] = (1, 5, 10, 25), fewshot_draws: int = 5,
+            finetune: bool = False, finetune_recipe: dict[str, Any] | None = None):
     """Analyse every checkpoint of the run in ``path``.
 
     Parameters
@@ -387,6 +389,12 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         (default: three quarters of the memory available); an analysis that would exceed it
         is refused before any work, with the options that would fit
         (:mod:`dtprobe.analysis.memory`).
+    fewshot_shots, fewshot_draws : images per class and seeded draws of the few-shot metrics
+        (``fewshot_ridge``, ``fewshot_ncm``; :mod:`dtprobe.metrics.fewshot`).
+    finetune : also fine-tune the whole network of every checkpoint on every downstream
+        dataset (fixed recipe, :mod:`dtprobe.training.finetune`): ``finetune_accuracy`` rows.
+    finetune_recipe : entries of that recipe to replace (e.g. ``{"lr_grid": (0.01,)}`` on a
+        slow CPU); recorded in the rows' params.
 
     Returns
     -------
@@ -429,5 +437,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
                            max_samples=max_samples, shard=shard,
                            image_store=None if image_store is None else str(image_store),
                            memory_budget=(None if memory_budget is None
-                                          else parse_size(memory_budget)))
+                                          else parse_size(memory_budget)),
+                           fewshot_shots=tuple(int(k) for k in fewshot_shots),
+                           fewshot_draws=int(fewshot_draws), finetune=bool(finetune),
+                           finetune_recipe=dict(finetune_recipe) if finetune_recipe else None)
     return analyze_plan(plan, opts)

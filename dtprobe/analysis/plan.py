@@ -163,6 +163,16 @@ class AnalysisOptions:
     shard: str = "auto"
     #: Ranks whose image shares are assembled from part files (set for ``--shard images``).
     image_shards: int = 1
+    #: ``--fewshot-shots`` / ``--fewshot-draws``: settings of the few-shot metrics
+    #: (:mod:`dtprobe.metrics.fewshot`; defaults equal its FEWSHOT_SHOTS and FEWSHOT_DRAWS).
+    fewshot_shots: tuple[int, ...] = (1, 5, 10, 25)
+    fewshot_draws: int = 5
+    #: ``--finetune``: also fine-tune every checkpoint on every downstream dataset
+    #: (:mod:`dtprobe.analysis.finetune`).
+    finetune: bool = False
+    #: Entries of the fine-tune recipe replaced (None: FINETUNE_RECIPE as it is); recorded in
+    #: the rows' params and their part keys.
+    finetune_recipe: dict[str, Any] | None = None
 
 
 def _symlink_problem(run_dir: Path, relpath: str, follow_symlinks: bool,

@@ -23,7 +23,7 @@ import numpy as np
 
 from dtprobe.errors import DatasetError
 
-__all__ = ["check_max_samples", "sample_ids_digest", "stable_subset"]
+__all__ = ["check_max_samples", "sample_ids_digest", "sample_ranks", "stable_subset"]
 
 
 def check_max_samples(name: str, max_samples: int | None) -> int | None:
@@ -36,8 +36,17 @@ def check_max_samples(name: str, max_samples: int | None) -> int | None:
     return max_samples
 
 
-def _rank(sample_id: str, seed: int) -> int:
+def _rank(sample_id: str, seed: int | str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:8], "big")
+
+
+def sample_ranks(sample_ids: Sequence[str], key: int | str = 0) -> np.ndarray:
+    """The hash rank of every sample id under ``key``: the first 8 bytes (big-endian) of
+    ``sha256(f"{key}:{id}")`` as uint64. :func:`stable_subset` keeps the smallest ranks under
+    its seed; other stable draws (few-shot shots: :mod:`dtprobe.metrics.fewshot`) use their
+    own key."""
+    return np.fromiter((_rank(s, key) for s in sample_ids), dtype=np.uint64,
+                       count=len(sample_ids))
 
 
 def _quotas(counts: np.ndarray, total: int) -> np.ndarray:
@@ -75,7 +84,7 @@ def stable_subset(sample_ids: Sequence[str], labels: np.ndarray, max_samples: in
         return np.arange(n, dtype=np.int64)
     classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     quota = _quotas(counts, max_samples)
-    ranks = np.fromiter((_rank(s, seed) for s in sample_ids), dtype=np.uint64, count=n)
+    ranks = sample_ranks(sample_ids, seed)
     keep: list[np.ndarray] = []
     for c in range(len(classes)):
         members = np.flatnonzero(inverse == c)

@@ -17,6 +17,8 @@ cka                    :func:`linear_cka`, :func:`rbf_cka`, :func:`cka_matrix`,
                        :class:`MinibatchCKA` (Kornblith 2019; Nguyen et al. 2021),
                        :func:`cka_permutation_null` (chance level of CKA)
 information            :func:`mutual_information` and one function per estimator
+fewshot                :func:`fewshot_accuracy` (closed-form ridge, nearest class mean;
+                       Islam et al. 2021, big_vision)
 probes                 :func:`linear_probe`, :func:`knn_probe` (Kornblith et al. 2019)
 transferability        :func:`logme`, :func:`h_score`, :func:`transrate`, :func:`gbc`,
                        :func:`leep`, :func:`nce_score`, :func:`nleep` (Li et al. 2021)
@@ -41,6 +43,7 @@ from dtprobe.metrics.cka import (
     rbf_cka,
 )
 from dtprobe.metrics.collapse import cdnv, class_mean_uniformity, neural_collapse
+from dtprobe.metrics.fewshot import fewshot_accuracy
 from dtprobe.metrics.information import (
     MIResult,
     binning_mi,
@@ -66,5 +69,5 @@ __all__ = [
     "infonce_mi", "neural_collapse", "rankme", "rbf_cka", "top1_accuracy",
     "transrate", "twonn", "alpha_req", "numerical_rank", "cdnv", "class_mean_uniformity",
     "mutual_knn", "cknna", "procrustes_distance", "angular_shape_metric", "svcca", "pwcca",
-    "nleep", "cka_permutation_null", "CKANull",
+    "nleep", "cka_permutation_null", "CKANull", "fewshot_accuracy",
 ]

@@ -39,6 +39,7 @@ class FeatureSplit:
     factors : downstream task name -> (n,) int64 labels on the same images.
     logits : (n, C) source-head outputs of the checkpoint, or None.
     inputs : (n, p) flattened, normalised input pixels (a subset may be used), or None.
+    sample_ids : stable id of each sample (:mod:`dtprobe.data.subsets`), or None.
     """
 
     features: torch.Tensor
@@ -46,11 +47,16 @@ class FeatureSplit:
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None
     inputs: torch.Tensor | None = None
+    sample_ids: list[str] | None = None
 
 
 @dataclass
 class EpochView:
-    """Everything a per-checkpoint metric may use."""
+    """Everything a per-checkpoint metric may use.
+
+    ``options`` holds analysis settings a metric may read (``fewshot_shots``,
+    ``fewshot_draws``); a metric reading one must record it in its rows' params.
+    """
 
     epoch: int
     train: FeatureSplit
@@ -60,6 +66,7 @@ class EpochView:
     seed: int = 0
     #: Named linear-probe protocol (``dtprobe.metrics.probes.PROBE_PROTOCOLS``).
     probe_protocol: str = "kornblith2019"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

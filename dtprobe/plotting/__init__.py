@@ -26,6 +26,7 @@ from dtprobe.plotting.charts import (
     plot_tradeoff,
     plot_tradeoff_by_task,
     plot_tradeoff_over_epochs,
+    plot_transfer_protocols,
     plot_transfer_tradeoff,
 )
 from dtprobe.plotting.style import EPOCH_CMAP, TASK_PALETTE, palette, run_colors, style, task_colors
@@ -47,6 +48,7 @@ __all__ = [
     "plot_tradeoff",
     "plot_tradeoff_by_task",
     "plot_tradeoff_over_epochs",
+    "plot_transfer_protocols",
     "plot_transfer_tradeoff",
     "run_colors",
     "save_all_figures",

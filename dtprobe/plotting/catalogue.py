@@ -21,7 +21,7 @@ from dtprobe.errors import ConfigError
 from dtprobe.plotting import charts
 from dtprobe.plotting import layer_charts as layer_plots
 from dtprobe.plotting.style import style
-from dtprobe.table import downstream_tasks
+from dtprobe.table import downstream_mask, downstream_tasks, transfer_protocols
 
 if TYPE_CHECKING:  # pragma: no cover  (type only: plotting never imports dtprobe.results)
     from dtprobe.results.core import Results
@@ -41,7 +41,8 @@ def iter_figures(results: Results | pd.DataFrame,
     Charts whose metrics are absent are skipped. The caller owns (and should close) each
     figure. Names are unique and a chart has the same name wherever it is written:
     ``tradeoff`` (accuracies over epochs, also ``RUN_DIR/analysis/tradeoff.png``),
-    ``tradeoff_plane``, ``tradeoff_plane_by_task``, ``metrics``,
+    ``tradeoff_plane``, ``tradeoff_plane_by_task``, ``transfer_protocols`` (linear probe vs
+    few-shot vs fine-tuned transfer per downstream dataset), ``metrics``,
     ``information_plane[_<estimator>]``, ``cka_to_final``, ``temporal_cka``.
     """
     table = charts.as_table(results)
@@ -54,6 +55,11 @@ def iter_figures(results: Results | pd.DataFrame,
         yield ("tradeoff_transfer", "Source accuracy against the mean linear-probe accuracy on "
                f"the downstream datasets ({', '.join(names)}): transfer to other images.",
                charts.plot_transfer_tradeoff(table).figure)
+    if len(transfer_protocols(finite[downstream_mask(finite)])) >= 2:
+        yield ("transfer_protocols", "Downstream test accuracy over epochs under the linear "
+               "probe, few-shot (10-shot ridge, band = interval over draws) and full "
+               "fine-tuning, one panel per dataset; markers show each curve's best epoch.",
+               charts.plot_transfer_protocols(table))
     if present & {"source_accuracy", "probe_accuracy"}:
         yield ("tradeoff", "Source and downstream probe accuracy against epoch; triangles mark "
                "where each probe peaked, dotted lines the chance levels.",

@@ -58,6 +58,7 @@ from dtprobe.table import (
     parse_params,
     sort_layers,
     sort_metrics,
+    transfer_protocols,
 )
 
 if TYPE_CHECKING:  # pragma: no cover  (type only: plotting never imports dtprobe.results.core)
@@ -868,3 +869,78 @@ def plot_transfer_tradeoff(table: pd.DataFrame | Results, dataset: str | None = 
     ax.set_ylabel(f"linear-probe accuracy on {dataset}  [0, 1]")
     ax.set_title(f"Discriminability vs transfer to {dataset}")
     return ax
+
+
+_PROTOCOL_STYLE = {"linear": ("#1f77b4", "o"), "few-shot": ("#ff7f0e", "s"),
+                   "fine-tuned": ("#2ca02c", "D")}
+
+
+def plot_transfer_protocols(table: pd.DataFrame | Results, ncols: int = 3) -> Figure:
+    """Transfer over epochs under the three protocols, one panel per downstream dataset.
+
+    Linear probe (``probe_accuracy``), few-shot (:func:`dtprobe.table.transfer_protocols`
+    picks the 10-shot ridge row; its band is the interval over draws) and full fine-tuning
+    (``finetune_accuracy``, ``dtprobe analyze --finetune``) against epoch, colour = protocol,
+    line style = run; a marker shows each curve's best epoch, dotted lines the chance level.
+    Whether the late-training drop of the linear probe survives fine-tuning (Kornblith et al.
+    2021) reads off the panel.
+
+    Returns
+    -------
+    Figure
+    """
+    table = as_table(table)
+    names = downstream_tasks(table)
+    down = table[downstream_mask(table) & (table["layer"] == "") & np.isfinite(table["value"])]
+    protocols = transfer_protocols(down)
+    if not names or len(protocols) < 2:
+        raise ConfigError("the transfer-protocol chart needs downstream rows of at least two "
+                          "of: probe_accuracy, fewshot_*, finetune_accuracy (dtprobe analyze "
+                          "--downstream SPEC [--finetune])")
+    runs = _runs(down)
+    styles = {r: LINESTYLES[i % len(LINESTYLES)] for i, r in enumerate(runs)}
+    ncols = max(1, min(ncols, len(names)))
+    nrows = -(-len(names) // ncols)
+    with style():
+        fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.6 * ncols, 7.5), 3.4 * nrows + 1),
+                                 layout="constrained", squeeze=False)
+        for ax, name in zip(axes.flat, names, strict=False):
+            sub = down[down["task"] == name]
+            for proto, metric in protocols.items():
+                color, marker = _PROTOCOL_STYLE[proto]
+                rows = sub[sub["metric"] == metric]
+                for run in runs:
+                    g = rows[rows["run"] == run].groupby("epoch")["value"].mean().sort_index()
+                    if g.empty:
+                        continue
+                    ax.plot(g.index, g.to_numpy(), color=color, ls=styles[run], lw=1.8)
+                    best = int(np.argmax(g.to_numpy()))
+                    ax.plot([g.index[best]], [g.iloc[best]], marker=marker, color=color,
+                            markeredgecolor="black", markeredgewidth=0.6, ls="none", zorder=5)
+                    _interval_bands(ax, rows[rows["run"] == run], color, metric)
+                _draw_chance(ax, {k: v for k, v in chance_levels(rows, metric).items()},
+                             color="0.45", label=False)
+            ax.set_title(name)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("test accuracy  [0, 1]")
+            ax.set_ylim(-0.03, 1.03)
+            _epoch_axis(ax, sub["epoch"].to_numpy())
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
+        labels = {"linear": "linear probe", "fine-tuned": "fine-tuned"}
+        handles = [Line2D([], [], color=_PROTOCOL_STYLE[p][0], marker=_PROTOCOL_STYLE[p][1],
+                          markeredgecolor="black", lw=1.8,
+                          label=labels.get(p) or
+                          f"{p}: {metric_info(m).label.replace(' accuracy', '')}")
+                   for p, m in protocols.items()]
+        if len(runs) > 1:
+            handles += [Line2D([], [], color="0.3", ls=styles[r], label=f"run: {r}")
+                        for r in runs]
+        handles.append(Line2D([], [], color="0.45", ls=":", lw=1.1, label="chance"))
+        handles.append(Line2D([], [], ls="none", marker="o", color="white",
+                              markeredgecolor="black", label="marker: best epoch"))
+        fig.legend(handles=handles, loc="outside lower center", frameon=False,
+                   ncol=min(len(handles), 4))
+        fig.suptitle("Transfer over training: linear probe vs few-shot vs fine-tuning")
+    return fig
+

@@ -56,6 +56,7 @@ from dtprobe.table import (
     normalize_table,
     parse_params,
     sort_metrics,
+    transfer_protocols,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -305,6 +306,10 @@ class Results:
                 "source_last": src_map.get((r.run, r.last_epoch), np.nan),
             })
         return pd.DataFrame(rows, columns=cols)
+
+    def protocol_peaks(self) -> pd.DataFrame:
+        """The epoch of best transfer under each protocol; see :func:`protocol_peaks`."""
+        return protocol_peaks(self._table)
 
     def downstream_datasets(self) -> list[str]:
         """Names of the downstream (transfer) datasets analysed, i.e. their ``task`` values."""
@@ -607,6 +612,37 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     tx, ty = float(np.sum(sa == 0)), float(np.sum(sb == 0))
     denom = np.sqrt((n0 - tx) * (n0 - ty))
     return float(np.sum(sa * sb) / denom) if denom > 0 else float("nan")
+
+
+def protocol_peaks(table: pd.DataFrame) -> pd.DataFrame:
+    """Per run and downstream dataset, the epoch of best transfer under each protocol.
+
+    The protocols are those of :func:`dtprobe.table.transfer_protocols` (linear probe, few-shot,
+    fine-tuned; Islam et al. 2021 measure all three). Returns one row per run x dataset x
+    protocol: ``run, dataset, protocol, metric, best_epoch, best, last_epoch, last, drop``
+    (``best - last``), plus ``same_best_epoch`` (whether every protocol measured for that run
+    and dataset peaks at the same epoch).
+    """
+    cols = ["run", "dataset", "protocol", "metric", "best_epoch", "best", "last_epoch", "last",
+            "drop", "same_best_epoch"]
+    down = table[downstream_mask(table) & (table["layer"] == "")] if not table.empty else table
+    down = down[np.isfinite(down["value"])] if not down.empty else down
+    protocols = transfer_protocols(down) if not down.empty else {}
+    rows = []
+    for proto, metric in protocols.items():
+        sub = down[down["metric"] == metric]
+        for (run, dataset), g in sub.groupby(["run", "task"], sort=True):
+            s = g.groupby("epoch")["value"].mean().sort_index()
+            best = int(s.index[int(np.argmax(s.to_numpy()))])
+            rows.append({"run": run, "dataset": dataset, "protocol": proto, "metric": metric,
+                         "best_epoch": best, "best": float(s.max()),
+                         "last_epoch": int(s.index[-1]), "last": float(s.iloc[-1]),
+                         "drop": float(s.max() - s.iloc[-1])})
+    out = pd.DataFrame(rows, columns=cols[:-1])
+    if out.empty:
+        return pd.DataFrame(columns=cols)
+    same = out.groupby(["run", "dataset"])["best_epoch"].transform("nunique") == 1
+    return out.assign(same_best_epoch=same.astype(bool))[cols]
 
 
 def score_rank_correlation(table: pd.DataFrame, target: str = "probe_accuracy",

@@ -463,6 +463,7 @@ def _transfer_section(results: Results) -> str:
                     "should beat.</p>"
                     f'<div class="scroll"><table><thead>{thead}</thead><tbody>{tbody}</tbody>'
                     "</table></div>")
+    protocols_html = _protocols(results)
     return (f'<p class="note">Frozen penultimate features of every checkpoint, linear-probed on '
             f"{len(names)} other dataset{'s' if len(names) != 1 else ''} "
             f"({_esc(', '.join(names))}) prepared with the source model's input preprocessing "
@@ -470,7 +471,42 @@ def _transfer_section(results: Results) -> str:
             "(Sariyildiz et al. 2023).</p>"
             f'<div class="scroll"><table><thead>{head}</thead><tbody>{body}</tbody></table></div>'
             '<h3 id="score-rank-correlation">Which transferability score predicts transfer over '
-            f"training?</h3>{tau_html}")
+            f"training?</h3>{tau_html}{protocols_html}")
+
+
+def _protocols(results: Results) -> str:
+    """Best epoch of transfer under the linear probe, few-shot and fine-tuning, and whether it
+    is the same epoch under all of them."""
+    peaks = results.protocol_peaks()
+    if peaks.empty or peaks["protocol"].nunique() < 2:
+        return ""
+    protos = list(dict.fromkeys(peaks["protocol"]))
+    head = "<tr><th>run</th><th>dataset</th>" + "".join(
+        f"<th>{_esc(p)}: best (epoch) &rarr; last</th>" for p in protos) + \
+        "<th>same best epoch?</th></tr>"
+    body = []
+    verdicts = []
+    for (run, dataset), g in peaks.groupby(["run", "dataset"], sort=False):
+        by = {r.protocol: r for r in g.itertuples()}
+        cells = "".join(
+            f"<td class=num>{_fmt(by[p].best)} ({int(by[p].best_epoch)}) &rarr; "
+            f"{_fmt(by[p].last)}</td>" if p in by else "<td>n/a</td>" for p in protos)
+        same = bool(g["same_best_epoch"].iloc[0]) and len(g) > 1
+        body.append(f"<tr><td>{_esc(run)}</td><td>{_esc(dataset)}</td>{cells}"
+                    f"<td>{'yes' if same else 'no'}</td></tr>")
+        epochs = ", ".join(f"{r.protocol} {int(r.best_epoch)}" for r in g.itertuples())
+        verdicts.append(f"{_esc(run)} on {_esc(dataset)}: "
+                        + ("the same epoch under every protocol" if same
+                           else f"different epochs ({_esc(epochs)})"))
+    metrics = ", ".join(f"{p} = <code>{_esc(m)}</code>" for p, m in
+                        dict(zip(peaks["protocol"], peaks["metric"], strict=False)).items())
+    return ('<h3 id="transfer-protocols">Is the epoch of best transfer the same under every '
+            'protocol?</h3><p class="note">Islam et al. (2021) measure transfer three ways; '
+            "Kornblith et al. (2021) find that the loss matters little once the network is "
+            f"fine-tuned. Protocols: {metrics}. Epoch of best transfer: "
+            + "; ".join(verdicts) + ".</p>"
+            f'<div class="scroll"><table><thead>{head}</thead><tbody>{"".join(body)}</tbody>'
+            "</table></div>")
 
 
 def _charts(results: Results, dpi: int) -> tuple[str, list[tuple[str, str]]]:
