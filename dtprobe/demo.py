@@ -166,24 +166,40 @@ def demo_table(results, names: dict[str, str] | None = None) -> str:
 
 
 def demo_finding(results, base: str = "ce", other: str = "ctc") -> str:
-    """One sentence comparing the last-epoch probes and source accuracy of two runs."""
-    peaks = results.probe_peaks()
-    if base not in results.runs or other not in results.runs or peaks.empty:
+    """One sentence comparing the last-epoch probes and source accuracy of two runs.
+
+    Each probe's difference is judged against its uncertainty, never by its sign alone: it
+    counts only when the 95 % interval of the difference, built from the two probe rows'
+    Wilson intervals by Newcombe's method (:func:`dtprobe.results.uncertainty.difference_interval`),
+    excludes 0; otherwise the sentence says "no difference beyond the intervals".
+    """
+    from dtprobe.results.uncertainty import last_epoch_differences, verdict_sentence
+
+    if base not in results.runs or other not in results.runs:
         return ""
-    last = peaks.pivot_table(index="task", columns="run", values="last")
-    if base not in last.columns or other not in last.columns:
+    table = results.table
+    diffs = last_epoch_differences(table, base, other).dropna(subset=["diff"])
+    if diffs.empty:
         return ""
-    diff = (last[other] - last[base]).dropna()
-    if diff.empty:
-        return ""
-    parts = ", ".join(f"{task} {d:+.3f}" for task, d in diff.items())
-    src = peaks.drop_duplicates("run").set_index("run")["source_last"]
-    src_diff = src.get(other, float("nan")) - src.get(base, float("nan"))
-    better = int((diff > 0).sum())
-    verdict = (f"{other.upper()} is above {base.upper()} on {better} of {len(diff)} probe(s)"
-               if better else f"{other.upper()} is not above {base.upper()} on any probe")
-    return (f"Last-epoch probes, {other.upper()} minus {base.upper()}: {parts} ({verdict}); "
-            f"source accuracy {src_diff:+.3f}.")
+
+    def cell(r) -> str:
+        if pd.isna(r.low):
+            return f"{r.task} {r.diff:+.3f}"
+        return f"{r.task} {r.diff:+.3f} [{r.low:+.3f}, {r.high:+.3f}]"
+
+    parts = ", ".join(cell(r) for r in diffs.itertuples())
+    verdict = verdict_sentence(diffs, other.upper(), base.upper())
+    src = last_epoch_differences(table, base, other, metric="source_accuracy")
+    src_txt = ""
+    if not src.empty and pd.notna(src.iloc[0]["diff"]):
+        s = src.iloc[0]
+        src_txt = f"; source accuracy {s['diff']:+.3f}"
+        if s["verdict"] != "no interval":
+            src_txt += f" [{s['low']:+.3f}, {s['high']:+.3f}]"
+    return (f"Last-epoch probes, {other.upper()} minus {base.upper()} [95% interval of the "
+            f"difference]: {parts}. {verdict[0].upper()}{verdict[1:]} (a difference counts "
+            f"only when its interval, from the two probes' Wilson intervals by Newcombe's "
+            f"method, excludes 0){src_txt}.")
 
 
 def write_table_file(results, out: Path, info: dict[str, Any], wall_s: float | None) -> Path:

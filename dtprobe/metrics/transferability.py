@@ -42,7 +42,9 @@ References
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,6 +56,7 @@ from dtprobe.metrics._validation import (
     check_labels,
     pow2_rescale,
 )
+from dtprobe.metrics.convergence import warn_unconverged
 from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
 
 __all__ = [
@@ -79,15 +82,25 @@ _TINY = 1e-300  # guards divisions by exactly zero in float64
 
 @dataclass
 class LogMEFit:
-    """Fixed point of LogME's evidence maximisation, one entry per target column.
+    """Maximum of LogME's evidence, one entry per target column.
 
     Attributes
     ----------
-    evidence : (K,) maximum log evidence divided by the number of samples.
-    alpha : (K,) prior precision of the weights at the fixed point.
-    beta : (K,) noise precision at the fixed point.
-    n_iter : fixed-point iterations used (the maximum over columns).
-    converged : whether every column met the tolerance.
+    evidence : (K,) maximum log evidence divided by the number of samples (the supremum where
+        the maximum is a limit, see ``optimum``).
+    alpha : (K,) prior precision of the weights at the maximum (``inf`` in the zero-weight
+        limit).
+    beta : (K,) noise precision at the maximum (``inf`` in the interpolation limit).
+    n_iter : Newton iterations used (the maximum over columns; 0 when every column's maximum
+        is a limit).
+    converged : whether every column met the tolerance or has its maximum at a limit.
+    optimum : per column, ``"interior"`` (a stationary point, found to ``tol``), ``"t->0"``
+        (the evidence increases towards ``alpha / beta -> 0``: the noise-free interpolation of
+        the targets, possible when the features' rank is the sample count, e.g. ``n <= D``;
+        the value is that limit, exactly), ``"t->inf"`` (the evidence increases towards zero
+        weights: the features explain nothing; the value is that limit), ``"unbounded"`` (the
+        targets lie in the span of rank-deficient features: the evidence has no finite
+        supremum and the value is ``inf``) or ``"unconverged"``.
     """
 
     evidence: torch.Tensor
@@ -95,10 +108,74 @@ class LogMEFit:
     beta: torch.Tensor
     n_iter: int
     converged: bool
+    optimum: tuple[str, ...] = ()
 
 
-def logme_fit(features: ArrayLike, targets: ArrayLike, *, tol: float = 1e-8,
-              max_iter: int = 200) -> LogMEFit:
+#: Stopping rule of the registered ``logme`` metric (recorded in every row's params).
+LOGME_TOL = 1e-10
+LOGME_MAX_ITER = 100
+#: Grid of LogME's one-dimensional search: log(alpha / beta) in steps of this size ...
+_LOGME_GRID_STEP = 0.25
+#: ... reaching this far (in log units) beyond the smallest and largest eigenvalue of F^T F,
+#: where the evidence is within e^-12 (relative) of its limits.
+_LOGME_GRID_MARGIN = 12.0
+
+
+class _Profile:
+    """LogME's evidence maximised over ``beta`` at fixed ``t = alpha / beta``, as a function of
+    ``u = log t`` (per column), with its first two derivatives.
+
+    In the left singular basis of ``F`` (eigenvalues ``s_i`` of ``F^T F``, ``z = U^T y``,
+    ``o = ||y||^2 - ||z||^2``) the evidence is ``log N(y | 0, beta^-1 (I + F F^T / t))``; its
+    maximum over ``beta`` is at ``beta = n / q`` with ``q(t) = sum_i z_i^2 t / (t + s_i) + o``
+    and equals ``-n/2 log(2 pi) + n/2 log(n / q) - n/2 - 1/2 sum_i log(1 + s_i / t)``.  With
+    ``w_i = s_i / (t + s_i)``, ``p = sum_i z_i^2 w_i (1 - w_i)`` and ``gamma = sum_i w_i``:
+    ``dh/du = (gamma - n p / q) / 2``, zero exactly where MacKay's fixed point holds.
+    """
+
+    def __init__(self, s2: torch.Tensor, z: torch.Tensor, outside: torch.Tensor, n: int):
+        self.s2, self.z2, self.outside, self.n = s2[:, None], z * z, outside, n
+
+    def value(self, u: torch.Tensor) -> torch.Tensor:
+        """Evidence per sample at ``u`` of shape (K,), or (G, 1) for one ``u`` per grid row."""
+        n = self.n
+        if u.ndim == 2:                                 # (G, 1): a grid shared by all columns
+            t = torch.exp(u)                            # (G, 1)
+            keep = t / (t + self.s2.T)                  # (G, r) = 1 - w
+            q = keep @ self.z2 + self.outside           # (G, K)
+            logdet = torch.log1p(self.s2.T / t).sum(1, keepdim=True)
+        else:
+            t = torch.exp(u)[None, :]                   # (1, K)
+            keep = t / (t + self.s2)                    # (r, K)
+            q = (keep * self.z2).sum(0) + self.outside
+            logdet = torch.log1p(self.s2 / t).sum(0)
+        h = (-n / 2 * math.log(2 * math.pi) + n / 2 * torch.log(n / q) - n / 2
+             - logdet / 2)
+        return h / n
+
+    def derivatives(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dh/du, d2h/du2)`` per column at ``u`` (K,), for the evidence *not* per sample."""
+        t = torch.exp(u)[None, :]
+        w = self.s2 / (t + self.s2)
+        keep = t / (t + self.s2)
+        ww = w * keep
+        q = (keep * self.z2).sum(0) + self.outside
+        p = (ww * self.z2).sum(0)
+        dp = -(ww * (keep - w) * self.z2).sum(0)
+        gamma = w.sum(0)
+        dgamma = -ww.sum(0)
+        n = self.n
+        g = (gamma - n * p / q) / 2
+        hess = (dgamma - n * (dp / q - (p / q) ** 2)) / 2
+        return g, hess
+
+    def q(self, u: torch.Tensor) -> torch.Tensor:
+        t = torch.exp(u)[None, :]
+        return (t / (t + self.s2) * self.z2).sum(0) + self.outside
+
+
+def logme_fit(features: ArrayLike, targets: ArrayLike, *, tol: float = 1e-10,
+              max_iter: int = 100) -> LogMEFit:
     """Maximise the evidence of Bayesian linear regression from ``features`` to each target.
 
     Model (You et al. 2021): ``y = F w + noise``, ``w ~ N(0, alpha^-1 I)``,
@@ -108,27 +185,45 @@ def logme_fit(features: ArrayLike, targets: ArrayLike, *, tol: float = 1e-8,
     ``L = n/2 log beta + D/2 log alpha - n/2 log 2 pi - beta/2 ||F m - y||^2 - alpha/2 m^T m
     - 1/2 log|A|``
 
-    and it is maximised by MacKay's fixed-point iteration ``gamma = sum_i beta s_i /
-    (alpha + beta s_i)`` (``s_i`` the eigenvalues of ``F^T F``), ``alpha = gamma / m^T m``,
-    ``beta = (n - gamma) / ||F m - y||^2``, started at ``alpha = beta = 1`` and run until the
-    relative change of both is below ``tol``.  One SVD of ``F`` serves every target column.
+    (``log|A|`` over all ``D`` eigenvalues, ``D - rank(F)`` of which equal ``alpha``).  The
+    authors maximise it with MacKay's fixed-point iteration ``gamma = sum_i beta s_i /
+    (alpha + beta s_i)``, ``alpha = gamma / m^T m``, ``beta = (n - gamma) / ||F m - y||^2``.
+    That iteration only moves ``t = alpha / beta`` and can crawl: at ``n <= D`` it needed more
+    than 10^5 steps on random features, or never stops because the maximum is a limit
+    (``t -> 0`` or ``t -> inf``).  Here the same maximum is found directly: ``beta`` is
+    eliminated in closed form (``beta = n / q(t)``, see :class:`_Profile`), the remaining
+    one-dimensional evidence in ``u = log t`` is evaluated on a grid covering the spectrum
+    of ``F^T F`` and both limits, and the best grid point is refined by safeguarded Newton
+    steps until a step is below ``tol`` (in ``u``, i.e. a relative change of ``alpha / beta``).
+    The stationary point is MacKay's fixed point; where the supremum is a limit its value is
+    computed exactly (see :attr:`LogMEFit.optimum`).  One SVD of ``F`` serves every column.
 
     Parameters
     ----------
     features : (n, D) features ``F`` (used as given, no centring).
     targets : (n,) or (n, K) real targets.
-    tol, max_iter : stopping rule of the fixed-point iteration (the authors' code stops at a
-        relative change of 1e-2 in ``alpha / beta`` or after 11 iterations; the tighter default
-        here makes the fixed point exact to float64 round-off).
+    tol : Newton steps in ``log(alpha / beta)`` below this count as converged.  (The
+        authors' code stops at a relative change of 1e-3 in ``alpha / beta`` or after 11
+        iterations.)
+    max_iter : Newton iterations at most; a column still moving then is reported
+        unconverged.
 
     Returns
     -------
     LogMEFit
 
+    Notes
+    -----
+    The authors' ``LogME._fit_fixed_point`` (thuml/LogME) sums ``log(alpha + beta s_i)``
+    over the ``min(n, D)`` singular values only, dropping ``(D - n) log(alpha)`` from
+    ``log|A|`` when ``n < D``; their earlier ``_fit_icml`` and the formula above keep it.
+    Here the formula is followed (the value then depends on ``F`` only through ``F F^T``).
+
     References
     ----------
-    .. [1] K. You et al., "LogME: Practical Assessment of Pre-trained Models for Transfer
-       Learning", ICML 2021, algorithm 1.
+    .. [1] K. You, Y. Liu, J. Wang, M. Long, "LogME: Practical Assessment of Pre-trained
+       Models for Transfer Learning", ICML 2021, algorithm 1.
+    .. [2] D. J. C. MacKay, "Bayesian interpolation", Neural Computation 4(3), 1992.
     """
     f = check_features(features, "features")
     n, dim = f.shape
@@ -138,59 +233,125 @@ def logme_fit(features: ArrayLike, targets: ArrayLike, *, tol: float = 1e-8,
     if y.ndim != 2 or y.shape[0] != n:
         raise MetricInputError(f"targets must have {n} rows (one per feature row), got shape "
                                f"{tuple(y.shape)}")
-    u, s, _ = torch.linalg.svd(f, full_matrices=False)
+    if not bool(torch.isfinite(y).all()):
+        raise MetricInputError("targets contain NaN/Inf")
+    if int(max_iter) < 1 or not float(tol) > 0:
+        raise ConfigError(f"logme needs max_iter >= 1 and tol > 0, got max_iter={max_iter}, "
+                          f"tol={tol}")
+    u_left, s, _ = torch.linalg.svd(f, full_matrices=False)
     if float(s.max()) == 0.0:
         raise MetricInputError("features are all zero; LogME is undefined (dead layer?)")
-    s2 = (s * s)[:, None]                              # (r, 1) eigenvalues of F^T F
-    r = s.shape[0]
-    z = u.T @ y                                        # (r, K) targets in the left basis
-    outside = ((y * y).sum(0) - (z * z).sum(0)).clamp(min=0)  # ||y||^2 outside span(F)
+    eps = torch.finfo(f.dtype).eps
+    # numerical rank: directions below round-off carry no signal and would only add noise to
+    # the interpolation limit
+    keep = s > s.max() * max(n, dim) * eps
+    u_left, s = u_left[:, keep], s[keep]
+    r = int(s.shape[0])
+    s2 = s * s
+    z = u_left.T @ y                                   # (r, K) targets in the left basis
+    y2 = (y * y).sum(0)
+    if r == n:   # the features span R^n: nothing of y is outside (exactly, not to round-off)
+        outside = torch.zeros_like(y2)
+    else:        # the projection residual directly (no cancellation in ||y||^2 - ||z||^2)
+        outside = ((y - u_left @ z) ** 2).sum(0)
     k = y.shape[1]
-    alpha = torch.ones(k, dtype=f.dtype, device=f.device)
-    beta = torch.ones(k, dtype=f.dtype, device=f.device)
+    prof = _Profile(s2, z, outside, n)
 
-    def stats(alpha: torch.Tensor, beta: torch.Tensor):
-        denom = alpha + beta * s2                      # (r, K)
-        gamma = (beta * s2 / denom).sum(0)
-        m = beta * s[:, None] * z / denom              # weights in the right basis
-        m2 = (m * m).sum(0)
-        res2 = ((s[:, None] * m - z) ** 2).sum(0) + outside
-        return gamma, m2, res2, denom
-
-    converged = False
-    n_iter = 0
-    while n_iter < int(max_iter):
-        n_iter += 1
-        gamma, m2, res2, _ = stats(alpha, beta)
-        new_alpha = gamma / m2.clamp(min=_TINY)
-        new_beta = (n - gamma) / res2.clamp(min=_TINY)
-        change = torch.maximum((new_alpha - alpha).abs() / alpha,
-                               (new_beta - beta).abs() / beta)
-        alpha, beta = new_alpha.clamp(min=_TINY), new_beta.clamp(min=_TINY)
-        if bool((change < tol).all()):
-            converged = True
+    # both limits of the profiled evidence (per sample)
+    log2pi = math.log(2 * math.pi)
+    zero_weights = (-log2pi + torch.log(n / y2) - 1) / 2           # t -> inf: w = 0
+    tiny = (n * eps) ** 2 * y2
+    if r == n:
+        q0 = (z * z / s2[:, None]).sum(0)                          # q(t) / t as t -> 0
+        interp = (-log2pi + torch.log(n / q0) - 1) / 2 - torch.log(s2).sum() / (2 * n)
+    else:
+        interp = torch.where(outside <= tiny, torch.inf, -torch.inf).to(f.dtype)
+        q0 = torch.full_like(y2, torch.nan)
+    # the grid: the evidence is flat (within e^-12) beyond its ends
+    lo = float(torch.log(s2.min())) - _LOGME_GRID_MARGIN
+    hi = float(torch.log(s2.max())) + _LOGME_GRID_MARGIN
+    grid = torch.arange(lo, hi + _LOGME_GRID_STEP, _LOGME_GRID_STEP, dtype=f.dtype,
+                        device=f.device)
+    values = prof.value(grid[:, None])                             # (G, K)
+    best_val, best = values.max(0)
+    at_zero = interp >= best_val
+    at_inf = (zero_weights >= best_val) & ~at_zero
+    # safeguarded Newton on dh/du = 0 within the best grid point's neighbours
+    last = grid.shape[0] - 1
+    a = grid[(best - 1).clamp(min=0)]
+    b = grid[(best + 1).clamp(max=last)]
+    u = grid[best]
+    done = at_zero | at_inf
+    iters = torch.zeros(k, dtype=torch.long, device=f.device)
+    for _ in range(int(max_iter)):
+        if bool(done.all()):
             break
-    _, m2, res2, denom = stats(alpha, beta)
-    logdet_a = torch.log(denom).sum(0) + (dim - r) * torch.log(alpha)
-    evidence = (n / 2 * torch.log(beta) + dim / 2 * torch.log(alpha)
-                - n / 2 * math.log(2 * math.pi) - beta / 2 * res2 - alpha / 2 * m2
-                - logdet_a / 2)
-    return LogMEFit(evidence=evidence / n, alpha=alpha, beta=beta, n_iter=n_iter,
-                    converged=converged)
+        g, hess = prof.derivatives(u)
+        step = -g / hess
+        small = (hess < 0) & (step.abs() <= float(tol))
+        a = torch.where(g > 0, u, a)                   # the maximum is above u where g > 0
+        b = torch.where(g > 0, b, u)
+        cand = u + step
+        ok = (hess < 0) & torch.isfinite(cand) & (cand > a) & (cand < b)
+        nxt = torch.where(ok | small, cand, (a + b) / 2)
+        iters = iters + (~done).long()
+        u = torch.where(done, u, nxt)
+        done = done | small
+    interior = ~(at_zero | at_inf)
+    converged_cols = done
+    ev = prof.value(u)
+    # the refined point never loses to the grid (a safeguard, not an expected event)
+    ev = torch.where(interior & (ev < best_val), best_val, ev)
+    q = prof.q(u)
+    beta = n / q
+    alpha = torch.exp(u) * beta
+    ev = torch.where(at_zero, interp, torch.where(at_inf, zero_weights, ev))
+    alpha = torch.where(at_zero, n / q0, torch.where(at_inf, torch.inf, alpha))
+    beta = torch.where(at_zero, torch.inf, torch.where(at_inf, n / y2, beta))
+    optimum = tuple("unbounded" if bool(at_zero[c]) and math.isinf(float(interp[c]))
+                    else "t->0" if bool(at_zero[c]) else "t->inf" if bool(at_inf[c])
+                    else "interior" if bool(converged_cols[c]) else "unconverged"
+                    for c in range(k))
+    converged = all(o in ("interior", "t->0", "t->inf") for o in optimum)
+    return LogMEFit(evidence=ev, alpha=alpha, beta=beta, n_iter=int(iters.max()),
+                    converged=converged, optimum=optimum)
 
 
-def logme(features: ArrayLike, labels: ArrayLike, *, tol: float = 1e-8,
-          max_iter: int = 200) -> float:
+def _logme_classes(features: ArrayLike, labels: ArrayLike, tol: float,
+                   max_iter: int) -> LogMEFit:
+    f = check_features(features, "features")
+    y, k = check_labels(labels, f.shape[0], "labels")
+    onehot = torch.zeros(f.shape[0], k, dtype=f.dtype, device=f.device)
+    onehot[torch.arange(f.shape[0], device=f.device), y] = 1.0
+    fit = logme_fit(f, onehot, tol=tol, max_iter=max_iter)
+    if not fit.converged:
+        bad = [c for c, o in enumerate(fit.optimum) if o == "unconverged"]
+        if bad:
+            warn_unconverged("logme", f"the evidence of {len(bad)} of {k} class(es) was still "
+                             f"moving after max_iter={max_iter} Newton steps", "raise max_iter",
+                             stacklevel=4)
+        if "unbounded" in fit.optimum:
+            warn_unconverged("logme", "the labels lie in the span of rank-deficient features "
+                             "(exactly collapsed classes?), so the evidence has no maximum "
+                             "and LogME is inf", "use features with within-class variation",
+                             stacklevel=4)
+    return fit
+
+
+def logme(features: ArrayLike, labels: ArrayLike, *, tol: float = 1e-10,
+          max_iter: int = 100) -> float:
     """LogME score of features for a classification task (You et al. 2021).
 
     Each class's one-hot indicator is a regression target; the score is the mean over classes
-    of the maximum log evidence per sample (see :func:`logme_fit`).
+    of the maximum log evidence per sample (see :func:`logme_fit`).  An
+    :class:`~dtprobe.metrics.convergence.EstimatorConvergenceWarning` says when a class's
+    maximum was not found within ``max_iter`` Newton steps.
 
     Parameters
     ----------
     features : (n, D) target-task features.
     labels : (n,) integer target labels (at least two classes).
-    tol, max_iter : fixed-point stopping rule.
+    tol, max_iter : stopping rule of the maximisation (see :func:`logme_fit`).
 
     Returns
     -------
@@ -202,11 +363,7 @@ def logme(features: ArrayLike, labels: ArrayLike, *, tol: float = 1e-8,
     .. [1] K. You, Y. Liu, J. Wang, M. Long, "LogME: Practical Assessment of Pre-trained
        Models for Transfer Learning", ICML 2021.
     """
-    f = check_features(features, "features")
-    y, k = check_labels(labels, f.shape[0], "labels")
-    onehot = torch.zeros(f.shape[0], k, dtype=f.dtype, device=f.device)
-    onehot[torch.arange(f.shape[0], device=f.device), y] = 1.0
-    return float(logme_fit(f, onehot, tol=tol, max_iter=max_iter).evidence.mean())
+    return float(_logme_classes(features, labels, tol, max_iter).evidence.mean())
 
 
 # ------------------------------------------------------------------------------------------
@@ -508,11 +665,16 @@ def nce_score(source_pred: ArrayLike, target_labels: ArrayLike) -> float:
 #: Li et al. (2021): PCA keeping 80 % of the variance, 5 Gaussian components per target class.
 NLEEP_VARIANCE = 0.8
 NLEEP_COMPONENT_RATIO = 5
+#: EM stopping rule of NLEEP's mixture (scikit-learn's defaults): at most this many EM steps ...
+NLEEP_MAX_ITER = 100
+#: ... until the per-sample log-likelihood bound changes by less than this.
+NLEEP_TOL = 1e-3
 
 
 def nleep(features: ArrayLike, target_labels: ArrayLike, *,
           variance: float = NLEEP_VARIANCE, component_ratio: int = NLEEP_COMPONENT_RATIO,
-          covariance_type: str = "diag", seed: int = 0) -> float:
+          covariance_type: str = "diag", seed: int = 0, max_iter: int = NLEEP_MAX_ITER,
+          tol: float = NLEEP_TOL) -> float:
     """NLEEP: LEEP with a Gaussian mixture in place of the source head (Li et al. 2021).
 
     The features are centred and reduced by PCA to the leading directions that explain
@@ -531,6 +693,10 @@ def nleep(features: ArrayLike, target_labels: ArrayLike, *,
         is well-posed on the PCA coordinates for any class size; ``"full"`` as some
         re-implementations use.
     seed : random state of the mixture's k-means initialisation (the score depends on it).
+    max_iter, tol : EM stopping rule (scikit-learn's ``GaussianMixture``: stop when the
+        per-sample lower bound changes by less than ``tol``).  When EM stops at ``max_iter``
+        first, one :class:`~dtprobe.metrics.convergence.EstimatorConvergenceWarning` line says
+        so (the registered metric records ``converged`` and ``n_iter`` in the row).
 
     Returns
     -------
@@ -551,8 +717,21 @@ def nleep(features: ArrayLike, target_labels: ArrayLike, *,
     .. [1] Y. Li, X. Jia, R. Sang, Y. Zhu, B. Green, L. Wang, B. Gong, "Ranking Neural
        Checkpoints", CVPR 2021 (N-LEEP).
     """
+    return _nleep(features, target_labels, variance=variance, component_ratio=component_ratio,
+                  covariance_type=covariance_type, seed=seed, max_iter=max_iter, tol=tol)[0]
+
+
+def _nleep(features: ArrayLike, target_labels: ArrayLike, *, variance: float,
+           component_ratio: int, covariance_type: str, seed: int, max_iter: int,
+           tol: float) -> tuple[float, dict[str, Any]]:
+    """:func:`nleep` and its EM diagnostics ``{"converged", "n_iter", "n_components"}``."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
 
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1 \
+            or not float(tol) > 0:
+        raise ConfigError(f"nleep needs an integer max_iter >= 1 and tol > 0, got "
+                          f"max_iter={max_iter!r}, tol={tol!r}")
     if not 0.0 < variance <= 1.0:
         raise ConfigError(f"variance={variance!r} must be a fraction in (0, 1]")
     if isinstance(component_ratio, bool) or not isinstance(component_ratio, int) \
@@ -575,9 +754,19 @@ def nleep(features: ArrayLike, target_labels: ArrayLike, *,
         components -= k
     components = min(components, n - 1) if n > 1 else 1
     gmm = GaussianMixture(n_components=components, covariance_type=covariance_type,
-                          random_state=seed).fit(z)
+                          random_state=seed, max_iter=max_iter, tol=float(tol))
+    with warnings.catch_warnings():
+        # scikit-learn's multi-line warning is replaced by the one line below
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gmm.fit(z)
+    info = {"converged": bool(gmm.converged_), "n_iter": int(gmm.n_iter_),
+            "n_components": int(components)}
+    if not gmm.converged_:
+        warn_unconverged("nleep", f"EM of the {components}-component mixture stopped at "
+                         f"max_iter={max_iter} before the lower bound changed by less than "
+                         f"tol={tol:g}", "raise max_iter", stacklevel=4)
     theta = torch.as_tensor(gmm.predict_proba(z), dtype=torch.float64)
-    return leep(theta, y.cpu())
+    return leep(theta, y.cpu()), info
 
 
 # ------------------------------------------------------------------------------------------
@@ -599,9 +788,16 @@ def _source_logits(view: EpochView, metric: str) -> torch.Tensor:
 @register_metric("logme", description="LogME evidence per downstream task (You et al. 2021)")
 def _logme_metric(view: EpochView) -> list[MetricValue]:
     """LogME of train features for every downstream task."""
-    return [MetricValue("logme", logme(view.train.features, y), task=task,
-                        estimator="logme-fixed-point", params={"tol": 1e-8, "split": "train"})
-            for task, y in _tasks(view)]
+    rows = []
+    for task, y in _tasks(view):
+        fit = _logme_classes(view.train.features, y, LOGME_TOL, LOGME_MAX_ITER)
+        limits = sum(o in ("t->0", "t->inf") for o in fit.optimum)
+        rows.append(MetricValue(
+            "logme", float(fit.evidence.mean()), task=task, estimator="logme-evidence-max",
+            params={"tol": LOGME_TOL, "max_iter": LOGME_MAX_ITER, "split": "train"},
+            diagnostics={"converged": fit.converged, "n_iter": fit.n_iter,
+                         "classes_at_limit": limits}))
+    return rows
 
 
 @register_metric("h_score", description="H-score per downstream task (Bao et al. 2019)")
@@ -644,12 +840,18 @@ def _leep_metric(view: EpochView) -> list[MetricValue]:
                                       "downstream task; opt-in (EM fit per task)")
 def _nleep_metric(view: EpochView) -> list[MetricValue]:
     """NLEEP of train features for every downstream task (seeded mixture)."""
-    return [MetricValue("nleep", nleep(view.train.features, y, seed=view.seed), task=task,
-                        estimator="nleep-pca-gmm",
-                        params={"variance": NLEEP_VARIANCE,
-                                "component_ratio": NLEEP_COMPONENT_RATIO,
-                                "covariance_type": "diag", "seed": view.seed, "split": "train"})
-            for task, y in _tasks(view)]
+    rows = []
+    for task, y in _tasks(view):
+        value, info = _nleep(view.train.features, y, variance=NLEEP_VARIANCE,
+                             component_ratio=NLEEP_COMPONENT_RATIO, covariance_type="diag",
+                             seed=view.seed, max_iter=NLEEP_MAX_ITER, tol=NLEEP_TOL)
+        rows.append(MetricValue(
+            "nleep", value, task=task, estimator="nleep-pca-gmm",
+            params={"variance": NLEEP_VARIANCE, "component_ratio": NLEEP_COMPONENT_RATIO,
+                    "covariance_type": "diag", "seed": view.seed, "max_iter": NLEEP_MAX_ITER,
+                    "tol": NLEEP_TOL, "split": "train"},
+            diagnostics={"converged": info["converged"], "n_iter": info["n_iter"]}))
+    return rows
 
 
 @register_metric("nce", description="negative conditional entropy of the source head per "

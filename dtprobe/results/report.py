@@ -267,8 +267,10 @@ def _uncertainty(results: Results) -> str:
                     f"<td class=num>{_fmt(last.value_a)} [{_fmt(last.low_a)}, {_fmt(last.high_a)}]"
                     f" vs {_fmt(last.value_b)} [{_fmt(last.low_b)}, {_fmt(last.high_b)}]"
                     f' <span class="ep">@{int(last.epoch)}</span></td></tr>')
-        parts.append('<p class="note">A difference counts when the two runs\' intervals are '
-                     'disjoint (a conservative test). Charts draw the intervals as bands.</p>'
+        parts.append('<p class="note">A difference counts when its 95% interval, built from '
+                     'the two runs\' intervals by Newcombe\'s method, excludes 0 (conservative '
+                     'for probes scored on the same test images). Charts draw the intervals as '
+                     'bands.</p>'
                      '<div class="scroll"><table><thead><tr><th>metric</th><th>task</th>'
                      '<th>layer</th><th>runs</th><th>epochs beyond the intervals</th>'
                      '<th>which epochs</th><th>last epoch: value [interval]</th></tr></thead>'
@@ -359,6 +361,8 @@ def _label(results: Results, run: str) -> str:
 
 def _run_comparison(results: Results) -> str:
     """Run vs run: the other runs against the first CE run (or the first run), task by task."""
+    from dtprobe.results.uncertainty import last_epoch_differences, verdict_sentence
+
     peaks = results.probe_peaks()
     runs = [r for r in results.runs if r in set(peaks["run"])]
     if len(runs) < 2:
@@ -376,11 +380,14 @@ def _run_comparison(results: Results) -> str:
         d_last = (o.loc[tasks, "last"] - b.loc[tasks, "last"]).astype(float)
         d_peak = (o.loc[tasks, "peak"] - b.loc[tasks, "peak"]).astype(float)
         src = float(o["source_last"].iloc[0]) - float(b["source_last"].iloc[0])
-        better = int((d_last > 0).sum())
-        txt = (f"{_label(results, other)} vs {_label(results, base)}: at the last epoch its "
-               f"probes are higher on {better} of {len(tasks)} task"
-               f"{'s' if len(tasks) != 1 else ''} (mean {_signed(float(d_last.mean()))}, "
-               f"from {_signed(float(d_last.min()))} to {_signed(float(d_last.max()))}); at "
+        judged = last_epoch_differences(results.table, base, other).set_index("task")
+        judged = judged.reindex(tasks)
+        judged["task"] = judged.index
+        judged["verdict"] = judged["verdict"].fillna("no interval")
+        verdict = verdict_sentence(judged, _esc(other), _esc(base), what="task")
+        txt = (f"{_label(results, other)} vs {_label(results, base)}, last epoch: {verdict} "
+               f"(mean difference {_signed(float(d_last.mean()))}, from "
+               f"{_signed(float(d_last.min()))} to {_signed(float(d_last.max()))}); at "
                f"their peaks the mean difference is {_signed(float(d_peak.mean()))}")
         if math.isfinite(src):
             txt += f"; source accuracy differs by {_signed(src)} at the last epoch"
@@ -392,11 +399,17 @@ def _run_comparison(results: Results) -> str:
                     f"{int(last['epoch'])}")
         items.append(f"<li>{txt}.</li>")
         for t in tasks:
+            j = judged.loc[t]
+            interval = ("" if j["verdict"] == "no interval" else
+                        f" [{_signed(float(j['low']))}, {_signed(float(j['high']))}]")
+            beyond = {"higher": "yes", "lower": "yes", "no difference": "no"}.get(
+                j["verdict"], "not judged")
             rows.append(
                 f"<tr><td>{_esc(other)} &minus; {_esc(base)}</td><td>{_esc(t)}</td>"
                 f"<td class=num>{_fmt(b.loc[t, 'last'])}</td>"
                 f"<td class=num>{_fmt(o.loc[t, 'last'])}</td>"
-                f"<td class=num>{_signed(float(d_last[t]))}</td>"
+                f"<td class=num>{_signed(float(d_last[t]))}{interval}</td>"
+                f"<td>{beyond}</td>"
                 f"<td class=num>{_fmt(b.loc[t, 'peak'])} <span class=ep>@"
                 f"{int(b.loc[t, 'peak_epoch'])}</span></td>"
                 f"<td class=num>{_fmt(o.loc[t, 'peak'])} <span class=ep>@"
@@ -405,12 +418,15 @@ def _run_comparison(results: Results) -> str:
     if not items:
         return '<p class="note">The runs share no downstream task to compare.</p>'
     head = ("<tr><th>runs</th><th>task</th><th>last (first run)</th><th>last (other)</th>"
-            "<th>difference</th><th>peak (first run)</th><th>peak (other)</th>"
-            "<th>difference</th></tr>")
+            "<th>difference [95% interval]</th><th>beyond the intervals</th>"
+            "<th>peak (first run)</th><th>peak (other)</th><th>difference</th></tr>")
     return (f'<ul class="findings">{"".join(items)}</ul>'
             '<p class="note">Differences are other run minus the first (cross-entropy) run, '
             'downstream linear-probe test accuracy; green = the other run transfers better. '
-            'One seed per run: differences of about 0.01 are within run-to-run noise.</p>'
+            'A last-epoch difference counts only when its 95% interval (Newcombe\'s method '
+            'from the two probes\' Wilson intervals) excludes 0; the intervals cover the test '
+            'images only, not run-to-run variation (seeds, CPU rounding), which one seed per '
+            'run cannot measure.</p>'
             f'<div class="scroll"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody>'
             "</table></div>")
 

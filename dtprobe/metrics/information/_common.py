@@ -38,12 +38,17 @@ class MIResult:
     params : dict
         The estimator's parameters, including resolved data-dependent ones (kernel width,
         number of samples actually used, seed).
+    diagnostics : dict
+        Values computed with the estimate; the trained estimators (MINE, InfoNCE) record
+        ``converged`` (their plateau test, see :func:`dtprobe.metrics.information.neural.
+        plateau`) and ``n_iter`` (optimiser steps) here.
     """
 
     value: float
     estimator: str
     unit: str = "nats"
     params: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def to(self, unit: str) -> MIResult:
         """Return the same estimate expressed in ``unit`` (``"nats"`` or ``"bits"``)."""

@@ -54,7 +54,8 @@ def _register(name: str, quantity: str, estimator: Callable[..., Any], settings:
             return []
         res = estimator(*pair, seed=view.seed, **settings)
         return [MetricValue(metric, float(res.value), estimator=res.estimator,
-                            params={**res.params, "unit": res.unit})]
+                            params={**res.params, "unit": res.unit},
+                            diagnostics=dict(res.diagnostics))]
 
     adapter.__name__ = adapter.__qualname__ = f"_{name}"
     adapter.__doc__ = description

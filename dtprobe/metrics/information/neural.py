@@ -14,17 +14,27 @@ Inputs are standardised per column (continuous) or one-hot encoded (labels) befo
 networks; MI is invariant to these invertible maps. Training runs on the inputs' device in
 float32 with its own seeded generators (the global RNG state is restored afterwards). Values
 are in nats.
+
+Convergence. These estimators train for a fixed number of steps, so "converged" is a settling
+test of the reported number itself (:func:`settled`): the final estimate is compared with the
+same estimate (same samples and permutations) of the network as it was one tenth of the steps
+earlier; a change beyond ``plateau_tol`` (relative; nats below 1 nat) means the number is still
+moving, and the result then says ``converged: False`` with one
+:class:`~dtprobe.metrics.convergence.EstimatorConvergenceWarning` line.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from dtprobe.errors import MetricInputError
 from dtprobe.metrics._validation import ArrayLike
+from dtprobe.metrics.convergence import warn_unconverged
 from dtprobe.metrics.information._common import (
     MIResult,
     Variable,
@@ -60,6 +70,44 @@ def _check_training(steps: int, batch_size: int, lr: float, hidden: int, n_layer
         raise MetricInputError(f"lr must be a positive float, got {lr!r}")
 
 
+#: Default tolerance of the settling test, relative (absolute in nats below 1 nat).
+PLATEAU_TOL = 0.01
+
+
+def settled(final: float, earlier: float, steps: int, tol: float = PLATEAU_TOL
+            ) -> dict[str, Any]:
+    """Settling test of a trained bound: did the reported estimate stop moving?
+
+    ``final`` is the estimate after all ``steps``; ``earlier`` the same estimate (same
+    samples, same permutations) from the network as it was ``max(1, steps // 10)`` steps
+    before the end.  The estimate counts as converged when both are finite and
+    ``|final - earlier| <= tol * max(|final|, 1)`` (relative, absolute in nats below 1 nat).
+
+    Returns
+    -------
+    dict
+        ``converged`` (bool), ``n_iter`` (steps), ``last_change`` (nats, ``final - earlier``)
+        and ``settle_steps`` (the steps between the two evaluations).
+    """
+    change = final - earlier
+    ok = math.isfinite(change) and abs(change) <= float(tol) * max(abs(final), 1.0)
+    return {"converged": bool(ok), "n_iter": int(steps), "last_change": change,
+            "settle_steps": max(1, steps // 10)}
+
+
+def _report(name: str, diag: dict[str, Any], tol: float) -> None:
+    if not diag["converged"]:
+        warn_unconverged(name, f"the estimate still moved by {diag['last_change']:+.3g} nats "
+                         f"over the last {diag['settle_steps']} of {diag['n_iter']} steps "
+                         f"(tolerance {tol:g} relative, nats below 1)", "raise steps",
+                         stacklevel=4)
+
+
+def _check_tol(tol: float) -> None:
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise MetricInputError(f"plateau_tol must be a non-negative number, got {tol!r}")
+
+
 def _fork_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
@@ -88,7 +136,8 @@ def _dv_bound(net: _Statistics, a: torch.Tensor, b: torch.Tensor, perms: list[to
 
 def mine_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int = 3,
             steps: int = 1000, batch_size: int = 256, lr: float = 1e-3, ema_rate: float = 0.01,
-            n_eval_perms: int = 10, max_samples: int | None = None, seed: int = 0) -> MIResult:
+            n_eval_perms: int = 10, max_samples: int | None = None, seed: int = 0,
+            plateau_tol: float = PLATEAU_TOL) -> MIResult:
     """MINE: Donsker-Varadhan lower bound on ``I(A;B)`` with a trained statistics network, nats.
 
     Parameters
@@ -115,11 +164,15 @@ def mine_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int = 3,
         re-pairings of ``b``.
     max_samples, seed : optional seeded subsample; ``seed`` also seeds initialisation and
         batches.
+    plateau_tol : float
+        Tolerance of the settling test (:func:`settled`).
 
     Returns
     -------
     MIResult
-        Nats; ``params["final_train_bound"]`` is the last minibatch bound for diagnostics.
+        Nats; ``params["final_train_bound"]`` is the last minibatch bound for diagnostics;
+        ``diagnostics`` holds the settling test (``converged``, ``n_iter``, ``last_change``,
+        ``settle_steps``).
 
     References
     ----------
@@ -128,6 +181,7 @@ def mine_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int = 3,
     perspective", ECCV.
     """
     _check_training(steps, batch_size, lr, hidden, n_layers, n_eval_perms)
+    _check_tol(plateau_tol)
     if not 0 < ema_rate <= 1:
         raise MetricInputError(f"ema_rate must be in (0, 1], got {ema_rate!r}")
     va, vb = prepare_pair(a, b, max_samples=max_samples, seed=seed)
@@ -146,8 +200,11 @@ def mine_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int = 3,
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     log_ma: torch.Tensor | None = None
     log_rate, log_keep = math.log(ema_rate), math.log1p(-ema_rate) if ema_rate < 1 else -math.inf
-    bound = float("nan")
-    for _ in range(steps):
+    snap_at, snapshot = steps - max(1, steps // 10), None
+    bound = torch.tensor(float("nan"))
+    for step in range(steps):
+        if step == snap_at:  # the network one tenth of the steps before the end
+            snapshot = copy.deepcopy(net.state_dict())
         i = torch.randint(va.n, (batch,), generator=gen, device=device)
         j = torch.randint(va.n, (batch,), generator=gen, device=device)
         t_joint, t_marg = net(xa[i], xb[i]), net(xa[i], xb[j])
@@ -162,11 +219,14 @@ def mine_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int = 3,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bound = float(t_joint.detach().mean() - log_mean_exp.detach())
+        bound = t_joint.detach().mean() - log_mean_exp.detach()  # no host sync per step
     perms = [torch.randperm(va.n, generator=gen, device=device) for _ in range(n_eval_perms)]
     value = _dv_bound(net, xa, xb, perms, chunk=4096)
-    params["final_train_bound"] = bound
-    return MIResult(value, "mine", "nats", params)
+    params["final_train_bound"] = float(bound)
+    net.load_state_dict(snapshot)
+    diag = settled(value, _dv_bound(net, xa, xb, perms, chunk=4096), steps, plateau_tol)
+    _report("mine", diag, plateau_tol)
+    return MIResult(value, "mine", "nats", params, diag)
 
 
 class _SeparableCritic(nn.Module):
@@ -190,7 +250,7 @@ def _infonce(scores: torch.Tensor) -> torch.Tensor:
 def infonce_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int = 2,
                embed_dim: int = 64, steps: int = 1000, batch_size: int = 256, lr: float = 1e-3,
                n_eval_perms: int = 10, max_samples: int | None = None,
-               seed: int = 0) -> MIResult:
+               seed: int = 0, plateau_tol: float = PLATEAU_TOL) -> MIResult:
     """InfoNCE lower bound on ``I(A;B)`` with a trained separable critic, in nats.
 
     Parameters
@@ -205,12 +265,15 @@ def infonce_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int =
         samples into batches of ``K`` (a trailing partial batch is dropped).
     max_samples, seed : optional seeded subsample; ``seed`` also seeds initialisation and
         batches.
+    plateau_tol : float
+        Tolerance of the settling test (:func:`settled`).
 
     Returns
     -------
     MIResult
         Nats; never above ``log K``, reported as ``params["cap"]`` -- when the estimate is
-        close to the cap, the true MI may be much larger.
+        close to the cap, the true MI may be much larger.  ``diagnostics`` holds the
+        settling test (``converged``, ``n_iter``, ``last_change``, ``settle_steps``).
 
     References
     ----------
@@ -220,6 +283,7 @@ def infonce_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int =
     information", ICML.
     """
     _check_training(steps, batch_size, lr, hidden, n_layers, n_eval_perms)
+    _check_tol(plateau_tol)
     if not isinstance(embed_dim, int) or embed_dim < 1:
         raise MetricInputError(f"embed_dim must be a positive integer, got {embed_dim!r}")
     va, vb = prepare_pair(a, b, max_samples=max_samples, seed=seed)
@@ -237,17 +301,30 @@ def infonce_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int =
         critic = _SeparableCritic(xa.shape[1], xb.shape[1], hidden, n_layers, embed_dim)
         critic = critic.to(device)
     opt = torch.optim.Adam(critic.parameters(), lr=lr)
-    for _ in range(steps):
+    snap_at, snapshot = steps - max(1, steps // 10), None
+    for step in range(steps):
+        if step == snap_at:  # the critic one tenth of the steps before the end
+            snapshot = copy.deepcopy(critic.state_dict())
         i = torch.randperm(va.n, generator=gen, device=device)[:batch]
         loss = -_infonce(critic(xa[i], xb[i]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    perms = [torch.randperm(va.n, generator=gen, device=device) for _ in range(n_eval_perms)]
+    value = _infonce_eval(critic, xa, xb, perms, batch)
+    critic.load_state_dict(snapshot)
+    diag = settled(value, _infonce_eval(critic, xa, xb, perms, batch), steps, plateau_tol)
+    _report("infonce", diag, plateau_tol)
+    return MIResult(value, "infonce", "nats", params, diag)
+
+
+def _infonce_eval(critic: _SeparableCritic, xa: torch.Tensor, xb: torch.Tensor,
+                  perms: list[torch.Tensor], batch: int) -> float:
+    """Mean InfoNCE bound over the batches of ``batch`` pairs of each permutation."""
     values = []
     with torch.no_grad():
-        for _ in range(n_eval_perms):
-            perm = torch.randperm(va.n, generator=gen, device=device)
-            for s in range(0, va.n - batch + 1, batch):
+        for perm in perms:
+            for s in range(0, perm.numel() - batch + 1, batch):
                 i = perm[s:s + batch]
                 values.append(float(_infonce(critic(xa[i], xb[i]).double())))
-    return MIResult(sum(values) / len(values), "infonce", "nats", params)
+    return sum(values) / len(values)
