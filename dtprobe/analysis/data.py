@@ -55,6 +55,19 @@ class EvalData:
             self.mi_inputs = self.bundle.test.images[:n_mi].flatten(1).cpu()
         return self.mi_inputs
 
+    def row_settings(self) -> dict[str, Any]:
+        """Settings stamped on the ``params`` of every row measured on these images: the
+        evaluation transform of a folder dataset (``"eval_transform"``), and the subset's
+        sizes and ids digest (``"samples"``) when ``--max-samples`` chose one or files were
+        skipped (``skip_bad_images``)."""
+        out: dict[str, Any] = {}
+        transform = eval_transform_setting(self.bundle)
+        if transform:
+            out["eval_transform"] = transform
+        if self.max_samples is not None or self.bundle.skipped:
+            out["samples"] = self.samples_tag
+        return out
+
     def samples(self) -> dict[str, Any]:
         """Size and digest of each split's sample ids (what ``--max-samples`` chose)."""
         out: dict[str, Any] = {"dataset": self.key}
@@ -68,6 +81,17 @@ class EvalData:
         """``N_TRAIN+N_TEST:DIGEST`` of both splits, stamped on rows of a subset analysis."""
         ids = (self.bundle.train.sample_ids or []) + ["|"] + (self.bundle.test.sample_ids or [])
         return f"{len(self.bundle.train)}+{len(self.bundle.test)}:{sample_ids_digest(ids)}"
+
+
+def eval_transform_setting(bundle: DatasetBundle) -> str:
+    """``"resize=R,crop=C"`` of a folder dataset (:mod:`dtprobe.data.decode`'s rule), else
+    empty (array datasets have no evaluation transform to choose)."""
+    if not supports_store(bundle.name) or "image_size" not in bundle.params:
+        return ""
+    crop = bundle.params.get("image_size")
+    if crop is None:
+        return ""
+    return f"resize={bundle.params.get('resize_size') or crop},crop={crop}"
 
 
 def resident_bytes(images: Any) -> int:
@@ -135,4 +159,5 @@ def samples_record(data: EvalData) -> str:
     record = data.samples()
     record["train"]["sample_ids"] = data.bundle.train.sample_ids
     record["test"]["sample_ids"] = data.bundle.test.sample_ids
+    record["skipped"] = data.bundle.skipped
     return json.dumps(record) + "\n"

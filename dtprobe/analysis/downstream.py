@@ -157,8 +157,7 @@ def _row(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamData,
     (row,) = _rows(plan, ckpt, [v], view)
     params = json.loads(row["params"]) if row["params"] else {}
     params[DOWNSTREAM_PARAM] = ds.spec.text
-    if ds.data.max_samples is not None:  # the subset's sizes and ids digest, as source rows
-        params["samples"] = ds.data.samples_tag
+    params.update(ds.data.row_settings())  # transform, subset digest: as source rows
     row.update(task=ds.spec.name, layer=layer,
                params=json.dumps(params, sort_keys=True, default=str))
     return row

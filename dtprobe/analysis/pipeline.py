@@ -58,6 +58,7 @@ class AnalysisStats:
     metrics_reused: int = 0
     seconds: float = 0.0
     downstream_failed: int = 0  # downstream datasets that could not be loaded
+    images_skipped: int = 0  # source files left out by skip_bad_images (analysis/samples.json)
 
     def summary(self) -> str:
         """One line for the terminal."""
@@ -66,7 +67,9 @@ class AnalysisStats:
                 f"reused; metrics: {self.metrics_computed} computed, {self.metrics_reused} "
                 f"reused){f'; {self.failed} failed' if self.failed else ''}"
                 + (f"; {self.downstream_failed} downstream dataset(s) failed"
-                   if self.downstream_failed else ""))
+                   if self.downstream_failed else "")
+                + (f"; {self.images_skipped} undecodable image(s) skipped (listed in "
+                   "analysis/samples.json)" if self.images_skipped else ""))
 
 
 def failure_reason(ckpt: PlannedCheckpoint, exc: Exception) -> str:
@@ -108,13 +111,15 @@ def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
     return feats, part
 
 
-def stamp_samples(rows: list[dict[str, Any]], tag: str) -> None:
-    """Add ``"samples": tag`` (sizes and digest of the subset's sample ids) to the ``params``
-    of every row measured on the source images, so that rows of analyses on different subsets
-    can be told apart; downstream rows carry their own dataset's spec instead."""
+def stamp_settings(rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    """Add ``settings`` (:meth:`EvalData.row_settings`: the evaluation transform, the sizes and
+    digest of the subset's sample ids) to the ``params`` of every row measured on the source
+    images, so that rows of analyses on different images can be told apart; downstream rows
+    carry their own dataset's settings instead."""
     for row in rows:
         if f'"{DOWNSTREAM_PARAM}"' not in (row.get("params") or ""):
-            row["params"] = with_setting(row.get("params"), "samples", tag)
+            for key, value in settings.items():
+                row["params"] = with_setting(row.get("params"), key, value)
 
 
 def _extract_shares(plan: RunPlan, data: EvalData, cache: FeatureCache, opts: AnalysisOptions,
@@ -203,6 +208,9 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         t0 = time.perf_counter()
         remove_stale_temp_files(analysis_dir)
         data = prepare_data(plan, device, opts)
+        stats.images_skipped = len(data.bundle.skipped)
+        for gone in data.bundle.skipped:
+            note(f"skipped {gone['split']} image {gone['id']}: {gone['reason']}")
         opts = resolve_layers(plan, data, opts)
         check_model(plan, data, opts)
         downstream_specs(opts, data)  # a name repeating a source task: refused before any work
@@ -244,8 +252,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
                                                       stats)
             rows.extend(ds_rows)
             failures.extend(ds_failures)
-        if data.max_samples is not None:
-            stamp_samples(rows, data.samples_tag)
+        stamp_settings(rows, data.row_settings())
         table = finalise_table(rows, feature_dtype=opts.feature_dtype)
         if not table.empty:  # every checkpoint failed: no empty table (an earlier one stays)
             cm.atomic_write_text(analysis_dir / "metrics.csv", table.to_csv(index=False))
