@@ -240,3 +240,20 @@ def test_bad_file_under_torchrun_workers_is_the_same_line(tmp_path):
     assert proc.returncode == 3, proc.stderr
     out = proc.stdout.strip()
     assert out.startswith("DatasetError imagefolder: cannot decode image") and "\n" not in out
+
+
+def test_bicubic_matches_torchvision_and_is_in_params(tmp_path):
+    T = pytest.importorskip("torchvision.transforms")
+    from torchvision.datasets.folder import pil_loader
+
+    path = _image(tmp_path / "b.jpg", 211, 150, seed=5)
+    ref = T.CenterCrop(96)(T.Resize(110, interpolation=T.InterpolationMode.BICUBIC)(
+        pil_loader(str(path))))
+    got = decode_image("t", str(path), 96, 110, "bicubic")
+    assert np.array_equal(got, np.asarray(ref).transpose(2, 0, 1))
+    assert not np.array_equal(got, decode_image("t", str(path), 96, 110))
+    root = _folder(tmp_path / "data", bad=False)
+    b = load_dataset("imagefolder", root=str(root), image_size=32, interpolation="bicubic")
+    assert b.params["interpolation"] == "bicubic"
+    with pytest.raises(DatasetError, match="interpolation"):
+        load_dataset("imagefolder", root=str(root), image_size=32, interpolation="lanczos")

@@ -91,7 +91,9 @@ def eval_transform_setting(bundle: DatasetBundle) -> str:
     crop = bundle.params.get("image_size")
     if crop is None:
         return ""
-    return f"resize={bundle.params.get('resize_size') or crop},crop={crop}"
+    text = f"resize={bundle.params.get('resize_size') or crop},crop={crop}"
+    interpolation = bundle.params.get("interpolation")
+    return text if interpolation in (None, "bilinear") else f"{text},{interpolation}"
 
 
 def resident_bytes(images: Any) -> int:

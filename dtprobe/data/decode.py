@@ -13,8 +13,9 @@ validation loop saw:
    ``apply_exif_orientation`` defaults to False as well), and matching the pixels the
    framework's own evaluation saw matters more than the camera's intent;
 2. the shorter side is resized to ``R`` and the longer one to ``int(R * long / short)``
-   (truncated, as torchvision computes it), with PIL's bilinear filter; an image whose shorter
-   side already is ``R`` is not resampled;
+   (truncated, as torchvision computes it), with PIL's bilinear filter (or bicubic, which
+   many timm models record in their ``pretrained_cfg``); an image whose shorter side already
+   is ``R`` is not resampled;
 3. the centre ``C x C`` square is cropped, its top-left corner at
    ``int(round((h - C) / 2))``, ``int(round((w - C) / 2))`` (Python's round-half-even, as
    torchvision).
@@ -46,14 +47,16 @@ import torch
 
 from dtprobe.errors import DatasetError
 
-__all__ = ["DECODER_TAG", "IMAGENET_EVAL", "MAX_FILE_BYTES", "MAX_PIXELS", "decode_batches",
-           "decode_image", "default_workers", "resized_size"]
+__all__ = ["DECODER_TAG", "IMAGENET_EVAL", "INTERPOLATIONS", "MAX_FILE_BYTES", "MAX_PIXELS",
+           "decode_batches", "decode_image", "default_workers", "resized_size"]
 
 #: Names the decoding rule in image store keys: change it when the rule changes.
 DECODER_TAG = "pil-rgb-torchvision-resize-centercrop-v2"
 #: ``(resize_size, image_size)`` of the ImageNet evaluation convention (torchvision's
 #: ``Resize(256) + CenterCrop(224)``; timm's ``crop_pct=0.875`` at 224 px).
 IMAGENET_EVAL = (256, 224)
+#: Resampling filters of ``Resize`` (torchvision's ``InterpolationMode`` names).
+INTERPOLATIONS = ("bilinear", "bicubic")
 #: Largest ``width x height`` decoded (PIL's own decompression-bomb warning threshold): a file
 #: whose header claims more is refused before any pixel is decoded.
 MAX_PIXELS = 89_478_485
@@ -95,8 +98,8 @@ def _open_regular(path: str) -> int:
     return fd
 
 
-def decode_image(name: str, path: str, size: int | None,
-                 resize: int | None = None) -> np.ndarray:
+def decode_image(name: str, path: str, size: int | None, resize: int | None = None,
+                 interpolation: str = "bilinear") -> np.ndarray:
     """One image file as uint8 ``(3, C, C)`` (``C = size``; see the module docstring).
 
     Parameters
@@ -105,6 +108,7 @@ def decode_image(name: str, path: str, size: int | None,
     path : the file.
     size : centre-crop side ``C`` (``None``: the file's own size, no resize).
     resize : shorter side ``R`` before the crop (``None``: ``C``); at least ``C``.
+    interpolation : ``"bilinear"`` or ``"bicubic"`` (:data:`INTERPOLATIONS`).
 
     Raises
     ------
@@ -131,7 +135,8 @@ def decode_image(name: str, path: str, size: int | None,
             assert resize is not None
             nw, nh = resized_size(w, h, resize)
             if (nw, nh) != (w, h):
-                rgb = rgb.resize((nw, nh), Image.BILINEAR)
+                rgb = rgb.resize((nw, nh), Image.BICUBIC if interpolation == "bicubic"
+                                 else Image.BILINEAR)
             top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
             rgb = rgb.crop((left, top, left + size, top + size))
         arr = np.asarray(rgb, dtype=np.uint8)
@@ -148,15 +153,18 @@ class _Files(torch.utils.data.Dataset):
     """Decoded files; a decoding error is returned as text (re-raised by the parent on one
     line, instead of the DataLoader's wrapped worker traceback)."""
 
-    def __init__(self, name: str, paths: Sequence[str], size: int | None, resize: int | None):
+    def __init__(self, name: str, paths: Sequence[str], size: int | None, resize: int | None,
+                 interpolation: str):
         self.name, self.paths, self.size, self.resize = name, paths, size, resize
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | str]:
         try:
-            return i, decode_image(self.name, self.paths[i], self.size, self.resize)
+            return i, decode_image(self.name, self.paths[i], self.size, self.resize,
+                                   self.interpolation)
         except DatasetError as err:
             return i, str(err)
 
@@ -177,7 +185,8 @@ def default_workers() -> int:
 def decode_batches(name: str, paths: Sequence[str], size: int | None,
                    workers: int | None = None, batch_size: int = 64,
                    resize: int | None = None,
-                   skipped: list[tuple[int, str]] | None = None) -> Iterator[np.ndarray]:
+                   skipped: list[tuple[int, str]] | None = None,
+                   interpolation: str = "bilinear") -> Iterator[np.ndarray]:
     """uint8 ``(m, 3, C, C)`` batches of ``paths`` in order, decoded by ``workers`` processes
     (default :func:`default_workers`; 0 decodes in this process).
 
@@ -190,7 +199,7 @@ def decode_batches(name: str, paths: Sequence[str], size: int | None,
     if len(paths) < 4 * batch_size:
         workers = 0  # a few images: starting processes costs more than it saves
     loader = torch.utils.data.DataLoader(
-        _Files(name, paths, size, resize), batch_size=batch_size, shuffle=False,
+        _Files(name, paths, size, resize, interpolation), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=_collate, prefetch_factor=2 if workers else None,
         persistent_workers=False)
     first: tuple[int, ...] | None = None

@@ -60,7 +60,13 @@ import torch.nn.functional as F
 import checkpoints_manifest as cm
 from dtprobe import integrity
 from dtprobe.data.base import DatasetBundle, Split
-from dtprobe.data.decode import DECODER_TAG, IMAGENET_EVAL, decode_batches, decode_image
+from dtprobe.data.decode import (
+    DECODER_TAG,
+    IMAGENET_EVAL,
+    INTERPOLATIONS,
+    decode_batches,
+    decode_image,
+)
 from dtprobe.data.pixels import RawImages
 from dtprobe.data.registry import register_dataset
 from dtprobe.data.store import (
@@ -532,6 +538,19 @@ class _Decoding:
     size: int | None
     resize: int | None
     skip: bool = False
+    interpolation: str = "bilinear"
+
+    @property
+    def key(self) -> list[Any]:
+        """What of the decoding goes into a store key (the filter only when not bilinear, so
+        that keys of the default rule do not change with it)."""
+        out: list[Any] = [DECODER_TAG, self.size, self.resize]
+        return out if self.interpolation == "bilinear" else [*out, self.interpolation]
+
+    def batches(self, name: str, paths: Sequence[str],
+                skipped: list[tuple[int, str]] | None = None) -> Any:
+        return decode_batches(name, paths, self.size, resize=self.resize, skipped=skipped,
+                              interpolation=self.interpolation)
 
 
 def _decode(name: str, paths: Sequence[str], how: _Decoding
@@ -541,8 +560,7 @@ def _decode(name: str, paths: Sequence[str], how: _Decoding
     out: np.ndarray | None = None
     skipped: list[tuple[int, str]] = []
     start = 0
-    for batch in decode_batches(name, paths, how.size, resize=how.resize,
-                                skipped=skipped if how.skip else None):
+    for batch in how.batches(name, paths, skipped if how.skip else None):
         if out is None:
             out = np.empty((len(paths), *batch.shape[1:]), dtype=np.uint8)
         out[start:start + len(batch)] = batch
@@ -607,7 +625,7 @@ def _stored(name: str, split: str, root: Path, paths: Sequence[str], how: _Decod
     stem = f"{name}-{split}"
     skipped: list[tuple[int, str]] = []
     if how.skip:
-        all_key = store_key(name, DECODER_TAG, how.size, how.resize, listing, "skip-bad-images")
+        all_key = store_key(name, *how.key, listing, "skip-bad-images")
         record = _skip_record_path(folder, stem, all_key)
         found = _read_skip_record(record, all_key)
         if found is None:
@@ -618,10 +636,9 @@ def _stored(name: str, split: str, root: Path, paths: Sequence[str], how: _Decod
     good = [i for i in range(len(paths)) if i not in bad]
     good_paths = [paths[i] for i in good] if bad else paths
     shape = _shape(name, good_paths, how)
-    key = store_key(name, DECODER_TAG, how.size, how.resize, [listing[i] for i in good])
+    key = store_key(name, *how.key, [listing[i] for i in good])
     return _open_or_build(name, split, folder, stem, key, shape, len(good_paths),
-                          lambda: decode_batches(name, good_paths, how.size,
-                                                 resize=how.resize)), skipped
+                          lambda: how.batches(name, good_paths)), skipped
 
 
 def _open_or_build(name: str, split: str, folder: Path, stem: str, key: str,
@@ -667,8 +684,7 @@ def _build_skipping(name: str, split: str, paths: Sequence[str], listing: list[A
         with tempfile.TemporaryFile(dir=folder) as tmp:
             shape: tuple[int, ...] | None = None
             count = 0
-            for batch in decode_batches(name, paths, how.size, resize=how.resize,
-                                        skipped=skipped):
+            for batch in how.batches(name, paths, skipped):
                 shape = tuple(batch.shape[1:])
                 tmp.write(memoryview(np.ascontiguousarray(batch)).cast("B"))
                 count += len(batch)
@@ -685,7 +701,7 @@ def _build_skipping(name: str, split: str, paths: Sequence[str], listing: list[A
                     yield data.reshape(m, *shape)
 
             bad = {i for i, _ in skipped}
-            key = store_key(name, DECODER_TAG, how.size, how.resize,
+            key = store_key(name, *how.key,
                             [listing[i] for i in range(len(paths)) if i not in bad])
             _open_or_build(name, split, folder, stem, key, shape, count,  # type: ignore[arg-type]
                            batches)
@@ -829,6 +845,7 @@ def load_imagefolder(
     max_samples: int | None = None,
     resize_size: int | None = None,
     preset: str | None = None,
+    interpolation: str = "bilinear",
     skip_bad_images: bool = False,
     store: str | os.PathLike | None = None,
 ) -> DatasetBundle:
@@ -850,6 +867,8 @@ def load_imagefolder(
         ``image_size``: the crop is the whole shorter side). ImageNet models are evaluated
         with 256 then 224.
     preset : ``"imagenet"``: ``resize_size=256, image_size=224`` where they are not given.
+    interpolation : resampling filter of the resize, ``"bilinear"`` (torchvision's default)
+        or ``"bicubic"`` (recorded by many timm models).
     skip_bad_images : leave out files that cannot be decoded (listed in the bundle's
         ``skipped`` and in ``analysis/samples.json``; their ids are not in the subset digest)
         instead of failing the dataset on the first one (default).
@@ -879,7 +898,7 @@ def load_imagefolder(
     if checked is None:
         raise DatasetError(f"{name}: image_size must be an integer >= 8 (folder images vary in "
                            "size)")
-    how = _decoding(name, checked, resize_size, skip_bad_images)
+    how = _decoding(name, checked, resize_size, skip_bad_images, interpolation)
     max_per_class = _check_cap(name, max_per_class)
     if not (root_p / "train").is_dir():
         raise DatasetError(f"{name}: {root_p} missing train/ (expected {layout}); {fix}")
@@ -902,10 +921,13 @@ def load_imagefolder(
 
 
 def _decoding(name: str, size: int | None, resize_size: int | None,
-              skip_bad_images: bool) -> _Decoding:
+              skip_bad_images: bool, interpolation: str = "bilinear") -> _Decoding:
     """The checked decoding parameters of a folder dataset."""
     if not isinstance(skip_bad_images, bool):
         raise DatasetError(f"{name}: skip_bad_images={skip_bad_images!r} must be true or false")
+    if interpolation not in INTERPOLATIONS:
+        raise DatasetError(f"{name}: interpolation={interpolation!r} must be one of "
+                           f"{', '.join(INTERPOLATIONS)}")
     if resize_size is not None:
         if (isinstance(resize_size, bool) or not isinstance(resize_size, int)
                 or not 8 <= resize_size <= 4096):
@@ -917,7 +939,8 @@ def _decoding(name: str, size: int | None, resize_size: int | None,
             raise DatasetError(f"{name}: resize_size={resize_size} is smaller than "
                                f"image_size={size}; the crop must fit in the resized image "
                                "(e.g. resize_size=256 with image_size=224)")
-    return _Decoding(size, None if resize_size == size else resize_size, skip_bad_images)
+    return _Decoding(size, None if resize_size == size else resize_size, skip_bad_images,
+                     interpolation)
 
 
 def _with_decoding(params: dict[str, Any], how: _Decoding,
@@ -927,6 +950,8 @@ def _with_decoding(params: dict[str, Any], how: _Decoding,
     out = dict(params)
     if how.resize is not None:
         out["resize_size"] = how.resize
+    if how.interpolation != "bilinear":
+        out["interpolation"] = how.interpolation
     if how.skip:
         out["skip_bad_images"] = True
     return _with_subset(out, max_samples)
