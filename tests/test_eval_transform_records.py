@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 
-import pytest
 import torch
 
 from dtprobe.analysis.plan import plan_run

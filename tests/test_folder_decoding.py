@@ -24,6 +24,7 @@ import pytest
 
 from dtprobe.data import load_dataset
 from dtprobe.data.decode import MAX_PIXELS, decode_image, resized_size
+from dtprobe.data.subsets import sample_ids_digest
 from dtprobe.errors import DatasetError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,3 +258,29 @@ def test_bicubic_matches_torchvision_and_is_in_params(tmp_path):
     assert b.params["interpolation"] == "bicubic"
     with pytest.raises(DatasetError, match="interpolation"):
         load_dataset("imagefolder", root=str(root), image_size=32, interpolation="lanczos")
+
+
+def test_analysis_rows_carry_the_transform_and_skipped_files_are_recorded(tmp_path):
+    import pandas as pd
+
+    from dtprobe import analysis
+    from dtprobe.training.trainer import TrainConfig, train
+
+    root = _folder(tmp_path / "data")
+    run = tmp_path / "run"
+    params = {"root": str(root), "image_size": 16, "resize_size": 20, "skip_bad_images": True}
+    train(TrainConfig(out=str(run), dataset="imagefolder", dataset_params=params,
+                      arch="small_cnn", arch_params={"width": 4, "feature_dim": 8},
+                      epochs=1, batch_size=8, save_every=1, seed=0, device="cpu",
+                      progress=False))
+    analysis.analyze(run, metrics=["source_accuracy", "linear_cka"], device="cpu",
+                     progress=False, plot=False, image_store=tmp_path / "stores")
+    table = pd.read_csv(run / "analysis" / "metrics.csv", keep_default_na=False)
+    samples = json.loads((run / "analysis" / "samples.json").read_text())
+    assert sorted(s["id"] for s in samples["skipped"]) == [
+        "train/c0/zz_bomb.png", "train/c1/zz_truncated.jpg", "val/c0/zz_fifo.jpg"]
+    assert not any("zz_" in s for s in samples["train"]["sample_ids"])
+    settings = [json.loads(p) for p in table["params"]]
+    assert {s["eval_transform"] for s in settings} == {"resize=20,crop=16"}
+    assert {s["samples"] for s in settings} == {"12+8:" + sample_ids_digest(
+        samples["train"]["sample_ids"] + ["|"] + samples["test"]["sample_ids"])}
