@@ -111,7 +111,7 @@ def place_images(bundle: DatasetBundle, device: torch.device) -> tuple[Any, Any]
         # checkpoint; uint8 pixels are a quarter the size); pinned host memory otherwise, for
         # overlapped transfers (an image store is streamed through pinned staging buffers).
         free = torch.cuda.mem_get_info(device)[0]
-        size = sum(t.shape.numel() * (1 if is_raw(t) else t.element_size())
+        size = sum(t.pixel_shape.numel() if is_raw(t) else t.shape.numel() * t.element_size()
                    for t in (train_images, test_images))
         if size < free // 4:
             train_images, test_images = train_images.to(device), test_images.to(device)

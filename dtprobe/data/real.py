@@ -1,19 +1,20 @@
 """Real image datasets, loaded from local paths: CIFAR-10/100, CINIC-10, STL-10, ImageFolder.
 
 Nothing is fetched unless ``download=True`` is passed.  Each loader decodes a
-whole split into memory once (uint8, then normalised float32 ``(n, 3, S, S)``
-tensors), because dtprobe reuses the same evaluation tensors for every
-checkpoint of a run.  Memory cost of the float32 tensors is
-``n x 3 x S^2 x 4`` bytes, plus the transient uint8 copy (a quarter of that):
+whole split once into uint8 pixels ``(n, 3, S, S)`` (in memory, or for folder
+datasets in an image store on disk), because dtprobe reuses the same evaluation
+images for every checkpoint; they are normalised (and resized to ``image_size``
+where asked) per batch when used (:class:`~dtprobe.data.pixels.RawImages`), so
+no float32 copy of a split is ever made.  Memory of the pixels held in memory
+is ``n x 3 x S^2`` bytes:
 
 =============  ========================  =================================
-dataset        images (train + test)     float32 at native size
+dataset        images (train + test)     uint8 at native size
 =============  ========================  =================================
-cifar10/100    50 000 + 10 000, 32 px    737 MB
-cinic10        90 000 + 90 000, 32 px    2.2 GB (``max_per_class`` caps it)
-stl10          5 000 + 8 000, 96 px      1.4 GB (160 MB at ``image_size=32``)
-imagefolder    ImageNet, 1.28 M + 50 k   cap it: 64 px, ``max_per_class=100``
-                                         gives 100 000 + 50 000 images, 7.4 GB
+cifar10/100    50 000 + 10 000, 32 px    184 MB
+cinic10        90 000 + 90 000, 32 px    553 MB (``max_per_class`` caps it)
+stl10          5 000 + 8 000, 96 px      359 MB (kept at 96 px when resized)
+imagefolder    ImageNet, 1.28 M + 50 k   use ``--image-store`` (one batch resident)
 =============  ========================  =================================
 
 Images are normalised with the per-channel mean and std of the loaded
@@ -55,7 +56,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import checkpoints_manifest as cm
 from dtprobe import integrity
@@ -126,24 +126,12 @@ def _cap_indices(labels: np.ndarray, max_per_class: int | None) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def _to_float(images: np.ndarray, image_size: int | None) -> torch.Tensor:
-    """uint8 ``(n, 3, H, W)`` -> float32 in [0, 1], resized (antialiased) to ``image_size``."""
-    n, c, h, w = images.shape
-    size = (h, w) if image_size is None else (image_size, image_size)
-    out = torch.empty((n, c, *size), dtype=torch.float32)
-    for start in range(0, n, _CHUNK):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + _CHUNK])).float().div_(255)
-        if size != (h, w):
-            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        out[start:start + _CHUNK] = x.clamp_(0, 1)
-    return out
-
-
 Pixels = np.ndarray | ImageStore
 
 
-def _float_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std (float64) of float images (resized splits), in chunks."""
+def _float_statistics(x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (float64) of float images (resized splits: a
+    :class:`RawImages` converting on use), summed per chunk."""
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     total_sq = torch.zeros(x.shape[1], dtype=torch.float64)
     for start in range(0, len(x), _CHUNK):
@@ -168,11 +156,14 @@ def _bundle(
     sample_ids: tuple[list[str] | None, list[str] | None] = (None, None),
     skipped: list[dict[str, str]] | None = None,
 ) -> DatasetBundle:
-    """Normalise uint8 splits with the train split's per-channel statistics into a bundle.
+    """uint8 splits, normalised on use with the train split's per-channel statistics, as a
+    bundle.
 
-    Arrays become normalised float32 tensors; image stores (already at their final size)
-    become :class:`RawImages` normalised on use. Statistics of images that are not resized
-    come from exact pixel histograms, so both forms give the same floats.
+    Images stay uint8 pixels (:class:`RawImages`, in memory or in an image store): a quarter of
+    float32, and a resize to ``image_size`` is applied per batch on use (bilinear,
+    antialiased), never to the whole split at once. Statistics of images that are not resized
+    come from exact pixel histograms (the same floats in memory and from a store); those of
+    resized images from the resized float images, summed per chunk in float64.
     """
     if isinstance(train[0], ImageStore) and isinstance(test[0], ImageStore):
         mean, std = histogram_statistics(train[0].histogram)
@@ -180,17 +171,18 @@ def _bundle(
         x_test: Any = RawImages(test[0], mean.tolist(), std.tolist())
     else:
         pixels = np.asarray(train[0])
-        x_train = _to_float(pixels, image_size)
-        x_test = _to_float(np.asarray(test[0]), image_size)
-        if x_train.shape[-2:] == pixels.shape[-2:]:
+        tr = torch.from_numpy(np.ascontiguousarray(pixels))
+        te = torch.from_numpy(np.ascontiguousarray(np.asarray(test[0])))
+        size = None if image_size is None else (image_size, image_size)
+        c = tr.shape[1]
+        unit = RawImages(tr, [0.0] * c, [1.0] * c, size=size)  # intensities in [0, 1]
+        if unit.converts:
+            mean, std = _float_statistics(unit)
+        else:
             # not resized: exact statistics from the pixel values, as an image store has them
             mean, std = histogram_statistics(pixel_histogram(pixels))
-        else:
-            mean, std = _float_statistics(x_train)
-        m, s = mean.float()[None, :, None, None], std.float()[None, :, None, None]
-        for x in (x_train, x_test):
-            for start in range(0, len(x), _CHUNK):
-                x[start:start + _CHUNK].sub_(m).div_(s)
+        x_train = RawImages(tr, mean.tolist(), std.tolist(), size=size)
+        x_test = RawImages(te, mean.tolist(), std.tolist(), size=size)
 
     def split(x: Any, y: np.ndarray, f: dict[str, np.ndarray], ids: list[str] | None) -> Split:
         return Split(images=x, labels=torch.from_numpy(np.asarray(y, dtype=np.int64)),
