@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dtprobe.analysis.memory import check_budget, default_budget
+from dtprobe.analysis.memory import batch_bytes, check_budget, default_budget
 from dtprobe.analysis.plan import AnalysisOptions, RunPlan
 from dtprobe.data import DatasetBundle, load_dataset
 from dtprobe.data.pixels import is_raw
@@ -46,6 +46,11 @@ class EvalData:
     max_samples: int | None = None
     #: Floats extracted per image (features, logits, layers), measured by ``check_model``.
     values_per_image: int = 0
+    #: Bytes of every module's output per image, the model's weights and the images per
+    #: forward pass on the host (0 on a GPU), measured by ``check_model`` for the budget.
+    activations_per_image: int = 0
+    model_bytes: int = 0
+    host_batch: int = 0
 
     def mi(self) -> torch.Tensor:
         """X for I(X;T): the first test images' pixels, flattened (made once, when an MI
@@ -137,9 +142,14 @@ def enforce_budget(data: EvalData, values_per_image: int, what: str,
     if pixel_inputs:
         resident += min(MAX_MI_INPUTS, len(data.bundle.test)) * 4 * int(
             torch.Size(data.bundle.test.images.shape[1:]).numel())
+    images = data.bundle.test.images
+    pixels = images.pixel_shape[1:] if is_raw(images) else images.shape[1:]
+    batch = batch_bytes(min(data.host_batch, max(len(data.bundle.train), len(data.bundle.test))),
+                        pixels, images.shape[1:], data.activations_per_image)
     return check_budget(budget, len(data.bundle.train), len(data.bundle.test), values_per_image,
                         resident, what, can_store=supports_store(data.bundle.name)
-                        and data.store is None, held_value_bytes=held_value_bytes)
+                        and data.store is None, held_value_bytes=held_value_bytes,
+                        batch=batch, model=data.model_bytes)
 
 
 def prepare_data(plan: RunPlan, device: torch.device,

@@ -108,7 +108,10 @@ def load_downstream(spec: DownstreamSpec, source: EvalData,
     train_images, test_images = place_images(bundle, device)
     key = f"{dataset_key(bundle.name, bundle.params)}|{target.tag}"
     data = EvalData(bundle, key, train_images, test_images, torch.empty(0, 0), store=store,
-                    budget=source.budget, max_samples=source.max_samples)
+                    budget=source.budget, max_samples=source.max_samples,
+                    # the same model on images of the same (converted) shape
+                    activations_per_image=source.activations_per_image,
+                    model_bytes=source.model_bytes, host_batch=source.host_batch)
     return DownstreamData(spec, data, _problem(spec, bundle.train.labels, bundle.test.labels))
 
 
