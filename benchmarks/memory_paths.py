@@ -14,11 +14,13 @@ hide a later allocation), next to the largest memory estimate
 (:func:`dtprobe.analysis.memory.check_budget`) that the analysis and its downstream dataset
 were admitted under.
 
-Two checks per configuration: the measured peak never exceeds the estimate (so a budget that
-lets the analysis start is a budget it keeps); and, run at ``N`` and ``4 N`` downstream images
-with an image store, the peaks are within 1.10x (memory flat in the number of images). In
-memory, the uint8 pixels grow with ``N`` by construction (counted by the budget as
-``images``).
+Two checks per configuration: the measured peak above the floor never exceeds the estimate
+(so a budget that lets the analysis start is a budget it keeps); and, run at ``N`` and ``4 N``
+downstream images with an image store, the processes' whole peak resident memory (``VmHWM``,
+as the issue measured it) is within 1.10x: memory flat in the number of images. What still
+grows above the floor is what the metrics need, the features (20 floats per image here, and
+the probes' working copies), not the images. In memory, the uint8 pixels grow with ``N`` by
+construction (counted by the budget as ``images``).
 
 ``python -m benchmarks.memory_paths [--n 2000]`` prints the table; the tests run a small grid.
 """
@@ -70,6 +72,7 @@ open("/proc/self/clear_refs", "w").write("5")
 start = status("VmRSS")
 analysis.analyze(run, use_cache=False, **kw)
 print("@@" + json.dumps({"peak": status("VmHWM") - start, "floor": start,
+                         "total": status("VmHWM"),
                          "need": max(needs) if needs else None, "checks": len(needs)}))
 """
 
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=2000, help="downstream images (train + val) of "
                    "the small folder; the large one has 4x")
+    p.add_argument("--configs", type=int, default=len(GRID), help="first options of the grid")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -129,14 +133,16 @@ def main(argv: list[str] | None = None) -> int:
         per = args.n // 4 * 2 // 3  # train images per class (val: half of them)
         small = make_folder(root / "small", per_class=per, size=40, val=per // 2)
         large = make_folder(root / "large", per_class=4 * per, size=40, val=2 * per, seed=1)
-        print("| options | peak N | peak 4N | ratio | largest estimate (4N) | peak / estimate |")
-        print("|---|---|---|---|---|---|")
-        for label, options in GRID:
+        print("| options | above floor N | above floor 4N | estimate 4N | VmHWM N | VmHWM 4N "
+              "| VmHWM ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for label, options in GRID[: args.configs]:
             a = measure(run, small, root / "stores", options)
             b = measure(run, large, root / "stores", options)
-            print(f"| {label} | {a['peak'] / 2**20:.1f} MiB | {b['peak'] / 2**20:.1f} MiB | "
-                  f"{b['peak'] / max(1, a['peak']):.2f} | {b['need'] / 2**20:.1f} MiB | "
-                  f"{b['peak'] / b['need']:.2f} |", flush=True)
+            mib = 2**20
+            print(f"| {label} | {a['peak'] / mib:.1f} MiB | {b['peak'] / mib:.1f} MiB | "
+                  f"{b['need'] / mib:.1f} MiB | {a['total'] / mib:.0f} MiB | "
+                  f"{b['total'] / mib:.0f} MiB | {b['total'] / a['total']:.3f} |", flush=True)
     return 0
 
 
