@@ -68,7 +68,7 @@ print("@@" + json.dumps({"rc": rc, "seconds": time.perf_counter() - t0, "peak": 
 """
 
 _FORWARD = _PEAK + """
-import glob, json, sys, time, torch
+import argparse, glob, json, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
 from dtprobe.data import load_dataset
 from dtprobe.extract import auto_batch_size
@@ -82,7 +82,9 @@ sets = [src.train.images, src.test.images, down.train.images, down.test.images]
 rows = 0
 for path in sorted(glob.glob(sys.argv[5] + "/model_*.pth")):
     model = build_model("resnet50", num_classes=src.num_classes)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    model.load_state_dict(state)
     model.eval()
     with torch.inference_mode():
         for images in sets:

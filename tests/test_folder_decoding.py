@@ -118,8 +118,9 @@ def _bad_files(d: Path) -> dict[str, str]:
     _png_header_only(d / "bomb.png", 10000, 10000)  # over dtprobe's limit, under PIL's
     _png_header_only(d / "huge.png", 60000, 60000)  # over PIL's own limit too
     os.mkfifo(d / "fifo.jpg")
-    return {"truncated.jpg": "truncat", "text.jpg": "cannot identify", "empty.png": "empty",
-            "bomb.png": "10000x10000", "huge.png": "decompression bomb", "fifo.jpg": "FIFO"}
+    return {"truncated.jpg": "truncat", "text.jpg": "cannot identify it as an image",
+            "empty.png": "empty", "bomb.png": "10000x10000", "huge.png": "decompression bomb",
+            "fifo.jpg": "FIFO"}
 
 
 @pytest.mark.filterwarnings("error")  # no DecompressionBombWarning either: refused first
@@ -156,7 +157,7 @@ def test_a_bad_file_fails_its_dataset_by_default(tmp_path, stored):
         load_dataset("imagefolder", root=str(root), image_size=32,
                      store=str(tmp_path / "st") if stored else None)
     msg = str(info.value)
-    assert "\n" not in msg and "zz_" in msg and "skip_bad_images" in msg
+    assert "\n" not in msg and "zz_" in msg and "--skip-bad-images" in msg
 
 
 def test_skip_bad_images_is_the_same_in_memory_and_in_the_store(tmp_path):
@@ -284,3 +285,27 @@ def test_analysis_rows_carry_the_transform_and_skipped_files_are_recorded(tmp_pa
     assert {s["eval_transform"] for s in settings} == {"resize=20,crop=16"}
     assert {s["samples"] for s in settings} == {"12+8:" + sample_ids_digest(
         samples["train"]["sample_ids"] + ["|"] + samples["test"]["sample_ids"])}
+
+
+def test_cli_skip_bad_images_flag(tmp_path, capsys):
+    from dtprobe.cli import main
+    from dtprobe.training.trainer import TrainConfig, train
+
+    root = _folder(tmp_path / "data", bad=False)
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), dataset="imagefolder",
+                      dataset_params={"root": str(root), "image_size": 16},
+                      arch="small_cnn", arch_params={"width": 4, "feature_dim": 8},
+                      epochs=1, batch_size=8, save_every=1, seed=0, device="cpu",
+                      progress=False))
+    (root / "val" / "c1" / "zz_text.jpg").write_text("not a jpeg")
+    base = ["analyze", str(run), "--device", "cpu", "--no-plot", "--metrics",
+            "source_accuracy", "--image-store", str(tmp_path / "st")]
+    assert main(base + ["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar
+    assert "zz_text.jpg" in err and "--skip-bad-images" in err and "cannot identify" in err
+    assert main(base + ["--skip-bad-images"]) == 0
+    out = capsys.readouterr()
+    assert "1 undecodable image(s) skipped" in out.out + out.err
+    samples = json.loads((run / "analysis" / "samples.json").read_text())
+    assert [s["id"] for s in samples["skipped"]] == ["val/c1/zz_text.jpg"]

@@ -51,6 +51,8 @@ class EvalData:
     activations_per_image: int = 0
     model_bytes: int = 0
     host_batch: int = 0
+    #: ``--skip-bad-images``, which downstream folder datasets inherit.
+    skip_bad_images: bool = False
 
     def mi(self) -> torch.Tensor:
         """X for I(X;T): the first test images' pixels, flattened (made once, when an MI
@@ -86,6 +88,13 @@ class EvalData:
         """``N_TRAIN+N_TEST:DIGEST`` of both splits, stamped on rows of a subset analysis."""
         ids = (self.bundle.train.sample_ids or []) + ["|"] + (self.bundle.test.sample_ids or [])
         return f"{len(self.bundle.train)}+{len(self.bundle.test)}:{sample_ids_digest(ids)}"
+
+
+def accepts(dataset: str, param: str) -> bool:
+    """Whether the loader of ``dataset`` takes ``param``."""
+    from dtprobe.data.spec import loader_parameters
+
+    return param in loader_parameters(dataset)
 
 
 def eval_transform_setting(bundle: DatasetBundle) -> str:
@@ -158,12 +167,14 @@ def prepare_data(plan: RunPlan, device: torch.device,
     params = dict(plan.dataset_params)
     if opts.max_samples is not None:
         params["max_samples"] = opts.max_samples
+    if opts.skip_bad_images and accepts(plan.dataset, "skip_bad_images"):
+        params["skip_bad_images"] = True
     store = store_folder(opts, plan.dataset)
     bundle = load_dataset(plan.dataset, store=store, **params)
     train_images, test_images = place_images(bundle, device)
     return EvalData(bundle, dataset_key(bundle.name, bundle.params), train_images, test_images,
                     None, store=store, budget=opts.memory_budget,
-                    max_samples=opts.max_samples)
+                    max_samples=opts.max_samples, skip_bad_images=opts.skip_bad_images)
 
 
 def samples_record(data: EvalData) -> str:

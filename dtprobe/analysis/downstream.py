@@ -99,6 +99,8 @@ def load_downstream(spec: DownstreamSpec, source: EvalData,
     params = source_loader_params(loader_parameters(spec.dataset), spec.params, target)
     if source.max_samples is not None:  # --max-samples applies unless the spec sets its own
         params.setdefault("max_samples", source.max_samples)
+    if source.skip_bad_images and "skip_bad_images" in loader_parameters(spec.dataset):
+        params.setdefault("skip_bad_images", True)
     store = source.store if supports_store(spec.dataset) else None
     bundle = prepare_for_source(load_dataset(spec.dataset, store=store, **params), target)
     name = spec.name
@@ -111,7 +113,8 @@ def load_downstream(spec: DownstreamSpec, source: EvalData,
                     budget=source.budget, max_samples=source.max_samples,
                     # the same model on images of the same (converted) shape
                     activations_per_image=source.activations_per_image,
-                    model_bytes=source.model_bytes, host_batch=source.host_batch)
+                    model_bytes=source.model_bytes, host_batch=source.host_batch,
+                    skip_bad_images=source.skip_bad_images)
     return DownstreamData(spec, data, _problem(spec, bundle.train.labels, bundle.test.labels))
 
 
@@ -304,6 +307,9 @@ def analyse_downstream(plan: RunPlan, checkpoints: Sequence[PlannedCheckpoint],
                                  "reason": f"downstream dataset {spec.text}: {exc}"})
                 note(f"FAILED downstream dataset {spec.text}: {exc}")
                 continue
+        for gone in ds.data.bundle.skipped:
+            note(f"downstream {spec.name}: skipped {gone['split']} image {gone['id']}: "
+                 f"{gone['reason']}")
         if ds.problem is not None:
             note(f"{ds.problem}; its rows are NaN")
         parts = DownstreamPartStore(parts_root, spec.name, reuse=opts.use_cache)

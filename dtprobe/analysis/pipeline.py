@@ -324,7 +324,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             strip_prefix: str | None = None, trust_pickles: bool = False,
             downstream: Sequence[Any] = (), downstream_metrics: Sequence[str] | None = None,
             max_samples: int | None = None, image_store: str | Path | None = "auto",
-            memory_budget: int | str | None = None, shard: str = "auto"):
+            memory_budget: int | str | None = None, shard: str = "auto",
+            skip_bad_images: bool = False):
     """Analyse every checkpoint of the run in ``path``.
 
     Parameters
@@ -385,6 +386,9 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         checkpoints r, r + W, ...), ``"images"`` (every rank extracts its share of the rows of
         every checkpoint; rank 0 assembles them) or ``"auto"`` (images when the run has fewer
         checkpoints than ranks); see :mod:`dtprobe.analysis.sharding`.
+    skip_bad_images : folder datasets (source and downstream) leave out the files that cannot
+        be decoded, listed in ``analysis/samples.json`` and the summary, instead of failing
+        (the default: one bad file fails its dataset, on one line naming it).
     memory_budget : most memory the analysis may hold, in bytes or as ``"512M"``/``"8G"``
         (default: three quarters of the memory available); an analysis that would exceed it
         is refused before any work, with the options that would fit
@@ -428,6 +432,7 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
                            downstream_metrics=(list(downstream_metrics)
                                                if downstream_metrics is not None else None),
                            max_samples=max_samples, shard=shard,
+                           skip_bad_images=bool(skip_bad_images),
                            image_store=None if image_store is None else str(image_store),
                            memory_budget=(None if memory_budget is None
                                           else parse_size(memory_budget)))

@@ -155,6 +155,9 @@ class AnalysisOptions:
     image_store: str | None = "auto"
     #: ``--memory-budget`` in bytes (None: :func:`dtprobe.analysis.memory.default_budget`).
     memory_budget: int | None = None
+    #: ``--skip-bad-images``: folder datasets (source and downstream) leave out undecodable
+    #: files instead of failing (:mod:`dtprobe.data.decode`).
+    skip_bad_images: bool = False
     #: ``--max-samples``: a stable class-stratified subset per split (source and downstream).
     max_samples: int | None = None
     #: ``--shard``: how torchrun ranks split the work (:mod:`dtprobe.analysis.sharding`).

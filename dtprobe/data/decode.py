@@ -144,8 +144,11 @@ def decode_image(name: str, path: str, size: int | None, resize: int | None = No
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         if isinstance(err, OSError) and err.strerror:
             reason = err.strerror
+        if type(err).__name__ == "UnidentifiedImageError":  # PIL names the file object
+            reason = "cannot identify it as an image PIL reads"
         raise DatasetError(f"{name}: cannot decode image {path} ({reason}); remove or replace "
-                           "it, or pass skip_bad_images=true to leave it out") from None
+                           "it, or leave it out with --skip-bad-images (skip_bad_images=true)"
+                           ) from None
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
