@@ -173,16 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copytree(run, small_run)
     out["generate_s"] = time.perf_counter() - t0
     stores = work / "stores"
-    build = _report(run_python(_BUILD, str(big), str(down), str(stores), t, timeout=36000))
-    _report(run_python(_BUILD, str(small), str(down), str(stores), t, timeout=36000))
+    def step(name: str, code: str, *argv: str, env: dict | None = None) -> dict:
+        result = _report(run_python(code, *argv, timeout=36000, env=env))
+        print(f"{name}: {json.dumps(result)}", flush=True)  # each step as it ends
+        return result
+
+    build = step("store build", _BUILD, str(big), str(down), str(stores), t)
+    step("store build (quarter)", _BUILD, str(small), str(down), str(stores), t)
     out["store_build_s"] = build["seconds"]
     env = {"OMP_NUM_THREADS": t}
-    ana = _report(run_python(_ANALYZE, t, *analyze_args(run, big, down, stores),
-                             timeout=36000, env=env))
-    fwd = _report(run_python(_FORWARD, str(big), str(down), str(stores), t, str(run),
-                             timeout=36000, env=env))
-    quarter = _report(run_python(_ANALYZE, t, *analyze_args(small_run, small, down, stores),
-                                 timeout=36000, env=env))
+    ana = step("analysis", _ANALYZE, t, *analyze_args(run, big, down, stores), env=env)
+    fwd = step("pure forward", _FORWARD, str(big), str(down), str(stores), t, str(run),
+               env=env)
+    quarter = step("analysis (quarter)", _ANALYZE, t,
+                   *analyze_args(small_run, small, down, stores), env=env)
     if ana["rc"] != 0 or quarter["rc"] != 0:
         raise RuntimeError(f"dtprobe analyze failed: {ana} {quarter}")
     samples = json.loads((run / "analysis" / "samples.json").read_text())
