@@ -388,6 +388,10 @@ def _add_analysis_parsers(sub) -> None:
                     help="decode folder datasets once into uint8 stores in DIR and stream "
                          "them per batch (auto: $DTPROBE_IMAGE_STORE or ~/.cache/dtprobe/"
                          "images; none: decode into memory)")
+    sc.add_argument("--skip-bad-images", action="store_true",
+                    help="leave out image files that cannot be decoded (listed in "
+                         "analysis/samples.json and the summary) instead of failing the "
+                         "folder dataset that holds them (default)")
     sc.add_argument("--shard", default="auto", choices=["auto", "checkpoints", "images"],
                     help="under torchrun: split the checkpoints over the ranks, or the images "
                          "of every checkpoint (auto: images when there are fewer checkpoints "
@@ -743,7 +747,8 @@ def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 max_samples=args.max_samples, image_store=args.image_store,
                 memory_budget=args.memory_budget, shard=args.shard,
                 fewshot_shots=args.fewshot_shots, fewshot_draws=args.fewshot_draws,
-                finetune=args.finetune)
+                finetune=args.finetune,
+                skip_bad_images=args.skip_bad_images)
 
 
 def _watch(args: argparse.Namespace) -> int:

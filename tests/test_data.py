@@ -28,7 +28,7 @@ from dtprobe.errors import DatasetError
 def _assert_same(a: DatasetBundle, b: DatasetBundle) -> None:
     assert a.params == b.params
     for sa, sb in ((a.train, b.train), (a.test, b.test)):
-        assert torch.equal(sa.images, sb.images)
+        assert torch.equal(sa.images[:], sb.images[:])
         assert torch.equal(sa.labels, sb.labels)
         assert sa.factors.keys() == sb.factors.keys()
         for k in sa.factors:
@@ -44,7 +44,7 @@ def _check_bundle(b: DatasetBundle) -> None:
         assert s.images.shape[0] == len(s) == s.labels.shape[0]
         assert s.labels.dtype == torch.int64
         assert int(s.labels.min()) >= 0 and int(s.labels.max()) < b.num_classes
-        assert torch.isfinite(s.images).all()
+        assert torch.isfinite(s.images[:]).all()
         assert set(s.factors) == set(b.factor_classes)
         for k, f in s.factors.items():
             assert f.dtype == torch.int64 and f.shape == s.labels.shape
@@ -52,7 +52,7 @@ def _check_bundle(b: DatasetBundle) -> None:
     assert len(b.class_names) == b.num_classes
     assert len(b.mean) == len(b.std) == b.in_channels
     # Normalised with the training split's own statistics.
-    x = b.train.images.double()
+    x = b.train.images[:].double()  # normalised float32 (RawImages normalise on use)
     assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(b.in_channels, dtype=torch.float64),
                           atol=1e-3)
     assert torch.allclose(x.std(dim=(0, 2, 3), unbiased=False),
@@ -349,13 +349,13 @@ def test_cifar10_round_trip(fake_cifar10):
     np.testing.assert_array_equal(b.test.labels.numpy(), y_te)
     mean = torch.tensor(b.mean)[None, :, None, None]
     std = torch.tensor(b.std)[None, :, None, None]
-    pixels = (b.train.images * std + mean) * 255
+    pixels = (b.train.images[:] * std + mean) * 255
     np.testing.assert_allclose(pixels.numpy(), x.reshape(-1, 3, 32, 32), atol=1e-3)
     again = load_dataset("cifar10", **b.params)
     _assert_same(b, again)
     # root may also be the batches folder itself
     inner = load_dataset("cifar10", root=str(root / "cifar-10-batches-py"))
-    assert torch.equal(inner.train.images, b.train.images)
+    assert torch.equal(inner.train.images[:], b.train.images[:])
 
 
 def test_cifar10_resize_and_cap(fake_cifar10):
@@ -441,7 +441,7 @@ def test_stl10_binary_layout(tmp_path):
     np.testing.assert_array_equal(b.train.labels.numpy(), truth["train"][1].astype(int) - 1)
     mean = torch.tensor(b.mean)[None, :, None, None]
     std = torch.tensor(b.std)[None, :, None, None]
-    np.testing.assert_allclose(((b.test.images * std + mean) * 255).numpy(), truth["test"][0],
+    np.testing.assert_allclose(((b.test.images[:] * std + mean) * 255).numpy(), truth["test"][0],
                                atol=1e-3)
     small = load_dataset("stl10", root=str(tmp_path), image_size=32)
     assert small.train.images.shape == (6, 3, 32, 32)

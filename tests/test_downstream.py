@@ -58,7 +58,8 @@ def test_spec_parsing_and_canonical_text():
 @pytest.mark.parametrize("spec, message", [
     ("nosuch:root=/x", r"unknown dataset 'nosuch'; available: .*cinic10.*digits.*textures"),
     ("cinic10:rooot=/x", r"unknown parameter\(s\) rooot of dataset 'cinic10'; valid: root, "
-                         r"download, include_valid, image_size, max_per_class, max_samples, name"),
+                         r"download, include_valid, image_size, max_per_class, max_samples, "
+                         r"resize_size, skip_bad_images, name"),
     ("digits:image_size", r"'image_size' is not KEY=VALUE"),
     ("digits:name=a/b", r"name='a/b' must be letters"),
     ("", r"expects DATASET\[:KEY=VALUE"),

@@ -66,7 +66,8 @@ def test_store_gives_the_in_memory_floats_and_statistics(folder, tmp_path):
     assert stored.mean == memory.mean and stored.std == memory.std
     assert stored.params == memory.params  # same images, same dataset key
     for a, b in ((memory.train, stored.train), (memory.test, stored.test)):
-        assert torch.equal(a.images, b.images[:])
+        assert torch.equal(a.images[:], b.images[:])
+        assert not a.images.stored and a.images.nbytes == a.images.pixel_shape.numel()
         assert torch.equal(a.labels, b.labels) and a.sample_ids == b.sample_ids
         idx = torch.tensor([7, 3, 4, 5, 0, len(a) - 1, 3])  # any order, repeats
         assert torch.equal(a.images[idx], b.images[idx])
@@ -93,7 +94,7 @@ def test_tampered_or_forged_store_is_rebuilt_never_used(folder, tmp_path):
     path.write_bytes(bytes(data))
     store_mod._verified.clear()
     again = load_dataset("imagefolder", root=str(folder), image_size=16, store=tmp_path)
-    assert torch.equal(again.train.images[:], ref.train.images)  # rebuilt, not the bad byte
+    assert torch.equal(again.train.images[:], ref.train.images[:])  # rebuilt, not the bad byte
     # a store sealed for another key (e.g. copied under a new name) is refused
     other = tmp_path / "x"
     other.mkdir()
@@ -118,7 +119,7 @@ def test_editing_an_image_makes_a_new_store(folder, tmp_path):
     Image.fromarray(np.full((20, 20, 3), 255, np.uint8)).save(victim)
     bundle = load_dataset("imagefolder", root=str(work), image_size=16, store=tmp_path / "s")
     memory = load_dataset("imagefolder", root=str(work), image_size=16)
-    assert torch.equal(bundle.train.images[:], memory.train.images)
+    assert torch.equal(bundle.train.images[:], memory.train.images[:])
     assert len(list((tmp_path / "s").glob("imagefolder-train-*.u8"))) == 2
 
 
@@ -389,9 +390,10 @@ def test_downstream_over_budget_fails_only_that_dataset_and_subsets_are_stamped(
                                                                                 folder,
                                                                                 tmp_path):
     a = _copy(folder_run, tmp_path / "a")
-    # textures is made in memory: 600 images x 3 x 16 x 16 float32 = 1.8 MB > the 1 MiB budget
+    # textures is made in memory: 600 images x 3 x 16 x 16 float32 = 1.8 MB, which with one
+    # forward pass (~3 MiB) and the model exceeds the 4 MiB budget the source fits in
     res = analysis.analyze(a, metrics=["source_accuracy"], device="cpu", progress=False,
-                           plot=False, image_store=tmp_path / "stores", memory_budget="1M",
+                           plot=False, image_store=tmp_path / "stores", memory_budget="4M",
                            downstream=["textures:n_train=400,n_test=200,max_samples=600",
                                        f"imagefolder:root={folder},name=again"],
                            downstream_metrics=["probe_accuracy"], max_samples=24)

@@ -323,6 +323,6 @@ def test_decompression_bomb_folder_fails_alone(run, tmp_path, capsys, store):
     assert sorted(table[table["task"] == "textures"]["epoch"]) == [0, 1, 2]
     assert "bombs" not in set(table["task"])
     (row,) = _failures(run_dir).to_dict("records")
-    assert row["epoch"] == "" and "DecompressionBomb" in row["reason"]
+    assert row["epoch"] == "" and "decompression bomb" in row["reason"].lower()
     assert "1 downstream dataset or checkpoint x dataset failure(s)" in out.err
     assert "checkpoint(s) failed" not in out.err

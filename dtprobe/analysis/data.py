@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dtprobe.analysis.memory import check_budget, default_budget
+from dtprobe.analysis.memory import batch_bytes, check_budget, default_budget
 from dtprobe.analysis.plan import AnalysisOptions, RunPlan
 from dtprobe.data import DatasetBundle, load_dataset
 from dtprobe.data.pixels import is_raw
@@ -46,6 +46,13 @@ class EvalData:
     max_samples: int | None = None
     #: Floats extracted per image (features, logits, layers), measured by ``check_model``.
     values_per_image: int = 0
+    #: Bytes of every module's output per image, the model's weights and the images per
+    #: forward pass on the host (0 on a GPU), measured by ``check_model`` for the budget.
+    activations_per_image: int = 0
+    model_bytes: int = 0
+    host_batch: int = 0
+    #: ``--skip-bad-images``, which downstream folder datasets inherit.
+    skip_bad_images: bool = False
 
     def mi(self) -> torch.Tensor:
         """X for I(X;T): the first test images' pixels, flattened (made once, when an MI
@@ -54,6 +61,19 @@ class EvalData:
             n_mi = min(MAX_MI_INPUTS, len(self.bundle.test))
             self.mi_inputs = self.bundle.test.images[:n_mi].flatten(1).cpu()
         return self.mi_inputs
+
+    def row_settings(self) -> dict[str, Any]:
+        """Settings stamped on the ``params`` of every row measured on these images: the
+        evaluation transform of a folder dataset (``"eval_transform"``), and the subset's
+        sizes and ids digest (``"samples"``) when ``--max-samples`` chose one or files were
+        skipped (``skip_bad_images``)."""
+        out: dict[str, Any] = {}
+        transform = eval_transform_setting(self.bundle)
+        if transform:
+            out["eval_transform"] = transform
+        if self.max_samples is not None or self.bundle.skipped:
+            out["samples"] = self.samples_tag
+        return out
 
     def samples(self) -> dict[str, Any]:
         """Size and digest of each split's sample ids (what ``--max-samples`` chose)."""
@@ -68,6 +88,26 @@ class EvalData:
         """``N_TRAIN+N_TEST:DIGEST`` of both splits, stamped on rows of a subset analysis."""
         ids = (self.bundle.train.sample_ids or []) + ["|"] + (self.bundle.test.sample_ids or [])
         return f"{len(self.bundle.train)}+{len(self.bundle.test)}:{sample_ids_digest(ids)}"
+
+
+def accepts(dataset: str, param: str) -> bool:
+    """Whether the loader of ``dataset`` takes ``param``."""
+    from dtprobe.data.spec import loader_parameters
+
+    return param in loader_parameters(dataset)
+
+
+def eval_transform_setting(bundle: DatasetBundle) -> str:
+    """``"resize=R,crop=C"`` of a folder dataset (:mod:`dtprobe.data.decode`'s rule), else
+    empty (array datasets have no evaluation transform to choose)."""
+    if not supports_store(bundle.name) or "image_size" not in bundle.params:
+        return ""
+    crop = bundle.params.get("image_size")
+    if crop is None:
+        return ""
+    text = f"resize={bundle.params.get('resize_size') or crop},crop={crop}"
+    interpolation = bundle.params.get("interpolation")
+    return text if interpolation in (None, "bilinear") else f"{text},{interpolation}"
 
 
 def resident_bytes(images: Any) -> int:
@@ -85,7 +125,7 @@ def place_images(bundle: DatasetBundle, device: torch.device) -> tuple[Any, Any]
         # checkpoint; uint8 pixels are a quarter the size); pinned host memory otherwise, for
         # overlapped transfers (an image store is streamed through pinned staging buffers).
         free = torch.cuda.mem_get_info(device)[0]
-        size = sum(t.shape.numel() * (1 if is_raw(t) else t.element_size())
+        size = sum(t.pixel_shape.numel() if is_raw(t) else t.shape.numel() * t.element_size()
                    for t in (train_images, test_images))
         if size < free // 4:
             train_images, test_images = train_images.to(device), test_images.to(device)
@@ -111,9 +151,14 @@ def enforce_budget(data: EvalData, values_per_image: int, what: str,
     if pixel_inputs:
         resident += min(MAX_MI_INPUTS, len(data.bundle.test)) * 4 * int(
             torch.Size(data.bundle.test.images.shape[1:]).numel())
+    images = data.bundle.test.images
+    pixels = images.pixel_shape[1:] if is_raw(images) else images.shape[1:]
+    batch = batch_bytes(min(data.host_batch, max(len(data.bundle.train), len(data.bundle.test))),
+                        pixels, images.shape[1:], data.activations_per_image)
     return check_budget(budget, len(data.bundle.train), len(data.bundle.test), values_per_image,
                         resident, what, can_store=supports_store(data.bundle.name)
-                        and data.store is None, held_value_bytes=held_value_bytes)
+                        and data.store is None, held_value_bytes=held_value_bytes,
+                        batch=batch, model=data.model_bytes)
 
 
 def prepare_data(plan: RunPlan, device: torch.device,
@@ -122,12 +167,14 @@ def prepare_data(plan: RunPlan, device: torch.device,
     params = dict(plan.dataset_params)
     if opts.max_samples is not None:
         params["max_samples"] = opts.max_samples
+    if opts.skip_bad_images and accepts(plan.dataset, "skip_bad_images"):
+        params["skip_bad_images"] = True
     store = store_folder(opts, plan.dataset)
     bundle = load_dataset(plan.dataset, store=store, **params)
     train_images, test_images = place_images(bundle, device)
     return EvalData(bundle, dataset_key(bundle.name, bundle.params), train_images, test_images,
                     None, store=store, budget=opts.memory_budget,
-                    max_samples=opts.max_samples)
+                    max_samples=opts.max_samples, skip_bad_images=opts.skip_bad_images)
 
 
 def samples_record(data: EvalData) -> str:
@@ -135,4 +182,5 @@ def samples_record(data: EvalData) -> str:
     record = data.samples()
     record["train"]["sample_ids"] = data.bundle.train.sample_ids
     record["test"]["sample_ids"] = data.bundle.test.sample_ids
+    record["skipped"] = data.bundle.skipped
     return json.dumps(record) + "\n"

@@ -112,6 +112,8 @@ def load_downstream(spec: DownstreamSpec, source: EvalData,
     params = source_loader_params(loader_parameters(spec.dataset), spec.params, target)
     if source.max_samples is not None:  # --max-samples applies unless the spec sets its own
         params.setdefault("max_samples", source.max_samples)
+    if source.skip_bad_images and "skip_bad_images" in loader_parameters(spec.dataset):
+        params.setdefault("skip_bad_images", True)
     store = source.store if supports_store(spec.dataset) else None
     bundle = prepare_for_source(load_dataset(spec.dataset, store=store, **params), target)
     name = spec.name
@@ -121,7 +123,11 @@ def load_downstream(spec: DownstreamSpec, source: EvalData,
     train_images, test_images = place_images(bundle, device)
     key = f"{dataset_key(bundle.name, bundle.params)}|{target.tag}"
     data = EvalData(bundle, key, train_images, test_images, torch.empty(0, 0), store=store,
-                    budget=source.budget, max_samples=source.max_samples)
+                    budget=source.budget, max_samples=source.max_samples,
+                    # the same model on images of the same (converted) shape
+                    activations_per_image=source.activations_per_image,
+                    model_bytes=source.model_bytes, host_batch=source.host_batch,
+                    skip_bad_images=source.skip_bad_images)
     return DownstreamData(spec, data, _problem(spec, bundle.train.labels, bundle.test.labels))
 
 
@@ -166,8 +172,7 @@ def _row(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamData,
     (row,) = metric_rows(plan, ckpt, [v], view)
     params = json.loads(row["params"]) if row["params"] else {}
     params[DOWNSTREAM_PARAM] = ds.spec.text
-    if ds.data.max_samples is not None:  # the subset's sizes and ids digest, as source rows
-        params["samples"] = ds.data.samples_tag
+    params.update(ds.data.row_settings())  # transform, subset digest: as source rows
     row.update(task=ds.spec.name, layer=layer,
                params=json.dumps(params, sort_keys=True, default=str))
     return row
@@ -309,6 +314,9 @@ def analyse_downstream(plan: RunPlan, checkpoints: Sequence[PlannedCheckpoint],
             note(f"FAILED {reason}; the other datasets are analysed, and the next analysis "
                  "tries it again")
             continue
+        for gone in ds.data.bundle.skipped:
+            note(f"downstream {spec.name}: skipped {gone['split']} image {gone['id']}: "
+                 f"{gone['reason']}")
         if ds.problem is not None:
             note(f"{ds.problem}; its rows are NaN")
         parts = DownstreamPartStore(parts_root, spec.name, reuse=opts.use_cache)

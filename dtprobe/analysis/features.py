@@ -81,9 +81,30 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
 
     pixel_inputs = any(spec.name.startswith("mi_xt") for spec in resolve_metrics(opts.metrics))
     data.values_per_image = sum(v[0].numel() for v in outputs.values())
+    measure_forward(model, data, opts)
     held = FEATURE_DTYPES[opts.feature_dtype].itemsize  # EpochFeatures holds the cache dtype
     enforce_budget(data, data.values_per_image, f"the analysis of {plan.name}", pixel_inputs,
                    held)
+
+
+def measure_forward(model: torch.nn.Module, data: EvalData, opts: AnalysisOptions) -> None:
+    """Record on ``data`` what one forward pass holds on the host, for ``--memory-budget``
+    (:mod:`dtprobe.analysis.memory`): the model's weights, every module's output per image
+    and the images per batch (none on a GPU, where the batch lives in device memory)."""
+    from dtprobe.analysis.memory import activation_bytes
+    from dtprobe.features.extract import auto_batch_size
+    from dtprobe.runtime.devices import resolve_device
+
+    data.model_bytes = sum(t.numel() * t.element_size()
+                           for t in (*model.parameters(), *model.buffers()))
+    data.activations_per_image = activation_bytes(model, data.test_images[:2].float().cpu())
+    device = resolve_device(opts.device)
+    if device.type != "cpu":
+        data.host_batch = 0
+    elif opts.batch_size == "auto":
+        data.host_batch = auto_batch_size(data.test_images, device)
+    else:
+        data.host_batch = int(opts.batch_size)
 
 
 def plan_layers(plan: RunPlan, data: EvalData

@@ -66,6 +66,7 @@ class AnalysisStats:
     metrics_reused: int = 0
     seconds: float = 0.0
     downstream_failed: int = 0  # downstream datasets that could not be loaded
+    images_skipped: int = 0  # source files left out by skip_bad_images (analysis/samples.json)
 
     def summary(self) -> str:
         """One line for the terminal."""
@@ -74,7 +75,9 @@ class AnalysisStats:
                 f"reused; metrics: {self.metrics_computed} computed, {self.metrics_reused} "
                 f"reused){f'; {self.failed} failed' if self.failed else ''}"
                 + (f"; {self.downstream_failed} downstream dataset(s) failed"
-                   if self.downstream_failed else ""))
+                   if self.downstream_failed else "")
+                + (f"; {self.images_skipped} undecodable image(s) skipped (listed in "
+                   "analysis/samples.json)" if self.images_skipped else ""))
 
 
 def failure_reason(ckpt: PlannedCheckpoint, exc: Exception) -> str:
@@ -113,13 +116,15 @@ def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
     return feats, part
 
 
-def stamp_samples(rows: list[dict[str, Any]], tag: str) -> None:
-    """Add ``"samples": tag`` (sizes and digest of the subset's sample ids) to the ``params``
-    of every row measured on the source images, so that rows of analyses on different subsets
-    can be told apart; downstream rows carry their own dataset's spec instead."""
+def stamp_settings(rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    """Add ``settings`` (:meth:`EvalData.row_settings`: the evaluation transform, the sizes and
+    digest of the subset's sample ids) to the ``params`` of every row measured on the source
+    images, so that rows of analyses on different images can be told apart; downstream rows
+    carry their own dataset's settings instead."""
     for row in rows:
         if f'"{DOWNSTREAM_PARAM}"' not in (row.get("params") or ""):
-            row["params"] = with_setting(row.get("params"), "samples", tag)
+            for key, value in settings.items():
+                row["params"] = with_setting(row.get("params"), key, value)
 
 
 def _extract_shares(plan: RunPlan, data: EvalData, cache: FeatureCache, opts: AnalysisOptions,
@@ -205,6 +210,9 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         t0 = time.perf_counter()
         remove_stale_temp_files(analysis_dir)
         data = prepare_data(plan, device, opts)
+        stats.images_skipped = len(data.bundle.skipped)
+        for gone in data.bundle.skipped:
+            note(f"skipped {gone['split']} image {gone['id']}: {gone['reason']}")
         opts = resolve_layers(plan, data, opts)
         check_model(plan, data, opts)
         downstream_specs(opts, data)  # a name repeating a source task: refused before any work
@@ -244,8 +252,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
                                                       stats)
             rows.extend(ds_rows)
             failures.extend(ds_failures)
-        if data.max_samples is not None:
-            stamp_samples(rows, data.samples_tag)
+        stamp_settings(rows, data.row_settings())
         table = finalise_table(rows, feature_dtype=opts.feature_dtype)
         if not table.empty:  # every checkpoint failed: no empty table (an earlier one stays)
             cm.atomic_write_text(analysis_dir / METRICS_FILE, table.to_csv(index=False))
@@ -320,7 +327,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             max_samples: int | None = None, image_store: str | Path | None = "auto",
             memory_budget: int | str | None = None, shard: str = "auto",
             fewshot_shots: Sequence[int] = (1, 5, 10, 25), fewshot_draws: int = 5,
-            finetune: bool = False, finetune_recipe: dict[str, Any] | None = None):
+            finetune: bool = False, finetune_recipe: dict[str, Any] | None = None,
+            skip_bad_images: bool = False):
     """Analyse every checkpoint of the run in ``path``.
 
     Parameters
@@ -385,6 +393,9 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         checkpoints r, r + W, ...), ``"images"`` (every rank extracts its share of the rows of
         every checkpoint; rank 0 assembles them) or ``"auto"`` (images when the run has fewer
         checkpoints than ranks); see :mod:`dtprobe.analysis.sharding`.
+    skip_bad_images : folder datasets (source and downstream) leave out the files that cannot
+        be decoded, listed in ``analysis/samples.json`` and the summary, instead of failing
+        (the default: one bad file fails its dataset, on one line naming it).
     memory_budget : most memory the analysis may hold, in bytes or as ``"512M"``/``"8G"``
         (default: three quarters of the memory available); an analysis that would exceed it
         is refused before any work, with the options that would fit
@@ -435,6 +446,7 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
                            downstream_metrics=(list(downstream_metrics)
                                                if downstream_metrics is not None else None),
                            max_samples=max_samples, shard=shard,
+                           skip_bad_images=bool(skip_bad_images),
                            image_store=None if image_store is None else str(image_store),
                            memory_budget=(None if memory_budget is None
                                           else parse_size(memory_budget)),

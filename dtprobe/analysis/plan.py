@@ -24,6 +24,7 @@ import torch
 import checkpoints_manifest as cm
 from checkpoints_manifest.schema import MAX_CLASSES
 from dtprobe.analysis.shares import SHARD_MODES
+from dtprobe.checkpoints import layouts
 from dtprobe.checkpoints.reader import PLANNED_DIGEST
 from dtprobe.checkpoints.series import infer_run
 from dtprobe.data import load_dataset
@@ -88,12 +89,17 @@ class RunPlan:
     epoch_note: str = ""
     layouts: list[str] = field(default_factory=list)
     model_origin: str = "manifest"
+    #: Which framework record gave the folder dataset's evaluation transform ("" for none).
+    transform_origin: str = ""
 
     def record(self) -> dict[str, Any]:
         """How the series and model were found, for ``analysis/checkpoints.json``."""
         return {"run": self.name, "layouts": self.layouts, "epoch_note": self.epoch_note,
                 "model": {"arch": self.arch, "num_classes": self.num_classes,
                           "kwargs": self.arch_kwargs, "origin": self.model_origin},
+                "eval_transform": {"params": {k: v for k, v in self.dataset_params.items()
+                                              if k in layouts.TRANSFORM_PARAMS},
+                                   "origin": self.transform_origin or "flags or defaults"},
                 "load": self.load.record(),
                 "checkpoints": [{"epoch": c.epoch, "step": c.step, "path": str(c.path),
                                  "source_epoch": c.source_epoch, "epoch_basis": c.epoch_basis,
@@ -157,6 +163,9 @@ class AnalysisOptions:
     image_store: str | None = "auto"
     #: ``--memory-budget`` in bytes (None: :func:`dtprobe.analysis.memory.default_budget`).
     memory_budget: int | None = None
+    #: ``--skip-bad-images``: folder datasets (source and downstream) leave out undecodable
+    #: files instead of failing (:mod:`dtprobe.data.decode`).
+    skip_bad_images: bool = False
     #: ``--max-samples``: a stable class-stratified subset per split (source and downstream).
     max_samples: int | None = None
     #: ``--shard``: how torchrun ranks split the work (:mod:`dtprobe.analysis.sharding`).
@@ -313,6 +322,9 @@ def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int |
         raise ConfigError(f"{run_dir} has no manifest.json{said}; pass {' '.join(missing)} to "
                           "say how to rebuild the model and which data to use (or write a "
                           "manifest: see checkpoints_manifest/README.md)")
+    # the evaluation transform the framework's records say (flags override them)
+    params, transform_origin = _recorded_transform(dataset, dict(dataset_params or {}),
+                                                   run, load.trust_pickles)
     entries = [PlannedCheckpoint(c.epoch, c.step, Path(c.path), sha256=c.sha256,
                                  sha256_from="the manifest" if c.sha256 is None
                                  else PLANNED_DIGEST,
@@ -321,8 +333,21 @@ def plan_run(run_dir: str | Path, *, arch: str | None = None, num_classes: int |
                                  epoch_basis=c.epoch_basis)
                for c in run.series]
     return RunPlan(run_dir, name or run_dir.name, run.arch, run.arch_kwargs,
-                   int(run.num_classes), dataset, dict(dataset_params or {}), entries, None, None,
-                   load, run.series.epoch_note, run.series.layouts, run.origin)
+                   int(run.num_classes), dataset, params, entries, None, None,
+                   load, run.series.epoch_note, run.series.layouts, run.origin,
+                   transform_origin)
+
+
+def _recorded_transform(dataset: str, params: dict[str, Any], run: Any,
+                        trust_pickles: bool) -> tuple[dict[str, Any], str]:
+    """:func:`dtprobe.checkpoints.layouts.with_recorded_transform` on the run's last checkpoint."""
+    if dataset not in available_datasets() or not len(run.series):
+        return params, ""
+    from dtprobe.data.spec import loader_parameters
+
+    last = Path(run.series[-1].path)
+    return layouts.with_recorded_transform(params, loader_parameters(dataset), last,
+                                           trust_pickles)
 
 
 def _check_call(func: Any, what: str, fix: str, *args: Any, **kwargs: Any) -> None:

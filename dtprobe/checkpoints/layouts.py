@@ -41,7 +41,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -598,3 +598,136 @@ def guess_from_keys(source: Any, in_channels: tuple[int, ...] = (3, 1)) -> Model
                 return ModelHints(g.arch, g.num_classes, dict(g.kwargs),
                                   f"parameter names and shapes ({candidate.describe()})")
     return ModelHints()
+
+
+# ------------------------------------------------------------------ evaluation transform records
+@dataclass
+class TransformHints:
+    """What a checkpoint's framework records say about its evaluation transform.
+
+    ``image_size`` is the centre crop (the model's input side), ``resize_size`` the shorter
+    side before it, ``interpolation`` the resize filter; None where the records do not say.
+    ``origin`` names the record (``"torchvision args.val_resize_size/val_crop_size"`` ...).
+    """
+
+    image_size: int | None = None
+    resize_size: int | None = None
+    interpolation: str | None = None
+    origin: str = ""
+
+    def params(self) -> dict[str, Any]:
+        """The folder-dataset parameters they give (:func:`dtprobe.data.load_dataset`)."""
+        out: dict[str, Any] = {}
+        if self.image_size is not None:
+            out["image_size"] = self.image_size
+            if self.resize_size is not None and self.resize_size >= self.image_size:
+                out["resize_size"] = self.resize_size
+        if self.interpolation in ("bilinear", "bicubic"):
+            out["interpolation"] = self.interpolation
+        return out
+
+
+def _side(value: Any) -> int | None:
+    """A square side from an int or a ``(C, H, W)``/``(H, W)`` size with ``H == W``."""
+    if isinstance(value, (list, tuple)) and value:
+        sides = [_int_or_none(v) for v in value[-2:]]
+        return sides[0] if len(set(sides)) == 1 else None
+    return None if isinstance(value, bool) else _int_or_none(value)
+
+
+def _pct(value: Any) -> float | None:
+    number = _number(value)
+    return number if number is not None and 0 < number <= 1 else None
+
+
+def _timm_registry_cfg(model: Any) -> dict[str, Any]:
+    """timm's own pretrained_cfg of model name ``model`` (empty without timm or the name)."""
+    if not isinstance(model, str) or not model:
+        return {}
+    try:
+        from timm.models import get_pretrained_cfg
+    except Exception:  # noqa: BLE001 - timm missing or broken: its records cannot be read
+        return {}
+    try:
+        cfg = get_pretrained_cfg(model)
+    except Exception:  # noqa: BLE001 - an unknown name
+        return {}
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+
+
+def eval_transform_hints(source: Any, checkpoint: Path) -> TransformHints:
+    """The evaluation transform a checkpoint's framework records say, in order:
+
+    - torchvision's reference ``train.py`` ``args.val_resize_size``/``val_crop_size`` (and
+      ``args.interpolation``): the transform its evaluation used;
+    - timm: ``train.py``'s ``args`` (``img_size``/``input_size``, ``crop_pct``,
+      ``interpolation``) over a ``pretrained_cfg`` (in the checkpoint, in a ``config.json``
+      beside it, else timm's registry entry for ``args.model`` when timm is installed), with
+      timm's rule ``resize = floor(size / crop_pct)``; only ``crop_mode="center"`` maps to a
+      shorter-side resize and centre crop (other modes give no hints).
+
+    Returns empty hints when no record says it.
+    """
+    record = source if isinstance(source, Mapping) else {}
+    args = _args(record)
+    if args.get("val_crop_size") is not None or args.get("val_resize_size") is not None:
+        interp = args.get("interpolation")
+        return TransformHints(_side(args.get("val_crop_size")),
+                              _side(args.get("val_resize_size")),
+                              interp if isinstance(interp, str) else None,
+                              "torchvision args.val_resize_size/val_crop_size")
+    cfg: Any = record.get("pretrained_cfg")
+    origin = "timm pretrained_cfg in the checkpoint"
+    config = checkpoint.parent / "config.json"
+    if not isinstance(cfg, Mapping) and config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):
+            data = {}
+        cfg = data.get("pretrained_cfg") if isinstance(data, dict) else None
+        origin = "timm pretrained_cfg in config.json"
+    is_timm = isinstance(record.get("arch"), str) and "version" in record
+    if not isinstance(cfg, Mapping) and is_timm:
+        cfg = _timm_registry_cfg(args.get("model") or record.get("arch"))
+        origin = "timm registry pretrained_cfg of args.model"
+    cfg = dict(cfg) if isinstance(cfg, Mapping) else {}
+    size = (_side(args.get("img_size")) or _side(args.get("input_size"))
+            or _side(cfg.get("input_size")))
+    pct = _pct(args.get("crop_pct")) or _pct(cfg.get("crop_pct"))
+    interp = args.get("interpolation") or cfg.get("interpolation")
+    if not (cfg or (is_timm and (size or pct))):
+        return TransformHints()
+    if cfg.get("crop_mode", "center") != "center":
+        return TransformHints()
+    if size is None:
+        return TransformHints()
+    if pct is None and is_timm:
+        pct = 0.875  # timm's DEFAULT_CROP_PCT when neither the args nor the cfg say
+    resize = math.floor(size / pct) if pct else None
+    if any(args.get(k) for k in ("img_size", "input_size", "crop_pct")):
+        origin = "timm train.py args" + (f" over {origin}" if cfg else "")
+    return TransformHints(size, resize, interp if isinstance(interp, str) else None, origin)
+
+
+#: Folder-dataset parameters that state an evaluation transform: a user who sets any of them
+#: chooses it, and the records are not used.
+TRANSFORM_PARAMS = ("image_size", "resize_size", "preset", "interpolation")
+
+
+def with_recorded_transform(params: Mapping[str, Any], accepted: Sequence[str],
+                            checkpoint: Path | None, trust_pickles: bool = False
+                            ) -> tuple[dict[str, Any], str]:
+    """``params`` plus the evaluation transform the checkpoint's records say
+    (:func:`eval_transform_hints`), for a loader taking ``accepted`` parameters; unchanged when
+    the loader has no ``resize_size``, when ``params`` set any of :data:`TRANSFORM_PARAMS`
+    (flags override the records), or when no record says it. Also returns the origin."""
+    out = dict(params)
+    if (checkpoint is None or "resize_size" not in accepted
+            or any(k in out for k in TRANSFORM_PARAMS)):
+        return out, ""
+    meta = peek_bytes(checkpoint)[0] if trust_pickles else peek(checkpoint)
+    hints = eval_transform_hints(meta, checkpoint)
+    found = {k: v for k, v in hints.params().items() if k in accepted}
+    if not found:
+        return out, ""
+    return {**out, **found}, hints.origin

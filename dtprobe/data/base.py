@@ -45,6 +45,8 @@ class DatasetBundle:
     factor_classes : downstream task name -> number of classes.
     class_names : names of the source classes.
     mean, std : per-channel normalisation already applied to ``images``.
+    skipped : files left out because they could not be decoded (``skip_bad_images``), each
+        ``{"split", "id", "reason"}``; empty otherwise.
     """
 
     name: str
@@ -56,6 +58,7 @@ class DatasetBundle:
     class_names: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def in_channels(self) -> int:

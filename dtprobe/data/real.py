@@ -1,19 +1,20 @@
 """Real image datasets, loaded from local paths: CIFAR-10/100, CINIC-10, STL-10, ImageFolder.
 
 Nothing is fetched unless ``download=True`` is passed.  Each loader decodes a
-whole split into memory once (uint8, then normalised float32 ``(n, 3, S, S)``
-tensors), because dtprobe reuses the same evaluation tensors for every
-checkpoint of a run.  Memory cost of the float32 tensors is
-``n x 3 x S^2 x 4`` bytes, plus the transient uint8 copy (a quarter of that):
+whole split once into uint8 pixels ``(n, 3, S, S)`` (in memory, or for folder
+datasets in an image store on disk), because dtprobe reuses the same evaluation
+images for every checkpoint; they are normalised (and resized to ``image_size``
+where asked) per batch when used (:class:`~dtprobe.data.pixels.RawImages`), so
+no float32 copy of a split is ever made.  Memory of the pixels held in memory
+is ``n x 3 x S^2`` bytes:
 
 =============  ========================  =================================
-dataset        images (train + test)     float32 at native size
+dataset        images (train + test)     uint8 at native size
 =============  ========================  =================================
-cifar10/100    50 000 + 10 000, 32 px    737 MB
-cinic10        90 000 + 90 000, 32 px    2.2 GB (``max_per_class`` caps it)
-stl10          5 000 + 8 000, 96 px      1.4 GB (160 MB at ``image_size=32``)
-imagefolder    ImageNet, 1.28 M + 50 k   cap it: 64 px, ``max_per_class=100``
-                                         gives 100 000 + 50 000 images, 7.4 GB
+cifar10/100    50 000 + 10 000, 32 px    184 MB
+cinic10        90 000 + 90 000, 32 px    553 MB (``max_per_class`` caps it)
+stl10          5 000 + 8 000, 96 px      359 MB (kept at 96 px when resized)
+imagefolder    ImageNet, 1.28 M + 50 k   use ``--image-store`` (one batch resident)
 =============  ========================  =================================
 
 Images are normalised with the per-channel mean and std of the loaded
@@ -45,18 +46,26 @@ References
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+import checkpoints_manifest as cm
 from dtprobe.data.base import DatasetBundle, Split
-from dtprobe.data.decode import DECODER_TAG, decode_batches, decode_image
+from dtprobe.data.decode import (
+    DECODER_TAG,
+    IMAGENET_EVAL,
+    INTERPOLATIONS,
+    decode_batches,
+    decode_image,
+)
 from dtprobe.data.pixels import RawImages
 from dtprobe.data.registry import register_dataset
 from dtprobe.data.store import (
@@ -68,6 +77,7 @@ from dtprobe.data.store import (
 )
 from dtprobe.data.subsets import check_max_samples, stable_subset
 from dtprobe.errors import DatasetError
+from dtprobe.features import integrity
 
 __all__ = ["load_cifar10", "load_cifar100", "load_cinic10", "load_imagefolder", "load_stl10"]
 
@@ -116,24 +126,12 @@ def _cap_indices(labels: np.ndarray, max_per_class: int | None) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def _to_float(images: np.ndarray, image_size: int | None) -> torch.Tensor:
-    """uint8 ``(n, 3, H, W)`` -> float32 in [0, 1], resized (antialiased) to ``image_size``."""
-    n, c, h, w = images.shape
-    size = (h, w) if image_size is None else (image_size, image_size)
-    out = torch.empty((n, c, *size), dtype=torch.float32)
-    for start in range(0, n, _CHUNK):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + _CHUNK])).float().div_(255)
-        if size != (h, w):
-            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        out[start:start + _CHUNK] = x.clamp_(0, 1)
-    return out
-
-
 Pixels = np.ndarray | ImageStore
 
 
-def _float_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std (float64) of float images (resized splits), in chunks."""
+def _float_statistics(x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (float64) of float images (resized splits: a
+    :class:`RawImages` converting on use), summed per chunk."""
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     total_sq = torch.zeros(x.shape[1], dtype=torch.float64)
     for start in range(0, len(x), _CHUNK):
@@ -156,12 +154,16 @@ def _bundle(
     factors: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {}),
     factor_classes: dict[str, int] | None = None,
     sample_ids: tuple[list[str] | None, list[str] | None] = (None, None),
+    skipped: list[dict[str, str]] | None = None,
 ) -> DatasetBundle:
-    """Normalise uint8 splits with the train split's per-channel statistics into a bundle.
+    """uint8 splits, normalised on use with the train split's per-channel statistics, as a
+    bundle.
 
-    Arrays become normalised float32 tensors; image stores (already at their final size)
-    become :class:`RawImages` normalised on use. Statistics of images that are not resized
-    come from exact pixel histograms, so both forms give the same floats.
+    Images stay uint8 pixels (:class:`RawImages`, in memory or in an image store): a quarter of
+    float32, and a resize to ``image_size`` is applied per batch on use (bilinear,
+    antialiased), never to the whole split at once. Statistics of images that are not resized
+    come from exact pixel histograms (the same floats in memory and from a store); those of
+    resized images from the resized float images, summed per chunk in float64.
     """
     if isinstance(train[0], ImageStore) and isinstance(test[0], ImageStore):
         mean, std = histogram_statistics(train[0].histogram)
@@ -169,17 +171,18 @@ def _bundle(
         x_test: Any = RawImages(test[0], mean.tolist(), std.tolist())
     else:
         pixels = np.asarray(train[0])
-        x_train = _to_float(pixels, image_size)
-        x_test = _to_float(np.asarray(test[0]), image_size)
-        if x_train.shape[-2:] == pixels.shape[-2:]:
+        tr = torch.from_numpy(np.ascontiguousarray(pixels))
+        te = torch.from_numpy(np.ascontiguousarray(np.asarray(test[0])))
+        size = None if image_size is None else (image_size, image_size)
+        c = tr.shape[1]
+        unit = RawImages(tr, [0.0] * c, [1.0] * c, size=size)  # intensities in [0, 1]
+        if unit.converts:
+            mean, std = _float_statistics(unit)
+        else:
             # not resized: exact statistics from the pixel values, as an image store has them
             mean, std = histogram_statistics(pixel_histogram(pixels))
-        else:
-            mean, std = _float_statistics(x_train)
-        m, s = mean.float()[None, :, None, None], std.float()[None, :, None, None]
-        for x in (x_train, x_test):
-            for start in range(0, len(x), _CHUNK):
-                x[start:start + _CHUNK].sub_(m).div_(s)
+        x_train = RawImages(tr, mean.tolist(), std.tolist(), size=size)
+        x_test = RawImages(te, mean.tolist(), std.tolist(), size=size)
 
     def split(x: Any, y: np.ndarray, f: dict[str, np.ndarray], ids: list[str] | None) -> Split:
         return Split(images=x, labels=torch.from_numpy(np.asarray(y, dtype=np.int64)),
@@ -194,6 +197,7 @@ def _bundle(
         factor_classes=dict(factor_classes or {}),
         class_names=list(class_names),
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+        skipped=list(skipped or []),
     )
 
 
@@ -491,7 +495,10 @@ def _list_folder(name: str, d: Path, class_to_idx: dict[str, int] | None,
                  layout: str) -> tuple[list[str], np.ndarray, dict[str, int]]:
     """Sorted image files of a class-per-subfolder split (classes from ``class_to_idx``).
 
-    Classes are the sorted subfolder names, as in ``torchvision.datasets.ImageFolder``.
+    Classes are the sorted subfolder names, as in ``torchvision.datasets.ImageFolder``. Every
+    entry that is not a folder and has an image extension is listed, as ImageFolder does: a
+    FIFO or a device named ``x.jpg`` is then refused by the decoder on one line naming it,
+    rather than silently left out.
     """
     classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
     if not classes:
@@ -506,7 +513,7 @@ def _list_folder(name: str, d: Path, class_to_idx: dict[str, int] | None,
     labels: list[int] = []
     for cls in classes:
         files = sorted(e.path for e in os.scandir(d / cls)
-                       if e.is_file() and e.name.lower().endswith(_IMG_EXTENSIONS))
+                       if not e.is_dir() and e.name.lower().endswith(_IMG_EXTENSIONS))
         paths += files
         labels += [class_to_idx[cls]] * len(files)
     if not paths:
@@ -515,59 +522,129 @@ def _list_folder(name: str, d: Path, class_to_idx: dict[str, int] | None,
     return paths, np.asarray(labels, dtype=np.int64), class_to_idx
 
 
-def _decode(name: str, paths: Sequence[str], size: int | None) -> np.ndarray:
-    """Decode images to uint8 ``(n, 3, S, S)`` in memory (:func:`dtprobe.data.decode`'s rule,
-    in parallel worker processes). With ``size=None`` all images must share one size."""
+@dataclass(frozen=True)
+class _Decoding:
+    """How a folder split is decoded: crop side ``size`` (None: the files' own size), shorter
+    side ``resize`` before the crop, and whether undecodable files are skipped."""
+
+    size: int | None
+    resize: int | None
+    skip: bool = False
+    interpolation: str = "bilinear"
+
+    @property
+    def key(self) -> list[Any]:
+        """What of the decoding goes into a store key (the filter only when not bilinear, so
+        that keys of the default rule do not change with it)."""
+        out: list[Any] = [DECODER_TAG, self.size, self.resize]
+        return out if self.interpolation == "bilinear" else [*out, self.interpolation]
+
+    def batches(self, name: str, paths: Sequence[str],
+                skipped: list[tuple[int, str]] | None = None) -> Any:
+        return decode_batches(name, paths, self.size, resize=self.resize, skipped=skipped,
+                              interpolation=self.interpolation)
+
+
+def _decode(name: str, paths: Sequence[str], how: _Decoding
+            ) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Decode images to uint8 ``(n, 3, S, S)`` in memory (:mod:`dtprobe.data.decode`'s rule,
+    in parallel worker processes), and the ``(index, reason)`` of the files skipped."""
     out: np.ndarray | None = None
+    skipped: list[tuple[int, str]] = []
     start = 0
-    for batch in _same_size(name, decode_batches(name, paths, size), paths):
+    for batch in how.batches(name, paths, skipped if how.skip else None):
         if out is None:
             out = np.empty((len(paths), *batch.shape[1:]), dtype=np.uint8)
         out[start:start + len(batch)] = batch
         start += len(batch)
-    assert out is not None
-    return out
+    if out is None:
+        raise DatasetError(f"{name}: none of the {len(paths)} images near {paths[0]} can be "
+                           f"decoded (first: {skipped[0][1]})")
+    if start < len(out):
+        out.resize((start, *out.shape[1:]), refcheck=False)  # shrunk in place: no copy
+    return out, skipped
 
 
-def _same_size(name: str, batches: Any, paths: Sequence[str],
-               shape: tuple[int, ...] | None = None) -> Any:
-    """``batches``, refusing (one line, naming a file) images whose size differs from
-    ``shape`` (default: the first batch's; ``image_size=None`` keeps the files' own size)."""
-    start = 0
-    for batch in batches:
-        shape = tuple(batch.shape[1:]) if shape is None else tuple(shape)
-        if tuple(batch.shape[1:]) != shape:
-            raise DatasetError(f"{name}: images near {paths[start]} are {batch.shape[3]}x"
-                               f"{batch.shape[2]}, others are {shape[2]}x{shape[1]}; pass "
-                               "image_size to resize")
-        start += len(batch)
-        yield batch
+def _shape(name: str, paths: Sequence[str], how: _Decoding) -> tuple[int, int, int]:
+    """``(3, S, S)`` of the decoded images (the first decodable file's with ``size=None``)."""
+    if how.size is not None:
+        return (3, how.size, how.size)
+    for p in paths:
+        try:
+            return tuple(decode_image(name, p, None).shape)  # type: ignore[return-value]
+        except DatasetError:
+            if not how.skip:
+                raise
+    raise DatasetError(f"{name}: none of the {len(paths)} images near {paths[0]} can be "
+                       "decoded")
 
 
-def _stored(name: str, split: str, root: Path, paths: Sequence[str], size: int | None,
-            store: str | os.PathLike) -> ImageStore:
+def _skip_record_path(folder: Path, stem: str, key: str) -> Path:
+    return folder / f"{stem}-{key}.skipped.json"
+
+
+def _read_skip_record(path: Path, key: str) -> list[tuple[int, str]] | None:
+    """The sealed list of files skipped when the store ``key`` was built, or None."""
+    try:
+        record = json.loads(path.read_text())
+        body = json.dumps(record["skipped"], sort_keys=True).encode()
+        if record.get("key") != key or not integrity.verify(key, record.get("mac"), body):
+            return None
+        return [(int(i), str(r)) for i, r in record["skipped"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _stored(name: str, split: str, root: Path, paths: Sequence[str], how: _Decoding,
+            store: str | os.PathLike) -> tuple[ImageStore, list[tuple[int, str]]]:
     """The split decoded once into an image store (:mod:`dtprobe.data.store`), keyed by the
-    decoder and each file's path, size and modification time."""
+    decoder, its parameters and each file's path, size and modification time; plus the
+    ``(index, reason)`` of the files skipped (``how.skip``).
+
+    With ``how.skip`` the files that cannot be decoded are only known after decoding, while a
+    store is written with its image count: the split is decoded once into a temporary file of
+    the good images, the store is built from it, and the list of skipped files is kept next to
+    the store, sealed like it (:mod:`dtprobe.features.integrity`), so that later analyses (and other
+    torchrun ranks, which wait on a lock) read it instead of decoding again.
+    """
     try:
         listing = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns)
                    for p in paths for st in (os.stat(p),)]
     except OSError as err:
         raise DatasetError(f"{name}: cannot read {err.filename} ({err.strerror}); the folder "
                            "changed while listing it, run again") from None
-    shape = (3, size, size) if size is not None else tuple(decode_image(name, paths[0], None).shape)
-    key = store_key(name, DECODER_TAG, size, listing)
+    folder = Path(store).expanduser()
+    stem = f"{name}-{split}"
+    skipped: list[tuple[int, str]] = []
+    if how.skip:
+        all_key = store_key(name, *how.key, listing, "skip-bad-images")
+        record = _skip_record_path(folder, stem, all_key)
+        found = _read_skip_record(record, all_key)
+        if found is None:
+            found = _build_skipping(name, split, paths, listing, how, folder, stem, record,
+                                    all_key)
+        skipped = found
+    bad = {i for i, _ in skipped}
+    good = [i for i in range(len(paths)) if i not in bad]
+    good_paths = [paths[i] for i in good] if bad else paths
+    shape = _shape(name, good_paths, how)
+    key = store_key(name, *how.key, [listing[i] for i in good])
+    return _open_or_build(name, split, folder, stem, key, shape, len(good_paths),
+                          lambda: how.batches(name, good_paths)), skipped
+
+
+def _open_or_build(name: str, split: str, folder: Path, stem: str, key: str,
+                   shape: tuple[int, int, int], n: int, make: Any) -> ImageStore:
     bar: list[Any] = []
 
     def start() -> None:
         from dtprobe.runtime.progress import tqdm
 
-        bar.append(tqdm(total=len(paths), unit="img", desc=f"{name}/{split}: decoding once "
-                        "into the image store"))
+        bar.append(tqdm(total=n, unit="img", desc=f"{name}/{split}: decoding once into the "
+                        "image store"))
 
     try:
-        return open_or_build(store, f"{name}-{split}", key, len(paths), shape,  # type: ignore[arg-type]
-                             lambda: _same_size(name, decode_batches(name, paths, size), paths,
-                                                shape),
+        return open_or_build(folder, stem, key, n, shape, make,
                              progress=lambda k: bar[0].update(k) if bar else None,
                              on_build=start)
     finally:
@@ -575,15 +652,70 @@ def _stored(name: str, split: str, root: Path, paths: Sequence[str], size: int |
             b.close()
 
 
+def _build_skipping(name: str, split: str, paths: Sequence[str], listing: list[Any],
+                    how: _Decoding, folder: Path, stem: str, record: Path,
+                    all_key: str) -> list[tuple[int, str]]:
+    """Decode once, skipping bad files, into the store of the good ones; seal the skip list."""
+    import fcntl
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = os.open(f"{record}.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                       0o600)
+    except OSError as exc:
+        raise DatasetError(f"cannot write the image store in {folder} ({exc.strerror or exc}); "
+                           "pass --image-store DIR with a writable folder, or --image-store "
+                           "none to decode into memory") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = _read_skip_record(record, all_key)  # written by another process meanwhile
+        if found is not None:
+            return found
+        skipped: list[tuple[int, str]] = []
+        with tempfile.TemporaryFile(dir=folder) as tmp:
+            shape: tuple[int, ...] | None = None
+            count = 0
+            for batch in how.batches(name, paths, skipped):
+                shape = tuple(batch.shape[1:])
+                tmp.write(memoryview(np.ascontiguousarray(batch)).cast("B"))
+                count += len(batch)
+            if shape is None:
+                raise DatasetError(f"{name}: none of the {len(paths)} images near {paths[0]} "
+                                   f"can be decoded (first: {skipped[0][1]})")
+            row = int(np.prod(shape))
+
+            def batches() -> Any:
+                for start in range(0, count, 256):
+                    m = min(256, count - start)
+                    tmp.seek(start * row)
+                    data = np.frombuffer(tmp.read(m * row), dtype=np.uint8)
+                    yield data.reshape(m, *shape)
+
+            bad = {i for i, _ in skipped}
+            key = store_key(name, *how.key,
+                            [listing[i] for i in range(len(paths)) if i not in bad])
+            _open_or_build(name, split, folder, stem, key, shape, count,  # type: ignore[arg-type]
+                           batches)
+        body = json.dumps([list(s) for s in skipped], sort_keys=True).encode()
+        cm.atomic_write_text(record, json.dumps({
+            "key": all_key, "skipped": [list(s) for s in skipped],
+            "mac": integrity.seal(all_key, body)}) + "\n")
+        return skipped
+    finally:
+        os.close(lock)
+
+
 def _folder_split(name: str, root: Path, dirs: Sequence[Path], split: str,
-                  class_to_idx: dict[str, int] | None, layout: str, size: int | None,
+                  class_to_idx: dict[str, int] | None, layout: str, how: _Decoding,
                   max_per_class: int | None, max_samples: int | None,
                   store: str | os.PathLike | None
-                  ) -> tuple[Pixels, np.ndarray, dict[str, int], list[str]]:
+                  ) -> tuple[Pixels, np.ndarray, dict[str, int], list[str], list[dict[str, str]]]:
     """One split of a folder dataset, from the class folders of ``dirs`` (capped at
     ``max_per_class`` files each, then the stable ``max_samples`` subset of them all): pixels
-    (in memory, or an image store in the folder ``store``), labels, the class index and the
-    sample ids (paths relative to ``root``). Only the chosen files are decoded."""
+    (in memory, or an image store in the folder ``store``), labels, the class index, the
+    sample ids (paths relative to ``root``) and the files skipped (``how.skip``; their ids are
+    left out of the sample ids). Only the chosen files are decoded."""
     paths: list[str] = []
     labels_parts = []
     for d in dirs:
@@ -597,8 +729,25 @@ def _folder_split(name: str, root: Path, dirs: Sequence[Path], split: str,
     paths, labels, ids = [paths[i] for i in keep], labels[keep], [ids[i] for i in keep]
     assert class_to_idx is not None
     if store is not None:
-        return _stored(name, split, root, paths, size, store), labels, class_to_idx, ids
-    return _decode(name, paths, size), labels, class_to_idx, ids
+        pixels: Pixels
+        pixels, skipped = _stored(name, split, root, paths, how, store)
+    else:
+        pixels, skipped = _decode(name, paths, how)
+    if skipped:
+        bad = {i for i, _ in skipped}
+        good = [i for i in range(len(paths)) if i not in bad]
+        labels, ids = labels[good], [ids[i] for i in good]
+    gone = [{"split": split, "id": os.path.relpath(paths[i], root), "reason": _short(r, paths[i])}
+            for i, r in skipped]
+    return pixels, labels, class_to_idx, ids, gone
+
+
+def _short(reason: str, path: str) -> str:
+    """The reason a file was skipped, without the dataset name, path and fix around it."""
+    head = f"cannot decode image {path} ("
+    if head in reason:
+        reason = reason.split(head, 1)[1].rsplit("); remove or replace", 1)[0]
+    return reason
 
 
 _CINIC_URL = "https://datashare.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz"
@@ -612,6 +761,8 @@ def load_cinic10(
     image_size: int | None = None,
     max_per_class: int | None = None,
     max_samples: int | None = None,
+    resize_size: int | None = None,
+    skip_bad_images: bool = False,
     store: str | os.PathLike | None = None,
 ) -> DatasetBundle:
     """CINIC-10 from ``root/{train,valid,test}/<class>/*.png`` (Darlow et al. 2018).
@@ -625,6 +776,7 @@ def load_cinic10(
     max_per_class : keep only the first files (sorted by name) of each class in each split;
         decoding the full 180 000 images takes minutes and 2.2 GB.
     max_samples : a stable class-stratified subset of at most this many images per split.
+    resize_size, skip_bad_images : as for ``load_imagefolder``.
     store : a folder of image stores: decode once, read per batch (see ``load_imagefolder``).
 
     Returns
@@ -659,57 +811,86 @@ def load_cinic10(
         raise DatasetError(f"{name}: {d} missing valid/ (expected {layout}); pass "
                            "include_valid=False or re-download")
     max_samples = check_max_samples(name, max_samples)
+    how = _decoding(name, image_size, resize_size, skip_bad_images)
     train_dirs = [d / "train", d / "valid"] if include_valid else [d / "train"]
-    x_tr, y_tr, c2i, ids_tr = _folder_split(name, d, train_dirs, "train", None, layout,
-                                            image_size, max_per_class, max_samples, store)
-    x_te, y_te, _, ids_te = _folder_split(name, d, [d / "test"], "test", c2i, layout,
-                                          image_size, max_per_class, max_samples, store)
-    params = _with_subset(dict(root=str(root_p), include_valid=include_valid,
-                               image_size=image_size, max_per_class=max_per_class), max_samples)
+    x_tr, y_tr, c2i, ids_tr, bad_tr = _folder_split(name, d, train_dirs, "train", None, layout,
+                                                    how, max_per_class, max_samples, store)
+    x_te, y_te, _, ids_te, bad_te = _folder_split(name, d, [d / "test"], "test", c2i, layout,
+                                                  how, max_per_class, max_samples, store)
+    params = _with_decoding(dict(root=str(root_p), include_valid=include_valid,
+                                 image_size=image_size, max_per_class=max_per_class), how,
+                            max_samples)
     return _bundle(name, params, (x_tr, y_tr), (x_te, y_te), sorted(c2i, key=c2i.get),
-                   image_size, sample_ids=(ids_tr, ids_te))
+                   None, sample_ids=(ids_tr, ids_te), skipped=bad_tr + bad_te)
+
+
+#: Named evaluation transforms of ``load_imagefolder(preset=...)``: ``(resize_size, image_size)``.
+PRESETS = {"imagenet": IMAGENET_EVAL}
 
 
 @register_dataset("imagefolder")
 def load_imagefolder(
     root: str | os.PathLike | None = None,
-    image_size: int = 64,
+    image_size: int | None = None,
     max_per_class: int | None = None,
     test_split: str | None = None,
     max_samples: int | None = None,
+    resize_size: int | None = None,
+    preset: str | None = None,
+    interpolation: str = "bilinear",
+    skip_bad_images: bool = False,
     store: str | os.PathLike | None = None,
 ) -> DatasetBundle:
     """Any ImageNet-style folder: ``root/train/<class>/*`` and ``root/val/<class>/*``.
 
+    Images are decoded as torchvision's ``ImageFolder`` with ``Resize(resize_size)`` and
+    ``CenterCrop(image_size)`` decode them, pixel for pixel (:mod:`dtprobe.data.decode`; EXIF
+    orientation is not applied, as there).
+
     Parameters
     ----------
     root : directory holding ``train/`` and ``val/`` (or ``test/``), one subfolder per class.
-    image_size : shorter side resized to this, then centre-cropped to a square (required,
-        because folder images vary in size).
+    image_size : side of the centre crop, the model's input (default 64, or the preset's).
     max_per_class : keep only the first files (sorted by name) of each class in each split.
-        Memory is ``n x 3 x image_size^2 x 5`` bytes while loading (uint8 + float32).
     test_split : name of the evaluation folder (``None``: ``val``, else ``test``).
     max_samples : keep a stable class-stratified subset of at most this many images per split
         (:mod:`dtprobe.data.subsets`); only those files are decoded.
+    resize_size : the shorter side is resized to this before the crop (default
+        ``image_size``: the crop is the whole shorter side). ImageNet models are evaluated
+        with 256 then 224.
+    preset : ``"imagenet"``: ``resize_size=256, image_size=224`` where they are not given.
+    interpolation : resampling filter of the resize, ``"bilinear"`` (torchvision's default)
+        or ``"bicubic"`` (recorded by many timm models).
+    skip_bad_images : leave out files that cannot be decoded (listed in the bundle's
+        ``skipped`` and in ``analysis/samples.json``; their ids are not in the subset digest)
+        instead of failing the dataset on the first one (default).
     store : a folder of image stores (:mod:`dtprobe.data.store`): each split is decoded once
         into a uint8 file there and read back per batch (images become
         :class:`~dtprobe.data.pixels.RawImages`; memory is a batch, not the split). ``None``
-        (default) decodes into memory as float32. Not part of ``params``: the images are the
-        same either way.
+        (default) decodes into memory. Not part of ``params``: the images are the same either
+        way.
 
     Returns
     -------
     DatasetBundle
-        Classes = the sorted subfolders of ``train/``; no factors.
+        Classes = the sorted subfolders of ``train/``; no factors. ``params`` record the
+        resolved ``image_size`` and (when it differs from it) ``resize_size``.
     """
     name = "imagefolder"
     layout = "ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg (or ROOT/test/<class>/...)"
     fix = "pass --data-root"
     root_p = _root(name, root, layout, fix)
-    checked = _check_size(name, image_size)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise DatasetError(f"{name}: preset={preset!r} is not one of "
+                               f"{', '.join(sorted(PRESETS))}")
+        resize_size = PRESETS[preset][0] if resize_size is None else resize_size
+        image_size = PRESETS[preset][1] if image_size is None else image_size
+    checked = _check_size(name, 64 if image_size is None else image_size)
     if checked is None:
         raise DatasetError(f"{name}: image_size must be an integer >= 8 (folder images vary in "
                            "size)")
+    how = _decoding(name, checked, resize_size, skip_bad_images, interpolation)
     max_per_class = _check_cap(name, max_per_class)
     if not (root_p / "train").is_dir():
         raise DatasetError(f"{name}: {root_p} missing train/ (expected {layout}); {fix}")
@@ -718,11 +899,51 @@ def load_imagefolder(
     if not (root_p / test_split).is_dir():
         raise DatasetError(f"{name}: {root_p} missing {test_split}/ (expected {layout}); {fix}")
     max_samples = check_max_samples(name, max_samples)
-    x_tr, y_tr, c2i, ids_tr = _folder_split(name, root_p, [root_p / "train"], "train", None,
-                                            layout, checked, max_per_class, max_samples, store)
-    x_te, y_te, _, ids_te = _folder_split(name, root_p, [root_p / test_split], test_split, c2i,
-                                          layout, checked, max_per_class, max_samples, store)
-    params = _with_subset(dict(root=str(root_p), image_size=checked,
-                               max_per_class=max_per_class, test_split=test_split), max_samples)
+    x_tr, y_tr, c2i, ids_tr, bad_tr = _folder_split(name, root_p, [root_p / "train"], "train",
+                                                    None, layout, how, max_per_class,
+                                                    max_samples, store)
+    x_te, y_te, _, ids_te, bad_te = _folder_split(name, root_p, [root_p / test_split],
+                                                  test_split, c2i, layout, how, max_per_class,
+                                                  max_samples, store)
+    params = _with_decoding(dict(root=str(root_p), image_size=checked,
+                                 max_per_class=max_per_class, test_split=test_split), how,
+                            max_samples)
     return _bundle(name, params, (x_tr, y_tr), (x_te, y_te), sorted(c2i, key=c2i.get), None,
-                   sample_ids=(ids_tr, ids_te))
+                   sample_ids=(ids_tr, ids_te), skipped=bad_tr + bad_te)
+
+
+def _decoding(name: str, size: int | None, resize_size: int | None,
+              skip_bad_images: bool, interpolation: str = "bilinear") -> _Decoding:
+    """The checked decoding parameters of a folder dataset."""
+    if not isinstance(skip_bad_images, bool):
+        raise DatasetError(f"{name}: skip_bad_images={skip_bad_images!r} must be true or false")
+    if interpolation not in INTERPOLATIONS:
+        raise DatasetError(f"{name}: interpolation={interpolation!r} must be one of "
+                           f"{', '.join(INTERPOLATIONS)}")
+    if resize_size is not None:
+        if (isinstance(resize_size, bool) or not isinstance(resize_size, int)
+                or not 8 <= resize_size <= 4096):
+            raise DatasetError(f"{name}: resize_size={resize_size!r} must be an integer in "
+                               "[8, 4096] or None")
+        if size is None:
+            raise DatasetError(f"{name}: resize_size needs image_size (the crop after it)")
+        if resize_size < size:
+            raise DatasetError(f"{name}: resize_size={resize_size} is smaller than "
+                               f"image_size={size}; the crop must fit in the resized image "
+                               "(e.g. resize_size=256 with image_size=224)")
+    return _Decoding(size, None if resize_size == size else resize_size, skip_bad_images,
+                     interpolation)
+
+
+def _with_decoding(params: dict[str, Any], how: _Decoding,
+                   max_samples: int | None) -> dict[str, Any]:
+    """``params`` plus the decoding options that differ from the defaults (left out at their
+    defaults, so that the dataset keys of caches written before they existed stay valid)."""
+    out = dict(params)
+    if how.resize is not None:
+        out["resize_size"] = how.resize
+    if how.interpolation != "bilinear":
+        out["interpolation"] = how.interpolation
+    if how.skip:
+        out["skip_bad_images"] = True
+    return _with_subset(out, max_samples)

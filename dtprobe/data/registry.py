@@ -10,6 +10,7 @@ from dataclasses import replace
 import torch
 
 from dtprobe.data.base import DatasetBundle, Split
+from dtprobe.data.pixels import is_raw
 from dtprobe.data.subsets import check_max_samples, stable_subset
 from dtprobe.errors import DatasetError
 
@@ -52,7 +53,8 @@ def supports_store(name: str) -> bool:
 def _subset_split(split: Split, max_samples: int) -> Split:
     keep = stable_subset(split.sample_ids, split.labels.numpy(), max_samples)
     index = torch.from_numpy(keep)
-    return Split(images=split.images[index], labels=split.labels[index],
+    images = split.images.subset(index) if is_raw(split.images) else split.images[index]
+    return Split(images=images, labels=split.labels[index],
                  factors={k: v[index] for k, v in split.factors.items()},
                  sample_ids=[split.sample_ids[i] for i in keep])
 

@@ -19,7 +19,12 @@ rule to a loaded :class:`~dtprobe.data.base.DatasetBundle`, in this order:
 4. **Normalise with the source's statistics**: ``(x - mean_source) / std_source``, the
    per-channel mean and std the source model was trained with (recorded in its bundle).
 
-Everything is done in chunks, in float32, so the transient memory is a few MB above the images.
+Images held as uint8 pixels (:class:`~dtprobe.data.pixels.RawImages`: every folder and array
+dataset on disk) are not converted here at all: steps 1-4 are applied per batch when the images
+are used (:meth:`RawImages.converted`), from the exact pixel values ``x / 255``, so memory stays
+the uint8 pixels (or one batch, read from an image store) whatever the two sizes. Images made as
+float32 tensors (the generated datasets) are converted in chunks, in float32, so the transient
+memory is a few MB above the images.
 
 References
 ----------
@@ -123,12 +128,13 @@ def prepare_for_source(bundle: DatasetBundle, target: SourceInput) -> DatasetBun
     if len(target.mean) != target.channels or len(target.std) != target.channels:
         raise DatasetError(f"{bundle.name}: the source statistics have {len(target.mean)} "
                            f"channels but its images {target.channels}")
-    if (is_raw(bundle.train.images) and is_raw(bundle.test.images) and c == target.channels
-            and tuple(bundle.train.images.shape[-2:]) == (target.height, target.width)):
-        # uint8 pixels at the source's size: only the normalisation changes (steps 1 and 4 on
-        # the exact intensities, no float copy of the images is made)
+    if is_raw(bundle.train.images) and is_raw(bundle.test.images):
+        # uint8 pixels: converted per batch on use (steps 1-4 on the exact intensities; no
+        # float copy of the images is ever made)
         def restat(s: Split) -> Split:
-            return Split(images=s.images.with_stats(target.mean, target.std),
+            return Split(images=s.images.converted(target.channels,
+                                                   (target.height, target.width),
+                                                   target.mean, target.std),
                          labels=s.labels.clone(), factors={}, sample_ids=s.sample_ids)
 
         return replace(bundle, train=restat(bundle.train), test=restat(bundle.test),

@@ -177,7 +177,9 @@ class _Loader:
             self.events[i].synchronize()  # the copy that last read this buffer has finished
         buf = self.staging[i]
         if buf is None or buf.shape[0] < rows:
-            buf = torch.empty((rows, *self.images.shape[1:]),
+            # raw pixels are staged at their stored shape (converted on the device)
+            shape = self.images.pixel_shape if self.raw else self.images.shape
+            buf = torch.empty((rows, *shape[1:]),
                               dtype=torch.uint8 if self.raw else self.images.dtype,
                               pin_memory=True)
             self.staging[i] = buf
