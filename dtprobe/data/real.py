@@ -116,6 +116,13 @@ def _check_cap(name: str, max_per_class: int | None) -> int | None:
     return max_per_class
 
 
+def _check_common(name: str, root: str | os.PathLike | None, layout: str,
+                  image_size: int | None, max_per_class: int | None
+                  ) -> tuple[Path, int | None, int | None]:
+    """The checked arguments every array and folder loader takes: root, size, cap."""
+    return _root(name, root, layout), _check_size(name, image_size), _check_cap(name, max_per_class)
+
+
 def _cap_indices(labels: np.ndarray, max_per_class: int | None) -> np.ndarray:
     """Indices keeping the first ``max_per_class`` samples of each class, in file order."""
     if max_per_class is None:
@@ -217,6 +224,49 @@ def _array_subset(labels: np.ndarray, split: str, max_per_class: int | None,
     return keep[chosen], [ids[i] for i in chosen]
 
 
+def _array_bundle(
+    name: str,
+    params: dict[str, Any],
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    class_names: Sequence[str],
+    image_size: int | None,
+    max_per_class: int | None,
+    max_samples: int | None,
+    factors: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {}),
+    factor_classes: dict[str, int] | None = None,
+) -> DatasetBundle:
+    """The bundle of two whole array splits (CIFAR, STL-10) cut to ``max_per_class`` and the
+    stable ``max_samples`` subset; ``params`` gain ``max_per_class`` and ``max_samples``."""
+    max_samples = check_max_samples(name, max_samples)
+    keep_tr, ids_tr = _array_subset(train[1], "train", max_per_class, max_samples)
+    keep_te, ids_te = _array_subset(test[1], "test", max_per_class, max_samples)
+    params = _with_subset({**params, "max_per_class": max_per_class}, max_samples)
+    return _bundle(name, params, (train[0][keep_tr], train[1][keep_tr]),
+                   (test[0][keep_te], test[1][keep_te]), class_names, image_size,
+                   factors=({k: v[keep_tr] for k, v in factors[0].items()},
+                            {k: v[keep_te] for k, v in factors[1].items()}),
+                   factor_classes=factor_classes, sample_ids=(ids_tr, ids_te))
+
+
+def _check_label_range(name: str, d: Path, labels: Sequence[np.ndarray], n: int,
+                       what: str = "labels") -> None:
+    """Every label of ``labels`` (the splits read from ``d``) in ``0..n-1``."""
+    for y in labels:
+        if y.size and (y.min() < 0 or y.max() >= n):
+            raise DatasetError(f"{name}: {what} in {d} outside 0..{n - 1}; "
+                               "re-download it with --download")
+
+
+def _download(name: str, root: Path, fetch: Any) -> None:
+    """Run ``fetch()``; network or disk trouble becomes one line naming ``root``."""
+    try:
+        fetch()
+    except Exception as err:  # network / disk trouble, reported on one line
+        raise DatasetError(f"{name}: download into {root} failed ({type(err).__name__}: "
+                           f"{err})") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # CIFAR-10 / CIFAR-100 (python pickle batches)
 # ----------------------------------------------------------------------------------------------
@@ -277,11 +327,7 @@ def _locate(name: str, root: Path, folder: str, files: Sequence[str], layout: st
         if complete(d):
             return d
     if download:
-        try:
-            downloader(root=str(root), download=True)
-        except Exception as err:  # network / disk trouble, reported on one line
-            raise DatasetError(f"{name}: download into {root} failed ({type(err).__name__}: "
-                               f"{err})") from None
+        _download(name, root, lambda: downloader(root=str(root), download=True))
         if complete(root / folder):
             return root / folder
     d = root / folder
@@ -317,8 +363,8 @@ def load_cifar10(
     """
     name = "cifar10"
     layout = "ROOT/cifar-10-batches-py/data_batch_1..5, test_batch"
-    root_p = _root(name, root, layout)
-    image_size, max_per_class = _check_size(name, image_size), _check_cap(name, max_per_class)
+    root_p, image_size, max_per_class = _check_common(name, root, layout, image_size,
+                                                      max_per_class)
     train_files = [f"data_batch_{i}" for i in range(1, 6)]
 
     def fetch(**kw: Any) -> None:
@@ -334,17 +380,9 @@ def load_cifar10(
     names: Sequence[str] = CIFAR10_CLASSES
     if (d / "batches.meta").is_file():
         names = [str(n) for n in _read_pickle(name, d / "batches.meta").get("label_names", names)]
-    for y in (y_tr, y_te):
-        if y.size and (y.min() < 0 or y.max() >= len(names)):
-            raise DatasetError(f"{name}: labels in {d} outside 0..{len(names) - 1}; "
-                               "re-download it with --download")
-    max_samples = check_max_samples(name, max_samples)
-    keep_tr, ids_tr = _array_subset(y_tr, "train", max_per_class, max_samples)
-    keep_te, ids_te = _array_subset(y_te, "test", max_per_class, max_samples)
-    params = _with_subset(dict(root=str(root_p), image_size=image_size,
-                               max_per_class=max_per_class), max_samples)
-    return _bundle(name, params, (x_tr[keep_tr], y_tr[keep_tr]), (x_te[keep_te], y_te[keep_te]),
-                   names, image_size, sample_ids=(ids_tr, ids_te))
+    _check_label_range(name, d, (y_tr, y_te), len(names))
+    return _array_bundle(name, dict(root=str(root_p), image_size=image_size), (x_tr, y_tr),
+                         (x_te, y_te), names, image_size, max_per_class, max_samples)
 
 
 @register_dataset("cifar100")
@@ -377,8 +415,8 @@ def load_cifar100(
     """
     name = "cifar100"
     layout = "ROOT/cifar-100-python/train, test, meta"
-    root_p = _root(name, root, layout)
-    image_size, max_per_class = _check_size(name, image_size), _check_cap(name, max_per_class)
+    root_p, image_size, max_per_class = _check_common(name, root, layout, image_size,
+                                                      max_per_class)
     if not isinstance(coarse, bool):
         raise DatasetError(f"cifar100: coarse={coarse!r} must be True or False")
 
@@ -400,21 +438,13 @@ def load_cifar100(
     labels = {"fine": (fine_tr, fine_te, fine_names), "coarse": (coarse_tr, coarse_te,
                                                                  coarse_names)}
     for key, (a, b, n_) in labels.items():
-        for y in (a, b):
-            if y.size and (y.min() < 0 or y.max() >= len(n_)):
-                raise DatasetError(f"{name}: {key} labels in {d} outside 0..{len(n_) - 1}; "
-                                   "re-download it with --download")
+        _check_label_range(name, d, (a, b), len(n_), f"{key} labels")
     y_tr, y_te, names = labels[src]
     o_tr, o_te, o_names = labels[other]
-    max_samples = check_max_samples(name, max_samples)
-    keep_tr, ids_tr = _array_subset(y_tr, "train", max_per_class, max_samples)
-    keep_te, ids_te = _array_subset(y_te, "test", max_per_class, max_samples)
-    params = _with_subset(dict(root=str(root_p), coarse=coarse, image_size=image_size,
-                               max_per_class=max_per_class), max_samples)
-    return _bundle(name, params, (x_tr[keep_tr], y_tr[keep_tr]), (x_te[keep_te], y_te[keep_te]),
-                   names, image_size,
-                   factors=({other: o_tr[keep_tr]}, {other: o_te[keep_te]}),
-                   factor_classes={other: len(o_names)}, sample_ids=(ids_tr, ids_te))
+    return _array_bundle(name, dict(root=str(root_p), coarse=coarse, image_size=image_size),
+                         (x_tr, y_tr), (x_te, y_te), names, image_size, max_per_class,
+                         max_samples, factors=({other: o_tr}, {other: o_te}),
+                         factor_classes={other: len(o_names)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,8 +492,8 @@ def load_stl10(
     """
     name = "stl10"
     layout = "ROOT/stl10_binary/train_X.bin, train_y.bin, test_X.bin, test_y.bin"
-    root_p = _root(name, root, layout)
-    image_size, max_per_class = _check_size(name, image_size), _check_cap(name, max_per_class)
+    root_p, image_size, max_per_class = _check_common(name, root, layout, image_size,
+                                                      max_per_class)
 
     def fetch(**kw: Any) -> None:
         from torchvision.datasets import STL10
@@ -478,13 +508,8 @@ def load_stl10(
         lines = [s.strip() for s in (d / "class_names.txt").read_text().splitlines() if s.strip()]
         if len(lines) == 10:
             names = lines
-    max_samples = check_max_samples(name, max_samples)
-    keep_tr, ids_tr = _array_subset(y_tr, "train", max_per_class, max_samples)
-    keep_te, ids_te = _array_subset(y_te, "test", max_per_class, max_samples)
-    params = _with_subset(dict(root=str(root_p), image_size=image_size,
-                               max_per_class=max_per_class), max_samples)
-    return _bundle(name, params, (x_tr[keep_tr], y_tr[keep_tr]), (x_te[keep_te], y_te[keep_te]),
-                   names, image_size, sample_ids=(ids_tr, ids_te))
+    return _array_bundle(name, dict(root=str(root_p), image_size=image_size), (x_tr, y_tr),
+                         (x_te, y_te), names, image_size, max_per_class, max_samples)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -786,8 +811,8 @@ def load_cinic10(
     """
     name = "cinic10"
     layout = "ROOT/train/<class>/*.png, ROOT/valid/..., ROOT/test/<class>/*.png"
-    root_p = _root(name, root, layout)
-    image_size, max_per_class = _check_size(name, image_size), _check_cap(name, max_per_class)
+    root_p, image_size, max_per_class = _check_common(name, root, layout, image_size,
+                                                      max_per_class)
 
     def find() -> Path | None:
         for d in (root_p, root_p / "CINIC-10"):
@@ -798,11 +823,7 @@ def load_cinic10(
     d = find()
     if d is None and download:
         from torchvision.datasets.utils import download_and_extract_archive
-        try:
-            download_and_extract_archive(_CINIC_URL, str(root_p))
-        except Exception as err:  # network / disk trouble, reported on one line
-            raise DatasetError(f"{name}: download into {root_p} failed ({type(err).__name__}: "
-                               f"{err})") from None
+        _download(name, root_p, lambda: download_and_extract_archive(_CINIC_URL, str(root_p)))
         d = find()
     if d is None:
         missing = "train/" if not (root_p / "train").is_dir() else "test/"
