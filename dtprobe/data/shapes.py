@@ -61,9 +61,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from dtprobe.data.base import DatasetBundle, Split
+from dtprobe.data.base import DatasetBundle, check_int, check_noise, normalised_splits
 from dtprobe.data.registry import register_dataset
 from dtprobe.errors import DatasetError
 
@@ -346,12 +345,6 @@ def render_shapes(
 # Loader
 # ----------------------------------------------------------------------------------------------
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise DatasetError(f"shapes: {name}={value!r} must be an integer >= {minimum}")
-    return int(value)
-
-
 @register_dataset("shapes")
 def load_shapes(
     n_train: int | None = None,
@@ -408,23 +401,21 @@ def load_shapes(
         raise DatasetError(f"shapes: unknown preset {preset!r}; choose one of "
                            f"{', '.join(SHAPES_PRESETS)}")
     base = SHAPES_PRESETS[preset]
-    n_train = _check_int("n_train", base["n_train"] if n_train is None else n_train, 1)
-    n_test = _check_int("n_test", base["n_test"] if n_test is None else n_test, 1)
-    image_size = _check_int("image_size", base["image_size"] if image_size is None
-                            else image_size, 8)
-    seed = _check_int("seed", seed, 0)
-    n_shapes = _check_int("n_shapes", n_shapes, 2)
+    n_train = check_int("shapes", "n_train", base["n_train"] if n_train is None else n_train, 1)
+    n_test = check_int("shapes", "n_test", base["n_test"] if n_test is None else n_test, 1)
+    image_size = check_int("shapes", "image_size", base["image_size"] if image_size is None
+                           else image_size, 8)
+    seed = check_int("shapes", "seed", seed, 0)
+    n_shapes = check_int("shapes", "n_shapes", n_shapes, 2)
     if n_shapes > len(_SHAPES):
         raise DatasetError(f"shapes: n_shapes={n_shapes} but only {len(_SHAPES)} shapes exist "
                            f"({', '.join(SHAPE_NAMES)})")
-    n_colours = _check_int("n_colours", n_colours, 2)
-    position_grid = _check_int("position_grid", position_grid, 2)
-    n_sizes = _check_int("n_sizes", n_sizes, 2)
-    n_orientations = _check_int("n_orientations", n_orientations, 2)
-    clutter = _check_int("clutter", clutter, 0)
-    if not np.isfinite(noise) or noise < 0:
-        raise DatasetError(f"shapes: noise={noise!r} must be a finite number >= 0")
-    noise = float(noise)
+    n_colours = check_int("shapes", "n_colours", n_colours, 2)
+    position_grid = check_int("shapes", "position_grid", position_grid, 2)
+    n_sizes = check_int("shapes", "n_sizes", n_sizes, 2)
+    n_orientations = check_int("shapes", "n_orientations", n_orientations, 2)
+    clutter = check_int("shapes", "clutter", clutter, 0)
+    noise = check_noise("shapes", noise)
 
     params: dict[str, Any] = dict(
         n_train=n_train, n_test=n_test, image_size=image_size, seed=seed, n_shapes=n_shapes,
@@ -435,26 +426,17 @@ def load_shapes(
     x_tr, y_tr, f_tr = render_shapes(n_train, rng=train_rng, **render_kw)
     x_te, y_te, f_te = render_shapes(n_test, rng=test_rng, **render_kw)
 
-    mean = x_tr.mean(axis=(0, 2, 3), dtype=np.float64)
-    std = x_tr.std(axis=(0, 2, 3), dtype=np.float64)
-    std = np.where(std > 0, std, 1.0)
-
-    def split(x: Array, y: Array, f: dict[str, Array]) -> Split:
-        x = (x - mean[None, :, None, None].astype(np.float32)) / std[None, :, None, None].astype(
-            np.float32)
-        return Split(images=torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-                     labels=torch.from_numpy(y),
-                     factors={k: torch.from_numpy(v) for k, v in f.items()})
+    train, test, mean, std = normalised_splits((x_tr, y_tr, f_tr), (x_te, y_te, f_te))
 
     return DatasetBundle(
         name="shapes",
         params=params,
-        train=split(x_tr, y_tr, f_tr),
-        test=split(x_te, y_te, f_te),
+        train=train,
+        test=test,
         num_classes=n_shapes,
         factor_classes={"colour": n_colours, "position": position_grid**2, "size": n_sizes,
                         "orientation": n_orientations},
         class_names=list(SHAPE_NAMES[:n_shapes]),
-        mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std),
+        mean=mean,
+        std=std,
     )

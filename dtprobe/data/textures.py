@@ -37,11 +37,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
-from dtprobe.data.base import DatasetBundle, Split
+from dtprobe.data.base import DatasetBundle, check_int, check_noise, normalised_splits
 from dtprobe.data.registry import register_dataset
-from dtprobe.errors import DatasetError
 
 __all__ = ["TEXTURE_NAMES", "load_textures", "render_textures"]
 
@@ -134,12 +132,6 @@ def render_textures(n: int, *, rng: np.random.Generator, image_size: int = 32,
     return images, labels
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise DatasetError(f"textures: {name}={value!r} must be an integer >= {minimum}")
-    return int(value)
-
-
 @register_dataset("textures")
 def load_textures(n_train: int = 1800, n_test: int = 1200, image_size: int = 32, seed: int = 0,
                   noise: float = 0.1) -> DatasetBundle:
@@ -158,29 +150,18 @@ def load_textures(n_train: int = 1800, n_test: int = 1200, image_size: int = 32,
         RGB images normalised with the training split's per-channel mean and std;
         ``load_dataset("textures", **bundle.params)`` rebuilds it exactly.
     """
-    n_train = _check_int("n_train", n_train, 1)
-    n_test = _check_int("n_test", n_test, 1)
-    image_size = _check_int("image_size", image_size, 8)
-    seed = _check_int("seed", seed, 0)
-    if not np.isfinite(noise) or noise < 0:
-        raise DatasetError(f"textures: noise={noise!r} must be a finite number >= 0")
+    n_train = check_int("textures", "n_train", n_train, 1)
+    n_test = check_int("textures", "n_test", n_test, 1)
+    image_size = check_int("textures", "image_size", image_size, 8)
+    seed = check_int("textures", "seed", seed, 0)
+    noise = check_noise("textures", noise)
     train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(
         [seed, 7]).spawn(2))
     x_tr, y_tr = render_textures(n_train, rng=train_rng, image_size=image_size, noise=noise)
     x_te, y_te = render_textures(n_test, rng=test_rng, image_size=image_size, noise=noise)
-    mean = x_tr.mean(axis=(0, 2, 3), dtype=np.float64)
-    std = x_tr.std(axis=(0, 2, 3), dtype=np.float64)
-    std = np.where(std > 0, std, 1.0)
-
-    def split(x: np.ndarray, y: np.ndarray) -> Split:
-        x = (x - mean[None, :, None, None].astype(np.float32)) / std[None, :, None, None].astype(
-            np.float32)
-        return Split(images=torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-                     labels=torch.from_numpy(y))
-
+    train, test, mean, std = normalised_splits((x_tr, y_tr, {}), (x_te, y_te, {}))
     params: dict[str, Any] = dict(n_train=n_train, n_test=n_test, image_size=image_size,
-                                  seed=seed, noise=float(noise))
-    return DatasetBundle(name="textures", params=params, train=split(x_tr, y_tr),
-                         test=split(x_te, y_te), num_classes=len(TEXTURE_NAMES),
-                         factor_classes={}, class_names=list(TEXTURE_NAMES),
-                         mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+                                  seed=seed, noise=noise)
+    return DatasetBundle(name="textures", params=params, train=train, test=test,
+                         num_classes=len(TEXTURE_NAMES), factor_classes={},
+                         class_names=list(TEXTURE_NAMES), mean=mean, std=std)
