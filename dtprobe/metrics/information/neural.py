@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -100,7 +101,7 @@ def _report(name: str, diag: dict[str, Any], tol: float) -> None:
         warn_unconverged(name, f"the estimate still moved by {diag['last_change']:+.3g} nats "
                          f"over the last {diag['settle_steps']} of {diag['n_iter']} steps "
                          f"(tolerance {tol:g} relative, nats below 1)", "raise steps",
-                         stacklevel=4)
+                         stacklevel=5)  # past _report, _final_estimate and the estimator
 
 
 def _check_tol(tol: float) -> None:
@@ -132,6 +133,35 @@ def _dv_bound(net: _Statistics, a: torch.Tensor, b: torch.Tensor, perms: list[to
                           for p in perms for i in range(0, len(a), chunk)])
         log_mean_exp = torch.logsumexp(marg.double(), 0) - math.log(marg.numel())
         return float(joint.double().mean() - log_mean_exp)
+
+
+def _seeded_setup(va: Any, vb: Any, seed: int, build: Callable[[int, int], nn.Module]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Generator, nn.Module]:
+    """Network inputs of both views, the batch generator and the network ``build(dim_a,
+    dim_b)``, initialised from ``seed`` without touching the global RNG streams."""
+    xa, xb = _network_input(va), _network_input(vb)
+    device = xa.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.random.fork_rng(devices=_fork_devices(device)):
+        torch.manual_seed(seed)
+        net = build(xa.shape[1], xb.shape[1]).to(device)
+    return xa, xb, gen, net
+
+
+def _final_estimate(name: str, net: nn.Module, snapshot: dict[str, Any], gen: torch.Generator,
+                    n: int, n_eval_perms: int, steps: int, plateau_tol: float,
+                    params: dict[str, Any],
+                    evaluate: Callable[[list[torch.Tensor]], float]) -> MIResult:
+    """The bound of the trained network on ``n_eval_perms`` re-pairings of all ``n`` samples,
+    settled against the same bound of ``snapshot`` (the network a tenth of the steps
+    earlier)."""
+    device = next(net.parameters()).device
+    perms = [torch.randperm(n, generator=gen, device=device) for _ in range(n_eval_perms)]
+    value = evaluate(perms)
+    net.load_state_dict(snapshot)
+    diag = settled(value, evaluate(perms), steps, plateau_tol)
+    _report(name, diag, plateau_tol)
+    return MIResult(value, name, "nats", params, diag)
 
 
 def mine_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int = 3,
@@ -191,12 +221,9 @@ def mine_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int = 3,
               "seed": seed, "max_samples": max_samples, "evaluation": "DV bound on all samples"}
     if (zero := degenerate_result(va, vb, "mine", params)) is not None:
         return zero
-    xa, xb = _network_input(va), _network_input(vb)
+    xa, xb, gen, net = _seeded_setup(
+        va, vb, seed, lambda da, db: _Statistics(da, db, hidden, n_layers))
     device = xa.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.random.fork_rng(devices=_fork_devices(device)):
-        torch.manual_seed(seed)
-        net = _Statistics(xa.shape[1], xb.shape[1], hidden, n_layers).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     log_ma: torch.Tensor | None = None
     log_rate, log_keep = math.log(ema_rate), math.log1p(-ema_rate) if ema_rate < 1 else -math.inf
@@ -220,13 +247,9 @@ def mine_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int = 3,
         loss.backward()
         opt.step()
         bound = t_joint.detach().mean() - log_mean_exp.detach()  # no host sync per step
-    perms = [torch.randperm(va.n, generator=gen, device=device) for _ in range(n_eval_perms)]
-    value = _dv_bound(net, xa, xb, perms, chunk=4096)
     params["final_train_bound"] = float(bound)
-    net.load_state_dict(snapshot)
-    diag = settled(value, _dv_bound(net, xa, xb, perms, chunk=4096), steps, plateau_tol)
-    _report("mine", diag, plateau_tol)
-    return MIResult(value, "mine", "nats", params, diag)
+    return _final_estimate("mine", net, snapshot, gen, va.n, n_eval_perms, steps, plateau_tol,
+                           params, lambda perms: _dv_bound(net, xa, xb, perms, chunk=4096))
 
 
 class _SeparableCritic(nn.Module):
@@ -293,13 +316,9 @@ def infonce_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int =
               "seed": seed, "max_samples": max_samples, "cap": math.log(batch)}
     if (zero := degenerate_result(va, vb, "infonce", params)) is not None:
         return zero
-    xa, xb = _network_input(va), _network_input(vb)
+    xa, xb, gen, critic = _seeded_setup(
+        va, vb, seed, lambda da, db: _SeparableCritic(da, db, hidden, n_layers, embed_dim))
     device = xa.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.random.fork_rng(devices=_fork_devices(device)):
-        torch.manual_seed(seed)
-        critic = _SeparableCritic(xa.shape[1], xb.shape[1], hidden, n_layers, embed_dim)
-        critic = critic.to(device)
     opt = torch.optim.Adam(critic.parameters(), lr=lr)
     snap_at, snapshot = steps - max(1, steps // 10), None
     for step in range(steps):
@@ -310,12 +329,9 @@ def infonce_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int =
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    perms = [torch.randperm(va.n, generator=gen, device=device) for _ in range(n_eval_perms)]
-    value = _infonce_eval(critic, xa, xb, perms, batch)
-    critic.load_state_dict(snapshot)
-    diag = settled(value, _infonce_eval(critic, xa, xb, perms, batch), steps, plateau_tol)
-    _report("infonce", diag, plateau_tol)
-    return MIResult(value, "infonce", "nats", params, diag)
+    return _final_estimate("infonce", critic, snapshot, gen, va.n, n_eval_perms, steps,
+                           plateau_tol, params,
+                           lambda perms: _infonce_eval(critic, xa, xb, perms, batch))
 
 
 def _infonce_eval(critic: _SeparableCritic, xa: torch.Tensor, xb: torch.Tensor,
