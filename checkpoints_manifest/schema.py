@@ -164,6 +164,13 @@ class _Checker:
     def __init__(self, source: str):
         self.source = source
 
+    @classmethod
+    def section(cls, data: Any, source: str, prefix: str) -> tuple[_Checker, dict[str, Any], str]:
+        """A checker for ``source``, ``data`` checked as the object ``prefix``, and the prefix
+        of its field names."""
+        chk = cls(source)
+        return chk, chk.obj(data, prefix), prefix + "."
+
     def fail(self, name: str, expected: str, value: Any) -> ManifestError:
         return ManifestError(self.source, f"{name} must be {expected}, got {_show(value)}", name)
 
@@ -298,12 +305,19 @@ def _normalise_relpath(value: str) -> str:
     return "/".join(part for part in value.split("/") if part != ".")
 
 
-def _merge_extra(known: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def _merge_extra(known: dict[str, Any], extra: Any) -> dict[str, Any]:
+    """``known`` fields, then the keys of ``extra`` they lack (an ``extra`` that is not a
+    mapping adds nothing)."""
     out = dict(known)
-    for key, val in extra.items():
+    for key, val in (extra.items() if isinstance(extra, Mapping) else ()):
         if key not in out:
             out[key] = val
     return out
+
+
+def _unknown(data: Mapping[str, Any], known: set[str]) -> dict[str, Any]:
+    """The fields of ``data`` this reader does not know (kept in ``extra``, written back)."""
+    return {k: v for k, v in data.items() if k not in known}
 
 
 def _to_plain(value: Any) -> Any:
@@ -358,14 +372,12 @@ class ModelSpec:
         """JSON-ready dict (unknown keys from ``extra`` appended)."""
         return _merge_extra({"arch": self.arch, "kwargs": self.kwargs,
                              "num_classes": self.num_classes, "penultimate": self.penultimate},
-                            self.extra if isinstance(self.extra, Mapping) else {})
+                            self.extra)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>", prefix: str = "model") -> ModelSpec:
         """Validate ``data`` and build a :class:`ModelSpec`; raises :class:`ManifestError`."""
-        chk = _Checker(source)
-        data = chk.obj(data, prefix)
-        p = prefix + "."
+        chk, data, p = _Checker.section(data, source, prefix)
         known = {"arch", "kwargs", "num_classes", "penultimate"}
         return cls(
             arch=chk.text(chk.required(data, "arch", p), p + "arch"),
@@ -373,7 +385,7 @@ class ModelSpec:
                                        minimum=1, maximum=MAX_CLASSES),
             kwargs=chk.obj(data.get("kwargs", {}), p + "kwargs"),
             penultimate=chk.dotted(data.get("penultimate"), p + "penultimate"),
-            extra={k: v for k, v in data.items() if k not in known},
+            extra=_unknown(data, known),
         )
 
 
@@ -398,18 +410,16 @@ class DatasetSpec:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (unknown keys from ``extra`` appended)."""
         return _merge_extra({"name": self.name, "params": self.params},
-                            self.extra if isinstance(self.extra, Mapping) else {})
+                            self.extra)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>", prefix: str = "dataset") -> DatasetSpec:
         """Validate ``data`` and build a :class:`DatasetSpec`; raises :class:`ManifestError`."""
-        chk = _Checker(source)
-        data = chk.obj(data, prefix)
-        p = prefix + "."
+        chk, data, p = _Checker.section(data, source, prefix)
         return cls(
             name=chk.text(chk.required(data, "name", p), p + "name"),
             params=chk.obj(data.get("params", {}), p + "params"),
-            extra={k: v for k, v in data.items() if k not in {"name", "params"}},
+            extra=_unknown(data, {"name", "params"}),
         )
 
 
@@ -453,15 +463,13 @@ class CheckpointEntry:
             metrics = {k: _json_metric(v) for k, v in metrics.items()}
         return _merge_extra({"epoch": self.epoch, "step": self.step, "path": self.path,
                              "sha256": self.sha256, "metrics": metrics, "time": self.time},
-                            self.extra if isinstance(self.extra, Mapping) else {})
+                            self.extra)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>",
                   prefix: str = "checkpoint") -> CheckpointEntry:
         """Validate ``data`` and build a :class:`CheckpointEntry`; raises :class:`ManifestError`."""
-        chk = _Checker(source)
-        data = chk.obj(data, prefix)
-        p = prefix + "."
+        chk, data, p = _Checker.section(data, source, prefix)
         known = {"epoch", "step", "path", "sha256", "metrics", "time"}
         return cls(
             epoch=chk.nonneg_int(chk.required(data, "epoch", p), p + "epoch"),
@@ -470,7 +478,7 @@ class CheckpointEntry:
             sha256=chk.sha256(data.get("sha256"), p + "sha256"),
             metrics=chk.metrics(data.get("metrics", {}), p + "metrics"),
             time=chk.time(data.get("time"), p + "time"),
-            extra={k: v for k, v in data.items() if k not in known},
+            extra=_unknown(data, known),
         )
 
     def timestamp(self) -> float | None:
@@ -529,7 +537,7 @@ class Manifest:
             "created": self.created, "model": _to_plain(self.model),
             "dataset": _to_plain(self.dataset), "training": self.training, "seed": self.seed,
             "checkpoints": checkpoints,
-        }, self.extra if isinstance(self.extra, Mapping) else {})
+        }, self.extra)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>", *, scan: bool = True) -> Manifest:
@@ -580,7 +588,7 @@ class Manifest:
             training=chk.obj(data.get("training", {}), "training"),
             seed=chk.optional_int(data.get("seed"), "seed"),
             checkpoints=sorted(entries, key=lambda c: (c.epoch, c.step)),
-            extra={k: v for k, v in data.items() if k not in known},
+            extra=_unknown(data, known),
         )
 
     def to_json(self, source: str = "<manifest>") -> str:

@@ -115,6 +115,20 @@ def _resolve_device_dtype(x: ArrayLike, device: Any, dtype: torch.dtype | None
     return device, dtype
 
 
+def _train_test(train_x: ArrayLike, test_x: ArrayLike, train_y: ArrayLike,
+                device: torch.device, min_train: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked train and test features of one width on ``device``, the train split's classes
+    and its labels as indices of them."""
+    xtr = check_features(train_x, "train_x", min_samples=min_train, device=device)
+    xte = check_features(test_x, "test_x", min_samples=1, device=device)
+    if xtr.shape[1] != xte.shape[1]:
+        raise MetricInputError(f"train_x has {xtr.shape[1]} features but test_x has "
+                               f"{xte.shape[1]}; extract both with the same layer")
+    classes, ytr = _encode_labels(train_y, xtr.shape[0], "train_y", device)
+    return xtr, xte, classes, ytr
+
+
 def _encode_labels(y: ArrayLike, n: int, name: str, device: torch.device,
                    classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Map integer labels to ``0..K-1`` indices of ``classes`` (``-1`` where unseen).
@@ -756,12 +770,7 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
     # float64 by default on every device: each fit is verified in it (float32 does the bulk)
     device, dtype = _resolve_device_dtype(train_x, device,
                                           torch.float64 if dtype is None else dtype)
-    xtr = check_features(train_x, "train_x", min_samples=3, device=device)
-    xte = check_features(test_x, "test_x", min_samples=1, device=device)
-    if xtr.shape[1] != xte.shape[1]:
-        raise MetricInputError(f"train_x has {xtr.shape[1]} features but test_x has "
-                               f"{xte.shape[1]}; extract both with the same layer")
-    classes, ytr = _encode_labels(train_y, xtr.shape[0], "train_y", device)
+    xtr, xte, classes, ytr = _train_test(train_x, test_x, train_y, device, min_train=3)
     if classes.numel() < 2:
         raise MetricInputError(f"train_y has {classes.numel()} distinct class(es); a probe needs "
                                "at least 2")
@@ -922,12 +931,7 @@ def knn_predict(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, *, k:
     if not float(temperature) > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     device, dtype = _resolve_device_dtype(train_x, device, dtype)
-    xtr = check_features(train_x, "train_x", min_samples=1, device=device)
-    xte = check_features(test_x, "test_x", min_samples=1, device=device)
-    if xtr.shape[1] != xte.shape[1]:
-        raise MetricInputError(f"train_x has {xtr.shape[1]} features but test_x has "
-                               f"{xte.shape[1]}; extract both with the same layer")
-    classes, ytr = _encode_labels(train_y, xtr.shape[0], "train_y", device)
+    xtr, xte, classes, ytr = _train_test(train_x, test_x, train_y, device, min_train=1)
     # exact per-row power-of-two rescaling first: F.normalize clamps norms below 1e-12, so rows
     # of tiny magnitude would otherwise not be unit vectors (cosine is scale-free; so is this)
     xtr = F.normalize(rowwise_pow2_rescale(xtr).to(dtype), dim=1)

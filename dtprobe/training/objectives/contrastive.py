@@ -155,12 +155,20 @@ def _check(name: str, tau: float, proj_dim: int) -> None:
                           "integer >= 1")
 
 
+def _two_view(name: str, ctx: ObjectiveContext, base: str, tau: float, proj_dim: int,
+              weight: float | None = None) -> TwoViewContrastive:
+    """The checked two-view objective ``name``; ``weight=None``: no SimCLR term."""
+    _check(name, tau, proj_dim)
+    if weight is not None:
+        check_positive(name, weight=weight)
+    return TwoViewContrastive(ctx, base=base, simclr_weight=0.0 if weight is None else weight,
+                              tau=tau, proj_dim=int(proj_dim))
+
+
 @register_objective("supcon", paper="Khosla et al. 2020 (in-batch; HobbitLong/SupContrast)")
 def _supcon(ctx: ObjectiveContext, tau: float = 0.1, proj_dim: int = 128) -> Objective:
     """SupCon on two views; linear classifier on the frozen features"""
-    _check("supcon", tau, proj_dim)
-    return TwoViewContrastive(ctx, base="supcon", simclr_weight=0.0, tau=tau,
-                              proj_dim=int(proj_dim))
+    return _two_view("supcon", ctx, "supcon", tau, proj_dim)
 
 
 @register_objective("ce_simclr", paper="Chen et al. 2020 (in-batch NT-Xent; Islam et al.'s "
@@ -168,10 +176,7 @@ def _supcon(ctx: ObjectiveContext, tau: float = 0.1, proj_dim: int = 128) -> Obj
 def _ce_simclr(ctx: ObjectiveContext, weight: float = 1.0, tau: float = 0.1,
                proj_dim: int = 128) -> Objective:
     """CE + weight * SimCLR NT-Xent on two views"""
-    _check("ce_simclr", tau, proj_dim)
-    check_positive("ce_simclr", weight=weight)
-    return TwoViewContrastive(ctx, base="ce", simclr_weight=weight, tau=tau,
-                              proj_dim=int(proj_dim))
+    return _two_view("ce_simclr", ctx, "ce", tau, proj_dim, weight)
 
 
 @register_objective("supcon_simclr", paper="Khosla et al. 2020 + Chen et al. 2020 (in-batch; "
@@ -179,10 +184,7 @@ def _ce_simclr(ctx: ObjectiveContext, weight: float = 1.0, tau: float = 0.1,
 def _supcon_simclr(ctx: ObjectiveContext, weight: float = 1.0, tau: float = 0.1,
                    proj_dim: int = 128) -> Objective:
     """SupCon + weight * SimCLR NT-Xent on two views; linear classifier on frozen features"""
-    _check("supcon_simclr", tau, proj_dim)
-    check_positive("supcon_simclr", weight=weight)
-    return TwoViewContrastive(ctx, base="supcon", simclr_weight=weight, tau=tau,
-                              proj_dim=int(proj_dim))
+    return _two_view("supcon_simclr", ctx, "supcon", tau, proj_dim, weight)
 
 
 # ------------------------------------------------------------- Islam et al.'s released code
