@@ -108,6 +108,19 @@ def set_threads(n: int) -> None:
     threadpool_limits(n)
 
 
+#: Python source to put at the top of a script measured in a fresh process (Linux):
+#: ``status(key)``, the bytes of a ``/proc/self/status`` field (``VmRSS``, ``VmHWM``), and
+#: ``reset_peak()``, which sets the peak ``VmHWM`` back to the current RSS (Linux >= 4.0).
+PEAK_RSS_CODE = """
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+def reset_peak():
+    open("/proc/self/clear_refs", "w").write("5")
+"""
+
+
 def run_python(code: str, *args: str, timeout: float = 1800,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``python -c code args`` with the repository importable; raise on failure."""

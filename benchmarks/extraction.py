@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks import Row, timed
 from dtprobe.data import load_dataset
+from dtprobe.data.base import DatasetBundle
 from dtprobe.features.extract import auto_batch_size, extract_features
 from dtprobe.models import build_model
 
@@ -124,7 +125,9 @@ def make_checkpoints(root: Path, n_ckpt: int, arch_kwargs: dict, num_classes: in
     return paths
 
 
-def run(quick: bool = False) -> list[Row]:
+def workload(quick: bool) -> tuple[int, dict, dict, DatasetBundle, dict[str, torch.Tensor]]:
+    """The extraction benchmarks' sizes: checkpoints, shapes parameters, small_cnn arguments,
+    the dataset and its two splits' images (``quick``: the smoke-test sizes)."""
     if quick:
         n_ckpt, params, arch_kwargs = 2, {"n_train": 200, "n_test": 100, "image_size": 16}, \
             {"width": 8, "feature_dim": 16}
@@ -132,6 +135,11 @@ def run(quick: bool = False) -> list[Row]:
         n_ckpt, params, arch_kwargs = 4, {"n_train": 2000, "n_test": 1000, "image_size": 32}, {}
     bundle = load_dataset("shapes", **params)
     splits = {"train": bundle.train.images, "test": bundle.test.images}
+    return n_ckpt, params, arch_kwargs, bundle, splits
+
+
+def run(quick: bool = False) -> list[Row]:
+    n_ckpt, params, arch_kwargs, bundle, splits = workload(quick)
     # the naive loop starts from raw [0, 1] pixels and normalises per item
     mean = torch.tensor(bundle.mean)[None, :, None, None]
     std = torch.tensor(bundle.std)[None, :, None, None]

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import PEAK_RSS_CODE
 from checkpoints_manifest import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def decode_once(folder: Path, models, size: int, store: Path) -> tuple[float, fl
 def peak_rss(folder: Path, size: int, store: Path, max_samples: int | None) -> int:
     """Peak resident bytes above the start of a fresh process extracting one checkpoint from
     the store (built beforehand) with ``max_samples`` images per split."""
-    script = textwrap.dedent(f"""
+    script = PEAK_RSS_CODE + textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
         import torch
@@ -136,11 +137,7 @@ def peak_rss(folder: Path, size: int, store: Path, max_samples: int | None) -> i
         head = head_module(model, "small_cnn")
         warm = load_dataset(**{{**kw, "max_samples": 8}}, name="imagefolder")
         extract_features(model, head, warm.test.images, device="cpu")
-        def status(key):
-            for line in open("/proc/self/status"):
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        open("/proc/self/clear_refs", "w").write("5")
+        reset_peak()
         start = status("VmRSS")
         bundle = load_dataset("imagefolder", **kw)
         for images in (bundle.train.images, bundle.test.images):

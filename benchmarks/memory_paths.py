@@ -77,7 +77,7 @@ print("@@" + json.dumps({"peak": status("VmHWM") - start, "floor": start,
 """
 
 
-def make_folder(root: Path, per_class: int, size: int, classes: int = 4, seed: int = 0,
+def make_folder(root: Path, per_class: int, size: int = 24, classes: int = 4, seed: int = 0,
                 val: int | None = None) -> Path:
     """A JPEG ImageFolder (train/ and val/) of noisy tinted ``size x (size + 5)`` images."""
     from PIL import Image

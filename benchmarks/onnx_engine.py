@@ -31,8 +31,8 @@ from benchmarks.extraction import (
     _max_rel_diff,
     make_checkpoints,
     naive_extract,
+    workload,
 )
-from dtprobe.data import load_dataset
 from dtprobe.features.extract import auto_batch_size, extract_features
 from dtprobe.models import build_model
 
@@ -50,13 +50,7 @@ def engine_extract(path: Path, arch_kwargs: dict, num_classes: int,
 
 
 def run(quick: bool = False) -> list[Row]:
-    if quick:
-        n_ckpt, params, arch_kwargs = 2, {"n_train": 200, "n_test": 100, "image_size": 16}, \
-            {"width": 8, "feature_dim": 16}
-    else:
-        n_ckpt, params, arch_kwargs = 4, {"n_train": 2000, "n_test": 1000, "image_size": 32}, {}
-    bundle = load_dataset("shapes", **params)
-    splits = {"train": bundle.train.images, "test": bundle.test.images}
+    n_ckpt, params, arch_kwargs, bundle, splits = workload(quick)
     n_img = sum(v.shape[0] for v in splits.values())
     batch = auto_batch_size(splits["train"], torch.device("cpu"))
     sizes = (f"E={n_ckpt}, small_cnn{' (width 8)' if quick else ''}, shapes {n_img:,} images "

@@ -16,3 +16,14 @@ torch.set_num_threads(1)
 def tiny_shapes_params():
     """Smallest shapes dataset that still trains: keeps end-to-end tests at a few seconds."""
     return {"n_train": 240, "n_test": 120, "image_size": 16}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test, restored after it: tiny networks train several times
+    faster single-threaded on a shared 2-core machine. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

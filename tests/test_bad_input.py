@@ -40,9 +40,8 @@ from dtprobe.checkpoints import reader
 from dtprobe.cli import main
 from dtprobe.errors import CheckpointError, ConfigError
 from dtprobe.models import build_model
-from dtprobe.training.trainer import TrainConfig, train
+from tests.helpers import TINY, checkpoint_file, copy_run, train_tiny
 
-TINY = {"n_train": 240, "n_test": 120, "image_size": 16}
 DATA_ARGS = [a for k, v in TINY.items() for a in ("--dataset-param", f"{k}={v}")]
 FAST = ["--metrics", "source_accuracy", "class_separation"]
 RUN_ARGS = ["--device", "cpu", "--no-progress", "--no-plot", *FAST]
@@ -54,9 +53,7 @@ TRIED: list[str] = []  # every bad input exercised, for the issue's close note
 def run(tmp_path_factory):
     """A tiny trained run with checkpoints at epochs 0, 1, 2 and its clean analysis."""
     out = tmp_path_factory.mktemp("bad") / "run"
-    train(TrainConfig(out=str(out), dataset="shapes", dataset_params=dict(TINY),
-                      arch="small_cnn", arch_params={"width": 8, "feature_dim": 16}, epochs=2,
-                      batch_size=64, save_every=1, seed=0, device="cpu", progress=False))
+    train_tiny(out)
     clean = out.parent / "clean"
     shutil.copytree(out, clean)
     assert main(["analyze", str(clean), *RUN_ARGS]) == 0
@@ -67,53 +64,43 @@ def _table(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(run_dir / "analysis" / "metrics.csv", keep_default_na=False)
 
 
-def _copy(run: dict, tmp_path: Path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(run["dir"], dst)
-    return dst
-
-
-def _ckpt(run_dir: Path, epoch: int) -> Path:
-    return run_dir / "checkpoints" / f"epoch_{epoch:04d}.pt"
-
-
 def _rerecord(run_dir: Path, epoch: int, path: Path | None = None) -> None:
     """Record the (damaged) file's digest in the manifest, as a writer that saved it would."""
-    path = path or _ckpt(run_dir, epoch)
+    path = path or checkpoint_file(run_dir, epoch)
     entry = cm.read_manifest(run_dir).get(epoch)
     new = cm.entry_for_file(run_dir, path, epoch=epoch, step=entry.step)
     cm.append_checkpoint(run_dir, new, replace=True)
 
 
 def _state(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
-    return torch.load(_ckpt(run_dir, epoch), weights_only=True)["model"]
+    return torch.load(checkpoint_file(run_dir, epoch), weights_only=True)["model"]
 
 
 def _save_state(run_dir: Path, epoch: int, state: dict) -> None:
-    torch.save({"model": state, "epoch": epoch}, _ckpt(run_dir, epoch))
+    torch.save({"model": state, "epoch": epoch}, checkpoint_file(run_dir, epoch))
     _rerecord(run_dir, epoch)
 
 
 # ------------------------------------------------------------------------ damaged checkpoints
 def _truncate(run_dir, e):
-    p = _ckpt(run_dir, e)
+    p = checkpoint_file(run_dir, e)
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
     _rerecord(run_dir, e)
 
 
 def _empty(run_dir, e):
-    _ckpt(run_dir, e).write_bytes(b"")
+    checkpoint_file(run_dir, e).write_bytes(b"")
     _rerecord(run_dir, e)
 
 
 def _garbage(run_dir, e):
-    p = _ckpt(run_dir, e)
+    p = checkpoint_file(run_dir, e)
     p.write_bytes(bytes((i * 131 + 7) % 256 for i in range(p.stat().st_size)))
     _rerecord(run_dir, e)
 
 
 def _broken_zip_directory(run_dir, e):
-    p = _ckpt(run_dir, e)
+    p = checkpoint_file(run_dir, e)
     data = bytearray(p.read_bytes())
     data[-120:] = b"\x00" * 120  # the zip's central directory
     p.write_bytes(bytes(data))
@@ -121,11 +108,11 @@ def _broken_zip_directory(run_dir, e):
 
 
 def _missing(run_dir, e):
-    _ckpt(run_dir, e).unlink()
+    checkpoint_file(run_dir, e).unlink()
 
 
 def _tampered(run_dir, e):  # replaced after it was recorded: the manifest's sha256 differs
-    shutil.copyfile(_ckpt(run_dir, 0 if e else 1), _ckpt(run_dir, e))
+    shutil.copyfile(checkpoint_file(run_dir, 0 if e else 1), checkpoint_file(run_dir, e))
 
 
 def _narrower(run_dir, e):  # saved from a model with another width: shape mismatch
@@ -156,18 +143,18 @@ def _nan_features(run_dir, e):  # finite weights, but a negative BN variance giv
 
 
 def _not_a_state_dict(run_dir, e):
-    torch.save([torch.ones(3)], _ckpt(run_dir, e))
+    torch.save([torch.ones(3)], checkpoint_file(run_dir, e))
     _rerecord(run_dir, e)
 
 
 def _no_tensors(run_dir, e):
-    torch.save({"epoch": e, "note": "weights forgotten"}, _ckpt(run_dir, e))
+    torch.save({"epoch": e, "note": "weights forgotten"}, checkpoint_file(run_dir, e))
     _rerecord(run_dir, e)
 
 
 def _directory(run_dir, e):
-    _ckpt(run_dir, e).unlink()
-    _ckpt(run_dir, e).mkdir()
+    checkpoint_file(run_dir, e).unlink()
+    checkpoint_file(run_dir, e).mkdir()
 
 
 def _bad_safetensors(run_dir, e):
@@ -186,12 +173,12 @@ def _pickled_code(run_dir, e):
         def __reduce__(self):
             return (os.system, ("echo pwned > /dev/null",))
 
-    _ckpt(run_dir, e).write_bytes(pickle.dumps({"model": Payload()}))
+    checkpoint_file(run_dir, e).write_bytes(pickle.dumps({"model": Payload()}))
     _rerecord(run_dir, e)
 
 
 def _unreadable(run_dir, e, monkeypatch):
-    path = _ckpt(run_dir, e)
+    path = checkpoint_file(run_dir, e)
     if os.geteuid() != 0:
         path.chmod(0)
         return
@@ -232,7 +219,7 @@ PER_CHECKPOINT = [
                          ids=[c[0] for c in PER_CHECKPOINT])
 def test_one_bad_checkpoint_fails_alone(run, tmp_path, capsys, monkeypatch, what, damage,
                                         reason, fix):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     bad = 1
     if damage is _unreadable:
         damage(run_dir, bad, monkeypatch)
@@ -266,7 +253,7 @@ def test_one_bad_checkpoint_fails_alone(run, tmp_path, capsys, monkeypatch, what
 
 def test_every_checkpoint_failing_names_no_chart_and_writes_no_empty_table(run, tmp_path,
                                                                           capsys):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     TRIED.append("architecture options that fit no checkpoint")
     code = main(["analyze", str(run_dir), "--device", "cpu", "--no-progress", *FAST,
                  "--arch-param", "width=4"])  # plotting on: still no chart named
@@ -283,11 +270,11 @@ def test_every_checkpoint_failing_names_no_chart_and_writes_no_empty_table(run, 
 
 
 def test_a_checkpoint_fixed_later_is_analysed_on_the_next_run(run, tmp_path, capsys):
-    run_dir = _copy(run, tmp_path)
-    saved = _ckpt(run_dir, 2).read_bytes()
-    _ckpt(run_dir, 2).unlink()
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
+    saved = checkpoint_file(run_dir, 2).read_bytes()
+    checkpoint_file(run_dir, 2).unlink()
     assert main(["analyze", str(run_dir), *RUN_ARGS]) == 1
-    _ckpt(run_dir, 2).write_bytes(saved)
+    checkpoint_file(run_dir, 2).write_bytes(saved)
     assert main(["analyze", str(run_dir), *RUN_ARGS]) == 0
     capsys.readouterr()
     assert not (run_dir / "analysis" / "failures.csv").exists()
@@ -299,7 +286,7 @@ def _no_manifest_run(tmp_path: Path, run: dict) -> Path:
     d = tmp_path / "plain"
     d.mkdir()
     for e in EPOCHS:
-        shutil.copyfile(_ckpt(run["dir"], e), d / f"ckpt_epoch_{e}.pth")
+        shutil.copyfile(checkpoint_file(run["dir"], e), d / f"ckpt_epoch_{e}.pth")
     return d
 
 
@@ -309,7 +296,7 @@ PLAIN = ["--arch", "small_cnn", "--num-classes", "6", "--dataset", "shapes", *DA
 
 def _manifest_edit(edit):
     def make(tmp_path, run):
-        d = _copy(run, tmp_path)
+        d = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
         doc = json.loads((d / "manifest.json").read_text())
         text = edit(doc)
         (d / "manifest.json").write_text(text if isinstance(text, str) else json.dumps(doc))
@@ -350,7 +337,7 @@ def _plain(extra_files=(), args=PLAIN, keep_ckpts=True):
 
 def _with(args):
     def make(tmp_path, run):
-        return _copy(run, tmp_path), list(args)
+        return copy_run(run["dir"], tmp_path / "run", with_analysis=True), list(args)
     return make
 
 
@@ -365,7 +352,7 @@ def _a_file(tmp_path, run):
 
 
 def _read_only(tmp_path, run, monkeypatch):
-    d = _copy(run, tmp_path)
+    d = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     d.chmod(0o555)
     if os.geteuid() == 0:  # root writes anywhere: make creating the folder fail as for a user
         real_mkdir = Path.mkdir
@@ -380,7 +367,8 @@ def _read_only(tmp_path, run, monkeypatch):
 
 
 def _arg_not_kv(tmp_path, run):
-    return _copy(run, tmp_path), ["--dataset-param", "n_train"]
+    return (copy_run(run["dir"], tmp_path / "run", with_analysis=True),
+            ["--dataset-param", "n_train"])
 
 
 WHOLE_RUN = [

@@ -42,12 +42,7 @@ def _check_rows(rows: list[Row]) -> None:
         assert row.met in (True, False, None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_reference_implementations_match_dtprobe_on_small_inputs():

@@ -33,13 +33,7 @@ from dtprobe.metrics.transferability import (
     nleep,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _task(n, d, k, seed, signal=2.0):

@@ -36,6 +36,7 @@ from dtprobe.errors import ConfigError
 from dtprobe.features.extract import FeatureCache, cache_key
 from dtprobe.results import kendall_tau, load_results, score_rank_correlation
 from dtprobe.training.trainer import TrainConfig, train
+from tests.helpers import copy_run
 
 TINY = {"n_train": 240, "n_test": 120, "image_size": 16}
 ARCH = {"width": 8, "feature_dim": 16}
@@ -182,11 +183,6 @@ def run(tmp_path_factory):
     return out
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("analysis"))
-    return dst
-
-
 def _analyze(run_dir: Path, downstream, **kw):
     return analysis.analyze(run_dir, metrics=FAST, device="cpu", progress=False, plot=False,
                             downstream=downstream, downstream_metrics=DS_FAST, **kw)
@@ -213,7 +209,7 @@ def _image_folder(root: Path, classes: dict[str, int], test: dict[str, int] | No
 @pytest.fixture(scope="module")
 def reference(run, tmp_path_factory):
     """An uninterrupted analysis with two downstream datasets."""
-    d = _copy(run, tmp_path_factory.mktemp("ref") / "run")
+    d = copy_run(run, tmp_path_factory.mktemp("ref") / "run")
     res = _analyze(d, ["digits", TEX])
     return {"dir": d, "res": res, "csv": (d / "analysis" / "metrics.csv").read_bytes()}
 
@@ -294,7 +290,7 @@ def test_interrupted_downstream_work_is_recomputed_to_the_same_table(reference, 
     """What a kill can leave (some downstream parts and features written, others not, a
     stale temporary file) resumes to the byte-identical table (fast, in-process variant of
     the SIGKILL test below)."""
-    d = _copy(reference["dir"], tmp_path / "run")
+    d = copy_run(reference["dir"], tmp_path / "run")
     shutil.copytree(reference["dir"] / "analysis", d / "analysis")
     parts = d / "analysis" / "parts"
     dropped = sorted(p for p in parts.iterdir() if "downstream-textures" in p.name)[1:]
@@ -312,7 +308,7 @@ def test_interrupted_downstream_work_is_recomputed_to_the_same_table(reference, 
 
 @pytest.mark.slow
 def test_killed_analysis_with_downstream_resumes_to_the_same_table(reference, run, tmp_path):
-    d = _copy(run, tmp_path / "run")
+    d = copy_run(run, tmp_path / "run")
     argv = [sys.executable, "-m", "dtprobe", "analyze", str(d), "--device", "cpu",
             "--no-progress", "--no-plot", "--metrics", *FAST, "--downstream", "digits", TEX,
             "--downstream-metrics", *DS_FAST]
@@ -355,7 +351,7 @@ def test_manifest_free_path_with_downstream(run, tmp_path, capsys):
 
 def test_missing_dataset_is_one_line_others_analysed_and_retried_when_fixed(run, tmp_path,
                                                                            capsys):
-    d = _copy(run, tmp_path / "run")
+    d = copy_run(run, tmp_path / "run")
     folder = tmp_path / "pets"
     argv = ["analyze", str(d), "--device", "cpu", "--no-progress", "--no-plot", "--metrics",
             *FAST, "--downstream", TEX, f"imagefolder:root={folder},name=pets",
@@ -380,7 +376,7 @@ def test_missing_dataset_is_one_line_others_analysed_and_retried_when_fixed(run,
 
 
 def test_malformed_dataset_on_disk_fails_only_that_dataset(run, tmp_path, capsys):
-    d = _copy(run, tmp_path / "run")
+    d = copy_run(run, tmp_path / "run")
     folder = _image_folder(tmp_path / "bad", {"a": 3, "b": 3})
     (folder / "train" / "a" / "000.png").write_bytes(b"not a png")
     res = _analyze(d, [TEX, f"imagefolder:root={folder},name=bad"])
@@ -394,7 +390,7 @@ def test_malformed_dataset_on_disk_fails_only_that_dataset(run, tmp_path, capsys
     ("digits:name=colour", r"also a task of the source dataset"),
 ])
 def test_cli_unknown_name_or_parameter_is_one_line_exit_2(run, tmp_path, capsys, spec, message):
-    d = _copy(run, tmp_path / "run")
+    d = copy_run(run, tmp_path / "run")
     code = main(["analyze", str(d), "--device", "cpu", "--no-progress", "--no-plot",
                  "--metrics", *FAST, "--downstream", spec])
     err = capsys.readouterr().err.strip()
@@ -408,7 +404,7 @@ def test_cli_unknown_name_or_parameter_is_one_line_exit_2(run, tmp_path, capsys,
 ])
 def test_one_class_or_too_few_images_give_nan_rows_saying_why(run, tmp_path, counts,
                                                              test_counts, reason):
-    d = _copy(run, tmp_path / "run")
+    d = copy_run(run, tmp_path / "run")
     folder = _image_folder(tmp_path / "tiny", counts, test_counts)
     res = _analyze(d, [f"imagefolder:root={folder},name=tiny"])
     rows = res.table[res.table["task"] == "tiny"]

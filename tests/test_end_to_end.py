@@ -12,15 +12,13 @@ import torchvision
 import checkpoints_manifest as cm
 from dtprobe import analysis
 from dtprobe.cli import main
-from dtprobe.training.trainer import TrainConfig, train
+from dtprobe.training.trainer import train
+from tests.helpers import tiny_config
 
 
 def _tiny_cfg(out, params, **kw):
-    base = dict(out=str(out), dataset="shapes", dataset_params=params, arch="small_cnn",
-                arch_params={"width": 8, "feature_dim": 16}, epochs=3, batch_size=64,
-                save_every=2, seed=0, device="cpu", progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    """This file's runs: 3 epochs, a checkpoint every second one."""
+    return tiny_config(out, **{"dataset_params": params, "epochs": 3, "save_every": 2, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -25,26 +25,13 @@ from dtprobe.features.extract import (
     inference_model,
 )
 from dtprobe.models import build_model
-
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters, so folding is really tested."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
-    return model.eval()
+from tests.helpers import randomise_bn
 
 
 @pytest.fixture(scope="module")
 def cnn():
     torch.manual_seed(0)
-    return _randomise_bn(build_model("small_cnn", 5, width=8, feature_dim=16))
+    return randomise_bn(build_model("small_cnn", 5, width=8, feature_dim=16))
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +133,7 @@ class _Branchy(nn.Module):
 
 def test_untraceable_model_falls_back_to_eager(images):
     torch.manual_seed(3)
-    model = _randomise_bn(_Branchy())
+    model = randomise_bn(_Branchy())
     net, _, folded = inference_model(model, model.fc, (), images[:4])
     assert not folded and net is model
     out = extract_features(model, model.fc, images, device="cpu", batch_size=10)

@@ -21,6 +21,8 @@ import pandas as pd
 import pytest
 import torch
 
+from benchmarks import PEAK_RSS_CODE
+from benchmarks.memory_paths import make_folder
 from dtprobe import analysis
 from dtprobe.analysis.memory import check_budget, parse_size
 from dtprobe.data import load_dataset
@@ -28,28 +30,11 @@ from dtprobe.data import store as store_mod
 from dtprobe.data.pixels import RawImages
 from dtprobe.data.subsets import sample_ids_digest, stable_subset
 from dtprobe.errors import ConfigError, DatasetError
-from dtprobe.training.trainer import TrainConfig, train
+from dtprobe.training.trainer import train
+from tests.helpers import copy_run, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["source_accuracy", "class_separation", "neural_collapse", "probe_accuracy", "linear_cka"]
-
-
-def make_folder(root: Path, per_class: int, size: int = 24, classes: int = 4,
-                seed: int = 0) -> Path:
-    """A JPEG ImageFolder (train/ and val/, ``classes`` classes) of noisy tinted images."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", per_class), ("val", max(2, per_class // 2))):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = np.zeros((size, size + 5, 3), np.uint8)
-                img[..., c % 3] = 90 + 40 * (c // 3)
-                img = np.clip(img + rng.integers(0, 80, img.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i:05d}.jpg", quality=85)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -248,19 +233,9 @@ def test_parse_size_and_refusal_message():
 @pytest.fixture(scope="module")
 def folder_run(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("frun") / "run"
-    train(TrainConfig(out=str(out), dataset="imagefolder",
-                      dataset_params={"root": str(folder), "image_size": 16},
-                      arch="small_cnn", arch_params={"width": 8, "feature_dim": 16},
-                      epochs=2, batch_size=64, save_every=1, seed=0, device="cpu",
-                      progress=False))
+    train(tiny_config(out, dataset="imagefolder",
+                      dataset_params={"root": str(folder), "image_size": 16}))
     return out
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("analysis"))
-    return dst
 
 
 def _table(run_dir: Path) -> pd.DataFrame:
@@ -269,8 +244,8 @@ def _table(run_dir: Path) -> pd.DataFrame:
 
 @pytest.mark.parametrize("max_samples", [None, 40])
 def test_store_analysis_equals_in_memory_analysis(folder_run, tmp_path, max_samples):
-    a = _copy(folder_run, tmp_path / "a")
-    b = _copy(folder_run, tmp_path / "b")
+    a = copy_run(folder_run, tmp_path / "a")
+    b = copy_run(folder_run, tmp_path / "b")
     analysis.analyze(a, metrics=FAST, device="cpu", progress=False, plot=False,
                      image_store=None, max_samples=max_samples)
     analysis.analyze(b, metrics=FAST, device="cpu", progress=False, plot=False,
@@ -283,7 +258,7 @@ def test_store_analysis_equals_in_memory_analysis(folder_run, tmp_path, max_samp
 
 
 def test_max_samples_analysis_is_recorded_and_repeatable(folder_run, tmp_path):
-    a = _copy(folder_run, tmp_path / "a")
+    a = copy_run(folder_run, tmp_path / "a")
     analysis.analyze(a, metrics=FAST, device="cpu", progress=False, plot=False,
                      max_samples=40, image_store=tmp_path / "stores")
     table = _table(a)
@@ -306,7 +281,7 @@ def test_over_budget_in_memory_analysis_is_refused_before_any_work(folder_run, t
                                                                    capsys):
     from dtprobe.cli import main
 
-    a = _copy(folder_run, tmp_path / "a")
+    a = copy_run(folder_run, tmp_path / "a")
     code = main(["analyze", str(a), "--device", "cpu", "--no-progress", "--image-store",
                  "none", "--memory-budget", "1M", "--metrics", "source_accuracy"])
     err = capsys.readouterr().err
@@ -319,11 +294,8 @@ def test_over_budget_in_memory_analysis_is_refused_before_any_work(folder_run, t
 def test_killed_analysis_during_store_build_loses_nothing(tmp_path):
     data = make_folder(tmp_path / "big", per_class=700, size=48)
     run = tmp_path / "run"
-    train(TrainConfig(out=str(run), dataset="imagefolder",
-                      dataset_params={"root": str(data), "image_size": 16, "max_samples": 80},
-                      arch="small_cnn", arch_params={"width": 8, "feature_dim": 16},
-                      epochs=1, batch_size=64, save_every=1, seed=0, device="cpu",
-                      progress=False))
+    train(tiny_config(run, epochs=1, dataset="imagefolder",
+                      dataset_params={"root": str(data), "image_size": 16, "max_samples": 80}))
     # an earlier analysis (in memory, a subset) whose results must survive the kill
     analysis.analyze(run, metrics=["source_accuracy"], device="cpu", progress=False,
                      plot=False, image_store=None)
@@ -357,8 +329,8 @@ def test_peak_memory_stays_under_the_budget_with_a_store(folder_run, folder, tmp
     float_bytes = (13336 + 6668) * 3 * 16 * 16 * 4  # 61 MB in memory as float32
     budget = 48 << 20
     assert float_bytes > budget
-    run = _copy(folder_run, tmp_path / "run")
-    script = textwrap.dedent(f"""
+    run = copy_run(folder_run, tmp_path / "run")
+    script = PEAK_RSS_CODE + textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
         import torch
@@ -369,11 +341,7 @@ def test_peak_memory_stays_under_the_budget_with_a_store(folder_run, folder, tmp
                   image_store={str(tmp_path / 'stores')!r})
         # build the store and warm every code path once, then measure a fresh analysis
         analysis.analyze({str(run)!r}, max_samples=16, **kw)
-        def status(key):
-            for line in open("/proc/self/status"):
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        open("/proc/self/clear_refs", "w").write("5")
+        reset_peak()
         start = status("VmRSS")
         analysis.analyze({str(run)!r}, use_cache=False, memory_budget={budget}, **kw)
         print(status("VmHWM") - start, start)
@@ -389,7 +357,7 @@ def test_peak_memory_stays_under_the_budget_with_a_store(folder_run, folder, tmp
 def test_downstream_over_budget_fails_only_that_dataset_and_subsets_are_stamped(folder_run,
                                                                                 folder,
                                                                                 tmp_path):
-    a = _copy(folder_run, tmp_path / "a")
+    a = copy_run(folder_run, tmp_path / "a")
     # textures is made in memory: 600 images x 3 x 16 x 16 float32 = 1.8 MB, which with one
     # forward pass (~3 MiB) and the model exceeds the 4 MiB budget the source fits in
     res = analysis.analyze(a, metrics=["source_accuracy"], device="cpu", progress=False,
@@ -415,7 +383,7 @@ def test_downstream_over_budget_fails_only_that_dataset_and_subsets_are_stamped(
 def test_bad_scale_flags_are_one_line(folder_run, tmp_path, capsys, flags, message):
     from dtprobe.cli import main
 
-    a = _copy(folder_run, tmp_path / "a")
+    a = copy_run(folder_run, tmp_path / "a")
     (tmp_path / "FILE").write_text("a file, not a folder")
     flags = [f.replace("FILE", str(tmp_path / "FILE")) for f in flags]
     code = main(["analyze", str(a), "--device", "cpu", "--no-progress", "--metrics",

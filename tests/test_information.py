@@ -43,13 +43,7 @@ HYPO = settings(max_examples=25, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny networks train several times faster single-threaded on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gaussians(n: int, rho: float, d: int = 1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,10 +33,10 @@ import torch
 import checkpoints_manifest as cm
 from dtprobe import analysis
 from dtprobe import checkpoints as ck
-from dtprobe.training.trainer import TrainConfig, train
+from dtprobe.training.trainer import train
+from tests.helpers import TINY, copy_run, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"n_train": 240, "n_test": 120, "image_size": 16}
 DATA_ARGS = [a for k, v in TINY.items() for a in ("--dataset-param", f"{k}={v}")]
 TRAIN_ARGS = ["--epochs", "3", "--batch-size", "64", "--save-every", "1", "--seed", "0",
               "--device", "cpu", "--no-progress", "--arch-param", "width=8",
@@ -120,11 +119,6 @@ def _run(procs, argv: list[str], log: Path, *, kill_after: float | None = None,
     return Outcome(p.exitcode, p.exitcode == -signal.SIGKILL, log)
 
 
-def _copy_run(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("analysis"))
-    return dst
-
-
 def _files(directory: Path, suffix: str) -> dict[str, tuple[int, int]]:
     """name -> (inode, mtime_ns) of the files in ``directory`` ending in ``suffix``."""
     if not directory.is_dir():
@@ -139,21 +133,13 @@ def _temp_files(root: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ fixtures
-def _cfg(out: Path, **kw) -> TrainConfig:
-    base = dict(out=str(out), dataset="shapes", dataset_params=dict(TINY), arch="small_cnn",
-                arch_params={"width": 8, "feature_dim": 16}, epochs=3, batch_size=64,
-                save_every=1, seed=0, device="cpu", progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
 @pytest.fixture(scope="module")
 def reference(procs, tmp_path_factory):
     """A trained run (checkpoints at epochs 0..3) and its uninterrupted analysis."""
     root = tmp_path_factory.mktemp("kill")
     run = root / "run"
-    train(_cfg(run))
-    ref = _copy_run(run, root / "reference")
+    train(tiny_config(run, epochs=3))
+    ref = copy_run(run, root / "reference")
     res = analysis.analyze(ref, device="cpu", progress=False, plot=False)
     assert len(res.failures) == 0
     return {"run": run,
@@ -194,7 +180,7 @@ def _check_after_kill(run: Path, reference: dict) -> None:
 
 def test_analyze_killed_at_random_points_recomputes_only_what_is_missing(procs, reference,
                                                                           tmp_path):
-    run = _copy_run(reference["run"], tmp_path / "run")
+    run = copy_run(reference["run"], tmp_path / "run")
     out = run / "analysis"
     n_ckpt = len(reference["epochs"])
     rng = random.Random(20240501)
@@ -253,7 +239,7 @@ def test_analyze_killed_at_random_points_recomputes_only_what_is_missing(procs, 
 
 
 def test_two_concurrent_analyses_queue_on_the_lock(procs, reference, tmp_path):
-    run = _copy_run(reference["run"], tmp_path / "run")
+    run = copy_run(reference["run"], tmp_path / "run")
     lock_dir = run / "analysis"
     lock_dir.mkdir()
     fd = os.open(lock_dir / analysis.LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)

@@ -20,7 +20,7 @@ from dtprobe.data.pixels import RawImages
 from dtprobe.errors import ConfigError
 from dtprobe.features.extract import extract_features
 from dtprobe.models import build_model
-from dtprobe.training.trainer import TrainConfig, train
+from tests.helpers import randomise_bn, train_tiny
 
 MISSING = "--engine onnx needs onnxruntime: pip install 'dtprobe[onnx]'"
 
@@ -40,20 +40,6 @@ def _stats() -> dict:
     from dtprobe.features.engines.onnx import export_stats
 
     return export_stats()
-
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters (so folding really happens)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
-    return model.eval()
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
@@ -93,7 +79,7 @@ def _resnet_reference(model, x):
 @pytest.mark.parametrize("batch_size", [7, "auto"])
 def test_small_cnn_equals_eager_and_manual_forward(ort, batch_size):
     torch.manual_seed(0)
-    model = _randomise_bn(build_model("small_cnn", 5, width=8, feature_dim=16))
+    model = randomise_bn(build_model("small_cnn", 5, width=8, feature_dim=16))
     images = torch.randn(37, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     layers = ["features.0"]
     got = extract_features(model, model.fc, images, device="cpu", batch_size=batch_size,
@@ -113,7 +99,7 @@ def test_small_cnn_equals_eager_and_manual_forward(ort, batch_size):
 def test_resnet18_equals_manual_forward_and_follows_new_weights(ort):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = _randomise_bn(torchvision.models.resnet18(num_classes=6))
+    model = randomise_bn(torchvision.models.resnet18(num_classes=6))
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     layers = ["layer2", "layer4"]
     got = extract_features(model, model.fc, images, device="cpu", batch_size=4, layers=layers,
@@ -130,7 +116,7 @@ def test_resnet18_equals_manual_forward_and_follows_new_weights(ort):
         _close(again[key], ref[key][:3])
     # the next checkpoint (weights loaded in place into the same object) is exported afresh
     torch.manual_seed(1)
-    other = _randomise_bn(torchvision.models.resnet18(num_classes=6), seed=3)
+    other = randomise_bn(torchvision.models.resnet18(num_classes=6), seed=3)
     model.load_state_dict(other.state_dict())
     new = extract_features(model, model.fc, images, device="cpu", batch_size=4, layers=layers,
                            engine="onnx")
@@ -143,7 +129,7 @@ def test_resnet18_equals_manual_forward_and_follows_new_weights(ort):
 
 def test_raw_uint8_images_are_normalised_like_eager(ort):
     torch.manual_seed(0)
-    model = _randomise_bn(build_model("small_cnn", 4, width=8, feature_dim=16))
+    model = randomise_bn(build_model("small_cnn", 4, width=8, feature_dim=16))
     pixels = torch.randint(0, 256, (9, 3, 16, 16), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(4))
     raw = RawImages(pixels, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
@@ -240,9 +226,7 @@ def test_bad_engine_options_are_one_line_config_errors(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_shapes_params):
     out = tmp_path_factory.mktemp("onnx") / "ce"
-    train(TrainConfig(out=str(out), dataset="shapes", dataset_params=tiny_shapes_params,
-                      arch="small_cnn", arch_params={"width": 8, "feature_dim": 16}, epochs=2,
-                      batch_size=64, save_every=1, seed=0, device="cpu", progress=False))
+    train_tiny(out)
     return out
 
 
@@ -282,7 +266,7 @@ def test_analysis_with_onnx_engine_matches_eager(ort, tiny_run):
 
 def test_weights_written_through_data_are_exported_afresh(ort):
     torch.manual_seed(0)
-    model = _randomise_bn(build_model("small_cnn", 4, width=8, feature_dim=16))
+    model = randomise_bn(build_model("small_cnn", 4, width=8, feature_dim=16))
     images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     extract_features(model, model.fc, images, device="cpu", batch_size=4, engine="onnx")
     version = model.fc.weight._version

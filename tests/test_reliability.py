@@ -32,9 +32,8 @@ from dtprobe import analysis
 from dtprobe import checkpoints as ck
 from dtprobe.cli import main
 from dtprobe.training import trainer
-from dtprobe.training.trainer import TrainConfig, train
+from tests.helpers import TINY, checkpoint_file, copy_run, train_tiny
 
-TINY = {"n_train": 240, "n_test": 120, "image_size": 16}
 DATA_ARGS = [a for k, v in TINY.items() for a in ("--dataset-param", f"{k}={v}")]
 FAST = ["source_accuracy", "class_separation"]
 RUN_ARGS = ["--device", "cpu", "--no-progress", "--no-plot", "--metrics", *FAST]
@@ -50,26 +49,15 @@ EPOCHS = [0, 1, 2]
 def run(tmp_path_factory):
     """A tiny trained run (checkpoints at epochs 0, 1, 2) and its clean analysis table."""
     out = tmp_path_factory.mktemp("rel") / "run"
-    train(TrainConfig(out=str(out), dataset="shapes", dataset_params=dict(TINY),
-                      arch="small_cnn", arch_params={"width": 8, "feature_dim": 16}, epochs=2,
-                      batch_size=64, save_every=1, seed=0, device="cpu", progress=False))
+    train_tiny(out)
     clean = out.parent / "clean"
     shutil.copytree(out, clean)
     res = analysis.analyze(clean, metrics=FAST, device="cpu", progress=False, plot=False)
     return {"dir": out, "table": res.table}
 
 
-def _copy(run: dict, dst: Path) -> Path:
-    shutil.copytree(run["dir"], dst, ignore=shutil.ignore_patterns("analysis"))
-    return dst
-
-
-def _ckpt(run_dir: Path, epoch: int) -> Path:
-    return run_dir / "checkpoints" / f"epoch_{epoch:04d}.pt"
-
-
 def _state(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
-    return torch.load(_ckpt(run_dir, epoch), weights_only=True)["model"]
+    return torch.load(checkpoint_file(run_dir, epoch), weights_only=True)["model"]
 
 
 def _values(table: pd.DataFrame, epochs=None) -> pd.DataFrame:
@@ -98,14 +86,14 @@ class _Payload:
 def test_code_in_a_checkpoint_never_runs_through_analyze(run, tmp_path, capsys, layout, how):
     marker = tmp_path / "pwned"
     if layout == "manifest":
-        run_dir = _copy(run, tmp_path / "run")
-        bad = _ckpt(run_dir, 1)
+        run_dir = copy_run(run["dir"], tmp_path / "run")
+        bad = checkpoint_file(run_dir, 1)
         args = RUN_ARGS
     else:
         run_dir = tmp_path / "run"
         run_dir.mkdir()
         for e in EPOCHS:
-            shutil.copyfile(_ckpt(run["dir"], e), run_dir / f"ckpt_epoch_{e}.pth")
+            shutil.copyfile(checkpoint_file(run["dir"], e), run_dir / f"ckpt_epoch_{e}.pth")
         bad = run_dir / "ckpt_epoch_1.pth"
         args = [*RUN_ARGS, *PLAIN]
     if how == "torch.save":
@@ -152,7 +140,7 @@ def test_safetensors_under_every_naming_gives_the_same_numbers(run, tmp_path, na
 
 
 def test_safetensors_through_the_manifest_and_in_a_ckpt_named_file(run, tmp_path):
-    run_dir = _copy(run, tmp_path / "run")
+    run_dir = copy_run(run["dir"], tmp_path / "run")
     doc = json.loads((run_dir / "manifest.json").read_text())
     for entry in doc["checkpoints"]:
         e = entry["epoch"]
@@ -160,7 +148,7 @@ def test_safetensors_through_the_manifest_and_in_a_ckpt_named_file(run, tmp_path
         rel = f"checkpoints/w_{e}.safetensors" if e != 1 else "checkpoints/epoch=1-step=8.ckpt"
         save_file({k: v.contiguous() for k, v in _state(run_dir, e).items()},
                   str(run_dir / rel))
-        _ckpt(run_dir, e).unlink()
+        checkpoint_file(run_dir, e).unlink()
         entry["path"], entry["sha256"] = rel, cm.sha256_file(run_dir / rel)
     cm.write_manifest(run_dir, cm.Manifest.from_dict(doc))
     res = analysis.analyze(run_dir, metrics=FAST, device="cpu", progress=False, plot=False)
@@ -170,16 +158,16 @@ def test_safetensors_through_the_manifest_and_in_a_ckpt_named_file(run, tmp_path
 
 def test_sha256_mismatch_refuses_that_checkpoint_even_when_results_are_cached(run, tmp_path,
                                                                                capsys):
-    run_dir = _copy(run, tmp_path / "run")
+    run_dir = copy_run(run["dir"], tmp_path / "run")
     assert main(["analyze", str(run_dir), *RUN_ARGS]) == 0  # features and parts cached
     state = _state(run_dir, 2)
     state["fc.bias"] += 1.0  # the file changes after it was recorded
-    torch.save({"model": state, "epoch": 2}, _ckpt(run_dir, 2))
+    torch.save({"model": state, "epoch": 2}, checkpoint_file(run_dir, 2))
     code = main(["analyze", str(run_dir), *RUN_ARGS])
     err = capsys.readouterr().err
     assert code == 1
     line = next(ln for ln in err.splitlines() if ln.startswith("FAILED"))
-    assert line.startswith(f"FAILED epoch 2: {_ckpt(run_dir, 2)}: sha256 ")
+    assert line.startswith(f"FAILED epoch 2: {checkpoint_file(run_dir, 2)}: sha256 ")
     assert "does not match the manifest" in line and "restore it or re-record" in line
     pd.testing.assert_frame_equal(_values(_read(run_dir), [0, 1]),
                                   _values(run["table"], [0, 1]))
@@ -188,7 +176,7 @@ def test_sha256_mismatch_refuses_that_checkpoint_even_when_results_are_cached(ru
 
 # ------------------------------------------------------------------------------ path escapes
 def test_symlinks_out_of_the_run_are_refused_unless_followed(run, tmp_path, capsys):
-    run_dir = _copy(run, tmp_path / "run")
+    run_dir = copy_run(run["dir"], tmp_path / "run")
     scratch = tmp_path / "scratch"
     shutil.move(run_dir / "checkpoints", scratch)  # checkpoints live on scratch storage
     (run_dir / "checkpoints").symlink_to(scratch, target_is_directory=True)
@@ -202,14 +190,14 @@ def test_symlinks_out_of_the_run_are_refused_unless_followed(run, tmp_path, caps
 
 
 def test_one_file_symlinked_out_fails_alone_and_links_inside_are_fine(run, tmp_path, capsys):
-    run_dir = _copy(run, tmp_path / "run")
+    run_dir = copy_run(run["dir"], tmp_path / "run")
     outside = tmp_path / "secret.pt"
-    shutil.move(_ckpt(run_dir, 1), outside)
-    _ckpt(run_dir, 1).symlink_to(outside)
+    shutil.move(checkpoint_file(run_dir, 1), outside)
+    checkpoint_file(run_dir, 1).symlink_to(outside)
     inside = run_dir / "store" / "e2.pt"
     inside.parent.mkdir()
-    shutil.move(_ckpt(run_dir, 2), inside)
-    _ckpt(run_dir, 2).symlink_to(inside)
+    shutil.move(checkpoint_file(run_dir, 2), inside)
+    checkpoint_file(run_dir, 2).symlink_to(inside)
     assert main(["analyze", str(run_dir), *RUN_ARGS]) == 1
     failures = pd.read_csv(run_dir / "analysis" / "failures.csv")
     assert failures["epoch"].tolist() == [1]
@@ -218,7 +206,7 @@ def test_one_file_symlinked_out_fails_alone_and_links_inside_are_fine(run, tmp_p
     # The same without a manifest: one bad link does not stop the others being found.
     plain = tmp_path / "plain"
     plain.mkdir()
-    shutil.copyfile(_ckpt(run["dir"], 0), plain / "model_0.pth")
+    shutil.copyfile(checkpoint_file(run["dir"], 0), plain / "model_0.pth")
     (plain / "model_1.pth").symlink_to(outside)
     assert main(["analyze", str(plain), *RUN_ARGS, *PLAIN]) == 1
     assert pd.read_csv(plain / "analysis" / "failures.csv")["epoch"].tolist() == [1]
@@ -226,7 +214,7 @@ def test_one_file_symlinked_out_fails_alone_and_links_inside_are_fine(run, tmp_p
 
 
 def test_manifest_paths_are_checked_when_planning(run, tmp_path):
-    run_dir = _copy(run, tmp_path / "run")
+    run_dir = copy_run(run["dir"], tmp_path / "run")
     for bad in ("../x.pt", "/abs/x.pt", "a/../../x.pt", "C:/x.pt", "a\\x.pt"):
         doc = json.loads((run_dir / "manifest.json").read_text())
         doc["checkpoints"][0]["path"] = bad
@@ -250,7 +238,7 @@ def _release(fd: int) -> None:
 
 
 def test_no_wait_says_the_run_is_busy(run, tmp_path, capsys):
-    run_dir = _copy(run, tmp_path / "run")
+    run_dir = copy_run(run["dir"], tmp_path / "run")
     fd = _hold_lock(run_dir)
     try:
         code = main(["analyze", str(run_dir), *RUN_ARGS, "--no-wait"])
@@ -265,7 +253,7 @@ def test_no_wait_says_the_run_is_busy(run, tmp_path, capsys):
 
 
 def test_second_analysis_waits_for_the_lock_and_says_so(run, tmp_path, capsys):
-    run_dir = _copy(run, tmp_path / "run")
+    run_dir = copy_run(run["dir"], tmp_path / "run")
     fd = _hold_lock(run_dir)
     result = {}
     worker = threading.Thread(target=lambda: result.setdefault("code", main(
@@ -291,8 +279,8 @@ def test_second_analysis_waits_for_the_lock_and_says_so(run, tmp_path, capsys):
 
 
 def test_compare_never_writes_into_the_other_run(run, tmp_path):
-    this = _copy(run, tmp_path / "this")
-    other = _copy(run, tmp_path / "other")
+    this = copy_run(run["dir"], tmp_path / "this")
+    other = copy_run(run["dir"], tmp_path / "other")
     before = sorted(p.relative_to(other) for p in other.rglob("*"))
     res = analysis.analyze(this, metrics=FAST, device="cpu", progress=False, plot=False,
                            compare=[other])
@@ -304,7 +292,7 @@ def test_compare_never_writes_into_the_other_run(run, tmp_path):
 
 # ------------------------------------------------------------------------- leftovers, parts
 def test_leftover_temp_files_are_removed_and_never_read(run, tmp_path, capsys):
-    run_dir = _copy(run, tmp_path / "run")
+    run_dir = copy_run(run["dir"], tmp_path / "run")
     assert main(["analyze", str(run_dir), *RUN_ARGS]) == 0
     out = run_dir / "analysis"
     parts = sorted((out / "parts").glob("*.json"))
@@ -326,7 +314,7 @@ def test_temporary_checkpoint_files_are_never_taken_for_checkpoints(run, tmp_pat
     run_dir = tmp_path / "plain"
     (run_dir / "checkpoints").mkdir(parents=True)
     for e in EPOCHS:
-        shutil.copyfile(_ckpt(run["dir"], e), run_dir / "checkpoints" / f"epoch_{e:04d}.pt")
+        shutil.copyfile(checkpoint_file(run["dir"], e), checkpoint_file(run_dir, e))
     junk = ["checkpoints/.epoch_0003.pt.4242.tmp", "checkpoints/epoch_0004.pt.tmp",
             "epoch_0005.pt.partial", "checkpoints/epoch_0006.pt~", ".epoch_0007.pt"]
     for rel in junk:

@@ -39,26 +39,19 @@ from dtprobe.checkpoints import reader
 from dtprobe.cli import main
 from dtprobe.errors import CheckpointError, ConfigError
 from dtprobe.features.extract import FeatureCache
-from dtprobe.training.trainer import TrainConfig, train
+from dtprobe.training.trainer import train
+from tests.helpers import TINY, checkpoint_file, copy_run, tiny_config
 
-TINY = {"n_train": 240, "n_test": 120, "image_size": 16}
 FAST = ["--metrics", "source_accuracy", "class_separation"]
 RUN_ARGS = ["--device", "cpu", "--no-progress", *FAST]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _config(out: Path, epochs: int = 2, **extra) -> TrainConfig:
-    return TrainConfig(out=str(out), dataset="shapes", dataset_params=dict(TINY),
-                       arch="small_cnn", arch_params={"width": 8, "feature_dim": 16},
-                       epochs=epochs, batch_size=64, save_every=1, seed=0, device="cpu",
-                       progress=False, **extra)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny trained run (epochs 0, 1, 2) and the table of its clean analysis."""
     out = tmp_path_factory.mktemp("sec") / "run"
-    train(_config(out))
+    train(tiny_config(out))
     clean = out.parent / "clean"
     shutil.copytree(out, clean)
     assert main(["analyze", str(clean), *RUN_ARGS]) == 0
@@ -74,24 +67,14 @@ def _values(table: pd.DataFrame) -> pd.DataFrame:
     return keep[["epoch", "metric", "task", "layer", "value"]].reset_index(drop=True)
 
 
-def _copy(run: dict, tmp_path: Path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(run["dir"], dst)
-    return dst
-
-
-def _ckpt(run_dir: Path, epoch: int) -> Path:
-    return run_dir / "checkpoints" / f"epoch_{epoch:04d}.pt"
-
-
 def _rerecord(run_dir: Path, epoch: int) -> None:
     entry = cm.read_manifest(run_dir).get(epoch)
-    cm.append_checkpoint(run_dir, cm.entry_for_file(run_dir, _ckpt(run_dir, epoch), epoch=epoch,
-                                                    step=entry.step), replace=True)
+    cm.append_checkpoint(run_dir, cm.entry_for_file(run_dir, checkpoint_file(run_dir, epoch),
+                                                    epoch=epoch, step=entry.step), replace=True)
 
 
 def _state(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
-    return torch.load(_ckpt(run_dir, epoch), weights_only=True)["model"]
+    return torch.load(checkpoint_file(run_dir, epoch), weights_only=True)["model"]
 
 
 def _one_line_error(capsys, code: int) -> str:
@@ -115,14 +98,14 @@ def _victim(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("name", ["metrics.csv", "failures.csv", "cka_matrix.csv",
                                   "tradeoff.png", "parts/epoch_000001.json"])
 def test_links_planted_at_result_names_are_replaced_not_written_through(run, tmp_path, name):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     victim = _victim(tmp_path)
     target = run_dir / "analysis" / name
     target.parent.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)
     target.symlink_to(victim)
     if name == "failures.csv":  # make one checkpoint fail so that failures.csv is written
-        _ckpt(run_dir, 1).write_bytes(b"")
+        checkpoint_file(run_dir, 1).write_bytes(b"")
         _rerecord(run_dir, 1)
     code = main(["analyze", str(run_dir), *RUN_ARGS, "--no-cache"])
     assert code in (0, 1)
@@ -131,7 +114,7 @@ def test_links_planted_at_result_names_are_replaced_not_written_through(run, tmp
 
 
 def test_links_planted_at_feature_names_and_old_temp_names_are_never_followed(run, tmp_path):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     victim = _victim(tmp_path)
     features = run_dir / "analysis" / "features"
     names = [p.name for p in features.iterdir()]
@@ -149,7 +132,7 @@ def test_links_planted_at_feature_names_and_old_temp_names_are_never_followed(ru
 
 
 def test_lock_planted_as_link_is_refused_and_its_target_untouched(run, tmp_path, capsys):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     victim = _victim(tmp_path)
     (run_dir / "analysis" / ".lock").unlink(missing_ok=True)
     (run_dir / "analysis" / ".lock").symlink_to(victim)
@@ -159,7 +142,7 @@ def test_lock_planted_as_link_is_refused_and_its_target_untouched(run, tmp_path,
 
 
 def test_lock_planted_as_hard_link_is_refused(run, tmp_path, capsys):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     victim = _victim(tmp_path)
     (run_dir / "analysis" / ".lock").unlink(missing_ok=True)
     os.link(victim, run_dir / "analysis" / ".lock")
@@ -170,7 +153,7 @@ def test_lock_planted_as_hard_link_is_refused(run, tmp_path, capsys):
 
 @pytest.mark.parametrize("folder", ["analysis", "analysis/features", "analysis/parts"])
 def test_analysis_folders_linked_out_of_the_run_are_refused(run, tmp_path, capsys, folder):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(run_dir / folder, elsewhere)
     before = sorted(p.name for p in elsewhere.rglob("*"))
@@ -183,7 +166,7 @@ def test_analysis_folders_linked_out_of_the_run_are_refused(run, tmp_path, capsy
 
 
 def test_analysis_folder_linked_inside_the_run_is_fine(run, tmp_path):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     (run_dir / "analysis").rename(run_dir / "results_store")
     (run_dir / "analysis").symlink_to(run_dir / "results_store", target_is_directory=True)
     assert main(["analyze", str(run_dir), *RUN_ARGS]) == 0
@@ -224,7 +207,7 @@ def test_manifest_lock_planted_as_link_is_refused(tmp_path):
 
 def test_train_resume_never_writes_through_planted_links(tmp_path):
     run_dir = tmp_path / "run"
-    train(_config(run_dir, epochs=1))
+    train(tiny_config(run_dir, epochs=1))
     victim = _victim(tmp_path)
     planted = [run_dir / "checkpoints" / "epoch_0002.pt", run_dir / "train_log.csv",
                run_dir / "resume_state.pt.tmp"]
@@ -234,7 +217,7 @@ def test_train_resume_never_writes_through_planted_links(tmp_path):
         planted.append(run_dir / f".resume_state.pt.{pid}.tmp")
     for link in planted:
         link.symlink_to(victim)
-    train(_config(run_dir, epochs=2, resume=True))
+    train(tiny_config(run_dir, epochs=2, resume=True))
     assert victim.read_text() == "do not touch\n"
     ckpt = run_dir / "checkpoints" / "epoch_0002.pt"
     assert ckpt.is_file() and not ckpt.is_symlink()
@@ -243,40 +226,41 @@ def test_train_resume_never_writes_through_planted_links(tmp_path):
 
 def test_train_refuses_a_checkpoints_folder_linked_elsewhere(tmp_path):
     run_dir = tmp_path / "run"
-    train(_config(run_dir, epochs=1))
+    train(tiny_config(run_dir, epochs=1))
     elsewhere = tmp_path / "elsewhere"
     (run_dir / "checkpoints").rename(elsewhere)
     (run_dir / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
     before = sorted(p.name for p in elsewhere.iterdir())
     with pytest.raises(ConfigError, match="checkpoints: is a symbolic link"):
-        train(_config(run_dir, epochs=2, resume=True))
+        train(tiny_config(run_dir, epochs=2, resume=True))
     assert sorted(p.name for p in elsewhere.iterdir()) == before
 
 
 # ======================================================= 2. verify-then-use races and caches
 def test_load_uses_the_verified_bytes_not_the_path_again(run, tmp_path):
-    run_dir = _copy(run, tmp_path)
-    blob = ck.read_checkpoint_bytes(_ckpt(run_dir, 1))
-    shutil.copyfile(_ckpt(run_dir, 2), _ckpt(run_dir, 1))  # swapped after it was hashed
-    state = ck.load_state_dict(_ckpt(run_dir, 1), data=blob)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
+    blob = ck.read_checkpoint_bytes(checkpoint_file(run_dir, 1))
+    # swapped after it was hashed
+    shutil.copyfile(checkpoint_file(run_dir, 2), checkpoint_file(run_dir, 1))
+    state = ck.load_state_dict(checkpoint_file(run_dir, 1), data=blob)
     original = _state(run["dir"], 1)
     assert all(torch.equal(state[k], original[k]) for k in original)
     with pytest.raises(CheckpointError, match="does not match the manifest"):
-        ck.read_checkpoint_bytes(_ckpt(run_dir, 1), expected_sha256=blob.sha256)
+        ck.read_checkpoint_bytes(checkpoint_file(run_dir, 1), expected_sha256=blob.sha256)
 
 
 def test_file_swapped_right_after_it_was_read_is_analysed_as_verified(run, tmp_path,
                                                                       monkeypatch):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     shutil.rmtree(run_dir / "analysis", ignore_errors=True)
     swapped = []
     real_read = reader._read_all
 
     def read_then_swap(fd, path, limit):
         data = real_read(fd, path, limit)
-        if Path(path) == _ckpt(run_dir, 1) and not swapped:
-            shutil.copyfile(_ckpt(run_dir, 2), tmp_path / "swap")
-            os.replace(tmp_path / "swap", _ckpt(run_dir, 1))  # the attacker's swap
+        if Path(path) == checkpoint_file(run_dir, 1) and not swapped:
+            shutil.copyfile(checkpoint_file(run_dir, 2), tmp_path / "swap")
+            os.replace(tmp_path / "swap", checkpoint_file(run_dir, 1))  # the attacker's swap
             swapped.append(True)
         return data
 
@@ -289,7 +273,7 @@ def test_file_swapped_right_after_it_was_read_is_analysed_as_verified(run, tmp_p
 def test_file_swapped_during_the_analysis_fails_instead_of_mixing_weights(run, tmp_path,
                                                                         monkeypatch, capsys):
     """Features cached, parts missing: the second read must match the digest of the first."""
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     shutil.rmtree(run_dir / "analysis" / "parts")
     doc = json.loads((run_dir / "manifest.json").read_text())
     for entry in doc["checkpoints"]:
@@ -299,10 +283,10 @@ def test_file_swapped_during_the_analysis_fails_instead_of_mixing_weights(run, t
     real_read = reader._read_all
 
     def swap_on_second_read(fd, path, limit):
-        if Path(path) == _ckpt(run_dir, 1):
+        if Path(path) == checkpoint_file(run_dir, 1):
             calls.append(path)
             if len(calls) == 2:
-                data = _ckpt(run_dir, 2).read_bytes()  # what the swapped file now holds
+                data = checkpoint_file(run_dir, 2).read_bytes()  # what the swapped file now holds
                 real_read(fd, path, limit)
                 return data
         return real_read(fd, path, limit)
@@ -315,7 +299,7 @@ def test_file_swapped_during_the_analysis_fails_instead_of_mixing_weights(run, t
 
 
 def test_forged_part_is_recomputed_not_reported(run, tmp_path):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     part = run_dir / "analysis" / "parts" / "epoch_000001.json"
     doc = json.loads(part.read_text())
     for row in doc["rows"]:
@@ -357,7 +341,7 @@ def test_part_store_seal_and_no_reuse(tmp_path):
 
 
 def test_no_cache_reuses_neither_features_nor_parts(run, tmp_path):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     plan = plan_run(run_dir)
     results = analyze_plan(plan, AnalysisOptions(metrics=FAST[1:], device="cpu", progress=False,
                                                  plot=False, use_cache=False))
@@ -388,13 +372,14 @@ MALFORMED = {
 
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
 def test_malformed_tensor_fails_only_its_checkpoint(run, tmp_path, capsys, kind):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     damage, reason = MALFORMED[kind]
     with torch.no_grad(), pytest.warns() if kind == "quantized" else _nothing():
         state = damage(_state(run_dir, 1))
-    torch.save({"model": state, "epoch": 1}, _ckpt(run_dir, 1))
+    torch.save({"model": state, "epoch": 1}, checkpoint_file(run_dir, 1))
     if kind == "stride-0 giant":
-        assert _ckpt(run_dir, 1).stat().st_size < 1 << 20  # a small file claiming 6.9e10 elements
+        # a small file claiming 6.9e10 elements
+        assert checkpoint_file(run_dir, 1).stat().st_size < 1 << 20
     _rerecord(run_dir, 1)
     code = main(["analyze", str(run_dir), *RUN_ARGS, "--no-plot"])
     err = capsys.readouterr().err
@@ -416,7 +401,7 @@ class _nothing:
 def test_any_unexpected_exception_is_a_failure_row(run, tmp_path, capsys, monkeypatch):
     from dtprobe.analysis import pipeline
 
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     real = pipeline.epoch_metrics
 
     def boom(plan, ckpt, *args, **kwargs):
@@ -525,7 +510,7 @@ def test_hostile_manifest_fields_are_one_line_errors(tmp_path, changes, expected
 ])
 def test_hostile_model_kwargs_are_refused_before_building(run, tmp_path, capsys, kwargs,
                                                           expected):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     doc = json.loads((run_dir / "manifest.json").read_text())
     doc["model"]["kwargs"] = kwargs
     (run_dir / "manifest.json").write_text(json.dumps(doc))
@@ -541,7 +526,7 @@ def test_hostile_model_kwargs_are_refused_before_building(run, tmp_path, capsys,
 ])
 def test_hostile_dataset_params_are_refused_before_building(run, tmp_path, capsys, params,
                                                             expected):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     doc = json.loads((run_dir / "manifest.json").read_text())
     doc["dataset"]["params"] = {**TINY, **params}
     (run_dir / "manifest.json").write_text(json.dumps(doc))
@@ -550,13 +535,13 @@ def test_hostile_dataset_params_are_refused_before_building(run, tmp_path, capsy
 
 
 def test_huge_num_classes_flag_is_refused(run, tmp_path):
-    plan = plan_run(_copy(run, tmp_path), num_classes=10**13)
+    plan = plan_run(copy_run(run["dir"], tmp_path / "run", with_analysis=True), num_classes=10**13)
     with pytest.raises(ConfigError, match=r"must be an int in \[1, 1000000\]"):
         check_plan(plan, AnalysisOptions())
 
 
 def test_download_in_a_manifest_never_downloads(run, tmp_path):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     doc = json.loads((run_dir / "manifest.json").read_text())
     doc["dataset"]["params"]["download"] = True
     (run_dir / "manifest.json").write_text(json.dumps(doc))
@@ -567,7 +552,7 @@ def test_download_in_a_manifest_never_downloads(run, tmp_path):
 def test_undecodable_names_are_written_not_crashed_on(run, tmp_path, capsys):
     run_dir = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/run\xff"))
     shutil.copytree(run["dir"], run_dir)
-    _ckpt(run_dir, 1).write_bytes(b"")
+    checkpoint_file(run_dir, 1).write_bytes(b"")
     _rerecord(run_dir, 1)
     code = main(["analyze", str(run_dir), *RUN_ARGS, "--no-plot"])
     err = capsys.readouterr().err
@@ -591,7 +576,7 @@ def test_large_manifest_plans_in_linear_time(tmp_path, monkeypatch):
 
 # ============================================================= 5. environment errors and links
 def test_disk_full_during_analyze_is_one_line_exit_2(run, tmp_path, capsys, monkeypatch):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
 
     def full(**kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", kwargs.get("dir"))
@@ -603,7 +588,7 @@ def test_disk_full_during_analyze_is_one_line_exit_2(run, tmp_path, capsys, monk
 
 def test_read_only_resume_is_refused_before_an_epoch(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
-    train(_config(run_dir, epochs=1))
+    train(tiny_config(run_dir, epochs=1))
     log = (run_dir / "train_log.csv").read_text()
 
     def read_only(**kwargs):
@@ -636,23 +621,23 @@ def test_closed_pipe_exits_2_quietly(run, tmp_path):
     listed = _closed_stdout(["list"], tmp_path)
     assert listed.returncode == 2 and "Traceback" not in listed.stderr, listed.stderr
     assert "BrokenPipe" not in listed.stderr
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     analysed = _closed_stdout(["analyze", str(run_dir), *RUN_ARGS, "--no-plot"], tmp_path)
     assert analysed.returncode == 2 and "Traceback" not in analysed.stderr, analysed.stderr
     assert (run_dir / "analysis" / "metrics.csv").exists()
 
 
 def test_link_swapped_in_after_planning_is_caught_at_use(run, tmp_path):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
     doc = json.loads((run_dir / "manifest.json").read_text())
     for entry in doc["checkpoints"]:
         entry["sha256"] = None
     (run_dir / "manifest.json").write_text(json.dumps(doc))
     plan = plan_run(run_dir)
     outside = tmp_path / "outside.pt"
-    shutil.copyfile(_ckpt(run_dir, 1), outside)
-    _ckpt(run_dir, 1).unlink()
-    _ckpt(run_dir, 1).symlink_to(outside)  # after planning checked the links
+    shutil.copyfile(checkpoint_file(run_dir, 1), outside)
+    checkpoint_file(run_dir, 1).unlink()
+    checkpoint_file(run_dir, 1).symlink_to(outside)  # after planning checked the links
     results = analyze_plan(plan, AnalysisOptions(metrics=FAST[1:], device="cpu", progress=False,
                                                  plot=False))
     assert results.failures["epoch"].tolist() == [1]
@@ -696,7 +681,7 @@ def test_damaged_files_get_a_clear_line(tmp_path, content, expected):
 
 def test_poisoned_resume_state_is_one_short_line(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    train(_config(run_dir, epochs=1))
+    train(tiny_config(run_dir, epochs=1))
     (run_dir / "resume_state.pt").write_bytes(pickle.dumps({"epoch": _Payload()}))
     code = main(["train", "--out", str(run_dir), "--resume", "--epochs", "2", "--device", "cpu",
                  "--no-progress"])
@@ -706,9 +691,9 @@ def test_poisoned_resume_state_is_one_short_line(tmp_path, capsys):
 
 
 def test_symlink_loop_does_not_suggest_following_links(run, tmp_path):
-    run_dir = _copy(run, tmp_path)
-    _ckpt(run_dir, 1).unlink()
-    _ckpt(run_dir, 1).symlink_to(_ckpt(run_dir, 1))
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
+    checkpoint_file(run_dir, 1).unlink()
+    checkpoint_file(run_dir, 1).symlink_to(checkpoint_file(run_dir, 1))
     results = analyze_plan(plan_run(run_dir), AnalysisOptions(metrics=FAST[1:], device="cpu",
                                                               progress=False, plot=False))
     reason = results.failures["reason"].iloc[0]

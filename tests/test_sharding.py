@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from benchmarks.memory_paths import make_folder
 from dtprobe import analysis
 from dtprobe.analysis.data import prepare_data
 from dtprobe.analysis.features import checkpoint_features, features_key
@@ -21,8 +22,8 @@ from dtprobe.analysis.plan import AnalysisOptions, plan_run
 from dtprobe.analysis.sharding import extract_share, part_key, row_range, shard_mode
 from dtprobe.errors import ConfigError
 from dtprobe.features.extract import FeatureCache
-from dtprobe.training.trainer import TrainConfig, train
-from tests.test_image_store import make_folder
+from dtprobe.training.trainer import train
+from tests.helpers import tiny_config
 
 METRICS = ["source_accuracy", "class_separation", "rankme", "probe_accuracy"]
 
@@ -47,11 +48,8 @@ def test_shard_mode_rule():
 def folder_run(tmp_path_factory):
     data = make_folder(tmp_path_factory.mktemp("d") / "data", per_class=40)
     out = tmp_path_factory.mktemp("r") / "run"
-    train(TrainConfig(out=str(out), dataset="imagefolder",
-                      dataset_params={"root": str(data), "image_size": 16},
-                      arch="small_cnn", arch_params={"width": 8, "feature_dim": 16},
-                      epochs=1, batch_size=64, save_every=1, seed=0, device="cpu",
-                      progress=False))
+    train(tiny_config(out, epochs=1, dataset="imagefolder",
+                      dataset_params={"root": str(data), "image_size": 16}))
     return out
 
 
