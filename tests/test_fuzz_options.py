@@ -38,6 +38,18 @@ def _one_line(exc: BaseException) -> None:
     assert text and "\n" not in text.strip() and "Traceback" not in text, text
 
 
+_REFUSED = object()
+
+
+def _parse_or_one_line(parse, *args):
+    """``parse(*args)``, or :data:`_REFUSED` after checking its ConfigError is one line."""
+    try:
+        return parse(*args)
+    except ConfigError as exc:
+        _one_line(exc)
+        return _REFUSED
+
+
 # ------------------------------------------------------------------------ dataset specs
 _DATASETS = st.sampled_from(["digits", "textures", "imagefolder", "cinic10", "shapes", "nosuch",
                              "", " digits", "digits:", "DIGITS"])
@@ -53,10 +65,8 @@ _SPECS = st.one_of(
 @FUZZ
 @given(_SPECS)
 def test_dataset_specs_parse_or_are_one_line(text):
-    try:
-        spec = parse_downstream(text)
-    except ConfigError as exc:
-        _one_line(exc)
+    spec = _parse_or_one_line(parse_downstream, text)
+    if spec is _REFUSED:
         return
     assert isinstance(spec, DownstreamSpec)
     assert parse_downstream(spec.text) == spec  # the canonical text reads back the same
@@ -73,10 +83,8 @@ _SIZES = st.one_of(
 @FUZZ
 @given(_SIZES)
 def test_memory_budget_parses_or_is_one_line(text):
-    try:
-        value = parse_size(text)
-    except ConfigError as exc:
-        _one_line(exc)
+    value = _parse_or_one_line(parse_size, text)
+    if value is _REFUSED:
         return
     assert isinstance(value, int) and (1 << 20) <= value <= MAX_BUDGET
 
@@ -86,10 +94,8 @@ def test_memory_budget_parses_or_is_one_line(text):
                                                           st.text(max_size=6), _VALUES)),
                 max_size=3))
 def test_key_value_options_parse_or_are_one_line(items):
-    try:
-        out = _parse_kv(items, "--objective-param")
-    except ConfigError as exc:
-        _one_line(exc)
+    out = _parse_or_one_line(_parse_kv, items, "--objective-param")
+    if out is _REFUSED:
         return
     assert isinstance(out, dict) and len(out) <= len(items)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -28,9 +27,8 @@ from dtprobe.analysis import downstream, pipeline, similarity
 from dtprobe.cli import main
 from dtprobe.metrics import registry
 from dtprobe.runtime import isolation
-from dtprobe.training.trainer import TrainConfig, train
+from tests.helpers import copy_run, train_tiny
 
-TINY = {"n_train": 240, "n_test": 120, "image_size": 16}
 FAST = ["source_accuracy", "class_separation"]
 RUN_ARGS = ["--device", "cpu", "--no-progress", "--no-plot", "--metrics", *FAST]
 TEX = "textures:n_train=60,n_test=30"
@@ -44,15 +42,20 @@ class Weird(Exception):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("iso") / "run"
-    train(TrainConfig(out=str(out), dataset="shapes", dataset_params=dict(TINY),
-                      arch="small_cnn", arch_params={"width": 8, "feature_dim": 16}, epochs=2,
-                      batch_size=64, save_every=1, seed=0, device="cpu", progress=False))
+    train_tiny(out)
     return out
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst / "run", ignore=shutil.ignore_patterns("analysis"))
-    return dst / "run"
+def _fail_epoch_1(monkeypatch, make_exc) -> None:
+    """Make feature extraction of the epoch-1 checkpoint raise ``make_exc()``."""
+    real = pipeline.checkpoint_features
+
+    def failing(plan, ckpt, *args, **kwargs):
+        if ckpt.epoch == 1:
+            raise make_exc()
+        return real(plan, ckpt, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "checkpoint_features", failing)
 
 
 def _table(run_dir: Path) -> pd.DataFrame:
@@ -93,15 +96,8 @@ def test_contain_classifies_by_what_happened_not_by_class():
 
 # ------------------------------------------------------------------------------ each site
 def test_weird_exception_in_one_checkpoint_fails_it_alone(run, tmp_path, capsys, monkeypatch):
-    run_dir = _copy(run, tmp_path)
-    real = pipeline.checkpoint_features
-
-    def odd(plan, ckpt, *args, **kwargs):
-        if ckpt.epoch == 1:
-            raise Weird("a library's own error class")
-        return real(plan, ckpt, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "checkpoint_features", odd)
+    run_dir = copy_run(run, tmp_path / "run")
+    _fail_epoch_1(monkeypatch, lambda: Weird("a library's own error class"))
     code = main(["analyze", str(run_dir), *RUN_ARGS, "--no-cache"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
@@ -112,7 +108,7 @@ def test_weird_exception_in_one_checkpoint_fails_it_alone(run, tmp_path, capsys,
 
 
 def test_weird_exception_loading_one_downstream_dataset(run, tmp_path, monkeypatch):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run, tmp_path / "run")
     real = downstream.load_downstream
 
     def odd(spec, *args, **kwargs):
@@ -132,7 +128,7 @@ def test_weird_exception_loading_one_downstream_dataset(run, tmp_path, monkeypat
 
 
 def test_weird_exception_on_one_checkpoint_of_one_dataset(run, tmp_path, monkeypatch):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run, tmp_path / "run")
     real = downstream.process_downstream
 
     def odd(plan, ckpt, ds, *args, **kwargs):
@@ -153,7 +149,7 @@ def test_weird_exception_on_one_checkpoint_of_one_dataset(run, tmp_path, monkeyp
 
 def test_weird_exception_in_one_metric_costs_that_metric_only_and_is_retried(run, tmp_path,
                                                                             monkeypatch):
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run, tmp_path / "run")
     spec = registry._REGISTRY["class_separation"]
 
     def odd(view):
@@ -195,8 +191,8 @@ def test_weird_exception_in_one_similarity_measure():
 
 
 def test_weird_exception_in_one_compared_checkpoint(run, tmp_path, monkeypatch, capsys):
-    run_dir = _copy(run, tmp_path / "a")
-    other = _copy(run, tmp_path / "b")
+    run_dir = copy_run(run, tmp_path / "a" / "run")
+    other = copy_run(run, tmp_path / "b" / "run")
     real = similarity.checkpoint_features
 
     def odd(plan, ckpt, *args, **kwargs):
@@ -233,16 +229,9 @@ def test_parts_and_image_store_reads_treat_any_exception_as_a_miss(tmp_path, mon
 
 # ------------------------------------------------------------- what is not contained
 def test_ctrl_c_and_a_full_disk_still_end_the_analysis(run, tmp_path, monkeypatch, capsys):
-    run_dir = _copy(run, tmp_path)
-    real = pipeline.checkpoint_features
+    run_dir = copy_run(run, tmp_path / "run")
     raised = {"exc": KeyboardInterrupt()}
-
-    def stop(plan, ckpt, *args, **kwargs):
-        if ckpt.epoch == 1:
-            raise raised["exc"]
-        return real(plan, ckpt, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "checkpoint_features", stop)
+    _fail_epoch_1(monkeypatch, lambda: raised["exc"])
     assert main(["analyze", str(run_dir), *RUN_ARGS]) == 130
     raised["exc"] = OSError(errno.ENOSPC, "No space left on device")
     assert main(["analyze", str(run_dir), *RUN_ARGS]) == 2
@@ -251,15 +240,9 @@ def test_ctrl_c_and_a_full_disk_still_end_the_analysis(run, tmp_path, monkeypatc
 
 
 def test_out_of_memory_reaching_a_checkpoint_says_what_to_lower(run, tmp_path, monkeypatch):
-    run_dir = _copy(run, tmp_path)
-    real = pipeline.checkpoint_features
-
-    def oom(plan, ckpt, *args, **kwargs):
-        if ckpt.epoch == 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(plan, ckpt, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "checkpoint_features", oom)
+    run_dir = copy_run(run, tmp_path / "run")
+    _fail_epoch_1(monkeypatch, lambda: torch.cuda.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2 GiB"))
     res = _analyze(run_dir)
     (reason,) = res.failures["reason"]
     assert "out of memory" in reason and "--batch-size" in reason
@@ -268,15 +251,8 @@ def test_out_of_memory_reaching_a_checkpoint_says_what_to_lower(run, tmp_path, m
 
 
 def test_debug_prints_the_traceback_of_a_contained_failure(run, tmp_path, monkeypatch, capsys):
-    run_dir = _copy(run, tmp_path)
-    real = pipeline.checkpoint_features
-
-    def odd(plan, ckpt, *args, **kwargs):
-        if ckpt.epoch == 1:
-            raise Weird("deep")
-        return real(plan, ckpt, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "checkpoint_features", odd)
+    run_dir = copy_run(run, tmp_path / "run")
+    _fail_epoch_1(monkeypatch, lambda: Weird("deep"))
     try:
         assert main(["--debug", "analyze", str(run_dir), *RUN_ARGS]) == 1
     finally:
@@ -311,7 +287,7 @@ def test_decompression_bomb_folder_fails_alone(run, tmp_path, capsys, store):
             for i in range(3):
                 Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)).save(d / f"{i}.png")
     _png_claiming(folder / "train" / "c0" / "bomb.png", 65_000, 65_000)
-    run_dir = _copy(run, tmp_path)
+    run_dir = copy_run(run, tmp_path / "run")
     image_store = "none" if store == "none" else str(tmp_path / store)
     code = main(["analyze", str(run_dir), *RUN_ARGS, "--image-store", image_store,
                  "--downstream", f"imagefolder:root={folder},image_size=16,name=bombs", TEX,
