@@ -3,10 +3,10 @@
 Writes go to a temporary file in the run directory, are flushed and fsync'ed,
 then renamed over the manifest with :func:`os.replace`, so a reader sees either
 the old or the new manifest, never a partial one, even if the writer is killed.
-Read-modify-write updates (:func:`append_checkpoint`) hold an exclusive lock on
-``RUN_DIR/.manifest.json.lock`` (``fcntl.flock`` on POSIX; an ``O_CREAT |
-O_EXCL`` lock file elsewhere), so concurrent writers (threads or processes) do
-not lose each other's entries.
+Read-modify-write updates (:func:`append_checkpoint`, :func:`update_manifest`)
+hold an exclusive lock on ``RUN_DIR/.manifest.json.lock`` (``fcntl.flock`` on
+POSIX; an ``O_CREAT | O_EXCL`` lock file elsewhere), so concurrent writers
+(threads or processes) do not lose each other's entries.
 """
 
 from __future__ import annotations
