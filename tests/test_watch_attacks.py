@@ -180,11 +180,13 @@ def test_a_manifest_that_goes_back_never_keeps_unverified_numbers(trained, tmp_p
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("when", ["before", "during"])
-def test_a_manifest_replaced_by_a_link_is_refused_in_one_line(trained, tmp_path, when):
+@pytest.mark.parametrize("when", ["before", "during", "between"])
+def test_a_manifest_replaced_by_a_link_is_refused_in_one_line(trained, tmp_path, monkeypatch,
+                                                              when):
     run, _ = _copy(trained, tmp_path)
     elsewhere = tmp_path / "elsewhere.json"
     shutil.copyfile(run / "manifest.json", elsewhere)
+    updates: list = []
 
     def plant(_results=None):
         os.replace(run / "manifest.json", tmp_path / "moved.json")
@@ -192,9 +194,12 @@ def test_a_manifest_replaced_by_a_link_is_refused_in_one_line(trained, tmp_path,
 
     if when == "before":
         plant()
+    elif when == "during":  # the writer plants it while the analysis reads epoch 1
+        _WriterAtOpen(monkeypatch, run / _entry(run, 1).path, plant)
     with pytest.raises(cm.ManifestError) as info:
-        watch(run, poll=0.05, idle_timeout=5, log=lambda _: None,
-              on_update=plant if when == "during" else None, **KW)
+        watch(run, poll=0.05, idle_timeout=5, log=lambda _: None, on_update=(
+            plant if when == "between" else updates.append), **KW)
+    assert updates == []  # no update is reported from an analysis the link may have steered
     message = str(info.value)
     assert "\n" not in message and "symbolic link" in message and "manifest.json" in message
 

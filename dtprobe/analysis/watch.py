@@ -159,6 +159,9 @@ def watch(run_dir: str | os.PathLike[str], *, poll: float = 5.0,
                     log(f"dtprobe watch: the manifest went back ({changed}); re-analysing "
                         "its current entries")
                 results = analyze(run_dir, **analyze_kwargs)
+                if now[0] == "manifest":
+                    # a link planted while the analysis ran: refuse before reporting the update
+                    _manifest_present(Path(run_dir))
                 if finished:
                     final_done = True
                 if _keys(now) - _keys(analysed or ("",)):
