@@ -72,7 +72,8 @@ def watch(run_dir: str | os.PathLike[str], *, poll: float = 5.0,
           idle_timeout: float | None = None, report: str | os.PathLike[str] | None = None,
           every: int = 1,
           on_update: Callable[[Any], None] | None = None, log: Callable[[str], None] = print,
-          sleep: Callable[[float], None] = time.sleep, **analyze_kwargs: Any):
+          sleep: Callable[[float], None] = time.sleep, options: Any = None,
+          **analyze_kwargs: Any):
     """Analyse ``run_dir`` after every new complete checkpoint until training finishes.
 
     Parameters
@@ -86,7 +87,9 @@ def watch(run_dir: str | os.PathLike[str], *, poll: float = 5.0,
         finished), to bound the analysis cost of a run that saves often.
     on_update : called with the :class:`~dtprobe.results.Results` of each update.
     log : where one-line progress messages go.
-    **analyze_kwargs : passed to :func:`dtprobe.analysis.analyze` (``metrics``, ``device`` ...).
+    options : the analysis options, already built (:meth:`AnalysisOptions.build`; the CLI's).
+    **analyze_kwargs : else, the keywords of :func:`dtprobe.analysis.analyze` (``metrics``,
+        ``device`` ...), built into options once, before the first look.
 
     Returns
     -------
@@ -94,11 +97,14 @@ def watch(run_dir: str | os.PathLike[str], *, poll: float = 5.0,
         The last analysis (``None`` if no checkpoint ever appeared).
     """
     from dtprobe.analysis.pipeline import analyze
+    from dtprobe.analysis.plan import AnalysisOptions
 
     if not float(poll) > 0:
         raise ConfigError(f"poll must be > 0 seconds, got {poll}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ConfigError(f"every must be a positive number of checkpoints, got {every!r}")
+    if options is None:
+        options = AnalysisOptions.build(**analyze_kwargs)
     results = None
     analysed: tuple | None = None
     pending: tuple | None = None
@@ -110,7 +116,7 @@ def watch(run_dir: str | os.PathLike[str], *, poll: float = 5.0,
             fresh = len(now) - (len(analysed) if analysed else 1)
             due = fresh >= every or (fresh > 0 and run_finished(run_dir))
             if len(now) > 1 and now != analysed and stable and (due or fresh < 0):
-                results = analyze(run_dir, **analyze_kwargs)
+                results = analyze(run_dir, options=options)
                 analysed, last_change = now, time.monotonic()
                 if report is not None:
                     from dtprobe.results.report import write_report
