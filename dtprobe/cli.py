@@ -736,24 +736,25 @@ def _analysis_options(args: argparse.Namespace):
     :func:`dtprobe.analysis.analyze`."""
     from dtprobe.analysis.plan import AnalysisOptions
 
-    return AnalysisOptions.build(metrics=args.metrics, device=args.device, arch=args.arch,
-                num_classes=args.num_classes,
-                arch_params=_parse_kv(args.arch_param, "--arch-param") or None,
-                dataset=args.dataset, dataset_params=_dataset_params(args) or None,
-                pattern=args.pattern, compare=args.compare, layers=args.layers,
-                batch_size=args.batch_size, feature_dtype=args.feature_dtype,
-                engine=args.engine, use_cache=not args.no_cache,
-                progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
-                probe_protocol=args.probe_protocol, wait=not args.no_wait,
-                follow_symlinks=args.follow_symlinks,
-                epoch_from=args.epoch_from, weights=args.weights,
-                strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles,
-                downstream=args.downstream, downstream_metrics=args.downstream_metrics,
-                max_samples=args.max_samples, image_store=args.image_store,
-                memory_budget=args.memory_budget, shard=args.shard,
-                fewshot_shots=args.fewshot_shots, fewshot_draws=args.fewshot_draws,
-                finetune=args.finetune,
-                skip_bad_images=args.skip_bad_images)
+    return AnalysisOptions.build(
+        metrics=args.metrics, device=args.device, arch=args.arch,
+        num_classes=args.num_classes,
+        arch_params=_parse_kv(args.arch_param, "--arch-param") or None,
+        dataset=args.dataset, dataset_params=_dataset_params(args) or None,
+        pattern=args.pattern, compare=args.compare, layers=args.layers,
+        batch_size=args.batch_size, feature_dtype=args.feature_dtype,
+        engine=args.engine, use_cache=not args.no_cache,
+        progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
+        probe_protocol=args.probe_protocol, wait=not args.no_wait,
+        follow_symlinks=args.follow_symlinks,
+        epoch_from=args.epoch_from, weights=args.weights,
+        strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles,
+        downstream=args.downstream, downstream_metrics=args.downstream_metrics,
+        max_samples=args.max_samples, image_store=args.image_store,
+        memory_budget=args.memory_budget, shard=args.shard,
+        fewshot_shots=args.fewshot_shots, fewshot_draws=args.fewshot_draws,
+        finetune=args.finetune,
+        skip_bad_images=args.skip_bad_images)
 
 
 def _watch(args: argparse.Namespace) -> int:
