@@ -109,7 +109,8 @@ def watch(run_dir: str | os.PathLike[str], *, poll: float = 5.0,
           idle_timeout: float | None = None, report: str | os.PathLike[str] | None = None,
           every: int = 1,
           on_update: Callable[[Any], None] | None = None, log: Callable[[str], None] = print,
-          sleep: Callable[[float], None] = time.sleep, **analyze_kwargs: Any):
+          sleep: Callable[[float], None] = time.sleep, options: Any = None,
+          **analyze_kwargs: Any):
     """Analyse ``run_dir`` after every new complete checkpoint until training finishes.
 
     Parameters
@@ -123,7 +124,9 @@ def watch(run_dir: str | os.PathLike[str], *, poll: float = 5.0,
         finished), to bound the analysis cost of a run that saves often.
     on_update : called with the :class:`~dtprobe.results.Results` of each update.
     log : where one-line progress messages go.
-    **analyze_kwargs : passed to :func:`dtprobe.analysis.analyze` (``metrics``, ``device`` ...).
+    options : the analysis options, already built (:meth:`AnalysisOptions.build`; the CLI's).
+    **analyze_kwargs : else, the keywords of :func:`dtprobe.analysis.analyze` (``metrics``,
+        ``device`` ...), built into options once, before the first look.
 
     Returns
     -------
@@ -131,11 +134,14 @@ def watch(run_dir: str | os.PathLike[str], *, poll: float = 5.0,
         The last analysis (``None`` if no checkpoint ever appeared).
     """
     from dtprobe.analysis.pipeline import analyze
+    from dtprobe.analysis.plan import AnalysisOptions
 
     if not float(poll) > 0:
         raise ConfigError(f"poll must be > 0 seconds, got {poll}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ConfigError(f"every must be a positive number of checkpoints, got {every!r}")
+    if options is None:
+        options = AnalysisOptions.build(**analyze_kwargs)
     results = None
     analysed: tuple | None = None
     pending: tuple | None = None
@@ -158,7 +164,7 @@ def watch(run_dir: str | os.PathLike[str], *, poll: float = 5.0,
                 if changed:
                     log(f"dtprobe watch: the manifest went back ({changed}); re-analysing "
                         "its current entries")
-                results = analyze(run_dir, **analyze_kwargs)
+                results = analyze(run_dir, options=options)
                 if now[0] == "manifest":
                     # a link planted while the analysis ran: refuse before reporting the update
                     _manifest_present(Path(run_dir))
