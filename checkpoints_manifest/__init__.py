@@ -47,6 +47,7 @@ from checkpoints_manifest.storage import (
     remove_stale_temp_files,
     remove_temp_files,
     sha256_file,
+    update_manifest,
     write_manifest,
 )
 
@@ -80,6 +81,7 @@ __all__ = [
     "remove_stale_temp_files",
     "remove_temp_files",
     "sha256_file",
+    "update_manifest",
     "utc_now_iso",
     "write_manifest",
 ]

@@ -3,10 +3,10 @@
 Writes go to a temporary file in the run directory, are flushed and fsync'ed,
 then renamed over the manifest with :func:`os.replace`, so a reader sees either
 the old or the new manifest, never a partial one, even if the writer is killed.
-Read-modify-write updates (:func:`append_checkpoint`) hold an exclusive lock on
-``RUN_DIR/.manifest.json.lock`` (``fcntl.flock`` on POSIX; an ``O_CREAT |
-O_EXCL`` lock file elsewhere), so concurrent writers (threads or processes) do
-not lose each other's entries.
+Read-modify-write updates (:func:`append_checkpoint`, :func:`update_manifest`)
+hold an exclusive lock on ``RUN_DIR/.manifest.json.lock`` (``fcntl.flock`` on
+POSIX; an ``O_CREAT | O_EXCL`` lock file elsewhere), so concurrent writers
+(threads or processes) do not lose each other's entries.
 """
 
 from __future__ import annotations
@@ -506,6 +506,47 @@ def write_manifest(run_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     with manifest_lock(run_dir):
         return _write_unlocked(run_dir, manifest)
+
+
+def update_manifest(run_dir: str | os.PathLike[str],
+                    change: Callable[[Manifest | None], Manifest | None]) -> Manifest | None:
+    """Locked read-modify-write of ``RUN_DIR/manifest.json`` with any change.
+
+    ``change`` receives the current manifest (``None`` when there is none yet) and returns the
+    manifest to write, or ``None`` to leave the file as it is. The read, ``change`` and the
+    atomic write all happen under :func:`manifest_lock`, so writers in other threads or
+    processes (other ranks, other jobs, a pruning callback) neither lose nor duplicate each
+    other's entries: each sees the manifest the previous one wrote. ``change`` must not itself
+    take the lock (no :func:`write_manifest` or :func:`append_checkpoint` inside it).
+
+    Parameters
+    ----------
+    run_dir : path-like
+        Run directory (created if missing).
+    change : callable
+        ``Manifest | None -> Manifest | None``.
+
+    Returns
+    -------
+    Manifest or None
+        The manifest as written, else the one read (``None`` if there is none).
+
+    Raises
+    ------
+    ManifestError
+        If the existing manifest is invalid, the new one is invalid or cannot be written, or
+        the lock is not obtained in time.
+    """
+    run_dir = _as_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / MANIFEST_NAME
+    with manifest_lock(run_dir):
+        current = read_manifest(path) if os.path.lexists(path) else None
+        new = change(current)
+        if new is None:
+            return current
+        _write_unlocked(run_dir, new)
+        return new
 
 
 def append_checkpoint(run_dir: str | os.PathLike[str], entry: CheckpointEntry | Mapping[str, Any],

@@ -717,8 +717,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     _check_analyze_args(args)
     if args.report is not None:
         check_output_file(args.report, "--report")
-    from dtprobe.analysis import analyze
-
     if args.watch:
         return _watch(args)
     if args.report is not None:
@@ -726,36 +724,44 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
         raise ConfigError("--report goes with --watch; for a finished run use "
                           "`dtprobe report RUN -o FILE`")
-    results = analyze(args.run_dir, **_analyze_kwargs(args))
+    from dtprobe.analysis import analyze
+
+    results = analyze(args.run_dir, options=_analysis_options(args))
     return _finish_analyze(args, results)
 
 
-def _analyze_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(metrics=args.metrics, device=args.device, arch=args.arch,
-                num_classes=args.num_classes,
-                arch_params=_parse_kv(args.arch_param, "--arch-param") or None,
-                dataset=args.dataset, dataset_params=_dataset_params(args) or None,
-                pattern=args.pattern, compare=args.compare, layers=args.layers,
-                batch_size=args.batch_size, feature_dtype=args.feature_dtype,
-                engine=args.engine, use_cache=not args.no_cache,
-                progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
-                probe_protocol=args.probe_protocol, wait=not args.no_wait,
-                follow_symlinks=args.follow_symlinks,
-                epoch_from=args.epoch_from, weights=args.weights,
-                strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles,
-                downstream=args.downstream, downstream_metrics=args.downstream_metrics,
-                max_samples=args.max_samples, image_store=args.image_store,
-                memory_budget=args.memory_budget, shard=args.shard,
-                fewshot_shots=args.fewshot_shots, fewshot_draws=args.fewshot_draws,
-                finetune=args.finetune,
-                skip_bad_images=args.skip_bad_images)
+def _analysis_options(args: argparse.Namespace):
+    """The :class:`~dtprobe.analysis.plan.AnalysisOptions` of ``dtprobe analyze``'s flags, built
+    (parsed, checked, device resolved) once by :meth:`AnalysisOptions.build`, as for
+    :func:`dtprobe.analysis.analyze`."""
+    from dtprobe.analysis.plan import AnalysisOptions
+
+    return AnalysisOptions.build(
+        metrics=args.metrics, device=args.device, arch=args.arch,
+        num_classes=args.num_classes,
+        arch_params=_parse_kv(args.arch_param, "--arch-param") or None,
+        dataset=args.dataset, dataset_params=_dataset_params(args) or None,
+        pattern=args.pattern, compare=args.compare, layers=args.layers,
+        batch_size=args.batch_size, feature_dtype=args.feature_dtype,
+        engine=args.engine, use_cache=not args.no_cache,
+        progress=not args.no_progress, plot=not args.no_plot, seed=args.seed,
+        probe_protocol=args.probe_protocol, wait=not args.no_wait,
+        follow_symlinks=args.follow_symlinks,
+        epoch_from=args.epoch_from, weights=args.weights,
+        strip_prefix=args.strip_prefix, trust_pickles=args.trust_pickles,
+        downstream=args.downstream, downstream_metrics=args.downstream_metrics,
+        max_samples=args.max_samples, image_store=args.image_store,
+        memory_budget=args.memory_budget, shard=args.shard,
+        fewshot_shots=args.fewshot_shots, fewshot_draws=args.fewshot_draws,
+        finetune=args.finetune,
+        skip_bad_images=args.skip_bad_images)
 
 
 def _watch(args: argparse.Namespace) -> int:
     from dtprobe.analysis.watch import watch
 
     results = watch(args.run_dir, poll=args.poll, idle_timeout=args.idle_timeout,
-                    report=args.report, every=args.every, **_analyze_kwargs(args))
+                    report=args.report, every=args.every, options=_analysis_options(args))
     if results is None:
         print(f"dtprobe analyze --watch: no checkpoint appeared in {args.run_dir}")
         return 0

@@ -67,7 +67,7 @@ from dtprobe.analysis.resume import PartStore
 from dtprobe.analysis.rows import note
 from dtprobe.data import load_dataset
 from dtprobe.data.registry import supports_store
-from dtprobe.data.spec import DownstreamSpec, loader_parameters, parse_downstreams
+from dtprobe.data.spec import DownstreamSpec, check_spec_names, loader_parameters
 from dtprobe.data.transfer import SourceInput, prepare_for_source, source_loader_params
 from dtprobe.features.cache import FeatureCache, dataset_key
 from dtprobe.metrics.fewshot import row_metric_names
@@ -287,8 +287,11 @@ def aggregate_rows(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list
 
 
 def downstream_specs(opts: AnalysisOptions, source: EvalData) -> list[DownstreamSpec]:
-    """The validated specs of ``opts.downstream``; names may not repeat a source task."""
-    return parse_downstreams(opts.downstream, reserved=source.bundle.factor_classes)
+    """The specs of ``opts.downstream`` (parsed once, by :meth:`AnalysisOptions.build`), checked
+    against the source: their names may not repeat a source task."""
+    specs = opts.resolved().downstream
+    check_spec_names(specs, reserved=source.bundle.factor_classes)
+    return specs
 
 
 def analyse_downstream(plan: RunPlan, checkpoints: Sequence[PlannedCheckpoint],

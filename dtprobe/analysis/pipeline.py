@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Sequence
@@ -24,7 +25,6 @@ from dtprobe.analysis.features import (
     test_key,
 )
 from dtprobe.analysis.locks import ensure_analysis_dirs, remove_stale_temp_files, run_lock
-from dtprobe.analysis.memory import parse_size
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan, check_plan, plan_run
 from dtprobe.analysis.resume import EpochFeatures, PartStore
 from dtprobe.analysis.rows import (
@@ -36,7 +36,6 @@ from dtprobe.analysis.rows import (
 )
 from dtprobe.analysis.sharding import extract_share, shard_mode
 from dtprobe.analysis.similarity import cka_rows, compare_rows
-from dtprobe.data.spec import parse_downstreams
 from dtprobe.features.cache import FeatureCache
 from dtprobe.metrics.registry import MetricSpec, resolve_metrics
 from dtprobe.runtime.isolation import contain
@@ -185,13 +184,14 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
     from dtprobe.runtime.distributed import init_from_env
 
     specs = resolve_metrics(opts.metrics)
+    opts = opts.resolved()  # options built by AnalysisOptions.build come back as they are
     check_plan(plan, opts)
-    opts = replace(opts, downstream=parse_downstreams(opts.downstream))
     if opts.downstream_metrics is not None:
         resolve_metrics(list(opts.downstream_metrics))  # unknown names: one line listing all
     others = [_plan_other(o, opts) for o in opts.compare]
     dist = init_from_env(opts.device)
     device = dist.device
+    opts = replace(opts, device=device)  # under torchrun, this rank's GPU
     analysis_dir = plan.run_dir / ANALYSIS_DIR
     mode = shard_mode(opts.shard, len(plan.checkpoints), dist.world_size)
     if dist.enabled and mode == "images":
@@ -328,7 +328,7 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
             memory_budget: int | str | None = None, shard: str = "auto",
             fewshot_shots: Sequence[int] = (1, 5, 10, 25), fewshot_draws: int = 5,
             finetune: bool = False, finetune_recipe: dict[str, Any] | None = None,
-            skip_bad_images: bool = False):
+            skip_bad_images: bool = False, options: AnalysisOptions | None = None):
     """Analyse every checkpoint of the run in ``path``.
 
     Parameters
@@ -406,6 +406,8 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
         dataset (fixed recipe, :mod:`dtprobe.training.finetune`): ``finetune_accuracy`` rows.
     finetune_recipe : entries of that recipe to replace (e.g. ``{"lr_grid": (0.01,)}`` on a
         slow CPU); recorded in the rows' params.
+    options : the options already built by :meth:`AnalysisOptions.build` (the command line's,
+        or reused across calls), instead of the keywords above.
 
     Returns
     -------
@@ -428,29 +430,15 @@ def analyze(path: str | Path, *, metrics: list[str] | None = None, device: str =
     (ECCV 2022). Killing an analysis loses nothing: running it again reuses every feature file
     and per-checkpoint part already written and ends with the same table.
     """
-    flags = {"arch": arch, "num_classes": num_classes, "arch_params": arch_params,
-             "dataset": dataset, "dataset_params": dataset_params, "pattern": pattern,
-             "epoch_from": epoch_from, "weights": weights, "strip_prefix": strip_prefix,
-             "trust_pickles": trust_pickles}
-    plan = plan_run(path, follow_symlinks=follow_symlinks, **flags)
-    if dataset is None:  # a compared run without a manifest is evaluated on this run's data
-        flags.update(dataset=plan.dataset, dataset_params=plan.dataset_params)
-    opts = AnalysisOptions(metrics=list(metrics) if metrics else None, device=device,
-                           batch_size=batch_size, feature_dtype=feature_dtype,
-                           engine=engine, layers=list(layers),
-                           compare=[str(c) for c in compare], use_cache=use_cache,
-                           progress=progress, plot=plot, seed=seed,
-                           probe_protocol=probe_protocol, wait=wait,
-                           follow_symlinks=follow_symlinks, plan_flags=flags,
-                           downstream=parse_downstreams(downstream),
-                           downstream_metrics=(list(downstream_metrics)
-                                               if downstream_metrics is not None else None),
-                           max_samples=max_samples, shard=shard,
-                           skip_bad_images=bool(skip_bad_images),
-                           image_store=None if image_store is None else str(image_store),
-                           memory_budget=(None if memory_budget is None
-                                          else parse_size(memory_budget)),
-                           fewshot_shots=tuple(int(k) for k in fewshot_shots),
-                           fewshot_draws=int(fewshot_draws), finetune=bool(finetune),
-                           finetune_recipe=dict(finetune_recipe) if finetune_recipe else None)
-    return analyze_plan(plan, opts)
+    given = {k: v for k, v in locals().items() if k not in ("path", "options")}
+    if options is None:  # the documented keywords into the one options object, built there
+        options = AnalysisOptions.build(**given)
+    elif any(not _is_default(k, v) for k, v in given.items()):
+        raise TypeError("analyze: pass either options= or the option keywords, not both")
+    plan = plan_run(path, follow_symlinks=options.follow_symlinks, **options.plan_flags)
+    return analyze_plan(plan, options.for_run(plan))
+
+
+def _is_default(name: str, value: Any) -> bool:
+    default = inspect.signature(analyze).parameters[name].default
+    return value is default or (type(value) is type(default) and value == default)

@@ -15,7 +15,7 @@ import os
 import typing
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +23,19 @@ import torch
 
 import checkpoints_manifest as cm
 from checkpoints_manifest.schema import MAX_CLASSES
+from dtprobe.analysis.memory import parse_size
 from dtprobe.analysis.shares import SHARD_MODES
 from dtprobe.checkpoints import layouts
 from dtprobe.checkpoints.reader import PLANNED_DIGEST
 from dtprobe.checkpoints.series import infer_run
 from dtprobe.data import load_dataset
 from dtprobe.data.registry import available_datasets
+from dtprobe.data.spec import DownstreamSpec, parse_downstreams
 from dtprobe.errors import ConfigError, DatasetError, first_line
 from dtprobe.features.cache import FEATURE_DTYPES
 from dtprobe.features.engines import ENGINES, check_engine
 from dtprobe.models import get_arch
+from dtprobe.runtime.devices import resolve_device
 
 
 @dataclass
@@ -130,10 +133,25 @@ class LoadOptions:
                 "trust_pickles": self.trust_pickles}
 
 
+#: The options of :func:`plan_run` that say how to find and rebuild a run (``--arch``,
+#: ``--dataset`` ...): kept on :attr:`AnalysisOptions.plan_flags` and applied again to
+#: ``--compare`` runs without a manifest.
+PLAN_FLAGS = ("arch", "num_classes", "arch_params", "dataset", "dataset_params", "pattern",
+              "epoch_from", "weights", "strip_prefix", "trust_pickles")
+#: Fields the analysis sets itself, never a caller.
+_DERIVED_FIELDS = ("plan_flags", "image_shards")
+
+
 @dataclass
 class AnalysisOptions:
+    """Every option of one analysis, built once (:meth:`build`) from the keyword arguments of
+    :func:`dtprobe.analysis.analyze` or from the command line, then passed down unchanged:
+    ``downstream`` holds parsed :class:`~dtprobe.data.spec.DownstreamSpec` and ``device`` a
+    resolved :class:`torch.device` (under torchrun, this rank's)."""
+
     metrics: list[str] | None = None
-    device: str = "auto"
+    #: ``"auto"``, ``"cpu"``, ``"cuda:N"`` as given; a :class:`torch.device` once built.
+    device: str | torch.device = "auto"
     batch_size: int | str = "auto"
     #: Storage dtype of cached features and layer outputs (dtprobe.features.extract.FEATURE_DTYPES);
     #: metrics read them back as float32.
@@ -182,6 +200,61 @@ class AnalysisOptions:
     #: Entries of the fine-tune recipe replaced (None: FINETUNE_RECIPE as it is); recorded in
     #: the rows' params and their part keys.
     finetune_recipe: dict[str, Any] | None = None
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> AnalysisOptions:
+        """The options from the keyword arguments of :func:`dtprobe.analysis.analyze` (its
+        documented types: sequences, paths, sizes such as ``"8G"``), converted, parsed and
+        resolved here once: downstream specs parsed, memory budget in bytes, device resolved.
+        The :data:`PLAN_FLAGS` among them go to :attr:`plan_flags`.
+
+        Raises
+        ------
+        ConfigError
+            A bad downstream spec, memory budget or device (one line naming the option).
+        TypeError
+            A keyword that is no option of an analysis.
+        """
+        known = {f.name for f in fields(cls)} - set(_DERIVED_FIELDS)
+        unknown = sorted(set(kwargs) - known - set(PLAN_FLAGS))
+        if unknown:
+            raise TypeError(f"unexpected analysis option(s): {', '.join(unknown)}")
+        flags = {name: kwargs.pop(name) for name in PLAN_FLAGS if name in kwargs}
+        # each conversion is written once, here; absent keywords keep the field defaults
+        convert: dict[str, Callable[[Any], Any]] = {
+            "metrics": lambda v: list(v) if v else None,
+            "layers": list,
+            "compare": lambda v: [str(c) for c in v],
+            "downstream": parse_downstreams,
+            "downstream_metrics": lambda v: None if v is None else list(v),
+            "image_store": lambda v: None if v is None else str(v),
+            "memory_budget": lambda v: None if v is None else parse_size(v),
+            "fewshot_shots": lambda v: tuple(int(k) for k in v),
+            "fewshot_draws": int,
+            "skip_bad_images": bool,
+            "finetune": bool,
+            "finetune_recipe": lambda v: dict(v) if v else None,
+        }
+        values = {k: convert.get(k, lambda v: v)(v) for k, v in kwargs.items()}
+        return cls(**values, plan_flags=flags).resolved()
+
+    def resolved(self) -> AnalysisOptions:
+        """These options with the downstream specs parsed and the device resolved (itself when
+        they already are: what :meth:`build` made is never parsed or resolved again)."""
+        parsed = all(isinstance(s, DownstreamSpec) for s in self.downstream)
+        if parsed and isinstance(self.device, torch.device):
+            return self
+        return replace(self, device=resolve_device(self.device),
+                       downstream=self.downstream if parsed
+                       else parse_downstreams(self.downstream))
+
+    def for_run(self, plan: RunPlan) -> AnalysisOptions:
+        """The options with the analysed run's data in :attr:`plan_flags` when no
+        ``dataset`` was given: a compared run without a manifest is evaluated on it."""
+        if self.plan_flags.get("dataset") is not None:
+            return self
+        return replace(self, plan_flags={**self.plan_flags, "dataset": plan.dataset,
+                                         "dataset_params": plan.dataset_params})
 
 
 def _symlink_problem(run_dir: Path, relpath: str, follow_symlinks: bool,
@@ -475,8 +548,7 @@ def check_plan(plan: RunPlan, opts: AnalysisOptions) -> None:
         raise ConfigError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, got "
                           f"{_show_value(opts.feature_dtype)}")
     if opts.engine != "eager":  # check_engine also refuses unknown names, in one line
-        from dtprobe.runtime.devices import resolve_device
-
+        # resolve_device returns a built option's device as it is
         check_engine(opts.engine, resolve_device(opts.device) if opts.engine in ENGINES
                      else None)
     from dtprobe.data.subsets import check_max_samples

@@ -27,7 +27,7 @@ from dtprobe.errors import ConfigError
 from dtprobe.literals import json_value
 
 __all__ = ["DownstreamSpec", "json_value", "loader_parameters", "parse_downstream",
-           "parse_downstreams"]
+           "parse_downstreams", "check_spec_names"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -140,9 +140,16 @@ def parse_downstreams(specs: Iterable[str | DownstreamSpec | Mapping[str, Any]],
     if isinstance(specs, (str, Mapping, DownstreamSpec)):
         specs = [specs]
     out = [parse_downstream(s) for s in specs]
+    check_spec_names(out, reserved)
+    return out
+
+
+def check_spec_names(specs: Iterable[DownstreamSpec], reserved: Iterable[str] = ()) -> None:
+    """Refuse two parsed specs of one name, or a name in ``reserved`` (the source dataset's
+    tasks): rows of different datasets must never share a ``task``."""
     taken = set(reserved)
     seen: set[str] = set()
-    for s in out:
+    for s in specs:
         if s.name in seen:
             raise ConfigError(f"--downstream: two datasets are named {s.name!r}; give one a "
                               f"name= (e.g. {s.dataset}:name={s.name}2)")
@@ -151,4 +158,3 @@ def parse_downstreams(specs: Iterable[str | DownstreamSpec | Mapping[str, Any]],
                               f"dataset ({', '.join(sorted(taken))}); pass name= to label it "
                               "apart")
         seen.add(s.name)
-    return out

@@ -125,13 +125,19 @@ def _build(base: type) -> type:
 def _forget(run_dir: Path, filepath: str) -> None:
     """Drop the manifest entry of a file Lightning deleted (top-k pruning)."""
     rel = Path(os.path.relpath(Path(filepath).resolve(), run_dir.resolve())).as_posix()
-    # rank 0 of the training process is the manifest's only writer, so read-modify-write
-    # needs no lock beyond the one write_manifest takes
-    manifest = cm.read_manifest(run_dir)
-    kept = [c for c in manifest.checkpoints if c.path != rel]
-    if len(kept) != len(manifest.checkpoints):
+
+    def drop(manifest: cm.Manifest | None) -> cm.Manifest | None:
+        if manifest is None:
+            return None
+        kept = [c for c in manifest.checkpoints if c.path != rel]
+        if len(kept) == len(manifest.checkpoints):
+            return None
         manifest.checkpoints = kept
-        cm.write_manifest(run_dir, manifest)
+        return manifest
+
+    # read and write under one lock: a read outside it lost entries that another process
+    # (another job, a recorder) appended between this read and this write
+    cm.update_manifest(run_dir, drop)
 
 
 def __getattr__(name: str) -> Any:

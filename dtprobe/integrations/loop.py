@@ -33,21 +33,27 @@ def ensure_manifest(run_dir: str | os.PathLike[str], *, arch: str, num_classes: 
     one given, or :class:`checkpoints_manifest.ManifestError` is raised naming both.
     """
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    if cm.manifest_path(run).exists():
-        manifest = cm.read_manifest(run)
+    path = str(run / cm.MANIFEST_NAME)
+
+    def create_or_check(manifest: cm.Manifest | None) -> cm.Manifest | None:
+        if manifest is None:
+            return cm.create_manifest(
+                run_name=run_name or run.resolve().name,
+                model=cm.ModelSpec(arch, int(num_classes), dict(arch_params or {}),
+                                   penultimate),
+                dataset=cm.DatasetSpec(dataset) if isinstance(dataset, str) else dataset,
+                training=dict(training or {}), seed=seed)
         if (manifest.model.arch, manifest.model.num_classes) != (arch, int(num_classes)):
-            raise cm.ManifestError(str(cm.manifest_path(run)),
-                                   f"the manifest describes {manifest.model.arch} with "
-                                   f"{manifest.model.num_classes} classes, not {arch} with "
-                                   f"{num_classes}; use another run directory", "model")
-        return manifest
-    manifest = cm.create_manifest(
-        run_name=run_name or run.resolve().name,
-        model=cm.ModelSpec(arch, int(num_classes), dict(arch_params or {}), penultimate),
-        dataset=cm.DatasetSpec(dataset) if isinstance(dataset, str) else dataset,
-        training=dict(training or {}), seed=seed)
-    cm.write_manifest(run, manifest)
+            raise cm.ManifestError(path, f"the manifest describes {manifest.model.arch} with "
+                                         f"{manifest.model.num_classes} classes, not {arch} with "
+                                         f"{num_classes}; use another run directory", "model")
+        return None  # kept as it is
+
+    # check and create under the manifest lock: two processes starting one run at once must
+    # not both see "no manifest" and the second overwrite the first's entries
+    manifest = cm.update_manifest(run, create_or_check)
+    if manifest is None:  # pragma: no cover - create_or_check always yields one
+        raise cm.ManifestError(path, "was not created")
     return manifest
 
 
@@ -84,13 +90,26 @@ class CheckpointRecorder:
 
         ``epoch`` counts completed epochs (0 = the initialisation, before any update), which is
         what dtprobe's charts put on their x axis. Returns the file's path.
+
+        Under ``torch.distributed`` (DDP, torchrun) only rank 0 writes the file and the entry
+        (the ranks hold the same weights); the others return the same path without writing, so
+        a loop that calls ``save`` on every rank records each epoch once.
         """
+        path = Path(self.run_dir) / self.folder / f"epoch_{int(epoch):04d}.safetensors"
+        if _rank() != 0:
+            return path
         ensure_manifest(self.run_dir, arch=self.arch, num_classes=self.num_classes,
                         dataset=self.dataset, arch_params=self.arch_params,
                         penultimate=self.penultimate, training=self.training, seed=self.seed)
-        path = Path(self.run_dir) / self.folder / f"epoch_{int(epoch):04d}.safetensors"
         save_and_record(self.run_dir, model, path, epoch=epoch, step=step, metrics=metrics)
         return path
+
+
+def _rank() -> int:
+    """This process's rank under an initialised ``torch.distributed`` group, else 0."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def save_and_record(run_dir: str | os.PathLike[str], model: Any, path: Path, *, epoch: int,

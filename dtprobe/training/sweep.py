@@ -12,6 +12,11 @@ standard deviation over seeds) and ``figures/``:
 * the per-epoch trade-off charts of all runs together (:func:`dtprobe.plotting.save_all_figures`).
 
 Re-running a sweep reuses finished runs and cached analyses and continues interrupted ones.
+A run that fails costs that run only (:func:`dtprobe.runtime.isolation.contain`'s rule, whatever
+exception class it raised): it is recorded with ``status`` ``failed`` and its one-line
+``error`` in ``sweep.json`` and ``sweep_runs.csv``, counted in the summary's ``failed`` column,
+and the other runs go on; a re-run tries it again. Ctrl-C and a full disk still end the sweep,
+and a sweep whose every run failed ends with one line naming the first failure.
 ``dtprobe report SWEEP_DIR`` and ``dtprobe plot SWEEP_DIR`` take the sweep directory.
 
 References
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +39,8 @@ import numpy as np
 import pandas as pd
 
 import checkpoints_manifest as cm
-from dtprobe.errors import ConfigError, TrainingDivergedError
+from dtprobe.errors import ConfigError, DtprobeError, TrainingDivergedError
+from dtprobe.runtime.isolation import contain
 from dtprobe.training.trainer import TrainConfig, train
 
 SWEEP_FILE = "sweep.json"
@@ -66,7 +73,7 @@ def _write_index(out: Path, runs: list[dict[str, Any]]) -> None:
 
 def read_sweep(path: str | Path) -> list[dict[str, Any]]:
     """The runs of the sweep in ``path`` (``objective``, ``seed``, ``dir`` relative to it,
-    ``status``: ``ok``, ``diverged`` or ``pending``)."""
+    ``status``: ``ok``, ``diverged``, ``failed`` (with its ``error``) or ``pending``)."""
     index = Path(path) / SWEEP_FILE
     try:
         doc = json.loads(index.read_text())
@@ -81,7 +88,8 @@ def expand_sweeps(paths: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if (p / SWEEP_FILE).is_file():
-            out += [p / r["dir"] for r in read_sweep(p) if r.get("status") != "diverged"]
+            out += [p / r["dir"] for r in read_sweep(p)
+                    if r.get("status") not in ("diverged", "failed")]
         else:
             out.append(p)
     return out
@@ -104,14 +112,18 @@ def final_metrics(table: pd.DataFrame) -> dict[str, float]:
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over seeds (``ddof=1``; 0 for one seed) per objective."""
-    skip = ("objective", "seed", "run", "epoch", "status")
+    """Mean and standard deviation over seeds (``ddof=1``; 0 for one seed) per objective.
+
+    ``seeds`` counts the runs that produced numbers; ``diverged`` and ``failed`` the others.
+    """
+    skip = ("objective", "seed", "run", "epoch", "status", "error")
     value_cols = [c for c in runs.columns if c not in skip]
     rows = []
     for name, group in runs.groupby("objective", sort=False):
-        diverged = int((group.get("status", pd.Series(dtype=str)) == "diverged").sum())
-        row: dict[str, Any] = {"objective": name, "seeds": len(group) - diverged,
-                               "diverged": diverged}
+        status = group.get("status", pd.Series(dtype=str))
+        diverged, failed = int((status == "diverged").sum()), int((status == "failed").sum())
+        row: dict[str, Any] = {"objective": name, "seeds": len(group) - diverged - failed,
+                               "diverged": diverged, "failed": failed}
         for c in value_cols:
             vals = group[c].to_numpy(dtype=float)
             row[c] = float(np.mean(vals[np.isfinite(vals)])) if np.isfinite(vals).any() \
@@ -204,6 +216,9 @@ def run_sweep(configs: Mapping[tuple[str, int], TrainConfig], out: Path, *,
         print(f"== sweep: {name} seed {seed} ==")
         try:
             run_dir = train_or_resume(cfg)
+            res = analyze(run_dir, metrics=metrics, device=device, progress=progress,
+                          plot=False)
+            final = final_metrics(res.table)
         except TrainingDivergedError as exc:
             # One diverged objective must not cost the others: record it and go on.
             print(f"dtprobe sweep: {exc}")
@@ -212,11 +227,19 @@ def run_sweep(configs: Mapping[tuple[str, int], TrainConfig], out: Path, *,
             entry["status"] = "diverged"
             _write_index(out, index)
             continue
-        res = analyze(run_dir, metrics=metrics, device=device, progress=progress, plot=False)
+        except Exception as exc:  # any class: isolation is not a list of expected types
+            failure = contain(exc, f"{name} seed {seed}", "the sweep goes on with the other runs")
+            print(f"dtprobe sweep: FAILED {failure.reason}", file=sys.stderr)
+            rows.append({"objective": name, "seed": seed, "run": Path(cfg.out).name,
+                         "status": "failed", "error": failure.reason})
+            entry.update(status="failed", error=failure.reason)
+            _write_index(out, index)
+            continue
         rows.append({"objective": name, "seed": seed, "run": run_dir.name, "status": "ok",
-                     **final_metrics(res.table)})
+                     **final})
         trained.append(run_dir)
         entry["status"] = "ok"
+        entry.pop("error", None)
         _write_index(out, index)
     runs = pd.DataFrame(rows)
     for col in COLUMNS:
@@ -229,4 +252,8 @@ def run_sweep(configs: Mapping[tuple[str, int], TrainConfig], out: Path, *,
         plot_sweep(summary, out / "figures")
         if trained:
             save_all_figures(compare(trained), out / "figures")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed and not trained:
+        raise DtprobeError(f"all {len(rows)} run(s) of the sweep failed or diverged; first "
+                           f"failure: {failed[0]['error']} (details: {out / SWEEP_FILE})")
     return summary
