@@ -12,7 +12,7 @@ keeps working.
 
 from __future__ import annotations
 
-from dtprobe.plotting.catalogue import iter_figures, save_all_figures
+from dtprobe.plotting.catalogue import iter_figures, save_all_figures, write_figure
 from dtprobe.plotting.charts import (
     ACCURACY_METRICS,
     LOG_METRICS,
@@ -54,4 +54,5 @@ __all__ = [
     "save_all_figures",
     "style",
     "task_colors",
+    "write_figure",
 ]

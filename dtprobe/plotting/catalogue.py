@@ -26,7 +26,7 @@ from dtprobe.table import downstream_mask, downstream_tasks, transfer_protocols
 if TYPE_CHECKING:  # pragma: no cover  (type only: plotting never imports dtprobe.results)
     from dtprobe.results.core import Results
 
-__all__ = ["iter_figures", "save_all_figures"]
+__all__ = ["iter_figures", "save_all_figures", "write_figure"]
 
 
 def _slug(text: str) -> str:
@@ -108,6 +108,19 @@ def iter_figures(results: Results | pd.DataFrame,
                "(colour scale fixed to [0, 1]).", charts.plot_cka_grid(usable))
 
 
+def write_figure(fig: Figure, out_dir: Path, name: str, formats: Sequence[str]) -> list[Path]:
+    """Write ``fig`` as ``out_dir/name.<fmt>`` for each format: rendered in memory, then placed by
+    the atomic writer (random temp name, no planted link followed). Returns the paths."""
+    written = []
+    for fmt in formats:
+        path = out_dir / f"{name}.{fmt}"
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt)
+        cm.atomic_write_bytes(path, buf.getvalue())
+        written.append(path)
+    return written
+
+
 def save_all_figures(results: Results | pd.DataFrame, out_dir: str | Path,
                      formats: Sequence[str] = ("png",)) -> list[Path]:
     """Write every chart the available metrics allow to ``out_dir``.
@@ -136,12 +149,7 @@ def save_all_figures(results: Results | pd.DataFrame, out_dir: str | Path,
     for name, _caption, fig in iter_figures(results):
         try:
             with style():
-                for fmt in formats:
-                    path = out / f"{name}.{fmt}"
-                    buf = io.BytesIO()  # rendered in memory, written atomically (no link followed)
-                    fig.savefig(buf, format=fmt)
-                    cm.atomic_write_bytes(path, buf.getvalue())
-                    written.append(path)
+                written.extend(write_figure(fig, out, name, formats))
         finally:
             plt.close(fig)
     return written

@@ -27,7 +27,6 @@ Transferable Features?", NeurIPS 2021.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -153,7 +152,7 @@ def plot_sweep(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
     """The two Kornblith charts: source accuracy vs transfer, class separation vs transfer."""
     import matplotlib.pyplot as plt
 
-    from dtprobe.plotting import palette, style
+    from dtprobe.plotting import palette, style, write_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = palette(len(summary))
@@ -176,12 +175,7 @@ def plot_sweep(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
             ax.set_title("objectives: " + ("accuracy" if x == "source_accuracy"
                                            else "class separation") + " vs transfer")
             ax.legend(fontsize=7, loc="best")
-            for fmt in formats:
-                path = out_dir / f"{name}.{fmt}"
-                buf = io.BytesIO()  # rendered in memory, written atomically (no link followed)
-                fig.savefig(buf, format=fmt)
-                cm.atomic_write_bytes(path, buf.getvalue())
-                written.append(path)
+            written.extend(write_figure(fig, out_dir, name, formats))
             plt.close(fig)
     return written
 
