@@ -91,3 +91,25 @@ def test_plan_of_a_torchvision_run_takes_its_recorded_transform(tmp_path):
     assert "torchvision" in plan.record()["eval_transform"]["origin"]
     plan = plan_run(run, dataset="imagefolder", dataset_params={"root": "/d", "image_size": 32})
     assert plan.dataset_params == {"root": "/d", "image_size": 32}
+
+
+def test_recorded_transform_reuses_the_metadata_read_by_the_series(tmp_path, monkeypatch):
+    """Planning reads each checkpoint's records once: the transform comes from the metadata the
+    series inference already read, not from a second read of the last file."""
+    from dtprobe.checkpoints import layouts
+
+    run = tmp_path / "run"
+    run.mkdir()
+    from dtprobe.models import build_model
+
+    state = build_model("resnet18", num_classes=3).state_dict()
+    for epoch in (0, 1):
+        torch.save({"model": state, "epoch": epoch, "args": argparse.Namespace(
+            model="resnet18", val_resize_size=72, val_crop_size=64, num_classes=3)},
+            run / f"model_{epoch}.pth")
+    peeked: list[str] = []
+    real = layouts.peek
+    monkeypatch.setattr(layouts, "peek", lambda path: peeked.append(path.name) or real(path))
+    plan = plan_run(run, dataset="imagefolder", dataset_params={"root": "/data"})
+    assert plan.dataset_params == {"root": "/data", "image_size": 64, "resize_size": 72}
+    assert sorted(peeked) == ["model_0.pth", "model_1.pth"]  # once each

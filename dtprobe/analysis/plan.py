@@ -418,9 +418,9 @@ def _recorded_transform(dataset: str, params: dict[str, Any], run: Any,
         return params, ""
     from dtprobe.data.spec import loader_parameters
 
-    last = Path(run.series[-1].path)
-    return layouts.with_recorded_transform(params, loader_parameters(dataset), last,
-                                           trust_pickles)
+    last = run.series[-1]
+    return layouts.with_recorded_transform(params, loader_parameters(dataset), Path(last.path),
+                                           trust_pickles, meta=getattr(last, "meta", None))
 
 
 def _check_call(func: Any, what: str, fix: str, *args: Any, **kwargs: Any) -> None:

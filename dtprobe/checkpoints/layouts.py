@@ -715,17 +715,21 @@ TRANSFORM_PARAMS = ("image_size", "resize_size", "preset", "interpolation")
 
 
 def with_recorded_transform(params: Mapping[str, Any], accepted: Sequence[str],
-                            checkpoint: Path | None, trust_pickles: bool = False
+                            checkpoint: Path | None, trust_pickles: bool = False,
+                            meta: Mapping[str, Any] | None = None
                             ) -> tuple[dict[str, Any], str]:
     """``params`` plus the evaluation transform the checkpoint's records say
     (:func:`eval_transform_hints`), for a loader taking ``accepted`` parameters; unchanged when
     the loader has no ``resize_size``, when ``params`` set any of :data:`TRANSFORM_PARAMS`
-    (flags override the records), or when no record says it. Also returns the origin."""
+    (flags override the records), or when no record says it. Also returns the origin.
+    ``meta``: the checkpoint's metadata when the caller already read it (the series inference
+    did), so the file is not read (or, with ``trust_pickles``, unpickled) again."""
     out = dict(params)
     if (checkpoint is None or "resize_size" not in accepted
             or any(k in out for k in TRANSFORM_PARAMS)):
         return out, ""
-    meta = peek_bytes(checkpoint)[0] if trust_pickles else peek(checkpoint)
+    if not meta:
+        meta = peek_bytes(checkpoint)[0] if trust_pickles else peek(checkpoint)
     hints = eval_transform_hints(meta, checkpoint)
     found = {k: v for k, v in hints.params().items() if k in accepted}
     if not found:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,8 @@ class InferredCheckpoint:
     source_epoch: float | None = None
     epoch_basis: str = "name"
     sha256: str | None = None  # with trust_pickles: digest of the bytes planned from
+    #: the file's plain metadata read while inferring the series (reused, never re-read)
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 class CheckpointSeries(list):
@@ -257,7 +259,8 @@ def infer_checkpoint_series(run_dir: str | os.PathLike[str], pattern: str | None
             epoch=a.epoch, step=a.step,
             path=resolve_inside(run_dir, a.found.relpath, allow_symlinks=allow_symlinks),
             relpath=a.found.relpath, naming=a.found.naming, layout=a.found.layout,
-            source_epoch=a.source_epoch, epoch_basis=a.basis, sha256=a.found.sha256)
+            source_epoch=a.source_epoch, epoch_basis=a.basis, sha256=a.found.sha256,
+            meta=a.found.meta)
         by_epoch.setdefault(item.epoch, []).append(item)
     for epoch, items in sorted(by_epoch.items()):
         if len(items) > 1:
