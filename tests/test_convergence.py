@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from dtprobe.errors import ConfigError
 from dtprobe.metrics.convergence import EstimatorConvergenceWarning
 from dtprobe.metrics.information import infonce_mi, mine_mi
 from dtprobe.metrics.information.neural import settled
@@ -225,7 +226,51 @@ def test_nleep_converged_and_forced_stop():
         from dtprobe.metrics.transferability import _nleep
         _, info = _nleep(x, y, variance=0.8, component_ratio=5, covariance_type="diag",
                          seed=0, max_iter=1, tol=1e-3)
-    assert info == {"converged": False, "n_iter": 1, "n_components": 15}
+    assert info == {"converged": False, "n_iter": 1, "init_converged": True,
+                    "init_n_iter": info["init_n_iter"], "n_components": 15}
+    assert 1 <= info["init_n_iter"] < 300
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "full", "tied", "spherical"])
+def test_nleep_start_is_scikit_learns_own(covariance_type):
+    """The k-means start made explicitly (to know its convergence) is the one GaussianMixture
+    makes itself: same value to round-off and the same EM iteration count."""
+    from sklearn.mixture import GaussianMixture
+
+    from dtprobe.metrics.transferability import _nleep, leep
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 4, 400)
+        x = 0.4 * rng.standard_normal((4, 10))[y] + rng.standard_normal((400, 10))
+        value, info = _nleep(x, y, variance=0.8, component_ratio=5,
+                             covariance_type=covariance_type, seed=seed, max_iter=100, tol=1e-3)
+        # reference: PCA written from the definition, scikit-learn's default k-means start
+        centred = x - x.mean(axis=0)
+        u, s, _ = np.linalg.svd(centred, full_matrices=False)
+        energy = np.cumsum(s**2)
+        r = int((energy < 0.8 * energy[-1]).sum()) + 1
+        z = u[:, :r] * (s[:r] / s[0])
+        gmm = GaussianMixture(n_components=20, covariance_type=covariance_type,
+                              random_state=seed, max_iter=100, tol=1e-3).fit(z)
+        reference = leep(torch.as_tensor(gmm.predict_proba(z)), torch.as_tensor(y))
+        assert value == pytest.approx(reference, rel=1e-9, abs=1e-12)
+        assert info["n_iter"] == gmm.n_iter_ and info["converged"] and info["init_converged"]
+
+
+def test_nleep_reports_an_unsettled_kmeans_start():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 300)
+    x = 0.3 * rng.standard_normal((3, 8))[y] + rng.standard_normal((300, 8))
+    from dtprobe.metrics.transferability import _nleep
+    with pytest.warns(EstimatorConvergenceWarning, match=r"nleep: the k-means start .*"
+                      r"init_max_iter=1") as rec:
+        value, info = _nleep(x, y, variance=0.8, component_ratio=5, covariance_type="diag",
+                             seed=0, max_iter=200, tol=1e-3, init_max_iter=1)
+    assert len(rec) == 1 and math.isfinite(value)
+    assert info["init_converged"] is False and info["init_n_iter"] == 1
+    assert info["converged"] is False  # the row's flag covers the start too
+    with pytest.raises(ConfigError, match="init_max_iter"):
+        nleep(x, y, init_max_iter=0)
 
 
 # ----------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from dtprobe.errors import ConfigError, MetricInputError
@@ -669,12 +670,17 @@ NLEEP_COMPONENT_RATIO = 5
 NLEEP_MAX_ITER = 100
 #: ... until the per-sample log-likelihood bound changes by less than this.
 NLEEP_TOL = 1e-3
+#: Lloyd iterations of the mixture's k-means start at most (scikit-learn's ``KMeans`` default,
+#: the start ``GaussianMixture`` uses itself).
+NLEEP_INIT_MAX_ITER = 300
+#: Variance floor added to every covariance (scikit-learn's ``GaussianMixture.reg_covar``).
+NLEEP_REG_COVAR = 1e-6
 
 
 def nleep(features: ArrayLike, target_labels: ArrayLike, *,
           variance: float = NLEEP_VARIANCE, component_ratio: int = NLEEP_COMPONENT_RATIO,
           covariance_type: str = "diag", seed: int = 0, max_iter: int = NLEEP_MAX_ITER,
-          tol: float = NLEEP_TOL) -> float:
+          tol: float = NLEEP_TOL, init_max_iter: int = NLEEP_INIT_MAX_ITER) -> float:
     """NLEEP: LEEP with a Gaussian mixture in place of the source head (Li et al. 2021).
 
     The features are centred and reduced by PCA to the leading directions that explain
@@ -697,6 +703,11 @@ def nleep(features: ArrayLike, target_labels: ArrayLike, *,
         per-sample lower bound changes by less than ``tol``).  When EM stops at ``max_iter``
         first, one :class:`~dtprobe.metrics.convergence.EstimatorConvergenceWarning` line says
         so (the registered metric records ``converged`` and ``n_iter`` in the row).
+    init_max_iter : Lloyd iterations of the k-means start at most.  The start is the one
+        scikit-learn's ``GaussianMixture`` makes itself (``KMeans(n_init=1)`` with the same
+        seed, one-hot responsibilities, ``reg_covar`` 1e-6), run here so that its own
+        convergence is known: a k-means that stops at ``init_max_iter`` gives the same one-line
+        warning and ``converged`` is then false in the row.
 
     Returns
     -------
@@ -718,20 +729,56 @@ def nleep(features: ArrayLike, target_labels: ArrayLike, *,
        Checkpoints", CVPR 2021 (N-LEEP).
     """
     return _nleep(features, target_labels, variance=variance, component_ratio=component_ratio,
-                  covariance_type=covariance_type, seed=seed, max_iter=max_iter, tol=tol)[0]
+                  covariance_type=covariance_type, seed=seed, max_iter=max_iter, tol=tol,
+                  init_max_iter=init_max_iter)[0]
+
+
+def _mixture_start(z: np.ndarray, labels: np.ndarray, components: int,
+                   covariance_type: str) -> dict[str, np.ndarray]:
+    """Weights, means and precisions of a mixture whose responsibilities are one-hot ``labels``.
+
+    The maximum-likelihood M-step on hard assignments plus the variance floor
+    :data:`NLEEP_REG_COVAR`, as scikit-learn's ``GaussianMixture`` computes its k-means start
+    (counts padded by ``10 eps`` so that an empty cluster stays finite).
+    """
+    n, d = z.shape
+    resp = np.zeros((n, components))
+    resp[np.arange(n), labels] = 1.0
+    nk = resp.sum(axis=0) + 10 * np.finfo(np.float64).eps
+    means = resp.T @ z / nk[:, None]
+    if covariance_type == "tied":
+        cov = (z.T @ z - (nk[:, None] * means).T @ means) / nk.sum()
+        precisions = np.linalg.inv(cov + NLEEP_REG_COVAR * np.eye(d))
+    elif covariance_type == "full":
+        precisions = np.empty((components, d, d))
+        for k in range(components):
+            diff = z - means[k]
+            cov = (resp[:, k] * diff.T) @ diff / nk[k] + NLEEP_REG_COVAR * np.eye(d)
+            precisions[k] = np.linalg.inv(cov)
+    else:
+        var = resp.T @ (z * z) / nk[:, None] - means**2 + NLEEP_REG_COVAR
+        precisions = 1.0 / (var.mean(axis=1) if covariance_type == "spherical" else var)
+    return {"weights_init": nk / n, "means_init": means, "precisions_init": precisions}
 
 
 def _nleep(features: ArrayLike, target_labels: ArrayLike, *, variance: float,
            component_ratio: int, covariance_type: str, seed: int, max_iter: int,
-           tol: float) -> tuple[float, dict[str, Any]]:
-    """:func:`nleep` and its EM diagnostics ``{"converged", "n_iter", "n_components"}``."""
+           tol: float, init_max_iter: int = NLEEP_INIT_MAX_ITER
+           ) -> tuple[float, dict[str, Any]]:
+    """:func:`nleep` and its diagnostics ``{"converged", "n_iter", "init_converged",
+    "init_n_iter", "n_components"}`` (``converged``: the k-means start and EM both did)."""
+    from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
 
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1 \
-            or not float(tol) > 0:
-        raise ConfigError(f"nleep needs an integer max_iter >= 1 and tol > 0, got "
-                          f"max_iter={max_iter!r}, tol={tol!r}")
+    for name, value in (("max_iter", max_iter), ("init_max_iter", init_max_iter)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"nleep needs an integer {name} >= 1, got {name}={value!r}")
+    if not float(tol) > 0:
+        raise ConfigError(f"nleep needs tol > 0, got tol={tol!r}")
+    if covariance_type not in ("diag", "full", "tied", "spherical"):
+        raise ConfigError(f"covariance_type={covariance_type!r}: use diag, full, tied or "
+                          "spherical")
     if not 0.0 < variance <= 1.0:
         raise ConfigError(f"variance={variance!r} must be a fraction in (0, 1]")
     if isinstance(component_ratio, bool) or not isinstance(component_ratio, int) \
@@ -753,14 +800,27 @@ def _nleep(features: ArrayLike, target_labels: ArrayLike, *, variance: float,
     while components >= n and components > k:
         components -= k
     components = min(components, n - 1) if n > 1 else 1
-    gmm = GaussianMixture(n_components=components, covariance_type=covariance_type,
-                          random_state=seed, max_iter=max_iter, tol=float(tol))
     with warnings.catch_warnings():
-        # scikit-learn's multi-line warning is replaced by the one line below
+        # scikit-learn's multi-line warnings are replaced by the one-line ones below
         warnings.simplefilter("ignore", ConvergenceWarning)
+        # The k-means start GaussianMixture would make itself (same seed, same estimator),
+        # made here so that its convergence is known; EM then starts from exactly it.
+        kmeans = KMeans(n_clusters=components, n_init=1, random_state=seed,
+                        max_iter=init_max_iter).fit(z)
+        gmm = GaussianMixture(n_components=components, covariance_type=covariance_type,
+                              reg_covar=NLEEP_REG_COVAR, max_iter=max_iter, tol=float(tol),
+                              random_state=seed, init_params="random_from_data",
+                              **_mixture_start(z, kmeans.labels_, components, covariance_type))
         gmm.fit(z)
-    info = {"converged": bool(gmm.converged_), "n_iter": int(gmm.n_iter_),
+    # Lloyd stops early exactly when it converged; stopping at the cap is unconfirmed.
+    init_converged = int(kmeans.n_iter_) < init_max_iter
+    info = {"converged": bool(gmm.converged_) and init_converged, "n_iter": int(gmm.n_iter_),
+            "init_converged": init_converged, "init_n_iter": int(kmeans.n_iter_),
             "n_components": int(components)}
+    if not init_converged:
+        warn_unconverged("nleep", f"the k-means start of the {components}-component mixture "
+                         f"stopped at init_max_iter={init_max_iter} before its centres "
+                         "settled", "raise init_max_iter", stacklevel=4)
     if not gmm.converged_:
         warn_unconverged("nleep", f"EM of the {components}-component mixture stopped at "
                          f"max_iter={max_iter} before the lower bound changed by less than "
@@ -849,8 +909,9 @@ def _nleep_metric(view: EpochView) -> list[MetricValue]:
             "nleep", value, task=task, estimator="nleep-pca-gmm",
             params={"variance": NLEEP_VARIANCE, "component_ratio": NLEEP_COMPONENT_RATIO,
                     "covariance_type": "diag", "seed": view.seed, "max_iter": NLEEP_MAX_ITER,
-                    "tol": NLEEP_TOL, "split": "train"},
-            diagnostics={"converged": info["converged"], "n_iter": info["n_iter"]}))
+                    "tol": NLEEP_TOL, "init_max_iter": NLEEP_INIT_MAX_ITER, "split": "train"},
+            diagnostics={key: info[key] for key in
+                         ("converged", "n_iter", "init_converged", "init_n_iter")}))
     return rows
 
 
