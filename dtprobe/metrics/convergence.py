@@ -1,11 +1,11 @@
 """Convergence reporting shared by the iterative estimators of :mod:`dtprobe.metrics`.
 
-Every estimator that iterates (LogME's evidence maximisation, NLEEP's k-means start and EM, the MINE and InfoNCE
-networks) records in its result whether its convergence test was met and how many iterations
-it used, and issues one :class:`EstimatorConvergenceWarning` line when it was not met: its
-number is then unverified, never silently reported as if it were final.  The registered
-analysis metrics copy both into the row's ``diagnostics`` (``converged``, ``n_iter``), as the
-linear probe does (:class:`dtprobe.metrics.probes.ProbeConvergenceWarning`).
+Every estimator that iterates (LogME's evidence maximisation, NLEEP's k-means start and EM,
+the MINE and InfoNCE networks) records in its result whether its convergence test was met and
+how many iterations it used, and issues one :class:`EstimatorConvergenceWarning` line when it
+was not met: its number is then unverified, never silently reported as if it were final.  The
+registered analysis metrics copy both into the row's ``diagnostics`` (``converged``,
+``n_iter``), as the linear probe does (:class:`dtprobe.metrics.probes.ProbeConvergenceWarning`).
 """
 
 from __future__ import annotations
