@@ -46,8 +46,9 @@ typical use:
 
 EPILOG = """\
 exit status: 0 success; 1 the analysis finished but some checkpoints failed (reasons printed
-and in analysis/failures.csv); 2 bad option, name, file or output path (one line on stderr;
---debug shows the traceback); 130 interrupted (completed work is kept)."""
+and in analysis/failures.csv), or some runs of a sweep failed (sweep.json); 2 bad option,
+name, file or output path (one line on stderr; --debug shows the traceback); 130 interrupted
+(completed work is kept)."""
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -692,6 +693,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"sweep written to {args.out} (table: {Path(args.out) / 'sweep_summary.csv'}, "
           f"charts: {Path(args.out) / 'figures'}; report: dtprobe report {args.out})")
+    failed = int(summary["failed"].sum()) if "failed" in summary.columns else 0
+    if failed:  # a script must not read a sweep with lost runs as a clean one
+        from dtprobe.training.sweep import SWEEP_FILE
+        print(f"dtprobe sweep: {failed} of {len(configs)} run(s) failed (reasons above and in "
+              f"{Path(args.out) / SWEEP_FILE}; rerun the same command to retry them)",
+              file=sys.stderr)
+        return EXIT_PARTIAL
     return 0
 
 

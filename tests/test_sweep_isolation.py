@@ -27,8 +27,11 @@ def _table(acc: float) -> pd.DataFrame:
                                          ("probe_accuracy", "colour", 0.7))])
 
 
-def _sweep(tmp_path, monkeypatch, train_fail: dict, analyze_fail: dict):
-    """Three runs; ``train_fail`` / ``analyze_fail`` map a run's folder name to what it raises."""
+def _sweep(tmp_path, monkeypatch, train_fail: dict, analyze_fail: dict,
+           analysis_losses: dict | None = None):
+    """Three runs; ``train_fail`` / ``analyze_fail`` map a run's folder name to what it raises,
+    ``analysis_losses`` to the failure reasons its (finished) analysis records."""
+    analysis_losses = analysis_losses or {}
     configs = {(name, seed): SimpleNamespace(out=str(tmp_path / "s" / f"{name}-seed{seed}"))
                for name, seed in (("ce", 0), ("ce", 1), ("label_smoothing", 0))}
 
@@ -42,7 +45,9 @@ def _sweep(tmp_path, monkeypatch, train_fail: dict, analyze_fail: dict):
     def fake_analyze(run_dir, **_):
         if Path(run_dir).name in analyze_fail:
             raise analyze_fail[Path(run_dir).name]
-        return SimpleNamespace(table=_table(0.5 if "seed0" in str(run_dir) else 0.7))
+        failures = pd.DataFrame({"reason": analysis_losses.get(Path(run_dir).name, [])})
+        return SimpleNamespace(table=_table(0.5 if "seed0" in str(run_dir) else 0.7),
+                               failures=failures)
 
     monkeypatch.setattr(sweep, "train_or_resume", fake_train)
     monkeypatch.setattr(dtprobe.analysis, "analyze", fake_analyze)
@@ -83,3 +88,32 @@ def test_ctrl_c_and_a_full_disk_still_end_the_sweep(tmp_path, monkeypatch, exc):
         _sweep(tmp_path, monkeypatch, {"ce-seed1": exc}, {})
     index = json.loads((tmp_path / "s" / "sweep.json").read_text())["runs"]
     assert [r["status"] for r in index] == ["ok", "pending", "pending"]
+
+
+def test_a_run_whose_analysis_lost_checkpoints_is_failed_not_summarised(tmp_path, monkeypatch,
+                                                                        capsys):
+    summary = _sweep(tmp_path, monkeypatch, {}, {},
+                     {"ce-seed1": ["checkpoint_e0004.pt: truncated file", "other"]})
+    err = capsys.readouterr().err
+    assert "FAILED ce seed 1" in err and "2 failure(s)" in err and "truncated file" in err
+    ce = summary.iloc[0]
+    assert (ce["seeds"], ce["failed"]) == (1, 1) and ce["source_accuracy"] == 0.5
+
+
+def test_the_cli_exits_1_when_some_runs_failed(tmp_path, monkeypatch, capsys):
+    from dtprobe import cli
+
+    def fake_run_sweep(configs, out, **_):
+        return pd.DataFrame([{"objective": "ce", "seeds": 1, "diverged": 0, "failed": 1}])
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    args = ["sweep", "--objectives", "ce", "--seeds", "0", "1", "--out", str(tmp_path / "s"),
+            "--epochs", "1", "--no-progress"]
+    assert cli.main(args) == cli.EXIT_PARTIAL
+    assert "1 of 2 run(s) failed" in capsys.readouterr().err
+
+    def all_ok(configs, out, **_):
+        return pd.DataFrame([{"objective": "ce", "seeds": 2, "diverged": 0, "failed": 0}])
+
+    monkeypatch.setattr(sweep, "run_sweep", all_ok)
+    assert cli.main(args) == 0

@@ -40,6 +40,7 @@ import pandas as pd
 import checkpoints_manifest as cm
 from dtprobe.errors import ConfigError, DtprobeError, TrainingDivergedError
 from dtprobe.runtime.isolation import contain
+from dtprobe.table import ANALYSIS_DIR, FAILURES_FILE
 from dtprobe.training.trainer import TrainConfig, train
 
 SWEEP_FILE = "sweep.json"
@@ -212,6 +213,13 @@ def run_sweep(configs: Mapping[tuple[str, int], TrainConfig], out: Path, *,
             run_dir = train_or_resume(cfg)
             res = analyze(run_dir, metrics=metrics, device=device, progress=progress,
                           plot=False)
+            if len(res.failures):
+                # A run with lost checkpoints would enter the summary with an earlier epoch's
+                # numbers as its "final" ones: it is failed, and the next sweep retries it.
+                raise DtprobeError(
+                    f"{name} seed {seed}: its analysis recorded {len(res.failures)} failure(s), "
+                    f"first: {res.failures['reason'].iloc[0]} (all in "
+                    f"{run_dir / ANALYSIS_DIR / FAILURES_FILE})")
             final = final_metrics(res.table)
         except TrainingDivergedError as exc:
             # One diverged objective must not cost the others: record it and go on.
