@@ -391,3 +391,26 @@ def test_accuracy_interval_is_wilsons():
         ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
         assert (low, high) == pytest.approx((ref.low, ref.high), abs=1e-12)
     assert all(math.isnan(v) for v in accuracy_interval(0.5, 0))
+
+
+def test_source_accuracy_row_carries_wilsons_interval():
+    """The source head's accuracy carries the same interval as every probe accuracy."""
+    from scipy.stats import binomtest
+
+    from dtprobe.metrics.accuracy import CI_METHOD
+    from dtprobe.metrics.registry import EpochView, FeatureSplit, available_metrics
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 250)
+    logits = rng.standard_normal((250, 4))
+    logits[np.arange(250)[:170], labels[:170]] += 10.0  # 170 right by construction, +chance
+    split = FeatureSplit(torch.zeros(250, 2), torch.as_tensor(labels),
+                         logits=torch.as_tensor(logits))
+    (row,) = available_metrics()["source_accuracy"].func(EpochView(epoch=1, train=split,
+                                                                    test=split))
+    hits = int((logits.argmax(axis=1) == labels).sum())
+    assert row.value == hits / 250
+    ref = binomtest(hits, 250).proportion_ci(confidence_level=0.95, method="wilson")
+    assert (row.diagnostics["ci_low"], row.diagnostics["ci_high"]) == pytest.approx(
+        (ref.low, ref.high), abs=1e-12)
+    assert row.diagnostics["n_test"] == 250 and row.params["ci_method"] == CI_METHOD

@@ -23,6 +23,7 @@ from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.resume import PartStore
 from dtprobe.analysis.rows import note
 from dtprobe.errors import ConfigError, MetricInputError
+from dtprobe.metrics.accuracy import CI_LEVEL, CI_METHOD, accuracy_interval
 from dtprobe.metrics.registry import MetricValue
 from dtprobe.models import head_name
 from dtprobe.training.finetune import FINETUNE_RECIPE, finetune
@@ -79,8 +80,10 @@ def _value(ds: Any, opts: AnalysisOptions, res: Any = None, error: str | None = 
     labels = ds.data.bundle.test.labels
     if labels.numel():
         diag["chance"] = float(torch.bincount(labels.long().clamp_min(0)).max()) / labels.numel()
+    diag["ci_low"], diag["ci_high"] = accuracy_interval(res.test_accuracy, res.n_test, CI_LEVEL)
     return MetricValue(FINETUNE_METRIC, res.test_accuracy, task=ds.spec.name,
-                       estimator="finetune-sgd", params=params, diagnostics=diag)
+                       estimator="finetune-sgd", params={**params, "ci_method": CI_METHOD},
+                       diagnostics=diag)
 
 
 def finetune_rows(plan: RunPlan, ckpt: PlannedCheckpoint, ds: Any, in_channels: int,

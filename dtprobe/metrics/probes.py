@@ -45,6 +45,7 @@ from dtprobe.metrics._validation import (
     pow2_scale_exponent,
     rowwise_pow2_rescale,
 )
+from dtprobe.metrics.accuracy import CI_LEVEL, CI_METHOD, accuracy_interval
 from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
 
 __all__ = [
@@ -597,42 +598,6 @@ class ProbeResult:
         return accuracy_interval(self.test_accuracy, self.n_test, level)
 
 
-def accuracy_interval(accuracy: float, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score confidence interval of an accuracy measured on ``n`` test samples.
-
-    The test samples are treated as independent Bernoulli trials; the interval is
-
-    .. math:: \\frac{\\hat p + z^2/2n \\pm z\\sqrt{\\hat p(1-\\hat p)/n + z^2/4n^2}}{1 + z^2/n}
-
-    with ``z`` the two-sided normal quantile of ``level``.  Unlike the normal (Wald)
-    interval it stays inside [0, 1] and is not degenerate at 0 or 100% accuracy.  It covers
-    test-set sampling noise only, not the variation from the probe's own seed.
-
-    Returns
-    -------
-    (low, high) : floats; ``(nan, nan)`` when ``n`` is 0 or the accuracy is NaN.
-
-    References
-    ----------
-    .. [1] E. B. Wilson, "Probable inference, the law of succession, and statistical
-       inference", JASA 22 (1927).
-    .. [2] L. D. Brown, T. T. Cai, A. DasGupta, "Interval Estimation for a Binomial
-       Proportion", Statistical Science 16 (2001) (recommends Wilson over Wald).
-    """
-    if not 0.0 < float(level) < 1.0:
-        raise ConfigError(f"level must be in (0, 1), got {level}")
-    p = float(accuracy)
-    if int(n) <= 0 or not math.isfinite(p):
-        return float("nan"), float("nan")
-    from scipy.stats import norm
-
-    z = float(norm.ppf(0.5 + float(level) / 2.0))
-    n = int(n)
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def stratified_split(labels: ArrayLike, val_fraction: float, seed: int = 0
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified split of sample indices into (train, validation).
@@ -1011,9 +976,6 @@ def _task_pairs(view: EpochView, metric: str) -> list[tuple[str, torch.Tensor, t
 PROBE_METRIC_SETTINGS: dict[str, Any] = {"val_fraction": 0.2, "standardize": True,
                                          "tol": 1e-4, "sweep_tol": None, "select_tol": 1e-6,
                                          "n_candidates": 4, "sweep_dtype": "auto"}
-#: Confidence level and method of the intervals recorded with probe accuracies.
-CI_LEVEL = 0.95
-CI_METHOD = "wilson-95"
 #: Settings of the registered ``knn_accuracy`` metric.
 KNN_METRIC_SETTINGS: dict[str, Any] = {"k": 20, "temperature": 0.07}
 
