@@ -97,3 +97,20 @@ def test_report_on_two_real_runs_lists_interval_comparisons(runs, tmp_path):
     assert "epochs beyond the intervals" in html
     assert "quantile of chance" in html
     plt.close("all")
+
+
+def test_a_compared_run_is_read_with_the_analysis_options(runs, tmp_path):
+    """--follow-symlinks (and every other option) applies to the --compare run as well: its
+    checkpoints on scratch storage behind a link are compared, not skipped."""
+    import shutil
+
+    a, b = runs
+    other = tmp_path / "b"
+    shutil.copytree(b, other, ignore=shutil.ignore_patterns("analysis"))
+    shutil.move(other / "checkpoints", tmp_path / "scratch")
+    (other / "checkpoints").symlink_to(tmp_path / "scratch", target_is_directory=True)
+    res = analysis.analyze(a, device="cpu", progress=False, plot=False, compare=[other],
+                           metrics=["source_accuracy"], follow_symlinks=True, use_cache=False)
+    rows = res.table[res.table["metric"] == "cka_to_run"]
+    assert sorted(rows["epoch"]) == [0, 1, 2]
+    assert np.isfinite(rows["value"]).all()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -147,11 +148,10 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
         if c.epoch not in test_feats:
             continue
         try:
+            # the analysis's own options (e.g. --follow-symlinks, --engine): the compared run
+            # is read and extracted exactly as the analysed one; its images are not sharded
             feats, _ = checkpoint_features(other, c, data, cache, device,
-                                           AnalysisOptions(batch_size=opts.batch_size,
-                                                           layers=list(opts.layers),
-                                                           feature_dtype=opts.feature_dtype,
-                                                           engine=opts.engine))
+                                           replace(opts, image_shards=1))
         except Exception as exc:  # any class: one bad file of the other run is skipped
             note(f"compare: skipping {c.path}: "
                  f"{contain(exc, str(c.path), 'this epoch is not compared').reason}")
