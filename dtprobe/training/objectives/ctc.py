@@ -37,14 +37,6 @@ DDP (its banks are replaced every step and are already synchronised); call
 
 Mixed precision: the projections, scores and losses run with autocast disabled, in the banks'
 dtype (float32 by default); only the snapshot's forward pass follows the caller's autocast.
-
-References
-----------
-.. [1] Q. Cui, B. Zhao, Z.-M. Chen, B. Zhao, R. Song, J. Liang, B. Zhou, O. Yoshie,
-   "Discriminability-Transferability Trade-Off: An Information-Theoretic Perspective", ECCV 2022.
-.. [2] Z. Wu, Y. Xiong, S. X. Yu, D. Lin, "Unsupervised Feature Learning via Non-Parametric
-   Instance Discrimination", CVPR 2018.
-.. [3] Y. Tian, D. Krishnan, P. Isola, "Contrastive Representation Distillation", ICLR 2020.
 """
 
 from __future__ import annotations
@@ -64,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtprobe.errors import CheckpointError, ConfigError
+from dtprobe.references import with_references
 from dtprobe.training.objectives.base import Objective, ObjectiveContext
 from dtprobe.training.objectives.memory_bank import (
     OtherClassSampler,
@@ -78,6 +71,8 @@ from dtprobe.training.objectives.memory_bank import (
     random_unit_bank,
 )
 from dtprobe.training.objectives.registry import register_objective
+
+__doc__ = with_references(__doc__, "cui2022", "wu2018", "tian2020")
 
 __all__ = ["CTCConfig", "CTCObjective", "PRESETS"]
 
