@@ -87,6 +87,10 @@ PRESETS: dict[str, dict[str, float]] = {
                          "beta": 1.0, "tau2": 0.40, "m2": 0.9},
 }
 
+#: The defaults of :class:`CTCConfig` (its loss weights, temperatures and momenta): the
+#: "transferability" preset, whose values are stated in :data:`PRESETS` alone.
+_DEFAULT_PRESET = PRESETS["transferability"]
+
 _STATE_VERSION = 1
 
 
@@ -126,12 +130,12 @@ class CTCConfig:
     """
 
     stage_two_epoch: int = 200
-    alpha: float = 0.5
-    tau1: float = 0.10
-    m1: float = 0.9
-    beta: float = 1.0
-    tau2: float = 0.10
-    m2: float = 0.9
+    alpha: float = _DEFAULT_PRESET["alpha"]
+    tau1: float = _DEFAULT_PRESET["tau1"]
+    m1: float = _DEFAULT_PRESET["m1"]
+    beta: float = _DEFAULT_PRESET["beta"]
+    tau2: float = _DEFAULT_PRESET["tau2"]
+    m2: float = _DEFAULT_PRESET["m2"]
     proj_dim: int = 128
     nce_k: int = 16384
     freeze_stage1_projector: bool = False
@@ -587,11 +591,15 @@ def _register() -> None:
     def _ctc(ctx: ObjectiveContext, preset: str = "transferability",
              stage_two_epoch: int | None = None, alpha: float | None = None,
              tau1: float | None = None, m1: float | None = None, beta: float | None = None,
-             tau2: float | None = None, m2: float | None = None, proj_dim: int = 128,
-             nce_k: int = 16384, freeze_stage1_projector: bool = False,
-             refresh_banks: bool = True, alpha_warmup_epochs: int = 0,
-             negatives_with_replacement: bool = False) -> Objective:
+             tau2: float | None = None, m2: float | None = None,
+             proj_dim: int = CTCConfig.proj_dim, nce_k: int = CTCConfig.nce_k,
+             freeze_stage1_projector: bool = CTCConfig.freeze_stage1_projector,
+             refresh_banks: bool = CTCConfig.refresh_banks,
+             alpha_warmup_epochs: int = CTCConfig.alpha_warmup_epochs,
+             negatives_with_replacement: bool = CTCConfig.negatives_with_replacement,
+             ) -> Objective:
         """two-stage CE + instance discrimination, then CE + temporal NCE (None = from preset)"""
+        # the defaults are CTCConfig's, read from it (one place states them)
         options: dict[str, Any] = {k: v for k, v in dict(
             alpha=alpha, tau1=tau1, m1=m1, beta=beta, tau2=tau2, m2=m2).items() if v is not None}
         s = stage_two_epoch if stage_two_epoch is not None else max(1, round(ctx.epochs * 2 / 3))
