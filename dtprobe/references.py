@@ -109,8 +109,9 @@ def references_section(*entries: Entry) -> str:
     Returns
     -------
     str
-        ``"References\\n----------\\n.. [1] ...\\n"``, each entry wrapped to 96 columns with
-        its continuation lines indented by three spaces (numpydoc's layout).
+        ``"References\\n----------\\n.. [1] ...\\n"``, each entry closed by a full stop (not
+        after a link) and wrapped to 96 columns with its continuation lines indented by three
+        spaces (numpydoc's layout).
 
     Raises
     ------
@@ -123,7 +124,9 @@ def references_section(*entries: Entry) -> str:
         if key not in PAPERS:
             raise KeyError(f"dtprobe.references: no paper {key!r} in PAPERS; add it there")
         text = PAPERS[key] + (note if note[:1] in (";", ",") else f" {note}" if note else "")
-        lines.append(textwrap.fill(text + ".", _WIDTH, initial_indent=f".. [{number}] ",
+        if not text.split()[-1].startswith("http"):  # no full stop glued to a link
+            text += "."
+        lines.append(textwrap.fill(text, _WIDTH, initial_indent=f".. [{number}] ",
                                    subsequent_indent="   ", break_long_words=False,
                                    break_on_hyphens=False))
     return "\n".join(lines) + "\n"
