@@ -48,11 +48,9 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, "tests")
-from test_image_store import make_folder  # noqa: E402
-
-from dtprobe import analysis  # noqa: E402
-from dtprobe.training.trainer import TrainConfig, train  # noqa: E402
+from dtprobe import analysis
+from dtprobe.training.trainer import TrainConfig, train
+from tests.helpers import make_folder
 
 work, device = Path(sys.argv[1]), sys.argv[2]
 data = make_folder(work / "folder", per_class=500 if device != "cpu" else 60, size=72)

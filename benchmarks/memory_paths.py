@@ -32,9 +32,8 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks import run_python
+from tests.helpers import make_folder, train_tiny
 
 #: The options of the grid: (label, analyze keyword arguments).
 GRID: list[tuple[str, dict]] = [
@@ -77,36 +76,11 @@ print("@@" + json.dumps({"peak": status("VmHWM") - start, "floor": start,
 """
 
 
-def make_folder(root: Path, per_class: int, size: int = 24, classes: int = 4, seed: int = 0,
-                val: int | None = None) -> Path:
-    """A JPEG ImageFolder (train/ and val/) of noisy tinted ``size x (size + 5)`` images."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", per_class), ("val", val or max(2, per_class // 2))):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = np.zeros((size, size + 5, 3), np.uint8)
-                img[..., c % 3] = 90 + 40 * (c // 3)
-                img = np.clip(img + rng.integers(0, 80, img.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i:05d}.jpg", quality=85)
-    return root
-
-
 def make_run(root: Path) -> Path:
     """A 2-checkpoint ``small_cnn`` run on a small 16 px source folder."""
-    from dtprobe.training.trainer import TrainConfig, train
-
     source = make_folder(root / "source", per_class=40, size=20)
-    out = root / "run"
-    train(TrainConfig(out=str(out), dataset="imagefolder",
-                      dataset_params={"root": str(source), "image_size": 16},
-                      arch="small_cnn", arch_params={"width": 8, "feature_dim": 16},
-                      epochs=1, batch_size=64, save_every=1, seed=0, device="cpu",
-                      progress=False))
-    return out
+    return train_tiny(root / "run", epochs=1, dataset="imagefolder",
+                      dataset_params={"root": str(source), "image_size": 16})
 
 
 def measure(run: Path, downstream: Path, stores: Path, options: dict) -> dict:

@@ -17,8 +17,9 @@ References
 ----------
 .. [1] S. Kornblith, T. Chen, H. Lee, M. Norouzi, "Why do better loss functions
    lead to less transferable features?", NeurIPS 2021.
-.. [2] Q. Cui, B. Zhao, Z.-M. Chen, B. Zhang, Y. Gao, "Discriminability-
-   transferability trade-off: an information-theoretic perspective", ECCV 2022.
+.. [2] Q. Cui, B. Zhao, Z.-M. Chen, B. Zhao, R. Song, J. Liang, B. Zhou, O. Yoshie,
+   "Discriminability-transferability trade-off: an information-theoretic
+   perspective", ECCV 2022.
 """
 
 from __future__ import annotations

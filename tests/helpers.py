@@ -1,7 +1,11 @@
-"""Set-up shared by several test files: the tiny trained run, run copies, BatchNorm statistics.
+"""Set-up shared by test files and benchmarks: the tiny trained run, a generated ImageFolder,
+run copies, BatchNorm statistics.
 
-Imported as ``from tests.helpers import ...`` (``python -m pytest`` runs from the repository
-root). Fixtures stay in each file; this module holds only plain functions and constants.
+Imported as ``from tests.helpers import ...`` (``python -m pytest`` and ``python -m
+benchmarks...`` run from the repository root), by the tests and by the benchmarks that build
+the same data (:mod:`benchmarks.memory_paths`); it imports nothing from ``benchmarks`` and the
+package never imports it. Fixtures stay in each file; this module holds only plain functions
+and constants.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,3 +65,21 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
                 m.bias.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
     return model.eval()
+
+
+def make_folder(root: Path, per_class: int, size: int = 24, classes: int = 4, seed: int = 0,
+                val: int | None = None) -> Path:
+    """A JPEG ImageFolder (train/ and val/) of noisy tinted ``size x (size + 5)`` images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", val or max(2, per_class // 2))):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.zeros((size, size + 5, 3), np.uint8)
+                img[..., c % 3] = 90 + 40 * (c // 3)
+                img = np.clip(img + rng.integers(0, 80, img.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i:05d}.jpg", quality=85)
+    return root

@@ -76,16 +76,22 @@ def test_flags_override_the_records(tmp_path):
     assert with_recorded_transform({}, ["root", "image_size"], ckpt) == ({}, "")
 
 
-def test_plan_of_a_torchvision_run_takes_its_recorded_transform(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
+def _torchvision_run(run):
+    """Two resnet18 checkpoints as torchvision's reference ``train.py`` saves them (eval
+    transform: resize 72, crop 64)."""
     from dtprobe.models import build_model
 
+    run.mkdir()
     state = build_model("resnet18", num_classes=3).state_dict()
     for epoch in (0, 1):
         torch.save({"model": state, "epoch": epoch, "args": argparse.Namespace(
             model="resnet18", val_resize_size=72, val_crop_size=64, num_classes=3)},
             run / f"model_{epoch}.pth")
+    return run
+
+
+def test_plan_of_a_torchvision_run_takes_its_recorded_transform(tmp_path):
+    run = _torchvision_run(tmp_path / "run")
     plan = plan_run(run, dataset="imagefolder", dataset_params={"root": "/data"})
     assert plan.dataset_params == {"root": "/data", "image_size": 64, "resize_size": 72}
     assert "torchvision" in plan.record()["eval_transform"]["origin"]
@@ -98,15 +104,7 @@ def test_recorded_transform_reuses_the_metadata_read_by_the_series(tmp_path, mon
     series inference already read, not from a second read of the last file."""
     from dtprobe.checkpoints import layouts
 
-    run = tmp_path / "run"
-    run.mkdir()
-    from dtprobe.models import build_model
-
-    state = build_model("resnet18", num_classes=3).state_dict()
-    for epoch in (0, 1):
-        torch.save({"model": state, "epoch": epoch, "args": argparse.Namespace(
-            model="resnet18", val_resize_size=72, val_crop_size=64, num_classes=3)},
-            run / f"model_{epoch}.pth")
+    run = _torchvision_run(tmp_path / "run")
     peeked: list[str] = []
     real = layouts.peek
     monkeypatch.setattr(layouts, "peek", lambda path: peeked.append(path.name) or real(path))

@@ -261,19 +261,22 @@ def test_bicubic_matches_torchvision_and_is_in_params(tmp_path):
         load_dataset("imagefolder", root=str(root), image_size=32, interpolation="lanczos")
 
 
+def _train_on(root: Path, run: Path, **params) -> Path:
+    """A small CNN (width 4) trained for one epoch on the folder ``root`` at 16 px."""
+    from tests.helpers import train_tiny
+
+    return train_tiny(run, epochs=1, batch_size=8, arch_params={"width": 4, "feature_dim": 8},
+                      dataset="imagefolder",
+                      dataset_params={"root": str(root), "image_size": 16, **params})
+
+
 def test_analysis_rows_carry_the_transform_and_skipped_files_are_recorded(tmp_path):
     import pandas as pd
 
     from dtprobe import analysis
-    from dtprobe.training.trainer import TrainConfig, train
 
-    root = _folder(tmp_path / "data")
-    run = tmp_path / "run"
-    params = {"root": str(root), "image_size": 16, "resize_size": 20, "skip_bad_images": True}
-    train(TrainConfig(out=str(run), dataset="imagefolder", dataset_params=params,
-                      arch="small_cnn", arch_params={"width": 4, "feature_dim": 8},
-                      epochs=1, batch_size=8, save_every=1, seed=0, device="cpu",
-                      progress=False))
+    run = _train_on(_folder(tmp_path / "data"), tmp_path / "run", resize_size=20,
+                    skip_bad_images=True)
     analysis.analyze(run, metrics=["source_accuracy", "linear_cka"], device="cpu",
                      progress=False, plot=False, image_store=tmp_path / "stores")
     table = pd.read_csv(run / "analysis" / "metrics.csv", keep_default_na=False)
@@ -289,15 +292,9 @@ def test_analysis_rows_carry_the_transform_and_skipped_files_are_recorded(tmp_pa
 
 def test_cli_skip_bad_images_flag(tmp_path, capsys):
     from dtprobe.cli import main
-    from dtprobe.training.trainer import TrainConfig, train
 
     root = _folder(tmp_path / "data", bad=False)
-    run = tmp_path / "run"
-    train(TrainConfig(out=str(run), dataset="imagefolder",
-                      dataset_params={"root": str(root), "image_size": 16},
-                      arch="small_cnn", arch_params={"width": 4, "feature_dim": 8},
-                      epochs=1, batch_size=8, save_every=1, seed=0, device="cpu",
-                      progress=False))
+    run = _train_on(root, tmp_path / "run")
     (root / "val" / "c1" / "zz_text.jpg").write_text("not a jpeg")
     base = ["analyze", str(run), "--device", "cpu", "--no-plot", "--metrics",
             "source_accuracy", "--image-store", str(tmp_path / "st")]

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from benchmarks import PEAK_RSS_CODE
-from benchmarks.memory_paths import make_folder
 from dtprobe import analysis
 from dtprobe.analysis.memory import check_budget, parse_size
 from dtprobe.data import load_dataset
@@ -31,7 +30,7 @@ from dtprobe.data.pixels import RawImages
 from dtprobe.data.subsets import sample_ids_digest, stable_subset
 from dtprobe.errors import ConfigError, DatasetError
 from dtprobe.training.trainer import train
-from tests.helpers import copy_run, tiny_config
+from tests.helpers import copy_run, make_folder, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["source_accuracy", "class_separation", "neural_collapse", "probe_accuracy", "linear_cka"]

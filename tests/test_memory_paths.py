@@ -12,11 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.memory_paths import GRID, make_folder, make_run, measure
+from benchmarks.memory_paths import GRID, make_run, measure
 from dtprobe.analysis.memory import activation_bytes, batch_bytes, check_budget
 from dtprobe.data import load_dataset
 from dtprobe.data.pixels import RawImages
 from dtprobe.data.transfer import SourceInput, prepare_for_source
+from tests.helpers import make_folder
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks.memory_paths import make_folder
 from dtprobe import analysis
 from dtprobe.analysis.data import prepare_data
 from dtprobe.analysis.features import checkpoint_features, features_key
@@ -23,7 +22,7 @@ from dtprobe.analysis.sharding import extract_share, part_key, row_range, shard_
 from dtprobe.errors import ConfigError
 from dtprobe.features.extract import FeatureCache
 from dtprobe.training.trainer import train
-from tests.helpers import tiny_config
+from tests.helpers import make_folder, tiny_config
 
 METRICS = ["source_accuracy", "class_separation", "rankme", "probe_accuracy"]
 

@@ -28,15 +28,6 @@ while loading it: :mod:`dtprobe.runtime.isolation`) is reported on one line and 
 failure with an empty epoch; the source metrics and every other dataset are still analysed,
 and the next analysis tries it again. A dataset with one class, or too few images for the probe,
 gives NaN rows whose ``params["error"]`` says why.
-
-References
-----------
-.. [1] S. Kornblith, T. Chen, H. Lee, M. Norouzi, "Why do better loss functions lead to less
-   transferable features?", NeurIPS 2021 (linear transfer to eight datasets).
-.. [2] Q. Cui et al., "Discriminability-transferability trade-off: an information-theoretic
-   perspective", ECCV 2022 (CIFAR-100 -> CINIC-10).
-.. [3] M. B. Sariyildiz, Y. Kalantidis, K. Alahari, D. Larlus, "No reason for no supervision:
-   improved generalization in supervised models" (t-ReX), ICLR 2023 (mean log-odds).
 """
 
 from __future__ import annotations
@@ -72,8 +63,16 @@ from dtprobe.data.transfer import SourceInput, prepare_for_source, source_loader
 from dtprobe.features.cache import FeatureCache, dataset_key
 from dtprobe.metrics.fewshot import row_metric_names
 from dtprobe.metrics.registry import EpochView, FeatureSplit, MetricValue, available_metrics
+from dtprobe.references import with_references
 from dtprobe.runtime.isolation import contain
 from dtprobe.table import DOWNSTREAM_PARAM
+
+__doc__ = with_references(
+    __doc__,
+    ("kornblith2021", "(linear transfer to eight datasets)"),
+    ("cui2022", "(CIFAR-100 -> CINIC-10)"),
+    ("sariyildiz2023", "(t-ReX; mean log-odds)"),
+)
 
 DOWNSTREAM_METRICS: tuple[str, ...] = ("probe_accuracy", "knn_accuracy", "fewshot_ridge",
                                        "fewshot_ncm", "logme", "h_score", "transrate", "gbc",

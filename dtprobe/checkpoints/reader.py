@@ -25,13 +25,6 @@ names (:func:`infer_checkpoint_series`, :mod:`dtprobe.checkpoints.layouts`).
 Files whose pickle references classes (e.g. Lightning ``hyper_parameters`` holding modules)
 are refused; ``trust_pickles=True`` (``--trust-pickles``) is the explicit opt-in that unpickles
 such a file in full, for files the user trusts. It is never the default.
-
-References
-----------
-.. [1] S. Kornblith, T. Chen, H. Lee, M. Norouzi, "Why do better loss functions
-   lead to less transferable features?", NeurIPS 2021.
-.. [2] Q. Cui, B. Zhao, Z.-M. Chen, B. Zhang, Y. Gao, "Discriminability-
-   transferability trade-off: an information-theoretic perspective", ECCV 2022.
 """
 
 from __future__ import annotations
@@ -58,6 +51,9 @@ from torch import Tensor
 import checkpoints_manifest
 from dtprobe.checkpoints.state_dict import BOOKKEEPING_KEYS, tensor_dicts
 from dtprobe.errors import CheckpointError, UnsafeCheckpointError, first_line
+from dtprobe.references import with_references
+
+__doc__ = with_references(__doc__, "kornblith2021", "cui2022")
 
 __all__ = [
     "PREFIXES",

@@ -22,13 +22,6 @@ The digits are too easy to show the discriminability-transferability trade-off
 (probes saturate near 98 %, see DESIGN.md section 4); use ``shapes`` for that.
 The set holds 1797 images, so memory is small:
 ``1797 x channels x image_size^2 x 4`` bytes (22 MB for 3 x 32 x 32).
-
-References
-----------
-.. [1] Alpaydin, E., Kaynak, C. "Optical recognition of handwritten digits."
-   UCI Machine Learning Repository, 1998 (the data bundled with scikit-learn).
-.. [2] Kornblith, S. et al. "Why do better loss functions lead to less
-   transferable features?" NeurIPS 2021.
 """
 
 from __future__ import annotations
@@ -42,6 +35,13 @@ import torch.nn.functional as F
 from dtprobe.data.base import DatasetBundle, Split
 from dtprobe.data.registry import register_dataset
 from dtprobe.errors import DatasetError
+from dtprobe.references import with_references
+
+__doc__ = with_references(
+    __doc__,
+    ("alpaydin1998", "(the data bundled with scikit-learn)"),
+    "kornblith2021",
+)
 
 __all__ = ["digit_style_factors", "load_digits_dataset"]
 

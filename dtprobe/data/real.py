@@ -33,15 +33,6 @@ with ImageFolder's conventions (sorted class subfolders, image extensions)
 without importing torchvision, which is only used (lazily) to download.  CIFAR's pickles are
 read with an unpickler that only admits numpy arrays, so a tampered file
 cannot run code.
-
-References
-----------
-.. [1] Krizhevsky, A. "Learning multiple layers of features from tiny images." 2009 (CIFAR).
-.. [2] Darlow, L. N. et al. "CINIC-10 is not ImageNet or CIFAR-10." arXiv:1810.03505, 2018.
-.. [3] Coates, A., Ng, A., Lee, H. "An analysis of single-layer networks in unsupervised
-   feature learning." AISTATS 2011 (STL-10).
-.. [4] Cui, Q. et al. "Discriminability-transferability trade-off: an information-theoretic
-   perspective." ECCV 2022 (CIFAR-100 source, CINIC-10 target).
 """
 
 from __future__ import annotations
@@ -78,6 +69,15 @@ from dtprobe.data.store import (
 from dtprobe.data.subsets import check_max_samples, stable_subset
 from dtprobe.errors import DatasetError
 from dtprobe.features import integrity
+from dtprobe.references import with_references
+
+__doc__ = with_references(
+    __doc__,
+    ("krizhevsky2009", "(CIFAR)"),
+    "darlow2018",
+    ("coates2011", "(STL-10)"),
+    ("cui2022", "(CIFAR-100 source, CINIC-10 target)"),
+)
 
 __all__ = ["load_cifar10", "load_cifar100", "load_cinic10", "load_imagefolder", "load_stl10"]
 

@@ -43,14 +43,6 @@ Rendering is vectorised numpy: every shape is a signed distance function of
 rotated, scaled pixel coordinates, anti-aliased by clipping the distance in
 pixel units, so generating the default 8000 images at 32 px takes about two
 seconds of CPU time.
-
-References
-----------
-.. [1] Kornblith, S., Chen, T., Lee, H., Norouzi, M. "Why do better loss
-   functions lead to less transferable features?" NeurIPS 2021.
-.. [2] Cui, Q., Zhao, B., Chen, Z.-M., Zhang, Y., Li, J., Zhao, S., Ouyang, W.
-   "Discriminability-transferability trade-off: an information-theoretic
-   perspective." ECCV 2022.
 """
 
 from __future__ import annotations
@@ -65,6 +57,9 @@ import numpy as np
 from dtprobe.data.base import DatasetBundle, check_int, check_noise, normalised_splits
 from dtprobe.data.registry import register_dataset
 from dtprobe.errors import DatasetError
+from dtprobe.references import with_references
+
+__doc__ = with_references(__doc__, "kornblith2021", "cui2022")
 
 __all__ = ["SHAPE_NAMES", "SHAPES_PRESETS", "load_shapes", "render_shapes"]
 

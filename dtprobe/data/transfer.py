@@ -25,12 +25,6 @@ are used (:meth:`RawImages.converted`), from the exact pixel values ``x / 255``,
 the uint8 pixels (or one batch, read from an image store) whatever the two sizes. Images made as
 float32 tensors (the generated datasets) are converted in chunks, in float32, so the transient
 memory is a few MB above the images.
-
-References
-----------
-.. [1] S. Kornblith, J. Shlens, Q. V. Le, "Do Better ImageNet Models Transfer Better?", CVPR 2019.
-.. [2] S. Kornblith, T. Chen, H. Lee, M. Norouzi, "Why do better loss functions lead to less
-   transferable features?", NeurIPS 2021.
 """
 
 from __future__ import annotations
@@ -45,6 +39,9 @@ import torch.nn.functional as F
 from dtprobe.data.base import DatasetBundle, Split
 from dtprobe.data.pixels import is_raw
 from dtprobe.errors import DatasetError
+from dtprobe.references import with_references
+
+__doc__ = with_references(__doc__, "kornblith2019transfer", "kornblith2021")
 
 __all__ = ["LUMA", "SourceInput", "prepare_for_source", "source_loader_params"]
 

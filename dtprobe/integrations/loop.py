@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ def ensure_manifest(run_dir: str | os.PathLike[str], *, arch: str, num_classes: 
     return manifest
 
 
+@dataclass(eq=False, kw_only=True)  # eq=False: recorders compare (and hash) by identity
 class CheckpointRecorder:
     """Save a model's weights with safetensors and record the file in the run's manifest.
 
@@ -70,19 +72,15 @@ class CheckpointRecorder:
     folder : sub-folder of ``run_dir`` for the weight files.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, arch: str, num_classes: int,
-                 dataset: str | Mapping[str, Any], arch_params: Mapping[str, Any] | None = None,
-                 penultimate: str | None = None, training: Mapping[str, Any] | None = None,
-                 seed: int | None = None, folder: str = "checkpoints") -> None:
-        self.run_dir = run_dir
-        self.arch = arch
-        self.num_classes = num_classes
-        self.dataset = dataset
-        self.arch_params = arch_params
-        self.penultimate = penultimate
-        self.training = training
-        self.seed = seed
-        self.folder = folder
+    run_dir: str | os.PathLike[str] = field(kw_only=False)
+    arch: str
+    num_classes: int
+    dataset: str | Mapping[str, Any]
+    arch_params: Mapping[str, Any] | None = None
+    penultimate: str | None = None
+    training: Mapping[str, Any] | None = None
+    seed: int | None = None
+    folder: str = "checkpoints"
 
     def save(self, model: Any, *, epoch: int, step: int = 0,
              metrics: Mapping[str, float] | None = None) -> Path:

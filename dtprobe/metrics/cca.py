@@ -134,10 +134,8 @@ def svcca(x: ArrayLike, y: ArrayLike, keep: float = DEFAULT_SVCCA_KEEP, *,
 
     Parameters
     ----------
-    x : array_like or torch.Tensor, shape (n_samples, d1)
-        First representation (numpy or torch, CPU or CUDA, any float dtype; float64 inside).
-    y : array_like or torch.Tensor, shape (n_samples, d2)
-        Second representation of the same samples, same order.
+    x, y : array_like or torch.Tensor, shapes (n_samples, d1) and (n_samples, d2)
+        The two representations, as in :func:`pwcca`.
     keep : float, default 0.99
         Fraction of the variance kept on each side: the fewest leading singular directions
         whose squared singular values reach ``keep`` of the total, in ``(0, 1]``.

@@ -391,7 +391,7 @@ def class_mean_uniformity(features: ArrayLike, labels: ArrayLike, *,
     Raises
     ------
     MetricInputError
-        Wrong shapes, NaN/Inf, fewer than two classes.
+        As :func:`cdnv` (the same checks of ``features`` and ``labels``).
 
     References
     ----------

@@ -30,20 +30,6 @@ Shots are chosen by the subsets' hash rule (:mod:`dtprobe.data.subsets`): for dr
 taken. A draw depends only on the sample ids (not on file order or the machine), the same
 images are used at every checkpoint, and the shots are nested (the 5 shots of a draw contain its
 1 shot). Every draw's ids are identified by a digest recorded with the row.
-
-References
-----------
-.. [1] A. Islam, C.-F. Chen, R. Panda, L. Karlinsky, R. Radke, R. Feris, "A broad study on the
-   transferability of visual representations with contrastive learning", ICCV 2021 (linear,
-   fine-tuning and few-shot transfer).
-.. [2] A. Kolesnikov, L. Beyer, X. Zhai et al., "Big Transfer (BiT): general visual
-   representation learning", ECCV 2020; google-research/big_vision,
-   ``big_vision/evaluators/fewshot_lsr.py`` (closed-form few-shot least squares).
-.. [3] R. M. Rifkin, R. A. Lippert, "Notes on regularized least squares", MIT-CSAIL-TR-2007-025
-   (leave-one-out residuals ``e_i / (1 - H_ii)`` from one eigendecomposition).
-.. [4] Y. Wang, W.-L. Chao, K. Q. Weinberger, L. van der Maaten, "SimpleShot: revisiting
-   nearest-neighbor classification for few-shot learning", arXiv:1911.04623 (nearest class
-   mean on frozen features).
 """
 
 from __future__ import annotations
@@ -61,6 +47,17 @@ from dtprobe.data.subsets import sample_ids_digest, sample_ranks
 from dtprobe.errors import MetricInputError
 from dtprobe.metrics._validation import ArrayLike, check_features, check_labels
 from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
+from dtprobe.references import with_references
+
+__doc__ = with_references(
+    __doc__,
+    ("islam2021", "(linear, fine-tuning and few-shot transfer)"),
+    ("kolesnikov2020",
+     "; google-research/big_vision, ``big_vision/evaluators/fewshot_lsr.py`` (closed-form "
+     "few-shot least squares)"),
+    ("rifkin2007", "(leave-one-out residuals ``e_i / (1 - H_ii)`` from one eigendecomposition)"),
+    ("wang2019", "(nearest class mean on frozen features)"),
+)
 
 __all__ = ["FEWSHOT_DRAWS", "FEWSHOT_SHOTS", "RIDGE_RATIOS", "FewShotResult", "FewShotRidge",
            "NearestClassMean", "draw_shots", "fewshot_accuracy"]

@@ -13,14 +13,6 @@ The solver is written in torch, so the same code runs on the CPU (float64) and o
 The kNN probe is the weighted nearest-neighbour classifier of Wu et al. (2018), also used
 by DINO (Caron et al. 2021): cosine similarity, the ``k`` most similar training samples
 vote for their class with weight ``exp(sim / T)``.
-
-References
-----------
-.. [1] S. Kornblith, J. Shlens, Q. V. Le, "Do Better ImageNet Models Transfer Better?",
-   CVPR 2019.
-.. [2] Z. Wu, Y. Xiong, S. X. Yu, D. Lin, "Unsupervised Feature Learning via Non-Parametric
-   Instance Discrimination", CVPR 2018.
-.. [3] M. Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021.
 """
 
 from __future__ import annotations
@@ -47,6 +39,9 @@ from dtprobe.metrics._validation import (
 )
 from dtprobe.metrics.accuracy import CI_LEVEL, CI_METHOD, accuracy_interval
 from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
+from dtprobe.references import with_references
+
+__doc__ = with_references(__doc__, "kornblith2019transfer", "wu2018", "caron2021")
 
 __all__ = [
     "DEFAULT_C_GRID",

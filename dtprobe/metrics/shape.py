@@ -127,8 +127,7 @@ def angular_shape_metric(x: ArrayLike, y: ArrayLike) -> float:
 
     References
     ----------
-    Williams, A. H., Kunz, E., Kornblith, S., Linderman, S. W. (2021). Generalized shape
-    metrics on neural representations. NeurIPS 2021 (angular distance).
+    Williams et al. (2021), cited in full at :func:`procrustes_distance` (angular distance).
     """
     cos = _cosine_of_shapes(x, y, "angular_shape_metric")
     if cos is None:

@@ -16,27 +16,6 @@ score                     what it measures                                paper
 ========================  ==============================================  =================
 
 Higher is better for all of them.  All are computed in float64 on the input's device.
-
-References
-----------
-.. [1] K. You, Y. Liu, J. Wang, M. Long, "LogME: Practical Assessment of Pre-trained Models
-   for Transfer Learning", ICML 2021.
-.. [2] Y. Bao, Y. Li, S.-L. Huang, L. Zhang, L. Zheng, A. Zamir, L. Guibas, "An
-   Information-Theoretic Approach to Transferability in Task Transfer Learning", ICIP 2019.
-.. [3] S. Ibrahim, N. Ponomareva, R. Mazumder, "Newer is not always better: Rethinking
-   transferability metrics, their peculiarities, stability and performance", ECML-PKDD 2022.
-.. [4] L.-K. Huang, J. Huang, Y. Rong, Q. Yang, Y. Wei, "Frustratingly Easy Transferability
-   Estimation", ICML 2022.
-.. [5] M. Pándy, A. Agostinelli, J. Uijlings, V. Ferrari, T. Mensink, "Transferability
-   Estimation using Bhattacharyya Class Separability", CVPR 2022.
-.. [6] C. V. Nguyen, T. Hassner, M. Seeger, C. Archambeau, "LEEP: A New Measure to Evaluate
-   Transferability of Learned Representations", ICML 2020.
-.. [7] A. T. Tran, C. V. Nguyen, T. Hassner, "Transferability and Hardness of Supervised
-   Classification Tasks", ICCV 2019.
-.. [8] O. Ledoit, M. Wolf, "A well-conditioned estimator for large-dimensional covariance
-   matrices", J. Multivariate Analysis 88(2), 2004.
-.. [9] Y. Li, X. Jia, R. Sang, Y. Zhu, B. Green, L. Wang, B. Gong, "Ranking Neural
-   Checkpoints", CVPR 2021.
 """
 
 from __future__ import annotations
@@ -59,6 +38,20 @@ from dtprobe.metrics._validation import (
 )
 from dtprobe.metrics.convergence import warn_unconverged
 from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
+from dtprobe.references import with_references
+
+__doc__ = with_references(
+    __doc__,
+    "you2021",
+    "bao2019",
+    "ibrahim2022",
+    "huang2022",
+    "pandy2022",
+    "nguyen2020",
+    "tran2019",
+    "ledoit2004",
+    "li2021",
+)
 
 __all__ = [
     "LogMEFit",

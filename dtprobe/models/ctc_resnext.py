@@ -13,13 +13,6 @@ widths differ has a projection shortcut (``shortcut.shortcut_conv``, ``shortcut.
 
 Checkpoints of that code (``ckpt_epoch_{e}.pth`` holding ``{"epoch", "model", "accuracy"}``,
 ``module.`` keys under DataParallel) load into this module unchanged.
-
-References
-----------
-.. [1] Q. Cui et al., "Discriminability-transferability trade-off: an information-theoretic
-   perspective", ECCV 2022.
-.. [2] S. Xie, R. Girshick, P. Dollar, Z. Tu, K. He, "Aggregated residual transformations for
-   deep neural networks", CVPR 2017.
 """
 
 from __future__ import annotations
@@ -30,6 +23,9 @@ from torch.nn import functional as F
 
 from dtprobe.errors import ConfigError
 from dtprobe.models.registry import register_arch
+from dtprobe.references import with_references
+
+__doc__ = with_references(__doc__, "cui2022", "xie2017")
 
 
 class CTCBottleneck(nn.Module):

@@ -11,15 +11,6 @@ The charts follow the two papers dtprobe is built around: source accuracy agains
 downstream linear-probe accuracy as training proceeds (Kornblith et al. 2021), the
 information plane I(X;T) vs I(T;Y) and contrastive temporal coding runs next to
 cross-entropy ones (Cui et al. 2022), and temporal linear CKA (Kornblith et al. 2019).
-
-References
-----------
-.. [1] S. Kornblith, T. Chen, H. Lee, M. Norouzi, "Why do better loss functions lead to less
-   transferable features?", NeurIPS 2021.
-.. [2] Q. Cui et al., "Discriminability-transferability trade-off: an information-theoretic
-   perspective", ECCV 2022.
-.. [3] S. Kornblith, M. Norouzi, H. Lee, G. Hinton, "Similarity of neural network
-   representations revisited", ICML 2019.
 """
 
 from __future__ import annotations
@@ -48,6 +39,7 @@ from dtprobe.plotting.style import (
     style,
     task_colors,
 )
+from dtprobe.references import with_references
 from dtprobe.table import (
     downstream_mask,
     downstream_tasks,
@@ -60,6 +52,8 @@ from dtprobe.table import (
     sort_metrics,
     transfer_protocols,
 )
+
+__doc__ = with_references(__doc__, "kornblith2021", "cui2022", "kornblith2019cka")
 
 if TYPE_CHECKING:  # pragma: no cover  (type only: plotting never imports dtprobe.results.core)
     from dtprobe.results.core import Results

@@ -19,13 +19,6 @@ Example
 >>> res.wide("ce")[["source_accuracy", "probe_accuracy[colour]"]]  # doctest: +SKIP
 >>> res.summary()                                      # doctest: +SKIP
 >>> res.plot_tradeoff()                                # doctest: +SKIP
-
-References
-----------
-.. [1] S. Kornblith, T. Chen, H. Lee, M. Norouzi, "Why do better loss functions lead to less
-   transferable features?", NeurIPS 2021.
-.. [2] Q. Cui et al., "Discriminability-transferability trade-off: an information-theoretic
-   perspective", ECCV 2022.
 """
 
 from __future__ import annotations
@@ -40,6 +33,7 @@ import pandas as pd
 
 import checkpoints_manifest as cm
 from dtprobe.errors import ConfigError, DtprobeError
+from dtprobe.references import with_references
 from dtprobe.table import (
     ANALYSIS_DIR,
     CKA_FILE,
@@ -58,6 +52,8 @@ from dtprobe.table import (
     sort_metrics,
     transfer_protocols,
 )
+
+__doc__ = with_references(__doc__, "kornblith2021", "cui2022")
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes

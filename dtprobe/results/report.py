@@ -9,13 +9,6 @@ other file: CSS is inline and there is no JavaScript, so it can be mailed or arc
 The layout follows the question of Kornblith et al. (2021) and Cui et al. (2022): while
 source accuracy (discriminability) rises, when does transferability (downstream linear-probe
 accuracy) peak, and how much is lost by the end of training?
-
-References
-----------
-.. [1] S. Kornblith, T. Chen, H. Lee, M. Norouzi, "Why do better loss functions lead to less
-   transferable features?", NeurIPS 2021.
-.. [2] Q. Cui et al., "Discriminability-transferability trade-off: an information-theoretic
-   perspective", ECCV 2022.
 """
 
 from __future__ import annotations
@@ -35,7 +28,10 @@ import pandas as pd
 import checkpoints_manifest as cm
 from dtprobe import __version__
 from dtprobe.errors import ConfigError
+from dtprobe.references import with_references
 from dtprobe.table import metric_info, parse_params
+
+__doc__ = with_references(__doc__, "kornblith2021", "cui2022")
 
 if TYPE_CHECKING:  # pragma: no cover  (type only: the report never imports dtprobe.results.core)
     from dtprobe.results.core import Results

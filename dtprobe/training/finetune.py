@@ -33,18 +33,6 @@ for a CPU at the embedded default's sizes:
 A fine-tune whose loss becomes NaN/Inf or exceeds :data:`MAX_LOSS` stops at once and that
 learning rate is dropped; when every rate diverges the result carries a one-line ``error`` and a
 NaN accuracy.
-
-References
-----------
-.. [1] S. Kornblith, T. Chen, H. Lee, M. Norouzi, "Why do better loss functions lead to less
-   transferable features?", NeurIPS 2021 (fine-tuning erases the differences between losses).
-.. [2] A. Islam et al., "A broad study on the transferability of visual representations with
-   contrastive learning", ICCV 2021 (linear, fine-tuning and few-shot transfer).
-.. [3] S. Kornblith, J. Shlens, Q. V. Le, "Do better ImageNet models transfer better?",
-   CVPR 2019 (fine-tuning with a learning-rate grid chosen on a validation split).
-.. [4] A. Kumar, A. Raghunathan, R. Jones, T. Ma, P. Liang, "Fine-tuning can distort pretrained
-   features and underperform out-of-distribution", ICLR 2022 (LP-FT: linear probe, then
-   fine-tune).
 """
 
 from __future__ import annotations
@@ -60,7 +48,17 @@ import torch
 from torch import nn
 
 from dtprobe.errors import MetricInputError
+from dtprobe.references import with_references
 from dtprobe.training.augment import shift_flip
+
+__doc__ = with_references(
+    __doc__,
+    ("kornblith2021", "(fine-tuning erases the differences between losses)"),
+    ("islam2021", "(linear, fine-tuning and few-shot transfer)"),
+    ("kornblith2019transfer",
+     "(fine-tuning with a learning-rate grid chosen on a validation split)"),
+    ("kumar2022", "(LP-FT: linear probe, then fine-tune)"),
+)
 
 __all__ = ["FINETUNE_RECIPE", "FineTuneResult", "finetune"]
 

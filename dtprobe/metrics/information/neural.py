@@ -286,10 +286,7 @@ def infonce_mi(a: ArrayLike, b: ArrayLike, *, hidden: int = 256, n_layers: int =
     n_eval_perms : int
         The final estimate averages the bound over this many random partitions of all ``n``
         samples into batches of ``K`` (a trailing partial batch is dropped).
-    max_samples, seed : optional seeded subsample; ``seed`` also seeds initialisation and
-        batches.
-    plateau_tol : float
-        Tolerance of the settling test (:func:`settled`).
+    max_samples, seed, plateau_tol : as :func:`mine_mi`.
 
     Returns
     -------

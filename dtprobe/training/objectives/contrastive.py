@@ -36,14 +36,6 @@ per-device batches do.
 
 Hyperparameters: ``tau = 0.1`` (Khosla et al.; Islam et al. use SimCLR's ImageNet value),
 joint weight ``1.0``, projection 128-d.
-
-References
-----------
-.. [1] A. Islam, C.-F. Chen, R. Panda, L. Karlinsky, R. Radke, R. Feris, "A Broad Study on the
-   Transferability of Visual Representations with Contrastive Learning", ICCV 2021.
-.. [2] P. Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020.
-.. [3] T. Chen, S. Kornblith, M. Norouzi, G. Hinton, "A Simple Framework for Contrastive
-   Learning of Visual Representations", ICML 2020.
 """
 
 from __future__ import annotations
@@ -55,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtprobe.errors import ConfigError
+from dtprobe.references import with_references
 from dtprobe.runtime.distributed import all_gather_rows
 from dtprobe.training.augment import CONTRASTIVE_VIEW
 from dtprobe.training.objectives.base import (
@@ -63,6 +56,8 @@ from dtprobe.training.objectives.base import (
     check_positive,
 )
 from dtprobe.training.objectives.registry import register_objective
+
+__doc__ = with_references(__doc__, "islam2021", "khosla2020", "chen2020")
 
 PAPER = "Islam et al. 2021"
 MIN_TAU = 1e-3  # below this exp(1/tau) overflows float32 for cosine 1 (e^1000)

@@ -1,15 +1,13 @@
 """Softmax cross-entropy, the baseline every objective is compared with (Kornblith et al. 2021).
-
-References
-----------
-.. [1] S. Kornblith, T. Chen, H. Lee, M. Norouzi, "Why do better loss functions lead to less
-   transferable features?", NeurIPS 2021.
 """
 
 from __future__ import annotations
 
+from dtprobe.references import with_references
 from dtprobe.training.objectives.base import Objective, ObjectiveContext
 from dtprobe.training.objectives.registry import register_objective
+
+__doc__ = with_references(__doc__, "kornblith2021")
 
 
 class CrossEntropyObjective(Objective):

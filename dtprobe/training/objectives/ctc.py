@@ -37,14 +37,6 @@ DDP (its banks are replaced every step and are already synchronised); call
 
 Mixed precision: the projections, scores and losses run with autocast disabled, in the banks'
 dtype (float32 by default); only the snapshot's forward pass follows the caller's autocast.
-
-References
-----------
-.. [1] Q. Cui, B. Zhao, Z.-M. Chen, B. Zhao, R. Song, J. Liang, B. Zhou, O. Yoshie,
-   "Discriminability-Transferability Trade-Off: An Information-Theoretic Perspective", ECCV 2022.
-.. [2] Z. Wu, Y. Xiong, S. X. Yu, D. Lin, "Unsupervised Feature Learning via Non-Parametric
-   Instance Discrimination", CVPR 2018.
-.. [3] Y. Tian, D. Krishnan, P. Isola, "Contrastive Representation Distillation", ICLR 2020.
 """
 
 from __future__ import annotations
@@ -64,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtprobe.errors import CheckpointError, ConfigError
+from dtprobe.references import with_references
 from dtprobe.training.objectives.base import Objective, ObjectiveContext
 from dtprobe.training.objectives.memory_bank import (
     OtherClassSampler,
@@ -79,6 +72,8 @@ from dtprobe.training.objectives.memory_bank import (
 )
 from dtprobe.training.objectives.registry import register_objective
 
+__doc__ = with_references(__doc__, "cui2022", "wu2018", "tian2020")
+
 __all__ = ["CTCConfig", "CTCObjective", "PRESETS"]
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -91,6 +86,10 @@ PRESETS: dict[str, dict[str, float]] = {
     "discriminability": {"alpha": 0.1, "tau1": 0.50, "m1": 0.9,
                          "beta": 1.0, "tau2": 0.40, "m2": 0.9},
 }
+
+#: The defaults of :class:`CTCConfig` (its loss weights, temperatures and momenta): the
+#: "transferability" preset, whose values are stated in :data:`PRESETS` alone.
+_DEFAULT_PRESET = PRESETS["transferability"]
 
 _STATE_VERSION = 1
 
@@ -131,12 +130,12 @@ class CTCConfig:
     """
 
     stage_two_epoch: int = 200
-    alpha: float = 0.5
-    tau1: float = 0.10
-    m1: float = 0.9
-    beta: float = 1.0
-    tau2: float = 0.10
-    m2: float = 0.9
+    alpha: float = _DEFAULT_PRESET["alpha"]
+    tau1: float = _DEFAULT_PRESET["tau1"]
+    m1: float = _DEFAULT_PRESET["m1"]
+    beta: float = _DEFAULT_PRESET["beta"]
+    tau2: float = _DEFAULT_PRESET["tau2"]
+    m2: float = _DEFAULT_PRESET["m2"]
     proj_dim: int = 128
     nce_k: int = 16384
     freeze_stage1_projector: bool = False
@@ -592,11 +591,15 @@ def _register() -> None:
     def _ctc(ctx: ObjectiveContext, preset: str = "transferability",
              stage_two_epoch: int | None = None, alpha: float | None = None,
              tau1: float | None = None, m1: float | None = None, beta: float | None = None,
-             tau2: float | None = None, m2: float | None = None, proj_dim: int = 128,
-             nce_k: int = 16384, freeze_stage1_projector: bool = False,
-             refresh_banks: bool = True, alpha_warmup_epochs: int = 0,
-             negatives_with_replacement: bool = False) -> Objective:
+             tau2: float | None = None, m2: float | None = None,
+             proj_dim: int = CTCConfig.proj_dim, nce_k: int = CTCConfig.nce_k,
+             freeze_stage1_projector: bool = CTCConfig.freeze_stage1_projector,
+             refresh_banks: bool = CTCConfig.refresh_banks,
+             alpha_warmup_epochs: int = CTCConfig.alpha_warmup_epochs,
+             negatives_with_replacement: bool = CTCConfig.negatives_with_replacement,
+             ) -> Objective:
         """two-stage CE + instance discrimination, then CE + temporal NCE (None = from preset)"""
+        # the defaults are CTCConfig's, read from it (one place states them)
         options: dict[str, Any] = {k: v for k, v in dict(
             alpha=alpha, tau1=tau1, m1=m1, beta=beta, tau2=tau2, m2=m2).items() if v is not None}
         s = stage_two_epoch if stage_two_epoch is not None else max(1, round(ctx.epochs * 2 / 3))

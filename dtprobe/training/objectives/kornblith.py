@@ -60,14 +60,6 @@ they do not train).
 Zero-norm logits (logit normalisation) or class weights (cosine softmax) give exactly 0 with a
 zero gradient instead of NaN (``tf.nn.l2_normalize`` divides by ``max(||x||, 1e-6)``; the two
 agree for every norm above 1e-6).
-
-References
-----------
-.. [1] S. Kornblith, T. Chen, H. Lee, M. Norouzi, "Why Do Better Loss Functions Lead to Less
-   Transferable Features?", NeurIPS 2021 (arXiv:2010.16402); code:
-   https://github.com/google-research/google-research/tree/master/loss_functions_transfer
-.. [2] L. Hui, M. Belkin, "Evaluation of Neural Architectures Trained with Square Loss vs
-   Cross-Entropy in Classification Tasks", ICLR 2021.
 """
 
 from __future__ import annotations
@@ -79,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtprobe.references import with_references
 from dtprobe.training.objectives.base import (
     Objective,
     ObjectiveContext,
@@ -87,6 +80,14 @@ from dtprobe.training.objectives.base import (
     safe_normalize,
 )
 from dtprobe.training.objectives.registry import register_objective
+
+__doc__ = with_references(
+    __doc__,
+    ("kornblith2021",
+     "(arXiv:2010.16402); code: "
+     "https://github.com/google-research/google-research/tree/master/loss_functions_transfer"),
+    "hui2021",
+)
 
 PAPER = "Kornblith et al. 2021"
 

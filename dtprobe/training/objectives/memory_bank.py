@@ -5,14 +5,6 @@ instance discrimination of stage 1 (Wu et al. 2018) and the CRD-style binary NCE
 (Tian et al. 2020). Every function here is a pure tensor function except the sampler, whose only
 state is its lookup tables; randomness comes from a counter-seeded ``torch.Generator`` so a draw is
 reproducible from ``(seed, rank, draw)`` alone.
-
-References
-----------
-.. [1] Q. Cui, B. Zhao, Z.-M. Chen, B. Zhao, R. Song, J. Liang, B. Zhou, O. Yoshie,
-   "Discriminability-Transferability Trade-Off: An Information-Theoretic Perspective", ECCV 2022.
-.. [2] Z. Wu, Y. Xiong, S. X. Yu, D. Lin, "Unsupervised Feature Learning via Non-Parametric
-   Instance Discrimination", CVPR 2018.
-.. [3] Y. Tian, D. Krishnan, P. Isola, "Contrastive Representation Distillation", ICLR 2020.
 """
 
 from __future__ import annotations
@@ -25,7 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtprobe.errors import ConfigError
+from dtprobe.references import with_references
 from dtprobe.runtime.distributed import all_gather_rows, distributed_rank, is_distributed
+
+__doc__ = with_references(__doc__, "cui2022", "wu2018", "tian2020")
 
 __all__ = [
     "OtherClassSampler",

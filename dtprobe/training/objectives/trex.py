@@ -33,12 +33,6 @@ features. Optimiser, schedule and weight decay are the trainer's (the authors': 
 batch/256, 10 warm-up epochs, cosine to 1e-6, weight decay 1e-4 on non-bias non-norm
 parameters, 100 epochs). Under DDP the memory is filled with the embeddings all-gathered from
 every rank, as the authors'.
-
-References
-----------
-.. [1] M. B. Sariyildiz, Y. Kalantidis, K. Alahari, D. Larlus, "No Reason for No Supervision:
-   Improved Generalization in Supervised Models", ICLR 2023; code: https://github.com/naver/trex
-   (``trex.py``, ``main.py``, ``multi_crop.py``).
 """
 
 from __future__ import annotations
@@ -50,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtprobe.errors import ConfigError
+from dtprobe.references import with_references
 from dtprobe.training.augment import random_resized_crop
 from dtprobe.training.objectives.base import (
     Objective,
@@ -59,6 +54,12 @@ from dtprobe.training.objectives.base import (
 )
 from dtprobe.training.objectives.memory_bank import all_gather_rows
 from dtprobe.training.objectives.registry import register_objective
+
+__doc__ = with_references(
+    __doc__,
+    ("sariyildiz2023",
+     "; code: https://github.com/naver/trex (``trex.py``, ``main.py``, ``multi_crop.py``)"),
+)
 
 PAPER = "Sariyildiz et al. 2023"
 LOCAL_SCALE = (0.05, 0.25)
