@@ -93,3 +93,15 @@ def test_unknown_key_fails_even_without_a_docstring():
     assert with_references(None, "cui2022") is None
     assert with_references("Doc.\n\n", "cui2022").startswith("Doc.\n\nReferences\n")
 
+
+
+def test_the_cli_lists_everything_with_docstrings_stripped():
+    """`python -OO` strips every docstring: registries that read a first docstring line and
+    the references appended to module docstrings must still import and list."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-OO", "-m", "dtprobe", "list"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ctc" in done.stdout and "probe_accuracy" in done.stdout

@@ -42,7 +42,8 @@ def register_objective(name: str, *, paper: str, description: str = ""):
         sig = inspect.signature(factory)
         defaults = {k: p.default for k, p in list(sig.parameters.items())[1:]
                     if p.default is not inspect.Parameter.empty}
-        doc = description or (factory.__doc__ or "").strip().splitlines()[0]
+        # the docstring's first line; none under `python -OO`, which strips docstrings
+        doc = description or next(iter((factory.__doc__ or "").strip().splitlines()), "")
         _OBJECTIVES[name] = ObjectiveSpec(name, factory, paper, defaults, doc)
         return factory
 
