@@ -101,6 +101,10 @@ _GRAD_FLOOR = {torch.float64: 1.5e-8, torch.float32: 3.5e-4, torch.float16: 3.1e
 _FAST_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
+#: L-BFGS memory of the sweep (curvature pairs kept along the grid).
+_SWEEP_HISTORY = 20
+
+
 class ProbeConvergenceWarning(UserWarning):
     """L-BFGS stopped at ``max_iter`` before the gradient tolerance was met."""
 
@@ -221,18 +225,19 @@ class _Curvature:
         if len(self.s) > self.size:
             del self.s[0], self.y[0]
 
-    def shift_penalty(self, delta: float, weight_mask: torch.Tensor) -> None:
-        """Adjust every pair to a penalty changed by ``delta`` (``p' - p``)."""
-        for i, (s, y) in enumerate(zip(self.s, self.y, strict=True)):
-            self.y[i] = y + (2.0 * delta) * s * weight_mask
+    def shift_penalty(self, delta: float, k_eff: int, d: int) -> None:
+        """Adjust every pair to a penalty changed by ``delta`` (``p' - p``) on the weights of
+        ``k_eff`` rows of ``d`` weights and a bias (in place: the pairs are this memory's)."""
+        for s, y in zip(self.s, self.y, strict=True):
+            y.view(k_eff, d + 1)[:, :d].add_(s.view(k_eff, d + 1)[:, :d], alpha=2.0 * delta)
         kept = [(s, y) for s, y in zip(self.s, self.y, strict=True)
                 if float(torch.dot(s, y)) > 0]
         self.s, self.y = [s for s, _ in kept], [y for _, y in kept]
 
     def to(self, dtype: torch.dtype) -> _Curvature:
         out = _Curvature(self.size)
-        out.s = [s.to(dtype) for s in self.s]
-        out.y = [y.to(dtype) for y in self.y]
+        out.s = [s.to(dtype, copy=True) for s in self.s]
+        out.y = [y.to(dtype, copy=True) for y in self.y]
         return out
 
     def direction(self, g: torch.Tensor) -> torch.Tensor:
@@ -271,10 +276,14 @@ class _Solve:
 _LOSS_SLACK = {torch.float64: 1e-15, torch.float32: 5e-7}
 
 
-def _lbfgs(fun, theta: torch.Tensor, tol: float, max_iter: int, memory: _Curvature
-           ) -> _Solve:
+def _lbfgs(fun, theta: torch.Tensor, tol: float, max_iter: int, memory: _Curvature,
+           start: tuple[float, torch.Tensor] | None = None) -> _Solve:
     """Minimise ``fun(theta) -> (loss, grad)`` from ``theta`` by L-BFGS until the largest
     absolute gradient entry is ``<= tol`` (``memory`` is used and updated in place).
+
+    ``start``: ``fun(theta)`` when the caller already knows it (the sweep does: moving to a
+    new penalty changes the previous solution's loss and gradient by a known quadratic term),
+    which saves the first evaluation.
 
     The line search starts at the quasi-Newton step 1 (a scaled gradient step when there is
     no memory) and backtracks by safeguarded quadratic interpolation until the Armijo
@@ -282,8 +291,13 @@ def _lbfgs(fun, theta: torch.Tensor, tol: float, max_iter: int, memory: _Curvatu
     converged, when ``max_iter`` iterations are spent or no step decreases the objective.
     """
     slack = _LOSS_SLACK.get(theta.dtype, 1e-6)
-    loss, grad = fun(theta)
-    n_eval, n_iter = 1, 0
+    if start is None:
+        loss, grad = fun(theta)
+        n_eval = 1
+    else:
+        loss, grad = start
+        n_eval = 0
+    n_iter = 0
     gmax = float(grad.abs().max())
     flat_steps = 0  # consecutive accepted steps that did not lower the loss (round-off)
     while gmax > tol and n_iter < max_iter and flat_steps < 5:
@@ -454,7 +468,8 @@ class LinearProbe(BaseEstimator):
     def _fit_prepared(self, xt: torch.Tensor, yi: torch.Tensor, classes: torch.Tensor,
                       mean: torch.Tensor | None, scale: torch.Tensor | None,
                       xt_fast: torch.Tensor | None = None,
-                      memory: _Curvature | None = None, verify: bool = True) -> None:
+                      memory: _Curvature | None = None, verify: bool = True,
+                      start: tuple[float, torch.Tensor] | None = None) -> None:
         """Solve on prepared features ``xt`` (d, n) (already standardised, right dtype/device)
         with class indices ``yi`` into ``classes``.
 
@@ -463,8 +478,12 @@ class LinearProbe(BaseEstimator):
         ``xt``'s precision.  ``memory`` (L-BFGS pairs of the fast precision, for this
         objective) is used and updated: the sweep passes one along the grid.  With
         ``verify=False`` a fast solve that met half the tolerance (twice the margin of its
-        gradient's round-off) is not re-evaluated in ``xt``'s precision.
+        gradient's round-off) is not re-evaluated in ``xt``'s precision; it then leaves
+        ``_fast_state`` (its solution, loss, gradient and penalty in the fast precision) for
+        the next grid point's ``start`` (the fast objective's loss and gradient at the warm
+        start, which the sweep derives exactly from ``_fast_state``).
         """
+        self._fast_state = None
         C = _check_c(self.C)
         if int(self.max_iter) < 1 or not float(self.tol) > 0:
             raise ConfigError("LinearProbe needs max_iter >= 1 and tol > 0")
@@ -472,6 +491,11 @@ class LinearProbe(BaseEstimator):
         dtype, device = xt.dtype, xt.device
         k_eff = 1 if classes.numel() == 2 else int(classes.numel())
         theta = torch.zeros(k_eff, d + 1, dtype=dtype, device=device)
+        # cold start: zero weights and the bias that minimises the loss at zero weights (the
+        # log class frequencies), the strong-penalty solution's neighbourhood
+        counts = torch.bincount(yi, minlength=int(classes.numel())).to(dtype).clamp_(min=0.5)
+        log_freq = counts.log()
+        theta[:, d] = (log_freq[1:] - log_freq[:1]) if k_eff == 1 else log_freq - log_freq.mean()
         if (self.warm_start and getattr(self, "coef_", None) is not None
                 and tuple(self.coef_.shape) == (k_eff, d)):
             theta[:, :d] = self.coef_.to(device=device, dtype=dtype)
@@ -486,10 +510,11 @@ class LinearProbe(BaseEstimator):
             fun = _objective(xt_fast, yi, k_eff, penalty)
             # half the tolerance: the fast precision's gradient carries ~1e-6 of round-off
             res = _lbfgs(fun, theta.to(xt_fast.dtype), max(0.5 * tol, _FAST_FLOOR.get(
-                xt_fast.dtype, 0.0)), max_iter, fast_memory)
+                xt_fast.dtype, 0.0)), max_iter, fast_memory, start=start)
             theta, n_iter = res.theta.to(dtype), res.n_iter
             if not verify and res.converged:
                 self._store(res, theta, n_iter, k_eff, d, classes, mean, scale)
+                self._fast_state = (res.theta, res.loss, res.grad, penalty)
                 return
             memory = fast_memory.to(dtype)
         elif memory is None:
@@ -805,7 +830,8 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
         return out.div_(scale[:, None])
 
     probe = LinearProbe(grid[0], standardize=standardize, max_iter=max_iter, tol=fit_tol,
-                        history_size=20, warm_start=True, device=device, dtype=dtype)
+                        history_size=_SWEEP_HISTORY, warm_start=True, device=device,
+                        dtype=dtype)
     n_iter_total = 0
     d = int(xtr.shape[1])
     k_eff = 1 if classes.numel() == 2 else int(classes.numel())
@@ -830,18 +856,35 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
         y_fit, y_val = ytr[fit_idx_t], ytr[val_idx_t]
         # the L-BFGS memory travels along the grid (its pairs shifted to each new penalty)
         memory = _Curvature(probe.history_size)
-        previous_penalty = None
+        previous_penalty = previous_c = None
         best_acc, since_best = -1.0, 0
         for c in grid:
             penalty = 1.0 / (2.0 * c * n_fit)
             if previous_penalty is not None:
-                memory.shift_penalty(penalty - previous_penalty, weight_mask)
+                memory.shift_penalty(penalty - previous_penalty, k_eff, d)
             previous_penalty = penalty
+            # The previous solution's loss and gradient under the new penalty are known
+            # exactly (the penalty is quadratic): no evaluation is spent at the warm start,
+            # and a warm start that already meets the tolerance costs nothing.
+            state = getattr(probe, "_fast_state", None)
+            start = None
+            if state is not None:
+                theta_prev, loss_prev, grad_prev, penalty_prev = state
+                w = theta_prev * weight_mask
+                delta = penalty - penalty_prev
+                start = (loss_prev + delta * float(torch.dot(w, w)),
+                         grad_prev + (2.0 * delta) * w)
             probe.set_params(C=c)
             probe._fit_prepared(xt_fit, y_fit, classes, mean, scale, xt_fast=xt_fit_fast,
-                                memory=memory, verify=False)
+                                memory=memory, verify=False, start=start)
             n_iter_total += probe.n_iter_
-            val_acc[c], val_loss[c] = probe._accuracy_log_loss(xt_val, y_val)
+            if (start is not None and probe.n_iter_ == 0 and probe._fast_state is not None
+                    and sweep_ok.get(previous_c, False)):
+                # the same parameters as the previous grid point: the same predictions
+                val_acc[c], val_loss[c] = val_acc[previous_c], val_loss[previous_c]
+            else:
+                val_acc[c], val_loss[c] = probe._accuracy_log_loss(xt_val, y_val)
+            previous_c = c
             sweep_ok[c] = probe.converged_
             solutions[c] = (probe.coef_, probe.intercept_)
             if probe.converged_ and val_acc[c] > best_acc:
@@ -864,6 +907,12 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
         candidates = sorted(near[:int(n_candidates)])
         polished: dict[float, tuple[float, float, bool]] = {}
         probe.set_params(tol=tight_tol)
+        if len(candidates) == 1:
+            # a single candidate is the choice whatever its log-loss: nothing to compare, so
+            # no tight re-solve (the refit below is solved to ``select_tol`` all the same)
+            c = candidates[0]
+            polished[c] = (val_acc[c], val_loss[c], sweep_ok[c])
+            candidates = []
         for c in candidates:
             probe.set_params(C=c)
             probe.coef_, probe.intercept_ = solutions[c]
@@ -872,11 +921,13 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
             acc, loss = probe._accuracy_log_loss(xt_val, y_val)
             polished[c] = (acc, loss, probe.converged_)
             solutions[c] = (probe.coef_, probe.intercept_)
-        best_c = max(candidates, key=lambda c: (polished[c][2] or not any(
+        best_c = max(polished, key=lambda c: (polished[c][2] or not any(
             v[2] for v in polished.values()), polished[c][0], -polished[c][1], -c))
         del xt_fit_fast, xt_fit, xt_val
 
-        # refit on train + validation, warm-started from the chosen sweep solution
+        # refit on train + validation, warm-started from the chosen sweep solution expressed
+        # in the new standardisation (the same linear function of the raw features)
+        fit_mean, fit_scale = mean, scale
         mean, scale = stats(xtr)
         xt_tr = transposed(xtr, mean, scale)
         del xtr
@@ -884,7 +935,11 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
         n_test = int(xte.shape[0])
         del xte
         probe.set_params(C=best_c)
-        probe.coef_, probe.intercept_ = solutions[best_c]
+        coef, intercept = solutions[best_c]
+        if mean is not None and fit_mean is not None:
+            intercept = intercept + coef @ ((mean - fit_mean) / fit_scale)
+            coef = coef * (scale / fit_scale)
+        probe.coef_, probe.intercept_ = coef, intercept
         probe._fit_prepared(xt_tr, ytr, classes, mean, scale,
                             xt_fast=xt_tr.to(fast) if fast != dtype else None)
         n_iter_total += probe.n_iter_
