@@ -516,10 +516,12 @@ class LinearProbe(BaseEstimator):
             fast_memory = memory if memory is not None else _Curvature(self.history_size)
             fun = _objective(xt_fast, yi, k_eff, penalty)
             # half the tolerance: the fast precision's gradient carries ~1e-6 of round-off
-            res = _lbfgs(fun, theta.to(xt_fast.dtype), max(0.5 * tol, _FAST_FLOOR.get(
-                xt_fast.dtype, 0.0)), max_iter, fast_memory, start=start)
+            fast_floor = _FAST_FLOOR.get(xt_fast.dtype, 0.0)
+            res = _lbfgs(fun, theta.to(xt_fast.dtype), max(0.5 * tol, fast_floor), max_iter,
+                         fast_memory, start=start)
             theta, n_iter = res.theta.to(dtype), res.n_iter
-            if not verify and res.converged:
+            # (a tolerance below the fast precision's floor is never met in it: finish below)
+            if not verify and res.converged and 0.5 * tol >= fast_floor:
                 self._store(res, theta, n_iter, k_eff, d, classes, mean, scale)
                 self._fast_state = (res.theta, res.loss, res.grad, penalty)
                 return
@@ -604,8 +606,9 @@ class ProbeResult:
         unverified (and a :class:`ProbeConvergenceWarning` was issued).
     tight : whether both also met the tighter ``select_tol`` (for round-off stability).
     refit_grad_max : largest absolute gradient entry of the refit's objective at its solution.
-    sweep_converged : per evaluated ``C``, whether its fit met ``sweep_tol``.  Unconverged
-        grid points are never chosen while a converged one exists.
+    sweep_converged : per evaluated ``C``, whether its fit met ``sweep_tol`` (a tolerance
+        below the fast precision's floor is finished in ``dtype``).  Unconverged grid points
+        are never chosen while a converged one exists.
     n_test : number of test samples (for the confidence interval).
     val_log_loss : validation log-loss per evaluated ``C`` (sweep solutions).
     selection : per candidate ``C`` re-solved to ``select_tol``: its validation accuracy,
@@ -733,7 +736,8 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
        one validation sample of it are solved again to
        ``select_tol`` and compared on validation accuracy, ties broken by the lower
        validation log-loss (a continuous criterion, so round-off cannot flip the choice
-       between equally accurate values), then by the smaller ``C``.
+       between equally accurate values), then by the smaller ``C``.  A single candidate is
+       the choice whatever its log-loss, so it is not re-solved.
     4. Refit on train + validation (standardised with their statistics) at the chosen ``C``
        to ``select_tol`` and report test accuracy.
 
@@ -746,8 +750,14 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
 
     The solver is L-BFGS written for this loop: the memory of curvature pairs is carried
     from one ``C`` to the next (each pair shifted exactly to the new penalty), so a weaker
-    regularisation starts from the previous solution *and* its curvature; one evaluation per
-    iteration where the unit step is accepted (Nocedal and Wright 2006, ch. 7).
+    regularisation starts from the previous solution *and* its curvature; the previous
+    solution's loss and gradient under the new penalty are known exactly (the penalty is
+    quadratic), so a grid point costs no evaluation at its start and none at all when its
+    warm start already meets the tolerance; one evaluation per iteration where the unit step
+    is accepted (Nocedal and Wright 2006, ch. 7).  The first fit starts from zero weights
+    and the log class frequencies as bias.  The candidates and the refit start with the
+    curvature kept at the most accurate ``C``; the refit's warm start is the chosen solution
+    written in the train + validation standardisation (the same linear function).
 
     Parameters
     ----------
