@@ -112,8 +112,12 @@ class ProbeConvergenceWarning(UserWarning):
 
 
 class ProbeSweepConvergenceWarning(ProbeConvergenceWarning):
-    """Some sweep fits at C values that were *not* chosen stopped before the tolerance (one
-    constant message: shown once per call site by Python's default warning filter)."""
+    """Some sweep fits at C values that were *not* chosen stopped before the tolerance (said
+    once per process; every result records them)."""
+
+
+#: Non-empty once the :class:`ProbeSweepConvergenceWarning` of this process was issued.
+_SWEEP_NOTE_SHOWN: set[bool] = set()
 
 
 def _resolve_device_dtype(x: ArrayLike, device: Any, dtype: torch.dtype | None
@@ -1005,11 +1009,13 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
         warnings.warn(f"linear_probe: {what} stopped above tol={loose:g} within "
                       f"max_iter={max_iter}: the test accuracy is unverified (raise max_iter)"
                       f"{others}", ProbeConvergenceWarning, stacklevel=2)
-    elif unconverged:
+    elif unconverged and not _SWEEP_NOTE_SHOWN:
         # C is chosen among converged fits; these only say that some weakly regularised fit
         # (typically on (near-)separable features, whose unpenalised optimum is at infinity)
-        # did not finish.  One constant message, so Python's default filter shows it once
-        # per call site instead of once per probe; the count is in every result and row.
+        # did not finish.  Said once per process, not once per probe (Python's own
+        # once-per-call-site registry is cleared by every warnings.catch_warnings() of the
+        # analysis); the count is in every result and row.
+        _SWEEP_NOTE_SHOWN.add(True)
         warnings.warn("linear_probe: some sweep fits at C values that were not chosen stopped "
                       "at max_iter before tol (weak regularisation); C is chosen among the "
                       "converged fits, and each result records which did not converge "
