@@ -81,6 +81,11 @@ def demo_configs(out: Path, epochs: int = DEMO_EPOCHS, seed: int = 0, device: st
     if batch_size is not None:
         common["batch_size"] = batch_size
     ctc = {**DEMO_CTC, "stage_two_epoch": max(1, round(epochs * 2 / 3))}
+    # CTC draws its negatives from the other classes: at most N - max_c n_c of them.  On the
+    # small data of --quick (or a small override) half the training set is under that pool for
+    # any near-balanced labels, instead of 1024 clipped with a warning the user cannot act on.
+    if "n_train" in data:
+        ctc["nce_k"] = min(int(ctc["nce_k"]), max(1, int(data["n_train"]) // 2))
     return {"ce": TrainConfig(out=str(out / "ce"), objective="ce", **common),
             "ctc": TrainConfig(out=str(out / "ctc"), objective="ctc", ctc=ctc, **common)}
 

@@ -82,3 +82,12 @@ def test_notebook_full_setting_is_the_demo():
     assert cfgs["ctc"].ctc["preset"] == demo.DEMO_CTC["preset"]
     nb = (ROOT / "examples" / "tradeoff.ipynb").read_text()
     assert "demo_configs" in nb  # the notebook's full setting is built by the demo's function
+
+
+def test_quick_demo_ctc_negatives_fit_its_small_data():
+    # --quick trains on 600 images of 6 shapes: the other-class pool is ~500, so the full
+    # demo's 1024 negatives would be clipped with a warning a newcomer cannot act on
+    full = demo.demo_configs(Path("x"))["ctc"].ctc["nce_k"]
+    quick = demo.demo_configs(Path("x"), quick=True)["ctc"].ctc["nce_k"]
+    assert full == demo.DEMO_CTC["nce_k"] == 1024
+    assert quick == demo.QUICK_DATA["n_train"] // 2

@@ -52,6 +52,7 @@ __all__ = [
     "PROBE_METRIC_SETTINGS",
     "PROBE_PROTOCOLS",
     "ProbeConvergenceWarning",
+    "ProbeSweepConvergenceWarning",
     "ProbeResult",
     "SHORT_C_GRID",
     "accuracy_interval",
@@ -97,8 +98,22 @@ _GRAD_FLOOR = {torch.float64: 1.5e-8, torch.float32: 3.5e-4, torch.float16: 3.1e
 _FAST_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
+#: L-BFGS memory of the sweep (curvature pairs kept along the grid).
+_SWEEP_HISTORY = 20
+
+
 class ProbeConvergenceWarning(UserWarning):
-    """L-BFGS stopped at ``max_iter`` before the gradient tolerance was met."""
+    """L-BFGS stopped at ``max_iter`` before the gradient tolerance was met, for a fit that
+    the reported number rests on (the chosen C's fit or the refit)."""
+
+
+class ProbeSweepConvergenceWarning(ProbeConvergenceWarning):
+    """Some sweep fits at C values that were *not* chosen stopped before the tolerance (said
+    once per process; every result records them)."""
+
+
+#: Non-empty once the :class:`ProbeSweepConvergenceWarning` of this process was issued.
+_SWEEP_NOTE_SHOWN: set[bool] = set()
 
 
 def _resolve_device_dtype(x: ArrayLike, device: Any, dtype: torch.dtype | None
@@ -217,18 +232,19 @@ class _Curvature:
         if len(self.s) > self.size:
             del self.s[0], self.y[0]
 
-    def shift_penalty(self, delta: float, weight_mask: torch.Tensor) -> None:
-        """Adjust every pair to a penalty changed by ``delta`` (``p' - p``)."""
-        for i, (s, y) in enumerate(zip(self.s, self.y, strict=True)):
-            self.y[i] = y + (2.0 * delta) * s * weight_mask
+    def shift_penalty(self, delta: float, k_eff: int, d: int) -> None:
+        """Adjust every pair to a penalty changed by ``delta`` (``p' - p``) on the weights of
+        ``k_eff`` rows of ``d`` weights and a bias (in place: the pairs are this memory's)."""
+        for s, y in zip(self.s, self.y, strict=True):
+            y.view(k_eff, d + 1)[:, :d].add_(s.view(k_eff, d + 1)[:, :d], alpha=2.0 * delta)
         kept = [(s, y) for s, y in zip(self.s, self.y, strict=True)
                 if float(torch.dot(s, y)) > 0]
         self.s, self.y = [s for s, _ in kept], [y for _, y in kept]
 
     def to(self, dtype: torch.dtype) -> _Curvature:
         out = _Curvature(self.size)
-        out.s = [s.to(dtype) for s in self.s]
-        out.y = [y.to(dtype) for y in self.y]
+        out.s = [s.to(dtype, copy=True) for s in self.s]
+        out.y = [y.to(dtype, copy=True) for y in self.y]
         return out
 
     def direction(self, g: torch.Tensor) -> torch.Tensor:
@@ -267,10 +283,14 @@ class _Solve:
 _LOSS_SLACK = {torch.float64: 1e-15, torch.float32: 5e-7}
 
 
-def _lbfgs(fun, theta: torch.Tensor, tol: float, max_iter: int, memory: _Curvature
-           ) -> _Solve:
+def _lbfgs(fun, theta: torch.Tensor, tol: float, max_iter: int, memory: _Curvature,
+           start: tuple[float, torch.Tensor] | None = None) -> _Solve:
     """Minimise ``fun(theta) -> (loss, grad)`` from ``theta`` by L-BFGS until the largest
     absolute gradient entry is ``<= tol`` (``memory`` is used and updated in place).
+
+    ``start``: ``fun(theta)`` when the caller already knows it (the sweep does: moving to a
+    new penalty changes the previous solution's loss and gradient by a known quadratic term),
+    which saves the first evaluation.
 
     The line search starts at the quasi-Newton step 1 (a scaled gradient step when there is
     no memory) and backtracks by safeguarded quadratic interpolation until the Armijo
@@ -278,8 +298,13 @@ def _lbfgs(fun, theta: torch.Tensor, tol: float, max_iter: int, memory: _Curvatu
     converged, when ``max_iter`` iterations are spent or no step decreases the objective.
     """
     slack = _LOSS_SLACK.get(theta.dtype, 1e-6)
-    loss, grad = fun(theta)
-    n_eval, n_iter = 1, 0
+    if start is None:
+        loss, grad = fun(theta)
+        n_eval = 1
+    else:
+        loss, grad = start
+        n_eval = 0
+    n_iter = 0
     gmax = float(grad.abs().max())
     flat_steps = 0  # consecutive accepted steps that did not lower the loss (round-off)
     while gmax > tol and n_iter < max_iter and flat_steps < 5:
@@ -450,7 +475,8 @@ class LinearProbe(BaseEstimator):
     def _fit_prepared(self, xt: torch.Tensor, yi: torch.Tensor, classes: torch.Tensor,
                       mean: torch.Tensor | None, scale: torch.Tensor | None,
                       xt_fast: torch.Tensor | None = None,
-                      memory: _Curvature | None = None, verify: bool = True) -> None:
+                      memory: _Curvature | None = None, verify: bool = True,
+                      start: tuple[float, torch.Tensor] | None = None) -> None:
         """Solve on prepared features ``xt`` (d, n) (already standardised, right dtype/device)
         with class indices ``yi`` into ``classes``.
 
@@ -459,8 +485,12 @@ class LinearProbe(BaseEstimator):
         ``xt``'s precision.  ``memory`` (L-BFGS pairs of the fast precision, for this
         objective) is used and updated: the sweep passes one along the grid.  With
         ``verify=False`` a fast solve that met half the tolerance (twice the margin of its
-        gradient's round-off) is not re-evaluated in ``xt``'s precision.
+        gradient's round-off) is not re-evaluated in ``xt``'s precision; it then leaves
+        ``_fast_state`` (its solution, loss, gradient and penalty in the fast precision) for
+        the next grid point's ``start`` (the fast objective's loss and gradient at the warm
+        start, which the sweep derives exactly from ``_fast_state``).
         """
+        self._fast_state = None
         C = _check_c(self.C)
         if int(self.max_iter) < 1 or not float(self.tol) > 0:
             raise ConfigError("LinearProbe needs max_iter >= 1 and tol > 0")
@@ -468,6 +498,11 @@ class LinearProbe(BaseEstimator):
         dtype, device = xt.dtype, xt.device
         k_eff = 1 if classes.numel() == 2 else int(classes.numel())
         theta = torch.zeros(k_eff, d + 1, dtype=dtype, device=device)
+        # cold start: zero weights and the bias that minimises the loss at zero weights (the
+        # log class frequencies), the strong-penalty solution's neighbourhood
+        counts = torch.bincount(yi, minlength=int(classes.numel())).to(dtype).clamp_(min=0.5)
+        log_freq = counts.log()
+        theta[:, d] = (log_freq[1:] - log_freq[:1]) if k_eff == 1 else log_freq - log_freq.mean()
         if (self.warm_start and getattr(self, "coef_", None) is not None
                 and tuple(self.coef_.shape) == (k_eff, d)):
             theta[:, :d] = self.coef_.to(device=device, dtype=dtype)
@@ -481,11 +516,14 @@ class LinearProbe(BaseEstimator):
             fast_memory = memory if memory is not None else _Curvature(self.history_size)
             fun = _objective(xt_fast, yi, k_eff, penalty)
             # half the tolerance: the fast precision's gradient carries ~1e-6 of round-off
-            res = _lbfgs(fun, theta.to(xt_fast.dtype), max(0.5 * tol, _FAST_FLOOR.get(
-                xt_fast.dtype, 0.0)), max_iter, fast_memory)
+            fast_floor = _FAST_FLOOR.get(xt_fast.dtype, 0.0)
+            res = _lbfgs(fun, theta.to(xt_fast.dtype), max(0.5 * tol, fast_floor), max_iter,
+                         fast_memory, start=start)
             theta, n_iter = res.theta.to(dtype), res.n_iter
-            if not verify and res.converged:
+            # (a tolerance below the fast precision's floor is never met in it: finish below)
+            if not verify and res.converged and 0.5 * tol >= fast_floor:
                 self._store(res, theta, n_iter, k_eff, d, classes, mean, scale)
+                self._fast_state = (res.theta, res.loss, res.grad, penalty)
                 return
             memory = fast_memory.to(dtype)
         elif memory is None:
@@ -563,10 +601,14 @@ class ProbeResult:
     n_iter : L-BFGS iterations of the final refit.
     n_iter_total : L-BFGS iterations of the whole sweep plus the refit.
     grid : the requested grid, sorted ascending.
-    converged : whether the refit *and* the sweep fit at ``best_c`` met the gradient
-        tolerance (see ``LinearProbe.converged_``).  False means the number is unverified.
-    sweep_converged : per evaluated ``C``, whether its fit met ``sweep_tol``.  Unconverged
-        grid points are never chosen while a converged one exists.
+    converged : whether the refit *and* the fit at ``best_c`` met the protocol's gradient
+        tolerance ``tol`` (see ``LinearProbe.converged_``).  False means the number is
+        unverified (and a :class:`ProbeConvergenceWarning` was issued).
+    tight : whether both also met the tighter ``select_tol`` (for round-off stability).
+    refit_grad_max : largest absolute gradient entry of the refit's objective at its solution.
+    sweep_converged : per evaluated ``C``, whether its fit met ``sweep_tol`` (a tolerance
+        below the fast precision's floor is finished in ``dtype``).  Unconverged grid points
+        are never chosen while a converged one exists.
     n_test : number of test samples (for the confidence interval).
     val_log_loss : validation log-loss per evaluated ``C`` (sweep solutions).
     selection : per candidate ``C`` re-solved to ``select_tol``: its validation accuracy,
@@ -582,6 +624,8 @@ class ProbeResult:
     n_iter_total: int = 0
     grid: tuple[float, ...] = field(default_factory=tuple)
     converged: bool = True
+    tight: bool = True
+    refit_grad_max: float = float("nan")
     sweep_converged: dict[float, bool] = field(default_factory=dict)
     n_test: int = 0
     val_log_loss: dict[float, float] = field(default_factory=dict)
@@ -656,7 +700,8 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
        one validation sample of it are solved again to
        ``select_tol`` and compared on validation accuracy, ties broken by the lower
        validation log-loss (a continuous criterion, so round-off cannot flip the choice
-       between equally accurate values), then by the smaller ``C``.
+       between equally accurate values), then by the smaller ``C``.  A single candidate is
+       the choice whatever its log-loss, so it is not re-solved.
     4. Refit on train + validation (standardised with their statistics) at the chosen ``C``
        to ``select_tol`` and report test accuracy.
 
@@ -669,8 +714,14 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
 
     The solver is L-BFGS written for this loop: the memory of curvature pairs is carried
     from one ``C`` to the next (each pair shifted exactly to the new penalty), so a weaker
-    regularisation starts from the previous solution *and* its curvature; one evaluation per
-    iteration where the unit step is accepted (Nocedal and Wright 2006, ch. 7).
+    regularisation starts from the previous solution *and* its curvature; the previous
+    solution's loss and gradient under the new penalty are known exactly (the penalty is
+    quadratic), so a grid point costs no evaluation at its start and none at all when its
+    warm start already meets the tolerance; one evaluation per iteration where the unit step
+    is accepted (Nocedal and Wright 2006, ch. 7).  The first fit starts from zero weights
+    and the log class frequencies as bias.  The candidates and the refit start with the
+    curvature kept at the most accurate ``C``; the refit's warm start is the chosen solution
+    written in the train + validation standardisation (the same linear function).
 
     Parameters
     ----------
@@ -765,7 +816,8 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
         return out.div_(scale[:, None])
 
     probe = LinearProbe(grid[0], standardize=standardize, max_iter=max_iter, tol=fit_tol,
-                        history_size=20, warm_start=True, device=device, dtype=dtype)
+                        history_size=_SWEEP_HISTORY, warm_start=True, device=device,
+                        dtype=dtype)
     n_iter_total = 0
     d = int(xtr.shape[1])
     k_eff = 1 if classes.numel() == 2 else int(classes.numel())
@@ -776,6 +828,7 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
     val_acc: dict[float, float] = {}
     val_loss: dict[float, float] = {}
     sweep_ok: dict[float, bool] = {}
+    sweep_grad: dict[float, float] = {}
     solutions: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.inference_mode(False), torch.no_grad():
         # Peak memory: the features, one prepared (transposed) copy and its fast-precision
@@ -790,22 +843,55 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
         y_fit, y_val = ytr[fit_idx_t], ytr[val_idx_t]
         # the L-BFGS memory travels along the grid (its pairs shifted to each new penalty)
         memory = _Curvature(probe.history_size)
-        previous_penalty = None
+        previous_penalty = previous_c = None
         best_acc, since_best = -1.0, 0
+        best_memory: tuple[float, _Curvature] | None = None
+
+        def memory_near(penalty: float) -> _Curvature | None:
+            """A copy of the memory kept at the most accurate C, shifted to ``penalty`` (for
+            the refit its pairs come from the objective on the fitting part in the fitting
+            part's standardisation: an approximation of the curvature, all L-BFGS needs)."""
+            if best_memory is None:
+                return None
+            out = best_memory[1].to(fast)
+            out.shift_penalty(penalty - best_memory[0], k_eff, d)
+            return out
+
         for c in grid:
             penalty = 1.0 / (2.0 * c * n_fit)
             if previous_penalty is not None:
-                memory.shift_penalty(penalty - previous_penalty, weight_mask)
+                memory.shift_penalty(penalty - previous_penalty, k_eff, d)
             previous_penalty = penalty
+            # The previous solution's loss and gradient under the new penalty are known
+            # exactly (the penalty is quadratic): no evaluation is spent at the warm start,
+            # and a warm start that already meets the tolerance costs nothing.
+            state = getattr(probe, "_fast_state", None)
+            start = None
+            if state is not None:
+                theta_prev, loss_prev, grad_prev, penalty_prev = state
+                w = theta_prev * weight_mask
+                delta = penalty - penalty_prev
+                start = (loss_prev + delta * float(torch.dot(w, w)),
+                         grad_prev + (2.0 * delta) * w)
             probe.set_params(C=c)
             probe._fit_prepared(xt_fit, y_fit, classes, mean, scale, xt_fast=xt_fit_fast,
-                                memory=memory, verify=False)
+                                memory=memory, verify=False, start=start)
             n_iter_total += probe.n_iter_
-            val_acc[c], val_loss[c] = probe._accuracy_log_loss(xt_val, y_val)
+            if (start is not None and probe.n_iter_ == 0 and probe._fast_state is not None
+                    and sweep_ok.get(previous_c, False)):
+                # the same parameters as the previous grid point: the same predictions
+                val_acc[c], val_loss[c] = val_acc[previous_c], val_loss[previous_c]
+            else:
+                val_acc[c], val_loss[c] = probe._accuracy_log_loss(xt_val, y_val)
+            previous_c = c
             sweep_ok[c] = probe.converged_
+            sweep_grad[c] = probe.grad_max_
             solutions[c] = (probe.coef_, probe.intercept_)
             if probe.converged_ and val_acc[c] > best_acc:
                 best_acc, since_best = val_acc[c], 0
+                # the curvature near the most accurate C so far, for the candidates and the
+                # refit (which solve near it again)
+                best_memory = (penalty, memory.to(fast))
             else:
                 since_best += 1
                 if patience is not None and since_best >= patience:
@@ -822,21 +908,30 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
         near = [c for c in pool if val_acc[c] >= top - one_sample - 1e-12]
         near.sort(key=lambda c: (-val_acc[c], c))
         candidates = sorted(near[:int(n_candidates)])
-        polished: dict[float, tuple[float, float, bool]] = {}
+        polished: dict[float, tuple[float, float, bool, float]] = {}
         probe.set_params(tol=tight_tol)
+        if len(candidates) == 1:
+            # a single candidate is the choice whatever its log-loss: nothing to compare, so
+            # no tight re-solve (the refit below is solved to ``select_tol`` all the same)
+            c = candidates[0]
+            polished[c] = (val_acc[c], val_loss[c], sweep_ok[c], sweep_grad[c])
+            candidates = []
         for c in candidates:
             probe.set_params(C=c)
             probe.coef_, probe.intercept_ = solutions[c]
-            probe._fit_prepared(xt_fit, y_fit, classes, mean, scale, xt_fast=xt_fit_fast)
+            probe._fit_prepared(xt_fit, y_fit, classes, mean, scale, xt_fast=xt_fit_fast,
+                                memory=memory_near(1.0 / (2.0 * c * n_fit)))
             n_iter_total += probe.n_iter_
             acc, loss = probe._accuracy_log_loss(xt_val, y_val)
-            polished[c] = (acc, loss, probe.converged_)
+            polished[c] = (acc, loss, probe.converged_, probe.grad_max_)
             solutions[c] = (probe.coef_, probe.intercept_)
-        best_c = max(candidates, key=lambda c: (polished[c][2] or not any(
+        best_c = max(polished, key=lambda c: (polished[c][2] or not any(
             v[2] for v in polished.values()), polished[c][0], -polished[c][1], -c))
         del xt_fit_fast, xt_fit, xt_val
 
-        # refit on train + validation, warm-started from the chosen sweep solution
+        # refit on train + validation, warm-started from the chosen sweep solution expressed
+        # in the new standardisation (the same linear function of the raw features)
+        fit_mean, fit_scale = mean, scale
         mean, scale = stats(xtr)
         xt_tr = transposed(xtr, mean, scale)
         del xtr
@@ -844,28 +939,54 @@ def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test
         n_test = int(xte.shape[0])
         del xte
         probe.set_params(C=best_c)
-        probe.coef_, probe.intercept_ = solutions[best_c]
+        coef, intercept = solutions[best_c]
+        if mean is not None and fit_mean is not None:
+            intercept = intercept + coef @ ((mean - fit_mean) / fit_scale)
+            coef = coef * (scale / fit_scale)
+        probe.coef_, probe.intercept_ = coef, intercept
         probe._fit_prepared(xt_tr, ytr, classes, mean, scale,
-                            xt_fast=xt_tr.to(fast) if fast != dtype else None)
+                            xt_fast=xt_tr.to(fast) if fast != dtype else None,
+                            memory=memory_near(1.0 / (2.0 * best_c * int(xt_tr.shape[1]))))
         n_iter_total += probe.n_iter_
         train_acc = float((probe._predict_index(xt_tr) == ytr).double().mean())
         test_acc = float((probe._predict_index(xt_te) == yte).double().mean())  # yte=-1 never hits
-    unconverged = [c for c, ok in sweep_ok.items() if not ok]
-    if unconverged or not probe.converged_:
-        what = []
-        if unconverged:
-            what.append(f"{len(unconverged)} of {len(sweep_ok)} sweep fits "
-                        f"(C={', '.join(f'{c:g}' for c in unconverged[:3])}"
-                        f"{', ...' if len(unconverged) > 3 else ''})")
-        if not probe.converged_:
-            what.append(f"the refit at C={best_c:g} (max |grad| {probe.grad_max_:.2g})")
-        warnings.warn(f"linear_probe: {' and '.join(what)} stopped before tol within "
-                      f"max_iter={max_iter}; raise max_iter", ProbeConvergenceWarning,
-                      stacklevel=2)
+    # The reported number rests on the chosen C's fit and the refit: they must meet the
+    # protocol's tolerance ``tol`` (scikit-learn's meaning), else the number is unverified and
+    # a warning says so.  Missing only the tighter ``select_tol`` (solved for round-off
+    # stability) is recorded (``tight``, ``refit_grad_max``), not alarmed.
+    loose = max(float(fit_tol), _GRAD_FLOOR.get(dtype, 0.0))
+    chosen_ok = polished[best_c][2] or polished[best_c][3] <= loose
+    refit_ok = probe.converged_ or probe.grad_max_ <= loose
+    unconverged = [c for c, ok in sweep_ok.items() if not ok and c != best_c]
+    if not (chosen_ok and refit_ok):
+        what = " and ".join(w for w, ok in (
+            (f"the fit at the chosen C={best_c:g} (max |grad| {polished[best_c][3]:.2g})",
+             chosen_ok),
+            (f"the refit at C={best_c:g} (max |grad| {probe.grad_max_:.2g})", refit_ok))
+            if not ok)
+        others = (f"; {len(unconverged)} of {len(sweep_ok)} sweep fits at other C values also "
+                  "stopped early" if unconverged else "")
+        warnings.warn(f"linear_probe: {what} stopped above tol={loose:g} within "
+                      f"max_iter={max_iter}: the test accuracy is unverified (raise max_iter)"
+                      f"{others}", ProbeConvergenceWarning, stacklevel=2)
+    elif unconverged and not _SWEEP_NOTE_SHOWN:
+        # C is chosen among converged fits; these only say that some weakly regularised fit
+        # (typically on (near-)separable features, whose unpenalised optimum is at infinity)
+        # did not finish.  Said once per process, not once per probe (Python's own
+        # once-per-call-site registry is cleared by every warnings.catch_warnings() of the
+        # analysis); the count is in every result and row.
+        _SWEEP_NOTE_SHOWN.add(True)
+        warnings.warn("linear_probe: some sweep fits at C values that were not chosen stopped "
+                      "at max_iter before tol (weak regularisation); C is chosen among the "
+                      "converged fits, and each result records which did not converge "
+                      "(ProbeResult.sweep_converged, row diagnostics 'unconverged_sweep_fits')",
+                      ProbeSweepConvergenceWarning, stacklevel=2)
     return ProbeResult(test_accuracy=test_acc, best_c=best_c, val_accuracy=val_acc,
                        train_accuracy=train_acc, n_iter=probe.n_iter_,
                        n_iter_total=n_iter_total, grid=grid,
-                       converged=bool(probe.converged_ and polished[best_c][2]),
+                       converged=bool(chosen_ok and refit_ok),
+                       tight=bool(probe.converged_ and polished[best_c][2]),
+                       refit_grad_max=float(probe.grad_max_),
                        sweep_converged=sweep_ok, n_test=n_test, val_log_loss=val_loss,
                        selection={c: {"val_accuracy": v[0], "val_log_loss": v[1],
                                       "converged": v[2]} for c, v in polished.items()},
@@ -1000,9 +1121,12 @@ def _probe_accuracy(view: EpochView) -> list[MetricValue]:
         # tolerance: the row says its number is unverified instead of dropping it
         diagnostics = {"C": res.best_c, "val_accuracy": res.val_accuracy[res.best_c],
                        "val_log_loss": res.selection[res.best_c]["val_log_loss"],
-                       "converged": res.converged,
+                       "converged": res.converged, "tight": res.tight,
+                       "refit_grad_max": res.refit_grad_max,
                        "unconverged_sweep_fits": sum(not ok for ok in
                                                      res.sweep_converged.values()),
+                       "unconverged_sweep_c": " ".join(f"{c:g}" for c, ok in
+                                                       res.sweep_converged.items() if not ok),
                        "grid_points_evaluated": len(res.val_accuracy),
                        "iterations": res.n_iter_total, "n_test": res.n_test,
                        "ci_low": low, "ci_high": high}
