@@ -165,29 +165,50 @@ def build_objective(cfg: TrainConfig, bundle: DatasetBundle, model: nn.Module,
     return build_registered_objective(cfg.objective, ctx, objective_params(cfg))
 
 
+#: Log column: fraction of test images whose penultimate features are all exactly 0.
+DEAD_FEATURES_COLUMN = "test_dead_feature_rows"
+
+
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                       device: torch.device, batch_size: int = 512,
-                      objective: Objective | None = None, head: nn.Module | None = None
-                      ) -> float:
-    """Top-1 accuracy of ``model``'s own head (eval mode), or of ``objective.eval_logits``."""
+                      objective: Objective | None = None, head: nn.Module | None = None,
+                      feature_stats: dict[str, float] | None = None) -> float:
+    """Top-1 accuracy of ``model``'s own head (eval mode), or of ``objective.eval_logits``.
+
+    With ``head`` and a ``feature_stats`` dict, also stores there the fraction of images whose
+    penultimate features (the head's input) are all exactly 0 (:data:`DEAD_FEATURES_COLUMN`).
+    """
     was_training = model.training
     model.eval()
-    correct = 0
-    tap = PenultimateTap(head) if objective is not None and head is not None else None
+    correct = dead = 0
+    tapped = head is not None and (objective is not None or feature_stats is not None)
+    tap = PenultimateTap(head) if tapped else None
     try:
         for start in range(0, len(labels), batch_size):
             x = images[start:start + batch_size].to(device, non_blocking=True)
             with dist_utils.autocast(device):
                 logits = model(x)
             if tap is not None:
+                dead += int((tap.features.flatten(1) == 0).all(dim=1).sum())
+            if tap is not None and objective is not None:
                 logits = objective.eval_logits(tap.features.float(), logits.float())
             correct += int((logits.argmax(1).cpu() == labels[start:start + batch_size]).sum())
     finally:
         if tap is not None:
             tap.remove()
     model.train(was_training)
+    if feature_stats is not None and tap is not None:
+        feature_stats[DEAD_FEATURES_COLUMN] = dead / max(1, len(labels))
     return correct / max(1, len(labels))
+
+
+def dead_embedding_message(run: str, epoch: int) -> str:
+    """The one line said when every test image's penultimate features are 0."""
+    return (f"[{run}] WARNING: at epoch {epoch} every test image's penultimate features are 0 "
+            "(a dead ReLU embedding): this objective is not training this architecture and "
+            "the analysis's metrics of these checkpoints will be degenerate; try a lower --lr, "
+            "another objective, or an architecture with BatchNorm before its last ReLU")
 
 
 class Trainer:
@@ -355,16 +376,17 @@ class Trainer:
         """``test_acc`` of the weights the checkpoint holds (plus ``test_acc_raw``, the trained
         weights, when the checkpoint holds their EMA)."""
         images, labels = self.bundle.test.images, self.bundle.test.labels
+        stats: dict[str, float] = {}
         raw = evaluate_accuracy(self.model, images, labels, self.device,
-                                objective=self.objective, head=self.head)
+                                objective=self.objective, head=self.head, feature_stats=stats)
         if self.ema is None:
-            return {"test_acc": raw}
+            return {"test_acc": raw, **stats}
         if self._eval_model is None:
             self._eval_model = copy.deepcopy(self.model)
         # The exported state makes the plain head's argmax the objective's prediction.
         self._eval_model.load_state_dict(self.objective.export_model_state(self.ema.state_dict()))
         ema = evaluate_accuracy(self._eval_model, images, labels, self.device)
-        return {"test_acc": ema, "test_acc_raw": raw}
+        return {"test_acc": ema, "test_acc_raw": raw, **stats}
 
     def _save(self, epoch: int, metrics: dict[str, float]) -> None:
         """Checkpoint file, then resume state, then manifest entry: a kill between any two steps
@@ -550,6 +572,7 @@ class Trainer:
             self._save(0, self._evaluate())
         self.dist.barrier()
         log_path = self.out / "train_log.csv"
+        dead_said = False
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.perf_counter()
             metrics = self._run_epoch(epoch)
@@ -563,6 +586,10 @@ class Trainer:
                            f"loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.3f} "
                            f"test_acc {metrics['test_acc']:.3f} {terms} "
                            f"({metrics['epoch_seconds']:.1f}s)")
+                if metrics.get(DEAD_FEATURES_COLUMN) == 1.0 and not dead_said:
+                    # finite loss (log K), so no divergence fires: say it once, go on
+                    tqdm.write(dead_embedding_message(self.out.name, epoch))
+                    dead_said = True
             stopping = cfg.stop_after is not None and epoch >= cfg.stop_after
             if epoch % cfg.save_every == 0 or epoch == cfg.epochs or stopping:
                 self._save(epoch, metrics)
