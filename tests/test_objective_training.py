@@ -269,7 +269,7 @@ def test_ctc_flag_is_short_for_objective_ctc(tmp_path, capsys):
     capsys.readouterr()
     assert main(["list"]) == 0
     listing = capsys.readouterr().out
-    assert "cosine_softmax" in listing and "tau=0.05" in listing and "Kornblith" in listing
+    assert "cosine_softmax" in listing and "tau=auto" in listing and "Kornblith" in listing
 
 
 @pytest.mark.slow  # ~15 s alone, minutes on a busy machine; examples/objectives.ipynb covers CI

@@ -517,7 +517,7 @@ def test_trex_defaults_are_the_authors_script():
 
 KORNBLITH_DEFAULTS = {"label_smoothing": {"alpha": 0.1}, "extra_l2": {"lam": 8e-4},
                       "dropout": {"keep_prob": 0.7}, "logit_penalty": {"beta": 6e-4},
-                      "logit_norm": {"tau": 0.04}, "cosine_softmax": {"tau": 0.05},
+                      "logit_norm": {"tau": "auto"}, "cosine_softmax": {"tau": "auto"},
                       "squared_error": {"kappa": "auto", "M": "auto", "scale": "auto"}}
 
 
@@ -533,6 +533,27 @@ def test_registry_has_every_objective_with_paper_defaults():
         assert "Kornblith" in specs[name].paper
     for name in specs:
         assert specs[name].paper and specs[name].description
+
+
+def test_temperatures_derive_from_the_class_count():
+    """tau ln K is held at the authors' (tau 0.04 / 0.05 at 1001 outputs); from 1001 classes on
+    their value; a given tau is used as given and recorded as not derived."""
+    from dtprobe.training.objectives.kornblith import temperature_default
+
+    for name, authors in (("logit_norm", 0.04), ("cosine_softmax", 0.05)):
+        for k in (2, 6, 10, 100, 1000):
+            assert temperature_default(name, k) * math.log(k) == pytest.approx(
+                authors * math.log(1001), rel=1e-12)
+        assert temperature_default(name, 1001) == temperature_default(name, 21843) == authors
+        obj = build_objective(name, _ctx(num_classes=6))
+        assert obj.hparams == {"tau": pytest.approx(authors * math.log(1001) / math.log(6)),
+                               "derived_from_K": True}
+        assert build_objective(name, _ctx(num_classes=6), {"tau": authors}).hparams == \
+            {"tau": authors, "derived_from_K": False}
+    assert round(temperature_default("logit_norm", 6), 3) == 0.154
+    assert round(temperature_default("cosine_softmax", 6), 3) == 0.193
+    with pytest.raises(ConfigError, match="tau"):
+        build_objective("cosine_softmax", _ctx(), {"tau": -1.0})
 
 
 def test_unknown_objective_or_parameter_is_one_line_error():

@@ -21,7 +21,11 @@ import torch
 from torch import nn
 
 from dtprobe.training.objectives import ObjectiveContext, build_objective
-from dtprobe.training.objectives.kornblith import AUTHORS_HYPERPARAMETERS, squared_error_defaults
+from dtprobe.training.objectives.kornblith import (
+    AUTHORS_HYPERPARAMETERS,
+    squared_error_defaults,
+    temperature_default,
+)
 
 N, K, D = 11, 7, 9
 
@@ -180,7 +184,11 @@ def test_logit_normalization_equals_authors(seed):
     ctx, h, y = _problem(seed)
     h, params = _head_and_features(ctx, h)
     t = nn.functional.one_hot(y, K).double()
-    _compare(_ours("logit_norm", ctx, h, y), authors_logit_normalization(t, ctx.head(h), 0.04),
+    _compare(_ours("logit_norm", ctx, h, y, {"tau": 0.04}),
+             authors_logit_normalization(t, ctx.head(h), 0.04), params)
+    # the default derives tau from K: the authors' 0.04 with tau ln K held at theirs (K = 1001)
+    _compare(_ours("logit_norm", ctx, h, y),
+             authors_logit_normalization(t, ctx.head(h), 0.04 * math.log(1001) / math.log(K)),
              params)
 
 
@@ -192,6 +200,9 @@ def test_cosine_softmax_equals_authors(seed):
     # resnet_model.py: kernel (in, out) normalised per output column, features not normalised,
     # bias kept; torch's weight is (out, in), so its rows are the authors' columns.
     ref = authors_cosine_softmax(t, h, ctx.head.weight.T, ctx.head.bias, 0.05)
+    _compare(_ours("cosine_softmax", ctx, h, y, {"tau": 0.05}), ref, params)
+    ref = authors_cosine_softmax(t, h, ctx.head.weight.T, ctx.head.bias,
+                                 0.05 * math.log(1001) / math.log(K))
     _compare(_ours("cosine_softmax", ctx, h, y), ref, params)
 
 
@@ -231,10 +242,18 @@ def test_defaults_are_the_authors_values():
     from dtprobe.training.objectives import available_objectives
 
     specs = available_objectives()
+    # load_model.py's LOSS_HYPERPARAMETERS, written here from the file
+    assert AUTHORS_HYPERPARAMETERS == {
+        "label_smoothing": {"alpha": 0.1}, "dropout": {"keep_prob": 0.7},
+        "extra_l2": {"lam": 8e-4}, "logit_penalty": {"beta": 6e-4}, "logit_norm": {"tau": 0.04},
+        "cosine_softmax": {"tau": 0.05},
+        "squared_error": {"kappa": 9.0, "M": 60.0, "scale": 10.0}}
     for name, values in AUTHORS_HYPERPARAMETERS.items():
-        if name == "squared_error":
+        if name in ("squared_error", "logit_norm", "cosine_softmax"):  # derived from K
             continue
         assert {k: specs[name].defaults[k] for k in values} == values
+    assert temperature_default("logit_norm", 1001) == 0.04
+    assert temperature_default("cosine_softmax", 1001) == 0.05
     assert squared_error_defaults(1001) == {"kappa": 9.0, "M": 60.0, "scale": 10.0}
     assert squared_error_defaults(6) == {"kappa": 1.0, "M": 1.0, "scale": 1.0 / 6}
 
@@ -244,7 +263,7 @@ def test_exported_heads_output_the_authors_outputs():
     their loss applies softmax/sigmoid to): cosine softmax's scaled cosine, sigmoid's shift."""
     for name in ("cosine_softmax", "sigmoid"):
         ctx, h, y = _problem(4)
-        obj = build_objective(name, ctx)
+        obj = build_objective(name, ctx, {"tau": 0.05} if name == "cosine_softmax" else {})
         state = obj.export_model_state(ctx.model.state_dict())
         fresh = _problem(4)[0].model
         fresh.load_state_dict(state)
