@@ -67,7 +67,8 @@ accuracy after 16 epochs, 2 seeds). dtprobe's default (``tau=auto``) therefore k
 logit range in units of the uniform loss, ``tau ln K``, at the authors' value:
 ``tau(K) = tau_authors ln 1001 / ln K`` below 1001 classes (0.154 and 0.193 at K = 6: after
 16 epochs cosine softmax reaches 0.926 and 0.668 test accuracy, logit normalisation 0.688 and
-0.209, 2 seeds each), the authors' value from 1001 classes on. ``--objective-param tau=0.05`` gives the authors' value at any ``K``.
+0.209, 2 seeds each), the authors' value from 1001 classes on. ``--objective-param tau=0.05``
+gives the authors' value at any ``K``.
 
 Zero-norm logits (logit normalisation) or class weights (cosine softmax) give exactly 0 with a
 zero gradient instead of NaN (``tf.nn.l2_normalize`` divides by ``max(||x||, 1e-6)``; the two
