@@ -4,8 +4,9 @@
 # It exercises the CUDA paths CI cannot: the CUDA tests, `dtprobe train` and `dtprobe analyze`
 # on cuda (with downstream datasets), an ImageFolder analysed through the uint8 image store on
 # cuda against the same analysis on the CPU, and the GPU benchmark rows (BENCHMARKS.md,
-# "GPU rows"). DEVICE=cpu runs the same steps on the CPU (a dry run of the script itself; the
-# GPU rows are skipped). Uses the machine's own python3 (torch, pandas, scikit-learn, ...).
+# "GPU rows"). DEVICE=cpu runs the same steps on the CPU (a dry run of the script itself: the
+# CUDA tests only collected, the GPU rows' code on tiny CPU sizes by `gpu_rows --quick`, no
+# GPU number). Uses the machine's own python3 (torch, pandas, scikit-learn, ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -32,6 +33,9 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$OUT/
 if [ "$DEVICE" = cuda ]; then
     step cuda_tests 240 python3 -m pytest -q -p no:cacheprovider -k cuda \
         tests/test_extract.py tests/test_probes.py
+else  # the dry run: the CUDA tests still import and are collected (a stale import fails here)
+    step cuda_tests_collect 120 python3 -m pytest -q -p no:cacheprovider --collect-only -k cuda \
+        tests/test_extract.py tests/test_probes.py
 fi
 SIZES=()  # the CPU dry run trains on a small shapes set
 [ "$DEVICE" = cpu ] && SIZES=(--dataset-param n_train=600 --dataset-param n_test=300)
@@ -48,11 +52,9 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, "tests")
-from test_image_store import make_folder  # noqa: E402
-
-from dtprobe import analysis  # noqa: E402
-from dtprobe.training.trainer import TrainConfig, train  # noqa: E402
+from benchmarks.memory_paths import make_folder
+from dtprobe import analysis
+from dtprobe.training.trainer import TrainConfig, train
 
 work, device = Path(sys.argv[1]), sys.argv[2]
 data = make_folder(work / "folder", per_class=500 if device != "cpu" else 60, size=72)
@@ -76,6 +78,8 @@ EOF
 
 if [ "$DEVICE" = cuda ]; then
     step gpu_rows 330 python3 -m benchmarks.gpu_rows --json "$OUT/gpu_rows.json"
+else  # the dry run: the GPU rows' code on tiny CPU sizes (a smoke test, no measurement)
+    step gpu_rows_quick 180 python3 -m benchmarks.gpu_rows --quick
 fi
 rm -rf "$WORK"
 echo "device check: $([ $status = 0 ] && echo passed || echo FAILED)"

@@ -18,10 +18,16 @@ never mix with the source dataset's own factor tasks (names that would collide a
 Per epoch, :func:`aggregate_rows` adds the mean accuracy and the mean log-odds over the
 downstream set (the aggregate of Sariyildiz et al. 2023, t-ReX).
 
-Datasets are the outer loop and checkpoints the inner one: only one downstream dataset's images
-are in memory at a time (memory flat in the number of datasets and of checkpoints), at the cost
-of reading each checkpoint file once more per dataset. Rows go to ``analysis/parts`` like the
-source rows (one atomic JSON file per checkpoint and dataset), so a killed analysis resumes.
+Each checkpoint is read, hashed, loaded and BatchNorm-folded once per analysis
+(:class:`~dtprobe.analysis.features.LoadedCheckpoint`): the datasets read from an image store
+(folder datasets; no image held in memory) are loaded before the checkpoints
+(:func:`preload_downstream`), and each checkpoint's features on them are extracted into the
+feature cache while it is open for the source (:func:`extract_ahead`). Their metrics, and
+everything for datasets held in memory, then run with datasets as the outer loop and
+checkpoints the inner one: only one in-memory downstream dataset's images are held at a time
+(memory flat in the number of datasets and of checkpoints), at the cost of reading each
+checkpoint once more for each such dataset. Rows go to ``analysis/parts`` like the source rows
+(one atomic JSON file per checkpoint and dataset), so a killed analysis resumes.
 
 A dataset that cannot be loaded (missing or malformed on disk, or any other exception
 while loading it: :mod:`dtprobe.runtime.isolation`) is reported on one line and recorded as a
