@@ -6,7 +6,8 @@
 # cuda against the same analysis on the CPU, and the GPU benchmark rows (BENCHMARKS.md,
 # "GPU rows"). DEVICE=cpu runs the same steps on the CPU (a dry run of the script itself: the
 # CUDA tests only collected, the GPU rows' code on tiny CPU sizes by `gpu_rows --quick`, no
-# GPU number). Uses the machine's own python3 (torch, pandas, scikit-learn, ...).
+# GPU number; on a shared CPU, TIMEOUT_SCALE=4 lengthens every step's limit). Uses the machine's
+# own python3 (torch, pandas, scikit-learn, ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -16,12 +17,17 @@ WORK="$(mktemp -d /tmp/dtprobe-check-XXXXXX)"
 export DTPROBE_IMAGE_STORE="$WORK/stores"
 mkdir -p "$OUT"
 status=0
+SCALE="${TIMEOUT_SCALE:-1}"  # a busy or slow machine (e.g. a shared CPU dry run): longer limits
 step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, remember failures
-    local name=$1 limit=$2
+    local name=$1 limit=$(($2 * SCALE)) rc=0
     shift 2
     echo "== $name"
-    if ! timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; then
-        echo "FAILED: $name (see $OUT/$name.log)"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1 || rc=$?
+    if [ "$rc" = 124 ]; then
+        echo "FAILED: $name (timed out after ${limit}s; TIMEOUT_SCALE=N gives N times longer)"
+        status=1
+    elif [ "$rc" != 0 ]; then
+        echo "FAILED: $name (exit $rc; see $OUT/$name.log)"
         status=1
     fi
     tail -n 4 "$OUT/$name.log"
