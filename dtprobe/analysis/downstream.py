@@ -300,9 +300,8 @@ def extract_ahead(plan: RunPlan, ckpt: PlannedCheckpoint,
         if isinstance(ds, Exception) or ds.problem is not None:
             continue
         parts = DownstreamPartStore(parts_root, ds.spec.name, reuse=opts.use_cache)
-        if (not opts.finetune
-                and parts.get(ckpt.epoch, downstream_part_key(ckpt, ds, metrics, opts))):
-            continue
+        if parts.get(ckpt.epoch, downstream_part_key(ckpt, ds, metrics, opts)) is not None:
+            continue  # its rows are stored: no features needed
         try:
             _, state = checkpoint_features(plan, ckpt, ds.data, cache, device, opts, loaded)
         except Exception as exc:  # noqa: BLE001 - met again, and recorded, on this dataset
