@@ -44,11 +44,13 @@ else  # the dry run: the CUDA tests still import and are collected (a stale impo
         tests/test_extract.py tests/test_probes.py
 fi
 SIZES=()  # the CPU dry run trains on a small shapes set
-[ "$DEVICE" = cpu ] && SIZES=(--dataset-param n_train=600 --dataset-param n_test=300)
+PROBE=()  # ... and fits the 9-value probe (the 45-value sweep per layer is minutes on a CPU)
+[ "$DEVICE" = cpu ] && SIZES=(--dataset-param n_train=600 --dataset-param n_test=300) \
+    && PROBE=(--probe-protocol short)
 step train 180 python3 -m dtprobe train --device "$DEVICE" --epochs 4 --save-every 2 \
     --out "$WORK/run" --no-progress "${SIZES[@]}"
 step analyze 240 python3 -m dtprobe analyze "$WORK/run" --device "$DEVICE" --no-progress \
-    --downstream digits textures --layers auto
+    --downstream digits textures --layers auto "${PROBE[@]}"
 cp "$WORK/run/analysis/metrics.csv" "$OUT/metrics.csv" 2>/dev/null
 
 # The image-store path on the device: the same ImageFolder run analysed on $DEVICE and on the CPU.
