@@ -52,19 +52,23 @@ _BUILD = _PEAK + """
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
 from dtprobe.data import load_dataset
-t0 = time.perf_counter()
-load_dataset("imagefolder", root=sys.argv[1], image_size=128, resize_size=146, store=sys.argv[3])
-load_dataset("imagefolder", root=sys.argv[2], image_size=128, resize_size=146, store=sys.argv[3])
-print("@@" + json.dumps({"seconds": time.perf_counter() - t0, "peak": _hwm()}))
+t0, c0 = time.perf_counter(), time.process_time()
+load_dataset("imagefolder", root=sys.argv[1], image_size=128, resize_size=146, store=sys.argv[3],
+             progress=False)
+load_dataset("imagefolder", root=sys.argv[2], image_size=128, resize_size=146, store=sys.argv[3],
+             progress=False)
+print("@@" + json.dumps({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                         "peak": _hwm()}))
 """
 
 _ANALYZE = _PEAK + """
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
 from dtprobe.cli import main
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 rc = main(sys.argv[2:])
-print("@@" + json.dumps({"rc": rc, "seconds": time.perf_counter() - t0, "peak": _hwm()}))
+print("@@" + json.dumps({"rc": rc, "seconds": time.perf_counter() - t0,
+                         "cpu": time.process_time() - c0, "peak": _hwm()}))
 """
 
 _FORWARD = _PEAK + """
@@ -73,7 +77,7 @@ torch.set_num_threads(int(sys.argv[4]))
 from dtprobe.data import load_dataset
 from dtprobe.features.extract import auto_batch_size
 from dtprobe.models import build_model
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 src = load_dataset("imagefolder", root=sys.argv[1], image_size=128, resize_size=146,
                    store=sys.argv[3])
 down = load_dataset("imagefolder", root=sys.argv[2], image_size=128, resize_size=146,
@@ -92,7 +96,8 @@ for path in sorted(glob.glob(sys.argv[5] + "/model_*.pth")):
             for s in range(0, len(images), b):
                 model(images.normalise(images.raw(s, s + b)))
                 rows += min(b, len(images) - s)
-print("@@" + json.dumps({"seconds": time.perf_counter() - t0, "peak": _hwm(), "rows": rows}))
+print("@@" + json.dumps({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                         "peak": _hwm(), "rows": rows}))
 """
 
 
@@ -174,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     out["generate_s"] = time.perf_counter() - t0
     stores = work / "stores"
     def step(name: str, code: str, *argv: str, env: dict | None = None) -> dict:
+        load = os.getloadavg()[0]
+        started = time.strftime("%H:%M:%S", time.gmtime())
         result = _report(run_python(code, *argv, timeout=36000, env=env))
+        result.update(started_utc=started, load_before=load, load_after=os.getloadavg()[0])
         print(f"{name}: {json.dumps(result)}", flush=True)  # each step as it ends
         return result
 
@@ -192,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     samples = json.loads((run / "analysis" / "samples.json").read_text())
     record = json.loads((run / "analysis" / "checkpoints.json").read_text())
     out.update(analysis_s=ana["seconds"], forward_s=fwd["seconds"], forward_rows=fwd["rows"],
-               time_ratio=ana["seconds"] / fwd["seconds"], peak_mib=ana["peak"] / 2**20,
+               time_ratio=ana["seconds"] / fwd["seconds"],
+               analysis_cpu_s=ana["cpu"], forward_cpu_s=fwd["cpu"],
+               cpu_ratio=ana["cpu"] / fwd["cpu"], steps={"build": build, "analysis": ana,
+                                                         "forward": fwd, "quarter": quarter},
+               peak_mib=ana["peak"] / 2**20,
                peak_quarter_mib=quarter["peak"] / 2**20,
                memory_ratio=ana["peak"] / quarter["peak"],
                n_train=samples["train"]["n"], n_test=samples["test"]["n"],

@@ -49,8 +49,11 @@ def test_grid_peaks_within_estimate_and_flat_in_images_with_a_store(tmp_path, la
     a = measure(run, small, tmp_path / "stores", options)
     b = measure(run, large, tmp_path / "stores", options)
     assert a["peak"] <= a["need"] and b["peak"] <= b["need"]
-    if options.get("image_store", "store") is not None and "max_samples" not in options:
-        assert b["total"] <= 1.10 * a["total"], (a, b)  # whole peak RSS, as the issue measured
+    # whole peak RSS, as the issue measured, on every path: with a store nothing grows with N;
+    # in memory the uint8 pixels do (3 x 32 x 32 bytes an image, 18 MiB for the 6,000 more:
+    # 1.022 measured), counted by the estimate above, which refuses (offering --image-store)
+    # an analysis whose images do not fit
+    assert b["total"] <= 1.10 * a["total"], (a, b)
 
 
 def test_downstream_conversion_holds_uint8_only_and_matches_the_float_rule(tmp_path):

@@ -270,32 +270,65 @@ def test_file_swapped_right_after_it_was_read_is_analysed_as_verified(run, tmp_p
     pd.testing.assert_frame_equal(_values(_table(run_dir)), _values(run["table"]))
 
 
-def test_file_swapped_during_the_analysis_fails_instead_of_mixing_weights(run, tmp_path,
-                                                                        monkeypatch, capsys):
-    """Features cached, parts missing: the second read must match the digest of the first."""
-    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
-    shutil.rmtree(run_dir / "analysis" / "parts")
-    doc = json.loads((run_dir / "manifest.json").read_text())
-    for entry in doc["checkpoints"]:
-        entry["sha256"] = None  # nothing recorded: only the analysis's own digest protects it
-    (run_dir / "manifest.json").write_text(json.dumps(doc))
-    calls = []
+def _swap_on_second_read(run_dir: Path, monkeypatch) -> list:
+    """From its second read on, checkpoint 1's file holds checkpoint 2's bytes."""
+    calls: list = []
     real_read = reader._read_all
 
-    def swap_on_second_read(fd, path, limit):
+    def swapped(fd, path, limit):
         if Path(path) == checkpoint_file(run_dir, 1):
             calls.append(path)
-            if len(calls) == 2:
+            if len(calls) >= 2:
                 data = checkpoint_file(run_dir, 2).read_bytes()  # what the swapped file now holds
                 real_read(fd, path, limit)
                 return data
         return real_read(fd, path, limit)
 
-    monkeypatch.setattr(reader, "_read_all", swap_on_second_read)
-    code = main(["analyze", str(run_dir), *RUN_ARGS])
+    monkeypatch.setattr(reader, "_read_all", swapped)
+    return calls
+
+
+def _unrecorded_copy(run, tmp_path) -> Path:
+    """The run with its features cached, its parts gone and no digest in the manifest: only
+    the analysis's own digest protects it."""
+    run_dir = copy_run(run["dir"], tmp_path / "run", with_analysis=True)
+    shutil.rmtree(run_dir / "analysis" / "parts")
+    doc = json.loads((run_dir / "manifest.json").read_text())
+    for entry in doc["checkpoints"]:
+        entry["sha256"] = None
+    (run_dir / "manifest.json").write_text(json.dumps(doc))
+    return run_dir
+
+
+def test_features_cached_parts_missing_read_once_from_the_hashed_bytes(run, tmp_path,
+                                                                        monkeypatch):
+    """The head's weights come from the very bytes whose digest keyed the cached features: the
+    file is read once, so a swap after that read cannot mix two checkpoints."""
+    run_dir = _unrecorded_copy(run, tmp_path)
+    calls = _swap_on_second_read(run_dir, monkeypatch)
+    assert main(["analyze", str(run_dir), *RUN_ARGS]) == 0
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(_values(_table(run_dir)), _values(run["table"]))
+
+
+def test_file_swapped_during_the_analysis_fails_instead_of_mixing_weights(run, tmp_path,
+                                                                        monkeypatch, capsys):
+    """A later read (a downstream dataset held in memory needs the model after the source's
+    pass let it go) must match the digest of the first."""
+    run_dir = _unrecorded_copy(run, tmp_path)
+    calls = _swap_on_second_read(run_dir, monkeypatch)
+    code = main(["analyze", str(run_dir), *RUN_ARGS, "--downstream", "digits",
+                 "--downstream-metrics", "logme"])
     err = capsys.readouterr().err
-    assert code == 1 and "FAILED epoch 1" in err and "does not match" in err
-    assert sorted(_table(run_dir)["epoch"].unique()) == [0, 2]
+    assert len(calls) == 2
+    assert code == 1 and "FAILED epoch 1: downstream digits" in err and "does not match" in err
+    table = _table(run_dir)
+    down = table[table["task"] == "digits"]
+    assert sorted(down["epoch"].unique()) == [0, 2]  # none of the swapped file's
+    source = table[table["task"] != "digits"]  # epoch 1's own, from the bytes first hashed
+    pd.testing.assert_frame_equal(
+        _values(source[~source["metric"].str.startswith("transfer_")]).reset_index(drop=True),
+        _values(run["table"]))
 
 
 def test_forged_part_is_recomputed_not_reported(run, tmp_path):

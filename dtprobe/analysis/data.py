@@ -53,6 +53,8 @@ class EvalData:
     host_batch: int = 0
     #: ``--skip-bad-images``, which downstream folder datasets inherit.
     skip_bad_images: bool = False
+    #: ``--progress``: progress bars (an image store's build among them), inherited likewise.
+    progress: bool = True
 
     def mi(self) -> torch.Tensor:
         """X for I(X;T): the first test images' pixels, flattened (made once, when an MI
@@ -170,11 +172,12 @@ def prepare_data(plan: RunPlan, device: torch.device,
     if opts.skip_bad_images and accepts(plan.dataset, "skip_bad_images"):
         params["skip_bad_images"] = True
     store = store_folder(opts, plan.dataset)
-    bundle = load_dataset(plan.dataset, store=store, **params)
+    bundle = load_dataset(plan.dataset, store=store, progress=opts.progress, **params)
     train_images, test_images = place_images(bundle, device)
     return EvalData(bundle, dataset_key(bundle.name, bundle.params), train_images, test_images,
                     None, store=store, budget=opts.memory_budget,
-                    max_samples=opts.max_samples, skip_bad_images=opts.skip_bad_images)
+                    max_samples=opts.max_samples, skip_bad_images=opts.skip_bad_images,
+                    progress=opts.progress)
 
 
 def samples_record(data: EvalData) -> str:

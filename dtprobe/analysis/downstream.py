@@ -18,10 +18,16 @@ never mix with the source dataset's own factor tasks (names that would collide a
 Per epoch, :func:`aggregate_rows` adds the mean accuracy and the mean log-odds over the
 downstream set (the aggregate of Sariyildiz et al. 2023, t-ReX).
 
-Datasets are the outer loop and checkpoints the inner one: only one downstream dataset's images
-are in memory at a time (memory flat in the number of datasets and of checkpoints), at the cost
-of reading each checkpoint file once more per dataset. Rows go to ``analysis/parts`` like the
-source rows (one atomic JSON file per checkpoint and dataset), so a killed analysis resumes.
+Each checkpoint is read, hashed, loaded and BatchNorm-folded once per analysis
+(:class:`~dtprobe.analysis.features.LoadedCheckpoint`): the datasets read from an image store
+(folder datasets; no image held in memory) are loaded before the checkpoints
+(:func:`preload_downstream`), and each checkpoint's features on them are extracted into the
+feature cache while it is open for the source (:func:`extract_ahead`). Their metrics, and
+everything for datasets held in memory, then run with datasets as the outer loop and
+checkpoints the inner one: only one in-memory downstream dataset's images are held at a time
+(memory flat in the number of datasets and of checkpoints), at the cost of reading each
+checkpoint once more for each such dataset. Rows go to ``analysis/parts`` like the source rows
+(one atomic JSON file per checkpoint and dataset), so a killed analysis resumes.
 
 A dataset that cannot be loaded (missing or malformed on disk, or any other exception
 while loading it: :mod:`dtprobe.runtime.isolation`) is reported on one line and recorded as a
@@ -51,7 +57,7 @@ from dtprobe.analysis.epoch_metrics import (
     metric_rows,
     rows_key,
 )
-from dtprobe.analysis.features import checkpoint_features, verify_checkpoint
+from dtprobe.analysis.features import LoadedCheckpoint, checkpoint_features, features_key
 from dtprobe.analysis.finetune import FineTunePartStore, finetune_rows
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.resume import PartStore
@@ -114,7 +120,8 @@ def load_downstream(spec: DownstreamSpec, source: EvalData,
     if source.skip_bad_images and "skip_bad_images" in loader_parameters(spec.dataset):
         params.setdefault("skip_bad_images", True)
     store = source.store if supports_store(spec.dataset) else None
-    bundle = prepare_for_source(load_dataset(spec.dataset, store=store, **params), target)
+    bundle = prepare_for_source(load_dataset(spec.dataset, store=store,
+                                             progress=source.progress, **params), target)
     name = spec.name
     bundle.train.factors = {name: bundle.train.labels}
     bundle.test.factors = {name: bundle.test.labels}
@@ -126,7 +133,7 @@ def load_downstream(spec: DownstreamSpec, source: EvalData,
                     # the same model on images of the same (converted) shape
                     activations_per_image=source.activations_per_image,
                     model_bytes=source.model_bytes, host_batch=source.host_batch,
-                    skip_bad_images=source.skip_bad_images)
+                    skip_bad_images=source.skip_bad_images, progress=source.progress)
     return DownstreamData(spec, data, _problem(spec, bundle.train.labels, bundle.test.labels))
 
 
@@ -218,28 +225,89 @@ def downstream_metrics(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamDat
 
 def process_downstream(plan: RunPlan, ckpt: PlannedCheckpoint, ds: DownstreamData,
                        cache: FeatureCache, parts: DownstreamPartStore, device: torch.device,
-                       opts: AnalysisOptions, stats: Any = None) -> list[dict[str, Any]]:
+                       opts: AnalysisOptions, stats: Any = None,
+                       source: EvalData | None = None) -> list[dict[str, Any]]:
     """Rows of one checkpoint on one downstream dataset: reused from ``parts`` when their key
-    matches, else computed from features (cached; extracted when missing)."""
+    matches, else computed from features (cached; extracted when missing).
+
+    The checkpoint is read only if this analysis has not hashed it yet (its rows and features
+    are keyed by that digest) or if features must be extracted (:class:`LoadedCheckpoint`);
+    ``source`` gives the images the BatchNorm folding is checked on (the source's, as for
+    the source's own features)."""
     metrics = list(opts.downstream_metrics or DOWNSTREAM_METRICS)
-    verify_checkpoint(plan, ckpt, opts)  # content hashed before its stored rows are trusted
-    key = downstream_part_key(ckpt, ds, metrics, opts)
-    rows = parts.get(ckpt.epoch, key)
-    if rows is None:
+    probe = (source if source is not None else ds.data).test_images
+    with LoadedCheckpoint(plan, ckpt, opts, ds.data.bundle.in_channels, device,
+                          probe) as loaded:
+        key = downstream_part_key(ckpt, ds, metrics, opts)
+        rows = parts.get(ckpt.epoch, key)
+        if rows is not None:
+            if stats is not None:
+                stats.metrics_reused += 1
+            return rows
         feats = None
         if ds.problem is None:
-            feats, state = checkpoint_features(plan, ckpt, ds.data, cache, device, opts)
-            if stats is not None:
-                stats.features_reused += state is None
+            feats, state = checkpoint_features(plan, ckpt, ds.data, cache, device, opts,
+                                               loaded)
+            if stats is not None:  # extracted ahead in this analysis: counted there
+                fresh = cache.written(features_key(ckpt, ds.data, "test", opts))
+                stats.features_reused += state is None and not fresh
                 stats.features_extracted += state is not None
-        rows = downstream_metrics(plan, ckpt, ds, feats, metrics, opts)
-        if cacheable(rows):  # a metric's unexpected failure is tried again next time
-            parts.put(ckpt.epoch, key, rows)
-        if stats is not None:
-            stats.metrics_computed += 1
-    elif stats is not None:
-        stats.metrics_reused += 1
+    # the model is let go before the metrics run
+    rows = downstream_metrics(plan, ckpt, ds, feats, metrics, opts)
+    if cacheable(rows):  # a metric's unexpected failure is tried again next time
+        parts.put(ckpt.epoch, key, rows)
+    if stats is not None:
+        stats.metrics_computed += 1
     return rows
+
+
+def preload_downstream(source: EvalData, device: torch.device, opts: AnalysisOptions,
+                       ) -> dict[str, DownstreamData | Exception]:
+    """The downstream datasets whose images are read from an image store (none held in
+    memory), loaded before the checkpoints are: keyed by spec text, each a
+    :class:`DownstreamData` or the exception loading it raised (recorded as that dataset's
+    failure by :func:`analyse_downstream`, which does not load it again). The others are
+    left to :func:`analyse_downstream`, one in memory at a time."""
+    out: dict[str, DownstreamData | Exception] = {}
+    if source.store is None:
+        return out
+    for spec in downstream_specs(opts, source):
+        if not supports_store(spec.dataset):
+            continue
+        try:
+            ds = load_downstream(spec, source, device)
+            if source.values_per_image:
+                enforce_budget(ds.data, source.values_per_image, f"downstream {spec.name}")
+        except Exception as exc:  # noqa: BLE001 - classified and recorded when met again
+            contain(exc, f"downstream dataset {spec.text}")  # environment errors go up now
+            out[spec.text] = exc
+            continue
+        out[spec.text] = ds
+    return out
+
+
+def extract_ahead(plan: RunPlan, ckpt: PlannedCheckpoint,
+                  preloaded: dict[str, DownstreamData | Exception], cache: FeatureCache,
+                  parts_root: Path, device: torch.device, opts: AnalysisOptions,
+                  loaded: LoadedCheckpoint, stats: Any = None) -> None:
+    """Features of the open checkpoint ``loaded`` on every preloaded downstream dataset whose
+    rows are not stored yet, into the feature cache, where :func:`process_downstream` finds
+    them: the checkpoint is read, hashed, loaded and folded once for the source and every such
+    dataset. A failure here is left for :func:`analyse_downstream` to meet and record."""
+    metrics = list(opts.downstream_metrics or DOWNSTREAM_METRICS)
+    for ds in preloaded.values():
+        if isinstance(ds, Exception) or ds.problem is not None:
+            continue
+        parts = DownstreamPartStore(parts_root, ds.spec.name, reuse=opts.use_cache)
+        if parts.get(ckpt.epoch, downstream_part_key(ckpt, ds, metrics, opts)) is not None:
+            continue  # its rows are stored: no features needed
+        try:
+            _, state = checkpoint_features(plan, ckpt, ds.data, cache, device, opts, loaded)
+        except Exception as exc:  # noqa: BLE001 - met again, and recorded, on this dataset
+            contain(exc, str(ckpt.path))
+            continue
+        if stats is not None:
+            stats.features_extracted += state is not None
 
 
 def aggregate_rows(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
@@ -296,17 +364,24 @@ def downstream_specs(opts: AnalysisOptions, source: EvalData) -> list[Downstream
 def analyse_downstream(plan: RunPlan, checkpoints: Sequence[PlannedCheckpoint],
                        source: EvalData, cache: FeatureCache, parts_root: Path,
                        device: torch.device, opts: AnalysisOptions, stats: Any = None,
+                       preloaded: dict[str, DownstreamData | Exception] | None = None,
                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Rows of every checkpoint on every downstream dataset, plus the per-epoch aggregates, and
     the failures (a dataset that cannot be loaded: empty epoch; a checkpoint that fails on one
-    dataset: its epoch). One dataset is in memory at a time."""
+    dataset: its epoch). One dataset held in memory is loaded at a time; ``preloaded``
+    (:func:`preload_downstream`: read from an image store) are taken from there, and let go
+    as they are done."""
     specs = downstream_specs(opts, source)
+    preloaded = preloaded if preloaded is not None else {}
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     for spec in specs:
         try:
-            ds = load_downstream(spec, source, device)
-            if source.values_per_image:  # one downstream dataset in memory at a time, checked
+            early = preloaded.pop(spec.text, None)
+            if isinstance(early, Exception):
+                raise early
+            ds = early if early is not None else load_downstream(spec, source, device)
+            if source.values_per_image and early is None:  # one in memory at a time, checked
                 enforce_budget(ds.data, source.values_per_image, f"downstream {spec.name}")
         except Exception as exc:  # any class: one dataset must not end the analysis
             reason = (f"downstream dataset {spec.text}: "
@@ -325,7 +400,8 @@ def analyse_downstream(plan: RunPlan, checkpoints: Sequence[PlannedCheckpoint],
         tuned = FineTunePartStore(parts_root, spec.name, reuse=opts.use_cache)
         for ckpt in checkpoints:
             try:
-                rows.extend(process_downstream(plan, ckpt, ds, cache, parts, device, opts, stats))
+                rows.extend(process_downstream(plan, ckpt, ds, cache, parts, device, opts, stats,
+                                               source))
                 if opts.finetune:  # opt-in: a training run per checkpoint and dataset
                     rows.extend(finetune_rows(
                         plan, ckpt, ds, source.bundle.in_channels, tuned, device, opts,

@@ -21,12 +21,14 @@ from dtprobe.checkpoints.fitting import load_weights
 from dtprobe.errors import CheckpointError, ConfigError, first_line
 from dtprobe.features.extract import (
     FEATURE_DTYPES,
+    FOLD_CHECK_IMAGES,
     cache_key,
     extract_features,
     feature_dtype_tag,
     for_compute,
     for_storage,
 )
+from dtprobe.features.prepare import inference_model
 from dtprobe.models import build_model, get_arch, head_module
 from dtprobe.models.layers import block_layers, describe_layers, penultimate_source
 
@@ -70,8 +72,9 @@ def check_model(plan: RunPlan, data: EvalData, opts: AnalysisOptions) -> None:
                           + f"; its blocks are {' '.join(blocks) or '(none found)'}, and "
                           "`dtprobe layers RUN` lists every module")
     try:
+        # shapes only: the BatchNorm folding (a copy of the model) would check nothing more
         outputs = extract_features(model, head, data.test_images[:2], device=torch.device("cpu"),
-                                   batch_size=2, layers=opts.layers)
+                                   batch_size=2, layers=opts.layers, fold_batchnorm=False)
     except RuntimeError as exc:
         raise ConfigError(f"{plan.arch} cannot process the {plan.dataset} images "
                           f"({first_line(str(exc))}); pass a matching --arch / "
@@ -153,11 +156,6 @@ def read_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint,
     return blob
 
 
-def verify_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOptions) -> str:
-    """The verified sha256 of the checkpoint's content (see :func:`read_checkpoint`)."""
-    return read_checkpoint(plan, ckpt, opts).sha256
-
-
 def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int, opts: AnalysisOptions,
                blob: ckpt_io.CheckpointBytes | None = None
                ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -179,27 +177,97 @@ def load_model(plan: RunPlan, ckpt: PlannedCheckpoint, in_channels: int, opts: A
     return model, chosen.state
 
 
-def load_state(plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOptions,
-               blob: ckpt_io.CheckpointBytes | None = None,
-               in_channels: int = 3) -> dict[str, torch.Tensor]:
-    """The validated weights under the model's names, built from ``blob`` (or from a fresh
-    verified read); see :func:`load_model`."""
-    return load_model(plan, ckpt, in_channels, opts, blob)[1]
+class LoadedCheckpoint:
+    """One checkpoint, read and hashed once, its model built, loaded and prepared for inference
+    once, for every extraction of this analysis: the source's splits and every downstream
+    dataset's (:mod:`dtprobe.analysis.pipeline`).
+
+    Opening reads the file (:func:`read_checkpoint`: verified, ``ckpt.digest`` set, the key of
+    every cached feature and row); the model is loaded on first use from those very bytes,
+    which are then freed. Its BatchNorm is folded once (:func:`~dtprobe.features.prepare.
+    inference_model`), checked on ``probe`` (the source's first test images, so that the
+    decision, and with it the source's features, do not depend on which downstream datasets
+    are analysed), and the folded copy runs every extraction. The weights under the model's
+    names (``state``) are what the source metrics read the head from.
+    """
+
+    def __init__(self, plan: RunPlan, ckpt: PlannedCheckpoint, opts: AnalysisOptions,
+                 in_channels: int, device: torch.device, probe: Any):
+        self.plan, self.ckpt, self.opts = plan, ckpt, opts
+        self.in_channels, self.device, self.probe = in_channels, device, probe
+        # The keys need the verified digest: the file is read now unless this analysis has
+        # already hashed it (then it is read only if the model is needed, and checked again
+        # against that digest: a file swapped mid-analysis fails, see read_checkpoint).
+        self.blob: ckpt_io.CheckpointBytes | None = (
+            read_checkpoint(plan, ckpt, opts) if ckpt.digest is None else None)
+        self.model: torch.nn.Module | None = None
+        self.head: torch.nn.Module | None = None
+        self.net: torch.nn.Module | None = None
+        self.net_head: torch.nn.Module | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def __enter__(self) -> LoadedCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the file's bytes, the model and its inference copy."""
+        self.blob = self.model = self.head = self.net = self.net_head = self.state = None
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """The model with the checkpoint's weights (once), and those weights."""
+        if self.state is None:
+            blob = self.blob if self.blob is not None else read_checkpoint(
+                self.plan, self.ckpt, self.opts)
+            self.blob = None
+            model, self.state = load_model(self.plan, self.ckpt, self.in_channels, self.opts,
+                                           blob)
+            del blob
+            # the tensors are copies: the file's bytes are freed before extraction
+            self.model = model.to(self.device).eval()
+            self.head = plan_head(self.model, self.plan)
+        return self.state
+
+    def _inference_copy(self) -> tuple[torch.nn.Module, torch.nn.Module, bool]:
+        """The network every eager extraction runs (BatchNorm folded once) and whether it is
+        a folded copy (which extraction then leaves as it is)."""
+        if self.net is None:
+            self.load()
+            probe = self.probe[:FOLD_CHECK_IMAGES].to(self.device)
+            self.net, self.net_head, folded = inference_model(self.model, self.head,
+                                                              self.opts.layers, probe)
+            if folded and probe.ndim == 4:  # as extract_features formats its own copy
+                self.net = self.net.to(memory_format=torch.channels_last)
+        return self.net, self.net_head, self.net is not self.model
+
+    def extract(self, images: Any, split: str, opts: AnalysisOptions) -> dict[str, torch.Tensor]:
+        """Outputs on ``images`` as the feature cache stores them (:func:`extract_for_cache`)."""
+        self.load()
+        if opts.engine != "eager":  # the engine exports from the eager model itself
+            return extract_for_cache(self.model, self.head, images, self.ckpt, split,
+                                     self.device, opts)
+        net, net_head, folded = self._inference_copy()
+        return extract_for_cache(net, net_head, images, self.ckpt, split, self.device, opts,
+                                 fold_batchnorm=not folded, reference=self.model)
 
 
 def _extract(model: torch.nn.Module, head: torch.nn.Module, images: Any,
              ckpt: PlannedCheckpoint, device: torch.device,
-             opts: AnalysisOptions) -> dict[str, torch.Tensor]:
+             opts: AnalysisOptions, fold_batchnorm: bool = True,
+             reference: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     try:
         return extract_features(model, head, images, device=device,
                                 batch_size=opts.batch_size, layers=opts.layers,
-                                engine=opts.engine)
+                                engine=opts.engine, fold_batchnorm=fold_batchnorm)
     except RuntimeError as exc:
         text = str(exc)
         if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
             raise CheckpointError(f"{ckpt.path}: out of memory while extracting features; "
                                   f"lower --batch-size (now {opts.batch_size})") from None
-        if not _outputs_finite(model, images[:8], device):
+        if not _outputs_finite(reference if reference is not None else model, images[:8],
+                               device):
             # Some numerical step choked on NaN/Inf activations: a diverged checkpoint.
             raise CheckpointError(f"{ckpt.path}: the images give NaN/Inf outputs (diverged "
                                   "run?); this checkpoint is skipped") from None
@@ -220,11 +288,13 @@ def _outputs_finite(model: torch.nn.Module, images: torch.Tensor, device: torch.
 
 def extract_for_cache(model: torch.nn.Module, head: torch.nn.Module, images: Any,
                       ckpt: PlannedCheckpoint, split: str, device: torch.device,
-                      opts: AnalysisOptions) -> dict[str, torch.Tensor]:
+                      opts: AnalysisOptions, fold_batchnorm: bool = True,
+                      reference: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Outputs of ``model`` on ``images`` as the feature cache stores them (``--feature-dtype``),
     refusing NaN/Inf features (a diverged run) and values beyond the dtype's range with a
-    one-line :class:`CheckpointError`."""
-    feats = _extract(model, head, images, ckpt, device, opts)
+    one-line :class:`CheckpointError`. ``fold_batchnorm=False`` with a model already folded
+    (:class:`LoadedCheckpoint`), whose eager original is ``reference``."""
+    feats = _extract(model, head, images, ckpt, device, opts, fold_batchnorm, reference)
     bad = ~torch.isfinite(feats["features"]).all(dim=1)
     if bad.any():
         raise CheckpointError(f"{ckpt.path}: {int(bad.sum())} {split} images give NaN/Inf "
@@ -238,52 +308,54 @@ def extract_for_cache(model: torch.nn.Module, head: torch.nn.Module, images: Any
 
 def features_key(ckpt: PlannedCheckpoint, data: EvalData, split: str,
                  opts: AnalysisOptions) -> str:
-    """Cache key of one checkpoint's features on one split (layers and dtype included)."""
+    """Cache key of one checkpoint's features on one split (layers and dtype included): the
+    one recipe, keyed by the digest the analysis verified (:func:`read_checkpoint`)."""
+    if ckpt.cache_digest is None:  # a key is never made of a file not read and hashed
+        raise RuntimeError(f"{ckpt.path}: features keyed before the file was verified")
     return cache_key(ckpt.cache_digest, data.key, split, opts.layers,
                      feature_dtype_tag(opts.feature_dtype))
 
 
 def checkpoint_features(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, cache: Any,
                         device: torch.device, opts: AnalysisOptions,
+                        loaded: LoadedCheckpoint | None = None,
                         ) -> tuple[dict[str, dict[str, torch.Tensor]],
                                     dict[str, torch.Tensor] | None]:
     """Train/test features, logits and layer outputs of one checkpoint (from cache when present).
 
+    ``loaded``: the checkpoint already opened for this analysis (read and hashed once, model
+    loaded and folded once for every dataset); without it, the file is opened here.
     Returns the features and the checkpoint's state dict if it had to be loaded (else None).
     """
-    blob = read_checkpoint(plan, ckpt, opts)
+    if loaded is None:
+        with LoadedCheckpoint(plan, ckpt, opts, data.bundle.in_channels, device,
+                              data.test_images) as own:
+            return checkpoint_features(plan, ckpt, data, cache, device, opts, own)
     out: dict[str, dict[str, torch.Tensor]] = {}
     todo = []
     for split in ("train", "test"):
         # layer outputs of both splits: the per-layer probes fit on train and score on test
-        layers = opts.layers
         key = features_key(ckpt, data, split, opts)
         hit = cache.get(key)
         if hit is None and opts.image_shards > 1:  # written by the ranks of a torchrun launch
             n = len(data.bundle.train if split == "train" else data.bundle.test)
             hit = assemble(cache, key, n, opts.image_shards)
         if hit is None:
-            todo.append((split, key, layers))
+            todo.append((split, key))
         else:
             out[split] = for_compute(hit)  # metrics compute on float32 (or float64) copies
     state = None
-    if todo:
-        model, state = load_model(plan, ckpt, data.bundle.in_channels, opts, blob)
-        del blob  # the tensors are copies: free the file's bytes before extraction
-        model = model.to(device)
-        head = plan_head(model, plan)
-        for split, key, layers in todo:
-            images = data.train_images if split == "train" else data.test_images
-            feats = extract_for_cache(model, head, images, ckpt, split, device,
-                                      replace(opts, layers=layers))
-            cache.put(key, feats)
-            # what a later analysis reads back from the cache, so that both give one table
-            out[split] = for_compute(feats)
-        del model
+    for split, key in todo:
+        images = data.train_images if split == "train" else data.test_images
+        feats = loaded.extract(images, split, opts)
+        state = loaded.state
+        cache.put(key, feats)
+        # what a later analysis reads back from the cache, so that both give one table
+        out[split] = for_compute(feats)
     return out, state
 
 
 def test_key(ckpt: PlannedCheckpoint, data: EvalData, opts: AnalysisOptions) -> str:
-    return cache_key(ckpt.cache_digest or str(ckpt.path), data.key, "test", opts.layers,
-                     feature_dtype_tag(opts.feature_dtype))
+    """Cache key of the test features (:func:`features_key`)."""
+    return features_key(ckpt, data, "test", opts)
 

@@ -18,7 +18,10 @@ An analysis holds, at its peak:
   read once to hash them, the state dict loaded from them, the model).
 
 None of these grows with the number of checkpoints, layers kept on disk or downstream datasets
-(one is loaded at a time, and checked the same way). :func:`check_budget` adds them up and
+(those held in memory are loaded one at a time, and checked the same way; those read from an
+image store, loaded together before the checkpoints, hold a batch each). Images held in memory
+(``--image-store none``, array datasets) do grow with their number, as uint8 pixels, and are
+counted as ``images``. :func:`check_budget` adds them up and
 refuses, with the options that would fit, an analysis that would exceed the budget, instead
 of letting the machine swap or the kernel kill it halfway.
 """

@@ -15,12 +15,18 @@ import torch
 
 import checkpoints_manifest as cm
 from dtprobe.analysis.data import EvalData, prepare_data, samples_record
-from dtprobe.analysis.downstream import analyse_downstream, downstream_specs, load_downstream
+from dtprobe.analysis.downstream import (
+    analyse_downstream,
+    downstream_specs,
+    extract_ahead,
+    load_downstream,
+    preload_downstream,
+)
 from dtprobe.analysis.epoch_metrics import cacheable, epoch_metrics, part_key
 from dtprobe.analysis.features import (
+    LoadedCheckpoint,
     check_model,
     checkpoint_features,
-    load_state,
     resolve_layers,
     test_key,
 )
@@ -90,13 +96,26 @@ def failure_reason(ckpt: PlannedCheckpoint, exc: Exception) -> str:
                    "file if it is a plain state dict)").reason
 
 
+def open_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
+                    device: torch.device, opts: AnalysisOptions) -> LoadedCheckpoint:
+    """``ckpt`` opened for every extraction of this analysis (read and hashed once; BatchNorm
+    folded once, checked on the source's test images)."""
+    return LoadedCheckpoint(plan, ckpt, opts, data.bundle.in_channels, device, data.test_images)
+
+
 def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
                        cache: FeatureCache, parts: PartStore, specs: Sequence[MetricSpec],
                        device: torch.device, opts: AnalysisOptions,
-                       stats: AnalysisStats | None = None):
-    """Features (cached) and per-epoch metric rows (stored atomically) of one checkpoint."""
+                       stats: AnalysisStats | None = None,
+                       loaded: LoadedCheckpoint | None = None):
+    """Features (cached) and per-epoch metric rows (stored atomically) of one checkpoint;
+    ``loaded``: the checkpoint already opened (:func:`open_checkpoint`), else opened here."""
+    if loaded is None:
+        with open_checkpoint(plan, ckpt, data, device, opts) as own:
+            return process_checkpoint(plan, ckpt, data, cache, parts, specs, device, opts,
+                                      stats, own)
     stats = stats if stats is not None else AnalysisStats()
-    feats, state = checkpoint_features(plan, ckpt, data, cache, device, opts)
+    feats, state = checkpoint_features(plan, ckpt, data, cache, device, opts, loaded)
     if state is None:
         stats.features_reused += 1
     else:
@@ -104,8 +123,7 @@ def process_checkpoint(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData,
     key = part_key(ckpt, data, specs, opts)
     part = parts.get(ckpt.epoch, key)
     if part is None:
-        if state is None:
-            state = load_state(plan, ckpt, opts, in_channels=data.bundle.in_channels)
+        state = loaded.load()  # the head's weights (loaded once, with the features)
         part = epoch_metrics(plan, ckpt, feats, data, specs, opts, state)
         if cacheable(part):  # a metric's unexpected failure is tried again next time
             parts.put(ckpt.epoch, key, part)
@@ -222,14 +240,21 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
         failures: list[dict[str, Any]] = []
         analysed: list[PlannedCheckpoint] = []
         test_feats = EpochFeatures(cache, dtype=opts.feature_dtype)
+        # Downstream datasets read from an image store hold no images in memory: loaded now,
+        # each checkpoint's features on them are extracted while it is open (one read, one
+        # model load per checkpoint); the others are loaded one at a time afterwards.
+        ahead = preload_downstream(data, device, opts) if opts.downstream else {}
         # The final checkpoint goes first so that it can stay pinned for CKA-to-final.
         order = plan.checkpoints[-1:] + plan.checkpoints[:-1]
         bar = tqdm(order, desc=f"analyze {plan.name}", unit="ckpt", disable=not opts.progress)
         for ckpt in bar:
             bar.set_postfix(epoch=ckpt.epoch)
             try:
-                feats, part = process_checkpoint(plan, ckpt, data, cache, parts, specs, device,
-                                                 opts, stats)
+                with open_checkpoint(plan, ckpt, data, device, opts) as loaded:
+                    extract_ahead(plan, ckpt, ahead, cache, analysis_dir / PARTS_DIR, device,
+                                  opts, loaded, stats)
+                    feats, part = process_checkpoint(plan, ckpt, data, cache, parts, specs,
+                                                     device, opts, stats, loaded)
             except Exception as exc:  # one bad file must not end the analysis (any class)
                 reason = failure_reason(ckpt, exc)
                 failures.append({"run": plan.name, "epoch": ckpt.epoch, "path": str(ckpt.path),
@@ -249,7 +274,7 @@ def analyze_plan(plan: RunPlan, opts: AnalysisOptions):
             analysed.sort(key=lambda c: c.epoch)
             ds_rows, ds_failures = analyse_downstream(plan, analysed, data, cache,
                                                       analysis_dir / PARTS_DIR, device, opts,
-                                                      stats)
+                                                      stats, ahead)
             rows.extend(ds_rows)
             failures.extend(ds_failures)
         stamp_settings(rows, data.row_settings())

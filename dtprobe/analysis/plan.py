@@ -575,6 +575,9 @@ def check_plan(plan: RunPlan, opts: AnalysisOptions) -> None:
         if "store" in params:
             raise ConfigError(f"dataset {plan.dataset!r}: 'store' is not a dataset parameter; "
                               "pass --image-store DIR")
+        if "progress" in params:
+            raise ConfigError(f"dataset {plan.dataset!r}: 'progress' is not a dataset "
+                              "parameter; pass --no-progress")
         if "max_samples" in params and "max_samples" not in inspect.signature(loader).parameters:
             try:  # generic: applied by the registry after loading
                 check_max_samples(plan.dataset, params.pop("max_samples"))

@@ -19,13 +19,7 @@ from typing import Any
 import torch
 
 from dtprobe.analysis.data import EvalData
-from dtprobe.analysis.features import (
-    extract_for_cache,
-    features_key,
-    load_model,
-    plan_head,
-    read_checkpoint,
-)
+from dtprobe.analysis.features import LoadedCheckpoint, features_key
 from dtprobe.analysis.plan import AnalysisOptions, PlannedCheckpoint, RunPlan
 from dtprobe.analysis.shares import (  # noqa: F401  (re-exported: this module's former names)
     SHARD_MODES,
@@ -43,21 +37,15 @@ def extract_share(plan: RunPlan, ckpt: PlannedCheckpoint, data: EvalData, cache:
                   device: torch.device, opts: AnalysisOptions, part: int, parts: int) -> None:
     """Extract this rank's rows of both splits of ``ckpt`` into part files (skipping what is
     cached already, whole or as this part)."""
-    # verified first: the cache keys are the file's checked sha256, as rank 0 will compute them
-    blob = read_checkpoint(plan, ckpt, opts)
-    todo = []
-    for split, images in (("train", data.train_images), ("test", data.test_images)):
-        key = features_key(ckpt, data, split, opts)
-        n = len(images)
-        pk = part_key(key, part, parts, n)
-        if cache.get(key) is None and cache.get(pk) is None:
-            todo.append((split, image_rows(images, *row_range(n, part, parts)), pk))
-    if not todo:
-        return
-    model, _ = load_model(plan, ckpt, data.bundle.in_channels, opts, blob)
-    del blob
-    model = model.to(device)
-    head = plan_head(model, plan)
-    for split, images, pk in todo:
-        if len(images):
-            cache.put(pk, extract_for_cache(model, head, images, ckpt, split, device, opts))
+    # verified first: the cache keys are the file's checked sha256, as rank 0 will compute them;
+    # the folding is checked on the first test images of the whole split, the same on every rank
+    with LoadedCheckpoint(plan, ckpt, opts, data.bundle.in_channels, device,
+                          data.test_images) as loaded:
+        for split, images in (("train", data.train_images), ("test", data.test_images)):
+            key = features_key(ckpt, data, split, opts)
+            n = len(images)
+            pk = part_key(key, part, parts, n)
+            if cache.get(key) is None and cache.get(pk) is None:
+                rows = image_rows(images, *row_range(n, part, parts))
+                if len(rows):
+                    cache.put(pk, loaded.extract(rows, split, opts))

@@ -621,7 +621,8 @@ def _read_skip_record(path: Path, key: str) -> list[tuple[int, str]] | None:
 
 
 def _stored(name: str, split: str, root: Path, paths: Sequence[str], how: _Decoding,
-            store: str | os.PathLike) -> tuple[ImageStore, list[tuple[int, str]]]:
+            store: str | os.PathLike, progress: bool = True
+            ) -> tuple[ImageStore, list[tuple[int, str]]]:
     """The split decoded once into an image store (:mod:`dtprobe.data.store`), keyed by the
     decoder, its parameters and each file's path, size and modification time; plus the
     ``(index, reason)`` of the files skipped (``how.skip``).
@@ -647,7 +648,7 @@ def _stored(name: str, split: str, root: Path, paths: Sequence[str], how: _Decod
         found = _read_skip_record(record, all_key)
         if found is None:
             found = _build_skipping(name, split, paths, listing, how, folder, stem, record,
-                                    all_key)
+                                    all_key, progress)
         skipped = found
     bad = {i for i, _ in skipped}
     good = [i for i in range(len(paths)) if i not in bad]
@@ -655,18 +656,21 @@ def _stored(name: str, split: str, root: Path, paths: Sequence[str], how: _Decod
     shape = _shape(name, good_paths, how)
     key = store_key(name, *how.key, [listing[i] for i in good])
     return _open_or_build(name, split, folder, stem, key, shape, len(good_paths),
-                          lambda: how.batches(name, good_paths)), skipped
+                          lambda: how.batches(name, good_paths), progress), skipped
 
 
 def _open_or_build(name: str, split: str, folder: Path, stem: str, key: str,
-                   shape: tuple[int, int, int], n: int, make: Any) -> ImageStore:
+                   shape: tuple[int, int, int], n: int, make: Any,
+                   progress: bool = True) -> ImageStore:
+    """The store ``key``, built from ``make()`` when absent, with a progress bar while it is
+    built unless ``progress`` is off (``--no-progress``)."""
     bar: list[Any] = []
 
     def start() -> None:
         from dtprobe.runtime.progress import tqdm
 
         bar.append(tqdm(total=n, unit="img", desc=f"{name}/{split}: decoding once into the "
-                        "image store"))
+                        "image store", disable=not progress))
 
     try:
         return open_or_build(folder, stem, key, n, shape, make,
@@ -679,7 +683,7 @@ def _open_or_build(name: str, split: str, folder: Path, stem: str, key: str,
 
 def _build_skipping(name: str, split: str, paths: Sequence[str], listing: list[Any],
                     how: _Decoding, folder: Path, stem: str, record: Path,
-                    all_key: str) -> list[tuple[int, str]]:
+                    all_key: str, progress: bool = True) -> list[tuple[int, str]]:
     """Decode once, skipping bad files, into the store of the good ones; seal the skip list."""
     import fcntl
     import tempfile
@@ -721,7 +725,7 @@ def _build_skipping(name: str, split: str, paths: Sequence[str], listing: list[A
             key = store_key(name, *how.key,
                             [listing[i] for i in range(len(paths)) if i not in bad])
             _open_or_build(name, split, folder, stem, key, shape, count,  # type: ignore[arg-type]
-                           batches)
+                           batches, progress)
         body = json.dumps([list(s) for s in skipped], sort_keys=True).encode()
         cm.atomic_write_text(record, json.dumps({
             "key": all_key, "skipped": [list(s) for s in skipped],
@@ -734,7 +738,7 @@ def _build_skipping(name: str, split: str, paths: Sequence[str], listing: list[A
 def _folder_split(name: str, root: Path, dirs: Sequence[Path], split: str,
                   class_to_idx: dict[str, int] | None, layout: str, how: _Decoding,
                   max_per_class: int | None, max_samples: int | None,
-                  store: str | os.PathLike | None
+                  store: str | os.PathLike | None, progress: bool = True
                   ) -> tuple[Pixels, np.ndarray, dict[str, int], list[str], list[dict[str, str]]]:
     """One split of a folder dataset, from the class folders of ``dirs`` (capped at
     ``max_per_class`` files each, then the stable ``max_samples`` subset of them all): pixels
@@ -755,7 +759,7 @@ def _folder_split(name: str, root: Path, dirs: Sequence[Path], split: str,
     assert class_to_idx is not None
     if store is not None:
         pixels: Pixels
-        pixels, skipped = _stored(name, split, root, paths, how, store)
+        pixels, skipped = _stored(name, split, root, paths, how, store, progress)
     else:
         pixels, skipped = _decode(name, paths, how)
     if skipped:
@@ -789,6 +793,7 @@ def load_cinic10(
     resize_size: int | None = None,
     skip_bad_images: bool = False,
     store: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> DatasetBundle:
     """CINIC-10 from ``root/{train,valid,test}/<class>/*.png`` (Darlow et al. 2018).
 
@@ -803,6 +808,7 @@ def load_cinic10(
     max_samples : a stable class-stratified subset of at most this many images per split.
     resize_size, skip_bad_images : as for ``load_imagefolder``.
     store : a folder of image stores: decode once, read per batch (see ``load_imagefolder``).
+    progress : a progress bar while a store is built (see ``load_imagefolder``).
 
     Returns
     -------
@@ -835,9 +841,11 @@ def load_cinic10(
     how = _decoding(name, image_size, resize_size, skip_bad_images)
     train_dirs = [d / "train", d / "valid"] if include_valid else [d / "train"]
     x_tr, y_tr, c2i, ids_tr, bad_tr = _folder_split(name, d, train_dirs, "train", None, layout,
-                                                    how, max_per_class, max_samples, store)
+                                                    how, max_per_class, max_samples, store,
+                                                    progress)
     x_te, y_te, _, ids_te, bad_te = _folder_split(name, d, [d / "test"], "test", c2i, layout,
-                                                  how, max_per_class, max_samples, store)
+                                                  how, max_per_class, max_samples, store,
+                                                  progress)
     params = _with_decoding(dict(root=str(root_p), include_valid=include_valid,
                                  image_size=image_size, max_per_class=max_per_class), how,
                             max_samples)
@@ -861,6 +869,7 @@ def load_imagefolder(
     interpolation: str = "bilinear",
     skip_bad_images: bool = False,
     store: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> DatasetBundle:
     """Any ImageNet-style folder: ``root/train/<class>/*`` and ``root/val/<class>/*``.
 
@@ -890,6 +899,8 @@ def load_imagefolder(
         :class:`~dtprobe.data.pixels.RawImages`; memory is a batch, not the split). ``None``
         (default) decodes into memory. Not part of ``params``: the images are the same either
         way.
+    progress : a progress bar on stderr while a store is built (``dtprobe analyze
+        --no-progress`` turns it off). Not part of ``params``.
 
     Returns
     -------
@@ -922,10 +933,10 @@ def load_imagefolder(
     max_samples = check_max_samples(name, max_samples)
     x_tr, y_tr, c2i, ids_tr, bad_tr = _folder_split(name, root_p, [root_p / "train"], "train",
                                                     None, layout, how, max_per_class,
-                                                    max_samples, store)
+                                                    max_samples, store, progress)
     x_te, y_te, _, ids_te, bad_te = _folder_split(name, root_p, [root_p / test_split],
                                                   test_split, c2i, layout, how, max_per_class,
-                                                  max_samples, store)
+                                                  max_samples, store, progress)
     params = _with_decoding(dict(root=str(root_p), image_size=checked,
                                  max_per_class=max_per_class, test_split=test_split), how,
                             max_samples)

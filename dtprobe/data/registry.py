@@ -18,6 +18,9 @@ _DATASETS: dict[str, Callable[..., DatasetBundle]] = {}
 
 #: Parameters every dataset takes: loaders that do not declare them get them applied here.
 GENERIC_PARAMS = ("max_samples",)
+#: Loader arguments that say how the analysis keeps the images (the image-store folder, the
+#: progress bar while it is built), not what the images are: never dataset parameters.
+RUNTIME_PARAMS: tuple[str, ...] = ("store", "progress")
 
 
 def register_dataset(name: str):
@@ -65,7 +68,8 @@ def _with_ids(split: Split, name: str) -> Split:
     return replace(split, sample_ids=[f"{name}:{i}" for i in range(len(split))])
 
 
-def load_dataset(name: str, store: str | os.PathLike | None = None, **params) -> DatasetBundle:
+def load_dataset(name: str, store: str | os.PathLike | None = None, progress: bool = True,
+                 **params) -> DatasetBundle:
     """Load dataset ``name``; ``params`` are its loader's keyword arguments (kept in manifests).
 
     ``max_samples`` (a stable class-stratified subset per split, :mod:`dtprobe.data.subsets`)
@@ -73,6 +77,7 @@ def load_dataset(name: str, store: str | os.PathLike | None = None, **params) ->
     subset after loading. ``store`` (a folder of image stores, :mod:`dtprobe.data.store`) is
     passed to loaders that can decode into one and ignored by the others (their images are
     made in memory); it is not a parameter of the images, so it is not recorded in ``params``.
+    ``progress`` (the progress bar while a store is built) likewise, to loaders that show one.
     """
     names = available_datasets()
     if name not in _DATASETS:
@@ -80,6 +85,8 @@ def load_dataset(name: str, store: str | os.PathLike | None = None, **params) ->
     loader = _DATASETS[name]
     if store is not None and _accepts(loader, "store"):
         params = {**params, "store": store}
+    if not progress and _accepts(loader, "progress"):
+        params = {**params, "progress": False}
     cap = None
     if "max_samples" in params and not _accepts(loader, "max_samples"):
         cap = check_max_samples(name, params.pop("max_samples"))

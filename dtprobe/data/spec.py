@@ -67,9 +67,10 @@ def loader_parameters(dataset: str) -> list[str]:
         raise ConfigError(f"--downstream: unknown dataset {dataset!r}; available: "
                           f"{', '.join(names)}")
     sig = inspect.signature(registry.dataset_loader(dataset))
-    # ``store`` is where the analysis keeps decoded images, not a property of the dataset
+    # ``store``/``progress`` say how the analysis keeps decoded images, not what they are
     names = [p.name for p in sig.parameters.values()
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "store"]
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+             and p.name not in registry.RUNTIME_PARAMS]
     return names + [g for g in registry.GENERIC_PARAMS if g not in names]
 
 

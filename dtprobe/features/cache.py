@@ -144,6 +144,10 @@ class FeatureCache:
             return None
         return tensors
 
+    def written(self, key: str) -> bool:
+        """Whether ``key`` was written by this cache object (in this analysis)."""
+        return key in self._fresh
+
     def remove(self, key: str) -> None:
         """Delete the entry ``key`` if present (e.g. part files once their whole is cached)."""
         self._fresh.discard(key)

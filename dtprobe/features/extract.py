@@ -78,7 +78,7 @@ _CUDA_MAX_BATCH = 4096
 #: image shape, device and layers.
 _AUTO_BATCH: dict[tuple, int] = {}
 #: Images used to check a BatchNorm-folded copy against the original network.
-_FOLD_CHECK_IMAGES = 4
+FOLD_CHECK_IMAGES = 4
 
 
 def auto_batch_size(images: Images, device: torch.device) -> int:
@@ -302,7 +302,7 @@ def extract_features(model: nn.Module, head: nn.Module, images: Images, *,
     net, net_head = model, head
     channels_last = images.ndim == 4
     if fold_batchnorm:
-        probe = images[:_FOLD_CHECK_IMAGES].to(device)
+        probe = images[:FOLD_CHECK_IMAGES].to(device)
         net, net_head, folded = inference_model(model, head, layers, probe)
     else:
         folded = False

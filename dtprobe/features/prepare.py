@@ -82,6 +82,8 @@ def _close(ref: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> bool:
         if a.shape != b.shape:
             return False
         a, b = a.float(), b.float()
+        if not bool(torch.isfinite(a).all()):
+            return False  # NaN/Inf outputs (a diverged checkpoint) cannot vouch for a fold
         scale = float(a.abs().max()) if a.numel() else 0.0
         # Folding changes rounding only (~1e-6 relative in float32; TF32 convolutions on CUDA
         # give ~1e-3); a structural difference is O(1) of the output's scale.
