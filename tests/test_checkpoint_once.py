@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 
 import dtprobe.features.prepare as prepare
-from benchmarks.memory_paths import make_folder, make_run
+from benchmarks.memory_paths import make_run
 from dtprobe import analysis
 from dtprobe.analysis import features as features_mod
 from dtprobe.data import load_dataset
+from tests.helpers import make_folder
 
 METRICS = ["source_accuracy", "linear_cka"]
 DOWN_METRICS = ["probe_accuracy", "logme"]
