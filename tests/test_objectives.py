@@ -571,3 +571,22 @@ def test_objective_configs_record_hyperparameters():
     trex = build_objective("trex", _ctx(), {"hidden": 8})
     assert "BEFORE" in trex.config()["analysed_features"]
     assert np.isclose(trex.config()["tau"], 0.1)
+
+
+def test_islam_queue_keeps_the_authors_fraction_of_the_training_set():
+    """queue_size=auto: 64,000 keys for ImageNet's 1,281,167 images (5 %), the same fraction of a
+    smaller training set (at least 256 keys, at most 64,000); a given size is used as given."""
+    from dtprobe.training.objectives.contrastive import islam_queue_default
+
+    assert islam_queue_default(1_281_167) == 64000
+    assert islam_queue_default(10_000_000) == 64000
+    assert islam_queue_default(6000) == round(64000 * 6000 / 1_281_167) == 300
+    assert islam_queue_default(50_000) == 2498
+    assert islam_queue_default(100) == 256
+    ctx = _ctx()
+    ctx.feature_fn = lambda model, x: x  # the trainer's feature function
+    obj = build_objective("islam_supcon", ctx)
+    assert obj.hparams["queue_size"] == 256 and len(obj.queue_labels) == 256
+    assert build_objective("islam_supcon", ctx, {"queue_size": 9}).hparams["queue_size"] == 9
+    with pytest.raises(ConfigError, match="queue_size"):
+        build_objective("islam_supcon", ctx, {"queue_size": "many"})

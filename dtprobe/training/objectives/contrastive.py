@@ -1,13 +1,14 @@
 """Supervised and self-supervised contrastive objectives, as compared by Islam et al. (2021).
 
-Two families. ``islam_supcon``, ``islam_ce_ssl`` and ``islam_supcon_ssl`` (:class:`IslamMoCo`)
-are the objectives as Islam et al.'s released code (asrafulashiq/transfer_broad, ``system/``)
-computes them: MoCo-style, with a momentum key encoder (0.999), a queue of 64,000 keys,
-temperature 0.07, Linear-ReLU-Linear projections to 128-d, and the self-supervised term
-weighted 0.5. ``supcon``, ``ce_simclr`` and ``supcon_simclr`` (below) are the in-batch
-definitions of Khosla et al. and SimCLR, which the paper's text names but its code does not
-use; ``supcon`` equals the reference ``SupConLoss`` of HobbitLong/SupContrast (Khosla et al.'s
-PyTorch code) when its ``base_temperature`` equals the temperature (with their default
+Two families. ``islam_supcon``, ``islam_ce_ssl`` and ``islam_supcon_ssl`` (:class:`IslamMoCo`) are
+the objectives as Islam et al.'s released code (asrafulashiq/transfer_broad, ``system/``) computes
+them: MoCo-style, with a momentum key encoder (0.999), a queue of 64,000 keys (on ImageNet: 5 % of
+its training set; dtprobe's default ``queue_size=auto`` keeps that fraction of a smaller training
+set, :func:`islam_queue_default`), temperature 0.07, Linear-ReLU-Linear projections to 128-d, and
+the self-supervised term weighted 0.5. ``supcon``, ``ce_simclr`` and ``supcon_simclr`` (below) are
+the in-batch definitions of Khosla et al. and SimCLR, which the paper's text names but its code
+does not use; ``supcon`` equals the reference ``SupConLoss`` of HobbitLong/SupContrast (Khosla et
+al.'s PyTorch code) when its ``base_temperature`` equals the temperature (with their default
 ``base_temperature = 0.07`` their loss is dtprobe's times ``tau / 0.07``).
 
 * ``supcon``: SupCon (Khosla et al. 2020, the ``L_out`` form) on two views; the encoder is
@@ -317,11 +318,33 @@ class IslamMoCo(Objective):
         return loss, terms
 
 
+#: The authors' queue (64,000 keys) and the training set it was sized for (ImageNet's 1,281,167
+#: images): the queue holds 5 % of the training set.
+ISLAM_QUEUE_SIZE = 64000
+ISLAM_TRAIN_IMAGES = 1_281_167
+#: The smallest derived queue (enough keys for the queue SupCon's positives at a few classes).
+ISLAM_MIN_QUEUE = 256
+
+
+def islam_queue_default(num_samples: int) -> int:
+    """``queue_size=auto``: the authors' fraction of the training set (64,000 of ImageNet's
+    1,281,167 images, 5 %), at least :data:`ISLAM_MIN_QUEUE`, at most their 64,000.
+
+    A queue larger than that fraction of a small training set fills with real keys only after
+    many epochs (random initial keys are easy negatives, so the loss rises meanwhile: 5.2 -> 5.5
+    over epochs 1-3 for ``islam_supcon`` with 64,000 keys on 6,000 images) and then holds stale
+    keys of each query's own image among its InfoNCE negatives."""
+    derived = round(ISLAM_QUEUE_SIZE * num_samples / ISLAM_TRAIN_IMAGES)
+    return int(min(ISLAM_QUEUE_SIZE, max(ISLAM_MIN_QUEUE, derived)))
+
+
 def _islam(ctx: ObjectiveContext, name: str, mode: str, tau: float, weight: float,
-           queue_size: int, momentum: float, proj_dim: int) -> Objective:
+           queue_size: int | str, momentum: float, proj_dim: int) -> Objective:
     _check(name, tau, proj_dim)
     check_positive(name, weight=weight)
-    if int(queue_size) != queue_size or queue_size < 1:
+    if queue_size == "auto":
+        queue_size = islam_queue_default(ctx.num_samples)
+    if isinstance(queue_size, str) or int(queue_size) != queue_size or queue_size < 1:
         raise ConfigError(f"--objective-param queue_size={queue_size!r} for {name} must be an "
                           "integer >= 1")
     if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
@@ -335,15 +358,16 @@ def _islam(ctx: ObjectiveContext, name: str, mode: str, tau: float, weight: floa
 
 
 @register_objective("islam_supcon", paper=f"{PAPER} (released code)")
-def _islam_supcon(ctx: ObjectiveContext, tau: float = 0.07, queue_size: int = 64000,
-                  momentum: float = 0.999, proj_dim: int = 128) -> Objective:
+def _islam_supcon(ctx: ObjectiveContext, tau: float = 0.07,
+                  queue_size: int | str = "auto", momentum: float = 0.999,
+                  proj_dim: int = 128) -> Objective:
     """Islam et al.'s SupCon: queries against a queue of momentum-encoder keys"""
     return _islam(ctx, "islam_supcon", "supcon", tau, 1.0, queue_size, momentum, proj_dim)
 
 
 @register_objective("islam_ce_ssl", paper=f"{PAPER} (released code)")
 def _islam_ce_ssl(ctx: ObjectiveContext, weight: float = 0.5, tau: float = 0.07,
-                  queue_size: int = 64000, momentum: float = 0.999,
+                  queue_size: int | str = "auto", momentum: float = 0.999,
                   proj_dim: int = 128) -> Objective:
     """Islam et al.'s CE + weight * MoCo-v2 (momentum encoder, queue)"""
     return _islam(ctx, "islam_ce_ssl", "ce_ssl", tau, weight, queue_size, momentum, proj_dim)
@@ -351,7 +375,7 @@ def _islam_ce_ssl(ctx: ObjectiveContext, weight: float = 0.5, tau: float = 0.07,
 
 @register_objective("islam_supcon_ssl", paper=f"{PAPER} (released code)")
 def _islam_supcon_ssl(ctx: ObjectiveContext, weight: float = 0.5, tau: float = 0.07,
-                      queue_size: int = 64000, momentum: float = 0.999,
+                      queue_size: int | str = "auto", momentum: float = 0.999,
                       proj_dim: int = 128) -> Objective:
     """Islam et al.'s queue SupCon + weight * MoCo-v2, two projections"""
     return _islam(ctx, "islam_supcon_ssl", "supcon_ssl", tau, weight, queue_size, momentum,
