@@ -144,14 +144,14 @@ def compare_rows(plan: RunPlan, test_feats: Mapping[int, dict[str, torch.Tensor]
         FeatureCache(other.run_dir / ANALYSIS_DIR / FEATURES_DIR, opts.use_cache))
     rows = []
     steps = {c.epoch: c.step for c in plan.checkpoints}
+    # the analysis's own options (e.g. --follow-symlinks, --engine): the compared run is read
+    # and extracted exactly as the analysed one; its images are not sharded
+    other_opts = replace(opts, image_shards=1)
     for c in other.checkpoints:
         if c.epoch not in test_feats:
             continue
         try:
-            # the analysis's own options (e.g. --follow-symlinks, --engine): the compared run
-            # is read and extracted exactly as the analysed one; its images are not sharded
-            feats, _ = checkpoint_features(other, c, data, cache, device,
-                                           replace(opts, image_shards=1))
+            feats, _ = checkpoint_features(other, c, data, cache, device, other_opts)
         except Exception as exc:  # any class: one bad file of the other run is skipped
             note(f"compare: skipping {c.path}: "
                  f"{contain(exc, str(c.path), 'this epoch is not compared').reason}")
