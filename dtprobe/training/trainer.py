@@ -203,6 +203,42 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     return correct / max(1, len(labels))
 
 
+#: Train-log columns ``uninformative_<term>``: the value ``train_<term>`` takes when the model's
+#: outputs carry no information about the input (``Objective.uninformative_losses``).
+UNINFORMATIVE_PREFIX = "uninformative_"
+#: A term within this relative distance of that value for :data:`STUCK_EPOCHS` epochs in a row
+#: is stuck (a collapse is exact: 1e-5 to 2e-4 was seen; a model that learns leaves by > 2e-3).
+STUCK_RTOL = 1e-3
+STUCK_EPOCHS = 3
+
+
+def stuck_terms(log: list[dict[str, float]]) -> dict[str, float]:
+    """The terms that stayed at their no-information value over the last :data:`STUCK_EPOCHS`
+    epochs of ``log`` (one metrics dict per epoch, oldest first), with that value."""
+    if len(log) < STUCK_EPOCHS:
+        return {}
+    recent = log[-STUCK_EPOCHS:]
+    stuck = {}
+    for key, floor in recent[-1].items():
+        if not key.startswith(UNINFORMATIVE_PREFIX):
+            continue
+        term = key[len(UNINFORMATIVE_PREFIX):]
+        if all(abs(m.get(f"train_{term}", math.inf) - m.get(key, math.nan))
+               <= STUCK_RTOL * abs(m.get(key, math.nan)) for m in recent):
+            stuck[term] = floor
+    return stuck
+
+
+def stuck_loss_message(run: str, epoch: int, stuck: dict[str, float]) -> str:
+    """The one line said when loss terms stay at their no-information value."""
+    terms = ", ".join(f"{t} = {v:.4f}" for t, v in stuck.items())
+    return (f"[{run}] WARNING: epochs {epoch - STUCK_EPOCHS + 1}-{epoch}: the loss terms stayed at "
+            f"their value when the model's outputs carry no information about the input "
+            f"({terms}; columns uninformative_* of train_log.csv): the model is learning "
+            "nothing from them (a collapsed head or projection gives no gradient); try another "
+            "--lr or tau, another objective, or see the README's note on the objective")
+
+
 def dead_embedding_message(run: str, epoch: int) -> str:
     """The one line said when every test image's penultimate features are 0."""
     return (f"[{run}] WARNING: at epoch {epoch} every test image's penultimate features are 0 "
@@ -539,6 +575,10 @@ class Trainer:
                 k = len(idx)
                 seen += k
                 correct += int((logits.argmax(1) == y).sum())
+                floors = self.objective.uninformative_losses(k, self.bundle.num_classes)
+                for term in terms.keys() & floors.keys():  # weighted like the term itself
+                    key = UNINFORMATIVE_PREFIX + term
+                    sums[key] = sums.get(key, 0.0) + floors[term] * k
                 terms = {"loss": float(loss.detach()), **terms}
                 for key, val in terms.items():
                     sums[key] = sums.get(key, 0.0) + val * k
@@ -547,7 +587,8 @@ class Trainer:
             tap.remove()
         totals = self.dist.all_reduce_sums({**sums, "_seen": seen, "_correct": correct})
         seen = max(1.0, totals.pop("_seen"))
-        out = {f"train_{k}": v / seen for k, v in totals.items() if k != "_correct"}
+        out = {(k if k.startswith(UNINFORMATIVE_PREFIX) else f"train_{k}"): v / seen
+               for k, v in totals.items() if k != "_correct"}
         out["train_acc"] = totals["_correct"] / seen
         out["lr"] = lr
         return out
@@ -572,7 +613,8 @@ class Trainer:
             self._save(0, self._evaluate())
         self.dist.barrier()
         log_path = self.out / "train_log.csv"
-        dead_said = False
+        dead_said = stuck_said = False
+        history: list[dict[str, float]] = []
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.perf_counter()
             metrics = self._run_epoch(epoch)
@@ -590,6 +632,11 @@ class Trainer:
                     # finite loss (log K), so no divergence fires: say it once, go on
                     tqdm.write(dead_embedding_message(self.out.name, epoch))
                     dead_said = True
+                history.append(metrics)
+                stuck = stuck_terms(history)
+                if stuck and not stuck_said:  # finite loss again: say it once, go on
+                    tqdm.write(stuck_loss_message(self.out.name, epoch, stuck))
+                    stuck_said = True
             stopping = cfg.stop_after is not None and epoch >= cfg.stop_after
             if epoch % cfg.save_every == 0 or epoch == cfg.epochs or stopping:
                 self._save(epoch, metrics)

@@ -6,6 +6,7 @@ A leaf of :mod:`dtprobe.training.objectives`: it imports neither the registry no
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,16 @@ class Objective(nn.Module):
     def config(self) -> dict[str, Any]:
         """Hyperparameters, recorded in the run manifest."""
         return {"objective": self.name, **getattr(self, "hparams", {})}
+
+    def uninformative_losses(self, batch_size: int, num_classes: int) -> dict[str, float]:
+        """The value each logged term takes on a batch of ``batch_size`` when the model's outputs
+        carry no information about the input (uniform logits, every embedding equal).
+
+        The trainer warns when a term stays at this value (``trainer.stuck_terms``): the loss is
+        finite, so no divergence fires, and the model learns nothing. Terms absent here are
+        not watched; cross-entropy terms assume balanced classes (``ln K``).
+        """
+        return {"ce": math.log(num_classes)}
 
     def eval_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Scores used for the source accuracy (default: the head's logits)."""

@@ -42,6 +42,7 @@ joint weight ``1.0``, projection 128-d.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,14 @@ class TwoViewContrastive(Objective):
                         "views": 2, "view2_augmentation": dict(CONTRASTIVE_VIEW),
                         "classifier": ("linear head on detached features, trained online"
                                        if base == "supcon" else "the model's head, by CE")}
+
+    def uninformative_losses(self, batch_size: int, num_classes: int) -> dict[str, float]:
+        """ln(2B - 1) for SupCon and NT-Xent (each of the 2B anchors against the 2B - 1 other
+        views, all at one similarity when every embedding is equal), ln K for the CE terms."""
+        in_batch = math.log(max(1, 2 * batch_size - 1))
+        return {"ce": math.log(num_classes), "probe_ce": math.log(num_classes),
+                **({"supcon": in_batch} if self.base == "supcon" else {}),
+                **({"simclr": in_batch} if self.simclr_weight > 0 else {})}
 
     def forward(self, *, features, logits, labels, features2, **_):
         terms: dict[str, float] = {}
@@ -282,6 +291,16 @@ class IslamMoCo(Objective):
             buf[idx] = all_gather_rows(k).to(buf.dtype)
         self.queue_labels[idx] = labels
         self.queue_ptr.fill_((int(self.queue_ptr) + len(labels)) % n)
+
+    def uninformative_losses(self, batch_size: int, num_classes: int) -> dict[str, float]:
+        """ln(queue) for the queue SupCon, ln(queue + 1) for MoCo's InfoNCE (the positive and
+        every queue entry at one similarity when every key is equal), ln K for the CE terms.
+
+        The queue SupCon's value holds once every anchor has a positive in the queue (an anchor
+        without one adds 0), up to the authors' ``+ 1e-5`` (1e-5 / |P(i)| relative)."""
+        queue = len(self.queue_labels)
+        return {"supcon": math.log(queue), "moco": math.log(queue + 1),
+                "ce": math.log(num_classes), "probe_ce": math.log(num_classes)}
 
     def forward(self, *, features, logits, labels, images2, **_):
         q = {h: F.normalize(m(features), dim=1) for h, m in self.heads.items()}

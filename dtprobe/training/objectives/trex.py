@@ -38,6 +38,7 @@ every rank, as the authors'.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +179,10 @@ class TReX(Objective):
         self.bank[ptr:ptr + take] = z[:take].to(self.bank.dtype)
         self.bank_labels[ptr:ptr + take] = labels[:take]
         self.bank_ptr.fill_((ptr + take) % n)
+
+    def uninformative_losses(self, batch_size: int, num_classes: int) -> dict[str, float]:
+        """ln K for both CE terms (the cosine classifier's best input-blind output is uniform)."""
+        return {"projector_ce": math.log(num_classes), "probe_ce": math.log(num_classes)}
 
     def forward(self, *, images, features, labels, **views):
         names = [k for k in views if k.startswith("features") and k[8:].isdigit()]
