@@ -123,3 +123,22 @@ def test_a_learning_run_is_not_flagged(tmp_path, capsys):
     assert log[f"{UNINFORMATIVE_PREFIX}ce"].tolist() == pytest.approx([math.log(6)] * len(log))
     # still near ln 6 after 3 tiny epochs (1.810, 1.796, 1.782), but moving: not stuck
     assert abs(log["train_ce"].iloc[-1] - math.log(6)) > STUCK_RTOL * math.log(6)
+
+
+@pytest.mark.parametrize("name", ["label_smoothing", "logit_norm", "cosine_softmax"])
+def test_kornblith_values_are_their_losses_at_uniform_output(tmp_path, name):
+    objective = _objective(tmp_path, name)
+    k = 6
+    (term, floor), = objective.uninformative_losses(32, k).items()
+    labels = torch.arange(32) % k
+    if name == "cosine_softmax":  # a dead embedding (features 0), the head's bias 0
+        head = objective._head
+        with torch.no_grad():
+            head.bias.zero_()
+        features = torch.zeros(32, head.in_features)
+        loss, terms = objective(features=features, labels=labels)
+    else:  # logits along (1, ..., 1): uniform, also after logit normalisation
+        loss, terms = objective(logits=torch.full((32, k), 0.3, dtype=torch.float64),
+                                labels=labels)
+    assert terms[term] == pytest.approx(floor, abs=1e-6)
+    assert loss.item() == pytest.approx(floor, abs=1e-6)

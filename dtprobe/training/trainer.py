@@ -236,7 +236,7 @@ def stuck_loss_message(run: str, epoch: int, stuck: dict[str, float]) -> str:
             f"their value when the model's outputs carry no information about the input "
             f"({terms}; columns uninformative_* of train_log.csv): the model is learning "
             "nothing from them (a collapsed head or projection gives no gradient); try another "
-            "--lr or tau, another objective, or see the README's note on the objective")
+            "--lr or tau, another objective or dataset (README: 'stuck-loss warning')")
 
 
 def dead_embedding_message(run: str, epoch: int) -> str:

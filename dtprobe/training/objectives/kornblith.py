@@ -202,6 +202,10 @@ class _Kornblith(Objective):
 
 
 class LabelSmoothing(_Kornblith):
+    def uninformative_losses(self, batch_size, num_classes):
+        # uniform logits: every smoothed target sums to 1, so ln K / (1 - alpha)
+        return {"label_smoothing": math.log(num_classes) / (1.0 - self.hparams["alpha"])}
+
     def forward(self, *, logits, labels, **_):
         loss = label_smoothing_loss(logits, labels, self.hparams["alpha"])
         return loss, {"label_smoothing": float(loss.detach())}
@@ -246,6 +250,10 @@ class LogitPenalty(_Kornblith):
 
 
 class LogitNorm(_Kornblith):
+    def uninformative_losses(self, batch_size, num_classes):
+        # z along (1, ..., 1) has equal normalised logits: uniform, ln K
+        return {"logit_norm": math.log(num_classes)}
+
     def forward(self, *, logits, labels, **_):
         loss = logit_norm_loss(logits, labels, self.hparams["tau"])
         return loss, {"logit_norm": float(loss.detach())}
@@ -269,6 +277,10 @@ class CosineSoftmax(_Kornblith):
         if key in state:
             state[key] = (state[key].double() / tau).to(state[key].dtype)
         return state
+
+    def uninformative_losses(self, batch_size, num_classes):
+        # equal features (or all 0: a dead embedding) leave the bias: uniform at best, ln K
+        return {"cosine_softmax": math.log(num_classes)}
 
     def forward(self, *, features, labels, **_):
         loss = F.cross_entropy(self._logits(features), labels)
