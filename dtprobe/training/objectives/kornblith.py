@@ -221,6 +221,11 @@ class Sigmoid(_Kornblith):
             state[key] = (state[key].double() - shift).to(state[key].dtype)
         return state
 
+    def uninformative_losses(self, batch_size, num_classes):
+        # every shifted output at the class frequency 1/K: K binary entropies of 1/K
+        k = num_classes
+        return {"sigmoid": math.log(k) + (k - 1) * math.log(k / (k - 1)) if k > 1 else 0.0}
+
     def forward(self, *, logits, labels, **_):
         loss = sigmoid_loss(logits, labels)
         return loss, {"sigmoid": float(loss.detach())}
@@ -288,6 +293,12 @@ class CosineSoftmax(_Kornblith):
 
 
 class SquaredError(_Kornblith):
+    def uninformative_losses(self, batch_size, num_classes):
+        # the best input-blind z_k = kappa M / (kappa + K - 1) for every k (balanced classes)
+        h, k = self.hparams, num_classes
+        value = h["scale"] * h["kappa"] * (k - 1) * h["M"] ** 2 / (h["kappa"] + k - 1)
+        return {"squared_error": value}
+
     def forward(self, *, logits, labels, **_):
         h = self.hparams
         loss = squared_error_loss(logits, labels, h["kappa"], h["M"], h["scale"])
