@@ -373,7 +373,7 @@ def test_every_objective_trains_with_its_defaults(tmp_path, name):
 
 
 #: On the embedded shapes the supervised contrastive term stays at its no-information value
-#: (every projection equal: ln 255 in-batch, ln 300 for the queue) for 15 epochs and more: the
+#: (every projection equal: ln 255 in-batch, ln 300 for the queue) for 11-15 epochs run: the
 #: initial features carry no shape signal for it to amplify (a probe on them is at chance).
 SUPCON_STAYS_AT_NO_INFORMATION = {"supcon", "supcon_simclr", "islam_supcon", "islam_supcon_ssl"}
 
@@ -383,11 +383,14 @@ SUPCON_STAYS_AT_NO_INFORMATION = {"supcon", "supcon_simclr", "islam_supcon", "is
 def test_every_objective_trains_on_the_embedded_default(tmp_path, name, capsys):
     """``dtprobe train --objective NAME`` with the default data, model, lr and batch size (the
     embedded ``shapes``, 6,000 images at 32 px, ``small_cnn``): the first 3 epochs do not diverge
-    and the loss falls, or, for the supervised contrastive term, the trainer says it is stuck."""
-    out = train(TrainConfig(out=str(tmp_path / name), objective=name, epochs=30, stop_after=3,
-                            device="cpu", progress=False))
+    and the loss falls, or, for the supervised contrastive term, the trainer says it is stuck
+    at its no-information value (README: "stuck-loss warning")."""
+    # the queue SupCon's first epoch still scores against random keys: one more epoch
+    epochs = 4 if name in SUPCON_STAYS_AT_NO_INFORMATION else 3
+    out = train(TrainConfig(out=str(tmp_path / name), objective=name, epochs=30,
+                            stop_after=epochs, device="cpu", progress=False))
     losses = _train_losses(out)
-    assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses
+    assert len(losses) == epochs and all(math.isfinite(v) for v in losses), losses
     said = [ln for ln in capsys.readouterr().out.splitlines() if "no information" in ln]
     if name in SUPCON_STAYS_AT_NO_INFORMATION:
         assert len(said) == 1 and "supcon = " in said[0], said

@@ -3,7 +3,7 @@ outputs carry no information about the input: every embedding equal, uniform log
 once in the epoch log, and that value is logged per epoch as ``uninformative_<term>``.
 
 The loss is finite there, so no divergence message fires: on the embedded shapes the supervised
-contrastive objectives (``supcon``, ``islam_supcon``) sit exactly at it for 15 epochs and more
+contrastive objectives (``supcon``, ``islam_supcon``) sit at it for 11 and 15 epochs
 (``ln 255`` and ``ln 300``) while the user sees a "falling" loss in the fourth decimal."""
 
 from __future__ import annotations
