@@ -206,6 +206,8 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 #: Train-log columns ``uninformative_<term>``: the value ``train_<term>`` takes when the model's
 #: outputs carry no information about the input (``Objective.uninformative_losses``).
 UNINFORMATIVE_PREFIX = "uninformative_"
+#: The per-epoch training log in the run folder.
+TRAIN_LOG_FILE = "train_log.csv"
 #: A term within this relative distance of that value for :data:`STUCK_EPOCHS` epochs in a row
 #: is stuck (a collapse is exact: 1e-5 to 2e-4 was seen; a model that learns leaves by > 2e-3).
 STUCK_RTOL = 1e-3
@@ -223,8 +225,8 @@ def stuck_terms(log: list[dict[str, float]]) -> dict[str, float]:
         if not key.startswith(UNINFORMATIVE_PREFIX):
             continue
         term = key[len(UNINFORMATIVE_PREFIX):]
-        if all(abs(m.get(f"train_{term}", math.inf) - m.get(key, math.nan))
-               <= STUCK_RTOL * abs(m.get(key, math.nan)) for m in recent):
+        if all(key in m and abs(m.get(f"train_{term}", math.inf) - m[key])
+               <= STUCK_RTOL * abs(m[key]) for m in recent):
             stuck[term] = floor
     return stuck
 
@@ -232,11 +234,12 @@ def stuck_terms(log: list[dict[str, float]]) -> dict[str, float]:
 def stuck_loss_message(run: str, epoch: int, stuck: dict[str, float]) -> str:
     """The one line said when loss terms stay at their no-information value."""
     terms = ", ".join(f"{t} = {v:.4f}" for t, v in stuck.items())
-    return (f"[{run}] WARNING: epochs {epoch - STUCK_EPOCHS + 1}-{epoch}: the loss terms stayed at "
-            f"their value when the model's outputs carry no information about the input "
-            f"({terms}; columns uninformative_* of train_log.csv): the model is learning "
-            "nothing from them (a collapsed head or projection gives no gradient); try another "
-            "--lr or tau, another objective or dataset (README: 'stuck-loss warning')")
+    return (f"[{run}] WARNING: epochs {epoch - STUCK_EPOCHS + 1}-{epoch}: the loss terms stayed "
+            "at their value when the model's outputs carry no information about the input "
+            f"({terms}; columns {UNINFORMATIVE_PREFIX}* of {TRAIN_LOG_FILE}): the model is "
+            "learning nothing from them (a collapsed head or projection gives no gradient); "
+            "try another --lr or tau, another objective or dataset (README: 'stuck-loss "
+            "warning')")
 
 
 def dead_embedding_message(run: str, epoch: int) -> str:
@@ -612,7 +615,7 @@ class Trainer:
             self._new_manifest()
             self._save(0, self._evaluate())
         self.dist.barrier()
-        log_path = self.out / "train_log.csv"
+        log_path = self.out / TRAIN_LOG_FILE
         dead_said = stuck_said = False
         history: list[dict[str, float]] = []
         for epoch in range(start, cfg.epochs + 1):

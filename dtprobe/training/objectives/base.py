@@ -52,9 +52,11 @@ class Objective(nn.Module):
 
         The trainer warns when a term stays at this value (``trainer.stuck_terms``): the loss is
         finite, so no divergence fires, and the model learns nothing. Terms absent here are
-        not watched; cross-entropy terms assume balanced classes (``ln K``).
+        not watched; cross-entropy terms assume balanced classes (``ln K``). Here: the model
+        head's CE (``ce``) and the online linear head's (``probe_ce``); an objective with its
+        own terms adds them to this.
         """
-        return {"ce": math.log(num_classes)}
+        return {"ce": math.log(num_classes), "probe_ce": math.log(num_classes)}
 
     def eval_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Scores used for the source accuracy (default: the head's logits)."""

@@ -125,9 +125,8 @@ class TwoViewContrastive(Objective):
         """ln(2B - 1) for SupCon and NT-Xent (each of the 2B anchors against the 2B - 1 other
         views, all at one similarity when every embedding is equal), ln K for the CE terms."""
         in_batch = math.log(max(1, 2 * batch_size - 1))
-        return {"ce": math.log(num_classes), "probe_ce": math.log(num_classes),
-                **({"supcon": in_batch} if self.base == "supcon" else {}),
-                **({"simclr": in_batch} if self.simclr_weight > 0 else {})}
+        return {**super().uninformative_losses(batch_size, num_classes),
+                "supcon": in_batch, "simclr": in_batch}
 
     def forward(self, *, features, logits, labels, features2, **_):
         terms: dict[str, float] = {}
@@ -299,8 +298,8 @@ class IslamMoCo(Objective):
         The queue SupCon's value holds once every anchor has a positive in the queue (an anchor
         without one adds 0), up to the authors' ``+ 1e-5`` (1e-5 / |P(i)| relative)."""
         queue = len(self.queue_labels)
-        return {"supcon": math.log(queue), "moco": math.log(queue + 1),
-                "ce": math.log(num_classes), "probe_ce": math.log(num_classes)}
+        return {**super().uninformative_losses(batch_size, num_classes),
+                "supcon": math.log(queue), "moco": math.log(queue + 1)}
 
     def forward(self, *, features, logits, labels, images2, **_):
         q = {h: F.normalize(m(features), dim=1) for h, m in self.heads.items()}

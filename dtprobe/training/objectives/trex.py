@@ -182,7 +182,8 @@ class TReX(Objective):
 
     def uninformative_losses(self, batch_size: int, num_classes: int) -> dict[str, float]:
         """ln K for both CE terms (the cosine classifier's best input-blind output is uniform)."""
-        return {"projector_ce": math.log(num_classes), "probe_ce": math.log(num_classes)}
+        return {**super().uninformative_losses(batch_size, num_classes),
+                "projector_ce": math.log(num_classes)}
 
     def forward(self, *, images, features, labels, **views):
         names = [k for k in views if k.startswith("features") and k[8:].isdigit()]
