@@ -14,10 +14,10 @@ from dtprobe.metrics.registry import EpochView, MetricValue, register_metric
 #: Confidence level and method of the intervals recorded with every test accuracy (source
 #: head, linear and kNN probes, fine-tuning).
 CI_LEVEL = 0.95
-CI_METHOD = "wilson-95"
+CI_METHOD = f"wilson-{CI_LEVEL * 100:.0f}"
 
 
-def accuracy_interval(accuracy: float, n: int, level: float = 0.95) -> tuple[float, float]:
+def accuracy_interval(accuracy: float, n: int, level: float = CI_LEVEL) -> tuple[float, float]:
     """Wilson score confidence interval of an accuracy measured on ``n`` test samples.
 
     The test samples are treated as independent Bernoulli trials; the interval is

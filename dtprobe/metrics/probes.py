@@ -632,7 +632,7 @@ class ProbeResult:
     selection: dict[float, dict[str, Any]] = field(default_factory=dict)
     protocol: str = ""
 
-    def interval(self, level: float = 0.95) -> tuple[float, float]:
+    def interval(self, level: float = CI_LEVEL) -> tuple[float, float]:
         """Wilson score interval of the test accuracy (see :func:`accuracy_interval`)."""
         return accuracy_interval(self.test_accuracy, self.n_test, level)
 
